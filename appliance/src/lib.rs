@@ -1,0 +1,1 @@
+//! The KM appliance library: every role of `km`, the stores behind them.
