@@ -1,1 +1,13 @@
-//! The KM appliance library: every role of `km`, the stores behind them.
+//! The KM appliance: a PM2 Plus compatible monitoring backend. Every role (api, auth,
+//! interactor, workers) lives here; `km serve` runs them all in one process.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod ids;
+pub mod ingest;
+pub mod interactor;
+pub mod server;
+pub mod stores;
+pub mod workers;

@@ -1,0 +1,245 @@
+//! Data routes: live status from the sessions, stored events and metric history from
+//! the events store.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Body;
+use super::buckets::BucketAccess;
+use super::error::{ApiError, ApiResult};
+use crate::app::AppState;
+use crate::ids::now_ms;
+use crate::stores::{EventKind, EventQuery, MetricPoint, MetricQuery};
+
+const DEFAULT_SIZE: u32 = 100;
+const MAX_SIZE: u32 = 1_000;
+
+/// A response made of JSON documents already serialised.
+fn json_array(items: impl IntoIterator<Item = String>) -> Response {
+    let mut out = String::from("[");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&item);
+    }
+    out.push(']');
+    ([(CONTENT_TYPE, "application/json")], out).into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub struct StatusFilter {
+    server_name: Option<String>,
+}
+
+/// `GET /api/bucket/:id/data/status[?server_name=]`: every server's latest status.
+pub async fn status(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Query(filter): Query<StatusFilter>,
+) -> Response {
+    let sessions = app.sessions.of_bucket(&access.bucket.id);
+    json_array(
+        sessions
+            .iter()
+            .filter(|s| {
+                filter
+                    .server_name
+                    .as_deref()
+                    .is_none_or(|name| s.server_name == name)
+            })
+            .map(|s| s.to_json()),
+    )
+}
+
+/// Filters of the event routes. Times are epoch milliseconds (numbers or digit strings).
+#[derive(Deserialize, Default)]
+pub struct EventFilter {
+    app_name: Option<String>,
+    server_name: Option<String>,
+    /// Channel or event type (`human:event`, `axm:reply`, `restart`, `out`...).
+    #[serde(alias = "event_name")]
+    r#type: Option<String>,
+    before: Option<Value>,
+    after: Option<Value>,
+    #[serde(alias = "limit")]
+    size: Option<Value>,
+    #[serde(alias = "offset")]
+    from: Option<Value>,
+}
+
+/// A number given as JSON number or string; `field` names it in the error.
+fn number(v: &Option<Value>, field: &str) -> ApiResult<Option<i64>> {
+    let bad = || {
+        ApiError::bad_request(format!(
+            "{field}: expected a number, got {}",
+            v.as_ref().map(Value::to_string).unwrap_or_default()
+        ))
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_f64().map(|f| Some(f as i64)).ok_or_else(bad),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<f64>()
+            .map(|f| Some(f as i64))
+            .map_err(|_| bad()),
+        Some(_) => Err(bad()),
+    }
+}
+
+impl EventFilter {
+    fn query(self, bucket_id: &str) -> ApiResult<EventQuery> {
+        let size = number(&self.size, "size")?.unwrap_or(DEFAULT_SIZE.into());
+        let from = number(&self.from, "from")?.unwrap_or(0);
+        if size < 1 || size > MAX_SIZE.into() {
+            return Err(ApiError::bad_request(format!(
+                "size: between 1 and {MAX_SIZE}"
+            )));
+        }
+        Ok(EventQuery {
+            bucket_id: bucket_id.to_string(),
+            app_name: self.app_name.filter(|s| !s.is_empty()),
+            server_name: self.server_name.filter(|s| !s.is_empty()),
+            event_type: self.r#type.filter(|s| !s.is_empty()),
+            before: number(&self.before, "before")?,
+            after: number(&self.after, "after")?,
+            limit: size as u32,
+            offset: from.clamp(0, i64::from(u32::MAX)) as u32,
+        })
+    }
+}
+
+async fn events_of(
+    app: &AppState,
+    access: &BucketAccess,
+    kind: EventKind,
+    filter: EventFilter,
+) -> ApiResult<Response> {
+    let query = filter.query(&access.bucket.id)?;
+    Ok(json_array(app.events.query(kind, &query).await?))
+}
+
+macro_rules! event_route {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        pub async fn $name(State(app): State<AppState>, access: BucketAccess, Body(filter): Body<EventFilter>) -> ApiResult<Response> {
+            events_of(&app, &access, $kind, filter).await
+        }
+    };
+}
+
+event_route!(
+    /// `POST /api/bucket/:id/data/logs`: `{at, data, log_type, app_name, server_name, pm_id}`, newest first.
+    logs, EventKind::Log);
+event_route!(
+    /// `POST /api/bucket/:id/data/exceptions`.
+    exceptions, EventKind::Exception);
+event_route!(
+    /// `POST /api/bucket/:id/data/events`: custom events, action replies, command results.
+    events, EventKind::Event);
+event_route!(
+    /// `POST /api/bucket/:id/data/processEvents`.
+    process_events, EventKind::ProcessEvent);
+event_route!(
+    /// `POST /api/bucket/:id/data/transactions`.
+    transactions, EventKind::Transaction);
+event_route!(
+    /// `POST /api/bucket/:id/data/profilings`.
+    profilings, EventKind::Profile);
+
+#[derive(Deserialize, Default)]
+pub struct HistogramFilter {
+    app_name: Option<String>,
+    server_name: Option<String>,
+    /// `minute` (default), `hour` or `day`.
+    interval: Option<String>,
+    /// How many minutes back (default 60).
+    before: Option<Value>,
+}
+
+/// One point of the histogram, merged from per-process minutes.
+#[derive(Default)]
+struct Merged {
+    sum: f64,
+    count: u32,
+    min: f64,
+    max: f64,
+    last: f64,
+}
+
+impl Merged {
+    fn add(&mut self, p: &MetricPoint) {
+        if self.count == 0 {
+            (self.min, self.max) = (p.min, p.max);
+        }
+        self.min = self.min.min(p.min);
+        self.max = self.max.max(p.max);
+        self.sum += p.avg * f64::from(p.count);
+        self.count += p.count;
+        self.last = p.last;
+    }
+}
+
+/// `POST /api/bucket/:id/data/metrics/histogram`: `{server: {app: {metric: {agg_type,
+/// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`; processes of one
+/// app (cluster instances) are merged.
+pub async fn metrics_histogram(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<HistogramFilter>,
+) -> ApiResult<Json<Value>> {
+    let step_ms: i64 = match filter.interval.as_deref().unwrap_or("minute") {
+        "minute" => 60_000,
+        "hour" => 3_600_000,
+        "day" => 86_400_000,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "interval: {other:?} is not minute, hour or day"
+            )));
+        }
+    };
+    let minutes = number(&filter.before, "before")?.unwrap_or(60);
+    if minutes <= 0 {
+        return Err(ApiError::bad_request("before: a number of minutes above 0"));
+    }
+    let points = app
+        .events
+        .metrics(&MetricQuery {
+            bucket_id: access.bucket.id.clone(),
+            app_name: filter.app_name.filter(|s| !s.is_empty()),
+            server_name: filter.server_name.filter(|s| !s.is_empty()),
+            since: now_ms() - minutes.saturating_mul(60_000),
+        })
+        .await?;
+    type Series = (Option<String>, Option<String>, BTreeMap<i64, Merged>);
+    let mut tree: BTreeMap<(String, String, String), Series> = BTreeMap::new();
+    for p in &points {
+        let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());
+        let series = tree
+            .entry(key)
+            .or_insert_with(|| (p.unit.clone(), p.agg_type.clone(), BTreeMap::new()));
+        series
+            .2
+            .entry(p.at - p.at.rem_euclid(step_ms))
+            .or_default()
+            .add(p);
+    }
+    let mut out = json!({});
+    for ((server, app_name, metric), (unit, agg_type, buckets)) in tree {
+        let stats: Vec<Value> = buckets
+            .iter()
+            .map(|(at, m)| json!({"at": at, "avg": m.sum / f64::from(m.count.max(1)), "min": m.min, "max": m.max, "last": m.last, "count": m.count}))
+            .collect();
+        out[server][app_name][metric] =
+            json!({ "agg_type": agg_type, "unit": unit, "timestamps_and_stats": stats });
+    }
+    Ok(Json(out))
+}

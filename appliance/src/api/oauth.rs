@@ -1,0 +1,207 @@
+//! The auth role: register, sign in (password grant), refresh, revoke, current user.
+
+use axum::Json;
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Body;
+use super::error::{ApiError, ApiResult};
+use crate::app::AppState;
+use crate::auth::{self, IssuedTokens, UserAuth};
+use crate::ids::{new_object_id, now_ms};
+use crate::stores::User;
+
+const MIN_PASSWORD: usize = 8;
+
+#[derive(Deserialize)]
+pub struct RegisterForm {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    accept_terms: Value,
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|n| n != 0.0),
+        Value::String(s) => matches!(s.as_str(), "1" | "true" | "on" | "yes"),
+        _ => false,
+    }
+}
+
+fn check_registration(form: &RegisterForm) -> ApiResult<()> {
+    let username_ok = (1..=64).contains(&form.username.len())
+        && form
+            .username
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !username_ok {
+        return Err(ApiError::bad_request(
+            "username: 1 to 64 letters, digits, '_', '.' or '-'",
+        ));
+    }
+    let email_ok = form.email.len() <= 254
+        && form
+            .email
+            .split_once('@')
+            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+        && !form.email.contains(char::is_whitespace);
+    if !email_ok {
+        return Err(ApiError::bad_request("email: not a valid address"));
+    }
+    if form.password.chars().count() < MIN_PASSWORD {
+        return Err(ApiError::bad_request(format!(
+            "password: at least {MIN_PASSWORD} characters"
+        )));
+    }
+    if !truthy(&form.accept_terms) {
+        return Err(ApiError::bad_request(
+            "accept_terms: the terms must be accepted",
+        ));
+    }
+    Ok(())
+}
+
+fn token_json(tokens: &IssuedTokens) -> Value {
+    json!({
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "expire_at": rfc3339(tokens.access_expires_at),
+        "token_type": "Bearer",
+    })
+}
+
+fn rfc3339(ms: i64) -> String {
+    bson::DateTime::from_millis(ms)
+        .try_to_rfc3339_string()
+        .unwrap_or_default()
+}
+
+/// `POST|GET /api/oauth/register`: creates an account (the first one is admin).
+pub async fn register(
+    State(app): State<AppState>,
+    Body(form): Body<RegisterForm>,
+) -> ApiResult<Json<Value>> {
+    check_registration(&form)?;
+    let email = form.email.trim().to_lowercase();
+    if app.documents.user_by_login(&form.username).await?.is_some()
+        || app.documents.user_by_login(&email).await?.is_some()
+    {
+        return Err(ApiError::conflict(
+            "this username or email is already registered",
+        ));
+    }
+    let role = if app.documents.count_users().await? == 0 {
+        "admin"
+    } else {
+        "user"
+    };
+    let user = User {
+        id: new_object_id(),
+        username: form.username,
+        email,
+        password_hash: auth::hash_password(form.password).await?,
+        role: role.to_string(),
+        created_at: now_ms(),
+    };
+    app.documents.insert_user(&user).await?;
+    tracing::info!(user = %user.username, role, "user registered");
+    let tokens = auth::issue_tokens(&app, &user.id, "km").await?;
+    let mut body = token_json(&tokens);
+    body["user"] = json!(user);
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    grant_type: String,
+    username: Option<String>,
+    email: Option<String>,
+    password: Option<String>,
+    refresh_token: Option<String>,
+    client_id: Option<String>,
+}
+
+/// `POST /api/oauth/token`: password and refresh_token grants.
+pub async fn token(
+    State(app): State<AppState>,
+    Body(form): Body<TokenForm>,
+) -> ApiResult<Json<Value>> {
+    let client_id = form.client_id.unwrap_or_else(|| "km".to_string());
+    match form.grant_type.as_str() {
+        "password" => {
+            let login = form.username.or(form.email).ok_or_else(|| {
+                ApiError::bad_request("username: required with grant_type=password")
+            })?;
+            let password = form.password.ok_or_else(|| {
+                ApiError::bad_request("password: required with grant_type=password")
+            })?;
+            let user = app.documents.user_by_login(login.trim()).await?;
+            let hash = user
+                .as_ref()
+                .map(|u| u.password_hash.clone())
+                .unwrap_or_default();
+            match user {
+                Some(user) if auth::verify_password(password, hash).await => {
+                    let tokens = auth::issue_tokens(&app, &user.id, &client_id).await?;
+                    Ok(Json(token_json(&tokens)))
+                }
+                _ => Err(ApiError::unauthorized("wrong username or password")),
+            }
+        }
+        "refresh_token" => {
+            let refresh = form.refresh_token.ok_or_else(|| {
+                ApiError::bad_request("refresh_token: required with grant_type=refresh_token")
+            })?;
+            let refresh_digest = auth::digest(&refresh);
+            let record = app
+                .documents
+                .token_by_refresh(&refresh_digest)
+                .await?
+                .filter(|t| t.refresh_expires_at > now_ms())
+                .ok_or_else(|| {
+                    ApiError::unauthorized("invalid or expired refresh token: sign in again")
+                })?;
+            let tokens = IssuedTokens {
+                access_token: crate::ids::random_hex(32),
+                refresh_token: refresh,
+                access_expires_at: now_ms() + auth::ACCESS_TTL_MS,
+            };
+            let rotated = app
+                .documents
+                .rotate_access(
+                    &record.refresh_digest,
+                    &auth::digest(&tokens.access_token),
+                    tokens.access_expires_at,
+                )
+                .await?;
+            if !rotated {
+                return Err(ApiError::unauthorized(
+                    "refresh token was revoked: sign in again",
+                ));
+            }
+            Ok(Json(token_json(&tokens)))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "grant_type: {other:?} is not supported (use password or refresh_token)"
+        ))),
+    }
+}
+
+/// `POST /api/oauth/revoke`: ends the session of the bearer token.
+pub async fn revoke(State(app): State<AppState>, auth: UserAuth) -> ApiResult<Json<Value>> {
+    app.documents.delete_token(&auth.access_digest).await?;
+    Ok(Json(json!({ "success": true })))
+}
+
+/// `GET /api/users/isLogged`: the signed-in user.
+pub async fn is_logged(auth: UserAuth) -> Json<User> {
+    Json(auth.user)
+}

@@ -1,0 +1,25 @@
+//! The state every role shares in one process: settings, stores, sessions, ingest.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::ingest::Ingest;
+use crate::interactor::Sessions;
+use crate::stores::{Bus, Documents, Events};
+
+pub struct App {
+    pub settings: Settings,
+    /// Base URL agents and browsers reach this appliance at (no trailing slash).
+    pub public_url: String,
+    pub documents: Arc<dyn Documents>,
+    pub events: Arc<dyn Events>,
+    pub bus: Arc<dyn Bus>,
+    pub sessions: Arc<Sessions>,
+    pub ingest: Ingest,
+    /// Cancelled when the process is asked to stop.
+    pub shutdown: CancellationToken,
+}
+
+pub type AppState = Arc<App>;

@@ -1,0 +1,139 @@
+//! The auth role's building blocks: argon2 password hashes, bearer tokens stored as
+//! SHA-256 digests, and the `UserAuth` extractor every protected route takes.
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::ids::{now_ms, random_hex};
+use crate::stores::{TokenRecord, User};
+
+pub const ACCESS_TTL_MS: i64 = 3600 * 1000;
+pub const REFRESH_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+
+/// Hashes a password (on a blocking thread: argon2 is slow on purpose).
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::encode_b64(random_hex(16).as_bytes()).map_err(|e| e.to_string())?;
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r)
+    .map_err(|e| ApiError::bad_request(format!("password cannot be hashed: {e}")))
+}
+
+/// Checks a password against its stored hash.
+pub async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// The digest under which a token is stored.
+pub fn digest(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A token pair as given to the client (the only time the tokens are seen in clear).
+pub struct IssuedTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub access_expires_at: i64,
+}
+
+/// Issues and stores a new token pair for `user_id`.
+pub async fn issue_tokens(
+    app: &AppState,
+    user_id: &str,
+    client_id: &str,
+) -> Result<IssuedTokens, ApiError> {
+    let now = now_ms();
+    let issued = IssuedTokens {
+        access_token: random_hex(32),
+        refresh_token: random_hex(32),
+        access_expires_at: now + ACCESS_TTL_MS,
+    };
+    app.documents
+        .insert_token(&TokenRecord {
+            access_digest: digest(&issued.access_token),
+            refresh_digest: digest(&issued.refresh_token),
+            user_id: user_id.to_string(),
+            client_id: client_id.to_string(),
+            access_expires_at: issued.access_expires_at,
+            refresh_expires_at: now + REFRESH_TTL_MS,
+        })
+        .await?;
+    Ok(issued)
+}
+
+/// The signed-in user of a request (`Authorization: Bearer <access_token>`).
+pub struct UserAuth {
+    pub user: User,
+    pub access_digest: String,
+}
+
+impl FromRequestParts<AppState> for UserAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("missing bearer token: sign in first"))?;
+        let access_digest = digest(token);
+        let record = app
+            .documents
+            .token_by_access(&access_digest)
+            .await?
+            .filter(|t| t.access_expires_at > now_ms())
+            .ok_or_else(|| {
+                ApiError::unauthorized("invalid or expired access token: refresh it or sign in")
+            })?;
+        let user = app
+            .documents
+            .user_by_id(&record.user_id)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
+        Ok(UserAuth {
+            user,
+            access_digest,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn passwords_hash_and_verify() {
+        let hash = hash_password("correct horse".into()).await.unwrap();
+        assert!(hash.starts_with("$argon2"));
+        assert!(verify_password("correct horse".into(), hash.clone()).await);
+        assert!(!verify_password("wrong".into(), hash).await);
+        assert!(!verify_password("x".into(), "not a hash".into()).await);
+    }
+}

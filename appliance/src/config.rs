@@ -1,0 +1,153 @@
+//! Settings of `km serve`, declared once: each has a flag, a `KM_*` variable and a
+//! validation rule. Every problem is collected and reported together, naming the variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Raw settings as given by flags or environment (strings, validated by [`Settings::from_raw`]).
+#[derive(Debug, Clone, Args)]
+pub struct RawSettings {
+    /// Address the single HTTP/websocket port listens on.
+    #[arg(long, env = "KM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Directory holding the embedded stores.
+    #[arg(long, env = "KM_DATA_DIR", default_value = "./km-data")]
+    pub data_dir: PathBuf,
+    /// Public URL agents and browsers use to reach this appliance (default: from --listen).
+    #[arg(long, env = "KM_SITE_URL")]
+    pub site_url: Option<String>,
+    /// Days of events (metrics, logs, exceptions...) kept.
+    #[arg(long, env = "KM_RETENTION_DAYS", default_value = "30")]
+    pub retention_days: String,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Explicit public URL, without trailing slash; `None` derives it from the bound address.
+    pub site_url: Option<String>,
+    pub retention_days: u32,
+}
+
+/// All problems found in the settings, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl Settings {
+    pub fn from_raw(raw: RawSettings) -> Result<Self, ConfigErrors> {
+        let mut errors = Vec::new();
+        let listen = raw
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                errors.push(format!(
+                    "KM_LISTEN (--listen): {:?} is not an address like 127.0.0.1:8080: {e}",
+                    raw.listen
+                ))
+            })
+            .ok();
+        let site_url = raw.site_url.as_deref().and_then(|url| {
+            check_site_url(url)
+                .map_err(|e| errors.push(format!("KM_SITE_URL (--site-url): {e}")))
+                .ok()
+        });
+        let retention_days = match raw.retention_days.parse::<u32>() {
+            Ok(days) if days > 0 => Some(days),
+            _ => {
+                errors.push(format!(
+                    "KM_RETENTION_DAYS (--retention-days): {:?} is not a whole number of days above 0",
+                    raw.retention_days
+                ));
+                None
+            }
+        };
+        match (listen, retention_days) {
+            (Some(listen), Some(retention_days)) if errors.is_empty() => Ok(Settings {
+                listen,
+                data_dir: raw.data_dir,
+                site_url,
+                retention_days,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+
+    /// The public base URL: `KM_SITE_URL`, or derived from the address actually bound.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.site_url {
+            Some(url) => url.clone(),
+            None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
+            None => format!("http://{bound}"),
+        }
+    }
+}
+
+/// `KM_SITE_URL` must be an absolute http(s) URL with a host; returned without trailing slash.
+fn check_site_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{url:?} has no valid host"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawSettings {
+        RawSettings {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: "./d".into(),
+            site_url: None,
+            retention_days: "30".into(),
+        }
+    }
+
+    #[test]
+    fn reports_every_bad_variable_by_name() {
+        let err = Settings::from_raw(RawSettings {
+            listen: "nope".into(),
+            site_url: Some("km.example.com".into()),
+            retention_days: "-1".into(),
+            ..raw()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        for var in ["KM_LISTEN", "KM_SITE_URL", "KM_RETENTION_DAYS"] {
+            assert!(err.contains(var), "{var} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn public_url_from_site_url_or_listen() {
+        let s = Settings::from_raw(raw()).unwrap();
+        assert_eq!(
+            s.public_url("0.0.0.0:9000".parse().unwrap()),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(
+            s.public_url("10.1.2.3:80".parse().unwrap()),
+            "http://10.1.2.3:80"
+        );
+        let s = Settings::from_raw(RawSettings {
+            site_url: Some("https://km.example.com/".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            s.public_url("0.0.0.0:80".parse().unwrap()),
+            "https://km.example.com"
+        );
+    }
+}

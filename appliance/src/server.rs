@@ -1,0 +1,107 @@
+//! `km serve`: opens the stores, starts every role in this process on one port, and on
+//! SIGTERM/Ctrl-C closes agent sockets and flushes everything before exiting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api;
+use crate::app::{App, AppState};
+use crate::config::Settings;
+use crate::ingest::{EventWriter, Ingest};
+use crate::interactor::Sessions;
+use crate::stores::{self, LocalBus};
+use crate::workers;
+
+/// Runs until a stop signal, then flushes.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("KM_LISTEN: cannot listen on {}", settings.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    serve_on(listener, settings, shutdown).await
+}
+
+/// Runs on an already bound listener until `shutdown` is cancelled (tests bind port 0).
+pub async fn serve_on(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let bound = listener.local_addr().context("listener has no address")?;
+    let (documents, events) = stores::sqlite::open(&settings.data_dir)?;
+    let documents: Arc<dyn stores::Documents> = Arc::new(documents);
+    let events: Arc<dyn stores::Events> = Arc::new(events);
+    let sessions = Arc::new(Sessions::default());
+    sessions.restore(
+        documents
+            .all_servers()
+            .await
+            .context("documents store: cannot load servers")?,
+    );
+    let (writer, writer_task) = EventWriter::start(events.clone());
+    let app: AppState = Arc::new(App {
+        public_url: settings.public_url(bound),
+        settings,
+        documents,
+        events,
+        bus: Arc::new(LocalBus::new(sessions.clone())),
+        sessions,
+        ingest: Ingest::new(writer),
+        shutdown: shutdown.clone(),
+    });
+    let background = [
+        tokio::spawn(workers::persist(app.clone())),
+        tokio::spawn(workers::retention(app.clone())),
+    ];
+    tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
+
+    let stopping = shutdown.clone();
+    axum::serve(listener, api::router(app.clone()))
+        .with_graceful_shutdown(async move { stopping.cancelled().await })
+        .await
+        .context("HTTP server failed")?;
+
+    // Sockets see the cancellation and close; give them a moment to detach.
+    for _ in 0..20 {
+        if app.sessions.sockets_open() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for task in background {
+        let _ = task.await;
+    }
+    workers::flush(&app).await;
+    drop(app);
+    let _ = writer_task.await;
+    tracing::info!("km stopped; everything flushed");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("stop requested: closing agent sockets and flushing");
+    shutdown.cancel();
+}

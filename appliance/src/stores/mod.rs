@@ -1,0 +1,69 @@
+//! The three narrow interfaces every role works through (documents, events, bus), and
+//! the embedded implementations selected by default.
+
+pub mod bus;
+pub mod model;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+pub use bus::{AgentCommand, Bus, CommandSink, Delivery, LocalBus};
+pub use model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique field is already taken (the field is named).
+    #[error("{0} is already taken")]
+    Conflict(&'static str),
+    /// The store cannot be used right now.
+    #[error("{store} store unavailable: {reason}")]
+    Unavailable { store: &'static str, reason: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Users, tokens, buckets and servers.
+#[async_trait]
+pub trait Documents: Send + Sync {
+    /// Inserts a user; `Conflict("username"|"email")` when taken.
+    async fn insert_user(&self, user: &User) -> StoreResult<()>;
+    async fn count_users(&self) -> StoreResult<u64>;
+    /// Finds a user by username or email.
+    async fn user_by_login(&self, login: &str) -> StoreResult<Option<User>>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
+
+    async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()>;
+    async fn token_by_access(&self, access_digest: &str) -> StoreResult<Option<TokenRecord>>;
+    async fn token_by_refresh(&self, refresh_digest: &str) -> StoreResult<Option<TokenRecord>>;
+    async fn delete_token(&self, access_digest: &str) -> StoreResult<()>;
+    /// Gives the token pair of `refresh_digest` a new access token; false if unknown.
+    async fn rotate_access(
+        &self,
+        refresh_digest: &str,
+        access_digest: &str,
+        expires_at: i64,
+    ) -> StoreResult<bool>;
+
+    /// Inserts a bucket with its owner as first member.
+    async fn insert_bucket(&self, bucket: &Bucket) -> StoreResult<()>;
+    async fn bucket_by_id(&self, id: &str) -> StoreResult<Option<Bucket>>;
+    async fn bucket_by_public_id(&self, public_id: &str) -> StoreResult<Option<Bucket>>;
+    async fn buckets_of_user(&self, user_id: &str) -> StoreResult<Vec<Bucket>>;
+    async fn member_role(&self, bucket_id: &str, user_id: &str) -> StoreResult<Option<MemberRole>>;
+
+    async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()>;
+    async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>>;
+}
+
+/// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.
+#[async_trait]
+pub trait Events: Send + Sync {
+    async fn append(&self, events: Vec<EventRecord>) -> StoreResult<()>;
+    /// The stored documents (JSON text) matching `query`, newest first.
+    async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>>;
+    async fn append_metrics(&self, points: Vec<MetricPoint>) -> StoreResult<()>;
+    /// Metric minutes matching `query`, oldest first.
+    async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>>;
+    /// Deletes everything older than `cutoff` (epoch ms); returns how many rows went.
+    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64>;
+}

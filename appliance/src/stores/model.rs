@@ -1,0 +1,183 @@
+//! What the stores hold: plain records shared by every implementation.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct User {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub username: String,
+    pub email: String,
+    #[serde(skip_serializing)]
+    pub password_hash: String,
+    /// `admin` for the first user, `user` for the others.
+    pub role: String,
+    pub created_at: i64,
+}
+
+/// An issued token pair; only SHA-256 digests of the tokens are stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub access_digest: String,
+    pub refresh_digest: String,
+    pub user_id: String,
+    pub client_id: String,
+    pub access_expires_at: i64,
+    pub refresh_expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Bucket {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub name: String,
+    pub public_id: String,
+    pub secret_id: String,
+    pub owner: String,
+    pub created_at: i64,
+}
+
+/// A member's role in a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    Owner,
+    Admin,
+    Developer,
+    ReadOnly,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Owner => "owner",
+            MemberRole::Admin => "admin",
+            MemberRole::Developer => "developer",
+            MemberRole::ReadOnly => "read_only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "owner" => MemberRole::Owner,
+            "admin" => MemberRole::Admin,
+            "developer" => MemberRole::Developer,
+            "read_only" => MemberRole::ReadOnly,
+            _ => return None,
+        })
+    }
+
+    /// Whether this role may send commands to agents.
+    pub fn can_act(self) -> bool {
+        self != MemberRole::ReadOnly
+    }
+}
+
+/// The last known state of a linked server, kept so it survives restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerRecord {
+    pub bucket_id: String,
+    pub server_name: String,
+    pub internal_ip: Option<String>,
+    pub last_update: i64,
+    /// The agent's latest full status (`{data:{process, server}, ...}`) as JSON text.
+    pub status_json: String,
+}
+
+/// The kinds of time-stamped events; each is queried on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Log,
+    Exception,
+    ProcessEvent,
+    /// Custom events, action replies, command results, pass-through channels, commands sent.
+    Event,
+    Transaction,
+    Profile,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Log,
+        EventKind::Exception,
+        EventKind::ProcessEvent,
+        EventKind::Event,
+        EventKind::Transaction,
+        EventKind::Profile,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Log => "logs",
+            EventKind::Exception => "exceptions",
+            EventKind::ProcessEvent => "process_events",
+            EventKind::Event => "events",
+            EventKind::Transaction => "transactions",
+            EventKind::Profile => "profiles",
+        }
+    }
+}
+
+/// One stored event. `doc` is the JSON object the API returns for it, stored as text so
+/// that reads need no re-encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub kind: EventKind,
+    pub bucket_id: String,
+    pub server_name: String,
+    pub app_name: Option<String>,
+    /// The channel or event type (`human:event`, `axm:reply`, `restart`...).
+    pub event_type: String,
+    pub at: i64,
+    pub doc: String,
+}
+
+/// A filter over events of one kind in one bucket; results are newest first.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub bucket_id: String,
+    pub app_name: Option<String>,
+    pub server_name: Option<String>,
+    pub event_type: Option<String>,
+    /// Only events strictly older than this (epoch ms).
+    pub before: Option<i64>,
+    /// Only events strictly newer than this (epoch ms).
+    pub after: Option<i64>,
+    pub limit: u32,
+    pub offset: u32,
+}
+
+/// One minute of one metric of one process.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricPoint {
+    #[serde(skip)]
+    pub bucket_id: String,
+    #[serde(skip)]
+    pub server_name: String,
+    #[serde(skip)]
+    pub app_name: String,
+    #[serde(skip)]
+    pub pm_id: i64,
+    #[serde(skip)]
+    pub name: String,
+    #[serde(skip)]
+    pub unit: Option<String>,
+    #[serde(skip)]
+    pub agg_type: Option<String>,
+    /// Start of the minute, epoch ms.
+    pub at: i64,
+    pub avg: f64,
+    pub min: f64,
+    pub max: f64,
+    pub last: f64,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MetricQuery {
+    pub bucket_id: String,
+    pub app_name: Option<String>,
+    pub server_name: Option<String>,
+    /// Points with `at >= since` (epoch ms).
+    pub since: i64,
+}

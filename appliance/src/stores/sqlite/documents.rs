@@ -1,0 +1,335 @@
+//! Users, tokens, buckets, memberships and server records in SQLite.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use rusqlite::{OptionalExtension, Row, params};
+
+use super::Db;
+use crate::stores::{
+    Bucket, Documents, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+  id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,
+  password_hash TEXT NOT NULL, role TEXT NOT NULL, created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+  access_digest TEXT PRIMARY KEY, refresh_digest TEXT NOT NULL UNIQUE,
+  user_id TEXT NOT NULL REFERENCES users(id), client_id TEXT NOT NULL,
+  access_expires_at INTEGER NOT NULL, refresh_expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS buckets (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, public_id TEXT NOT NULL UNIQUE,
+  secret_id TEXT NOT NULL, owner TEXT NOT NULL REFERENCES users(id), created_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+  bucket_id TEXT NOT NULL REFERENCES buckets(id), user_id TEXT NOT NULL REFERENCES users(id),
+  role TEXT NOT NULL, PRIMARY KEY (bucket_id, user_id));
+CREATE INDEX IF NOT EXISTS members_by_user ON members(user_id);
+CREATE TABLE IF NOT EXISTS servers (
+  bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, internal_ip TEXT,
+  last_update INTEGER NOT NULL, status_json TEXT NOT NULL, PRIMARY KEY (bucket_id, server_name));
+";
+
+pub struct SqliteDocuments {
+    db: Db,
+}
+
+impl SqliteDocuments {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(SqliteDocuments {
+            db: Db::open(path, "documents", SCHEMA)?,
+        })
+    }
+}
+
+const USER_COLUMNS: &str = "id, username, email, password_hash, role, created_at";
+const TOKEN_COLUMNS: &str =
+    "access_digest, refresh_digest, user_id, client_id, access_expires_at, refresh_expires_at";
+const BUCKET_COLUMNS: &str = "id, name, public_id, secret_id, owner, created_at";
+
+fn user_from(row: &Row) -> rusqlite::Result<User> {
+    Ok(User {
+        id: row.get(0)?,
+        username: row.get(1)?,
+        email: row.get(2)?,
+        password_hash: row.get(3)?,
+        role: row.get(4)?,
+        created_at: row.get(5)?,
+    })
+}
+
+fn token_from(row: &Row) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        access_digest: row.get(0)?,
+        refresh_digest: row.get(1)?,
+        user_id: row.get(2)?,
+        client_id: row.get(3)?,
+        access_expires_at: row.get(4)?,
+        refresh_expires_at: row.get(5)?,
+    })
+}
+
+fn bucket_from(row: &Row) -> rusqlite::Result<Bucket> {
+    Ok(Bucket {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        public_id: row.get(2)?,
+        secret_id: row.get(3)?,
+        owner: row.get(4)?,
+        created_at: row.get(5)?,
+    })
+}
+
+/// Maps a UNIQUE violation on `table.column` to `Conflict(column)`.
+fn conflict_field(e: &rusqlite::Error) -> Option<&'static str> {
+    let msg = e.to_string();
+    if !msg.contains("UNIQUE constraint failed") {
+        return None;
+    }
+    ["username", "email", "public_id"]
+        .into_iter()
+        .find(|field| msg.contains(&format!(".{field}")))
+}
+
+impl SqliteDocuments {
+    async fn optional<T, F>(&self, sql: String, key: String, map: F) -> StoreResult<Option<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&Row) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.db
+            .call(move |c| c.query_row(&sql, [key], |r| map(r)).optional())
+            .await
+    }
+}
+
+#[async_trait]
+impl Documents for SqliteDocuments {
+    async fn insert_user(&self, user: &User) -> StoreResult<()> {
+        let u = user.clone();
+        let inserted = self
+            .db
+            .call(move |c| {
+                match c.execute(
+                    &format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                    params![
+                        u.id,
+                        u.username,
+                        u.email,
+                        u.password_hash,
+                        u.role,
+                        u.created_at
+                    ],
+                ) {
+                    Ok(_) => Ok(None),
+                    Err(e) => match conflict_field(&e) {
+                        Some(field) => Ok(Some(field)),
+                        None => Err(e),
+                    },
+                }
+            })
+            .await?;
+        match inserted {
+            Some(field) => Err(StoreError::Conflict(field)),
+            None => Ok(()),
+        }
+    }
+
+    async fn count_users(&self) -> StoreResult<u64> {
+        self.db
+            .call(|c| c.query_row("SELECT COUNT(*) FROM users", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|n| n as u64)
+    }
+
+    async fn user_by_login(&self, login: &str) -> StoreResult<Option<User>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = ?1 OR email = ?1");
+        self.optional(sql, login.to_string(), user_from).await
+    }
+
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1");
+        self.optional(sql, id.to_string(), user_from).await
+    }
+
+    async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()> {
+        let t = token.clone();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    &format!(
+                        "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    ),
+                    params![
+                        t.access_digest,
+                        t.refresh_digest,
+                        t.user_id,
+                        t.client_id,
+                        t.access_expires_at,
+                        t.refresh_expires_at
+                    ],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    async fn token_by_access(&self, access_digest: &str) -> StoreResult<Option<TokenRecord>> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE access_digest = ?1");
+        self.optional(sql, access_digest.to_string(), token_from)
+            .await
+    }
+
+    async fn token_by_refresh(&self, refresh_digest: &str) -> StoreResult<Option<TokenRecord>> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE refresh_digest = ?1");
+        self.optional(sql, refresh_digest.to_string(), token_from)
+            .await
+    }
+
+    async fn delete_token(&self, access_digest: &str) -> StoreResult<()> {
+        let key = access_digest.to_string();
+        self.db
+            .call(move |c| {
+                c.execute("DELETE FROM tokens WHERE access_digest = ?1", [key])
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    async fn rotate_access(
+        &self,
+        refresh_digest: &str,
+        access_digest: &str,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        let (refresh, access) = (refresh_digest.to_string(), access_digest.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE tokens SET access_digest = ?1, access_expires_at = ?2 WHERE refresh_digest = ?3",
+                    params![access, expires_at, refresh],
+                )
+                .map(|n| n == 1)
+            })
+            .await
+    }
+
+    async fn insert_bucket(&self, bucket: &Bucket) -> StoreResult<()> {
+        let b = bucket.clone();
+        let conflict = self
+            .db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                if let Err(e) = tx.execute(
+                    &format!(
+                        "INSERT INTO buckets ({BUCKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    ),
+                    params![
+                        b.id,
+                        b.name,
+                        b.public_id,
+                        b.secret_id,
+                        b.owner,
+                        b.created_at
+                    ],
+                ) {
+                    return conflict_field(&e).map(Some).ok_or(e);
+                }
+                tx.execute(
+                    "INSERT INTO members (bucket_id, user_id, role) VALUES (?1, ?2, ?3)",
+                    params![b.id, b.owner, MemberRole::Owner.as_str()],
+                )?;
+                tx.commit().map(|()| None)
+            })
+            .await?;
+        conflict.map_or(Ok(()), |field| Err(StoreError::Conflict(field)))
+    }
+
+    async fn bucket_by_id(&self, id: &str) -> StoreResult<Option<Bucket>> {
+        let sql = format!("SELECT {BUCKET_COLUMNS} FROM buckets WHERE id = ?1");
+        self.optional(sql, id.to_string(), bucket_from).await
+    }
+
+    async fn bucket_by_public_id(&self, public_id: &str) -> StoreResult<Option<Bucket>> {
+        let sql = format!("SELECT {BUCKET_COLUMNS} FROM buckets WHERE public_id = ?1");
+        self.optional(sql, public_id.to_string(), bucket_from).await
+    }
+
+    async fn buckets_of_user(&self, user_id: &str) -> StoreResult<Vec<Bucket>> {
+        let user = user_id.to_string();
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT b.id, b.name, b.public_id, b.secret_id, b.owner, b.created_at
+                     FROM buckets b JOIN members m ON m.bucket_id = b.id
+                     WHERE m.user_id = ?1 ORDER BY b.created_at, b.id",
+                )?;
+                stmt.query_map([user], bucket_from)?.collect()
+            })
+            .await
+    }
+
+    async fn member_role(&self, bucket_id: &str, user_id: &str) -> StoreResult<Option<MemberRole>> {
+        let (bucket, user) = (bucket_id.to_string(), user_id.to_string());
+        let role: Option<String> = self
+            .db
+            .call(move |c| {
+                c.query_row(
+                    "SELECT role FROM members WHERE bucket_id = ?1 AND user_id = ?2",
+                    [bucket, user],
+                    |r| r.get(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(role.as_deref().and_then(MemberRole::parse))
+    }
+
+    async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()> {
+        let servers = servers.to_vec();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT INTO servers (bucket_id, server_name, internal_ip, last_update, status_json)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (bucket_id, server_name) DO UPDATE SET
+                           internal_ip = excluded.internal_ip, last_update = excluded.last_update,
+                           status_json = excluded.status_json",
+                    )?;
+                    for s in &servers {
+                        stmt.execute(params![
+                            s.bucket_id,
+                            s.server_name,
+                            s.internal_ip,
+                            s.last_update,
+                            s.status_json
+                        ])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+    }
+
+    async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>> {
+        self.db
+            .call(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT bucket_id, server_name, internal_ip, last_update, status_json FROM servers",
+                )?;
+                stmt.query_map([], |r| {
+                    Ok(ServerRecord {
+                        bucket_id: r.get(0)?,
+                        server_name: r.get(1)?,
+                        internal_ip: r.get(2)?,
+                        last_update: r.get(3)?,
+                        status_json: r.get(4)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
+    }
+}

@@ -1,0 +1,190 @@
+//! Events and metric minutes in SQLite: one table each, indexed by bucket and time.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use rusqlite::params;
+use rusqlite::types::Value as SqlValue;
+
+use super::Db;
+use crate::stores::{
+    EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY, kind TEXT NOT NULL, bucket_id TEXT NOT NULL, server_name TEXT NOT NULL,
+  app_name TEXT, type TEXT NOT NULL, at INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_bucket ON events(bucket_id, kind, at);
+CREATE INDEX IF NOT EXISTS events_by_time ON events(at);
+CREATE TABLE IF NOT EXISTS metrics (
+  bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, app_name TEXT NOT NULL,
+  pm_id INTEGER NOT NULL, name TEXT NOT NULL, unit TEXT, agg_type TEXT, at INTEGER NOT NULL,
+  avg REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, last REAL NOT NULL,
+  count INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS metrics_by_bucket ON metrics(bucket_id, at);
+CREATE INDEX IF NOT EXISTS metrics_by_time ON metrics(at);
+";
+
+pub struct SqliteEvents {
+    db: Db,
+}
+
+impl SqliteEvents {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        Ok(SqliteEvents {
+            db: Db::open(path, "events", SCHEMA)?,
+        })
+    }
+}
+
+/// `WHERE` clauses shared by event and metric queries: bucket plus optional app/server.
+fn scope_filter(
+    bucket_id: &str,
+    app_name: &Option<String>,
+    server_name: &Option<String>,
+) -> (String, Vec<SqlValue>) {
+    let mut sql = String::from("bucket_id = ?");
+    let mut args = vec![SqlValue::Text(bucket_id.to_string())];
+    for (column, value) in [("app_name", app_name), ("server_name", server_name)] {
+        if let Some(v) = value {
+            sql.push_str(&format!(" AND {column} = ?"));
+            args.push(SqlValue::Text(v.clone()));
+        }
+    }
+    (sql, args)
+}
+
+#[async_trait]
+impl Events for SqliteEvents {
+    async fn append(&self, events: Vec<EventRecord>) -> StoreResult<()> {
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT INTO events (kind, bucket_id, server_name, app_name, type, at, doc)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?;
+                    for e in &events {
+                        stmt.execute(params![
+                            e.kind.as_str(),
+                            e.bucket_id,
+                            e.server_name,
+                            e.app_name,
+                            e.event_type,
+                            e.at,
+                            e.doc
+                        ])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+    }
+
+    async fn query(&self, kind: EventKind, q: &EventQuery) -> StoreResult<Vec<String>> {
+        let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+        sql.insert_str(0, "SELECT doc FROM events WHERE kind = ? AND ");
+        args.insert(0, SqlValue::Text(kind.as_str().to_string()));
+        if let Some(t) = &q.event_type {
+            sql.push_str(" AND type = ?");
+            args.push(SqlValue::Text(t.clone()));
+        }
+        if let Some(before) = q.before {
+            sql.push_str(" AND at < ?");
+            args.push(SqlValue::Integer(before));
+        }
+        if let Some(after) = q.after {
+            sql.push_str(" AND at > ?");
+            args.push(SqlValue::Integer(after));
+        }
+        sql.push_str(" ORDER BY at DESC, id DESC LIMIT ? OFFSET ?");
+        args.push(SqlValue::Integer(q.limit.into()));
+        args.push(SqlValue::Integer(q.offset.into()));
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
+                    .collect()
+            })
+            .await
+    }
+
+    async fn append_metrics(&self, points: Vec<MetricPoint>) -> StoreResult<()> {
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "INSERT INTO metrics (bucket_id, server_name, app_name, pm_id, name, unit,
+                           agg_type, at, avg, min, max, last, count)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                    )?;
+                    for p in &points {
+                        stmt.execute(params![
+                            p.bucket_id,
+                            p.server_name,
+                            p.app_name,
+                            p.pm_id,
+                            p.name,
+                            p.unit,
+                            p.agg_type,
+                            p.at,
+                            p.avg,
+                            p.min,
+                            p.max,
+                            p.last,
+                            p.count
+                        ])?;
+                    }
+                }
+                tx.commit()
+            })
+            .await
+    }
+
+    async fn metrics(&self, q: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
+        let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+        sql.insert_str(
+            0,
+            "SELECT bucket_id, server_name, app_name, pm_id, name, unit, agg_type, at, avg, min,
+               max, last, count FROM metrics WHERE ",
+        );
+        sql.push_str(" AND at >= ? ORDER BY at, rowid");
+        args.push(SqlValue::Integer(q.since));
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(MetricPoint {
+                        bucket_id: r.get(0)?,
+                        server_name: r.get(1)?,
+                        app_name: r.get(2)?,
+                        pm_id: r.get(3)?,
+                        name: r.get(4)?,
+                        unit: r.get(5)?,
+                        agg_type: r.get(6)?,
+                        at: r.get(7)?,
+                        avg: r.get(8)?,
+                        min: r.get(9)?,
+                        max: r.get(10)?,
+                        last: r.get(11)?,
+                        count: r.get(12)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
+    }
+
+    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
+        self.db
+            .call(move |c| {
+                let events = c.execute("DELETE FROM events WHERE at < ?1", [cutoff])?;
+                let metrics = c.execute("DELETE FROM metrics WHERE at < ?1", [cutoff])?;
+                Ok((events + metrics) as u64)
+            })
+            .await
+    }
+}

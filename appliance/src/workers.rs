@@ -1,0 +1,68 @@
+//! Background work: persisting server state and ended metric minutes, retention, and
+//! the final flush at shutdown.
+
+use std::time::Duration;
+
+use crate::app::AppState;
+use crate::ids::now_ms;
+
+const PERSIST_EVERY: Duration = Duration::from_secs(10);
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// Every few seconds: servers' latest status to the documents store, metric minutes of
+/// servers that went quiet to the writer.
+pub async fn persist(app: AppState) {
+    let mut tick = tokio::time::interval(PERSIST_EVERY);
+    loop {
+        tokio::select! {
+            () = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        app.ingest
+            .writer
+            .metrics(app.sessions.drain_metrics(now_ms(), false));
+        save_servers(&app).await;
+    }
+}
+
+async fn save_servers(app: &AppState) {
+    let records = app.sessions.dirty_records();
+    if records.is_empty() {
+        return;
+    }
+    if let Err(e) = app.documents.upsert_servers(&records).await {
+        tracing::error!(error = %e, servers = records.len(), "saving server state failed");
+    }
+}
+
+/// Deletes events older than `KM_RETENTION_DAYS`, hourly.
+pub async fn retention(app: AppState) {
+    let keep = i64::from(app.settings.retention_days) * DAY_MS;
+    let mut tick = tokio::time::interval(RETENTION_EVERY);
+    loop {
+        tokio::select! {
+            () = app.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match app.events.delete_before(now_ms() - keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                rows = n,
+                days = app.settings.retention_days,
+                "retention: old events deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "retention failed; retrying in an hour"),
+        }
+    }
+}
+
+/// After sockets closed: every metric minute (even unfinished), every event, every
+/// server's state written before the process exits.
+pub async fn flush(app: &AppState) {
+    app.ingest
+        .writer
+        .metrics(app.sessions.drain_metrics(now_ms(), true));
+    app.ingest.writer.flush().await;
+    save_servers(app).await;
+}
