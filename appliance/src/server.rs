@@ -1,11 +1,13 @@
 //! `km serve`: opens the stores, starts every role in this process on one port, and on
 //! SIGTERM/Ctrl-C closes agent sockets and flushes everything before exiting.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
@@ -33,27 +35,7 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
-    let (documents, events) = stores::sqlite::open(&settings.data_dir)?;
-    let documents: Arc<dyn stores::Documents> = Arc::new(documents);
-    let events: Arc<dyn stores::Events> = Arc::new(events);
-    let sessions = Arc::new(Sessions::default());
-    sessions.restore(
-        documents
-            .all_servers()
-            .await
-            .context("documents store: cannot load servers")?,
-    );
-    let (writer, writer_task) = EventWriter::start(events.clone());
-    let app: AppState = Arc::new(App {
-        public_url: settings.public_url(bound),
-        settings,
-        documents,
-        events,
-        bus: Arc::new(LocalBus::new(sessions.clone())),
-        sessions,
-        ingest: Ingest::new(writer),
-        shutdown: shutdown.clone(),
-    });
+    let (app, writer_task) = build_app(settings, bound, shutdown.clone()).await?;
     let background = [
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
@@ -81,6 +63,37 @@ pub async fn serve_on(
     let _ = writer_task.await;
     tracing::info!("km stopped; everything flushed");
     Ok(())
+}
+
+/// Opens the stores and assembles the shared state; the writer task ends after the last
+/// `AppState` is dropped.
+pub async fn build_app(
+    settings: Settings,
+    bound: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(AppState, JoinHandle<()>)> {
+    let (documents, events) = stores::sqlite::open(&settings.data_dir)?;
+    let documents: Arc<dyn stores::Documents> = Arc::new(documents);
+    let events: Arc<dyn stores::Events> = Arc::new(events);
+    let sessions = Arc::new(Sessions::default());
+    sessions.restore(
+        documents
+            .all_servers()
+            .await
+            .context("documents store: cannot load servers")?,
+    );
+    let (writer, writer_task) = EventWriter::start(events.clone());
+    let app = Arc::new(App {
+        public_url: settings.public_url(bound),
+        settings,
+        documents,
+        events,
+        bus: Arc::new(LocalBus::new(sessions.clone())),
+        sessions,
+        ingest: Ingest::new(writer),
+        shutdown,
+    });
+    Ok((app, writer_task))
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -102,12 +102,8 @@ impl MetricSampler {
                 continue;
             };
             for (name, probe) in monitor {
-                if let Some((value, unit, agg)) = probe_value(probe) {
-                    let meta = ProbeMeta {
-                        unit,
-                        agg_type: agg,
-                    };
-                    self.add(app, pm_id, name, Some(meta), value, minute, out, scope);
+                if let Some(value) = probe_value(probe) {
+                    self.add(app, pm_id, name, Some(probe), value, minute, out, scope);
                 }
             }
         }
@@ -119,20 +115,20 @@ impl MetricSampler {
         app: &str,
         pm_id: i64,
         name: &str,
-        meta: Option<ProbeMeta>,
+        probe: Option<&Value>,
         value: f64,
         minute: i64,
         out: &mut Vec<MetricPoint>,
         (bucket_id, server_name): (&str, &str),
     ) {
         let index = self.find(app, pm_id, name).unwrap_or_else(|| {
-            let meta = meta.unwrap_or_default();
+            let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
             self.series.push(Series {
                 app_name: app.to_string(),
                 pm_id,
                 name: name.to_string(),
-                unit: meta.unit.map(str::to_string),
-                agg_type: meta.agg_type.map(str::to_string),
+                unit: text("unit"),
+                agg_type: text("agg_type"),
                 minute,
                 sum: 0.0,
                 count: 0,
@@ -179,30 +175,19 @@ impl MetricSampler {
     }
 }
 
-#[derive(Default)]
-struct ProbeMeta<'a> {
-    unit: Option<&'a str>,
-    agg_type: Option<&'a str>,
-}
-
 /// The numeric value of an `axm_monitor` entry: a number, or a string holding one (tx2
 /// meters put their unit after the number, as in `"0.5unit"`).
-fn probe_value(probe: &Value) -> Option<(f64, Option<&str>, Option<&str>)> {
-    let unit = probe.get("unit").and_then(Value::as_str);
-    let value = match probe.get("value")? {
-        Value::Number(n) => n.as_f64()?,
+fn probe_value(probe: &Value) -> Option<f64> {
+    match probe.get("value")? {
+        Value::Number(n) => n.as_f64(),
         Value::String(s) => {
             let s = s.trim();
+            let unit = probe.get("unit").and_then(Value::as_str);
             let number = unit.and_then(|u| s.strip_suffix(u)).unwrap_or(s);
-            number
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|v| v.is_finite())?
+            number.trim().parse::<f64>().ok().filter(|v| v.is_finite())
         }
-        _ => return None,
-    };
-    Some((value, unit, probe.get("agg_type").and_then(Value::as_str)))
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ pub mod writer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use json_patch::PatchOperation;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -14,6 +13,7 @@ pub use metrics::MetricSampler;
 pub use writer::EventWriter;
 
 use crate::interactor::Session;
+use crate::interactor::session::PatchOp;
 use crate::stores::EventRecord;
 
 /// Counters of the ingest path, shown in `/healthz`.
@@ -55,11 +55,11 @@ impl Ingest {
     /// A status patch; false when it does not apply (the agent must resend).
     pub fn apply_patch(&self, session: &Session, payload: &str, now: i64) -> bool {
         self.counters.patches.fetch_add(1, Ordering::Relaxed);
-        let applied = serde_json::from_str::<Vec<PatchOperation>>(payload)
+        let applied = serde_json::from_str::<Vec<PatchOp>>(payload)
             .ok()
             .and_then(|patch| {
                 let mut points = Vec::new();
-                session.apply_patch(&patch, now, &mut points).ok()?;
+                session.apply_patch(patch, now, &mut points).ok()?;
                 self.writer.metrics(points);
                 Some(())
             })

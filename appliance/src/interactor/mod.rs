@@ -20,6 +20,7 @@ use crate::app::AppState;
 use crate::stores::Bucket;
 
 pub use session::{Session, Sessions};
+pub use socket::receive;
 
 /// Largest frame accepted from an agent (heap dumps arrive in one frame).
 const MAX_FRAME_BYTES: usize = 256 << 20;

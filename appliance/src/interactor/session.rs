@@ -11,7 +11,14 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use json_patch::{PatchError, PatchOperation};
+use std::borrow::Cow;
+
+use json_patch::{
+    AddOperation, CopyOperation, MoveOperation, PatchError, PatchOperation, RemoveOperation,
+    ReplaceOperation, TestOperation,
+};
+use jsonptr::{Pointer, PointerBuf};
+use serde::Deserialize;
 
 use crate::ingest::MetricSampler;
 use crate::stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerRecord};
@@ -87,16 +94,18 @@ impl Session {
         self.after_update(&mut live, now, points);
     }
 
-    /// Applies an RFC 6902 patch to the status; on failure the status is unchanged.
+    /// Applies an RFC 6902 patch to the status. On failure the operations before the
+    /// failing one stay applied (they only carry newer values) and the caller asks the
+    /// agent for a full status, which replaces everything.
     pub fn apply_patch(
         &self,
-        patch: &[PatchOperation],
+        patch: Vec<PatchOp>,
         now: i64,
         points: &mut Vec<MetricPoint>,
     ) -> Result<(), PatchFailure> {
         let mut live = self.live.lock();
         let status = live.status.as_mut().ok_or(PatchFailure::NoStatus)?;
-        json_patch::patch(status, patch)?;
+        apply_patch(status, patch)?;
         self.after_update(&mut live, now, points);
         Ok(())
     }
@@ -288,11 +297,112 @@ impl CommandSink for Sessions {
     }
 }
 
+/// One RFC 6902 operation as the agent sends it, borrowed from the frame.
+#[derive(Deserialize)]
+pub struct PatchOp<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    #[serde(borrow)]
+    path: Cow<'a, str>,
+    #[serde(borrow, default)]
+    from: Option<Cow<'a, str>>,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+impl PatchOp<'_> {
+    /// The operation as json-patch models it.
+    fn into_operation(self, index: usize) -> Result<PatchOperation, PatchFailure> {
+        let pointer = |p: &str| {
+            PointerBuf::parse(p).map_err(|e| PatchFailure::Invalid {
+                index,
+                reason: e.to_string(),
+            })
+        };
+        let path = pointer(&self.path)?;
+        let value = || {
+            self.value.clone().ok_or(PatchFailure::Invalid {
+                index,
+                reason: "no value".into(),
+            })
+        };
+        let from = || pointer(self.from.as_deref().unwrap_or_default());
+        Ok(match self.op.as_ref() {
+            "add" => PatchOperation::Add(AddOperation {
+                path,
+                value: value()?,
+            }),
+            "remove" => PatchOperation::Remove(RemoveOperation { path }),
+            "replace" => PatchOperation::Replace(ReplaceOperation {
+                path,
+                value: value()?,
+            }),
+            "move" => PatchOperation::Move(MoveOperation {
+                from: from()?,
+                path,
+            }),
+            "copy" => PatchOperation::Copy(CopyOperation {
+                from: from()?,
+                path,
+            }),
+            "test" => PatchOperation::Test(TestOperation {
+                path,
+                value: value()?,
+            }),
+            other => {
+                return Err(PatchFailure::Invalid {
+                    index,
+                    reason: format!("unknown op {other:?}"),
+                });
+            }
+        })
+    }
+}
+
+/// Applies `patch` with json-patch. `replace`, nearly every operation the agent sends,
+/// resolves its borrowed pointer with jsonptr and moves the new value in (json-patch
+/// would allocate each path token and clone the value).
+fn apply_patch(status: &mut Value, patch: Vec<PatchOp>) -> Result<(), PatchFailure> {
+    for (
+        index,
+        PatchOp {
+            op,
+            path,
+            from,
+            value,
+        },
+    ) in patch.into_iter().enumerate()
+    {
+        match (op.as_ref(), value) {
+            ("replace", Some(value)) => {
+                let invalid = |reason: String| PatchFailure::Invalid { index, reason };
+                let pointer = Pointer::parse(&path).map_err(|e| invalid(e.to_string()))?;
+                *pointer
+                    .resolve_mut(status)
+                    .map_err(|e| invalid(e.to_string()))? = value;
+            }
+            (_, value) => {
+                let operation = PatchOp {
+                    op,
+                    path,
+                    from,
+                    value,
+                }
+                .into_operation(index)?;
+                json_patch::patch_unsafe(status, std::slice::from_ref(&operation))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Why a status patch did not apply (the agent is then asked for a full status).
 #[derive(Debug, thiserror::Error)]
 pub enum PatchFailure {
     #[error("no full status received yet")]
     NoStatus,
+    #[error("operation {index}: {reason}")]
+    Invalid { index: usize, reason: String },
     #[error(transparent)]
     Patch(#[from] PatchError),
 }

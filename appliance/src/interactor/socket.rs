@@ -68,8 +68,8 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason, "agent disconnected");
 }
 
-/// Handles one text frame; never fails the socket.
-fn receive(
+/// Handles one text frame from an agent; never fails the socket.
+pub fn receive(
     app: &AppState,
     session: &Session,
     socket_id: u64,
