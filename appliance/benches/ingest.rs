@@ -23,13 +23,18 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The captured full status and the patches that follow it, as frames.
 fn frames() -> (String, Vec<String>) {
     let mut lines = include_str!("../../tests/fixtures/agent-status-sequence.jsonl")
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|l| l["frame"].to_string());
-    let status = lines.next().unwrap_or_default();
-    (status, lines.collect())
+        .map(|l| l["frame"].clone());
+    let status = lines.next().unwrap_or_default().to_string();
+    let patches = lines
+        .take_while(|f| f["channel"] == "status:patch")
+        .map(|f| f.to_string())
+        .collect();
+    (status, patches)
 }
 
 fn main() -> anyhow::Result<()> {

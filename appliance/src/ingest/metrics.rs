@@ -1,14 +1,30 @@
-//! Per-minute aggregation of every numeric metric of a server's processes: cpu, memory
-//! and each `axm_monitor` value that parses as a number. Samples arrive with every status
-//! (about once a second); one point per minute (avg/min/max/last) leaves.
+//! Per-minute history of every numeric metric of a server's processes: cpu, memory and
+//! each `axm_monitor` value that parses as a number.
+//!
+//! A metric is a value that holds until the agent reports a change: a full status sets
+//! every value, a `status:patch` carries only the values that changed. Each minute's
+//! point is therefore time-weighted: `avg` weighs every value by how long it held, `min`
+//! and `max` are the extremes held, `last` the value at the end, `count` the seconds of
+//! data. Only changed values cost anything on the hot path.
+
+use std::borrow::Cow;
 
 use serde_json::Value;
 
 use crate::stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
+/// A gap longer than this (a suspended host, a clock jump) is not filled with points.
+const MAX_CATCH_UP_MS: i64 = 10 * MINUTE_MS;
 
-/// One metric of one process during the current minute.
+fn minute_of(t: i64) -> i64 {
+    t - t.rem_euclid(MINUTE_MS)
+}
+
+/// Where a metric point belongs: (bucket id, server name).
+pub type Scope<'a> = (&'a str, &'a str);
+
+/// One metric of one process.
 #[derive(Debug)]
 struct Series {
     app_name: String,
@@ -16,33 +32,62 @@ struct Series {
     name: String,
     unit: Option<String>,
     agg_type: Option<String>,
+    /// The value holding since `since`.
+    value: f64,
+    since: i64,
     minute: i64,
-    sum: f64,
-    count: u32,
+    weighted: f64,
+    covered_ms: i64,
     min: f64,
     max: f64,
-    last: f64,
 }
 
 impl Series {
-    fn add(&mut self, value: f64) {
-        if self.count == 0 {
-            self.min = value;
-            self.max = value;
-        } else {
-            self.min = self.min.min(value);
-            self.max = self.max.max(value);
+    /// Accounts the current value up to `now`, emitting every minute that ended.
+    fn advance(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        if now - self.since > MAX_CATCH_UP_MS {
+            self.emit(out, scope);
+            self.restart(now);
+            return;
         }
-        self.sum += value;
-        self.count += 1;
-        self.last = value;
+        while now >= self.minute + MINUTE_MS {
+            let end = self.minute + MINUTE_MS;
+            self.cover(end);
+            self.emit(out, scope);
+            self.restart(end);
+        }
+        self.cover(now);
     }
 
-    fn take_point(&mut self, bucket_id: &str, server_name: &str) -> Option<MetricPoint> {
-        if self.count == 0 {
-            return None;
+    fn cover(&mut self, until: i64) {
+        let held = (until - self.since).max(0);
+        self.weighted += self.value * held as f64;
+        self.covered_ms += held;
+        self.since = until.max(self.since);
+    }
+
+    fn restart(&mut self, at: i64) {
+        self.minute = minute_of(at);
+        self.since = at;
+        self.weighted = 0.0;
+        self.covered_ms = 0;
+        self.min = self.value;
+        self.max = self.value;
+    }
+
+    fn set(&mut self, value: f64, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        self.advance(now, out, scope);
+        self.value = value;
+        self.min = self.min.min(value);
+        self.max = self.max.max(value);
+    }
+
+    /// The point of the current minute so far (none if it covers no time yet).
+    fn emit(&self, out: &mut Vec<MetricPoint>, (bucket_id, server_name): Scope) {
+        if self.covered_ms == 0 {
+            return;
         }
-        let point = MetricPoint {
+        out.push(MetricPoint {
             bucket_id: bucket_id.to_string(),
             server_name: server_name.to_string(),
             app_name: self.app_name.clone(),
@@ -51,138 +96,264 @@ impl Series {
             unit: self.unit.clone(),
             agg_type: self.agg_type.clone(),
             at: self.minute,
-            avg: self.sum / f64::from(self.count),
+            avg: self.weighted / self.covered_ms as f64,
             min: self.min,
             max: self.max,
-            last: self.last,
-            count: self.count,
-        };
-        self.sum = 0.0;
-        self.count = 0;
-        Some(point)
+            last: self.value,
+            count: (self.covered_ms / 1000).max(1) as u32,
+        });
     }
 }
 
-/// The aggregator of one server. Samples come in the same order every second, so the
-/// series are kept in that order and found by a moving cursor, not by hashing.
+/// The series of the process at one index of `data.process`.
+#[derive(Debug, Default)]
+struct Slot {
+    cpu: Option<usize>,
+    memory: Option<usize>,
+    probes: Vec<(String, usize)>,
+}
+
+/// What a patch path means for the metrics.
+pub enum MetricPath<'a> {
+    /// The value of a metric of the process at `index`.
+    Value {
+        index: usize,
+        metric: Cow<'a, str>,
+        probe: bool,
+    },
+    /// Processes or probes appear, vanish or are replaced whole: reload from the status.
+    Structural,
+    /// Nothing metrics care about.
+    Other,
+}
+
+/// One RFC 6901 reference token, unescaped (borrowed unless it holds `~`).
+fn unescape(token: &str) -> Cow<'_, str> {
+    if token.contains('~') {
+        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+    } else {
+        Cow::Borrowed(token)
+    }
+}
+
+/// Classifies the JSON pointer of a status patch operation (already validated).
+pub fn metric_path(pointer: &str) -> MetricPath<'_> {
+    let mut tokens = pointer.split('/').skip(1);
+    let mut next = || tokens.next();
+    let head = [next(), next(), next(), next(), next(), next()];
+    if next().is_some() {
+        return MetricPath::Other;
+    }
+    match head {
+        [Some("data"), None | Some("process"), None, ..] => MetricPath::Structural,
+        [Some("data"), Some("process"), Some(index), rest @ ..] => {
+            let Ok(index) = index.parse::<usize>() else {
+                return MetricPath::Structural;
+            };
+            match rest {
+                [None, ..] | [Some("name" | "pm_id"), ..] => MetricPath::Structural,
+                [Some(key @ ("cpu" | "memory")), None, None] => MetricPath::Value {
+                    index,
+                    metric: Cow::Borrowed(key),
+                    probe: false,
+                },
+                [Some("axm_monitor"), Some(name), Some("value")] => MetricPath::Value {
+                    index,
+                    metric: unescape(name),
+                    probe: true,
+                },
+                [Some("axm_monitor"), _, None] => MetricPath::Structural,
+                _ => MetricPath::Other,
+            }
+        }
+        _ => MetricPath::Other,
+    }
+}
+
+/// The metric history of one server.
 #[derive(Debug, Default)]
 pub struct MetricSampler {
     series: Vec<Series>,
-    cursor: usize,
+    slots: Vec<Slot>,
 }
 
 impl MetricSampler {
-    /// Adds one sample of every metric in `status` (the agent's status payload) taken at
-    /// `now`; points of minutes that ended are appended to `out`.
-    pub fn sample(
-        &mut self,
-        status: &Value,
-        now: i64,
-        out: &mut Vec<MetricPoint>,
-        scope: (&str, &str),
-    ) {
-        let minute = now - now.rem_euclid(MINUTE_MS);
-        let Some(processes) = status.pointer("/data/process").and_then(Value::as_array) else {
-            return;
-        };
-        self.cursor = 0;
+    /// Takes every metric value from a full status (at link, after a resend, after a
+    /// patch that changed the process list).
+    pub fn load(&mut self, status: &Value, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        let processes = status
+            .pointer("/data/process")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut slots = Vec::with_capacity(processes.len());
+        let mut alive = vec![false; self.series.len()];
         for process in processes {
-            let (Some(app), Some(pm_id)) = (
-                process.get("name").and_then(Value::as_str),
-                process.get("pm_id").and_then(Value::as_i64),
-            ) else {
-                continue;
-            };
-            for (name, key) in [("cpu", "cpu"), ("memory", "memory")] {
-                if let Some(v) = process.get(key).and_then(Value::as_f64) {
-                    self.add(app, pm_id, name, None, v, minute, out, scope);
+            let mut slot = Slot::default();
+            let app = process.get("name").and_then(Value::as_str);
+            let pm_id = process.get("pm_id").and_then(Value::as_i64);
+            if let (Some(app), Some(pm_id)) = (app, pm_id) {
+                for key in ["cpu", "memory"] {
+                    let value = process.get(key).and_then(Value::as_f64);
+                    let found =
+                        value.map(|v| self.upsert(app, pm_id, key, None, v, now, out, scope));
+                    if key == "cpu" {
+                        slot.cpu = found
+                    } else {
+                        slot.memory = found
+                    }
+                }
+                let monitor = process.get("axm_monitor").and_then(Value::as_object);
+                for (name, probe) in monitor.into_iter().flatten() {
+                    let unit = probe.get("unit").and_then(Value::as_str);
+                    if let Some(v) = probe.get("value").and_then(|v| numeric(v, unit)) {
+                        let id = self.upsert(app, pm_id, name, Some(probe), v, now, out, scope);
+                        slot.probes.push((name.clone(), id));
+                    }
                 }
             }
-            let Some(monitor) = process.get("axm_monitor").and_then(Value::as_object) else {
-                continue;
-            };
-            for (name, probe) in monitor {
-                if let Some(value) = probe_value(probe) {
-                    self.add(app, pm_id, name, Some(probe), value, minute, out, scope);
+            for id in slot
+                .cpu
+                .iter()
+                .chain(&slot.memory)
+                .chain(slot.probes.iter().map(|(_, id)| id))
+            {
+                if let Some(a) = alive.get_mut(*id) {
+                    *a = true;
                 }
             }
+            slots.push(slot);
         }
+        self.slots = slots;
+        self.retire(&alive, now, out, scope);
     }
 
+    /// Finds or creates the series and sets its value; returns its index.
     #[allow(clippy::too_many_arguments)]
-    fn add(
+    fn upsert(
         &mut self,
         app: &str,
         pm_id: i64,
         name: &str,
         probe: Option<&Value>,
         value: f64,
-        minute: i64,
-        out: &mut Vec<MetricPoint>,
-        (bucket_id, server_name): (&str, &str),
-    ) {
-        let index = self.find(app, pm_id, name).unwrap_or_else(|| {
-            let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
-            self.series.push(Series {
-                app_name: app.to_string(),
-                pm_id,
-                name: name.to_string(),
-                unit: text("unit"),
-                agg_type: text("agg_type"),
-                minute,
-                sum: 0.0,
-                count: 0,
-                min: 0.0,
-                max: 0.0,
-                last: 0.0,
-            });
-            self.series.len() - 1
-        });
-        self.cursor = index + 1;
-        let series = &mut self.series[index];
-        if series.minute != minute {
-            out.extend(series.take_point(bucket_id, server_name));
-            series.minute = minute;
-        }
-        series.add(value);
-    }
-
-    fn find(&self, app: &str, pm_id: i64, name: &str) -> Option<usize> {
-        let is = |s: &Series| s.pm_id == pm_id && s.name == name && s.app_name == app;
-        match self.series.get(self.cursor) {
-            Some(s) if is(s) => Some(self.cursor),
-            _ => self.series.iter().position(is),
-        }
-    }
-
-    /// Points of every minute that ended before `now` (or of all, with `force`), for
-    /// servers that went quiet and at shutdown.
-    pub fn drain(
-        &mut self,
         now: i64,
-        force: bool,
         out: &mut Vec<MetricPoint>,
-        (bucket_id, server_name): (&str, &str),
-    ) {
-        let minute = now - now.rem_euclid(MINUTE_MS);
-        for series in &mut self.series {
-            if force || series.minute < minute {
-                out.extend(series.take_point(bucket_id, server_name));
+        scope: Scope,
+    ) -> usize {
+        let found = self
+            .series
+            .iter()
+            .position(|s| s.pm_id == pm_id && s.name == name && s.app_name == app);
+        if let Some(id) = found {
+            self.series[id].set(value, now, out, scope);
+            return id;
+        }
+        let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
+        self.series.push(Series {
+            app_name: app.to_string(),
+            pm_id,
+            name: name.to_string(),
+            unit: text("unit"),
+            agg_type: text("agg_type"),
+            value,
+            since: now,
+            minute: minute_of(now),
+            weighted: 0.0,
+            covered_ms: 0,
+            min: value,
+            max: value,
+        });
+        self.series.len() - 1
+    }
+
+    /// Ends the series no process reports any more (their last minute is emitted).
+    fn retire(&mut self, alive: &[bool], now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        if alive.iter().all(|a| *a) {
+            return;
+        }
+        let mut renumber = Vec::with_capacity(self.series.len());
+        let mut kept = 0;
+        let mut index = 0;
+        self.series.retain_mut(|s| {
+            let keep = alive.get(index).copied().unwrap_or(true);
+            index += 1;
+            if !keep {
+                s.advance(now, out, scope);
+                s.emit(out, scope);
+            }
+            renumber.push(kept);
+            kept += usize::from(keep);
+            keep
+        });
+        for slot in &mut self.slots {
+            for id in slot
+                .cpu
+                .iter_mut()
+                .chain(slot.memory.iter_mut())
+                .chain(slot.probes.iter_mut().map(|(_, id)| id))
+            {
+                *id = renumber[*id];
             }
         }
-        // Processes that stopped reporting are forgotten once their last point is out.
-        self.series.retain(|s| s.count > 0 || s.minute >= minute);
+    }
+
+    /// A new value of the metric `metric` of the process at `index`.
+    pub fn observe(
+        &mut self,
+        index: usize,
+        metric: &str,
+        probe: bool,
+        value: &Value,
+        now: i64,
+        out: &mut Vec<MetricPoint>,
+        scope: Scope,
+    ) {
+        let Some(slot) = self.slots.get(index) else {
+            return;
+        };
+        let id = match (probe, metric) {
+            (false, "cpu") => slot.cpu,
+            (false, _) => slot.memory,
+            (true, name) => slot
+                .probes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, id)| *id),
+        };
+        let Some(series) = id.and_then(|id| self.series.get_mut(id)) else {
+            return;
+        };
+        if let Some(v) = numeric(value, series.unit.as_deref()) {
+            series.set(v, now, out, scope);
+        }
+    }
+
+    /// Emits every minute that ended by `now`.
+    pub fn tick(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        for series in &mut self.series {
+            series.advance(now, out, scope);
+        }
+    }
+
+    /// Emits everything up to `now`, the unfinished minute too, and forgets the series
+    /// (the server went offline, or km stops).
+    pub fn finish(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        for series in &mut self.series {
+            series.advance(now, out, scope);
+            series.emit(out, scope);
+        }
+        self.series.clear();
+        self.slots.clear();
     }
 }
 
-/// The numeric value of an `axm_monitor` entry: a number, or a string holding one (tx2
-/// meters put their unit after the number, as in `"0.5unit"`).
-fn probe_value(probe: &Value) -> Option<f64> {
-    match probe.get("value")? {
+/// A number, or a string holding one (tx2 meters put their unit after it: `"0.5req/s"`).
+fn numeric(value: &Value, unit: Option<&str>) -> Option<f64> {
+    match value {
         Value::Number(n) => n.as_f64(),
         Value::String(s) => {
             let s = s.trim();
-            let unit = probe.get("unit").and_then(Value::as_str);
             let number = unit.and_then(|u| s.strip_suffix(u)).unwrap_or(s);
             number.trim().parse::<f64>().ok().filter(|v| v.is_finite())
         }
@@ -195,46 +366,142 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn status(cpu: f64, latency: &str) -> Value {
+    const SCOPE: Scope = ("b", "web-1");
+
+    fn status(cpu: f64) -> Value {
         json!({"data": {"process": [{
             "name": "api", "pm_id": 0, "cpu": cpu, "memory": 1000,
             "axm_monitor": {
-                "Event Loop Latency": {"value": latency, "unit": "ms", "agg_type": "avg"},
+                "Event Loop Latency": {"value": "1.5", "unit": "ms", "agg_type": "avg"},
                 "req/sec": {"value": "0.5req/s", "unit": "req/s"},
                 "status": {"value": "ok"}
             }
         }], "server": {}}})
     }
 
+    fn path(p: &str) -> MetricPath<'_> {
+        metric_path(p)
+    }
+
     #[test]
-    fn one_point_per_minute_with_avg_min_max_last() {
+    fn averages_are_weighted_by_how_long_each_value_held() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        let scope = ("b", "web-1");
-        sampler.sample(&status(10.0, "1.5"), 60_000, &mut out, scope);
-        sampler.sample(&status(30.0, "2.5"), 61_000, &mut out, scope);
-        sampler.sample(&status(20.0, "0.5"), 62_000, &mut out, scope);
+        sampler.load(&status(10.0), 60_000, &mut out, SCOPE);
+        // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
+        sampler.observe(0, "cpu", false, &json!(30.0), 75_000, &mut out, SCOPE);
+        sampler.observe(0, "cpu", false, &json!(20.0), 105_000, &mut out, SCOPE);
         assert!(out.is_empty(), "no minute has ended yet");
-        sampler.sample(&status(5.0, "1"), 120_000, &mut out, scope);
+        sampler.tick(120_000, &mut out, SCOPE);
         let cpu = out.iter().find(|p| p.name == "cpu").unwrap();
         assert_eq!(
-            (cpu.at, cpu.avg, cpu.min, cpu.max, cpu.last, cpu.count),
-            (60_000, 20.0, 10.0, 30.0, 20.0, 3)
+            (cpu.at, cpu.min, cpu.max, cpu.last, cpu.count),
+            (60_000, 10.0, 30.0, 20.0, 60)
+        );
+        assert!((cpu.avg - 22.5).abs() < 1e-9, "avg {}", cpu.avg);
+        let memory = out.iter().find(|p| p.name == "memory").unwrap();
+        assert_eq!(
+            (memory.avg, memory.min, memory.max),
+            (1000.0, 1000.0, 1000.0),
+            "unchanged values still count"
         );
         let latency = out.iter().find(|p| p.name == "Event Loop Latency").unwrap();
-        assert_eq!((latency.avg, latency.unit.as_deref()), (1.5, Some("ms")));
-        let meter = out.iter().find(|p| p.name == "req/sec").unwrap();
-        assert_eq!(meter.last, 0.5);
+        assert_eq!(
+            (
+                latency.avg,
+                latency.unit.as_deref(),
+                latency.agg_type.as_deref()
+            ),
+            (1.5, Some("ms"), Some("avg"))
+        );
+        assert_eq!(
+            out.iter().find(|p| p.name == "req/sec").map(|p| p.last),
+            Some(0.5)
+        );
         assert!(
             out.iter().all(|p| p.name != "status"),
             "non-numeric probes are skipped"
         );
         assert_eq!(out.len(), 4);
-        out.clear();
-        sampler.drain(120_500, true, &mut out, scope);
-        assert_eq!(
-            out.iter().find(|p| p.name == "cpu").map(|p| p.avg),
-            Some(5.0)
+    }
+
+    #[test]
+    fn probe_strings_with_units_and_finish_emits_partial_minute() {
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        sampler.load(&status(5.0), 0, &mut out, SCOPE);
+        sampler.observe(
+            0,
+            "req/sec",
+            true,
+            &json!("2.5req/s"),
+            10_000,
+            &mut out,
+            SCOPE,
         );
+        sampler.finish(20_000, &mut out, SCOPE);
+        let meter = out.iter().find(|p| p.name == "req/sec").unwrap();
+        assert_eq!(
+            (meter.at, meter.min, meter.max, meter.last, meter.count),
+            (0, 0.5, 2.5, 2.5, 20)
+        );
+        assert!((meter.avg - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn processes_that_vanish_are_retired() {
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        sampler.load(&status(5.0), 0, &mut out, SCOPE);
+        sampler.load(
+            &json!({"data": {"process": [], "server": {}}}),
+            30_000,
+            &mut out,
+            SCOPE,
+        );
+        assert_eq!(out.iter().filter(|p| p.name == "cpu").count(), 1);
+        out.clear();
+        sampler.tick(200_000, &mut out, SCOPE);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn patch_paths_are_classified() {
+        assert!(matches!(
+            path("/data/process/3/cpu"),
+            MetricPath::Value {
+                index: 3,
+                probe: false,
+                ..
+            }
+        ));
+        match path("/data/process/1/axm_monitor/req~1sec/value") {
+            MetricPath::Value {
+                index: 1,
+                metric,
+                probe: true,
+            } => assert_eq!(metric, "req/sec"),
+            _ => panic!("probe value not recognised"),
+        }
+        for structural in [
+            "/data/process/2",
+            "/data/process/-",
+            "/data/process",
+            "/data/process/0/axm_monitor/x",
+            "/data/process/0/name",
+        ] {
+            assert!(
+                matches!(path(structural), MetricPath::Structural),
+                "{structural}"
+            );
+        }
+        for other in [
+            "/data/server/uptime",
+            "/data/process/0/restart_time",
+            "/data/process/0/axm_monitor/x/unit",
+            "/internal_ip",
+        ] {
+            assert!(matches!(path(other), MetricPath::Other), "{other}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use jsonptr::{Pointer, PointerBuf};
 use serde::Deserialize;
 
 use crate::ingest::MetricSampler;
+use crate::ingest::metrics::{MetricPath, Scope, metric_path};
 use crate::stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerRecord};
 
 /// A queue of text frames to one socket.
@@ -87,16 +88,17 @@ impl Session {
         }
     }
 
-    /// Replaces the status with a full one and samples its metrics.
+    /// Replaces the status with a full one and takes all its metric values.
     pub fn apply_status(&self, status: Value, now: i64, points: &mut Vec<MetricPoint>) {
         let mut live = self.live.lock();
+        live.sampler.load(&status, now, points, self.scope());
         live.status = Some(status);
-        self.after_update(&mut live, now, points);
+        self.updated(&mut live, now);
     }
 
-    /// Applies an RFC 6902 patch to the status. On failure the operations before the
-    /// failing one stay applied (they only carry newer values) and the caller asks the
-    /// agent for a full status, which replaces everything.
+    /// Applies an RFC 6902 patch to the status; the metric values it changes go to the
+    /// sampler. On failure the operations before the failing one stay applied (they only
+    /// carry newer values) and the caller asks the agent for a full status.
     pub fn apply_patch(
         &self,
         patch: Vec<PatchOp>,
@@ -104,13 +106,28 @@ impl Session {
         points: &mut Vec<MetricPoint>,
     ) -> Result<(), PatchFailure> {
         let mut live = self.live.lock();
-        let status = live.status.as_mut().ok_or(PatchFailure::NoStatus)?;
-        apply_patch(status, patch)?;
-        self.after_update(&mut live, now, points);
+        let Live {
+            status, sampler, ..
+        } = &mut *live;
+        let status = status.as_mut().ok_or(PatchFailure::NoStatus)?;
+        let mut metrics = PatchMetrics {
+            sampler,
+            now,
+            points,
+            scope: self.scope(),
+            reload: false,
+        };
+        apply_patch(status, patch, &mut metrics)?;
+        if metrics.reload {
+            metrics
+                .sampler
+                .load(status, now, metrics.points, metrics.scope);
+        }
+        self.updated(&mut live, now);
         Ok(())
     }
 
-    fn after_update(&self, live: &mut Live, now: i64, points: &mut Vec<MetricPoint>) {
+    fn updated(&self, live: &mut Live, now: i64) {
         live.last_update = now;
         live.dirty = true;
         let ip = live
@@ -121,16 +138,10 @@ impl Session {
         if live.internal_ip.as_deref() != ip {
             live.internal_ip = ip.map(str::to_string);
         }
-        let Live {
-            status, sampler, ..
-        } = live;
-        if let Some(status) = status {
-            sampler.sample(status, now, points, (&self.bucket_id, &self.server_name));
-        }
     }
 
     /// Scope of metric points and events from this server.
-    pub fn scope(&self) -> (&str, &str) {
+    pub fn scope(&self) -> Scope<'_> {
         (&self.bucket_id, &self.server_name)
     }
 
@@ -230,9 +241,24 @@ impl Sessions {
         (session, id)
     }
 
-    pub fn detach(&self, session: &Session, socket_id: u64) {
-        session.sockets.lock().retain(|l| l.id != socket_id);
-        session.live.lock().dirty = true;
+    /// Removes a closed socket; with the last one gone the server is offline and its
+    /// metric history up to now is emitted into `points`.
+    pub fn detach(
+        &self,
+        session: &Session,
+        socket_id: u64,
+        now: i64,
+        points: &mut Vec<MetricPoint>,
+    ) {
+        let mut sockets = session.sockets.lock();
+        sockets.retain(|l| l.id != socket_id);
+        let offline = sockets.is_empty();
+        drop(sockets);
+        let mut live = session.live.lock();
+        live.dirty = true;
+        if offline {
+            live.sampler.finish(now, points, session.scope());
+        }
     }
 
     pub fn get(&self, bucket_id: &str, server_name: &str) -> Option<Arc<Session>> {
@@ -274,15 +300,17 @@ impl Sessions {
             .collect()
     }
 
-    /// Metric points of minutes that ended (all of them with `force`).
-    pub fn drain_metrics(&self, now: i64, force: bool) -> Vec<MetricPoint> {
+    /// Metric points of minutes that ended by `now`; with `finish`, of everything up to
+    /// `now` (at shutdown).
+    pub fn drain_metrics(&self, now: i64, finish: bool) -> Vec<MetricPoint> {
         let mut out = Vec::new();
         for session in self.all() {
-            session
-                .live
-                .lock()
-                .sampler
-                .drain(now, force, &mut out, session.scope());
+            let sampler = &mut session.live.lock().sampler;
+            if finish {
+                sampler.finish(now, &mut out, session.scope());
+            } else {
+                sampler.tick(now, &mut out, session.scope());
+            }
         }
         out
     }
@@ -359,10 +387,24 @@ impl PatchOp<'_> {
     }
 }
 
+/// The metric side of applying a patch.
+struct PatchMetrics<'a> {
+    sampler: &'a mut MetricSampler,
+    now: i64,
+    points: &'a mut Vec<MetricPoint>,
+    scope: Scope<'a>,
+    /// The process list changed shape: reload every metric from the patched status.
+    reload: bool,
+}
+
 /// Applies `patch` with json-patch. `replace`, nearly every operation the agent sends,
 /// resolves its borrowed pointer with jsonptr and moves the new value in (json-patch
 /// would allocate each path token and clone the value).
-fn apply_patch(status: &mut Value, patch: Vec<PatchOp>) -> Result<(), PatchFailure> {
+fn apply_patch(
+    status: &mut Value,
+    patch: Vec<PatchOp>,
+    metrics: &mut PatchMetrics,
+) -> Result<(), PatchFailure> {
     for (
         index,
         PatchOp {
@@ -373,15 +415,31 @@ fn apply_patch(status: &mut Value, patch: Vec<PatchOp>) -> Result<(), PatchFailu
         },
     ) in patch.into_iter().enumerate()
     {
+        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
         match (op.as_ref(), value) {
             ("replace", Some(value)) => {
-                let invalid = |reason: String| PatchFailure::Invalid { index, reason };
                 let pointer = Pointer::parse(&path).map_err(|e| invalid(e.to_string()))?;
-                *pointer
+                let target = pointer
                     .resolve_mut(status)
-                    .map_err(|e| invalid(e.to_string()))? = value;
+                    .map_err(|e| invalid(e.to_string()))?;
+                match metric_path(&path) {
+                    MetricPath::Value {
+                        index,
+                        metric,
+                        probe,
+                    } if !metrics.reload => {
+                        let m = &mut *metrics;
+                        m.sampler
+                            .observe(index, &metric, probe, &value, m.now, m.points, m.scope);
+                    }
+                    MetricPath::Structural => metrics.reload = true,
+                    _ => {}
+                }
+                *target = value;
             }
             (_, value) => {
+                metrics.reload |= path.starts_with("/data")
+                    || from.as_deref().is_some_and(|f| f.starts_with("/data"));
                 let operation = PatchOp {
                     op,
                     path,
@@ -405,4 +463,125 @@ pub enum PatchFailure {
     Invalid { index: usize, reason: String },
     #[error(transparent)]
     Patch(#[from] PatchError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// The captured full status and the patches that follow it (up to the next status).
+    fn sequence() -> (Value, Vec<String>) {
+        let mut frames = include_str!("../../../tests/fixtures/agent-status-sequence.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["frame"].take());
+        let status = frames.next().unwrap()["payload"].take();
+        let patches = frames
+            .take_while(|f| f["channel"] == "status:patch")
+            .map(|mut f| f["payload"].take().to_string())
+            .collect();
+        (status, patches)
+    }
+
+    fn patch(text: &str) -> Vec<PatchOp<'_>> {
+        serde_json::from_str(text).unwrap()
+    }
+
+    fn last_values(points: &[MetricPoint]) -> BTreeMap<(i64, String), f64> {
+        points
+            .iter()
+            .map(|p| ((p.pm_id, p.name.clone()), p.last))
+            .collect()
+    }
+
+    #[test]
+    fn captured_patches_apply_in_order_and_metrics_follow_them() {
+        let (status, patches) = sequence();
+        let session = Session::new("b", "box", Live::default());
+        let mut points = Vec::new();
+        session.apply_status(status.clone(), 1_000, &mut points);
+        for (i, p) in patches.iter().enumerate() {
+            session
+                .apply_patch(patch(p), 1_000 + i as i64, &mut points)
+                .unwrap_or_else(|e| panic!("patch {i}: {e}"));
+        }
+        // The same patches applied by json-patch alone give the same document.
+        let mut expected = status;
+        for p in &patches {
+            let ops: json_patch::Patch = serde_json::from_str(p).unwrap();
+            json_patch::patch(&mut expected, &ops).unwrap();
+        }
+        let live = session.live.lock();
+        assert_eq!(live.status.as_ref(), Some(&expected));
+        drop(live);
+        // Metric values followed the patches: same as loading the final document afresh.
+        let mut followed = Vec::new();
+        session
+            .live
+            .lock()
+            .sampler
+            .finish(60_000, &mut followed, ("b", "box"));
+        let mut fresh = MetricSampler::default();
+        let mut loaded = Vec::new();
+        fresh.load(&expected, 1_000, &mut loaded, ("b", "box"));
+        fresh.finish(60_000, &mut loaded, ("b", "box"));
+        assert!(last_values(&followed).len() > 20);
+        assert_eq!(last_values(&followed), last_values(&loaded));
+    }
+
+    #[test]
+    fn a_patch_that_does_not_apply_is_refused() {
+        let (status, _) = sequence();
+        let session = Session::new("b", "box", Live::default());
+        let mut points = Vec::new();
+        let bad = r#"[{"op":"replace","path":"/data/process/99/cpu","value":1}]"#;
+        assert!(matches!(
+            session.apply_patch(patch(bad), 0, &mut points),
+            Err(PatchFailure::NoStatus)
+        ));
+        session.apply_status(status.clone(), 0, &mut points);
+        assert!(session.apply_patch(patch(bad), 1, &mut points).is_err());
+        let unknown = r#"[{"op":"frobnicate","path":"/data","value":1}]"#;
+        assert!(session.apply_patch(patch(unknown), 1, &mut points).is_err());
+        assert_eq!(session.live.lock().status.as_ref(), Some(&status));
+    }
+
+    #[test]
+    fn structural_patches_reload_metrics() {
+        let (status, _) = sequence();
+        let session = Session::new("b", "box", Live::default());
+        let mut points = Vec::new();
+        session.apply_status(status, 0, &mut points);
+        let remove = r#"[{"op":"remove","path":"/data/process/0"}]"#;
+        session
+            .apply_patch(patch(remove), 30_000, &mut points)
+            .unwrap();
+        assert!(
+            !points.is_empty(),
+            "the removed process's metrics are emitted"
+        );
+        let then = session
+            .live
+            .lock()
+            .status
+            .as_ref()
+            .unwrap()
+            .pointer("/data/process/0/pm_id")
+            .cloned();
+        let cpu = r#"[{"op":"replace","path":"/data/process/0/cpu","value":77}]"#;
+        session
+            .apply_patch(patch(cpu), 40_000, &mut points)
+            .unwrap();
+        let mut out = Vec::new();
+        session
+            .live
+            .lock()
+            .sampler
+            .finish(50_000, &mut out, ("b", "box"));
+        let moved = out
+            .iter()
+            .find(|p| p.name == "cpu" && Some(Value::from(p.pm_id)) == then)
+            .unwrap();
+        assert_eq!(moved.last, 77.0, "index 0 now means the next process");
+    }
 }

@@ -64,7 +64,10 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
             }
         }
     };
-    app.sessions.detach(&session, socket_id);
+    let mut points = Vec::new();
+    app.sessions
+        .detach(&session, socket_id, now_ms(), &mut points);
+    app.ingest.writer.metrics(points);
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason, "agent disconnected");
 }
 
