@@ -1,1 +1,1171 @@
-//! Harness for end-to-end tests.
+//! Harness for end-to-end tests: the real `km` binary, real pm2 7.0.4 agents, and a small
+//! HTTP client for km's API. Nothing is mocked: every test starts its own `km` on a free
+//! loopback port with a temporary data dir, and its own pm2 daemon with a fresh `PM2_HOME`.
+//!
+//! Environment knobs:
+//! - `KM_BIN`: the `km` binary (default `<target>/debug/km`, where `<target>` is
+//!   `CARGO_TARGET_DIR` or `<workspace>/target`).
+//! - `KM_E2E_NODE_DIR`: where pm2, `@pm2/io` and `tx2` are installed (default
+//!   `<target>/e2e-node`); installed there on first use, under a file lock.
+//! - `KM_E2E_KEEP=1`: keep the temporary dirs (km data and log, `PM2_HOME`) for inspection.
+//!
+//! The project runs everything with `tests/run.sh` (installs node packages, builds, then
+//! `cargo test --workspace -- --test-threads=2`). Tests wrap their body in [`e2e`] so that a
+//! failure shows the tails of the km and pm2 logs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+use std::cell::RefCell;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`.
+pub const NPM_PACKAGES: [&str; 3] = ["pm2@7.0.4", "@pm2/io@6.1.0", "tx2@1.0.5"];
+
+/// The workspace root (parent of this crate).
+pub fn workspace_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Cargo's target dir: `CARGO_TARGET_DIR` if set (relative to the workspace), else
+/// `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(p) if !p.is_empty() => workspace_dir().join(p),
+        _ => workspace_dir().join("target"),
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A short random suffix for unique names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", hex::encode(rand::random::<[u8; 4]>()))
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Removes ANSI escape sequences (pm2 colours its output even when not on a TTY).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c2 in chars.by_ref() {
+                    if ('@'..='~').contains(&c2) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The last `n` lines of a file (empty when unreadable).
+pub fn tail_file(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+/// Pretty JSON, cut to `max` characters, for failure messages.
+pub fn show(v: &Value, max: usize) -> String {
+    let s = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}… ({} more bytes)", &s[..end], s.len() - end)
+    } else {
+        s
+    }
+}
+
+fn keep_dirs() -> bool {
+    std::env::var("KM_E2E_KEEP").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+fn temp_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .context("create temp dir")
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+fn signal(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: plain kill(2) on a pid this harness started.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Waits for a std child with a deadline; kills it when the deadline passes.
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Test wrapper and diagnostics
+// ---------------------------------------------------------------------------------------
+
+thread_local! {
+    /// Log tails saved by `Km` and `Pm2` when dropped, shown if the test then fails.
+    static DIAGNOSTICS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Prints `text` now when the thread is panicking, else keeps it for [`e2e`].
+fn diagnostic(text: String) {
+    if std::thread::panicking() {
+        eprintln!("{text}");
+    } else {
+        DIAGNOSTICS.with(|d| d.borrow_mut().push(text));
+    }
+}
+
+/// Runs a test body. On error it panics with the error chain followed by the tails of the
+/// logs of every km and pm2 the body started (saved when they were dropped).
+///
+/// ```ignore
+/// #[tokio::test]
+/// async fn my_test() {
+///     e2e(async {
+///         let km = Km::start().await?;
+///         Ok(())
+///     })
+///     .await
+/// }
+/// ```
+pub async fn e2e(body: impl Future<Output = Result<()>>) {
+    DIAGNOSTICS.with(|d| d.borrow_mut().clear());
+    let res = body.await;
+    let diags = DIAGNOSTICS.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    if let Err(e) = res {
+        panic!("{e:#}\n\n{}", diags.join("\n"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// km
+// ---------------------------------------------------------------------------------------
+
+/// Path of the `km` binary under test.
+pub fn km_bin() -> PathBuf {
+    match std::env::var_os("KM_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => target_dir().join("debug/km"),
+    }
+}
+
+/// A real `km serve` subprocess on a free loopback port with a temporary data dir.
+/// Its stdout and stderr go to `km.log` in its temp dir (appended across restarts).
+/// Killed on drop; on a panicking drop the log's tail is printed.
+pub struct Km {
+    bin: PathBuf,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    child: Option<Child>,
+}
+
+impl Km {
+    /// Starts km and waits until `GET /healthz` answers 200 (20 s at most).
+    pub async fn start() -> Result<Km> {
+        let bin = km_bin();
+        if !bin.exists() {
+            bail!(
+                "km binary not found at {} (build it with `cargo build -p km-appliance`, or set KM_BIN)",
+                bin.display()
+            );
+        }
+        let dir = temp_dir("km-e2e-")?;
+        let root = dir.path().to_path_buf();
+        std::fs::create_dir_all(root.join("data"))?;
+        let port = free_port()?;
+        let mut km = Km {
+            bin,
+            port,
+            dir: Some(dir),
+            root,
+            child: None,
+        };
+        km.spawn().await?;
+        Ok(km)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("km.log")
+    }
+
+    /// Everything km wrote so far.
+    pub fn log(&self) -> String {
+        std::fs::read(self.log_path())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// An API client for this km.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .context("open km.log")?;
+        writeln!(log, "==== e2e: km serve starting at {} ms ====", now_ms())?;
+        let child = Command::new(&self.bin)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.wait_healthy().await
+    }
+
+    async fn wait_healthy(&mut self) -> Result<()> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let url = format!("{}/healthz", self.url());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(st) = child.try_wait()?
+            {
+                self.child = None;
+                bail!(
+                    "km exited before answering /healthz ({st})\n--- km log ({}) ---\n{}",
+                    self.log_path().display(),
+                    self.log()
+                );
+            }
+            match http.get(&url).send().await {
+                Ok(r) if r.status() == 200 => return Ok(()),
+                Ok(r) => {
+                    let st = r.status();
+                    last = format!("HTTP {st}: {}", r.text().await.unwrap_or_default());
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                bail!(
+                    "km did not answer 200 on {url} within 20 s (last: {last})\n--- km log ({}) ---\n{}",
+                    self.log_path().display(),
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (20 s, then SIGKILL and an error).
+    pub async fn stop(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("km is not running");
+        };
+        signal(child.id() as i32, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("km did not exit within 20 s of SIGTERM; killed");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops km (if running) and starts it again on the same port and data dir.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            let st = self.stop().await?;
+            if !st.success() {
+                bail!(
+                    "km exited with {st} on SIGTERM\n--- km log ---\n{}",
+                    tail_file(&self.log_path(), 80)
+                );
+            }
+        }
+        self.spawn().await
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Km {
+    fn drop(&mut self) {
+        self.kill();
+        diagnostic(format!(
+            "--- km log, last 80 lines ({}) ---\n{}\n--- end of km log ---",
+            self.log_path().display(),
+            tail_file(&self.log_path(), 80)
+        ));
+        if keep_dirs()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("km dir kept: {}", d.keep().display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Node packages
+// ---------------------------------------------------------------------------------------
+
+/// The npm packages (pm2, `@pm2/io`, `tx2`) installed once into a cache dir.
+pub struct Node {
+    dir: PathBuf,
+}
+
+static NODE: OnceLock<std::result::Result<Node, String>> = OnceLock::new();
+
+impl Node {
+    /// The installed packages; installs them on first use (file-locked across processes).
+    pub fn get() -> Result<&'static Node> {
+        NODE.get_or_init(|| {
+            let dir = match std::env::var_os("KM_E2E_NODE_DIR") {
+                Some(p) if !p.is_empty() => PathBuf::from(p),
+                _ => target_dir().join("e2e-node"),
+            };
+            Node::ensure(&dir)
+                .map(|()| Node { dir })
+                .map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow!("installing the npm packages failed: {e}"))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn node_modules(&self) -> PathBuf {
+        self.dir.join("node_modules")
+    }
+
+    /// `node_modules/pm2/bin/pm2`
+    pub fn pm2_cli(&self) -> PathBuf {
+        self.node_modules().join("pm2/bin/pm2")
+    }
+
+    fn installed(dir: &Path) -> bool {
+        NPM_PACKAGES.iter().all(|spec| {
+            let (name, version) = spec.rsplit_once('@').unwrap_or((spec, ""));
+            let pj = dir.join("node_modules").join(name).join("package.json");
+            std::fs::read(&pj)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .is_some_and(|v| v["version"] == version)
+        })
+    }
+
+    fn ensure(dir: &Path) -> Result<()> {
+        if Node::installed(dir) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let lock = std::fs::File::create(dir.join(".install.lock"))?;
+        lock.lock().context("lock .install.lock")?;
+        if Node::installed(dir) {
+            return Ok(());
+        }
+        let pj = dir.join("package.json");
+        if !pj.exists() {
+            std::fs::write(&pj, "{\"name\":\"km-e2e-node\",\"private\":true}\n")?;
+        }
+        let out = Command::new("npm")
+            .current_dir(dir)
+            .args(["install", "--no-audit", "--no-fund", "--save-exact"])
+            .args(NPM_PACKAGES)
+            .output()
+            .context("run npm (is node/npm installed?)")?;
+        if !out.status.success() || !Node::installed(dir) {
+            bail!(
+                "npm install {} in {} failed ({}):\n{}\n{}",
+                NPM_PACKAGES.join(" "),
+                dir.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// pm2
+// ---------------------------------------------------------------------------------------
+
+/// Makes `dns.lookup('google.com')` succeed, so the agent believes the internet is up and
+/// reconnects at once after losing its socket (see shared/testing.md). Other names resolve
+/// as usual.
+pub const DNS_SHIM_JS: &str = r#"'use strict';
+const dns = require('dns');
+const origLookup = dns.lookup;
+dns.lookup = function (hostname, options, callback) {
+  if (hostname === 'google.com') {
+    const cb = typeof options === 'function' ? options : callback;
+    const all = options && typeof options === 'object' && options.all;
+    process.nextTick(() => {
+      if (all) cb(null, [{ address: '127.0.0.1', family: 4 }]);
+      else cb(null, '127.0.0.1', 4);
+    });
+    return {};
+  }
+  return origLookup.apply(this, arguments);
+};
+"#;
+
+/// Output of one pm2 CLI run: exit code and stdout followed by stderr, without colours.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    pub code: Option<i32>,
+    pub text: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A pm2 daemon (and, once linked, its agent) with its own fresh `PM2_HOME`, pointed at a
+/// km through `KEYMETRICS_NODE`. `pm2 kill` runs on drop, also when the test panics.
+pub struct Pm2 {
+    node: &'static Node,
+    home: Option<tempfile::TempDir>,
+    root: PathBuf,
+    km_url: String,
+    shim: Option<PathBuf>,
+    alive: bool,
+}
+
+/// pm2 command timeout.
+const PM2_CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Pm2 {
+    /// A pm2 instance for the km at `km_url` (nothing started yet).
+    pub fn new(km_url: &str) -> Result<Pm2> {
+        Pm2::build(km_url, false)
+    }
+
+    /// Like [`Pm2::new`], with `NODE_OPTIONS=--require <shim>` so that every node process
+    /// of this instance (CLI, daemon, agent, apps) resolves `google.com`: the agent then
+    /// reconnects right away when its socket drops, as on a host with real DNS.
+    pub fn with_dns_shim(km_url: &str) -> Result<Pm2> {
+        Pm2::build(km_url, true)
+    }
+
+    fn build(km_url: &str, shim: bool) -> Result<Pm2> {
+        let node = Node::get()?;
+        // Short path: pm2 puts unix sockets in PM2_HOME (sun_path is 108 bytes).
+        let home = temp_dir("pm2-")?;
+        let root = home.path().to_path_buf();
+        std::fs::create_dir_all(root.join("apps"))?;
+        let shim = if shim {
+            let p = root.join("apps/dns-shim.js");
+            std::fs::write(&p, DNS_SHIM_JS)?;
+            Some(p)
+        } else {
+            None
+        };
+        Ok(Pm2 {
+            node,
+            home: Some(home),
+            root,
+            km_url: km_url.to_string(),
+            shim,
+            alive: true,
+        })
+    }
+
+    /// `PM2_HOME`
+    pub fn home(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn apps_dir(&self) -> PathBuf {
+        self.root.join("apps")
+    }
+
+    fn std_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("node");
+        cmd.arg(self.node.pm2_cli()).args(args);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("PM2_")
+                || k.starts_with("KEYMETRICS_")
+                || matches!(
+                    k.as_str(),
+                    "INSTANCE_NAME" | "NODE_OPTIONS" | "NODE_ENV" | "TRAVIS" | "DEBUG"
+                )
+            {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("PM2_HOME", &self.root)
+            .env("KEYMETRICS_NODE", &self.km_url)
+            .env("NODE_PATH", self.node.node_modules())
+            .env("NO_COLOR", "1")
+            .current_dir(&self.root)
+            .stdin(Stdio::null());
+        if let Some(shim) = &self.shim {
+            cmd.env("NODE_OPTIONS", format!("--require {}", shim.display()));
+        }
+        cmd
+    }
+
+    /// Runs `pm2 <args>` (60 s at most).
+    pub async fn run(&self, args: &[&str]) -> Result<CmdOutput> {
+        let mut cmd = tokio::process::Command::from(self.std_command(args));
+        cmd.kill_on_drop(true)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().context("spawn node (is node installed?)")?;
+        let out = tokio::time::timeout(PM2_CMD_TIMEOUT, child.wait_with_output())
+            .await
+            .map_err(|_| anyhow!("`pm2 {}` did not finish within 60 s", args.join(" ")))??;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(CmdOutput {
+            code: out.status.code(),
+            text: strip_ansi(&text),
+        })
+    }
+
+    /// Runs `pm2 <args>` and fails unless it exits 0.
+    pub async fn run_ok(&self, args: &[&str]) -> Result<CmdOutput> {
+        let out = self.run(args).await?;
+        if !out.success() {
+            bail!(
+                "`pm2 {}` exited with {:?}:\n{}",
+                args.join(" "),
+                out.code,
+                out.text
+            );
+        }
+        Ok(out)
+    }
+
+    /// Writes `<apps>/<file>` and returns its path.
+    pub fn write_app(&self, file: &str, source: &str) -> Result<PathBuf> {
+        let p = self.apps_dir().join(file);
+        std::fs::write(&p, source).with_context(|| format!("write {}", p.display()))?;
+        Ok(p)
+    }
+
+    /// Writes `<name>.js` and runs `pm2 start <name>.js --name <name>`.
+    pub async fn start_app(&self, name: &str, source: &str) -> Result<PathBuf> {
+        let p = self.write_app(&format!("{name}.js"), source)?;
+        let path = p.to_string_lossy().into_owned();
+        self.run_ok(&["start", &path, "--name", name]).await?;
+        Ok(p)
+    }
+
+    /// `pm2 link <secret> <public> <machine>`: (exit code, stdout+stderr).
+    pub async fn link(&self, secret: &str, public: &str, machine: &str) -> Result<(i32, String)> {
+        let out = self.run(&["link", secret, public, machine]).await?;
+        Ok((out.code.unwrap_or(-1), out.text))
+    }
+
+    /// `pm2 jlist`, parsed.
+    pub async fn jlist(&self) -> Result<Value> {
+        let out = self.run_ok(&["jlist"]).await?;
+        let start = out.text.find('[').unwrap_or(0);
+        let end = out.text.rfind(']').map(|i| i + 1).unwrap_or(out.text.len());
+        serde_json::from_str(&out.text[start..end])
+            .with_context(|| format!("parse pm2 jlist output: {}", out.text))
+    }
+
+    /// The agent's log (`$PM2_HOME/agent.log`).
+    pub fn agent_log(&self) -> String {
+        std::fs::read(self.root.join("agent.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn read_pid(&self, file: &str) -> Option<i32> {
+        std::fs::read_to_string(self.root.join(file))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// `pm2 kill` (synchronous), then SIGKILL for a daemon or agent still alive.
+    pub fn kill(&mut self) {
+        if !self.alive {
+            return;
+        }
+        self.alive = false;
+        let pids: Vec<i32> = ["pm2.pid", "agent.pid"]
+            .iter()
+            .filter_map(|f| self.read_pid(f))
+            .collect();
+        let mut cmd = self.std_command(&["kill"]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        if let Ok(mut child) = cmd.spawn() {
+            wait_child(&mut child, Duration::from_secs(30));
+        }
+        for pid in pids {
+            if pid_alive(pid) {
+                std::thread::sleep(Duration::from_millis(300));
+                if pid_alive(pid) {
+                    signal(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pm2 {
+    fn drop(&mut self) {
+        diagnostic(format!(
+            "--- pm2 agent log, last 40 lines ({}) ---\n{}\n--- pm2 daemon log ({}), last 10 lines ---\n{}\n--- end of pm2 logs ---",
+            self.root.join("agent.log").display(),
+            tail_file(&self.root.join("agent.log"), 40),
+            self.root.join("pm2.log").display(),
+            tail_file(&self.root.join("pm2.log"), 10)
+        ));
+        self.kill();
+        if keep_dirs()
+            && let Some(d) = self.home.take()
+        {
+            eprintln!("PM2_HOME kept: {}", d.keep().display());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// API client
+// ---------------------------------------------------------------------------------------
+
+/// One HTTP answer: status, body as JSON (`Null` when not JSON) and as text.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// The body, or an error naming the request when the status is not 2xx.
+    pub fn into_ok(self, what: &str) -> Result<Value> {
+        if self.ok() {
+            Ok(self.body)
+        } else {
+            bail!("{what}: HTTP {}: {}", self.status, self.text)
+        }
+    }
+}
+
+/// A km API client, optionally with a bearer token.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+/// Default poll interval.
+pub const POLL_EVERY: Duration = Duration::from_millis(200);
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("reqwest client");
+        Api {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            token: None,
+        }
+    }
+
+    /// The same client with a bearer token.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            token: Some(token.to_string()),
+            ..self.clone()
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Any request; `path` starts with `/`.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Resp> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(Resp { status, body, text })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Resp> {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Result<Resp> {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    /// GET that must answer 2xx; returns the JSON body.
+    pub async fn get_ok(&self, path: &str) -> Result<Value> {
+        self.get(path).await?.into_ok(&format!("GET {path}"))
+    }
+
+    /// POST that must answer 2xx; returns the JSON body.
+    pub async fn post_ok(&self, path: &str, body: &Value) -> Result<Value> {
+        self.post(path, body)
+            .await?
+            .into_ok(&format!("POST {path} {body}"))
+    }
+
+    /// Repeats a request every [`POLL_EVERY`] until `pred` returns `Some` on a 2xx body;
+    /// fails after `timeout` with the last answer seen.
+    pub async fn poll<T>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        let start = Instant::now();
+        let mut last;
+        loop {
+            match self.request(method.clone(), path, body).await {
+                Ok(r) if r.ok() => {
+                    if let Some(t) = pred(&r.body) {
+                        return Ok(t);
+                    }
+                    last = format!("HTTP {}: {}", r.status, show(&r.body, 6000));
+                }
+                Ok(r) => last = format!("HTTP {}: {}", r.status, r.text),
+                Err(e) => last = format!("{e:#}"),
+            }
+            if start.elapsed() >= timeout {
+                bail!(
+                    "timed out after {:.1} s waiting for {what} ({method} {path}{})\nlast answer: {last}",
+                    timeout.as_secs_f64(),
+                    body.map(|b| format!(" {b}")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    pub async fn poll_get<T>(
+        &self,
+        path: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        self.poll(reqwest::Method::GET, path, None, what, timeout, pred)
+            .await
+    }
+
+    pub async fn poll_post<T>(
+        &self,
+        path: &str,
+        body: &Value,
+        what: &str,
+        timeout: Duration,
+        pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        self.poll(reqwest::Method::POST, path, Some(body), what, timeout, pred)
+            .await
+    }
+
+    // -- auth ---------------------------------------------------------------------------
+
+    /// `POST /api/oauth/register` with a random username; returns the logged-in user.
+    pub async fn register_random(&self) -> Result<User> {
+        let username = unique("user");
+        self.register(
+            &username,
+            &format!("{username}@example.com"),
+            "correct horse battery",
+        )
+        .await
+    }
+
+    /// `POST /api/oauth/register`; returns the logged-in user.
+    pub async fn register(&self, username: &str, email: &str, password: &str) -> Result<User> {
+        let body = json!({
+            "username": username, "email": email, "password": password, "accept_terms": 1
+        });
+        let v = self.post_ok("/api/oauth/register", &body).await?;
+        let token = v["access_token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("register: no access_token in {v}"))?;
+        let id = v["user"]["_id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("register: no user._id in {v}"))?;
+        Ok(User {
+            api: Api::new(&self.base).with_token(token),
+            id: id.to_string(),
+            username: username.to_string(),
+            email: email.to_string(),
+            password: password.to_string(),
+            raw: v,
+        })
+    }
+
+    // -- agent ----------------------------------------------------------------------------
+
+    /// `POST /api/node/verifyPM2` as the agent sends it.
+    pub async fn verify_pm2(&self, public: &str, secret: &str, machine: &str) -> Result<Resp> {
+        let body = json!({
+            "public_id": public,
+            "private_id": secret,
+            "data": {
+                "MACHINE_NAME": machine, "PUBLIC_KEY": public, "RECYCLE": false,
+                "PM2_VERSION": "7.0.4", "MEMORY": 24.0, "HOSTNAME": "e2e", "CPUS": []
+            }
+        });
+        self.post("/api/node/verifyPM2", &body).await
+    }
+
+    // -- buckets ------------------------------------------------------------------------
+
+    /// `POST /api/bucket/create_classic {name}`.
+    pub async fn create_bucket(&self, name: &str) -> Result<Bucket> {
+        let v = self
+            .post_ok("/api/bucket/create_classic", &json!({ "name": name }))
+            .await?;
+        let b = &v["bucket"];
+        let field = |k: &str| -> Result<String> {
+            b[k].as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("create_classic: no bucket.{k} in {v}"))
+        };
+        Ok(Bucket {
+            id: field("_id")?,
+            public_id: field("public_id")?,
+            secret_id: field("secret_id")?,
+            name: field("name")?,
+            raw: b.clone(),
+        })
+    }
+
+    /// `GET /api/bucket/:id/data/status`.
+    pub async fn status(&self, bucket: &str) -> Result<Value> {
+        self.get_ok(&format!("/api/bucket/{bucket}/data/status"))
+            .await
+    }
+
+    /// Polls `data/status` until the entry of `server` satisfies `pred` (given that entry).
+    pub async fn wait_server<T>(
+        &self,
+        bucket: &str,
+        server: &str,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        self.poll_get(
+            &format!("/api/bucket/{bucket}/data/status"),
+            &format!("{what} (server {server})"),
+            timeout,
+            |v| server_entry(v, server).and_then(&mut pred),
+        )
+        .await
+    }
+
+    /// Polls `data/status` until `server` lists process `app` and `pred` holds on it.
+    pub async fn wait_process<T>(
+        &self,
+        bucket: &str,
+        server: &str,
+        app: &str,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        self.wait_server(
+            bucket,
+            server,
+            &format!("{what} (app {app})"),
+            timeout,
+            |s| find_process(s, app).and_then(&mut pred),
+        )
+        .await
+    }
+
+    /// `POST /api/bucket/:id/actions/triggerPM2`.
+    pub async fn trigger_pm2(&self, bucket: &str, body: &Value) -> Result<Resp> {
+        self.post(&format!("/api/bucket/{bucket}/actions/triggerPM2"), body)
+            .await
+    }
+
+    /// `POST /api/bucket/:id/actions/trigger`.
+    pub async fn trigger_action(&self, bucket: &str, body: &Value) -> Result<Resp> {
+        self.post(&format!("/api/bucket/{bucket}/actions/trigger"), body)
+            .await
+    }
+
+    /// `POST /api/bucket/:id/data/<kind>` (`logs`, `exceptions`, `events`, `processEvents`).
+    pub async fn data(&self, bucket: &str, kind: &str, filter: &Value) -> Result<Value> {
+        self.post_ok(&format!("/api/bucket/{bucket}/data/{kind}"), filter)
+            .await
+    }
+
+    /// Polls `POST /api/bucket/:id/data/<kind>` until an element of the array answers
+    /// `Some` from `pred`.
+    pub async fn wait_data<T>(
+        &self,
+        bucket: &str,
+        kind: &str,
+        filter: &Value,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> Option<T>,
+    ) -> Result<T> {
+        self.poll_post(
+            &format!("/api/bucket/{bucket}/data/{kind}"),
+            filter,
+            what,
+            timeout,
+            |v| v.as_array().and_then(|a| a.iter().find_map(&mut pred)),
+        )
+        .await
+    }
+}
+
+/// A registered user with a logged-in client.
+pub struct User {
+    pub api: Api,
+    pub id: String,
+    pub username: String,
+    pub email: String,
+    pub password: String,
+    /// The register answer.
+    pub raw: Value,
+}
+
+/// A bucket as `create_classic` returned it.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    pub id: String,
+    pub public_id: String,
+    pub secret_id: String,
+    pub name: String,
+    pub raw: Value,
+}
+
+/// The entry of `server` in a `data/status` array.
+pub fn server_entry<'a>(status: &'a Value, server: &str) -> Option<&'a Value> {
+    status
+        .as_array()?
+        .iter()
+        .find(|s| s["server_name"] == server)
+}
+
+/// The process named `name` in a server entry of `data/status`.
+pub fn find_process<'a>(server: &'a Value, name: &str) -> Option<&'a Value> {
+    server["data"]["process"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+/// A metric value as a number (agents send numbers or numeric strings).
+pub fn metric_number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenario setup
+// ---------------------------------------------------------------------------------------
+
+/// A km with a registered user and a bucket, and a pm2 linked to it running some apps.
+/// Fields drop in order: pm2 is killed before km stops.
+pub struct Linked {
+    pub pm2: Pm2,
+    pub user: User,
+    pub bucket: Bucket,
+    pub machine: String,
+    pub link_output: String,
+    pub km: Km,
+}
+
+impl Linked {
+    pub fn api(&self) -> &Api {
+        &self.user.api
+    }
+
+    /// Waits until `data/status` lists this machine online with every app in `apps`.
+    pub async fn wait_apps(&self, apps: &[&str], timeout: Duration) -> Result<Value> {
+        self.api()
+            .wait_server(
+                &self.bucket.id,
+                &self.machine,
+                &format!("machine online with apps {apps:?}"),
+                timeout,
+                |s| {
+                    (s["online"] == true && apps.iter().all(|a| find_process(s, a).is_some()))
+                        .then(|| s.clone())
+                },
+            )
+            .await
+    }
+}
+
+/// Options for [`linked`].
+#[derive(Default)]
+pub struct LinkOpts {
+    pub dns_shim: bool,
+}
+
+/// Starts km, registers a user, creates a bucket, starts `apps` (name, JS source) in a
+/// fresh pm2 and links it as `machine`; fails unless `pm2 link` exits 0.
+pub async fn linked(machine: &str, apps: &[(&str, &str)]) -> Result<Linked> {
+    linked_with(machine, apps, LinkOpts::default()).await
+}
+
+pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -> Result<Linked> {
+    let km = Km::start().await?;
+    let user = km.api().register_random().await?;
+    let bucket = user.api.create_bucket(&unique("bucket-")).await?;
+    let pm2 = if opts.dns_shim {
+        Pm2::with_dns_shim(&km.url())?
+    } else {
+        Pm2::new(&km.url())?
+    };
+    for (name, src) in apps {
+        pm2.start_app(name, src).await?;
+    }
+    let (code, out) = pm2
+        .link(&bucket.secret_id, &bucket.public_id, machine)
+        .await?;
+    if code != 0 {
+        bail!("pm2 link exited {code}:\n{out}");
+    }
+    Ok(Linked {
+        pm2,
+        user,
+        bucket,
+        machine: machine.to_string(),
+        link_output: out,
+        km,
+    })
+}

@@ -85,6 +85,7 @@ async fn send(
         server_name: server_name.to_string(),
         app_name: app_name.map(str::to_string),
         event_type: "command".into(),
+        name: None,
         at,
         doc: doc.to_string(),
     });

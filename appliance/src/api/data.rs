@@ -64,8 +64,9 @@ pub struct EventFilter {
     app_name: Option<String>,
     server_name: Option<String>,
     /// Channel or event type (`human:event`, `axm:reply`, `restart`, `out`...).
-    #[serde(alias = "event_name")]
     r#type: Option<String>,
+    /// Name of a custom event.
+    event_name: Option<String>,
     before: Option<Value>,
     after: Option<Value>,
     #[serde(alias = "limit")]
@@ -109,6 +110,7 @@ impl EventFilter {
             app_name: self.app_name.filter(|s| !s.is_empty()),
             server_name: self.server_name.filter(|s| !s.is_empty()),
             event_type: self.r#type.filter(|s| !s.is_empty()),
+            name: self.event_name.filter(|s| !s.is_empty()),
             before: number(&self.before, "before")?,
             after: number(&self.after, "after")?,
             limit: size as u32,

@@ -128,6 +128,8 @@ pub struct EventRecord {
     pub app_name: Option<String>,
     /// The channel or event type (`human:event`, `axm:reply`, `restart`...).
     pub event_type: String,
+    /// The name of a custom event (`human:event`), to find it by.
+    pub name: Option<String>,
     pub at: i64,
     pub doc: String,
 }
@@ -139,6 +141,7 @@ pub struct EventQuery {
     pub app_name: Option<String>,
     pub server_name: Option<String>,
     pub event_type: Option<String>,
+    pub name: Option<String>,
     /// Only events strictly older than this (epoch ms).
     pub before: Option<i64>,
     /// Only events strictly newer than this (epoch ms).

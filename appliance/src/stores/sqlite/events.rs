@@ -14,7 +14,7 @@ use crate::stores::{
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, bucket_id TEXT NOT NULL, server_name TEXT NOT NULL,
-  app_name TEXT, type TEXT NOT NULL, at INTEGER NOT NULL, doc TEXT NOT NULL);
+  app_name TEXT, type TEXT NOT NULL, name TEXT, at INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_bucket ON events(bucket_id, kind, at);
 CREATE INDEX IF NOT EXISTS events_by_time ON events(at);
 CREATE TABLE IF NOT EXISTS metrics (
@@ -63,8 +63,8 @@ impl Events for SqliteEvents {
                 let tx = c.transaction()?;
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT INTO events (kind, bucket_id, server_name, app_name, type, at, doc)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        "INSERT INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )?;
                     for e in &events {
                         stmt.execute(params![
@@ -73,6 +73,7 @@ impl Events for SqliteEvents {
                             e.server_name,
                             e.app_name,
                             e.event_type,
+                            e.name,
                             e.at,
                             e.doc
                         ])?;
@@ -87,9 +88,11 @@ impl Events for SqliteEvents {
         let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
         sql.insert_str(0, "SELECT doc FROM events WHERE kind = ? AND ");
         args.insert(0, SqlValue::Text(kind.as_str().to_string()));
-        if let Some(t) = &q.event_type {
-            sql.push_str(" AND type = ?");
-            args.push(SqlValue::Text(t.clone()));
+        for (column, value) in [("type", &q.event_type), ("name", &q.name)] {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                args.push(SqlValue::Text(v.clone()));
+            }
         }
         if let Some(before) = q.before {
             sql.push_str(" AND at < ?");

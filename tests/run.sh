@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The project's test command: builds the workspace and runs every test, including the
+# end-to-end tests with real pm2 7.0.4 agents against the real `km` binary.
+#
+# Runs on a fresh Debian bookworm machine as root with only package registries reachable:
+# installs node/npm from Debian when missing, pm2 + @pm2/io + tx2 from npm into
+# target/e2e-node, then builds and tests. Extra arguments go to the test binaries, e.g.
+#   tests/run.sh                       # everything
+#   tests/run.sh apps_and_custom       # only tests whose name matches
+#   KM_E2E_KEEP=1 tests/run.sh ...     # keep temp dirs (km.log, PM2_HOME) for inspection
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# Keep in sync with NPM_PACKAGES in tests/src/lib.rs.
+NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5)
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+NODE_DIR="${KM_E2E_NODE_DIR:-$TARGET_DIR/e2e-node}"
+export KM_E2E_NODE_DIR="$NODE_DIR"
+
+section() { printf '\n==== %s ====\n' "$*"; }
+
+section "toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found (the workspace needs Rust >= 1.95 with edition 2024)" >&2
+    exit 1
+fi
+cargo --version
+
+section "node and npm"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "node/npm missing: installing Debian's nodejs and npm"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: node and npm are required (apt-get install -y nodejs npm as root)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq nodejs npm >/dev/null
+fi
+echo "node $(node --version), npm $(npm --version)"
+
+section "npm packages (${NPM_PACKAGES[*]}) in $NODE_DIR"
+installed() {
+    local spec name version
+    for spec in "${NPM_PACKAGES[@]}"; do
+        name="${spec%@*}"
+        version="${spec##*@}"
+        node -e 'const p=require(process.argv[1]); if (p.version !== process.argv[2]) process.exit(1)' \
+            "$NODE_DIR/node_modules/$name/package.json" "$version" 2>/dev/null || return 1
+    done
+}
+if installed; then
+    echo "already installed"
+else
+    mkdir -p "$NODE_DIR"
+    [ -f "$NODE_DIR/package.json" ] || echo '{"name":"km-e2e-node","private":true}' >"$NODE_DIR/package.json"
+    (cd "$NODE_DIR" && npm install --no-audit --no-fund --save-exact "${NPM_PACKAGES[@]}")
+    installed || { echo "error: npm packages not installed in $NODE_DIR" >&2; exit 1; }
+fi
+
+section "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+# --no-fail-fast: a failing test binary does not hide the results of the others.
+section "cargo test --workspace --no-fail-fast -- --test-threads=2 $*"
+start=$(date +%s)
+rc=0
+cargo test --workspace --no-fail-fast -- --test-threads=2 "$@" || rc=$?
+section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
+exit "$rc"
