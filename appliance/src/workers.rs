@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::app::AppState;
 use crate::ids::now_ms;
 
-const PERSIST_EVERY: Duration = Duration::from_secs(10);
+const PERSIST_EVERY: Duration = Duration::from_secs(30);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
@@ -19,15 +19,20 @@ pub async fn persist(app: AppState) {
             () = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        app.ingest
-            .writer
-            .metrics(app.sessions.drain_metrics(now_ms(), false));
+        // Walking every session and serialising statuses takes milliseconds with
+        // thousands of servers: off the async workers, so no socket waits for it.
+        let sessions = app.sessions.clone();
+        let points = tokio::task::spawn_blocking(move || sessions.drain_metrics(now_ms(), false));
+        app.ingest.writer.metrics(points.await.unwrap_or_default());
         save_servers(&app).await;
     }
 }
 
 async fn save_servers(app: &AppState) {
-    let records = app.sessions.dirty_records();
+    let sessions = app.sessions.clone();
+    let records = tokio::task::spawn_blocking(move || sessions.dirty_records())
+        .await
+        .unwrap_or_default();
     if records.is_empty() {
         return;
     }

@@ -156,7 +156,12 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         app_name,
         event_type,
         name: (channel == "human:event")
-            .then(|| payload.get("name").and_then(Value::as_str).map(str::to_string))
+            .then(|| {
+                payload
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
             .flatten(),
         at,
         doc: Value::Object(doc).to_string(),

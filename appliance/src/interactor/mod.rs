@@ -24,6 +24,9 @@ pub use socket::receive;
 
 /// Largest frame accepted from an agent (heap dumps arrive in one frame).
 const MAX_FRAME_BYTES: usize = 256 << 20;
+/// Read buffer per agent socket: frames are ~2 KB; larger ones still arrive whole (the
+/// default, 128 KiB per socket, costs 256 MB for 2,000 agents).
+const READ_BUFFER_BYTES: usize = 16 << 10;
 /// Longest machine name accepted.
 const MAX_SERVER_NAME: usize = 255;
 
@@ -164,6 +167,7 @@ pub async fn interaction(
         Ok((bucket_id, server_name)) => upgrade
             .max_message_size(MAX_FRAME_BYTES)
             .max_frame_size(MAX_FRAME_BYTES)
+            .read_buffer_size(READ_BUFFER_BYTES)
             .on_upgrade(move |socket| socket::run(socket, app, bucket_id, server_name)),
         Err(refusal) => refusal.into_response(),
     }
