@@ -21,6 +21,9 @@ fn minute_of(t: i64) -> i64 {
     t - t.rem_euclid(MINUTE_MS)
 }
 
+/// A series of a [`MetricSampler`].
+pub type SeriesId = usize;
+
 /// Where a metric point belongs: (bucket id, server name).
 pub type Scope<'a> = (&'a str, &'a str);
 
@@ -298,21 +301,11 @@ impl MetricSampler {
         }
     }
 
-    /// A new value of the metric `metric` of the process at `index`.
-    pub fn observe(
-        &mut self,
-        index: usize,
-        metric: &str,
-        probe: bool,
-        value: &Value,
-        now: i64,
-        out: &mut Vec<MetricPoint>,
-        scope: Scope,
-    ) {
-        let Some(slot) = self.slots.get(index) else {
-            return;
-        };
-        let id = match (probe, metric) {
+    /// The series of the metric `metric` of the process at `index` (valid until the
+    /// next `load` or `finish`).
+    pub fn series_of(&self, index: usize, metric: &str, probe: bool) -> Option<SeriesId> {
+        let slot = self.slots.get(index)?;
+        match (probe, metric) {
             (false, "cpu") => slot.cpu,
             (false, _) => slot.memory,
             (true, name) => slot
@@ -320,8 +313,19 @@ impl MetricSampler {
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, id)| *id),
-        };
-        let Some(series) = id.and_then(|id| self.series.get_mut(id)) else {
+        }
+    }
+
+    /// A new value of a series; ignored unless it is numeric.
+    pub fn set(
+        &mut self,
+        id: SeriesId,
+        value: &Value,
+        now: i64,
+        out: &mut Vec<MetricPoint>,
+        scope: Scope,
+    ) {
+        let Some(series) = self.series.get_mut(id) else {
             return;
         };
         if let Some(v) = numeric(value, series.unit.as_deref()) {
@@ -389,8 +393,9 @@ mod tests {
         let mut out = Vec::new();
         sampler.load(&status(10.0), 60_000, &mut out, SCOPE);
         // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
-        sampler.observe(0, "cpu", false, &json!(30.0), 75_000, &mut out, SCOPE);
-        sampler.observe(0, "cpu", false, &json!(20.0), 105_000, &mut out, SCOPE);
+        let cpu = sampler.series_of(0, "cpu", false).unwrap();
+        sampler.set(cpu, &json!(30.0), 75_000, &mut out, SCOPE);
+        sampler.set(cpu, &json!(20.0), 105_000, &mut out, SCOPE);
         assert!(out.is_empty(), "no minute has ended yet");
         sampler.tick(120_000, &mut out, SCOPE);
         let cpu = out.iter().find(|p| p.name == "cpu").unwrap();
@@ -430,15 +435,8 @@ mod tests {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
         sampler.load(&status(5.0), 0, &mut out, SCOPE);
-        sampler.observe(
-            0,
-            "req/sec",
-            true,
-            &json!("2.5req/s"),
-            10_000,
-            &mut out,
-            SCOPE,
-        );
+        let meter = sampler.series_of(0, "req/sec", true).unwrap();
+        sampler.set(meter, &json!("2.5req/s"), 10_000, &mut out, SCOPE);
         sampler.finish(20_000, &mut out, SCOPE);
         let meter = out.iter().find(|p| p.name == "req/sec").unwrap();
         assert_eq!(

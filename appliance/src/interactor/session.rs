@@ -21,7 +21,7 @@ use jsonptr::{Pointer, PointerBuf};
 use serde::Deserialize;
 
 use crate::ingest::MetricSampler;
-use crate::ingest::metrics::{MetricPath, Scope, metric_path};
+use crate::ingest::metrics::{MetricPath, Scope, SeriesId, metric_path};
 use crate::stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerRecord};
 
 /// A queue of text frames to one socket.
@@ -37,13 +37,78 @@ struct SocketLink {
 /// What the API shows of a server.
 #[derive(Default)]
 pub struct Live {
-    /// The agent's latest full status payload, patches applied.
-    pub status: Option<Value>,
-    pub internal_ip: Option<String>,
-    pub last_update: i64,
-    pub sampler: MetricSampler,
+    /// The agent's latest full status payload; patches are applied, except the values
+    /// still in `leaves` (read it through [`Live::status`]).
+    status: Option<Value>,
+    leaves: Leaves,
+    last_update: i64,
+    sampler: MetricSampler,
     /// Changed since last persisted.
-    pub dirty: bool,
+    dirty: bool,
+}
+
+/// The scalar leaves of the status that patches replaced before: each path known to
+/// exist, its metric series, and its newest value if not yet written into the status.
+///
+/// An agent replaces the same few dozen values every second. Walking the status tree for
+/// each (a cache miss per key compared, thousands of statuses in memory) costs far more
+/// than the rest of a frame; instead the value waits here, a later value of the same
+/// path supersedes it, and the tree is written when read or when its shape changes.
+#[derive(Default)]
+struct Leaves {
+    known: HashMap<Box<str>, Leaf, foldhash::fast::RandomState>,
+    waiting: bool,
+}
+
+struct Leaf {
+    value: Option<Value>,
+    series: Option<SeriesId>,
+}
+
+impl Leaves {
+    /// Writes every waiting value into `status`.
+    fn flush(&mut self, status: &mut Value) {
+        if !std::mem::take(&mut self.waiting) {
+            return;
+        }
+        for (path, leaf) in &mut self.known {
+            let Some(value) = leaf.value.take() else {
+                continue;
+            };
+            // Paths were resolved before and the shape has not changed since.
+            if let Some(target) = Pointer::parse(&**path)
+                .ok()
+                .and_then(|p| p.resolve_mut(status).ok())
+            {
+                *target = value;
+            }
+        }
+    }
+
+    /// Writes waiting values and forgets every path (the shape may change, series ids
+    /// are renumbered).
+    fn forget(&mut self, status: Option<&mut Value>) {
+        if let Some(status) = status {
+            self.flush(status);
+        }
+        self.known.clear();
+        self.waiting = false;
+    }
+}
+
+impl Live {
+    fn updated(&mut self, now: i64) {
+        self.last_update = now;
+        self.dirty = true;
+    }
+
+    /// The status with every patch applied.
+    fn status(&mut self) -> Option<&Value> {
+        let Live { status, leaves, .. } = self;
+        let status = status.as_mut()?;
+        leaves.flush(status);
+        Some(status)
+    }
 }
 
 pub struct Session {
@@ -91,9 +156,10 @@ impl Session {
     /// Replaces the status with a full one and takes all its metric values.
     pub fn apply_status(&self, status: Value, now: i64, points: &mut Vec<MetricPoint>) {
         let mut live = self.live.lock();
+        live.leaves.forget(None);
         live.sampler.load(&status, now, points, self.scope());
         live.status = Some(status);
-        self.updated(&mut live, now);
+        live.updated(now);
     }
 
     /// Applies an RFC 6902 patch to the status; the metric values it changes go to the
@@ -107,37 +173,34 @@ impl Session {
     ) -> Result<(), PatchFailure> {
         let mut live = self.live.lock();
         let Live {
-            status, sampler, ..
+            status,
+            leaves,
+            sampler,
+            ..
         } = &mut *live;
         let status = status.as_mut().ok_or(PatchFailure::NoStatus)?;
-        let mut metrics = PatchMetrics {
+        let mut target = PatchTarget {
+            status,
+            leaves,
             sampler,
             now,
             points,
             scope: self.scope(),
             reload: false,
         };
-        apply_patch(status, patch, &mut metrics)?;
-        if metrics.reload {
-            metrics
+        let applied = patch
+            .into_iter()
+            .enumerate()
+            .try_for_each(|(index, op)| target.apply(index, op));
+        if target.reload {
+            target.leaves.forget(Some(&mut *target.status));
+            target
                 .sampler
-                .load(status, now, metrics.points, metrics.scope);
+                .load(target.status, now, target.points, target.scope);
         }
-        self.updated(&mut live, now);
+        applied?;
+        live.updated(now);
         Ok(())
-    }
-
-    fn updated(&self, live: &mut Live, now: i64) {
-        live.last_update = now;
-        live.dirty = true;
-        let ip = live
-            .status
-            .as_ref()
-            .and_then(|s| s.get("internal_ip"))
-            .and_then(Value::as_str);
-        if live.internal_ip.as_deref() != ip {
-            live.internal_ip = ip.map(str::to_string);
-        }
     }
 
     /// Scope of metric points and events from this server.
@@ -149,13 +212,15 @@ impl Session {
     pub fn record(&self) -> Option<ServerRecord> {
         let mut live = self.live.lock();
         live.dirty = false;
-        let status = live.status.as_ref()?;
+        let status = live.status()?;
+        let internal_ip = internal_ip(status).map(str::to_string);
+        let status_json = status.to_string();
         Some(ServerRecord {
             bucket_id: self.bucket_id.clone(),
             server_name: self.server_name.clone(),
-            internal_ip: live.internal_ip.clone(),
+            internal_ip,
             last_update: live.last_update,
-            status_json: status.to_string(),
+            status_json,
         })
     }
 
@@ -171,7 +236,8 @@ impl Session {
             data: &'a Value,
         }
         let online = self.online();
-        let live = self.live.lock();
+        let mut live = self.live.lock();
+        live.status();
         let empty = Value::Object(Default::default());
         let data = live
             .status
@@ -180,13 +246,17 @@ impl Session {
             .unwrap_or(&empty);
         serde_json::to_string(&View {
             server_name: &self.server_name,
-            internal_ip: live.internal_ip.as_deref(),
+            internal_ip: live.status.as_ref().and_then(internal_ip),
             online,
             last_update: live.last_update,
             data,
         })
         .unwrap_or_default()
     }
+}
+
+fn internal_ip(status: &Value) -> Option<&str> {
+    status.get("internal_ip").and_then(Value::as_str)
 }
 
 /// Every session of this node, by bucket then server name.
@@ -203,7 +273,6 @@ impl Sessions {
         for r in records {
             let live = Live {
                 status: serde_json::from_str(&r.status_json).ok(),
-                internal_ip: r.internal_ip,
                 last_update: r.last_update,
                 ..Live::default()
             };
@@ -387,8 +456,10 @@ impl PatchOp<'_> {
     }
 }
 
-/// The metric side of applying a patch.
-struct PatchMetrics<'a> {
+/// Everything one patch changes: the status, its known leaves, the metric history.
+struct PatchTarget<'a> {
+    status: &'a mut Value,
+    leaves: &'a mut Leaves,
     sampler: &'a mut MetricSampler,
     now: i64,
     points: &'a mut Vec<MetricPoint>,
@@ -397,61 +468,86 @@ struct PatchMetrics<'a> {
     reload: bool,
 }
 
-/// Applies `patch` with json-patch. `replace`, nearly every operation the agent sends,
-/// resolves its borrowed pointer with jsonptr and moves the new value in (json-patch
-/// would allocate each path token and clone the value).
-fn apply_patch(
-    status: &mut Value,
-    patch: Vec<PatchOp>,
-    metrics: &mut PatchMetrics,
-) -> Result<(), PatchFailure> {
-    for (
-        index,
-        PatchOp {
+impl PatchTarget<'_> {
+    /// Applies one operation. A scalar replacing a known scalar leaf only waits in
+    /// `leaves`; a leaf replaced for the first time is resolved with jsonptr; anything
+    /// else (adds, removes, objects) goes through json-patch on the written-out tree.
+    fn apply(&mut self, index: usize, op: PatchOp) -> Result<(), PatchFailure> {
+        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
+        let PatchOp {
             op,
             path,
             from,
             value,
-        },
-    ) in patch.into_iter().enumerate()
-    {
-        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
-        match (op.as_ref(), value) {
-            ("replace", Some(value)) => {
-                let pointer = Pointer::parse(&path).map_err(|e| invalid(e.to_string()))?;
-                let target = pointer
-                    .resolve_mut(status)
-                    .map_err(|e| invalid(e.to_string()))?;
-                match metric_path(&path) {
-                    MetricPath::Value {
-                        index,
-                        metric,
-                        probe,
-                    } if !metrics.reload => {
-                        let m = &mut *metrics;
-                        m.sampler
-                            .observe(index, &metric, probe, &value, m.now, m.points, m.scope);
-                    }
-                    MetricPath::Structural => metrics.reload = true,
-                    _ => {}
+        } = op;
+        let scalar = value
+            .as_ref()
+            .is_some_and(|v| !v.is_object() && !v.is_array());
+        if op == "replace" && scalar {
+            let value = value.unwrap_or_default();
+            if let Some(leaf) = self.leaves.known.get_mut(&*path) {
+                if let Some(series) = leaf.series {
+                    self.sampler
+                        .set(series, &value, self.now, self.points, self.scope);
                 }
-                *target = value;
+                leaf.value = Some(value);
+                self.leaves.waiting = true;
+                return Ok(());
             }
-            (_, value) => {
-                metrics.reload |= path.starts_with("/data")
-                    || from.as_deref().is_some_and(|f| f.starts_with("/data"));
-                let operation = PatchOp {
-                    op,
-                    path,
-                    from,
-                    value,
+            let pointer = Pointer::parse(&*path).map_err(|e| invalid(e.to_string()))?;
+            let target = pointer
+                .resolve_mut(&mut *self.status)
+                .map_err(|e| invalid(e.to_string()))?;
+            let was_scalar = !target.is_object() && !target.is_array();
+            let series = match metric_path(&path) {
+                MetricPath::Structural => None,
+                _ if !was_scalar => None,
+                MetricPath::Value {
+                    index,
+                    metric,
+                    probe,
+                } => Some(self.sampler.series_of(index, &metric, probe)),
+                MetricPath::Other => Some(None),
+            };
+            if let Some(Some(id)) = series {
+                self.sampler
+                    .set(id, &value, self.now, self.points, self.scope);
+            }
+            *target = value;
+            match series {
+                Some(series) => {
+                    self.leaves.known.insert(
+                        path.into(),
+                        Leaf {
+                            value: None,
+                            series,
+                        },
+                    );
                 }
-                .into_operation(index)?;
-                json_patch::patch_unsafe(status, std::slice::from_ref(&operation))?;
+                None => self.structural(),
             }
+            return Ok(());
         }
+        self.leaves.flush(self.status);
+        if path.starts_with("/data") || from.as_deref().is_some_and(|f| f.starts_with("/data")) {
+            self.structural();
+        }
+        let operation = PatchOp {
+            op,
+            path,
+            from,
+            value,
+        }
+        .into_operation(index)?;
+        json_patch::patch_unsafe(self.status, std::slice::from_ref(&operation))?;
+        Ok(())
     }
-    Ok(())
+
+    /// The shape of the processes changed: known leaves and series are reloaded after.
+    fn structural(&mut self) {
+        self.leaves.forget(Some(&mut *self.status));
+        self.reload = true;
+    }
 }
 
 /// Why a status patch did not apply (the agent is then asked for a full status).
@@ -511,9 +607,7 @@ mod tests {
             let ops: json_patch::Patch = serde_json::from_str(p).unwrap();
             json_patch::patch(&mut expected, &ops).unwrap();
         }
-        let live = session.live.lock();
-        assert_eq!(live.status.as_ref(), Some(&expected));
-        drop(live);
+        assert_eq!(session.live.lock().status(), Some(&expected));
         // Metric values followed the patches: same as loading the final document afresh.
         let mut followed = Vec::new();
         session
@@ -543,7 +637,7 @@ mod tests {
         assert!(session.apply_patch(patch(bad), 1, &mut points).is_err());
         let unknown = r#"[{"op":"frobnicate","path":"/data","value":1}]"#;
         assert!(session.apply_patch(patch(unknown), 1, &mut points).is_err());
-        assert_eq!(session.live.lock().status.as_ref(), Some(&status));
+        assert_eq!(session.live.lock().status(), Some(&status));
     }
 
     #[test]
@@ -563,8 +657,7 @@ mod tests {
         let then = session
             .live
             .lock()
-            .status
-            .as_ref()
+            .status()
             .unwrap()
             .pointer("/data/process/0/pm_id")
             .cloned();
