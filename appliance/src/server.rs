@@ -40,6 +40,13 @@ pub async fn serve_on(
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
     ];
+    if app.settings.site_url.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            url = %app.public_url,
+            "KM_SITE_URL is not set: agents are told to connect to {}; set KM_SITE_URL to the URL other hosts reach",
+            app.public_url
+        );
+    }
     tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
 
     let stopping = shutdown.clone();

@@ -10,25 +10,26 @@ use crate::stores::{
     Bucket, Documents, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
 };
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS users (
+/// Schema migrations, oldest first (see `Db::open`).
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE users (
   id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,
   password_hash TEXT NOT NULL, role TEXT NOT NULL, created_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS tokens (
+CREATE TABLE tokens (
   access_digest TEXT PRIMARY KEY, refresh_digest TEXT NOT NULL UNIQUE,
   user_id TEXT NOT NULL REFERENCES users(id), client_id TEXT NOT NULL,
   access_expires_at INTEGER NOT NULL, refresh_expires_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS buckets (
+CREATE TABLE buckets (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, public_id TEXT NOT NULL UNIQUE,
   secret_id TEXT NOT NULL, owner TEXT NOT NULL REFERENCES users(id), created_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS members (
+CREATE TABLE members (
   bucket_id TEXT NOT NULL REFERENCES buckets(id), user_id TEXT NOT NULL REFERENCES users(id),
   role TEXT NOT NULL, PRIMARY KEY (bucket_id, user_id));
-CREATE INDEX IF NOT EXISTS members_by_user ON members(user_id);
-CREATE TABLE IF NOT EXISTS servers (
+CREATE INDEX members_by_user ON members(user_id);
+CREATE TABLE servers (
   bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, internal_ip TEXT,
   last_update INTEGER NOT NULL, status_json TEXT NOT NULL, PRIMARY KEY (bucket_id, server_name));
-";
+"];
 
 pub struct SqliteDocuments {
     db: Db,
@@ -37,7 +38,7 @@ pub struct SqliteDocuments {
 impl SqliteDocuments {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(SqliteDocuments {
-            db: Db::open(path, "documents", SCHEMA)?,
+            db: Db::open(path, "documents", MIGRATIONS)?,
         })
     }
 }

@@ -11,20 +11,21 @@ use crate::stores::{
     EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
 };
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
+/// Schema migrations, oldest first (see `Db::open`).
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE events (
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, bucket_id TEXT NOT NULL, server_name TEXT NOT NULL,
   app_name TEXT, type TEXT NOT NULL, name TEXT, at INTEGER NOT NULL, doc TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_by_bucket ON events(bucket_id, kind, at);
-CREATE INDEX IF NOT EXISTS events_by_time ON events(at);
-CREATE TABLE IF NOT EXISTS metrics (
+CREATE INDEX events_by_bucket ON events(bucket_id, kind, at);
+CREATE INDEX events_by_time ON events(at);
+CREATE TABLE metrics (
   bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, app_name TEXT NOT NULL,
   pm_id INTEGER NOT NULL, name TEXT NOT NULL, unit TEXT, agg_type TEXT, at INTEGER NOT NULL,
   avg REAL NOT NULL, min REAL NOT NULL, max REAL NOT NULL, last REAL NOT NULL,
   count INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS metrics_by_bucket ON metrics(bucket_id, at);
-CREATE INDEX IF NOT EXISTS metrics_by_time ON metrics(at);
-";
+CREATE INDEX metrics_by_bucket ON metrics(bucket_id, at);
+CREATE INDEX metrics_by_time ON metrics(at);
+"];
 
 pub struct SqliteEvents {
     db: Db,
@@ -33,7 +34,7 @@ pub struct SqliteEvents {
 impl SqliteEvents {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(SqliteEvents {
-            db: Db::open(path, "events", SCHEMA)?,
+            db: Db::open(path, "events", MIGRATIONS)?,
         })
     }
 }

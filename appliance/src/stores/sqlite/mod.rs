@@ -23,15 +23,38 @@ struct Db {
 }
 
 impl Db {
-    fn open(path: &Path, store: &'static str, schema: &str) -> anyhow::Result<Self> {
-        let conn = Connection::open(path)
+    /// Opens the file and brings its schema to the newest version: `migrations[i]` takes
+    /// a database from version `i` to `i + 1` (SQLite's `user_version`).
+    fn open(path: &Path, store: &'static str, migrations: &[&str]) -> anyhow::Result<Self> {
+        let fail = |e: rusqlite::Error| {
+            anyhow::anyhow!("{store} store: cannot prepare {}: {e}", path.display())
+        };
+        let mut conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("{store} store: cannot open {}: {e}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;
              PRAGMA busy_timeout=5000;",
         )
-        .and_then(|()| conn.execute_batch(schema))
-        .map_err(|e| anyhow::anyhow!("{store} store: cannot prepare {}: {e}", path.display()))?;
+        .map_err(fail)?;
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+            .map_err(fail)?
+            .try_into()
+            .unwrap_or(usize::MAX);
+        if version > migrations.len() {
+            anyhow::bail!(
+                "{store} store: {} has schema version {version}, newer than this km knows ({}): run a newer km",
+                path.display(),
+                migrations.len()
+            );
+        }
+        for (from, migration) in migrations.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(fail)?;
+            tx.execute_batch(migration)
+                .and_then(|()| tx.pragma_update(None, "user_version", from + 1))
+                .and_then(|()| tx.commit())
+                .map_err(fail)?;
+        }
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
             store,
@@ -71,4 +94,203 @@ pub fn open(dir: &Path) -> anyhow::Result<(SqliteDocuments, SqliteEvents)> {
         SqliteDocuments::open(&dir.join("documents.sqlite"))?,
         SqliteEvents::open(&dir.join("events.sqlite"))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stores::{
+        Bucket, Documents, EventKind, EventQuery, EventRecord, Events, MemberRole, MetricPoint,
+        MetricQuery, StoreError, TokenRecord, User,
+    };
+
+    fn user(id: &str, name: &str) -> User {
+        User {
+            id: id.into(),
+            username: name.into(),
+            email: format!("{name}@example.com"),
+            password_hash: "h".into(),
+            role: "user".into(),
+            created_at: 1,
+        }
+    }
+
+    fn event(bucket: &str, app: &str, at: i64, event_type: &str) -> EventRecord {
+        EventRecord {
+            kind: EventKind::Log,
+            bucket_id: bucket.into(),
+            server_name: "web-1".into(),
+            app_name: Some(app.into()),
+            event_type: event_type.into(),
+            name: None,
+            at,
+            doc: format!(r#"{{"at":{at}}}"#),
+        }
+    }
+
+    #[tokio::test]
+    async fn documents_keep_unique_fields_members_and_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let (docs, _) = open(dir.path()).unwrap();
+        docs.insert_user(&user("u1", "alice")).await.unwrap();
+        let mut same_name = user("u2", "alice");
+        same_name.email = "other@example.com".into();
+        assert!(matches!(
+            docs.insert_user(&same_name).await,
+            Err(StoreError::Conflict("username"))
+        ));
+        let mut same_email = user("u3", "bob");
+        same_email.email = "alice@example.com".into();
+        assert!(matches!(
+            docs.insert_user(&same_email).await,
+            Err(StoreError::Conflict("email"))
+        ));
+        assert_eq!(
+            docs.user_by_login("alice@example.com")
+                .await
+                .unwrap()
+                .map(|u| u.id),
+            Some("u1".into())
+        );
+
+        let bucket = Bucket {
+            id: "b1".into(),
+            name: "prod".into(),
+            public_id: "p".into(),
+            secret_id: "s".into(),
+            owner: "u1".into(),
+            created_at: 1,
+        };
+        docs.insert_bucket(&bucket).await.unwrap();
+        assert!(matches!(
+            docs.insert_bucket(&Bucket {
+                id: "b2".into(),
+                ..bucket.clone()
+            })
+            .await,
+            Err(StoreError::Conflict("public_id"))
+        ));
+        assert_eq!(
+            docs.member_role("b1", "u1").await.unwrap(),
+            Some(MemberRole::Owner)
+        );
+        assert_eq!(docs.member_role("b1", "u3").await.unwrap(), None);
+        assert_eq!(docs.buckets_of_user("u1").await.unwrap(), vec![bucket]);
+
+        let token = TokenRecord {
+            access_digest: "a1".into(),
+            refresh_digest: "r1".into(),
+            user_id: "u1".into(),
+            client_id: "c".into(),
+            access_expires_at: 10,
+            refresh_expires_at: 20,
+        };
+        docs.insert_token(&token).await.unwrap();
+        assert!(docs.rotate_access("r1", "a2", 30).await.unwrap());
+        assert!(docs.token_by_access("a1").await.unwrap().is_none());
+        assert_eq!(
+            docs.token_by_refresh("r1")
+                .await
+                .unwrap()
+                .map(|t| (t.access_digest, t.access_expires_at)),
+            Some(("a2".into(), 30))
+        );
+        docs.delete_token("a2").await.unwrap();
+        assert!(!docs.rotate_access("r1", "a3", 40).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn events_filter_order_page_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, events) = open(dir.path()).unwrap();
+        events
+            .append(vec![
+                event("b1", "api", 1, "out"),
+                event("b1", "api", 3, "err"),
+                event("b1", "web", 2, "out"),
+                event("b2", "api", 4, "out"),
+            ])
+            .await
+            .unwrap();
+        let query = |app: Option<&str>, before: Option<i64>| EventQuery {
+            bucket_id: "b1".into(),
+            app_name: app.map(str::to_string),
+            before,
+            limit: 10,
+            ..EventQuery::default()
+        };
+        assert_eq!(
+            events
+                .query(EventKind::Log, &query(None, None))
+                .await
+                .unwrap(),
+            [r#"{"at":3}"#, r#"{"at":2}"#, r#"{"at":1}"#]
+        );
+        assert_eq!(
+            events
+                .query(EventKind::Log, &query(Some("api"), Some(3)))
+                .await
+                .unwrap(),
+            [r#"{"at":1}"#]
+        );
+        assert!(
+            events
+                .query(EventKind::Exception, &query(None, None))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let page = EventQuery {
+            limit: 1,
+            offset: 1,
+            ..query(None, None)
+        };
+        assert_eq!(
+            events.query(EventKind::Log, &page).await.unwrap(),
+            [r#"{"at":2}"#]
+        );
+
+        let point = MetricPoint {
+            bucket_id: "b1".into(),
+            server_name: "web-1".into(),
+            app_name: "api".into(),
+            pm_id: 0,
+            name: "cpu".into(),
+            unit: None,
+            agg_type: None,
+            at: 60_000,
+            avg: 1.0,
+            min: 0.5,
+            max: 2.0,
+            last: 1.5,
+            count: 60,
+        };
+        events.append_metrics(vec![point.clone()]).await.unwrap();
+        let metrics = events
+            .metrics(&MetricQuery {
+                bucket_id: "b1".into(),
+                since: 0,
+                ..MetricQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(metrics, vec![point]);
+        assert_eq!(events.delete_before(3).await.unwrap(), 2);
+        assert_eq!(events.delete_before(i64::MAX).await.unwrap(), 3);
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()).unwrap());
+        drop(open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = open(dir.path())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("newer than this km"), "{err}");
+    }
 }
