@@ -50,6 +50,22 @@ impl Rng {
         self.below(1000) < per_mille
     }
 
+    /// With a chance of `per_mille`, one random walk step of `value`; true if it changed.
+    pub fn maybe_walk(
+        &mut self,
+        value: &mut u64,
+        per_mille: u64,
+        step: u64,
+        lo: u64,
+        hi: u64,
+    ) -> bool {
+        if !self.chance(per_mille) {
+            return false;
+        }
+        let nv = self.walk(*value, step, lo, hi);
+        std::mem::replace(value, nv) != nv
+    }
+
     /// Random walk step: `v` moved by up to `step` either way, kept in `lo..=hi`.
     pub fn walk(&mut self, v: u64, step: u64, lo: u64, hi: u64) -> u64 {
         let d = self.below(2 * step + 1);
@@ -474,45 +490,25 @@ impl ServerSim {
                     }
                 }
             };
-            if rng.chance(250) {
-                let nv = rng.walk(p.ell95, 40, 80, 900);
-                if nv != p.ell95 {
-                    p.ell95 = nv;
-                    put(out, Field::Ell95, nv);
-                }
+            if rng.maybe_walk(&mut p.ell95, 250, 40, 80, 900) {
+                put(out, Field::Ell95, p.ell95);
             }
-            if rng.chance(300) {
-                let nv = rng.walk(p.ell, 4, 10, 120);
-                if nv != p.ell {
-                    p.ell = nv;
-                    put(out, Field::Ell, nv);
-                }
+            if rng.maybe_walk(&mut p.ell, 300, 4, 10, 120) {
+                put(out, Field::Ell, p.ell);
             }
-            if rng.chance(15) {
-                let nv = rng.walk(p.active_handles, 1, 1, 20);
-                if nv != p.active_handles {
-                    p.active_handles = nv;
-                    put(out, Field::ActiveHandles, nv);
-                }
+            if rng.maybe_walk(&mut p.active_handles, 15, 1, 1, 20) {
+                put(out, Field::ActiveHandles, p.active_handles);
             }
-            if rng.chance(15) {
-                let nv = rng.walk(p.active_requests, 1, 0, 6);
-                if nv != p.active_requests {
-                    p.active_requests = nv;
-                    put(out, Field::ActiveRequests, nv);
-                }
+            if rng.maybe_walk(&mut p.active_requests, 15, 1, 0, 6) {
+                put(out, Field::ActiveRequests, p.active_requests);
             }
             if p.custom {
                 if rng.chance(250) {
                     p.jobs += 1 + rng.below(9);
                     put(out, Field::Jobs, p.jobs);
                 }
-                if rng.chance(200) {
-                    let nv = rng.walk(p.req_sec, 60, 0, 20_000);
-                    if nv != p.req_sec {
-                        p.req_sec = nv;
-                        put(out, Field::ReqSec, nv);
-                    }
+                if rng.maybe_walk(&mut p.req_sec, 200, 60, 0, 20_000) {
+                    put(out, Field::ReqSec, p.req_sec);
                 }
             }
             // the heap moves every second; a GC now and then changes its size
@@ -541,12 +537,8 @@ impl ServerSim {
                     put(out, Field::Memory, nv);
                 }
             }
-            if rng.chance(150) {
-                let nv = rng.walk(p.cpu, 2, 0, 100);
-                if nv != p.cpu {
-                    p.cpu = nv;
-                    put(out, Field::Cpu, nv);
-                }
+            if rng.maybe_walk(&mut p.cpu, 150, 2, 0, 100) {
+                put(out, Field::Cpu, p.cpu);
             }
         }
         out.push_str("]}");

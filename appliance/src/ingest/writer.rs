@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::stores::{EventRecord, Events, MetricPoint};
+use crate::stores::{EventRecord, Events, MetricPoint, StoreResult};
 
 const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_024;
@@ -110,23 +110,34 @@ async fn write_batch(
     if !events.is_empty() {
         let batch = std::mem::take(events);
         let n = batch.len() as u64;
-        match store.append(batch).await {
-            Ok(()) => stats.events_written.fetch_add(n, Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, events = n, "writing events failed");
-                stats.write_errors.fetch_add(n, Ordering::Relaxed)
-            }
-        };
+        tally(
+            store.append(batch).await,
+            n,
+            "events",
+            &stats.events_written,
+            stats,
+        );
     }
     if !points.is_empty() {
         let batch = std::mem::take(points);
         let n = batch.len() as u64;
-        match store.append_metrics(batch).await {
-            Ok(()) => stats.metric_points_written.fetch_add(n, Ordering::Relaxed),
-            Err(e) => {
-                tracing::error!(error = %e, points = n, "writing metric points failed");
-                stats.write_errors.fetch_add(n, Ordering::Relaxed)
-            }
-        };
+        tally(
+            store.append_metrics(batch).await,
+            n,
+            "metric points",
+            &stats.metric_points_written,
+            stats,
+        );
     }
+}
+
+/// Counts a batch as written, or logs and counts its failure.
+fn tally(result: StoreResult<()>, n: u64, what: &str, written: &AtomicU64, stats: &WriterStats) {
+    match result {
+        Ok(()) => written.fetch_add(n, Ordering::Relaxed),
+        Err(e) => {
+            tracing::error!(error = %e, count = n, "writing {what} failed");
+            stats.write_errors.fetch_add(n, Ordering::Relaxed)
+        }
+    };
 }
