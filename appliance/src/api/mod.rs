@@ -80,6 +80,7 @@ async fn health(
             "events_written": writer.events_written,
             "metric_points_written": writer.metric_points_written,
             "dropped": writer.dropped,
+            "write_retries": writer.write_retries,
             "write_errors": writer.write_errors,
         },
     }))

@@ -1,5 +1,6 @@
 //! A bounded queue in front of the events store: sessions hand events over without
-//! waiting; one task writes them in batches. What does not fit is dropped and counted.
+//! waiting; one task writes them in batches, and keeps retrying a batch the store
+//! refuses. What does not fit in the queue meanwhile is dropped and counted.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,11 +9,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::stores::{EventRecord, Events, MetricPoint, StoreResult};
+use crate::stores::{EventRecord, Events, MetricPoint, StoreError};
 
 const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_024;
 const BATCH_WAIT: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(15);
+/// Attempts before a flush (at shutdown) gives up on a store that refuses writes.
+const FLUSH_ATTEMPTS: u32 = 3;
 
 enum Item {
     Event(EventRecord),
@@ -27,6 +32,9 @@ pub struct WriterStats {
     pub events_written: AtomicU64,
     pub metric_points_written: AtomicU64,
     pub dropped: AtomicU64,
+    /// Batches the store refused (kept and retried).
+    pub write_retries: AtomicU64,
+    /// Items lost because the store still refused them at shutdown.
     pub write_errors: AtomicU64,
 }
 
@@ -72,72 +80,228 @@ impl EventWriter {
 }
 
 async fn run(mut rx: mpsc::Receiver<Item>, store: Arc<dyn Events>, stats: Arc<WriterStats>) {
-    let mut events = Vec::with_capacity(BATCH_MAX);
-    let mut points = Vec::new();
+    let mut batch = Batch::default();
     while let Some(first) = rx.recv().await {
-        let mut flushes = Vec::new();
-        let deadline = tokio::time::Instant::now() + BATCH_WAIT;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
-            match item {
-                Item::Event(e) => events.push(e),
-                Item::Metrics(p) => points.extend(p),
-                Item::Flush(done) => flushes.push(done),
+        let flushes = gather(first, &mut rx, &mut batch).await;
+        // While the store refuses, the batch is kept and retried; new items wait in the
+        // queue (dropped and counted once it is full). A flush (shutdown) gives up after
+        // a few attempts rather than hang.
+        let mut attempt = 0;
+        while !batch.write(&*store, &stats).await {
+            attempt += 1;
+            if !flushes.is_empty() && attempt >= FLUSH_ATTEMPTS {
+                batch.abandon(&stats);
+                break;
             }
-            if !flushes.is_empty() || events.len() + points.len() >= BATCH_MAX {
-                next = rx.try_recv().ok().filter(|_| flushes.is_empty());
-            } else {
-                next = tokio::time::timeout_at(deadline, rx.recv())
-                    .await
-                    .ok()
-                    .flatten();
-            }
+            tokio::time::sleep(RETRY_MIN.saturating_mul(1 << attempt.min(5)).min(RETRY_MAX)).await;
         }
-        write_batch(&*store, &stats, &mut events, &mut points).await;
         for done in flushes {
             let _ = done.send(());
         }
     }
-    write_batch(&*store, &stats, &mut events, &mut points).await;
-}
-
-async fn write_batch(
-    store: &dyn Events,
-    stats: &WriterStats,
-    events: &mut Vec<EventRecord>,
-    points: &mut Vec<MetricPoint>,
-) {
-    if !events.is_empty() {
-        let batch = std::mem::take(events);
-        let n = batch.len() as u64;
-        tally(
-            store.append(batch).await,
-            n,
-            "events",
-            &stats.events_written,
-            stats,
-        );
-    }
-    if !points.is_empty() {
-        let batch = std::mem::take(points);
-        let n = batch.len() as u64;
-        tally(
-            store.append_metrics(batch).await,
-            n,
-            "metric points",
-            &stats.metric_points_written,
-            stats,
-        );
+    if !batch.write(&*store, &stats).await {
+        batch.abandon(&stats);
     }
 }
 
-/// Counts a batch as written, or logs and counts its failure.
-fn tally(result: StoreResult<()>, n: u64, what: &str, written: &AtomicU64, stats: &WriterStats) {
-    match result {
-        Ok(()) => written.fetch_add(n, Ordering::Relaxed),
-        Err(e) => {
-            tracing::error!(error = %e, count = n, "writing {what} failed");
-            stats.write_errors.fetch_add(n, Ordering::Relaxed)
+/// Adds `first` and whatever follows within the batch window to `batch`; returns the
+/// flush requests met (the batch is cut at the first one).
+async fn gather(
+    first: Item,
+    rx: &mut mpsc::Receiver<Item>,
+    batch: &mut Batch,
+) -> Vec<oneshot::Sender<()>> {
+    let deadline = tokio::time::Instant::now() + BATCH_WAIT;
+    let mut flushes = Vec::new();
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Item::Event(e) => batch.events.push(e),
+            Item::Metrics(p) => batch.points.extend(p),
+            Item::Flush(done) => flushes.push(done),
         }
-    };
+        next = if !flushes.is_empty() {
+            None
+        } else if batch.len() >= BATCH_MAX {
+            rx.try_recv().ok()
+        } else {
+            tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .ok()
+                .flatten()
+        };
+    }
+    flushes
+}
+
+/// What the writer holds until the store takes it.
+#[derive(Default)]
+struct Batch {
+    events: Vec<EventRecord>,
+    points: Vec<MetricPoint>,
+    /// Kept between attempts while the store refuses them.
+    failed_events: Option<Arc<[EventRecord]>>,
+    failed_points: Option<Arc<[MetricPoint]>>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.events.len() + self.points.len()
+    }
+
+    /// Writes everything held; true when nothing is left.
+    async fn write(&mut self, store: &dyn Events, stats: &WriterStats) -> bool {
+        if !self.events.is_empty() || self.failed_events.is_some() {
+            let events = take_into(&mut self.failed_events, &mut self.events);
+            match store.append(events.clone()).await {
+                Ok(()) => written(&stats.events_written, events.len()),
+                Err(e) => self.failed_events = Some(refused(e, "events", events, stats)),
+            }
+        }
+        if !self.points.is_empty() || self.failed_points.is_some() {
+            let points = take_into(&mut self.failed_points, &mut self.points);
+            match store.append_metrics(points.clone()).await {
+                Ok(()) => written(&stats.metric_points_written, points.len()),
+                Err(e) => self.failed_points = Some(refused(e, "metric points", points, stats)),
+            }
+        }
+        self.failed_events.is_none() && self.failed_points.is_none()
+    }
+
+    /// Gives up on what the store keeps refusing (counted as write errors).
+    fn abandon(&mut self, stats: &WriterStats) {
+        let lost = self.failed_events.take().map_or(0, |e| e.len())
+            + self.failed_points.take().map_or(0, |p| p.len());
+        stats.write_errors.fetch_add(lost as u64, Ordering::Relaxed);
+        tracing::error!(
+            lost,
+            "events store still refuses writes at shutdown: batch lost"
+        );
+    }
+}
+
+/// The failed batch followed by the new items, as one batch.
+fn take_into<T: Clone>(failed: &mut Option<Arc<[T]>>, fresh: &mut Vec<T>) -> Arc<[T]> {
+    match failed.take() {
+        None => Arc::from(std::mem::take(fresh)),
+        Some(old) if fresh.is_empty() => old,
+        Some(old) => old.iter().cloned().chain(fresh.drain(..)).collect(),
+    }
+}
+
+fn written(counter: &AtomicU64, n: usize) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+fn refused<T>(e: StoreError, what: &str, batch: Arc<[T]>, stats: &WriterStats) -> Arc<[T]> {
+    stats.write_retries.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(error = %e, count = batch.len(), "writing {what} failed; kept for retry");
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::stores::sqlite::SqliteEvents;
+    use crate::stores::{EventKind, EventQuery, MetricQuery, StoreResult};
+
+    /// The real embedded store behind a switch that refuses the first `refusals` writes.
+    struct Refusing {
+        inner: SqliteEvents,
+        refusals: AtomicU32,
+    }
+
+    impl Refusing {
+        fn refuse(&self) -> StoreResult<()> {
+            let left = self.refusals.load(Ordering::SeqCst);
+            if left == 0 {
+                return Ok(());
+            }
+            self.refusals.store(left - 1, Ordering::SeqCst);
+            Err(StoreError::Unavailable {
+                store: "events",
+                reason: "disk full".into(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Events for Refusing {
+        async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()> {
+            self.refuse()?;
+            self.inner.append(events).await
+        }
+        async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>> {
+            self.inner.query(kind, query).await
+        }
+        async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
+            self.inner.append_metrics(points).await
+        }
+        async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
+            self.inner.metrics(query).await
+        }
+        async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
+            self.inner.delete_before(cutoff).await
+        }
+    }
+
+    fn log(at: i64) -> EventRecord {
+        EventRecord {
+            kind: EventKind::Log,
+            bucket_id: "b".into(),
+            server_name: "s".into(),
+            app_name: None,
+            event_type: "out".into(),
+            name: None,
+            at,
+            doc: format!("{{\"at\":{at}}}"),
+        }
+    }
+
+    async fn stored(store: &dyn Events) -> usize {
+        let query = EventQuery {
+            bucket_id: "b".into(),
+            limit: 1000,
+            ..EventQuery::default()
+        };
+        store.query(EventKind::Log, &query).await.unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn refused_batches_are_kept_and_written_when_the_store_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Refusing {
+            inner: SqliteEvents::open(&dir.path().join("e.sqlite")).unwrap(),
+            refusals: AtomicU32::new(2),
+        });
+        let (writer, _task) = EventWriter::start(store.clone());
+        writer.event(log(1));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        writer.event(log(2));
+        writer.flush().await;
+        assert_eq!(stored(&*store).await, 2, "nothing lost");
+        assert!(writer.stats.write_retries.load(Ordering::Relaxed) >= 2);
+        assert_eq!(writer.stats.write_errors.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flush_gives_up_on_a_store_that_stays_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Refusing {
+            inner: SqliteEvents::open(&dir.path().join("e.sqlite")).unwrap(),
+            refusals: AtomicU32::new(u32::MAX),
+        });
+        let (writer, _task) = EventWriter::start(store.clone());
+        writer.event(log(1));
+        writer.flush().await;
+        assert_eq!(
+            writer.stats.write_errors.load(Ordering::Relaxed),
+            1,
+            "counted as lost"
+        );
+    }
 }

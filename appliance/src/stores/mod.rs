@@ -5,6 +5,8 @@ pub mod bus;
 pub mod model;
 pub mod sqlite;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 pub use bus::{AgentCommand, Bus, CommandSink, Delivery, LocalBus};
@@ -58,10 +60,11 @@ pub trait Documents: Send + Sync {
 /// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.
 #[async_trait]
 pub trait Events: Send + Sync {
-    async fn append(&self, events: Vec<EventRecord>) -> StoreResult<()>;
+    /// Appends a batch; on failure nothing of it is kept and the caller may retry.
+    async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()>;
     /// The stored documents (JSON text) matching `query`, newest first.
     async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>>;
-    async fn append_metrics(&self, points: Vec<MetricPoint>) -> StoreResult<()>;
+    async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()>;
     /// Metric minutes matching `query`, oldest first.
     async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>>;
     /// Deletes everything older than `cutoff` (epoch ms); returns how many rows went.

@@ -1,6 +1,7 @@
 //! Events and metric minutes in SQLite: one table each, indexed by bucket and time.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use rusqlite::params;
@@ -58,7 +59,7 @@ fn scope_filter(
 
 #[async_trait]
 impl Events for SqliteEvents {
-    async fn append(&self, events: Vec<EventRecord>) -> StoreResult<()> {
+    async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()> {
         self.db
             .call(move |c| {
                 let tx = c.transaction()?;
@@ -67,7 +68,7 @@ impl Events for SqliteEvents {
                         "INSERT INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     )?;
-                    for e in &events {
+                    for e in events.iter() {
                         stmt.execute(params![
                             e.kind.as_str(),
                             e.bucket_id,
@@ -115,7 +116,7 @@ impl Events for SqliteEvents {
             .await
     }
 
-    async fn append_metrics(&self, points: Vec<MetricPoint>) -> StoreResult<()> {
+    async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
         self.db
             .call(move |c| {
                 let tx = c.transaction()?;
@@ -125,7 +126,7 @@ impl Events for SqliteEvents {
                            agg_type, at, avg, min, max, last, count)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     )?;
-                    for p in &points {
+                    for p in points.iter() {
                         stmt.execute(params![
                             p.bucket_id,
                             p.server_name,

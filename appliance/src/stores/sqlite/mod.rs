@@ -204,12 +204,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, events) = open(dir.path()).unwrap();
         events
-            .append(vec![
+            .append(Arc::from(vec![
                 event("b1", "api", 1, "out"),
                 event("b1", "api", 3, "err"),
                 event("b1", "web", 2, "out"),
                 event("b2", "api", 4, "out"),
-            ])
+            ]))
             .await
             .unwrap();
         let query = |app: Option<&str>, before: Option<i64>| EventQuery {
@@ -265,7 +265,10 @@ mod tests {
             last: 1.5,
             count: 60,
         };
-        events.append_metrics(vec![point.clone()]).await.unwrap();
+        events
+            .append_metrics(Arc::from(vec![point.clone()]))
+            .await
+            .unwrap();
         let metrics = events
             .metrics(&MetricQuery {
                 bucket_id: "b1".into(),
