@@ -4,7 +4,7 @@
 #
 # Runs on a fresh Debian bookworm machine as root with only package registries reachable:
 # installs node/npm from Debian when missing, pm2 + @pm2/io + tx2 from npm into
-# target/e2e-node, then builds and tests. Extra arguments go to the test binaries, e.g.
+# target/e2e-node, SecantusDB (a MongoDB-wire server) from PyPI, then builds and tests. Extra arguments go to the test binaries, e.g.
 #   tests/run.sh                       # everything
 #   tests/run.sh apps_and_custom       # only tests whose name matches
 #   KM_E2E_KEEP=1 tests/run.sh ...     # keep temp dirs (km.log, PM2_HOME) for inspection
@@ -60,6 +60,12 @@ else
     (cd "$NODE_DIR" && npm install --no-audit --no-fund --save-exact "${NPM_PACKAGES[@]}")
     installed || { echo "error: npm packages not installed in $NODE_DIR" >&2; exit 1; }
 fi
+
+# Real servers the store contract tests start on free ports.
+PY_PACKAGES=(secantusdb==0.7.0b3)
+section "python test servers (${PY_PACKAGES[*]})"
+python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+command -v secantusd-py >/dev/null || { echo "error: secantusd-py not on PATH after pip install" >&2; exit 1; }
 
 section "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         listen: "127.0.0.1:0".into(),
         data_dir: dir.path().into(),
         site_url: None,
+        mongo_url: None,
         retention_days: "30".into(),
     })?;
     let (app, _writer) = runtime.block_on(km::server::build_app(

@@ -18,6 +18,9 @@ pub struct RawSettings {
     /// Public URL agents and browsers use to reach this appliance (default: from --listen).
     #[arg(long, env = "KM_SITE_URL")]
     pub site_url: Option<String>,
+    /// MongoDB connection string for the documents store (default: embedded SQLite).
+    #[arg(long, env = "KM_MONGO_URL", hide_env_values = true)]
+    pub mongo_url: Option<String>,
     /// Days of events (metrics, logs, exceptions...) kept.
     #[arg(long, env = "KM_RETENTION_DAYS", default_value = "30")]
     pub retention_days: String,
@@ -30,6 +33,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// Explicit public URL, without trailing slash; `None` derives it from the bound address.
     pub site_url: Option<String>,
+    /// MongoDB for documents; `None` keeps them in the data dir.
+    pub mongo_url: Option<String>,
     pub retention_days: u32,
 }
 
@@ -66,11 +71,20 @@ impl Settings {
                 None
             }
         };
+        if let Some(url) = &raw.mongo_url
+            && !(url.starts_with("mongodb://") || url.starts_with("mongodb+srv://"))
+        {
+            // The value may hold a password: it is not repeated.
+            errors.push(
+                "KM_MONGO_URL (--mongo-url): must start with mongodb:// or mongodb+srv://".into(),
+            );
+        }
         match (listen, retention_days) {
             (Some(listen), Some(retention_days)) if errors.is_empty() => Ok(Settings {
                 listen,
                 data_dir: raw.data_dir,
                 site_url,
+                mongo_url: raw.mongo_url.filter(|u| !u.is_empty()),
                 retention_days,
             }),
             _ => Err(ConfigErrors(errors)),
@@ -109,6 +123,7 @@ mod tests {
             listen: "127.0.0.1:8080".into(),
             data_dir: "./d".into(),
             site_url: None,
+            mongo_url: None,
             retention_days: "30".into(),
         }
     }
@@ -119,14 +134,21 @@ mod tests {
             listen: "nope".into(),
             site_url: Some("km.example.com".into()),
             retention_days: "-1".into(),
+            mongo_url: Some("http://user:hunter2@db".into()),
             ..raw()
         })
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        for var in ["KM_LISTEN", "KM_SITE_URL", "KM_RETENTION_DAYS"] {
+        for var in [
+            "KM_LISTEN",
+            "KM_SITE_URL",
+            "KM_RETENTION_DAYS",
+            "KM_MONGO_URL",
+        ] {
             assert!(err.contains(var), "{var} missing from: {err}");
         }
+        assert!(!err.contains("hunter2"), "a password was repeated: {err}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::app::{App, AppState};
 use crate::config::Settings;
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
+use crate::stores::mongo::MongoDocuments;
 use crate::stores::{self, LocalBus};
 use crate::workers;
 
@@ -79,9 +80,12 @@ pub async fn build_app(
     bound: SocketAddr,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
-    let (documents, events) = stores::sqlite::open(&settings.data_dir)?;
-    let documents: Arc<dyn stores::Documents> = Arc::new(documents);
-    let events: Arc<dyn stores::Events> = Arc::new(events);
+    let documents: Arc<dyn stores::Documents> = match &settings.mongo_url {
+        Some(url) => Arc::new(MongoDocuments::connect(url).await?),
+        None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
+    };
+    let events: Arc<dyn stores::Events> =
+        Arc::new(stores::sqlite::open_events(&settings.data_dir)?);
     let sessions = Arc::new(Sessions::default());
     sessions.restore(
         documents

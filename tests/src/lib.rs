@@ -193,6 +193,68 @@ pub async fn e2e(body: impl Future<Output = Result<()>>) {
 }
 
 // ---------------------------------------------------------------------------------------
+// real servers the stores run on
+// ---------------------------------------------------------------------------------------
+
+/// A real MongoDB-wire server (SecantusDB, `pip install secantusdb`) on a free loopback
+/// port with its data in a temp dir; killed on drop.
+pub struct SecantusDb {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl SecantusDb {
+    /// Starts it and waits until it accepts connections (15 s at most).
+    pub fn start() -> Result<SecantusDb> {
+        let dir = temp_dir("km-secantus-")?;
+        let port = free_port()?;
+        let child = Command::new("secantusd-py")
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--storage-path",
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start secantusd-py (pip install secantusdb; tests/run.sh installs it)")?;
+        let mut server = SecantusDb {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = server.child.try_wait()? {
+                bail!("secantusd-py exited at start ({st})");
+            }
+            if Instant::now() > deadline {
+                bail!("secantusd-py did not listen on 127.0.0.1:{port} within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    /// A connection string for `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!("mongodb://127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+impl Drop for SecantusDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // km
 // ---------------------------------------------------------------------------------------
 
@@ -209,6 +271,8 @@ pub fn km_bin() -> PathBuf {
 /// Killed on drop; on a panicking drop the log's tail is printed.
 pub struct Km {
     bin: PathBuf,
+    /// Extra environment (`KM_MONGO_URL`...), kept across restarts.
+    env: Vec<(String, String)>,
     port: u16,
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
@@ -218,6 +282,11 @@ pub struct Km {
 impl Km {
     /// Starts km and waits until `GET /healthz` answers 200 (20 s at most).
     pub async fn start() -> Result<Km> {
+        Km::start_with(Vec::new()).await
+    }
+
+    /// [`Km::start`] with extra environment variables.
+    pub async fn start_with(env: Vec<(String, String)>) -> Result<Km> {
         let bin = km_bin();
         if !bin.exists() {
             bail!(
@@ -231,6 +300,7 @@ impl Km {
         let port = free_port()?;
         let mut km = Km {
             bin,
+            env,
             port,
             dir: Some(dir),
             root,
@@ -286,6 +356,7 @@ impl Km {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1134,6 +1205,8 @@ impl Linked {
 #[derive(Default)]
 pub struct LinkOpts {
     pub dns_shim: bool,
+    /// Environment of km (`KM_MONGO_URL`...).
+    pub km_env: Vec<(String, String)>,
 }
 
 /// Starts km, registers a user, creates a bucket, starts `apps` (name, JS source) in a
@@ -1143,7 +1216,7 @@ pub async fn linked(machine: &str, apps: &[(&str, &str)]) -> Result<Linked> {
 }
 
 pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -> Result<Linked> {
-    let km = Km::start().await?;
+    let km = Km::start_with(opts.km_env.clone()).await?;
     let user = km.api().register_random().await?;
     let bucket = user.api.create_bucket(&unique("bucket-")).await?;
     let pm2 = if opts.dns_shim {

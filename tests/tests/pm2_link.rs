@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use km_e2e::{
-    Km, LinkOpts, Pm2, e2e, find_process, linked, linked_with, metric_number, now_ms, server_entry,
-    show,
+    Km, LinkOpts, Pm2, SecantusDb, e2e, find_process, linked, linked_with, metric_number, now_ms,
+    server_entry, show,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -715,13 +715,30 @@ async fn another_user_cannot_see_the_bucket() {
 /// `_reconnect`), not through the 60 s re-verify.
 #[tokio::test]
 async fn agent_reconnects_after_km_restart() {
+    e2e(reconnects_after_km_restart(Vec::new())).await
+}
+
+/// The same on the scale-out documents store: users, buckets and the server list live
+/// in MongoDB (SecantusDB here) across the restart.
+#[tokio::test]
+async fn agent_reconnects_after_km_restart_on_mongodb() {
     e2e(async {
-        let mut l = linked_with(
-            "web-1",
-            &[("plain", APP_PLAIN)],
-            LinkOpts { dns_shim: true },
-        )
-        .await?;
+        let mongo = SecantusDb::start()?;
+        let env = vec![("KM_MONGO_URL".to_string(), mongo.url("km_e2e"))];
+        reconnects_after_km_restart(env).await
+    })
+    .await
+}
+
+/// Links a pm2 (with the DNS shim: the agent retries its websocket every 5 s), restarts
+/// km, and checks the session resumes as one, with commands running once.
+async fn reconnects_after_km_restart(km_env: Vec<(String, String)>) -> anyhow::Result<()> {
+    {
+        let opts = LinkOpts {
+            dns_shim: true,
+            km_env,
+        };
+        let mut l = linked_with("web-1", &[("plain", APP_PLAIN)], opts).await?;
         let b = l.bucket.id.clone();
         let before = l.wait_apps(&["plain"], WAIT).await?;
         let rt0 = find_process(&before, "plain")
@@ -795,8 +812,7 @@ async fn agent_reconnects_after_km_restart() {
             "one restart command after reconnect must restart once: restart_time {rt0} -> {rt1:?}"
         );
         Ok(())
-    })
-    .await
+    }
 }
 
 #[tokio::test]

@@ -73,7 +73,7 @@ async fn health(
     Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
-        "stores": { "documents": "sqlite", "events": "sqlite", "bus": "local" },
+        "stores": { "documents": app.documents.kind(), "events": app.events.kind(), "bus": "local" },
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,
         "writer": {

@@ -231,6 +231,9 @@ mod tests {
 
     #[async_trait]
     impl Events for Refusing {
+        fn kind(&self) -> &'static str {
+            "refusing sqlite"
+        }
         async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()> {
             self.refuse()?;
             self.inner.append(events).await

@@ -2,7 +2,10 @@
 //! the embedded implementations selected by default.
 
 pub mod bus;
+#[cfg(test)]
+mod contract;
 pub mod model;
+pub mod mongo;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -27,6 +30,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// Users, tokens, buckets and servers.
 #[async_trait]
 pub trait Documents: Send + Sync {
+    /// Which implementation this is (`sqlite`, `mongodb`), for `/healthz`.
+    fn kind(&self) -> &'static str;
     /// Inserts a user; `Conflict("username"|"email")` when taken.
     async fn insert_user(&self, user: &User) -> StoreResult<()>;
     async fn count_users(&self) -> StoreResult<u64>;
@@ -60,6 +65,8 @@ pub trait Documents: Send + Sync {
 /// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.
 #[async_trait]
 pub trait Events: Send + Sync {
+    /// Which implementation this is, for `/healthz`.
+    fn kind(&self) -> &'static str;
     /// Appends a batch; on failure nothing of it is kept and the caller may retry.
     async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()>;
     /// The stored documents (JSON text) matching `query`, newest first.

@@ -106,6 +106,10 @@ impl SqliteDocuments {
 
 #[async_trait]
 impl Documents for SqliteDocuments {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn insert_user(&self, user: &User) -> StoreResult<()> {
         let u = user.clone();
         let inserted = self

@@ -59,6 +59,10 @@ fn scope_filter(
 
 #[async_trait]
 impl Events for SqliteEvents {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()> {
         self.db
             .call(move |c| {

@@ -86,34 +86,27 @@ fn unavailable(store: &'static str, e: rusqlite::Error) -> StoreError {
     }
 }
 
-/// Opens both embedded stores in `dir`, creating it if needed.
-pub fn open(dir: &Path) -> anyhow::Result<(SqliteDocuments, SqliteEvents)> {
+/// The data dir, created if needed.
+fn data_dir(dir: &Path) -> anyhow::Result<&Path> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("KM_DATA_DIR: cannot create {}: {e}", dir.display()))?;
-    Ok((
-        SqliteDocuments::open(&dir.join("documents.sqlite"))?,
-        SqliteEvents::open(&dir.join("events.sqlite"))?,
-    ))
+    Ok(dir)
+}
+
+/// The embedded documents store in `dir`.
+pub fn open_documents(dir: &Path) -> anyhow::Result<SqliteDocuments> {
+    SqliteDocuments::open(&data_dir(dir)?.join("documents.sqlite"))
+}
+
+/// The embedded events store in `dir`.
+pub fn open_events(dir: &Path) -> anyhow::Result<SqliteEvents> {
+    SqliteEvents::open(&data_dir(dir)?.join("events.sqlite"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stores::{
-        Bucket, Documents, EventKind, EventQuery, EventRecord, Events, MemberRole, MetricPoint,
-        MetricQuery, StoreError, TokenRecord, User,
-    };
-
-    fn user(id: &str, name: &str) -> User {
-        User {
-            id: id.into(),
-            username: name.into(),
-            email: format!("{name}@example.com"),
-            password_hash: "h".into(),
-            role: "user".into(),
-            created_at: 1,
-        }
-    }
+    use crate::stores::{EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery};
 
     fn event(bucket: &str, app: &str, at: i64, event_type: &str) -> EventRecord {
         EventRecord {
@@ -129,80 +122,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn documents_keep_unique_fields_members_and_tokens() {
-        let dir = tempfile::tempdir().unwrap();
-        let (docs, _) = open(dir.path()).unwrap();
-        docs.insert_user(&user("u1", "alice")).await.unwrap();
-        let mut same_name = user("u2", "alice");
-        same_name.email = "other@example.com".into();
-        assert!(matches!(
-            docs.insert_user(&same_name).await,
-            Err(StoreError::Conflict("username"))
-        ));
-        let mut same_email = user("u3", "bob");
-        same_email.email = "alice@example.com".into();
-        assert!(matches!(
-            docs.insert_user(&same_email).await,
-            Err(StoreError::Conflict("email"))
-        ));
-        assert_eq!(
-            docs.user_by_login("alice@example.com")
-                .await
-                .unwrap()
-                .map(|u| u.id),
-            Some("u1".into())
-        );
-
-        let bucket = Bucket {
-            id: "b1".into(),
-            name: "prod".into(),
-            public_id: "p".into(),
-            secret_id: "s".into(),
-            owner: "u1".into(),
-            created_at: 1,
-        };
-        docs.insert_bucket(&bucket).await.unwrap();
-        assert!(matches!(
-            docs.insert_bucket(&Bucket {
-                id: "b2".into(),
-                ..bucket.clone()
-            })
-            .await,
-            Err(StoreError::Conflict("public_id"))
-        ));
-        assert_eq!(
-            docs.member_role("b1", "u1").await.unwrap(),
-            Some(MemberRole::Owner)
-        );
-        assert_eq!(docs.member_role("b1", "u3").await.unwrap(), None);
-        assert_eq!(docs.buckets_of_user("u1").await.unwrap(), vec![bucket]);
-
-        let token = TokenRecord {
-            access_digest: "a1".into(),
-            refresh_digest: "r1".into(),
-            user_id: "u1".into(),
-            client_id: "c".into(),
-            access_expires_at: 10,
-            refresh_expires_at: 20,
-        };
-        docs.insert_token(&token).await.unwrap();
-        assert!(docs.rotate_access("r1", "a2", 30).await.unwrap());
-        assert!(docs.token_by_access("a1").await.unwrap().is_none());
-        assert_eq!(
-            docs.token_by_refresh("r1")
-                .await
-                .unwrap()
-                .map(|t| (t.access_digest, t.access_expires_at)),
-            Some(("a2".into(), 30))
-        );
-        docs.delete_token("a2").await.unwrap();
-        assert!(!docs.rotate_access("r1", "a3", 40).await.unwrap());
-    }
-
-    #[tokio::test]
     async fn events_filter_order_page_and_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, events) = open(dir.path()).unwrap();
+        let events = open_events(dir.path()).unwrap();
         events
             .append(Arc::from(vec![
                 event("b1", "api", 1, "out"),
@@ -285,12 +207,12 @@ mod tests {
     #[test]
     fn reopening_keeps_data_and_refuses_a_newer_schema() {
         let dir = tempfile::tempdir().unwrap();
-        drop(open(dir.path()).unwrap());
-        drop(open(dir.path()).unwrap());
+        drop(open_events(dir.path()).unwrap());
+        drop(open_events(dir.path()).unwrap());
         let conn = Connection::open(dir.path().join("events.sqlite")).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        let err = open(dir.path())
+        let err = open_events(dir.path())
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();

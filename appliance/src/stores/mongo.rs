@@ -1,0 +1,470 @@
+//! The documents store on MongoDB (`KM_MONGO_URL`): one collection per record type,
+//! with the unique indexes the queries rely on. Only plain CRUD operators are used (the
+//! original broke on servers that dropped `$pushAll`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bson::{Document, doc};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, Database, IndexModel};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Bucket, Documents, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_DATABASE: &str = "km";
+
+pub struct MongoDocuments {
+    db: Database,
+}
+
+fn unavailable(e: mongodb::error::Error) -> StoreError {
+    StoreError::Unavailable {
+        store: "documents",
+        reason: e.to_string(),
+    }
+}
+
+/// The hosts of a connection string, without credentials, for messages.
+fn hosts(options: &ClientOptions) -> String {
+    options
+        .hosts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The unique field a duplicate-key error is about, from the index name (`email_1`).
+fn duplicate_field(e: &mongodb::error::Error) -> Option<&'static str> {
+    let ErrorKind::Write(WriteFailure::WriteError(write)) = e.kind.as_ref() else {
+        return None;
+    };
+    if write.code != 11000 {
+        return None;
+    }
+    ["username", "email", "public_id"]
+        .into_iter()
+        .find(|f| write.message.contains(&format!("{f}_1")))
+}
+
+impl MongoDocuments {
+    /// Connects, checks the server answers, and creates the indexes. Errors name
+    /// `KM_MONGO_URL` and the hosts (never the credentials).
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let mut options = ClientOptions::parse(url).await.map_err(|e| {
+            anyhow::anyhow!(
+                "KM_MONGO_URL: not a usable MongoDB connection string: {}",
+                e.kind
+            )
+        })?;
+        options.server_selection_timeout = Some(CONNECT_TIMEOUT);
+        options.connect_timeout = Some(CONNECT_TIMEOUT);
+        options.app_name = Some("km".into());
+        let where_ = hosts(&options);
+        let name = options
+            .default_database
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DATABASE.into());
+        let client = Client::with_options(options)
+            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot use {where_}: {}", e.kind))?;
+        let db = client.database(&name);
+        db.run_command(doc! { "ping": 1 })
+            .await
+            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot connect to {where_}: {}", e.kind))?;
+        let store = MongoDocuments { db };
+        store.create_indexes().await.map_err(|e| {
+            anyhow::anyhow!(
+                "KM_MONGO_URL: cannot create indexes in {where_}/{name}: {}",
+                e.kind
+            )
+        })?;
+        Ok(store)
+    }
+
+    async fn create_indexes(&self) -> mongodb::error::Result<()> {
+        let unique = |keys: Document| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().unique(true).build())
+                .build()
+        };
+        let plain = |keys: Document| IndexModel::builder().keys(keys).build();
+        self.users()
+            .create_indexes([unique(doc! {"username": 1}), unique(doc! {"email": 1})])
+            .await?;
+        self.tokens()
+            .create_index(unique(doc! {"refresh_digest": 1}))
+            .await?;
+        let ttl = IndexOptions::builder().expire_after(Duration::ZERO).build();
+        self.tokens()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"expires": 1})
+                    .options(ttl)
+                    .build(),
+            )
+            .await?;
+        self.buckets()
+            .create_index(unique(doc! {"public_id": 1}))
+            .await?;
+        self.members()
+            .create_indexes([
+                unique(doc! {"bucket_id": 1, "user_id": 1}),
+                plain(doc! {"user_id": 1}),
+            ])
+            .await?;
+        self.servers()
+            .create_index(unique(doc! {"bucket_id": 1, "server_name": 1}))
+            .await?;
+        Ok(())
+    }
+
+    fn users(&self) -> Collection<UserDoc> {
+        self.db.collection("users")
+    }
+    fn tokens(&self) -> Collection<TokenDoc> {
+        self.db.collection("tokens")
+    }
+    fn buckets(&self) -> Collection<BucketDoc> {
+        self.db.collection("buckets")
+    }
+    fn members(&self) -> Collection<MemberDoc> {
+        self.db.collection("members")
+    }
+    fn servers(&self) -> Collection<ServerDoc> {
+        self.db.collection("servers")
+    }
+}
+
+async fn find_one<T: DeserializeOwned + Send + Sync, R>(
+    collection: Collection<T>,
+    filter: Document,
+    into: impl Fn(T) -> R,
+) -> StoreResult<Option<R>> {
+    Ok(collection
+        .find_one(filter)
+        .await
+        .map_err(unavailable)?
+        .map(into))
+}
+
+async fn find_all<T: DeserializeOwned + Send + Sync>(
+    collection: Collection<T>,
+    filter: Document,
+) -> StoreResult<Vec<T>> {
+    use futures_util::TryStreamExt;
+    collection
+        .find(filter)
+        .await
+        .map_err(unavailable)?
+        .try_collect()
+        .await
+        .map_err(unavailable)
+}
+
+/// An insert whose duplicate key is a `Conflict` naming the field.
+fn inserted(result: mongodb::error::Result<impl Sized>) -> StoreResult<()> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(duplicate_field(&e)
+            .map(StoreError::Conflict)
+            .unwrap_or_else(|| unavailable(e))),
+    }
+}
+
+#[async_trait]
+impl Documents for MongoDocuments {
+    fn kind(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn insert_user(&self, user: &User) -> StoreResult<()> {
+        inserted(self.users().insert_one(UserDoc::from(user)).await)
+    }
+
+    async fn count_users(&self) -> StoreResult<u64> {
+        self.users()
+            .estimated_document_count()
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn user_by_login(&self, login: &str) -> StoreResult<Option<User>> {
+        find_one(
+            self.users(),
+            doc! {"$or": [{"username": login}, {"email": login}]},
+            User::from,
+        )
+        .await
+    }
+
+    async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>> {
+        find_one(self.users(), doc! {"_id": id}, User::from).await
+    }
+
+    async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()> {
+        inserted(self.tokens().insert_one(TokenDoc::from(token)).await)
+    }
+
+    async fn token_by_access(&self, access_digest: &str) -> StoreResult<Option<TokenRecord>> {
+        find_one(
+            self.tokens(),
+            doc! {"access_digest": access_digest},
+            TokenRecord::from,
+        )
+        .await
+    }
+
+    async fn token_by_refresh(&self, refresh_digest: &str) -> StoreResult<Option<TokenRecord>> {
+        find_one(
+            self.tokens(),
+            doc! {"refresh_digest": refresh_digest},
+            TokenRecord::from,
+        )
+        .await
+    }
+
+    async fn delete_token(&self, access_digest: &str) -> StoreResult<()> {
+        self.tokens()
+            .delete_one(doc! {"access_digest": access_digest})
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn rotate_access(
+        &self,
+        refresh_digest: &str,
+        access_digest: &str,
+        expires_at: i64,
+    ) -> StoreResult<bool> {
+        let update =
+            doc! {"$set": {"access_digest": access_digest, "access_expires_at": expires_at}};
+        let result = self
+            .tokens()
+            .update_one(doc! {"refresh_digest": refresh_digest}, update)
+            .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
+    }
+
+    async fn insert_bucket(&self, bucket: &Bucket) -> StoreResult<()> {
+        inserted(self.buckets().insert_one(BucketDoc::from(bucket)).await)?;
+        let owner = MemberDoc {
+            bucket_id: bucket.id.clone(),
+            user_id: bucket.owner.clone(),
+            role: MemberRole::Owner.as_str().into(),
+        };
+        if let Err(e) = self.members().insert_one(owner).await {
+            // No bucket without its owner: undo (transactions need a replica set).
+            let _ = self.buckets().delete_one(doc! {"_id": &bucket.id}).await;
+            return Err(unavailable(e));
+        }
+        Ok(())
+    }
+
+    async fn bucket_by_id(&self, id: &str) -> StoreResult<Option<Bucket>> {
+        find_one(self.buckets(), doc! {"_id": id}, Bucket::from).await
+    }
+
+    async fn bucket_by_public_id(&self, public_id: &str) -> StoreResult<Option<Bucket>> {
+        find_one(self.buckets(), doc! {"public_id": public_id}, Bucket::from).await
+    }
+
+    async fn buckets_of_user(&self, user_id: &str) -> StoreResult<Vec<Bucket>> {
+        let ids: Vec<String> = find_all(self.members(), doc! {"user_id": user_id})
+            .await?
+            .into_iter()
+            .map(|m| m.bucket_id)
+            .collect();
+        let mut buckets: Vec<Bucket> = find_all(self.buckets(), doc! {"_id": {"$in": ids}})
+            .await?
+            .into_iter()
+            .map(Bucket::from)
+            .collect();
+        buckets.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(buckets)
+    }
+
+    async fn member_role(&self, bucket_id: &str, user_id: &str) -> StoreResult<Option<MemberRole>> {
+        let member = find_one(
+            self.members(),
+            doc! {"bucket_id": bucket_id, "user_id": user_id},
+            |m| m.role,
+        )
+        .await?;
+        Ok(member.as_deref().and_then(MemberRole::parse))
+    }
+
+    async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()> {
+        for s in servers {
+            let filter = doc! {"bucket_id": &s.bucket_id, "server_name": &s.server_name};
+            let update = doc! {"$set": {
+                "internal_ip": &s.internal_ip, "last_update": s.last_update, "status_json": &s.status_json,
+            }};
+            self.servers()
+                .update_one(filter, update)
+                .upsert(true)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>> {
+        Ok(find_all(self.servers(), doc! {})
+            .await?
+            .into_iter()
+            .map(ServerRecord::from)
+            .collect())
+    }
+}
+
+// Stored shapes. Ids are the records' 24-hex ObjectId strings; tokens are keyed by the
+// digest of their access token and expire through a TTL index on `expires`.
+
+#[derive(Serialize, Deserialize)]
+struct UserDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    username: String,
+    email: String,
+    password_hash: String,
+    role: String,
+    created_at: i64,
+}
+
+impl From<&User> for UserDoc {
+    fn from(u: &User) -> Self {
+        UserDoc {
+            id: u.id.clone(),
+            username: u.username.clone(),
+            email: u.email.clone(),
+            password_hash: u.password_hash.clone(),
+            role: u.role.clone(),
+            created_at: u.created_at,
+        }
+    }
+}
+
+impl From<UserDoc> for User {
+    fn from(u: UserDoc) -> Self {
+        User {
+            id: u.id,
+            username: u.username,
+            email: u.email,
+            password_hash: u.password_hash,
+            role: u.role,
+            created_at: u.created_at,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TokenDoc {
+    access_digest: String,
+    refresh_digest: String,
+    user_id: String,
+    client_id: String,
+    access_expires_at: i64,
+    refresh_expires_at: i64,
+    expires: bson::DateTime,
+}
+
+impl From<&TokenRecord> for TokenDoc {
+    fn from(t: &TokenRecord) -> Self {
+        TokenDoc {
+            access_digest: t.access_digest.clone(),
+            refresh_digest: t.refresh_digest.clone(),
+            user_id: t.user_id.clone(),
+            client_id: t.client_id.clone(),
+            access_expires_at: t.access_expires_at,
+            refresh_expires_at: t.refresh_expires_at,
+            expires: bson::DateTime::from_millis(t.refresh_expires_at),
+        }
+    }
+}
+
+impl From<TokenDoc> for TokenRecord {
+    fn from(t: TokenDoc) -> Self {
+        TokenRecord {
+            access_digest: t.access_digest,
+            refresh_digest: t.refresh_digest,
+            user_id: t.user_id,
+            client_id: t.client_id,
+            access_expires_at: t.access_expires_at,
+            refresh_expires_at: t.refresh_expires_at,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct BucketDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    name: String,
+    public_id: String,
+    secret_id: String,
+    owner: String,
+    created_at: i64,
+}
+
+impl From<&Bucket> for BucketDoc {
+    fn from(b: &Bucket) -> Self {
+        BucketDoc {
+            id: b.id.clone(),
+            name: b.name.clone(),
+            public_id: b.public_id.clone(),
+            secret_id: b.secret_id.clone(),
+            owner: b.owner.clone(),
+            created_at: b.created_at,
+        }
+    }
+}
+
+impl From<BucketDoc> for Bucket {
+    fn from(b: BucketDoc) -> Self {
+        Bucket {
+            id: b.id,
+            name: b.name,
+            public_id: b.public_id,
+            secret_id: b.secret_id,
+            owner: b.owner,
+            created_at: b.created_at,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct MemberDoc {
+    bucket_id: String,
+    user_id: String,
+    role: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ServerDoc {
+    bucket_id: String,
+    server_name: String,
+    internal_ip: Option<String>,
+    last_update: i64,
+    status_json: String,
+}
+
+impl From<ServerDoc> for ServerRecord {
+    fn from(s: ServerDoc) -> Self {
+        ServerRecord {
+            bucket_id: s.bucket_id,
+            server_name: s.server_name,
+            internal_ip: s.internal_ip,
+            last_update: s.last_update,
+            status_json: s.status_json,
+        }
+    }
+}
