@@ -62,7 +62,7 @@ else
 fi
 
 # Real servers the store contract tests start on free ports.
-PY_PACKAGES=(secantusdb==0.7.0b3)
+PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6)
 section "python test servers (${PY_PACKAGES[*]})"
 python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 command -v secantusd-py >/dev/null || { echo "error: secantusd-py not on PATH after pip install" >&2; exit 1; }

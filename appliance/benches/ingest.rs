@@ -45,6 +45,9 @@ fn main() -> anyhow::Result<()> {
         data_dir: dir.path().into(),
         site_url: None,
         mongo_url: None,
+        elasticsearch_url: None,
+        elasticsearch_host: None,
+        elasticsearch_prefix: "km".into(),
         retention_days: "30".into(),
     })?;
     let (app, _writer) = runtime.block_on(km::server::build_app(

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::stores::elastic::parse_urls;
+use elasticsearch::http::Url;
+
 /// Raw settings as given by flags or environment (strings, validated by [`Settings::from_raw`]).
 #[derive(Debug, Clone, Args)]
 pub struct RawSettings {
@@ -21,6 +24,16 @@ pub struct RawSettings {
     /// MongoDB connection string for the documents store (default: embedded SQLite).
     #[arg(long, env = "KM_MONGO_URL", hide_env_values = true)]
     pub mongo_url: Option<String>,
+    /// Elasticsearch / OpenSearch for events: `http(s)://host:port`, several separated by
+    /// spaces (default: embedded SQLite).
+    #[arg(long, env = "KM_ELASTICSEARCH_URL", hide_env_values = true)]
+    pub elasticsearch_url: Option<String>,
+    /// Older name of `KM_ELASTICSEARCH_URL`.
+    #[arg(skip = std::env::var("KM_ELASTICSEARCH_HOST").ok())]
+    pub elasticsearch_host: Option<String>,
+    /// Prefix of the daily indices (`<prefix>-<kind>-YYYY.MM.DD`).
+    #[arg(long, env = "KM_ELASTICSEARCH_PREFIX", default_value = "km")]
+    pub elasticsearch_prefix: String,
     /// Days of events (metrics, logs, exceptions...) kept.
     #[arg(long, env = "KM_RETENTION_DAYS", default_value = "30")]
     pub retention_days: String,
@@ -35,6 +48,9 @@ pub struct Settings {
     pub site_url: Option<String>,
     /// MongoDB for documents; `None` keeps them in the data dir.
     pub mongo_url: Option<String>,
+    /// Elasticsearch nodes for events; empty keeps them in the data dir.
+    pub elasticsearch: Vec<Url>,
+    pub elasticsearch_prefix: String,
     pub retention_days: u32,
 }
 
@@ -79,12 +95,35 @@ impl Settings {
                 "KM_MONGO_URL (--mongo-url): must start with mongodb:// or mongodb+srv://".into(),
             );
         }
+        let elasticsearch = raw
+            .elasticsearch_url
+            .as_deref()
+            .or(raw.elasticsearch_host.as_deref())
+            .filter(|v| !v.trim().is_empty())
+            .map_or(Ok(Vec::new()), parse_urls)
+            .unwrap_or_else(|e| {
+                errors.push(format!("KM_ELASTICSEARCH_URL (--elasticsearch-url): {e}"));
+                Vec::new()
+            });
+        let prefix_ok = !raw.elasticsearch_prefix.is_empty()
+            && raw
+                .elasticsearch_prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !prefix_ok {
+            errors.push(format!(
+                "KM_ELASTICSEARCH_PREFIX: {:?} must be lowercase letters, digits or '_'",
+                raw.elasticsearch_prefix
+            ));
+        }
         match (listen, retention_days) {
             (Some(listen), Some(retention_days)) if errors.is_empty() => Ok(Settings {
                 listen,
                 data_dir: raw.data_dir,
                 site_url,
                 mongo_url: raw.mongo_url.filter(|u| !u.is_empty()),
+                elasticsearch,
+                elasticsearch_prefix: raw.elasticsearch_prefix,
                 retention_days,
             }),
             _ => Err(ConfigErrors(errors)),
@@ -124,6 +163,9 @@ mod tests {
             data_dir: "./d".into(),
             site_url: None,
             mongo_url: None,
+            elasticsearch_url: None,
+            elasticsearch_host: None,
+            elasticsearch_prefix: "km".into(),
             retention_days: "30".into(),
         }
     }
@@ -135,6 +177,8 @@ mod tests {
             site_url: Some("km.example.com".into()),
             retention_days: "-1".into(),
             mongo_url: Some("http://user:hunter2@db".into()),
+            elasticsearch_url: Some("http://[es".into()),
+            elasticsearch_prefix: "KM".into(),
             ..raw()
         })
         .err()
@@ -149,6 +193,29 @@ mod tests {
             assert!(err.contains(var), "{var} missing from: {err}");
         }
         assert!(!err.contains("hunter2"), "a password was repeated: {err}");
+    }
+
+    #[test]
+    fn elasticsearch_url_alias_and_seed_format() {
+        let s = Settings::from_raw(RawSettings {
+            elasticsearch_host: Some("es1:9200 es2:9200".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(s.elasticsearch.len(), 2);
+        let s = Settings::from_raw(RawSettings {
+            elasticsearch_url: Some("https://es:9243".into()),
+            elasticsearch_host: Some("ignored:1".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(
+            s.elasticsearch
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>(),
+            ["https://es:9243/"]
+        );
     }
 
     #[test]

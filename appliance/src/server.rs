@@ -15,6 +15,7 @@ use crate::app::{App, AppState};
 use crate::config::Settings;
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
+use crate::stores::elastic::ElasticEvents;
 use crate::stores::mongo::MongoDocuments;
 use crate::stores::{self, LocalBus};
 use crate::workers;
@@ -84,8 +85,13 @@ pub async fn build_app(
         Some(url) => Arc::new(MongoDocuments::connect(url).await?),
         None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
     };
-    let events: Arc<dyn stores::Events> =
-        Arc::new(stores::sqlite::open_events(&settings.data_dir)?);
+    let events: Arc<dyn stores::Events> = if settings.elasticsearch.is_empty() {
+        Arc::new(stores::sqlite::open_events(&settings.data_dir)?)
+    } else {
+        Arc::new(
+            ElasticEvents::connect(&settings.elasticsearch, &settings.elasticsearch_prefix).await?,
+        )
+    };
     let sessions = Arc::new(Sessions::default());
     sessions.restore(
         documents

@@ -254,6 +254,61 @@ impl Drop for SecantusDb {
     }
 }
 
+/// A real Elasticsearch-API server (osmem-server, `pip install osmem-server`, in memory)
+/// on a free loopback port; killed on drop.
+pub struct OsMem {
+    child: Child,
+    url: String,
+}
+
+impl OsMem {
+    /// Starts it; it prints `{"url": ..}` once listening.
+    pub fn start() -> Result<OsMem> {
+        let package = Command::new("python3")
+            .args([
+                "-c",
+                "import osmem_server, os; print(os.path.dirname(osmem_server.__file__))",
+            ])
+            .output()
+            .context("python3 (for osmem-server's location)")?;
+        if !package.status.success() {
+            bail!(
+                "osmem_server is not installed (pip install osmem-server; tests/run.sh installs it)"
+            );
+        }
+        let bin =
+            PathBuf::from(String::from_utf8_lossy(&package.stdout).trim()).join("bin/osmem-server");
+        let mut child = Command::new(&bin)
+            .args(["-addr", "127.0.0.1:0", "-no-stdin-watch"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let stdout = child.stdout.take().context("osmem-server stdout")?;
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first)?;
+        let announced: Value =
+            serde_json::from_str(&first).with_context(|| format!("osmem-server said {first:?}"))?;
+        let url = announced["url"]
+            .as_str()
+            .context("osmem-server gave no url")?
+            .to_string();
+        Ok(OsMem { child, url })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for OsMem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // km
 // ---------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 
 use anyhow::{Context, Result, bail, ensure};
 use km_e2e::{
-    Km, LinkOpts, Pm2, SecantusDb, e2e, find_process, linked, linked_with, metric_number, now_ms,
-    server_entry, show,
+    Km, LinkOpts, OsMem, Pm2, SecantusDb, e2e, find_process, linked, linked_with, metric_number,
+    now_ms, server_entry, show,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -718,13 +718,17 @@ async fn agent_reconnects_after_km_restart() {
     e2e(reconnects_after_km_restart(Vec::new())).await
 }
 
-/// The same on the scale-out documents store: users, buckets and the server list live
-/// in MongoDB (SecantusDB here) across the restart.
+/// The same on the scale-out stores: users, buckets and the server list live in MongoDB
+/// (SecantusDB here), events in Elasticsearch (osmem-server), across the restart.
 #[tokio::test]
-async fn agent_reconnects_after_km_restart_on_mongodb() {
+async fn agent_reconnects_after_km_restart_on_scale_out_stores() {
     e2e(async {
         let mongo = SecantusDb::start()?;
-        let env = vec![("KM_MONGO_URL".to_string(), mongo.url("km_e2e"))];
+        let search = OsMem::start()?;
+        let env = vec![
+            ("KM_MONGO_URL".to_string(), mongo.url("km_e2e")),
+            ("KM_ELASTICSEARCH_URL".to_string(), search.url().to_string()),
+        ];
         reconnects_after_km_restart(env).await
     })
     .await

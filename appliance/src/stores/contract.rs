@@ -4,10 +4,16 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use super::elastic::{ElasticEvents, parse_urls};
 use super::mongo::MongoDocuments;
-use super::sqlite::open_documents;
-use super::{Bucket, Documents, MemberRole, ServerRecord, StoreError, TokenRecord, User};
-use crate::ids::new_object_id;
+use super::sqlite::{open_documents, open_events};
+use super::{
+    Bucket, Documents, EventKind, EventQuery, EventRecord, Events, MemberRole, MetricPoint,
+    MetricQuery, ServerRecord, StoreError, TokenRecord, User,
+};
+use crate::ids::{new_object_id, now_ms};
 
 fn user(name: &str) -> User {
     User {
@@ -179,4 +185,197 @@ async fn unreachable_mongodb_fails_fast_naming_the_variable() {
         "{err}"
     );
     assert!(!err.contains("hunter2"), "credentials leaked: {err}");
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+fn event(bucket: &str, app: &str, at: i64, event_type: &str) -> EventRecord {
+    EventRecord {
+        kind: EventKind::Log,
+        bucket_id: bucket.into(),
+        server_name: "web-1".into(),
+        app_name: Some(app.into()),
+        event_type: event_type.into(),
+        name: None,
+        at,
+        doc: format!(r#"{{"at":{at}}}"#),
+    }
+}
+
+fn docs(ats: &[i64]) -> Vec<String> {
+    ats.iter().map(|at| format!(r#"{{"at":{at}}}"#)).collect()
+}
+
+fn point(at: i64) -> MetricPoint {
+    MetricPoint {
+        bucket_id: "b1".into(),
+        server_name: "web-1".into(),
+        app_name: "api".into(),
+        pm_id: 0,
+        name: "cpu".into(),
+        unit: Some("%".into()),
+        agg_type: None,
+        at,
+        avg: 1.0,
+        min: 0.5,
+        max: 2.0,
+        last: 1.5,
+        count: 60,
+    }
+}
+
+/// Queries until `expected` comes back (search engines show writes after a refresh).
+async fn settled(events: &dyn Events, kind: EventKind, query: &EventQuery, expected: Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = events.query(kind, query).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind:?} {query:?}: expected {expected:?}, got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What every events store must do.
+async fn events_contract(events: &dyn Events) {
+    let now = now_ms();
+    let old = now - 40 * DAY_MS;
+    let batch = vec![
+        event("b1", "api", now - 3000, "out"),
+        event("b1", "api", now - 1000, "err"),
+        event("b1", "web", now - 2000, "out"),
+        event("b2", "api", now - 500, "out"),
+        event("b1", "api", old, "out"),
+    ];
+    events.append(Arc::from(batch.clone())).await.unwrap();
+    // Written again after a failure: nothing doubles.
+    events.append(Arc::from(batch)).await.unwrap();
+    let all = EventQuery {
+        bucket_id: "b1".into(),
+        limit: 10,
+        ..EventQuery::default()
+    };
+    settled(
+        events,
+        EventKind::Log,
+        &all,
+        docs(&[now - 1000, now - 2000, now - 3000, old]),
+    )
+    .await;
+    let api_before = EventQuery {
+        app_name: Some("api".into()),
+        before: Some(now - 1000),
+        ..all.clone()
+    };
+    settled(
+        events,
+        EventKind::Log,
+        &api_before,
+        docs(&[now - 3000, old]),
+    )
+    .await;
+    let after = EventQuery {
+        after: Some(now - 2500),
+        ..all.clone()
+    };
+    settled(
+        events,
+        EventKind::Log,
+        &after,
+        docs(&[now - 1000, now - 2000]),
+    )
+    .await;
+    let errors = EventQuery {
+        event_type: Some("err".into()),
+        ..all.clone()
+    };
+    settled(events, EventKind::Log, &errors, docs(&[now - 1000])).await;
+    let page = EventQuery {
+        limit: 1,
+        offset: 1,
+        ..all.clone()
+    };
+    settled(events, EventKind::Log, &page, docs(&[now - 2000])).await;
+    settled(events, EventKind::Exception, &all, Vec::new()).await;
+
+    let minute = now - now.rem_euclid(60_000);
+    events
+        .append_metrics(Arc::from(vec![point(minute - 60_000), point(old)]))
+        .await
+        .unwrap();
+    let recent = MetricQuery {
+        bucket_id: "b1".into(),
+        since: now - 3_600_000,
+        ..MetricQuery::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.metrics(&recent).await.unwrap() != vec![point(minute - 60_000)] {
+        assert!(
+            Instant::now() < deadline,
+            "metrics: {:?}",
+            events.metrics(&recent).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Retention: what is older than the cutoff goes, the rest stays.
+    assert!(events.delete_before(now - 30 * DAY_MS).await.unwrap() > 0);
+    settled(
+        events,
+        EventKind::Log,
+        &all,
+        docs(&[now - 1000, now - 2000, now - 3000]),
+    )
+    .await;
+    let ever = MetricQuery { since: 0, ..recent };
+    assert_eq!(
+        events.metrics(&ever).await.unwrap(),
+        vec![point(minute - 60_000)]
+    );
+}
+
+#[tokio::test]
+async fn events_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    events_contract(&open_events(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn events_contract_on_elasticsearch() {
+    let server = km_e2e::OsMem::start().unwrap();
+    let urls = parse_urls(server.url()).unwrap();
+    let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
+    assert_eq!(events.kind(), "elasticsearch");
+    events_contract(&events).await;
+}
+
+#[tokio::test]
+async fn unreachable_elasticsearch_fails_fast_naming_the_variable() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let urls = parse_urls(&format!("127.0.0.1:{port}")).unwrap();
+    let started = Instant::now();
+    let err = ElasticEvents::connect(&urls, "km")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.starts_with(&format!(
+            "KM_ELASTICSEARCH_URL: cannot connect to 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
 }

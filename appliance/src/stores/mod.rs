@@ -4,6 +4,7 @@
 pub mod bus;
 #[cfg(test)]
 mod contract;
+pub mod elastic;
 pub mod model;
 pub mod mongo;
 pub mod sqlite;

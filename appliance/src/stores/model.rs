@@ -1,6 +1,18 @@
 //! What the stores hold: plain records shared by every implementation.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A stable id of a record's content: a batch written again after a failure overwrites
+/// what got through instead of doubling it.
+fn content_id(parts: &[&[u8]]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part);
+    }
+    hex::encode(&hash.finalize()[..16])
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct User {
@@ -134,6 +146,19 @@ pub struct EventRecord {
     pub doc: String,
 }
 
+impl EventRecord {
+    pub fn content_id(&self) -> String {
+        let at = self.at.to_le_bytes();
+        content_id(&[
+            self.kind.as_str().as_bytes(),
+            self.bucket_id.as_bytes(),
+            self.server_name.as_bytes(),
+            &at,
+            self.doc.as_bytes(),
+        ])
+    }
+}
+
 /// A filter over events of one kind in one bucket; results are newest first.
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
@@ -174,6 +199,27 @@ pub struct MetricPoint {
     pub max: f64,
     pub last: f64,
     pub count: u32,
+}
+
+impl MetricPoint {
+    pub fn content_id(&self) -> String {
+        let numbers: Vec<u8> = [self.pm_id, self.at, i64::from(self.count)]
+            .iter()
+            .flat_map(|n| n.to_le_bytes())
+            .chain(
+                [self.avg, self.min, self.max, self.last]
+                    .iter()
+                    .flat_map(|f| f.to_le_bytes()),
+            )
+            .collect();
+        content_id(&[
+            self.bucket_id.as_bytes(),
+            self.server_name.as_bytes(),
+            self.app_name.as_bytes(),
+            self.name.as_bytes(),
+            &numbers,
+        ])
+    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -13,7 +13,8 @@ use crate::stores::{
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE events (
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, bucket_id TEXT NOT NULL, server_name TEXT NOT NULL,
   app_name TEXT, type TEXT NOT NULL, name TEXT, at INTEGER NOT NULL, doc TEXT NOT NULL);
@@ -26,7 +27,15 @@ CREATE TABLE metrics (
   count INTEGER NOT NULL);
 CREATE INDEX metrics_by_bucket ON metrics(bucket_id, at);
 CREATE INDEX metrics_by_time ON metrics(at);
-"];
+",
+    // v2: content ids, so a batch written again after a failure does not double.
+    "
+ALTER TABLE events ADD COLUMN cid TEXT;
+CREATE UNIQUE INDEX events_by_cid ON events(cid);
+ALTER TABLE metrics ADD COLUMN cid TEXT;
+CREATE UNIQUE INDEX metrics_by_cid ON metrics(cid);
+",
+];
 
 pub struct SqliteEvents {
     db: Db,
@@ -69,8 +78,8 @@ impl Events for SqliteEvents {
                 let tx = c.transaction()?;
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        "INSERT OR IGNORE INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc, cid)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )?;
                     for e in events.iter() {
                         stmt.execute(params![
@@ -81,7 +90,8 @@ impl Events for SqliteEvents {
                             e.event_type,
                             e.name,
                             e.at,
-                            e.doc
+                            e.doc,
+                            e.content_id()
                         ])?;
                     }
                 }
@@ -126,9 +136,9 @@ impl Events for SqliteEvents {
                 let tx = c.transaction()?;
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT INTO metrics (bucket_id, server_name, app_name, pm_id, name, unit,
-                           agg_type, at, avg, min, max, last, count)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                        "INSERT OR IGNORE INTO metrics (bucket_id, server_name, app_name, pm_id, name, unit,
+                           agg_type, at, avg, min, max, last, count, cid)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                     )?;
                     for p in points.iter() {
                         stmt.execute(params![
@@ -144,7 +154,8 @@ impl Events for SqliteEvents {
                             p.min,
                             p.max,
                             p.last,
-                            p.count
+                            p.count,
+                            p.content_id()
                         ])?;
                     }
                 }

@@ -1,0 +1,464 @@
+//! The events store on Elasticsearch / OpenSearch (`KM_ELASTICSEARCH_URL`): one index
+//! per kind per day, `<prefix>-<kind>-YYYY.MM.DD`, created from index templates with
+//! explicit mappings; writes in `_bulk` batches; retention drops whole daily indices.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use elasticsearch::http::request::JsonBody;
+use elasticsearch::http::transport::{
+    MultiNodeConnectionPool, SingleNodeConnectionPool, TransportBuilder,
+};
+use elasticsearch::http::{Method, StatusCode, Url};
+use elasticsearch::indices::{IndicesDeleteParts, IndicesPutIndexTemplateParts};
+use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
+use serde_json::{Value, json};
+
+use super::{
+    EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreError, StoreResult,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const DAY_MS: i64 = 86_400_000;
+/// Most metric minutes one histogram query reads.
+const MAX_POINTS: i64 = 10_000;
+const METRICS: &str = "metrics";
+
+pub struct ElasticEvents {
+    client: Elasticsearch,
+    prefix: String,
+}
+
+fn unavailable(reason: impl ToString) -> StoreError {
+    StoreError::Unavailable {
+        store: "events",
+        reason: reason.to_string(),
+    }
+}
+
+/// `host:port` or `http(s)://host:port`, space-separated (as the seeds write them).
+pub fn parse_urls(value: &str) -> Result<Vec<Url>, String> {
+    let urls: Result<Vec<Url>, String> = value
+        .split_whitespace()
+        .map(|host| {
+            let full = if host.contains("://") {
+                host.to_string()
+            } else {
+                format!("http://{host}")
+            };
+            Url::parse(&full)
+                .map_err(|e| format!("{host:?} is not a URL like http://10.0.0.5:9200: {e}"))
+        })
+        .collect();
+    urls.and_then(|u| {
+        if u.is_empty() {
+            Err("no URL given".into())
+        } else {
+            Ok(u)
+        }
+    })
+}
+
+/// The day of `at` as in index names: `2026.11.22`.
+fn day(at: i64) -> String {
+    let midnight = at - at.rem_euclid(DAY_MS);
+    let date = bson::DateTime::from_millis(midnight)
+        .try_to_rfc3339_string()
+        .unwrap_or_default();
+    date.get(..10).unwrap_or("1970-01-01").replace('-', ".")
+}
+
+/// The start of the day named `2026.11.22`, epoch ms.
+fn day_start(name: &str) -> Option<i64> {
+    let date = name.replace('.', "-");
+    bson::DateTime::parse_rfc3339_str(format!("{date}T00:00:00Z"))
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+impl ElasticEvents {
+    /// Connects, checks the server and installs the index templates. Errors name
+    /// `KM_ELASTICSEARCH_URL` and the host.
+    pub async fn connect(urls: &[Url], prefix: &str) -> anyhow::Result<Self> {
+        let hosts = urls
+            .iter()
+            .map(|u| {
+                u.host_str().unwrap_or("?").to_string()
+                    + ":"
+                    + &u.port_or_known_default().unwrap_or(0).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let builder = match urls {
+            [one] => TransportBuilder::new(SingleNodeConnectionPool::new(one.clone())),
+            many => {
+                TransportBuilder::new(MultiNodeConnectionPool::round_robin(many.to_vec(), None))
+            }
+        };
+        let transport = builder
+            .timeout(TIMEOUT)
+            .build()
+            .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot use {hosts}: {e}"))?;
+        let store = ElasticEvents {
+            client: Elasticsearch::new(transport),
+            prefix: prefix.to_string(),
+        };
+        let info =
+            store.client.info().send().await.map_err(|e| {
+                anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot connect to {hosts}: {e}")
+            })?;
+        let status = info.status_code();
+        let info: Value = info.json().await.unwrap_or_default();
+        if !status.is_success() {
+            anyhow::bail!(
+                "KM_ELASTICSEARCH_URL: {hosts} answered {status}: {}",
+                info["error"]["reason"].as_str().unwrap_or("unknown error")
+            );
+        }
+        let version = info["version"]["number"].as_str().unwrap_or("0");
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        let opensearch = info["version"]["distribution"] == "opensearch";
+        if !opensearch && major < 7 {
+            anyhow::bail!(
+                "KM_ELASTICSEARCH_URL: {hosts} runs Elasticsearch {version}; 7 or newer (or OpenSearch) is needed"
+            );
+        }
+        store.install_templates().await.map_err(|e| {
+            anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot install index templates on {hosts}: {e}")
+        })?;
+        Ok(store)
+    }
+
+    fn index(&self, kind: &str, day: &str) -> String {
+        format!("{}-{kind}-{day}", self.prefix)
+    }
+
+    async fn install_templates(&self) -> Result<(), String> {
+        let keyword = json!({"type": "keyword"});
+        let date = json!({"type": "date", "format": "epoch_millis"});
+        let events_patterns: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|k| self.index(k.as_str(), "*"))
+            .collect();
+        let events = json!({
+            "index_patterns": events_patterns,
+            "template": {
+                "settings": {"number_of_replicas": 0},
+                "mappings": {"dynamic": false, "properties": {
+                    "bucket_id": keyword, "server_name": keyword, "app_name": keyword,
+                    "type": keyword, "name": keyword, "at": date,
+                    "doc": {"type": "keyword", "index": false, "doc_values": false},
+                }},
+            },
+        });
+        let double = json!({"type": "double"});
+        let metrics = json!({
+            "index_patterns": [self.index(METRICS, "*")],
+            "template": {
+                "settings": {"number_of_replicas": 0},
+                "mappings": {"dynamic": false, "properties": {
+                    "bucket_id": keyword, "server_name": keyword, "app_name": keyword, "name": keyword,
+                    "unit": keyword, "agg_type": keyword, "pm_id": {"type": "long"}, "at": date,
+                    "avg": double, "min": double, "max": double, "last": double, "count": {"type": "integer"},
+                }},
+            },
+        });
+        for (name, body) in [
+            (format!("{}-events", self.prefix), events),
+            (format!("{}-metrics", self.prefix), metrics),
+        ] {
+            let response = self
+                .client
+                .indices()
+                .put_index_template(IndicesPutIndexTemplateParts::Name(&name))
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status_code().is_success() {
+                return Err(format!(
+                    "template {name}: {}",
+                    response.text().await.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `lines` (action, document, ...) to `_bulk`. Items refused for a reason that
+    /// may pass (429, 5xx) fail the batch, which the writer sends again (ids are stable);
+    /// items refused for good (a mapping conflict) are logged and skipped.
+    async fn bulk(&self, lines: Vec<String>) -> StoreResult<()> {
+        let response = self
+            .client
+            .bulk(BulkParts::None)
+            .body(lines)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = response.status_code();
+        let body: Value = response.json().await.map_err(unavailable)?;
+        if !status.is_success() {
+            return Err(unavailable(format!(
+                "bulk answered {status}: {}",
+                body["error"]["reason"].as_str().unwrap_or("?")
+            )));
+        }
+        if body["errors"] != true {
+            return Ok(());
+        }
+        let items = body["items"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let failed: Vec<&Value> = items
+            .iter()
+            .filter_map(|i| i.get("index"))
+            .filter(|i| i["status"].as_u64().is_none_or(|s| s >= 300))
+            .collect();
+        let retry = failed
+            .iter()
+            .filter(|i| i["status"].as_u64().is_none_or(|s| s == 429 || s >= 500))
+            .count();
+        let reason = failed
+            .first()
+            .map(|i| i["error"]["reason"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_default();
+        if retry > 0 {
+            return Err(unavailable(format!(
+                "{retry} of {} items refused for now: {reason}",
+                items.len()
+            )));
+        }
+        tracing::warn!(
+            rejected = failed.len(),
+            reason,
+            "events store rejected items for good"
+        );
+        Ok(())
+    }
+
+    async fn search(&self, index: &str, body: Value) -> StoreResult<Vec<Value>> {
+        let response = self
+            .client
+            .search(SearchParts::Index(&[index]))
+            .ignore_unavailable(true)
+            .allow_no_indices(true)
+            .body(body)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = response.status_code();
+        let mut body: Value = response.json().await.map_err(unavailable)?;
+        if status == StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        if !status.is_success() {
+            return Err(unavailable(format!(
+                "search answered {status}: {}",
+                body["error"]["reason"].as_str().unwrap_or("?")
+            )));
+        }
+        match body["hits"]["hits"].take() {
+            Value::Array(hits) => Ok(hits.into_iter().map(|mut h| h["_source"].take()).collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+/// `filter` clauses for a bucket and optional app / server.
+fn scope(bucket_id: &str, app_name: &Option<String>, server_name: &Option<String>) -> Vec<Value> {
+    let mut filter = vec![json!({"term": {"bucket_id": bucket_id}})];
+    for (field, value) in [("app_name", app_name), ("server_name", server_name)] {
+        if let Some(v) = value {
+            filter.push(json!({"term": {field: v}}));
+        }
+    }
+    filter
+}
+
+#[async_trait]
+impl Events for ElasticEvents {
+    fn kind(&self) -> &'static str {
+        "elasticsearch"
+    }
+
+    async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()> {
+        let mut days: HashMap<i64, String> = HashMap::new();
+        let mut lines = Vec::with_capacity(events.len() * 2);
+        for e in events.iter() {
+            let day = days
+                .entry(e.at.div_euclid(DAY_MS))
+                .or_insert_with(|| day(e.at));
+            let id = e.content_id();
+            lines.push(
+                json!({"index": {"_index": self.index(e.kind.as_str(), day), "_id": id}})
+                    .to_string(),
+            );
+            lines.push(
+                json!({
+                    "bucket_id": e.bucket_id, "server_name": e.server_name, "app_name": e.app_name,
+                    "type": e.event_type, "name": e.name, "at": e.at, "doc": e.doc,
+                })
+                .to_string(),
+            );
+        }
+        self.bulk(lines).await
+    }
+
+    async fn query(&self, kind: EventKind, q: &EventQuery) -> StoreResult<Vec<String>> {
+        let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
+        for (field, value) in [("type", &q.event_type), ("name", &q.name)] {
+            if let Some(v) = value {
+                filter.push(json!({"term": {field: v}}));
+            }
+        }
+        let mut range = serde_json::Map::new();
+        if let Some(before) = q.before {
+            range.insert("lt".into(), before.into());
+        }
+        if let Some(after) = q.after {
+            range.insert("gt".into(), after.into());
+        }
+        if !range.is_empty() {
+            filter.push(json!({"range": {"at": range}}));
+        }
+        let body = json!({
+            "query": {"bool": {"filter": filter}},
+            "sort": [{"at": "desc"}],
+            "from": q.offset, "size": q.limit, "_source": ["doc"],
+        });
+        let hits = self.search(&self.index(kind.as_str(), "*"), body).await?;
+        Ok(hits
+            .into_iter()
+            .filter_map(|mut h| match h["doc"].take() {
+                Value::String(doc) => Some(doc),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
+        let mut days: HashMap<i64, String> = HashMap::new();
+        let mut lines = Vec::with_capacity(points.len() * 2);
+        for p in points.iter() {
+            let day = days
+                .entry(p.at.div_euclid(DAY_MS))
+                .or_insert_with(|| day(p.at));
+            let doc = json!({
+                "bucket_id": p.bucket_id, "server_name": p.server_name, "app_name": p.app_name,
+                "pm_id": p.pm_id, "name": p.name, "unit": p.unit, "agg_type": p.agg_type, "at": p.at,
+                "avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count,
+            })
+            .to_string();
+            let id = p.content_id();
+            lines.push(
+                json!({"index": {"_index": self.index(METRICS, day), "_id": id}}).to_string(),
+            );
+            lines.push(doc);
+        }
+        self.bulk(lines).await
+    }
+
+    async fn metrics(&self, q: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
+        let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
+        filter.push(json!({"range": {"at": {"gte": q.since}}}));
+        let body = json!({"query": {"bool": {"filter": filter}}, "sort": [{"at": "asc"}], "size": MAX_POINTS});
+        let hits = self.search(&self.index(METRICS, "*"), body).await?;
+        Ok(hits.iter().filter_map(point_from).collect())
+    }
+
+    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
+        let pattern = format!("{}-*", self.prefix);
+        let response = self
+            .client
+            .send(
+                Method::Get,
+                &format!("/_cat/indices/{pattern}"),
+                Default::default(),
+                Some(&[("format", "json"), ("h", "index")]),
+                None::<JsonBody<Value>>,
+                None,
+            )
+            .await
+            .map_err(unavailable)?;
+        let listed: Value = response.json().await.map_err(unavailable)?;
+        let old: Vec<String> = listed
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|i| i["index"].as_str())
+            .filter(|name| {
+                name.rsplit('-')
+                    .next()
+                    .and_then(day_start)
+                    .is_some_and(|start| start + DAY_MS <= cutoff)
+            })
+            .map(str::to_string)
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<&str> = old.iter().map(String::as_str).collect();
+        let response = self
+            .client
+            .indices()
+            .delete(IndicesDeleteParts::Index(&names))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        if !response.status_code().is_success() {
+            return Err(unavailable(format!(
+                "deleting {} old indices: {}",
+                names.len(),
+                response.text().await.unwrap_or_default()
+            )));
+        }
+        Ok(old.len() as u64)
+    }
+}
+
+fn point_from(h: &Value) -> Option<MetricPoint> {
+    let text = |f: &str| h[f].as_str().map(str::to_string);
+    Some(MetricPoint {
+        bucket_id: text("bucket_id")?,
+        server_name: text("server_name")?,
+        app_name: text("app_name")?,
+        pm_id: h["pm_id"].as_i64()?,
+        name: text("name")?,
+        unit: text("unit"),
+        agg_type: text("agg_type"),
+        at: h["at"].as_i64()?,
+        avg: h["avg"].as_f64()?,
+        min: h["min"].as_f64()?,
+        max: h["max"].as_f64()?,
+        last: h["last"].as_f64()?,
+        count: h["count"].as_u64()?.try_into().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_and_urls() {
+        assert_eq!(day(1_795_314_237_401), "2026.11.22");
+        assert_eq!(day_start("2026.11.22"), Some(1_795_305_600_000));
+        assert_eq!(day_start("2026.13.40"), None);
+        let urls = parse_urls("es1:9200  https://es2:9243").unwrap();
+        assert_eq!(
+            urls.iter().map(Url::as_str).collect::<Vec<_>>(),
+            ["http://es1:9200/", "https://es2:9243/"]
+        );
+        assert!(parse_urls("  ").is_err());
+        assert!(parse_urls("http://[bad").is_err());
+    }
+}
