@@ -300,6 +300,16 @@ impl OsMem {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// Freezes the server (SIGSTOP): connections hang as in a network outage.
+    pub fn pause(&self) {
+        signal(self.child.id() as i32, libc::SIGSTOP);
+    }
+
+    /// Lets a paused server run again, its data intact.
+    pub fn resume(&self) {
+        signal(self.child.id() as i32, libc::SIGCONT);
+    }
 }
 
 impl Drop for OsMem {

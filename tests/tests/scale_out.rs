@@ -1,11 +1,93 @@
 //! km on the scale-out stores: a configuration that cannot work stops km at once with a
-//! message naming the variable.
+//! message naming the variable; an outage of the events store loses nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use km_e2e::{free_port, km_bin};
+use anyhow::ensure;
+use km_e2e::{LinkOpts, OsMem, e2e, free_port, km_bin, linked_with, now_ms};
+use serde_json::{Value, json};
+
+/// Prints a numbered line every 200 ms.
+const APP_LOGGER: &str = r#"
+let n = 0;
+setInterval(() => console.log('outage-line ' + (n++)), 200);
+"#;
+
+#[tokio::test]
+async fn elasticsearch_outage_is_reported_and_buffered_logs_are_written_after() {
+    e2e(async {
+        let search = OsMem::start()?;
+        let opts = LinkOpts {
+            km_env: vec![("KM_ELASTICSEARCH_URL".into(), search.url().into())],
+            ..LinkOpts::default()
+        };
+        let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
+        let start =
+            json!({"server_name": "web-1", "method_name": "startLogging", "app_name": "logger"});
+        ensure!(
+            api.trigger_pm2(&b, &start).await?.ok(),
+            "startLogging refused"
+        );
+        let logs = format!("/api/bucket/{b}/data/logs");
+        let any = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty()).then_some(());
+        api.poll_post(
+            &logs,
+            &json!({}),
+            "first log lines",
+            Duration::from_secs(15),
+            any,
+        )
+        .await?;
+
+        search.pause();
+        let paused_at = now_ms();
+        // Longer than the store's request timeout (10 s): the writer sees the failure.
+        let health = api
+            .poll_get(
+                "/healthz",
+                "events store reported down",
+                Duration::from_secs(25),
+                |h| {
+                    (h["stores"]["events"]["up"] == false && h["status"] == "degraded")
+                        .then(|| h.clone())
+                },
+            )
+            .await?;
+        eprintln!("healthz during the outage: {}", health["stores"]["events"]);
+        let status = api.status(&b).await?;
+        ensure!(
+            status[0]["online"] == true,
+            "the agent stays connected during the outage: {status}"
+        );
+        search.resume();
+        let resumed_at = now_ms();
+
+        let during = json!({"after": paused_at, "before": resumed_at, "size": 1000});
+        let lines = api
+            .poll_post(
+                &logs,
+                &during,
+                "lines logged during the outage",
+                Duration::from_secs(40),
+                |v| v.as_array().filter(|a| a.len() >= 20).map(Vec::len),
+            )
+            .await?;
+        eprintln!("{lines} lines logged during the outage were written after it");
+        api.poll_get(
+            "/healthz",
+            "events store up again",
+            Duration::from_secs(30),
+            |h| (h["stores"]["events"]["up"] == true && h["writer"]["dropped"] == 0).then_some(()),
+        )
+        .await?;
+        Ok(())
+    })
+    .await
+}
 
 #[test]
 fn unreachable_mongodb_stops_km_naming_the_variable() {

@@ -13,6 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use std::time::Duration;
+
+use crate::stores::StoreError;
 
 use crate::app::AppState;
 use crate::interactor;
@@ -65,15 +68,31 @@ pub fn router(app: AppState) -> Router {
         .with_state(app)
 }
 
-/// `GET /healthz`: ready, with the numbers an operator watches.
+/// `GET /healthz`: ready (200 while the process serves), with each store's state
+/// (`status: degraded` when one is down) and the numbers an operator watches.
 async fn health(
     axum::extract::State(app): axum::extract::State<AppState>,
 ) -> Json<serde_json::Value> {
     let writer = &app.ingest.writer.stats;
+    let documents = tokio::time::timeout(Duration::from_secs(2), app.documents.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable {
+                store: "documents",
+                reason: "no answer within 2 s".into(),
+            })
+        });
+    let events = writer.refusal();
+    let store = |kind: &str, error: Option<String>| json!({ "kind": kind, "up": error.is_none(), "error": error });
+    let degraded = documents.is_err() || events.is_some();
     Json(json!({
-        "status": "ok",
+        "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
-        "stores": { "documents": app.documents.kind(), "events": app.events.kind(), "bus": "local" },
+        "stores": {
+            "documents": store(app.documents.kind(), documents.err().map(|e| e.to_string())),
+            "events": store(app.events.kind(), events),
+            "bus": store("local", None),
+        },
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,
         "writer": {

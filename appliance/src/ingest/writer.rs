@@ -36,6 +36,15 @@ pub struct WriterStats {
     pub write_retries: AtomicU64,
     /// Items lost because the store still refused them at shutdown.
     pub write_errors: AtomicU64,
+    /// Why the store refuses writes now (none while it takes them).
+    refusing: parking_lot::Mutex<Option<String>>,
+}
+
+impl WriterStats {
+    /// Why the events store refuses writes, if it does now.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusing.lock().clone()
+    }
 }
 
 #[derive(Clone)]
@@ -165,7 +174,11 @@ impl Batch {
                 Err(e) => self.failed_points = Some(refused(e, "metric points", points, stats)),
             }
         }
-        self.failed_events.is_none() && self.failed_points.is_none()
+        let done = self.failed_events.is_none() && self.failed_points.is_none();
+        if done {
+            *stats.refusing.lock() = None;
+        }
+        done
     }
 
     /// Gives up on what the store keeps refusing (counted as write errors).
@@ -195,6 +208,7 @@ fn written(counter: &AtomicU64, n: usize) {
 
 fn refused<T>(e: StoreError, what: &str, batch: Arc<[T]>, stats: &WriterStats) -> Arc<[T]> {
     stats.write_retries.fetch_add(1, Ordering::Relaxed);
+    *stats.refusing.lock() = Some(e.to_string());
     tracing::warn!(error = %e, count = batch.len(), "writing {what} failed; kept for retry");
     batch
 }
@@ -288,6 +302,7 @@ mod tests {
         writer.flush().await;
         assert_eq!(stored(&*store).await, 2, "nothing lost");
         assert!(writer.stats.write_retries.load(Ordering::Relaxed) >= 2);
+        assert_eq!(writer.stats.refusal(), None, "up again");
         assert_eq!(writer.stats.write_errors.load(Ordering::Relaxed), 0);
     }
 

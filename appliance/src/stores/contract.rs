@@ -351,6 +351,33 @@ async fn events_contract_on_elasticsearch() {
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
     assert_eq!(events.kind(), "elasticsearch");
     events_contract(&events).await;
+    // One index per kind per day, named for the day of the events in it; the one of 40
+    // days ago went with retention.
+    let listed: serde_json::Value = reqwest::get(format!(
+        "{}/_cat/indices/kmtest-*?format=json",
+        server.url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["index"].as_str())
+        .collect();
+    names.sort();
+    let today = bson::DateTime::now().try_to_rfc3339_string().unwrap()[..10].replace('-', ".");
+    assert_eq!(
+        names,
+        [
+            format!("kmtest-logs-{today}"),
+            format!("kmtest-metrics-{today}")
+        ],
+        "{listed}"
+    );
 }
 
 #[tokio::test]

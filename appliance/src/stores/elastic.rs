@@ -38,6 +38,21 @@ fn unavailable(reason: impl ToString) -> StoreError {
     }
 }
 
+/// A client error with its causes (`error sending request: operation timed out`).
+fn failed(e: elasticsearch::Error) -> StoreError {
+    let mut reason = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !reason.ends_with(&text) {
+            reason.push_str(": ");
+            reason.push_str(&text);
+        }
+        cause = c.source();
+    }
+    unavailable(reason)
+}
+
 /// `host:port` or `http(s)://host:port`, space-separated (as the seeds write them).
 pub fn parse_urls(value: &str) -> Result<Vec<Url>, String> {
     let urls: Result<Vec<Url>, String> = value
@@ -201,9 +216,9 @@ impl ElasticEvents {
             .body(lines)
             .send()
             .await
-            .map_err(unavailable)?;
+            .map_err(failed)?;
         let status = response.status_code();
-        let body: Value = response.json().await.map_err(unavailable)?;
+        let body: Value = response.json().await.map_err(failed)?;
         if !status.is_success() {
             return Err(unavailable(format!(
                 "bulk answered {status}: {}",
@@ -253,9 +268,9 @@ impl ElasticEvents {
             .body(body)
             .send()
             .await
-            .map_err(unavailable)?;
+            .map_err(failed)?;
         let status = response.status_code();
-        let mut body: Value = response.json().await.map_err(unavailable)?;
+        let mut body: Value = response.json().await.map_err(failed)?;
         if status == StatusCode::NOT_FOUND {
             return Ok(Vec::new());
         }
@@ -387,8 +402,8 @@ impl Events for ElasticEvents {
                 None,
             )
             .await
-            .map_err(unavailable)?;
-        let listed: Value = response.json().await.map_err(unavailable)?;
+            .map_err(failed)?;
+        let listed: Value = response.json().await.map_err(failed)?;
         let old: Vec<String> = listed
             .as_array()
             .map(Vec::as_slice)
@@ -413,7 +428,7 @@ impl Events for ElasticEvents {
             .delete(IndicesDeleteParts::Index(&names))
             .send()
             .await
-            .map_err(unavailable)?;
+            .map_err(failed)?;
         if !response.status_code().is_success() {
             return Err(unavailable(format!(
                 "deleting {} old indices: {}",

@@ -33,6 +33,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Documents: Send + Sync {
     /// Which implementation this is (`sqlite`, `mongodb`), for `/healthz`.
     fn kind(&self) -> &'static str;
+    /// Whether the store answers now.
+    async fn ping(&self) -> StoreResult<()>;
     /// Inserts a user; `Conflict("username"|"email")` when taken.
     async fn insert_user(&self, user: &User) -> StoreResult<()>;
     async fn count_users(&self) -> StoreResult<u64>;

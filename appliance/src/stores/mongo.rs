@@ -184,6 +184,14 @@ impl Documents for MongoDocuments {
         "mongodb"
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        self.db
+            .run_command(doc! {"ping": 1})
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
     async fn insert_user(&self, user: &User) -> StoreResult<()> {
         inserted(self.users().insert_one(UserDoc::from(user)).await)
     }

@@ -110,6 +110,12 @@ impl Documents for SqliteDocuments {
         "sqlite"
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        self.db
+            .call(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
     async fn insert_user(&self, user: &User) -> StoreResult<()> {
         let u = user.clone();
         let inserted = self
