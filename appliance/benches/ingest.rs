@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         data_dir: dir.path().into(),
         site_url: None,
         mongo_url: None,
+        redis_url: None,
         elasticsearch_url: None,
         elasticsearch_host: None,
         elasticsearch_prefix: "km".into(),

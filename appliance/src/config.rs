@@ -24,6 +24,9 @@ pub struct RawSettings {
     /// MongoDB connection string for the documents store (default: embedded SQLite).
     #[arg(long, env = "KM_MONGO_URL", hide_env_values = true)]
     pub mongo_url: Option<String>,
+    /// Redis for the bus between several nodes (default: in-process).
+    #[arg(long, env = "KM_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
     /// Elasticsearch / OpenSearch for events: `http(s)://host:port`, several separated by
     /// spaces (default: embedded SQLite).
     #[arg(long, env = "KM_ELASTICSEARCH_URL", hide_env_values = true)]
@@ -48,6 +51,8 @@ pub struct Settings {
     pub site_url: Option<String>,
     /// MongoDB for documents; `None` keeps them in the data dir.
     pub mongo_url: Option<String>,
+    /// Redis for the bus; `None` keeps it in process (one node).
+    pub redis_url: Option<String>,
     /// Elasticsearch nodes for events; empty keeps them in the data dir.
     pub elasticsearch: Vec<Url>,
     pub elasticsearch_prefix: String,
@@ -95,6 +100,12 @@ impl Settings {
                 "KM_MONGO_URL (--mongo-url): must start with mongodb:// or mongodb+srv://".into(),
             );
         }
+        if let Some(url) = &raw.redis_url
+            && !url.is_empty()
+            && !url.starts_with("redis://")
+        {
+            errors.push("KM_REDIS_URL (--redis-url): must start with redis://".into());
+        }
         let elasticsearch = raw
             .elasticsearch_url
             .as_deref()
@@ -122,6 +133,7 @@ impl Settings {
                 data_dir: raw.data_dir,
                 site_url,
                 mongo_url: raw.mongo_url.filter(|u| !u.is_empty()),
+                redis_url: raw.redis_url.filter(|u| !u.is_empty()),
                 elasticsearch,
                 elasticsearch_prefix: raw.elasticsearch_prefix,
                 retention_days,
@@ -163,6 +175,7 @@ mod tests {
             data_dir: "./d".into(),
             site_url: None,
             mongo_url: None,
+            redis_url: None,
             elasticsearch_url: None,
             elasticsearch_host: None,
             elasticsearch_prefix: "km".into(),
@@ -178,6 +191,7 @@ mod tests {
             retention_days: "-1".into(),
             mongo_url: Some("http://user:hunter2@db".into()),
             elasticsearch_url: Some("http://[es".into()),
+            redis_url: Some("http://:pw@cache".into()),
             elasticsearch_prefix: "KM".into(),
             ..raw()
         })

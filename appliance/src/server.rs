@@ -17,6 +17,7 @@ use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
 use crate::stores::elastic::ElasticEvents;
 use crate::stores::mongo::MongoDocuments;
+use crate::stores::redis_bus::RedisBus;
 use crate::stores::{self, LocalBus};
 use crate::workers;
 
@@ -99,13 +100,17 @@ pub async fn build_app(
             .await
             .context("documents store: cannot load servers")?,
     );
+    let bus: Arc<dyn stores::Bus> = match &settings.redis_url {
+        Some(url) => RedisBus::connect(url, sessions.clone(), shutdown.clone()).await?,
+        None => Arc::new(LocalBus::new(sessions.clone())),
+    };
     let (writer, writer_task) = EventWriter::start(events.clone());
     let app = Arc::new(App {
         public_url: settings.public_url(bound),
         settings,
         documents,
         events,
-        bus: Arc::new(LocalBus::new(sessions.clone())),
+        bus,
         sessions,
         ingest: Ingest::new(writer),
         shutdown,

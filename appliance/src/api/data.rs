@@ -38,24 +38,58 @@ pub struct StatusFilter {
     server_name: Option<String>,
 }
 
-/// `GET /api/bucket/:id/data/status[?server_name=]`: every server's latest status.
+/// `GET /api/bucket/:id/data/status[?server_name=]`: every server's latest status, from
+/// this node's sessions and the servers connected to other nodes.
 pub async fn status(
     State(app): State<AppState>,
     access: BucketAccess,
     Query(filter): Query<StatusFilter>,
 ) -> Response {
-    let sessions = app.sessions.of_bucket(&access.bucket.id);
+    let bucket_id = &access.bucket.id;
+    let local = app
+        .sessions
+        .of_bucket(bucket_id)
+        .iter()
+        .map(|s| s.to_json())
+        .collect::<Vec<_>>();
+    // Without the bus this node still answers with what it holds.
+    let remote = app.bus.remote_servers(bucket_id).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "status: other nodes not asked");
+        Vec::new()
+    });
+    let wanted = |name: &str| filter.server_name.as_deref().is_none_or(|w| w == name);
     json_array(
-        sessions
-            .iter()
-            .filter(|s| {
-                filter
-                    .server_name
-                    .as_deref()
-                    .is_none_or(|name| s.server_name == name)
-            })
-            .map(|s| s.to_json()),
+        freshest_per_server(local.into_iter().chain(remote))
+            .into_iter()
+            .filter(|(name, _)| wanted(name))
+            .map(|(_, json)| json),
     )
+}
+
+/// One view per server name: an online one over an offline one, then the latest.
+fn freshest_per_server(views: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {
+    #[derive(Deserialize)]
+    struct Head {
+        server_name: String,
+        online: bool,
+        last_update: i64,
+    }
+    let mut best: BTreeMap<String, ((bool, i64), String)> = BTreeMap::new();
+    for json in views {
+        let Ok(head) = serde_json::from_str::<Head>(&json) else {
+            continue;
+        };
+        let rank = (head.online, head.last_update);
+        match best.get(&head.server_name) {
+            Some((held, _)) if *held >= rank => {}
+            _ => {
+                best.insert(head.server_name, (rank, json));
+            }
+        }
+    }
+    best.into_iter()
+        .map(|(name, (_, json))| (name, json))
+        .collect()
 }
 
 /// Filters of the event routes. Times are epoch milliseconds (numbers or digit strings).
@@ -244,4 +278,28 @@ pub async fn metrics_histogram(
             json!({ "agg_type": agg_type, "unit": unit, "timestamps_and_stats": stats });
     }
     Ok(Json(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_view_per_server_online_then_latest() {
+        let view = |name: &str, online: bool, at: i64| {
+            format!(
+                r#"{{"server_name":"{name}","online":{online},"last_update":{at},"data":{{}}}}"#
+            )
+        };
+        let merged = freshest_per_server([
+            view("a", false, 9),
+            view("a", true, 5),
+            view("b", false, 1),
+            view("b", false, 3),
+            "not json".into(),
+        ]);
+        assert_eq!(merged.get("a"), Some(&view("a", true, 5)));
+        assert_eq!(merged.get("b"), Some(&view("b", false, 3)));
+        assert_eq!(merged.len(), 2);
+    }
 }

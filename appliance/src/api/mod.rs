@@ -83,15 +83,23 @@ async fn health(
             })
         });
     let events = writer.refusal();
+    let bus = tokio::time::timeout(Duration::from_secs(2), app.bus.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Unavailable {
+                store: "bus",
+                reason: "no answer within 2 s".into(),
+            })
+        });
     let store = |kind: &str, error: Option<String>| json!({ "kind": kind, "up": error.is_none(), "error": error });
-    let degraded = documents.is_err() || events.is_some();
+    let degraded = documents.is_err() || events.is_some() || bus.is_err();
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "stores": {
             "documents": store(app.documents.kind(), documents.err().map(|e| e.to_string())),
             "events": store(app.events.kind(), events),
-            "bus": store("local", None),
+            "bus": store(app.bus.kind(), bus.err().map(|e| e.to_string())),
         },
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,

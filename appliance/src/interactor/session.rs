@@ -392,6 +392,14 @@ impl CommandSink for Sessions {
             None => Delivery::NotConnected,
         }
     }
+
+    fn online_servers(&self, bucket_id: &str) -> Vec<String> {
+        self.of_bucket(bucket_id)
+            .iter()
+            .filter(|s| s.online())
+            .map(|s| s.to_json())
+            .collect()
+    }
 }
 
 /// One RFC 6902 operation as the agent sends it, borrowed from the frame.

@@ -25,6 +25,9 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
         .sessions
         .attach(&bucket_id, &server_name, tx.clone(), now_ms());
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, "agent connected");
+    if let Err(e) = app.bus.claim(&bucket_id, &server_name).await {
+        tracing::warn!(error = %e, "bus: cannot record this node as the agent's");
+    }
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_seen = Instant::now();

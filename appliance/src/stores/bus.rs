@@ -1,5 +1,6 @@
-//! The bus carries commands to whichever node holds an agent's socket. In one process
-//! that is a direct call into the interactor's sessions.
+//! The bus: what crosses nodes. Commands go to whichever node holds an agent's socket,
+//! and the live view of a bucket's servers is gathered from every node. In one process
+//! both are direct calls into the interactor's sessions.
 
 use std::sync::Arc;
 
@@ -22,14 +23,26 @@ pub enum Delivery {
     NotConnected,
 }
 
-/// What holds agent sockets and can hand them a command.
+/// What holds agent sockets on this node (the interactor's sessions).
 pub trait CommandSink: Send + Sync {
+    /// Sends the command if the agent is connected here.
     fn deliver(&self, command: &AgentCommand) -> Delivery;
+    /// The API view (JSON) of the bucket's servers connected here.
+    fn online_servers(&self, bucket_id: &str) -> Vec<String>;
 }
 
 #[async_trait]
 pub trait Bus: Send + Sync {
+    /// Which implementation this is (`local`, `redis`), for `/healthz`.
+    fn kind(&self) -> &'static str;
+    async fn ping(&self) -> StoreResult<()>;
+    /// Sends a command to the agent, wherever it is connected.
     async fn send_command(&self, command: AgentCommand) -> StoreResult<Delivery>;
+    /// The API view (JSON) of the bucket's servers connected to other nodes.
+    async fn remote_servers(&self, bucket_id: &str) -> StoreResult<Vec<String>>;
+    /// This node now holds the freshest socket of the server (after a reconnect, a
+    /// command must go to it, not to a stale socket on another node).
+    async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
 }
 
 /// The in-process bus: every agent socket is in this process.
@@ -45,7 +58,23 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn send_command(&self, command: AgentCommand) -> StoreResult<Delivery> {
         Ok(self.sink.deliver(&command))
+    }
+
+    async fn remote_servers(&self, _bucket_id: &str) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn claim(&self, _bucket_id: &str, _server_name: &str) -> StoreResult<()> {
+        Ok(())
     }
 }

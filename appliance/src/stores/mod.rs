@@ -7,6 +7,7 @@ mod contract;
 pub mod elastic;
 pub mod model;
 pub mod mongo;
+pub mod redis_bus;
 pub mod sqlite;
 
 use std::sync::Arc;

@@ -1,0 +1,349 @@
+//! The bus on Redis (`KM_REDIS_URL`), for several nodes sharing the stores. Requests go
+//! to every node on one pub/sub channel; answers come back on the asker's own channel.
+//! Each node keeps a heartbeat in a hash, so an asker knows how many answers to wait for,
+//! and the node holding an agent's freshest socket is recorded when it connects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentCommand, Bus, CommandSink, Delivery, StoreError, StoreResult};
+use crate::ids::{new_object_id, now_ms};
+
+const REQUESTS: &str = "km:bus";
+const NODES: &str = "km:nodes";
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A node silent this long is gone.
+const NODE_TTL_MS: i64 = 6_000;
+const COMMAND_WAIT: Duration = Duration::from_secs(2);
+const SERVERS_WAIT: Duration = Duration::from_millis(500);
+const OWNER_TTL_S: u64 = 24 * 3600;
+
+fn unavailable(e: redis::RedisError) -> StoreError {
+    StoreError::Unavailable {
+        store: "bus",
+        reason: e.to_string(),
+    }
+}
+
+fn owner_key(bucket_id: &str, server_name: &str) -> String {
+    format!("km:owner:{bucket_id}:{server_name}")
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Request {
+    Command {
+        from: String,
+        req: u64,
+        bucket_id: String,
+        server_name: String,
+        frame: String,
+    },
+    Servers {
+        from: String,
+        req: u64,
+        bucket_id: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reply {
+    req: u64,
+    #[serde(default)]
+    delivered: bool,
+    #[serde(default)]
+    servers: Vec<String>,
+}
+
+pub struct RedisBus {
+    node: String,
+    conn: ConnectionManager,
+    sink: Arc<dyn CommandSink>,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
+    next_req: AtomicU64,
+}
+
+impl RedisBus {
+    /// Connects (errors name `KM_REDIS_URL` and the host, never a password) and starts
+    /// the listener and heartbeat tasks, which stop with `shutdown`.
+    pub async fn connect(
+        url: &str,
+        sink: Arc<dyn CommandSink>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let client = redis::Client::open(url).map_err(|_| {
+            anyhow::anyhow!(
+                "KM_REDIS_URL: not a usable Redis URL (redis://[:password@]host:port[/db])"
+            )
+        })?;
+        let host = client.get_connection_info().addr().to_string();
+        let connect = tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager());
+        let mut conn = connect
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("KM_REDIS_URL: cannot connect to {host}: no answer within 5 s")
+            })?
+            .map_err(|e| anyhow::anyhow!("KM_REDIS_URL: cannot connect to {host}: {e}"))?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| anyhow::anyhow!("KM_REDIS_URL: {host} does not answer PING: {e}"))?;
+        let bus = Arc::new(RedisBus {
+            node: new_object_id(),
+            conn,
+            sink,
+            waiting: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+        });
+        tokio::spawn(bus.clone().listen(client, shutdown.clone()));
+        tokio::spawn(bus.clone().heartbeat(shutdown));
+        Ok(bus)
+    }
+
+    fn inbox(&self) -> String {
+        format!("km:node:{}", self.node)
+    }
+
+    /// Subscribes to requests and to this node's inbox; reconnects after outages.
+    async fn listen(self: Arc<Self>, client: redis::Client, shutdown: CancellationToken) {
+        let mut delay = Duration::from_millis(200);
+        while !shutdown.is_cancelled() {
+            match client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if pubsub.subscribe(&[REQUESTS, &self.inbox()]).await.is_ok() {
+                        delay = Duration::from_millis(200);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            tokio::select! {
+                                () = shutdown.cancelled() => return,
+                                message = messages.next() => match message {
+                                    Some(m) => self.clone().handle(m.get_channel_name().to_string(), m.get_payload_bytes().to_vec()).await,
+                                    None => break,
+                                },
+                            }
+                        }
+                    }
+                    tracing::warn!("bus: Redis subscription lost; resubscribing");
+                }
+                Err(e) => tracing::warn!(error = %e, "bus: cannot subscribe to Redis; retrying"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn handle(self: Arc<Self>, channel: String, payload: Vec<u8>) {
+        if channel != REQUESTS {
+            if let Ok(reply) = serde_json::from_slice::<Reply>(&payload) {
+                if let Some(tx) = self.waiting.lock().get(&reply.req) {
+                    let _ = tx.send(reply);
+                }
+            }
+            return;
+        }
+        let reply = match serde_json::from_slice::<Request>(&payload) {
+            Ok(Request::Command {
+                from,
+                req,
+                bucket_id,
+                server_name,
+                frame,
+            }) if from != self.node => {
+                let command = AgentCommand {
+                    bucket_id,
+                    server_name,
+                    frame,
+                };
+                let delivered = self.deliver_if_owner(&command).await == Delivery::Sent;
+                (
+                    from,
+                    Reply {
+                        req,
+                        delivered,
+                        servers: Vec::new(),
+                    },
+                )
+            }
+            Ok(Request::Servers {
+                from,
+                req,
+                bucket_id,
+            }) if from != self.node => (
+                from,
+                Reply {
+                    req,
+                    delivered: false,
+                    servers: self.sink.online_servers(&bucket_id),
+                },
+            ),
+            _ => return,
+        };
+        let (to, reply) = reply;
+        let mut conn = self.conn.clone();
+        let body = serde_json::to_string(&reply).unwrap_or_default();
+        if let Err(e) = conn
+            .publish::<_, _, ()>(format!("km:node:{to}"), body)
+            .await
+        {
+            tracing::warn!(error = %e, "bus: cannot answer a request");
+        }
+    }
+
+    /// Delivers here if the agent's freshest socket is on this node.
+    async fn deliver_if_owner(&self, command: &AgentCommand) -> Delivery {
+        let mut conn = self.conn.clone();
+        let owner: Option<String> = conn
+            .get(owner_key(&command.bucket_id, &command.server_name))
+            .await
+            .unwrap_or(None);
+        if owner.as_deref().is_some_and(|o| o != self.node) {
+            return Delivery::NotConnected;
+        }
+        self.sink.deliver(command)
+    }
+
+    async fn heartbeat(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut conn = self.conn.clone();
+            if let Err(e) = conn.hset::<_, _, _, ()>(NODES, &self.node, now_ms()).await {
+                tracing::warn!(error = %e, "bus: heartbeat failed");
+            }
+        }
+        let mut conn = self.conn.clone();
+        let _: Result<(), _> = conn.hdel(NODES, &self.node).await;
+    }
+
+    /// How many other nodes are alive now.
+    async fn other_nodes(&self) -> StoreResult<usize> {
+        let mut conn = self.conn.clone();
+        let nodes: HashMap<String, i64> = conn.hgetall(NODES).await.map_err(unavailable)?;
+        let now = now_ms();
+        Ok(nodes
+            .iter()
+            .filter(|(id, seen)| **id != self.node && now - **seen < NODE_TTL_MS)
+            .count())
+    }
+
+    /// Publishes `request` and collects answers until `done` says so, every other node
+    /// answered, or `wait` passed.
+    async fn ask(
+        &self,
+        request: impl FnOnce(u64) -> Request,
+        wait: Duration,
+        mut done: impl FnMut(&Reply) -> bool,
+    ) -> StoreResult<Vec<Reply>> {
+        let others = self.other_nodes().await?;
+        if others == 0 {
+            return Ok(Vec::new());
+        }
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.waiting.lock().insert(req, tx);
+        let body = serde_json::to_string(&request(req)).unwrap_or_default();
+        let mut conn = self.conn.clone();
+        let published = conn.publish::<_, _, ()>(REQUESTS, body).await;
+        let mut replies = Vec::new();
+        if published.is_ok() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while replies.len() < others {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(reply)) => {
+                        let finished = done(&reply);
+                        replies.push(reply);
+                        if finished {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.waiting.lock().remove(&req);
+        published.map_err(unavailable)?;
+        Ok(replies)
+    }
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn send_command(&self, command: AgentCommand) -> StoreResult<Delivery> {
+        if self.deliver_if_owner(&command).await == Delivery::Sent {
+            return Ok(Delivery::Sent);
+        }
+        let node = self.node.clone();
+        let replies = self
+            .ask(
+                |req| Request::Command {
+                    from: node,
+                    req,
+                    bucket_id: command.bucket_id.clone(),
+                    server_name: command.server_name.clone(),
+                    frame: command.frame.clone(),
+                },
+                COMMAND_WAIT,
+                |reply| reply.delivered,
+            )
+            .await?;
+        Ok(if replies.iter().any(|r| r.delivered) {
+            Delivery::Sent
+        } else {
+            Delivery::NotConnected
+        })
+    }
+
+    async fn remote_servers(&self, bucket_id: &str) -> StoreResult<Vec<String>> {
+        let node = self.node.clone();
+        let bucket_id = bucket_id.to_string();
+        let replies = self
+            .ask(
+                |req| Request::Servers {
+                    from: node,
+                    req,
+                    bucket_id,
+                },
+                SERVERS_WAIT,
+                |_| false,
+            )
+            .await?;
+        Ok(replies.into_iter().flat_map(|r| r.servers).collect())
+    }
+
+    async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        conn.set_ex(owner_key(bucket_id, server_name), &self.node, OWNER_TTL_S)
+            .await
+            .map_err(unavailable)
+    }
+}
