@@ -61,7 +61,17 @@ else
     installed || { echo "error: npm packages not installed in $NODE_DIR" >&2; exit 1; }
 fi
 
-# Real servers the store contract tests start on free ports.
+# Real servers the store contract and scale-out tests start on free ports.
+if ! command -v redis-server >/dev/null 2>&1; then
+    section "redis-server (Debian)"
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: redis-server is required (apt-get install -y redis-server as root)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq redis-server >/dev/null
+fi
 PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6)
 section "python test servers (${PY_PACKAGES[*]})"
 python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"

@@ -254,6 +254,67 @@ impl Drop for SecantusDb {
     }
 }
 
+/// A real Redis server on a free loopback port, nothing saved to disk; killed on drop.
+pub struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Result<Redis> {
+        let dir = temp_dir("km-redis-")?;
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context(
+                "start redis-server (apt-get install redis-server; tests/run.sh installs it)",
+            )?;
+        let mut server = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = server.child.try_wait()? {
+                bail!("redis-server exited at start ({st})");
+            }
+            if Instant::now() > deadline {
+                bail!("redis-server did not listen on 127.0.0.1:{port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A real Elasticsearch-API server (osmem-server, `pip install osmem-server`, in memory)
 /// on a free loopback port; killed on drop.
 pub struct OsMem {

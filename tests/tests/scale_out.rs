@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use km_e2e::{LinkOpts, OsMem, e2e, free_port, km_bin, linked_with, now_ms};
+use km_e2e::{Km, LinkOpts, OsMem, Redis, SecantusDb, e2e, free_port, km_bin, linked_with, now_ms};
 use serde_json::{Value, json};
 
 /// Prints a numbered line every 200 ms.
@@ -14,6 +14,89 @@ const APP_LOGGER: &str = r#"
 let n = 0;
 setInterval(() => console.log('outage-line ' + (n++)), 200);
 "#;
+
+/// Two km nodes on the same MongoDB, Elasticsearch and Redis answer as one: an agent
+/// linked to node A is seen, restarted and tailed through node B.
+#[tokio::test]
+async fn two_nodes_answer_as_one_system() {
+    e2e(async {
+        let (mongo, search, redis) = (SecantusDb::start()?, OsMem::start()?, Redis::start()?);
+        let env = vec![
+            ("KM_MONGO_URL".to_string(), mongo.url("km_nodes")),
+            ("KM_ELASTICSEARCH_URL".to_string(), search.url().to_string()),
+            ("KM_REDIS_URL".to_string(), redis.url()),
+        ];
+        let opts = LinkOpts {
+            km_env: env.clone(),
+            ..LinkOpts::default()
+        };
+        let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
+        l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
+        let node_b = Km::start_with(env).await?;
+        let token = l.user.api.token().unwrap_or_default().to_string();
+        let via_b = node_b.api().with_token(&token);
+        let b = l.bucket.id.clone();
+
+        let pid = |p: &Value| p["pid"].as_i64();
+        let first = via_b
+            .wait_process(
+                &b,
+                "web-1",
+                "logger",
+                "web-1 seen through node B",
+                Duration::from_secs(15),
+                |p| pid(p),
+            )
+            .await?;
+        let restart =
+            json!({"server_name": "web-1", "method_name": "restart", "app_name": "logger"});
+        let r = via_b.trigger_pm2(&b, &restart).await?;
+        ensure!(
+            r.ok() && r.body["success"] == true,
+            "restart through node B: HTTP {}: {}",
+            r.status,
+            r.text
+        );
+        via_b
+            .wait_process(
+                &b,
+                "web-1",
+                "logger",
+                "a new pid after the restart through B",
+                Duration::from_secs(15),
+                |p| pid(p).filter(|p| *p != first && *p > 0),
+            )
+            .await?;
+        let status = l.api().status(&b).await?;
+        let restarts = status[0]["data"]["process"]
+            .as_array()
+            .and_then(|procs| procs.iter().find(|p| p["name"] == "logger"))
+            .and_then(|p| p["restart_time"].as_i64());
+        ensure!(
+            restarts == Some(1),
+            "restarted once, seen through node A: {restarts:?}"
+        );
+
+        let start = json!({"server_name": "web-1", "method_name": "startLogging"});
+        ensure!(
+            via_b.trigger_pm2(&b, &start).await?.ok(),
+            "startLogging through B refused"
+        );
+        let logs = format!("/api/bucket/{b}/data/logs");
+        let lines = |v: &Value| v.as_array().filter(|a| !a.is_empty()).map(Vec::len);
+        via_b
+            .poll_post(
+                &logs,
+                &json!({"app_name": "logger"}),
+                "log lines through node B",
+                Duration::from_secs(15),
+                lines,
+            )
+            .await?;
+        Ok(())
+    })
+    .await
+}
 
 #[tokio::test]
 async fn elasticsearch_outage_is_reported_and_buffered_logs_are_written_after() {

@@ -148,10 +148,10 @@ impl RedisBus {
 
     async fn handle(self: Arc<Self>, channel: String, payload: Vec<u8>) {
         if channel != REQUESTS {
-            if let Ok(reply) = serde_json::from_slice::<Reply>(&payload) {
-                if let Some(tx) = self.waiting.lock().get(&reply.req) {
-                    let _ = tx.send(reply);
-                }
+            if let Ok(reply) = serde_json::from_slice::<Reply>(&payload)
+                && let Some(tx) = self.waiting.lock().get(&reply.req)
+            {
+                let _ = tx.send(reply);
             }
             return;
         }
