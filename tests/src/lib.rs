@@ -306,6 +306,15 @@ impl Redis {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+
+    /// Freezes the server (SIGSTOP): requests hang as in a network outage.
+    pub fn pause(&self) {
+        signal(self.child.id() as i32, libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        signal(self.child.id() as i32, libc::SIGCONT);
+    }
 }
 
 impl Drop for Redis {

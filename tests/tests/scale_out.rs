@@ -214,3 +214,78 @@ fn unreachable_mongodb_stops_km_naming_the_variable() {
         "the password was printed: {stderr}"
     );
 }
+
+/// Redis frozen for 10 s while an agent streams logs: km keeps running and the agent
+/// connected, `/healthz` names the bus, commands to agents on this node still run, and
+/// no log line is lost (logs never wait on the bus).
+#[tokio::test]
+async fn redis_outage_loses_nothing() {
+    e2e(async {
+        let redis = Redis::start()?;
+        let opts = LinkOpts {
+            km_env: vec![("KM_REDIS_URL".into(), redis.url())],
+            ..LinkOpts::default()
+        };
+        let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
+        let start =
+            json!({"server_name": "web-1", "method_name": "startLogging", "app_name": "logger"});
+        ensure!(
+            api.trigger_pm2(&b, &start).await?.ok(),
+            "startLogging refused"
+        );
+
+        redis.pause();
+        let paused_at = now_ms();
+        api.poll_get(
+            "/healthz",
+            "bus reported down",
+            Duration::from_secs(10),
+            |h| (h["stores"]["bus"]["up"] == false && h["status"] == "degraded").then_some(()),
+        )
+        .await?;
+        let restart =
+            json!({"server_name": "web-1", "method_name": "restart", "app_name": "logger"});
+        let r = api.trigger_pm2(&b, &restart).await?;
+        ensure!(
+            r.ok(),
+            "a command to an agent on this node during the outage: HTTP {}: {}",
+            r.status,
+            r.text
+        );
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let status = api.status(&b).await?;
+        ensure!(
+            status[0]["online"] == true,
+            "the agent stays connected: {status}"
+        );
+        redis.resume();
+        let resumed_at = now_ms();
+
+        // The logger prints 5 lines a second; all of the outage's are stored.
+        let during =
+            json!({"app_name": "logger", "after": paused_at, "before": resumed_at, "size": 1000});
+        let logs = format!("/api/bucket/{b}/data/logs");
+        let expected = ((resumed_at - paused_at) / 200 * 8 / 10) as usize;
+        let stored = api
+            .poll_post(
+                &logs,
+                &during,
+                "the outage's log lines",
+                Duration::from_secs(15),
+                |v| v.as_array().filter(|a| a.len() >= expected).map(Vec::len),
+            )
+            .await?;
+        eprintln!(
+            "{stored} lines stored from a {} ms Redis outage",
+            resumed_at - paused_at
+        );
+        api.poll_get("/healthz", "bus up again", Duration::from_secs(15), |h| {
+            (h["stores"]["bus"]["up"] == true).then_some(())
+        })
+        .await?;
+        Ok(())
+    })
+    .await
+}
