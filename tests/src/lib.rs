@@ -324,6 +324,32 @@ impl Drop for Redis {
     }
 }
 
+/// The three scale-out stores, each a real server on a free port.
+pub struct ScaleOut {
+    pub mongo: SecantusDb,
+    pub search: OsMem,
+    pub redis: Redis,
+}
+
+impl ScaleOut {
+    pub fn start() -> Result<ScaleOut> {
+        Ok(ScaleOut {
+            mongo: SecantusDb::start()?,
+            search: OsMem::start()?,
+            redis: Redis::start()?,
+        })
+    }
+
+    /// km's environment for them.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("KM_MONGO_URL".into(), self.mongo.url("km")),
+            ("KM_ELASTICSEARCH_URL".into(), self.search.url().into()),
+            ("KM_REDIS_URL".into(), self.redis.url()),
+        ]
+    }
+}
+
 /// A real Elasticsearch-API server (osmem-server, `pip install osmem-server`, in memory)
 /// on a free loopback port; killed on drop.
 pub struct OsMem {
@@ -408,6 +434,8 @@ pub struct Km {
     bin: PathBuf,
     /// Extra environment (`KM_MONGO_URL`...), kept across restarts.
     env: Vec<(String, String)>,
+    /// The scale-out stores this km runs on, when the suite runs on them.
+    _stores: Option<ScaleOut>,
     port: u16,
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
@@ -415,9 +443,16 @@ pub struct Km {
 }
 
 impl Km {
-    /// Starts km and waits until `GET /healthz` answers 200 (20 s at most).
+    /// Starts km and waits until `GET /healthz` answers 200 (20 s at most). With
+    /// `KM_E2E_STORES=scale-out` it runs on its own MongoDB, Elasticsearch and Redis.
     pub async fn start() -> Result<Km> {
-        Km::start_with(Vec::new()).await
+        if std::env::var("KM_E2E_STORES").as_deref() != Ok("scale-out") {
+            return Km::start_with(Vec::new()).await;
+        }
+        let stores = ScaleOut::start()?;
+        let mut km = Km::start_with(stores.env()).await?;
+        km._stores = Some(stores);
+        Ok(km)
     }
 
     /// [`Km::start`] with extra environment variables.
@@ -436,6 +471,7 @@ impl Km {
         let mut km = Km {
             bin,
             env,
+            _stores: None,
             port,
             dir: Some(dir),
             root,
@@ -1351,7 +1387,11 @@ pub async fn linked(machine: &str, apps: &[(&str, &str)]) -> Result<Linked> {
 }
 
 pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -> Result<Linked> {
-    let km = Km::start_with(opts.km_env.clone()).await?;
+    let km = if opts.km_env.is_empty() {
+        Km::start().await?
+    } else {
+        Km::start_with(opts.km_env.clone()).await?
+    };
     let user = km.api().register_random().await?;
     let bucket = user.api.create_bucket(&unique("bucket-")).await?;
     let pm2 = if opts.dns_shim {
