@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use super::elastic::{ElasticEvents, parse_urls};
 use super::mongo::MongoDocuments;
+use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
-    Bucket, Documents, EventKind, EventQuery, EventRecord, Events, MemberRole, MetricPoint,
-    MetricQuery, ServerRecord, StoreError, TokenRecord, User,
+    AgentCommand, Bucket, Bus, CommandSink, Delivery, Documents, EventKind, EventQuery,
+    EventRecord, Events, LocalBus, MemberRole, MetricPoint, MetricQuery, ServerRecord, StoreError,
+    TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -405,4 +407,151 @@ async fn unreachable_elasticsearch_fails_fast_naming_the_variable() {
         )),
         "{err}"
     );
+}
+
+/// One node's agent sockets, as the bus sees them: the servers it holds and the frames
+/// it was handed.
+struct NodeSockets {
+    servers: Vec<&'static str>,
+    got: parking_lot::Mutex<Vec<String>>,
+}
+
+impl NodeSockets {
+    fn holding(servers: &[&'static str]) -> Arc<Self> {
+        Arc::new(NodeSockets {
+            servers: servers.to_vec(),
+            got: Default::default(),
+        })
+    }
+}
+
+impl CommandSink for NodeSockets {
+    fn deliver(&self, command: &AgentCommand) -> Delivery {
+        if command.bucket_id == "b1" && self.servers.contains(&command.server_name.as_str()) {
+            self.got.lock().push(command.frame.clone());
+            Delivery::Sent
+        } else {
+            Delivery::NotConnected
+        }
+    }
+
+    fn online_servers(&self, bucket_id: &str) -> Vec<String> {
+        let servers = if bucket_id == "b1" {
+            self.servers.as_slice()
+        } else {
+            &[]
+        };
+        servers
+            .iter()
+            .map(|s| format!(r#"{{"server_name":"{s}","online":true,"last_update":1}}"#))
+            .collect()
+    }
+}
+
+fn command(server: &str, frame: &str) -> AgentCommand {
+    AgentCommand {
+        bucket_id: "b1".into(),
+        server_name: server.into(),
+        frame: frame.into(),
+    }
+}
+
+/// What every bus does for the agents of its own node.
+async fn bus_contract_local(bus: &dyn Bus, sockets: &NodeSockets) {
+    bus.ping().await.unwrap();
+    bus.claim("b1", "web-1").await.unwrap();
+    assert_eq!(
+        bus.send_command(command("web-1", "f1")).await.unwrap(),
+        Delivery::Sent
+    );
+    assert_eq!(
+        bus.send_command(command("nowhere", "f2")).await.unwrap(),
+        Delivery::NotConnected
+    );
+    assert_eq!(*sockets.got.lock(), ["f1"], "delivered once");
+    assert!(
+        bus.remote_servers("b1").await.unwrap().is_empty(),
+        "no other node"
+    );
+}
+
+#[tokio::test]
+async fn bus_contract_in_process() {
+    let sockets = NodeSockets::holding(&["web-1"]);
+    bus_contract_local(&LocalBus::new(sockets.clone()), &sockets).await;
+}
+
+#[tokio::test]
+async fn bus_contract_on_redis_across_nodes() {
+    let redis = km_e2e::Redis::start().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let here_sockets = NodeSockets::holding(&["web-1", "both"]);
+    let here = RedisBus::connect(&redis.url(), here_sockets.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    assert_eq!(here.kind(), "redis");
+    bus_contract_local(&*here, &here_sockets).await;
+
+    let there_sockets = NodeSockets::holding(&["web-2", "both"]);
+    let there = RedisBus::connect(&redis.url(), there_sockets.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    // Both nodes heartbeat before either asks the other.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        here.send_command(command("web-2", "f3")).await.unwrap(),
+        Delivery::Sent
+    );
+    assert_eq!(
+        *there_sockets.got.lock(),
+        ["f3"],
+        "reached the node holding web-2, once"
+    );
+    let mut remote = here.remote_servers("b1").await.unwrap();
+    remote.sort();
+    let mut expected = there_sockets.online_servers("b1");
+    expected.sort();
+    assert_eq!(remote, expected);
+
+    // An agent with sockets on both nodes: commands go to the node it connected to last.
+    there.claim("b1", "both").await.unwrap();
+    assert_eq!(
+        here.send_command(command("both", "f4")).await.unwrap(),
+        Delivery::Sent
+    );
+    here.claim("b1", "both").await.unwrap();
+    assert_eq!(
+        there.send_command(command("both", "f5")).await.unwrap(),
+        Delivery::Sent
+    );
+    assert_eq!(*there_sockets.got.lock(), ["f3", "f4"]);
+    assert_eq!(*here_sockets.got.lock(), ["f1", "f5"]);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn unreachable_redis_fails_fast_naming_the_variable() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let sockets = NodeSockets::holding(&[]);
+    let url = format!("redis://:hunter2@127.0.0.1:{port}/");
+    let err = RedisBus::connect(&url, sockets, Default::default())
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.starts_with("KM_REDIS_URL: cannot connect to 127.0.0.1:"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
 }
