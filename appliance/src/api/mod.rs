@@ -106,6 +106,7 @@ async fn health(
         "writer": {
             "events_written": writer.events_written,
             "metric_points_written": writer.metric_points_written,
+            "batches_written": writer.batches_written,
             "dropped": writer.dropped,
             "write_retries": writer.write_retries,
             "write_errors": writer.write_errors,

@@ -31,6 +31,8 @@ enum Item {
 pub struct WriterStats {
     pub events_written: AtomicU64,
     pub metric_points_written: AtomicU64,
+    /// Batches the store took (items written / batches = batch size).
+    pub batches_written: AtomicU64,
     pub dropped: AtomicU64,
     /// Batches the store refused (kept and retried).
     pub write_retries: AtomicU64,
@@ -163,14 +165,14 @@ impl Batch {
         if !self.events.is_empty() || self.failed_events.is_some() {
             let events = take_into(&mut self.failed_events, &mut self.events);
             match store.append(events.clone()).await {
-                Ok(()) => written(&stats.events_written, events.len()),
+                Ok(()) => written(&stats.events_written, events.len(), stats),
                 Err(e) => self.failed_events = Some(refused(e, "events", events, stats)),
             }
         }
         if !self.points.is_empty() || self.failed_points.is_some() {
             let points = take_into(&mut self.failed_points, &mut self.points);
             match store.append_metrics(points.clone()).await {
-                Ok(()) => written(&stats.metric_points_written, points.len()),
+                Ok(()) => written(&stats.metric_points_written, points.len(), stats),
                 Err(e) => self.failed_points = Some(refused(e, "metric points", points, stats)),
             }
         }
@@ -202,8 +204,9 @@ fn take_into<T: Clone>(failed: &mut Option<Arc<[T]>>, fresh: &mut Vec<T>) -> Arc
     }
 }
 
-fn written(counter: &AtomicU64, n: usize) {
+fn written(counter: &AtomicU64, n: usize, stats: &WriterStats) {
     counter.fetch_add(n as u64, Ordering::Relaxed);
+    stats.batches_written.fetch_add(1, Ordering::Relaxed);
 }
 
 fn refused<T>(e: StoreError, what: &str, batch: Arc<[T]>, stats: &WriterStats) -> Arc<[T]> {

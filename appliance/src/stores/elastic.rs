@@ -25,6 +25,8 @@ const DAY_MS: i64 = 86_400_000;
 /// Most metric minutes one histogram query reads.
 const MAX_POINTS: i64 = 10_000;
 const METRICS: &str = "metrics";
+/// Documents per `_bulk` request (a shutdown flush can hold tens of thousands).
+const BULK_DOCS: usize = 1_000;
 
 pub struct ElasticEvents {
     client: Elasticsearch,
@@ -206,10 +208,20 @@ impl ElasticEvents {
         Ok(())
     }
 
-    /// Sends `lines` (action, document, ...) to `_bulk`. Items refused for a reason that
-    /// may pass (429, 5xx) fail the batch, which the writer sends again (ids are stable);
-    /// items refused for good (a mapping conflict) are logged and skipped.
-    async fn bulk(&self, lines: Vec<String>) -> StoreResult<()> {
+    /// Sends `lines` (action, document, ...) to `_bulk`, in requests of `BULK_DOCS`.
+    /// Items refused for a reason that may pass (429, 5xx) fail the batch, which the
+    /// writer sends again (ids are stable); items refused for good (a mapping conflict)
+    /// are logged and skipped.
+    async fn bulk(&self, mut lines: Vec<String>) -> StoreResult<()> {
+        while !lines.is_empty() {
+            let rest = lines.split_off(lines.len().min(2 * BULK_DOCS));
+            self.bulk_request(lines).await?;
+            lines = rest;
+        }
+        Ok(())
+    }
+
+    async fn bulk_request(&self, lines: Vec<String>) -> StoreResult<()> {
         let response = self
             .client
             .bulk(BulkParts::None)
