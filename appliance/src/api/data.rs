@@ -45,25 +45,23 @@ pub async fn status(
     access: BucketAccess,
     Query(filter): Query<StatusFilter>,
 ) -> Response {
-    let bucket_id = &access.bucket.id;
+    let (bucket_id, only) = (&access.bucket.id, filter.server_name.as_deref());
     let local = app
         .sessions
-        .of_bucket(bucket_id)
+        .of_bucket(bucket_id, only)
         .iter()
         .map(|s| s.to_json())
         .collect::<Vec<_>>();
     // Without the bus this node still answers with what it holds.
-    let remote = app.bus.remote_servers(bucket_id).await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "status: other nodes not asked");
-        Vec::new()
-    });
-    let wanted = |name: &str| filter.server_name.as_deref().is_none_or(|w| w == name);
-    json_array(
-        freshest_per_server(local.into_iter().chain(remote))
-            .into_iter()
-            .filter(|(name, _)| wanted(name))
-            .map(|(_, json)| json),
-    )
+    let remote = app
+        .bus
+        .remote_servers(bucket_id, only)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "status: other nodes not asked");
+            Vec::new()
+        });
+    json_array(freshest_per_server(local.into_iter().chain(remote)).into_values())
 }
 
 /// One view per server name: an online one over an offline one, then the latest.

@@ -338,13 +338,16 @@ impl Sessions {
             .cloned()
     }
 
-    /// The servers of a bucket, by name.
-    pub fn of_bucket(&self, bucket_id: &str) -> Vec<Arc<Session>> {
-        self.buckets
-            .read()
-            .get(bucket_id)
-            .map(|servers| servers.values().cloned().collect())
-            .unwrap_or_default()
+    /// The servers of a bucket, by name (only `server_name` if given).
+    pub fn of_bucket(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<Arc<Session>> {
+        let buckets = self.buckets.read();
+        let Some(servers) = buckets.get(bucket_id) else {
+            return Vec::new();
+        };
+        match server_name {
+            Some(name) => servers.get(name).cloned().into_iter().collect(),
+            None => servers.values().cloned().collect(),
+        }
     }
 
     pub fn all(&self) -> Vec<Arc<Session>> {
@@ -393,8 +396,8 @@ impl CommandSink for Sessions {
         }
     }
 
-    fn online_servers(&self, bucket_id: &str) -> Vec<String> {
-        self.of_bucket(bucket_id)
+    fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String> {
+        self.of_bucket(bucket_id, server_name)
             .iter()
             .filter(|s| s.online())
             .map(|s| s.to_json())

@@ -27,8 +27,9 @@ pub enum Delivery {
 pub trait CommandSink: Send + Sync {
     /// Sends the command if the agent is connected here.
     fn deliver(&self, command: &AgentCommand) -> Delivery;
-    /// The API view (JSON) of the bucket's servers connected here.
-    fn online_servers(&self, bucket_id: &str) -> Vec<String>;
+    /// The API view (JSON) of the bucket's servers connected here (only `server_name`
+    /// if given).
+    fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String>;
 }
 
 #[async_trait]
@@ -38,8 +39,13 @@ pub trait Bus: Send + Sync {
     async fn ping(&self) -> StoreResult<()>;
     /// Sends a command to the agent, wherever it is connected.
     async fn send_command(&self, command: AgentCommand) -> StoreResult<Delivery>;
-    /// The API view (JSON) of the bucket's servers connected to other nodes.
-    async fn remote_servers(&self, bucket_id: &str) -> StoreResult<Vec<String>>;
+    /// The API view (JSON) of the bucket's servers connected to other nodes (only
+    /// `server_name` if given).
+    async fn remote_servers(
+        &self,
+        bucket_id: &str,
+        server_name: Option<&str>,
+    ) -> StoreResult<Vec<String>>;
     /// This node now holds the freshest socket of the server (after a reconnect, a
     /// command must go to it, not to a stale socket on another node).
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
@@ -70,7 +76,11 @@ impl Bus for LocalBus {
         Ok(self.sink.deliver(&command))
     }
 
-    async fn remote_servers(&self, _bucket_id: &str) -> StoreResult<Vec<String>> {
+    async fn remote_servers(
+        &self,
+        _bucket_id: &str,
+        _server_name: Option<&str>,
+    ) -> StoreResult<Vec<String>> {
         Ok(Vec::new())
     }
 

@@ -435,14 +435,16 @@ impl CommandSink for NodeSockets {
         }
     }
 
-    fn online_servers(&self, bucket_id: &str) -> Vec<String> {
+    fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String> {
         let servers = if bucket_id == "b1" {
             self.servers.as_slice()
         } else {
             &[]
         };
+        let wanted = |s: &&&str| server_name.is_none_or(|w| w == **s);
         servers
             .iter()
+            .filter(wanted)
             .map(|s| format!(r#"{{"server_name":"{s}","online":true,"last_update":1}}"#))
             .collect()
     }
@@ -470,7 +472,7 @@ async fn bus_contract_local(bus: &dyn Bus, sockets: &NodeSockets) {
     );
     assert_eq!(*sockets.got.lock(), ["f1"], "delivered once");
     assert!(
-        bus.remote_servers("b1").await.unwrap().is_empty(),
+        bus.remote_servers("b1", None).await.unwrap().is_empty(),
         "no other node"
     );
 }
@@ -507,9 +509,11 @@ async fn bus_contract_on_redis_across_nodes() {
         ["f3"],
         "reached the node holding web-2, once"
     );
-    let mut remote = here.remote_servers("b1").await.unwrap();
+    let mut remote = here.remote_servers("b1", None).await.unwrap();
     remote.sort();
-    let mut expected = there_sockets.online_servers("b1");
+    let web2 = here.remote_servers("b1", Some("web-2")).await.unwrap();
+    assert_eq!(web2, there_sockets.online_servers("b1", Some("web-2")));
+    let mut expected = there_sockets.online_servers("b1", None);
     expected.sort();
     assert_eq!(remote, expected);
 

@@ -54,6 +54,7 @@ enum Request {
         from: String,
         req: u64,
         bucket_id: String,
+        server_name: Option<String>,
     },
 }
 
@@ -182,12 +183,13 @@ impl RedisBus {
                 from,
                 req,
                 bucket_id,
+                server_name,
             }) if from != self.node => (
                 from,
                 Reply {
                     req,
                     delivered: false,
-                    servers: self.sink.online_servers(&bucket_id),
+                    servers: self.sink.online_servers(&bucket_id, server_name.as_deref()),
                 },
             ),
             _ => return,
@@ -323,15 +325,20 @@ impl Bus for RedisBus {
         })
     }
 
-    async fn remote_servers(&self, bucket_id: &str) -> StoreResult<Vec<String>> {
+    async fn remote_servers(
+        &self,
+        bucket_id: &str,
+        server_name: Option<&str>,
+    ) -> StoreResult<Vec<String>> {
         let node = self.node.clone();
-        let bucket_id = bucket_id.to_string();
+        let (bucket_id, server_name) = (bucket_id.to_string(), server_name.map(str::to_string));
         let replies = self
             .ask(
                 |req| Request::Servers {
                     from: node,
                     req,
                     bucket_id,
+                    server_name,
                 },
                 SERVERS_WAIT,
                 |_| false,
