@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         elasticsearch_host: None,
         elasticsearch_prefix: "km".into(),
         retention_days: "30".into(),
+        logs_retention_days: None,
     })?;
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,

@@ -40,6 +40,9 @@ pub struct RawSettings {
     /// Days of events (metrics, logs, exceptions...) kept.
     #[arg(long, env = "KM_RETENTION_DAYS", default_value = "30")]
     pub retention_days: String,
+    /// Days of logs kept (default: as `KM_RETENTION_DAYS`).
+    #[arg(long, env = "KM_LOGS_RETENTION_DAYS")]
+    pub logs_retention_days: Option<String>,
 }
 
 /// Validated settings.
@@ -57,6 +60,7 @@ pub struct Settings {
     pub elasticsearch: Vec<Url>,
     pub elasticsearch_prefix: String,
     pub retention_days: u32,
+    pub logs_retention_days: u32,
 }
 
 /// All problems found in the settings, one line each.
@@ -82,15 +86,19 @@ impl Settings {
                 .map_err(|e| errors.push(format!("KM_SITE_URL (--site-url): {e}")))
                 .ok()
         });
-        let retention_days = match raw.retention_days.parse::<u32>() {
+        let mut days = |value: &str, var: &str| match value.parse::<u32>() {
             Ok(days) if days > 0 => Some(days),
             _ => {
                 errors.push(format!(
-                    "KM_RETENTION_DAYS (--retention-days): {:?} is not a whole number of days above 0",
-                    raw.retention_days
+                    "{var}: {value:?} is not a whole number of days above 0"
                 ));
                 None
             }
+        };
+        let retention_days = days(&raw.retention_days, "KM_RETENTION_DAYS (--retention-days)");
+        let logs_retention_days = match raw.logs_retention_days.as_deref() {
+            Some(v) => days(v, "KM_LOGS_RETENTION_DAYS (--logs-retention-days)"),
+            None => retention_days,
         };
         if let Some(url) = &raw.mongo_url
             && !(url.starts_with("mongodb://") || url.starts_with("mongodb+srv://"))
@@ -127,17 +135,22 @@ impl Settings {
                 raw.elasticsearch_prefix
             ));
         }
-        match (listen, retention_days) {
-            (Some(listen), Some(retention_days)) if errors.is_empty() => Ok(Settings {
-                listen,
-                data_dir: raw.data_dir,
-                site_url,
-                mongo_url: raw.mongo_url.filter(|u| !u.is_empty()),
-                redis_url: raw.redis_url.filter(|u| !u.is_empty()),
-                elasticsearch,
-                elasticsearch_prefix: raw.elasticsearch_prefix,
-                retention_days,
-            }),
+        match (listen, retention_days, logs_retention_days) {
+            (Some(listen), Some(retention_days), Some(logs_retention_days))
+                if errors.is_empty() =>
+            {
+                Ok(Settings {
+                    listen,
+                    data_dir: raw.data_dir,
+                    site_url,
+                    mongo_url: raw.mongo_url.filter(|u| !u.is_empty()),
+                    redis_url: raw.redis_url.filter(|u| !u.is_empty()),
+                    elasticsearch,
+                    elasticsearch_prefix: raw.elasticsearch_prefix,
+                    retention_days,
+                    logs_retention_days,
+                })
+            }
             _ => Err(ConfigErrors(errors)),
         }
     }
@@ -180,6 +193,7 @@ mod tests {
             elasticsearch_host: None,
             elasticsearch_prefix: "km".into(),
             retention_days: "30".into(),
+            logs_retention_days: None,
         }
     }
 

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::stores::Cutoffs;
 
 const PERSIST_EVERY: Duration = Duration::from_secs(30);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
@@ -41,16 +42,25 @@ async fn save_servers(app: &AppState) {
     }
 }
 
-/// Deletes events older than `KM_RETENTION_DAYS`, hourly.
+/// Deletes events older than `KM_RETENTION_DAYS` (logs: `KM_LOGS_RETENTION_DAYS`), hourly.
 pub async fn retention(app: AppState) {
     let keep = i64::from(app.settings.retention_days) * DAY_MS;
+    let keep_logs = i64::from(app.settings.logs_retention_days) * DAY_MS;
     let mut tick = tokio::time::interval(RETENTION_EVERY);
     loop {
         tokio::select! {
             () = app.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match app.events.delete_before(now_ms() - keep).await {
+        let now = now_ms();
+        match app
+            .events
+            .delete_before(Cutoffs {
+                logs: now - keep_logs,
+                others: now - keep,
+            })
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 rows = n,

@@ -224,7 +224,7 @@ mod tests {
 
     use super::*;
     use crate::stores::sqlite::SqliteEvents;
-    use crate::stores::{EventKind, EventQuery, MetricQuery, StoreResult};
+    use crate::stores::{Cutoffs, EventKind, EventQuery, MetricQuery, StoreResult};
 
     /// The real embedded store behind a switch that refuses the first `refusals` writes.
     struct Refusing {
@@ -264,8 +264,8 @@ mod tests {
         async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
             self.inner.metrics(query).await
         }
-        async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
-            self.inner.delete_before(cutoff).await
+        async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
+            self.inner.delete_before(cutoffs).await
         }
     }
 

@@ -11,7 +11,7 @@ use super::mongo::MongoDocuments;
 use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
-    AgentCommand, Bucket, Bus, CommandSink, Delivery, Documents, EventKind, EventQuery,
+    AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
     EventRecord, Events, LocalBus, MemberRole, MetricPoint, MetricQuery, ServerRecord, StoreError,
     TokenRecord, User,
 };
@@ -324,8 +324,26 @@ async fn events_contract(events: &dyn Events) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Retention: what is older than the cutoff goes, the rest stays.
-    assert!(events.delete_before(now - 30 * DAY_MS).await.unwrap() > 0);
+    // Retention: logs kept 50 days keep their 40-day-old line while the metric minute of
+    // the same day goes (30 days); then logs kept 30 days lose it too.
+    let cutoffs = |logs_days: i64| Cutoffs {
+        logs: now - logs_days * DAY_MS,
+        others: now - 30 * DAY_MS,
+    };
+    assert!(events.delete_before(cutoffs(50)).await.unwrap() > 0);
+    let ever = MetricQuery { since: 0, ..recent };
+    assert_eq!(
+        events.metrics(&ever).await.unwrap(),
+        vec![point(minute - 60_000)]
+    );
+    settled(
+        events,
+        EventKind::Log,
+        &all,
+        docs(&[now - 1000, now - 2000, now - 3000, old]),
+    )
+    .await;
+    assert!(events.delete_before(cutoffs(30)).await.unwrap() > 0);
     settled(
         events,
         EventKind::Log,
@@ -333,11 +351,6 @@ async fn events_contract(events: &dyn Events) {
         docs(&[now - 1000, now - 2000, now - 3000]),
     )
     .await;
-    let ever = MetricQuery { since: 0, ..recent };
-    assert_eq!(
-        events.metrics(&ever).await.unwrap(),
-        vec![point(minute - 60_000)]
-    );
 }
 
 #[tokio::test]

@@ -17,7 +17,8 @@ use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
 use serde_json::{Value, json};
 
 use super::{
-    EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreError, StoreResult,
+    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreError,
+    StoreResult,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -154,6 +155,18 @@ impl ElasticEvents {
 
     fn index(&self, kind: &str, day: &str) -> String {
         format!("{}-{kind}-{day}", self.prefix)
+    }
+
+    /// Whether the daily index `name` (`<prefix>-<kind>-YYYY.MM.DD`) ended before its
+    /// kind's cutoff.
+    fn expired(&self, name: &str, cutoffs: Cutoffs) -> bool {
+        let Some((kind, day)) = name
+            .strip_prefix(&format!("{}-", self.prefix))
+            .and_then(|rest| rest.rsplit_once('-'))
+        else {
+            return false;
+        };
+        day_start(day).is_some_and(|start| start + DAY_MS <= cutoffs.of(kind))
     }
 
     async fn install_templates(&self) -> Result<(), String> {
@@ -401,7 +414,7 @@ impl Events for ElasticEvents {
         Ok(hits.iter().filter_map(point_from).collect())
     }
 
-    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
+    async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
         let pattern = format!("{}-*", self.prefix);
         let response = self
             .client
@@ -422,12 +435,7 @@ impl Events for ElasticEvents {
             .unwrap_or_default()
             .iter()
             .filter_map(|i| i["index"].as_str())
-            .filter(|name| {
-                name.rsplit('-')
-                    .next()
-                    .and_then(day_start)
-                    .is_some_and(|start| start + DAY_MS <= cutoff)
-            })
+            .filter(|name| self.expired(name, cutoffs))
             .map(str::to_string)
             .collect();
         if old.is_empty() {

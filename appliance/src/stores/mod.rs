@@ -78,6 +78,7 @@ pub trait Events: Send + Sync {
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()>;
     /// Metric minutes matching `query`, oldest first.
     async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>>;
-    /// Deletes everything older than `cutoff` (epoch ms); returns how many rows went.
-    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64>;
+    /// Deletes what is older than its cutoff; returns how many rows (or daily indices)
+    /// went.
+    async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64>;
 }

@@ -222,6 +222,25 @@ impl MetricPoint {
     }
 }
 
+/// Retention: events older than these (epoch ms) are deleted; logs may be kept for a
+/// different time than the rest.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cutoffs {
+    pub logs: i64,
+    pub others: i64,
+}
+
+impl Cutoffs {
+    /// The cutoff of the kind named `kind` (`logs`, `metrics`, `exceptions`...).
+    pub fn of(&self, kind: &str) -> i64 {
+        if kind == EventKind::Log.as_str() {
+            self.logs
+        } else {
+            self.others
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct MetricQuery {
     pub bucket_id: String,

@@ -18,6 +18,8 @@ use super::{
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_DATABASE: &str = "km";
+/// Oldest MongoDB major version supported (the driver needs 4.0).
+const MIN_MAJOR: u32 = 4;
 
 pub struct MongoDocuments {
     db: Database,
@@ -77,6 +79,24 @@ impl MongoDocuments {
         db.run_command(doc! { "ping": 1 })
             .await
             .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot connect to {where_}: {}", e.kind))?;
+        let info = db.run_command(doc! { "buildInfo": 1 }).await.map_err(|e| {
+            anyhow::anyhow!(
+                "KM_MONGO_URL: {where_} does not tell its version: {}",
+                e.kind
+            )
+        })?;
+        let version = info.get_str("version").unwrap_or("0");
+        if version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .unwrap_or(0)
+            < MIN_MAJOR
+        {
+            anyhow::bail!(
+                "KM_MONGO_URL: {where_} runs MongoDB {version}; {MIN_MAJOR}.0 or newer is needed"
+            );
+        }
         let store = MongoDocuments { db };
         store.create_indexes().await.map_err(|e| {
             anyhow::anyhow!(

@@ -9,7 +9,7 @@ use rusqlite::types::Value as SqlValue;
 
 use super::Db;
 use crate::stores::{
-    EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
+    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -198,11 +198,18 @@ impl Events for SqliteEvents {
             .await
     }
 
-    async fn delete_before(&self, cutoff: i64) -> StoreResult<u64> {
+    async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
+        let logs = EventKind::Log.as_str();
         self.db
             .call(move |c| {
-                let events = c.execute("DELETE FROM events WHERE at < ?1", [cutoff])?;
-                let metrics = c.execute("DELETE FROM metrics WHERE at < ?1", [cutoff])?;
+                let events = c.execute(
+                    "DELETE FROM events WHERE kind = ?1 AND at < ?2",
+                    params![logs, cutoffs.logs],
+                )? + c.execute(
+                    "DELETE FROM events WHERE kind != ?1 AND at < ?2",
+                    params![logs, cutoffs.others],
+                )?;
+                let metrics = c.execute("DELETE FROM metrics WHERE at < ?1", [cutoffs.others])?;
                 Ok((events + metrics) as u64)
             })
             .await
