@@ -6,7 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use km_e2e::{Km, LinkOpts, OsMem, Redis, SecantusDb, e2e, free_port, km_bin, linked_with, now_ms};
+use km_e2e::{
+    Api, Km, LinkOpts, Linked, OsMem, Redis, SecantusDb, e2e, free_port, km_bin, linked_with,
+    now_ms,
+};
 use serde_json::{Value, json};
 
 /// Prints a numbered line every 200 ms.
@@ -14,6 +17,25 @@ const APP_LOGGER: &str = r#"
 let n = 0;
 setInterval(() => console.log('outage-line ' + (n++)), 200);
 "#;
+
+/// A km with `env`, a linked pm2 running the logger, log streaming started; returns the
+/// link, its API and the bucket id.
+async fn logging_on(env: Vec<(String, String)>) -> anyhow::Result<(Linked, Api, String)> {
+    let opts = LinkOpts {
+        km_env: env,
+        ..LinkOpts::default()
+    };
+    let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
+    let (api, b) = (l.api().clone(), l.bucket.id.clone());
+    l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
+    let start =
+        json!({"server_name": "web-1", "method_name": "startLogging", "app_name": "logger"});
+    ensure!(
+        api.trigger_pm2(&b, &start).await?.ok(),
+        "startLogging refused"
+    );
+    Ok((l, api, b))
+}
 
 /// Two km nodes on the same MongoDB, Elasticsearch and Redis answer as one: an agent
 /// linked to node A is seen, restarted and tailed through node B.
@@ -102,19 +124,8 @@ async fn two_nodes_answer_as_one_system() {
 async fn elasticsearch_outage_is_reported_and_buffered_logs_are_written_after() {
     e2e(async {
         let search = OsMem::start()?;
-        let opts = LinkOpts {
-            km_env: vec![("KM_ELASTICSEARCH_URL".into(), search.url().into())],
-            ..LinkOpts::default()
-        };
-        let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
-        let start =
-            json!({"server_name": "web-1", "method_name": "startLogging", "app_name": "logger"});
-        ensure!(
-            api.trigger_pm2(&b, &start).await?.ok(),
-            "startLogging refused"
-        );
+        let (_link, api, b) =
+            logging_on(vec![("KM_ELASTICSEARCH_URL".into(), search.url().into())]).await?;
         let logs = format!("/api/bucket/{b}/data/logs");
         let any = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty()).then_some(());
         api.poll_post(
@@ -222,19 +233,7 @@ fn unreachable_mongodb_stops_km_naming_the_variable() {
 async fn redis_outage_loses_nothing() {
     e2e(async {
         let redis = Redis::start()?;
-        let opts = LinkOpts {
-            km_env: vec![("KM_REDIS_URL".into(), redis.url())],
-            ..LinkOpts::default()
-        };
-        let l = linked_with("web-1", &[("logger", APP_LOGGER)], opts).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        l.wait_apps(&["logger"], Duration::from_secs(10)).await?;
-        let start =
-            json!({"server_name": "web-1", "method_name": "startLogging", "app_name": "logger"});
-        ensure!(
-            api.trigger_pm2(&b, &start).await?.ok(),
-            "startLogging refused"
-        );
+        let (_link, api, b) = logging_on(vec![("KM_REDIS_URL".into(), redis.url())]).await?;
 
         redis.pause();
         let paused_at = now_ms();
