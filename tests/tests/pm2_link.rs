@@ -779,6 +779,22 @@ async fn reconnects_after_km_restart(km_env: Vec<(String, String)>) -> anyhow::R
             "one logical session: web-1 must be listed once after the reconnect, got {n}: {}",
             show(&status, 6000)
         );
+        // The stop flushed the unfinished minute of every metric: history is there.
+        let histogram = format!("/api/bucket/{b}/data/metrics/histogram");
+        let cpu_points = |v: &Value| {
+            v["web-1"]["plain"]["cpu"]["timestamps_and_stats"]
+                .as_array()
+                .filter(|points| !points.is_empty() && points[0]["count"].as_u64() > Some(0))
+                .map(Vec::len)
+        };
+        api.poll_post(
+            &histogram,
+            &json!({"interval": "minute", "before": 10}),
+            "cpu history of `plain`",
+            Duration::from_secs(10),
+            cpu_points,
+        )
+        .await?;
         // last_update keeps advancing.
         let last = server["last_update"].as_i64().unwrap_or(0);
         api.wait_server(

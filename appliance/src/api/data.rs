@@ -15,7 +15,7 @@ use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::ids::now_ms;
-use crate::stores::{EventKind, EventQuery, MetricPoint, MetricQuery};
+use crate::stores::{EventKind, EventQuery, MetricQuery};
 
 const DEFAULT_SIZE: u32 = 100;
 const MAX_SIZE: u32 = 1_000;
@@ -199,32 +199,9 @@ pub struct HistogramFilter {
     before: Option<Value>,
 }
 
-/// One point of the histogram, merged from per-process minutes.
-#[derive(Default)]
-struct Merged {
-    sum: f64,
-    count: u32,
-    min: f64,
-    max: f64,
-    last: f64,
-}
-
-impl Merged {
-    fn add(&mut self, p: &MetricPoint) {
-        if self.count == 0 {
-            (self.min, self.max) = (p.min, p.max);
-        }
-        self.min = self.min.min(p.min);
-        self.max = self.max.max(p.max);
-        self.sum += p.avg * f64::from(p.count);
-        self.count += p.count;
-        self.last = p.last;
-    }
-}
-
 /// `POST /api/bucket/:id/data/metrics/histogram`: `{server: {app: {metric: {agg_type,
-/// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`; processes of one
-/// app (cluster instances) are merged.
+/// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`, merged by the
+/// events store (cluster instances of an app together).
 pub async fn metrics_histogram(
     State(app): State<AppState>,
     access: BucketAccess,
@@ -244,36 +221,21 @@ pub async fn metrics_histogram(
     if minutes <= 0 {
         return Err(ApiError::bad_request("before: a number of minutes above 0"));
     }
-    let points = app
-        .events
-        .metrics(&MetricQuery {
-            bucket_id: access.bucket.id.clone(),
-            app_name: filter.app_name.filter(|s| !s.is_empty()),
-            server_name: filter.server_name.filter(|s| !s.is_empty()),
-            since: now_ms() - minutes.saturating_mul(60_000),
-        })
-        .await?;
-    type Series = (Option<String>, Option<String>, BTreeMap<i64, Merged>);
-    let mut tree: BTreeMap<(String, String, String), Series> = BTreeMap::new();
-    for p in &points {
-        let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());
-        let series = tree
-            .entry(key)
-            .or_insert_with(|| (p.unit.clone(), p.agg_type.clone(), BTreeMap::new()));
-        series
-            .2
-            .entry(p.at - p.at.rem_euclid(step_ms))
-            .or_default()
-            .add(p);
-    }
+    let query = MetricQuery {
+        bucket_id: access.bucket.id.clone(),
+        app_name: filter.app_name.filter(|s| !s.is_empty()),
+        server_name: filter.server_name.filter(|s| !s.is_empty()),
+        since: now_ms() - minutes.saturating_mul(60_000),
+    };
     let mut out = json!({});
-    for ((server, app_name, metric), (unit, agg_type, buckets)) in tree {
-        let stats: Vec<Value> = buckets
-            .iter()
-            .map(|(at, m)| json!({"at": at, "avg": m.sum / f64::from(m.count.max(1)), "min": m.min, "max": m.max, "last": m.last, "count": m.count}))
-            .collect();
-        out[server][app_name][metric] =
-            json!({ "agg_type": agg_type, "unit": unit, "timestamps_and_stats": stats });
+    for p in app.events.metric_histogram(&query, step_ms).await? {
+        let series = &mut out[&p.server_name][&p.app_name][&p.name];
+        if series.is_null() {
+            *series = json!({ "agg_type": p.agg_type, "unit": p.unit, "timestamps_and_stats": [] });
+        }
+        if let Some(stats) = series["timestamps_and_stats"].as_array_mut() {
+            stats.push(json!({"at": p.at, "avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count}));
+        }
     }
     Ok(Json(out))
 }

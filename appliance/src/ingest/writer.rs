@@ -261,8 +261,12 @@ mod tests {
         async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
             self.inner.append_metrics(points).await
         }
-        async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
-            self.inner.metrics(query).await
+        async fn metric_histogram(
+            &self,
+            query: &MetricQuery,
+            step_ms: i64,
+        ) -> StoreResult<Vec<MetricPoint>> {
+            self.inner.metric_histogram(query, step_ms).await
         }
         async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
             self.inner.delete_before(cutoffs).await

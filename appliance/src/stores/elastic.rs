@@ -23,8 +23,8 @@ use super::{
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const DAY_MS: i64 = 86_400_000;
-/// Most metric minutes one histogram query reads.
-const MAX_POINTS: i64 = 10_000;
+/// Most servers, apps per server and metrics per app one histogram query returns.
+const MAX_TERMS: u32 = 10_000;
 const METRICS: &str = "metrics";
 /// Documents per `_bulk` request (a shutdown flush can hold tens of thousands).
 const BULK_DOCS: usize = 1_000;
@@ -284,7 +284,8 @@ impl ElasticEvents {
         Ok(())
     }
 
-    async fn search(&self, index: &str, body: Value) -> StoreResult<Vec<Value>> {
+    /// The search answer; a missing index is an empty answer.
+    async fn search_raw(&self, index: &str, body: Value) -> StoreResult<Value> {
         let response = self
             .client
             .search(SearchParts::Index(&[index]))
@@ -295,9 +296,9 @@ impl ElasticEvents {
             .await
             .map_err(failed)?;
         let status = response.status_code();
-        let mut body: Value = response.json().await.map_err(failed)?;
+        let body: Value = response.json().await.map_err(failed)?;
         if status == StatusCode::NOT_FOUND {
-            return Ok(Vec::new());
+            return Ok(Value::Null);
         }
         if !status.is_success() {
             return Err(unavailable(format!(
@@ -305,6 +306,11 @@ impl ElasticEvents {
                 body["error"]["reason"].as_str().unwrap_or("?")
             )));
         }
+        Ok(body)
+    }
+
+    async fn search(&self, index: &str, body: Value) -> StoreResult<Vec<Value>> {
+        let mut body = self.search_raw(index, body).await?;
         match body["hits"]["hits"].take() {
             Value::Array(hits) => Ok(hits.into_iter().map(|mut h| h["_source"].take()).collect()),
             _ => Ok(Vec::new()),
@@ -406,12 +412,63 @@ impl Events for ElasticEvents {
         self.bulk(lines).await
     }
 
-    async fn metrics(&self, q: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
+    async fn metric_histogram(
+        &self,
+        q: &MetricQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<MetricPoint>> {
         let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
         filter.push(json!({"range": {"at": {"gte": q.since}}}));
-        let body = json!({"query": {"bool": {"filter": filter}}, "sort": [{"at": "asc"}], "size": MAX_POINTS});
-        let hits = self.search(&self.index(METRICS, "*"), body).await?;
-        Ok(hits.iter().filter_map(point_from).collect())
+        let stats = json!({
+            "avg": {"weighted_avg": {"value": {"field": "avg"}, "weight": {"field": "count"}}},
+            "min": {"min": {"field": "min"}},
+            "max": {"max": {"field": "max"}},
+            "count": {"sum": {"field": "count"}},
+            "latest": {"top_hits": {"size": 1, "sort": [{"at": "desc"}], "_source": ["last", "unit", "agg_type"]}},
+        });
+        let steps = json!({"date_histogram": {"field": "at", "fixed_interval": format!("{}ms", step_ms.max(1)), "min_doc_count": 1}, "aggs": stats});
+        let by = |field: &str, size: u32, inner: Value| json!({"terms": {"field": field, "size": size}, "aggs": {"by": inner}});
+        let body = json!({
+            "size": 0,
+            "query": {"bool": {"filter": filter}},
+            "aggs": {"by": by("server_name", MAX_TERMS, by("app_name", MAX_TERMS, by("name", MAX_TERMS, steps)))},
+        });
+        let answer = self.search_raw(&self.index(METRICS, "*"), body).await?;
+        let mut points = Vec::new();
+        for server in buckets(&answer["aggregations"]["by"]) {
+            for app in buckets(&server["by"]) {
+                for metric in buckets(&app["by"]) {
+                    for step in buckets(&metric["by"]) {
+                        let latest = &step["latest"]["hits"]["hits"][0]["_source"];
+                        let text = |v: &Value| v.as_str().map(str::to_string);
+                        points.push(MetricPoint {
+                            bucket_id: q.bucket_id.clone(),
+                            server_name: text(&server["key"]).unwrap_or_default(),
+                            app_name: text(&app["key"]).unwrap_or_default(),
+                            pm_id: 0,
+                            name: text(&metric["key"]).unwrap_or_default(),
+                            unit: text(&latest["unit"]),
+                            agg_type: text(&latest["agg_type"]),
+                            at: step["key"].as_i64().unwrap_or_default(),
+                            avg: step["avg"]["value"].as_f64().unwrap_or_default(),
+                            min: step["min"]["value"].as_f64().unwrap_or_default(),
+                            max: step["max"]["value"].as_f64().unwrap_or_default(),
+                            last: latest["last"].as_f64().unwrap_or_default(),
+                            count: step["count"]["value"].as_f64().unwrap_or_default() as u32,
+                        });
+                    }
+                }
+            }
+        }
+        points.sort_by(|a, b| {
+            (a.at, &a.server_name, &a.app_name, &a.name).cmp(&(
+                b.at,
+                &b.server_name,
+                &b.app_name,
+                &b.name,
+            ))
+        });
+        Ok(points)
     }
 
     async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
@@ -460,23 +517,12 @@ impl Events for ElasticEvents {
     }
 }
 
-fn point_from(h: &Value) -> Option<MetricPoint> {
-    let text = |f: &str| h[f].as_str().map(str::to_string);
-    Some(MetricPoint {
-        bucket_id: text("bucket_id")?,
-        server_name: text("server_name")?,
-        app_name: text("app_name")?,
-        pm_id: h["pm_id"].as_i64()?,
-        name: text("name")?,
-        unit: text("unit"),
-        agg_type: text("agg_type"),
-        at: h["at"].as_i64()?,
-        avg: h["avg"].as_f64()?,
-        min: h["min"].as_f64()?,
-        max: h["max"].as_f64()?,
-        last: h["last"].as_f64()?,
-        count: h["count"].as_u64()?.try_into().ok()?,
-    })
+/// The buckets of an aggregation.
+fn buckets(aggregation: &Value) -> &[Value] {
+    aggregation["buckets"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

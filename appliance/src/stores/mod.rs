@@ -76,8 +76,14 @@ pub trait Events: Send + Sync {
     /// The stored documents (JSON text) matching `query`, newest first.
     async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>>;
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()>;
-    /// Metric minutes matching `query`, oldest first.
-    async fn metrics(&self, query: &MetricQuery) -> StoreResult<Vec<MetricPoint>>;
+    /// Metric minutes matching `query` merged into steps of `step_ms` per (server, app,
+    /// metric), oldest first: `avg` weighted by `count`, extremes, the latest `last`, the
+    /// sum of `count`; `pm_id` is not kept (cluster instances of an app are merged).
+    async fn metric_histogram(
+        &self,
+        query: &MetricQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<MetricPoint>>;
     /// Deletes what is older than its cutoff; returns how many rows (or daily indices)
     /// went.
     async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64>;

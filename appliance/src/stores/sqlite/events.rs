@@ -164,15 +164,24 @@ impl Events for SqliteEvents {
             .await
     }
 
-    async fn metrics(&self, q: &MetricQuery) -> StoreResult<Vec<MetricPoint>> {
-        let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
-        sql.insert_str(
-            0,
-            "SELECT bucket_id, server_name, app_name, pm_id, name, unit, agg_type, at, avg, min,
-               max, last, count FROM metrics WHERE ",
-        );
-        sql.push_str(" AND at >= ? ORDER BY at, rowid");
+    async fn metric_histogram(
+        &self,
+        q: &MetricQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<MetricPoint>> {
+        let (filter, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
         args.push(SqlValue::Integer(q.since));
+        let step = step_ms.max(1);
+        // The latest minute of each step gives `last` (row_number over the step).
+        let sql = format!(
+            "WITH m AS (
+               SELECT *, (at / {step}) * {step} AS t,
+                 ROW_NUMBER() OVER (PARTITION BY server_name, app_name, name, (at / {step}) ORDER BY at DESC) AS rn
+               FROM metrics WHERE {filter} AND at >= ?)
+             SELECT bucket_id, server_name, app_name, name, MAX(unit), MAX(agg_type), t,
+               SUM(avg * count) / SUM(count), MIN(min), MAX(max), MAX(CASE WHEN rn = 1 THEN last END), SUM(count)
+             FROM m GROUP BY server_name, app_name, name, t ORDER BY t, server_name, app_name, name"
+        );
         self.db
             .call(move |c| {
                 let mut stmt = c.prepare_cached(&sql)?;
@@ -181,16 +190,16 @@ impl Events for SqliteEvents {
                         bucket_id: r.get(0)?,
                         server_name: r.get(1)?,
                         app_name: r.get(2)?,
-                        pm_id: r.get(3)?,
-                        name: r.get(4)?,
-                        unit: r.get(5)?,
-                        agg_type: r.get(6)?,
-                        at: r.get(7)?,
-                        avg: r.get(8)?,
-                        min: r.get(9)?,
-                        max: r.get(10)?,
-                        last: r.get(11)?,
-                        count: r.get(12)?,
+                        pm_id: 0,
+                        name: r.get(3)?,
+                        unit: r.get(4)?,
+                        agg_type: r.get(5)?,
+                        at: r.get(6)?,
+                        avg: r.get(7)?,
+                        min: r.get(8)?,
+                        max: r.get(9)?,
+                        last: r.get(10)?,
+                        count: r.get(11)?,
                     })
                 })?
                 .collect()
