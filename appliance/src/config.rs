@@ -110,9 +110,12 @@ impl Settings {
         }
         if let Some(url) = &raw.redis_url
             && !url.is_empty()
-            && !url.starts_with("redis://")
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
-            errors.push("KM_REDIS_URL (--redis-url): must start with redis://".into());
+            errors.push(
+                "KM_REDIS_URL (--redis-url): must start with redis:// (or rediss:// for TLS)"
+                    .into(),
+            );
         }
         let elasticsearch = raw
             .elasticsearch_url
