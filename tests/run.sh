@@ -29,16 +29,21 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 cargo --version
 
-section "node and npm"
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "node/npm missing: installing Debian's nodejs and npm"
+# Installs Debian packages (root only; the machine reaches Debian's mirrors).
+apt_install() {
+    echo "installing Debian's $*"
     if [ "$(id -u)" -ne 0 ]; then
-        echo "error: node and npm are required (apt-get install -y nodejs npm as root)" >&2
+        echo "error: $* required (apt-get install -y $* as root)" >&2
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq nodejs npm >/dev/null
+    apt-get install -y -qq "$@" >/dev/null
+}
+
+section "node and npm"
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    apt_install nodejs npm
 fi
 echo "node $(node --version), npm $(npm --version)"
 
@@ -64,13 +69,7 @@ fi
 # Real servers the store contract and scale-out tests start on free ports.
 if ! command -v redis-server >/dev/null 2>&1; then
     section "redis-server (Debian)"
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "error: redis-server is required (apt-get install -y redis-server as root)" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq redis-server >/dev/null
+    apt_install redis-server
 fi
 PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6)
 section "python test servers (${PY_PACKAGES[*]})"

@@ -40,18 +40,7 @@ fn frames() -> (String, Vec<String>) {
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
-    let settings = Settings::from_raw(RawSettings {
-        listen: "127.0.0.1:0".into(),
-        data_dir: dir.path().into(),
-        site_url: None,
-        mongo_url: None,
-        redis_url: None,
-        elasticsearch_url: None,
-        elasticsearch_host: None,
-        elasticsearch_prefix: "km".into(),
-        retention_days: "30".into(),
-        logs_retention_days: None,
-    })?;
+    let settings = Settings::from_raw(RawSettings::with_data_dir(dir.path()))?;
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,
         "127.0.0.1:0".parse()?,

@@ -45,6 +45,25 @@ pub struct RawSettings {
     pub logs_retention_days: Option<String>,
 }
 
+impl RawSettings {
+    /// The defaults with the given data dir (what `km serve --data-dir DIR` parses to
+    /// without environment), for tests and benchmarks.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        RawSettings {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: data_dir.into(),
+            site_url: None,
+            mongo_url: None,
+            redis_url: None,
+            elasticsearch_url: None,
+            elasticsearch_host: None,
+            elasticsearch_prefix: "km".into(),
+            retention_days: "30".into(),
+            logs_retention_days: None,
+        }
+    }
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -186,18 +205,7 @@ mod tests {
     use super::*;
 
     fn raw() -> RawSettings {
-        RawSettings {
-            listen: "127.0.0.1:8080".into(),
-            data_dir: "./d".into(),
-            site_url: None,
-            mongo_url: None,
-            redis_url: None,
-            elasticsearch_url: None,
-            elasticsearch_host: None,
-            elasticsearch_prefix: "km".into(),
-            retention_days: "30".into(),
-            logs_retention_days: None,
-        }
+        RawSettings::with_data_dir("./d")
     }
 
     #[test]
