@@ -341,7 +341,8 @@ async fn events_contract(events: &dyn Events) {
     }
     // Minutes of two instances of an app within one step merge: avg weighted by count,
     // extremes, the latest `last`.
-    let hour = now - now.rem_euclid(3_600_000) - 3_600_000;
+    // Two hours back: no other minute of this suite falls in that hour.
+    let hour = now - now.rem_euclid(3_600_000) - 2 * 3_600_000;
     let other = MetricPoint {
         pm_id: 1,
         at: hour + 60_000,
