@@ -422,9 +422,10 @@ async fn events_contract_on_elasticsearch() {
     let urls = parse_urls(server.url()).unwrap();
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
     assert_eq!(events.kind(), "elasticsearch");
+    let started = now_ms();
     events_contract(&events).await;
-    // One index per kind per day, named for the day of the events in it; the one of 40
-    // days ago went with retention.
+    // One index per kind per day, named for the day of the documents in it (today's logs,
+    // metric minutes of up to two hours ago); the day of 40 days ago went with retention.
     let listed: serde_json::Value = reqwest::get(format!(
         "{}/_cat/indices/kmtest-*?format=json",
         server.url()
@@ -434,22 +435,33 @@ async fn events_contract_on_elasticsearch() {
     .json()
     .await
     .unwrap();
-    let mut names: Vec<&str> = listed
+    let names: Vec<&str> = listed
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|i| i["index"].as_str())
         .collect();
-    names.sort();
-    let today = bson::DateTime::now().try_to_rfc3339_string().unwrap()[..10].replace('-', ".");
-    assert_eq!(
-        names,
-        [
-            format!("kmtest-logs-{today}"),
-            format!("kmtest-metrics-{today}")
-        ],
+    let day = |at: i64| {
+        bson::DateTime::from_millis(at)
+            .try_to_rfc3339_string()
+            .unwrap()[..10]
+            .replace('-', ".")
+    };
+    let days_written: Vec<String> = (0..=3).map(|h| day(started - h * 3_600_000)).collect();
+    assert!(
+        names.contains(&format!("kmtest-logs-{}", day(started)).as_str()),
         "{listed}"
     );
+    for name in &names {
+        let (kind, d) = name
+            .strip_prefix("kmtest-")
+            .and_then(|n| n.rsplit_once('-'))
+            .unwrap();
+        assert!(
+            ["logs", "metrics"].contains(&kind) && days_written.iter().any(|w| w == d),
+            "unexpected index {name}: {listed}"
+        );
+    }
 }
 
 #[tokio::test]
