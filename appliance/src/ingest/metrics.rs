@@ -178,6 +178,10 @@ pub fn metric_path(pointer: &str) -> MetricPath<'_> {
 pub struct MetricSampler {
     series: Vec<Series>,
     slots: Vec<Slot>,
+    /// Where `load` expects the next series: a full status lists metrics in the order it
+    /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
+    /// full status every second).
+    cursor: usize,
 }
 
 impl MetricSampler {
@@ -191,6 +195,7 @@ impl MetricSampler {
             .unwrap_or_default();
         let mut slots = Vec::with_capacity(processes.len());
         let mut alive = vec![false; self.series.len()];
+        self.cursor = 0;
         for process in processes {
             let mut slot = Slot::default();
             let app = process.get("name").and_then(Value::as_str);
@@ -244,12 +249,14 @@ impl MetricSampler {
         out: &mut Vec<MetricPoint>,
         scope: Scope,
     ) -> usize {
-        let found = self
-            .series
-            .iter()
-            .position(|s| s.pm_id == pm_id && s.name == name && s.app_name == app);
+        let is = |s: &Series| s.pm_id == pm_id && s.name == name && s.app_name == app;
+        let found = match self.series.get(self.cursor) {
+            Some(s) if is(s) => Some(self.cursor),
+            _ => self.series.iter().position(is),
+        };
         if let Some(id) = found {
             self.series[id].set(value, now, out, scope);
+            self.cursor = id + 1;
             return id;
         }
         let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
@@ -267,6 +274,7 @@ impl MetricSampler {
             min: value,
             max: value,
         });
+        self.cursor = self.series.len();
         self.series.len() - 1
     }
 

@@ -212,13 +212,10 @@ impl Session {
     pub fn record(&self) -> Option<ServerRecord> {
         let mut live = self.live.lock();
         live.dirty = false;
-        let status = live.status()?;
-        let internal_ip = internal_ip(status).map(str::to_string);
-        let status_json = status.to_string();
+        let status_json = live.status()?.to_string();
         Some(ServerRecord {
             bucket_id: self.bucket_id.clone(),
             server_name: self.server_name.clone(),
-            internal_ip,
             last_update: live.last_update,
             status_json,
         })

@@ -130,7 +130,6 @@ async fn documents_contract(docs: &dyn Documents) {
     let server = |name: &str, at: i64| ServerRecord {
         bucket_id: bucket.id.clone(),
         server_name: name.into(),
-        internal_ip: Some("10.0.0.1".into()),
         last_update: at,
         status_json: format!(r#"{{"at":{at}}}"#),
     };

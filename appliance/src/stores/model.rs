@@ -90,7 +90,6 @@ impl MemberRole {
 pub struct ServerRecord {
     pub bucket_id: String,
     pub server_name: String,
-    pub internal_ip: Option<String>,
     pub last_update: i64,
     /// The agent's latest full status (`{data:{process, server}, ...}`) as JSON text.
     pub status_json: String,

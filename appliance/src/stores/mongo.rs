@@ -334,7 +334,7 @@ impl Documents for MongoDocuments {
         for s in servers {
             let filter = doc! {"bucket_id": &s.bucket_id, "server_name": &s.server_name};
             let update = doc! {"$set": {
-                "internal_ip": &s.internal_ip, "last_update": s.last_update, "status_json": &s.status_json,
+                "last_update": s.last_update, "status_json": &s.status_json,
             }};
             self.servers()
                 .update_one(filter, update)
@@ -480,7 +480,6 @@ struct MemberDoc {
 struct ServerDoc {
     bucket_id: String,
     server_name: String,
-    internal_ip: Option<String>,
     last_update: i64,
     status_json: String,
 }
@@ -490,7 +489,6 @@ impl From<ServerDoc> for ServerRecord {
         ServerRecord {
             bucket_id: s.bucket_id,
             server_name: s.server_name,
-            internal_ip: s.internal_ip,
             last_update: s.last_update,
             status_json: s.status_json,
         }

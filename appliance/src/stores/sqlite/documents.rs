@@ -11,7 +11,8 @@ use crate::stores::{
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE users (
   id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,
   password_hash TEXT NOT NULL, role TEXT NOT NULL, created_at INTEGER NOT NULL);
@@ -29,7 +30,12 @@ CREATE INDEX members_by_user ON members(user_id);
 CREATE TABLE servers (
   bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, internal_ip TEXT,
   last_update INTEGER NOT NULL, status_json TEXT NOT NULL, PRIMARY KEY (bucket_id, server_name));
-"];
+",
+    // v2: a server's internal IP is read from its status.
+    "
+ALTER TABLE servers DROP COLUMN internal_ip;
+",
+];
 
 pub struct SqliteDocuments {
     db: Db,
@@ -303,17 +309,14 @@ impl Documents for SqliteDocuments {
                 let tx = c.transaction()?;
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT INTO servers (bucket_id, server_name, internal_ip, last_update, status_json)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
+                        "INSERT INTO servers (bucket_id, server_name, last_update, status_json) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (bucket_id, server_name) DO UPDATE SET
-                           internal_ip = excluded.internal_ip, last_update = excluded.last_update,
-                           status_json = excluded.status_json",
+                           last_update = excluded.last_update, status_json = excluded.status_json",
                     )?;
                     for s in &servers {
                         stmt.execute(params![
                             s.bucket_id,
                             s.server_name,
-                            s.internal_ip,
                             s.last_update,
                             s.status_json
                         ])?;
@@ -328,15 +331,14 @@ impl Documents for SqliteDocuments {
         self.db
             .call(|c| {
                 let mut stmt = c.prepare(
-                    "SELECT bucket_id, server_name, internal_ip, last_update, status_json FROM servers",
+                    "SELECT bucket_id, server_name, last_update, status_json FROM servers",
                 )?;
                 stmt.query_map([], |r| {
                     Ok(ServerRecord {
                         bucket_id: r.get(0)?,
                         server_name: r.get(1)?,
-                        internal_ip: r.get(2)?,
-                        last_update: r.get(3)?,
-                        status_json: r.get(4)?,
+                        last_update: r.get(2)?,
+                        status_json: r.get(3)?,
                     })
                 })?
                 .collect()
