@@ -3,8 +3,9 @@
 # end-to-end tests with real pm2 7.0.4 agents against the real `km` binary.
 #
 # Runs on a fresh Debian bookworm machine as root with only package registries reachable:
-# installs node/npm from Debian when missing, pm2 + @pm2/io + tx2 from npm into
-# target/e2e-node, SecantusDB (a MongoDB-wire server) from PyPI, then builds and tests. Extra arguments go to the test binaries, e.g.
+# installs node/npm and Chromium from Debian when missing, pm2 + @pm2/io + tx2 +
+# @pm2/js-api + playwright-core from npm into target/e2e-node, SecantusDB (a MongoDB-wire
+# server) from PyPI, then builds and tests. Extra arguments go to the test binaries, e.g.
 #   tests/run.sh                       # everything
 #   tests/run.sh apps_and_custom       # only tests whose name matches
 #   KM_E2E_KEEP=1 tests/run.sh ...     # keep temp dirs (km.log, PM2_HOME) for inspection
@@ -14,7 +15,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 # Keep in sync with NPM_PACKAGES in tests/src/lib.rs.
-NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5)
+# playwright-core drives Debian's /usr/bin/chromium (it never downloads a browser of its
+# own); 1.65.1 was checked against Chromium 156 (launch, setContent, screenshot).
+NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5 @pm2/js-api@0.8.1 playwright-core@1.65.1)
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 NODE_DIR="${KM_E2E_NODE_DIR:-$TARGET_DIR/e2e-node}"
@@ -46,6 +49,13 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     apt_install nodejs npm
 fi
 echo "node $(node --version), npm $(npm --version)"
+
+section "chromium"
+# The browser tests launch it through playwright-core (chromium-driver is not needed).
+if [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium
+fi
+/usr/bin/chromium --version 2>/dev/null || { echo "error: /usr/bin/chromium does not run" >&2; exit 1; }
 
 section "npm packages (${NPM_PACKAGES[*]}) in $NODE_DIR"
 installed() {

@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::ingest::Ingest;
 use crate::interactor::Sessions;
+use crate::realtime::LiveHub;
 use crate::stores::{Bus, Documents, Events};
 
 pub struct App {
@@ -16,6 +17,8 @@ pub struct App {
     pub documents: Arc<dyn Documents>,
     pub events: Arc<dyn Events>,
     pub bus: Arc<dyn Bus>,
+    /// This node's browsers watching buckets live.
+    pub live: Arc<LiveHub>,
     pub sessions: Arc<Sessions>,
     pub ingest: Ingest,
     /// Cancelled when the process is asked to stop.

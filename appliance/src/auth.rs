@@ -1,10 +1,16 @@
 //! The auth role's building blocks: argon2 password hashes, bearer tokens stored as
 //! SHA-256 digests, and the `UserAuth` extractor every protected route takes.
+//!
+//! The dashboard signs in with the same tokens, held in an HttpOnly cookie. A request
+//! authenticated by that cookie must also carry the session's CSRF token (header
+//! `x-csrf-token` or form field `csrf`) unless it only reads.
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
+use subtle::ConstantTimeEq;
 use sha2::{Digest, Sha256};
 
 use crate::api::error::ApiError;
@@ -14,6 +20,10 @@ use crate::stores::{TokenRecord, User};
 
 pub const ACCESS_TTL_MS: i64 = 3600 * 1000;
 pub const REFRESH_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
+/// How long a dashboard sign-in lasts.
+pub const SESSION_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+pub const SESSION_COOKIE: &str = "km_session";
+pub const CSRF_HEADER: &str = "x-csrf-token";
 
 /// Hashes a password (on a blocking thread: argon2 is slow on purpose).
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
@@ -57,17 +67,24 @@ pub struct IssuedTokens {
     pub access_expires_at: i64,
 }
 
-/// Issues and stores a new token pair for `user_id`.
+/// The CSRF token of a dashboard session (derived, so nothing more is stored; a page
+/// of another site cannot read the cookie it derives from).
+pub fn csrf_token(session_token: &str) -> String {
+    hex::encode(&Sha256::digest(format!("km-csrf:{session_token}").as_bytes())[..16])
+}
+
+/// Issues and stores a new token pair for `user_id`, the access token valid `ttl_ms`.
 pub async fn issue_tokens(
     app: &AppState,
     user_id: &str,
     client_id: &str,
+    ttl_ms: i64,
 ) -> Result<IssuedTokens, ApiError> {
     let now = now_ms();
     let issued = IssuedTokens {
         access_token: random_hex(32),
         refresh_token: random_hex(32),
-        access_expires_at: now + ACCESS_TTL_MS,
+        access_expires_at: now + ttl_ms,
     };
     app.documents
         .insert_token(&TokenRecord {
@@ -82,27 +99,19 @@ pub async fn issue_tokens(
     Ok(issued)
 }
 
-/// The signed-in user of a request (`Authorization: Bearer <access_token>`).
+/// The signed-in user of a request: `Authorization: Bearer <access_token>`, or the
+/// dashboard's session cookie (with its CSRF token on anything but GET/HEAD).
+#[derive(Clone)]
 pub struct UserAuth {
     pub user: User,
     pub access_digest: String,
+    /// Signed in through the dashboard cookie, not a bearer token.
+    pub by_cookie: bool,
 }
 
-impl FromRequestParts<AppState> for UserAuth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::unauthorized("missing bearer token: sign in first"))?;
+impl UserAuth {
+    /// The user holding `token`, if it is a live access token.
+    pub async fn from_token(app: &AppState, token: &str, by_cookie: bool) -> Result<Self, ApiError> {
         let access_digest = digest(token);
         let record = app
             .documents
@@ -120,7 +129,63 @@ impl FromRequestParts<AppState> for UserAuth {
         Ok(UserAuth {
             user,
             access_digest,
+            by_cookie,
         })
+    }
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The dashboard session token from the cookie header.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value)
+        .filter(|v| !v.is_empty())
+}
+
+/// Whether two secrets are equal, in time independent of where they differ.
+pub fn same_secret(expected: &str, given: &str) -> bool {
+    bool::from(expected.as_bytes().ct_eq(given.as_bytes()))
+}
+
+/// Whether `given` is the session's CSRF token.
+pub fn csrf_matches(session_token: &str, given: Option<&str>) -> bool {
+    given.is_some_and(|given| same_secret(&csrf_token(session_token), given))
+}
+
+impl FromRequestParts<AppState> for UserAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        if let Some(token) = bearer(&parts.headers) {
+            return UserAuth::from_token(app, token, false).await;
+        }
+        let token = session_cookie(&parts.headers)
+            .ok_or_else(|| ApiError::unauthorized("missing bearer token: sign in first"))?;
+        let reads_only = parts.method == Method::GET || parts.method == Method::HEAD;
+        let given = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+        if !reads_only && !csrf_matches(token, given) {
+            return Err(ApiError::forbidden(
+                "missing or wrong CSRF token: reload the page and try again",
+            ));
+        }
+        UserAuth::from_token(app, token, true).await
     }
 }
 

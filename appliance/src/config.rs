@@ -43,6 +43,10 @@ pub struct RawSettings {
     /// Days of logs kept (default: as `KM_RETENTION_DAYS`).
     #[arg(long, env = "KM_LOGS_RETENTION_DAYS")]
     pub logs_retention_days: Option<String>,
+    /// Whether anyone may sign up once the first account exists (`true`/`false`); when
+    /// closed, admins create the accounts.
+    #[arg(long, env = "KM_ALLOW_SIGNUP", default_value = "false")]
+    pub allow_signup: String,
 }
 
 impl RawSettings {
@@ -60,6 +64,7 @@ impl RawSettings {
             elasticsearch_prefix: "km".into(),
             retention_days: "30".into(),
             logs_retention_days: None,
+            allow_signup: "false".into(),
         }
     }
 }
@@ -80,6 +85,7 @@ pub struct Settings {
     pub elasticsearch_prefix: String,
     pub retention_days: u32,
     pub logs_retention_days: u32,
+    pub allow_signup: bool,
 }
 
 /// All problems found in the settings, one line each.
@@ -157,8 +163,18 @@ impl Settings {
                 raw.elasticsearch_prefix
             ));
         }
-        match (listen, retention_days, logs_retention_days) {
-            (Some(listen), Some(retention_days), Some(logs_retention_days))
+        let allow_signup = match raw.allow_signup.trim() {
+            "true" | "1" | "yes" => Some(true),
+            "false" | "0" | "no" | "" => Some(false),
+            other => {
+                errors.push(format!(
+                    "KM_ALLOW_SIGNUP (--allow-signup): {other:?} is not true or false"
+                ));
+                None
+            }
+        };
+        match (listen, retention_days, logs_retention_days, allow_signup) {
+            (Some(listen), Some(retention_days), Some(logs_retention_days), Some(allow_signup))
                 if errors.is_empty() =>
             {
                 Ok(Settings {
@@ -171,6 +187,7 @@ impl Settings {
                     elasticsearch_prefix: raw.elasticsearch_prefix,
                     retention_days,
                     logs_retention_days,
+                    allow_signup,
                 })
             }
             _ => Err(ConfigErrors(errors)),

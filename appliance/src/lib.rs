@@ -1,5 +1,5 @@
 //! The KM appliance: a PM2 Plus compatible monitoring backend. Every role (api, auth,
-//! interactor, workers) lives here; `km serve` runs them all in one process.
+//! interactor, realtime, workers) lives here; `km serve` runs them all in one process.
 
 pub mod api;
 pub mod app;
@@ -8,6 +8,8 @@ pub mod config;
 pub mod ids;
 pub mod ingest;
 pub mod interactor;
+pub mod realtime;
 pub mod server;
 pub mod stores;
+pub mod web;
 pub mod workers;

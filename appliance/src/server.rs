@@ -15,6 +15,7 @@ use crate::app::{App, AppState};
 use crate::config::Settings;
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
+use crate::realtime::LiveHub;
 use crate::stores::elastic::ElasticEvents;
 use crate::stores::mongo::MongoDocuments;
 use crate::stores::redis_bus::RedisBus;
@@ -100,9 +101,12 @@ pub async fn build_app(
             .await
             .context("documents store: cannot load servers")?,
     );
+    let live = Arc::new(LiveHub::default());
     let bus: Arc<dyn stores::Bus> = match &settings.redis_url {
-        Some(url) => RedisBus::connect(url, sessions.clone(), shutdown.clone()).await?,
-        None => Arc::new(LocalBus::new(sessions.clone())),
+        Some(url) => {
+            RedisBus::connect(url, sessions.clone(), live.clone(), shutdown.clone()).await?
+        }
+        None => Arc::new(LocalBus::new(sessions.clone(), live.clone())),
     };
     let (writer, writer_task) = EventWriter::start(events.clone());
     let app = Arc::new(App {
@@ -111,6 +115,7 @@ pub async fn build_app(
         documents,
         events,
         bus,
+        live,
         sessions,
         ingest: Ingest::new(writer),
         shutdown,

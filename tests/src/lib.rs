@@ -5,8 +5,9 @@
 //! Environment knobs:
 //! - `KM_BIN`: the `km` binary (default `<target>/debug/km`, where `<target>` is
 //!   `CARGO_TARGET_DIR` or `<workspace>/target`).
-//! - `KM_E2E_NODE_DIR`: where pm2, `@pm2/io` and `tx2` are installed (default
-//!   `<target>/e2e-node`); installed there on first use, under a file lock.
+//! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`,
+//!   `@pm2/js-api`, playwright-core) are installed (default `<target>/e2e-node`); installed
+//!   there on first use, under a file lock.
 //! - `KM_E2E_KEEP=1`: keep the temporary dirs (km data and log, `PM2_HOME`) for inspection.
 //!
 //! The project runs everything with `tests/run.sh` (installs node packages, builds, then
@@ -25,8 +26,15 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`.
-pub const NPM_PACKAGES: [&str; 3] = ["pm2@7.0.4", "@pm2/io@6.1.0", "tx2@1.0.5"];
+/// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`. playwright-core
+/// drives Debian's `/usr/bin/chromium` (it downloads no browser of its own).
+pub const NPM_PACKAGES: [&str; 5] = [
+    "pm2@7.0.4",
+    "@pm2/io@6.1.0",
+    "tx2@1.0.5",
+    "@pm2/js-api@0.8.1",
+    "playwright-core@1.65.1",
+];
 
 /// The workspace root (parent of this crate).
 pub fn workspace_dir() -> PathBuf {
@@ -637,7 +645,7 @@ impl Drop for Km {
 // Node packages
 // ---------------------------------------------------------------------------------------
 
-/// The npm packages (pm2, `@pm2/io`, `tx2`) installed once into a cache dir.
+/// The npm packages of [`NPM_PACKAGES`] installed once into a cache dir.
 pub struct Node {
     dir: PathBuf,
 }
@@ -716,6 +724,107 @@ impl Node {
         }
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Node scripts (tests/js)
+// ---------------------------------------------------------------------------------------
+
+/// `tests/js`: the Node scripts run by [`run_node_script`].
+pub fn js_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
+}
+
+/// What a Node script printed, and how it exited.
+#[derive(Debug)]
+pub struct ScriptOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Time to collect what is left in a pipe once the script has exited or been killed.
+const PIPE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a child's pipe to the end in a task, so the output survives a timeout.
+fn drain_pipe(
+    pipe: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut buf).await;
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+async fn drained(task: tokio::task::JoinHandle<String>) -> String {
+    match tokio::time::timeout(PIPE_DRAIN_TIMEOUT, task).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => format!("(output lost: {e})"),
+        Err(_) => "(output not closed within 5 s of the exit)".to_string(),
+    }
+}
+
+/// Runs `node tests/js/<script>` with `NODE_PATH` set to the e2e `node_modules` (so the
+/// script can `require('@pm2/js-api')`, `require('playwright-core')`...) and `env` added to
+/// the environment (`NODE_OPTIONS` is cleared), killing it after `timeout`. Returns its
+/// output when it exits 0; otherwise (node missing, timeout, non-zero exit) an error that
+/// carries both its stdout and its stderr.
+pub async fn run_node_script(
+    script: &str,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<ScriptOutput> {
+    let node = Node::get()?;
+    let path = js_dir().join(script);
+    if !path.is_file() {
+        bail!("node script {} not found", path.display());
+    }
+    let mut child = tokio::process::Command::new("node")
+        .arg(&path)
+        .env_remove("NODE_OPTIONS")
+        .env("NODE_PATH", node.node_modules())
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .current_dir(js_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn node (is node installed?)")?;
+    let stdout = drain_pipe(child.stdout.take());
+    let stderr = drain_pipe(child.stderr.take());
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => Some(status.with_context(|| format!("wait for node {script}"))?),
+        Err(_) => {
+            let _ = child.kill().await;
+            None
+        }
+    };
+    let out = (drained(stdout).await, drained(stderr).await);
+    let failure = match status {
+        Some(st) if st.success() => {
+            return Ok(ScriptOutput {
+                status: st,
+                stdout: out.0,
+                stderr: out.1,
+            });
+        }
+        Some(st) => format!("exited with {st}"),
+        None => format!(
+            "did not finish within {:.0} s (killed)",
+            timeout.as_secs_f64()
+        ),
+    };
+    bail!(
+        "node {} {failure}\n--- its stdout ---\n{}\n--- its stderr ---\n{}\n--- end of its output ---",
+        path.display(),
+        out.0.trim_end(),
+        out.1.trim_end()
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::ids::now_ms;
 use crate::interactor::frames;
-use crate::stores::{AgentCommand, Delivery, EventKind, EventRecord};
+use crate::stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
 
 /// PM2 methods an agent accepts from the dashboard.
 const PM2_METHODS: [&str; 7] = [
@@ -54,11 +54,7 @@ async fn send(
     channel: &str,
     payload: Value,
 ) -> ApiResult<()> {
-    if !access.role.can_act() {
-        return Err(ApiError::forbidden(
-            "read-only members cannot send commands",
-        ));
-    }
+    access.require(MemberRole::Developer, "send commands to agents")?;
     let frame = frames::encode(channel, &payload);
     let command = AgentCommand {
         bucket_id: access.bucket.id.clone(),

@@ -13,7 +13,7 @@ use crate::app::AppState;
 use crate::auth::UserAuth;
 use crate::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use crate::interactor::ws_url;
-use crate::stores::{Bucket, MemberRole, StoreError};
+use crate::stores::{Bucket, Member, MemberRole, StoreError, User};
 
 /// A bucket the signed-in user is a member of, with their role.
 pub struct BucketAccess {
@@ -22,21 +22,13 @@ pub struct BucketAccess {
     pub auth: UserAuth,
 }
 
-impl FromRequestParts<AppState> for BucketAccess {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
-        let auth = UserAuth::from_request_parts(parts, app).await?;
+impl BucketAccess {
+    /// The bucket `id` if `auth`'s user is a member (anything else is "not found").
+    pub async fn load(app: &AppState, auth: UserAuth, id: &str) -> ApiResult<Self> {
         let not_found = || ApiError::not_found("no such bucket");
-        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
-            .await
-            .map_err(|_| not_found())?;
-        let id = params
-            .iter()
-            .find(|(k, _)| k == "id")
-            .map(|(_, v)| v.as_str())
-            .filter(|id| is_object_id(id))
-            .ok_or_else(not_found)?;
+        if !is_object_id(id) {
+            return Err(not_found());
+        }
         let role = app
             .documents
             .member_role(id, &auth.user.id)
@@ -51,8 +43,25 @@ impl FromRequestParts<AppState> for BucketAccess {
     }
 }
 
+impl FromRequestParts<AppState> for BucketAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, ApiError> {
+        let auth = UserAuth::from_request_parts(parts, app).await?;
+        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, app)
+            .await
+            .map_err(|_| ApiError::not_found("no such bucket"))?;
+        let id = params
+            .iter()
+            .find(|(k, _)| k == "id")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        BucketAccess::load(app, auth, id).await
+    }
+}
+
 /// The bucket as clients see it, with where agents and browsers connect.
-fn bucket_json(app: &AppState, bucket: &Bucket) -> Value {
+pub fn bucket_json(app: &AppState, bucket: &Bucket) -> Value {
     let mut v = json!(bucket);
     v["node"] = json!({
         "endpoints": {
@@ -67,7 +76,15 @@ fn bucket_json(app: &AppState, bucket: &Bucket) -> Value {
 #[derive(Deserialize)]
 pub struct CreateForm {
     #[serde(default)]
-    name: String,
+    pub name: String,
+}
+
+fn bucket_name(name: &str) -> ApiResult<&str> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(ApiError::bad_request("name: 1 to 100 characters"));
+    }
+    Ok(name)
 }
 
 /// `POST /api/bucket/create_classic`.
@@ -76,10 +93,7 @@ pub async fn create(
     auth: UserAuth,
     Body(form): Body<CreateForm>,
 ) -> ApiResult<Json<Value>> {
-    let name = form.name.trim();
-    if name.is_empty() || name.chars().count() > 100 {
-        return Err(ApiError::bad_request("name: 1 to 100 characters"));
-    }
+    let name = bucket_name(&form.name)?;
     // Public ids are unique; a collision of 64 random bits is retried, not reported.
     for _ in 0..3 {
         let bucket = Bucket {
@@ -113,4 +127,202 @@ pub async fn list(State(app): State<AppState>, auth: UserAuth) -> ApiResult<Json
 /// `GET /api/bucket/:id`.
 pub async fn retrieve(State(app): State<AppState>, access: BucketAccess) -> Json<Value> {
     Json(bucket_json(&app, &access.bucket))
+}
+
+impl BucketAccess {
+    /// Refuses (403) unless the member's role includes `needed`; `what` says what was
+    /// attempted.
+    pub fn require(&self, needed: MemberRole, what: &str) -> ApiResult<()> {
+        if self.role.includes(needed) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "a {} of this bucket cannot {what} (needs {})",
+                self.role.as_str(),
+                needed.as_str()
+            )))
+        }
+    }
+}
+
+/// `PUT /api/bucket/:id`: renames the bucket (admins).
+pub async fn update(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<CreateForm>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Admin, "rename it")?;
+    let name = bucket_name(&form.name)?;
+    if !app.documents.rename_bucket(&access.bucket.id, name).await? {
+        return Err(ApiError::not_found("no such bucket"));
+    }
+    let bucket = Bucket {
+        name: name.to_string(),
+        ..access.bucket
+    };
+    Ok(Json(bucket_json(&app, &bucket)))
+}
+
+/// `DELETE /api/bucket/:id`: deletes the bucket, its members and servers (owner only).
+/// Stored events age out with retention.
+pub async fn destroy(State(app): State<AppState>, access: BucketAccess) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Owner, "delete it")?;
+    app.documents.delete_bucket(&access.bucket.id).await?;
+    app.sessions.remove_bucket(&access.bucket.id);
+    tracing::info!(bucket = %access.bucket.id, user = %access.auth.user.username, "bucket deleted");
+    Ok(Json(json!({ "deleted": true, "_id": access.bucket.id })))
+}
+
+/// `GET /api/bucket/:id/users_authorized`.
+pub async fn members(
+    State(app): State<AppState>,
+    access: BucketAccess,
+) -> ApiResult<Json<Vec<Member>>> {
+    Ok(Json(app.documents.bucket_members(&access.bucket.id).await?))
+}
+
+/// `GET /api/bucket/:id/current_role`.
+pub async fn current_role(access: BucketAccess) -> Json<Value> {
+    Json(json!({ "role": access.role.as_str() }))
+}
+
+#[derive(Deserialize, Default)]
+pub struct MemberForm {
+    /// Email or username of an existing account.
+    #[serde(default, alias = "username")]
+    email: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// The account a member form names, and the role it asks for (never owner).
+async fn member_target(
+    app: &AppState,
+    form: &MemberForm,
+    default_role: Option<MemberRole>,
+) -> ApiResult<(User, MemberRole)> {
+    let login = form.email.trim();
+    if login.is_empty() {
+        return Err(ApiError::bad_request("email: the member's email or username"));
+    }
+    let role = match form.role.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+        Some(r) => MemberRole::parse(r).filter(|r| *r != MemberRole::Owner).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "role: {r:?} is not admin, developer or read_only"
+            ))
+        })?,
+        None => default_role.ok_or_else(|| {
+            ApiError::bad_request("role: admin, developer or read_only")
+        })?,
+    };
+    let user = app
+        .documents
+        .user_by_login(&login.to_lowercase())
+        .await?
+        .or(app.documents.user_by_login(login).await?)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no account {login:?}: the person must have an account first"
+            ))
+        })?;
+    Ok((user, role))
+}
+
+/// Refuses to change the owner's membership.
+fn not_owner(access: &BucketAccess, user: &User) -> ApiResult<()> {
+    if user.id == access.bucket.owner {
+        return Err(ApiError::bad_request(
+            "the owner's role cannot be changed or removed",
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /api/bucket/:id/add_user` `{email, role}` (admins; default role developer).
+pub async fn add_member(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<MemberForm>,
+) -> ApiResult<Json<Vec<Member>>> {
+    access.require(MemberRole::Admin, "add members")?;
+    let (user, role) = member_target(&app, &form, Some(MemberRole::Developer)).await?;
+    not_owner(&access, &user)?;
+    if app.documents.member_role(&access.bucket.id, &user.id).await?.is_some() {
+        return Err(ApiError::conflict(format!(
+            "{} is already a member",
+            user.username
+        )));
+    }
+    app.documents.set_member(&access.bucket.id, &user.id, role).await?;
+    members(State(app), access).await
+}
+
+/// `POST /api/bucket/:id/promote_user` `{email, role}` (admins).
+pub async fn set_member_role(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<MemberForm>,
+) -> ApiResult<Json<Vec<Member>>> {
+    access.require(MemberRole::Admin, "change roles")?;
+    let (user, role) = member_target(&app, &form, None).await?;
+    not_owner(&access, &user)?;
+    if app.documents.member_role(&access.bucket.id, &user.id).await?.is_none() {
+        return Err(ApiError::not_found(format!("{} is not a member", user.username)));
+    }
+    app.documents.set_member(&access.bucket.id, &user.id, role).await?;
+    members(State(app), access).await
+}
+
+/// `POST /api/bucket/:id/remove_user` `{email}` (admins).
+pub async fn remove_member(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<MemberForm>,
+) -> ApiResult<Json<Vec<Member>>> {
+    access.require(MemberRole::Admin, "remove members")?;
+    let (user, _) = member_target(&app, &form, Some(MemberRole::ReadOnly)).await?;
+    not_owner(&access, &user)?;
+    if !app.documents.remove_member(&access.bucket.id, &user.id).await? {
+        return Err(ApiError::not_found(format!("{} is not a member", user.username)));
+    }
+    members(State(app), access).await
+}
+
+/// `GET /api/bucket/:id/meta_servers`: every known server, without process details.
+pub async fn servers(State(app): State<AppState>, access: BucketAccess) -> Json<Vec<Value>> {
+    let servers = app
+        .sessions
+        .of_bucket(&access.bucket.id, None)
+        .iter()
+        .map(|s| s.meta())
+        .collect();
+    Json(servers)
+}
+
+#[derive(Deserialize)]
+pub struct ServerForm {
+    #[serde(default)]
+    pub server_name: String,
+}
+
+/// `POST /api/bucket/:id/data/deleteServer` `{server_name}` (admins): forgets an offline
+/// server (a connected one would come back at its next status).
+pub async fn delete_server(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<ServerForm>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Admin, "delete servers")?;
+    let name = form.server_name.as_str();
+    if app.sessions.get(&access.bucket.id, name).is_some_and(|s| s.online()) {
+        return Err(ApiError::conflict(format!(
+            "server {name:?} is connected: run `pm2 unlink` (or stop its agent) on it first"
+        )));
+    }
+    let known = app.sessions.remove(&access.bucket.id, name);
+    let stored = app.documents.delete_server(&access.bucket.id, name).await?;
+    if !known && !stored {
+        return Err(ApiError::not_found(format!("no server {name:?} in this bucket")));
+    }
+    Ok(Json(json!({ "deleted": true, "server_name": name })))
 }

@@ -45,7 +45,11 @@ pub async fn status(
     access: BucketAccess,
     Query(filter): Query<StatusFilter>,
 ) -> Response {
-    let (bucket_id, only) = (&access.bucket.id, filter.server_name.as_deref());
+    json_array(servers_status(&app, &access.bucket.id, filter.server_name.as_deref()).await)
+}
+
+/// The API view (JSON text) of each server of the bucket (only `only` if given), by name.
+pub async fn servers_status(app: &AppState, bucket_id: &str, only: Option<&str>) -> Vec<String> {
     let local = app
         .sessions
         .of_bucket(bucket_id, only)
@@ -61,7 +65,9 @@ pub async fn status(
             tracing::warn!(error = %e, "status: other nodes not asked");
             Vec::new()
         });
-    json_array(freshest_per_server(local.into_iter().chain(remote)).into_values())
+    freshest_per_server(local.into_iter().chain(remote))
+        .into_values()
+        .collect()
 }
 
 /// One view per server name: an online one over an offline one, then the latest.
@@ -101,6 +107,9 @@ pub struct EventFilter {
     event_name: Option<String>,
     before: Option<Value>,
     after: Option<Value>,
+    /// Text the log line or message holds (case-insensitive).
+    #[serde(alias = "search")]
+    q: Option<String>,
     #[serde(alias = "limit")]
     size: Option<Value>,
     #[serde(alias = "offset")]
@@ -145,6 +154,7 @@ impl EventFilter {
             name: self.event_name.filter(|s| !s.is_empty()),
             before: number(&self.before, "before")?,
             after: number(&self.after, "after")?,
+            text: self.q.map(|q| q.trim().to_string()).filter(|q| !q.is_empty()),
             limit: size as u32,
             offset: from.clamp(0, i64::from(u32::MAX)) as u32,
         })

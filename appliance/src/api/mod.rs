@@ -5,10 +5,15 @@ pub mod actions;
 pub mod buckets;
 pub mod data;
 pub mod error;
+pub mod insights;
 pub mod oauth;
 
 use axum::extract::{FromRequest, Request};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderValue;
+use axum::http::header::{
+    CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+};
+use tower_http::set_header::SetResponseHeaderLayer;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -19,14 +24,18 @@ use crate::stores::StoreError;
 
 use crate::app::AppState;
 use crate::interactor;
+use crate::realtime;
+use crate::web;
 use error::ApiError;
 
 /// Every route of `km serve`.
 pub fn router(app: AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/healthz", get(health))
+        .route("/api/openapi.json", get(openapi))
         .route("/api/node/verifyPM2", post(interactor::verify))
         .route("/interaction", get(interactor::interaction))
+        .route("/primus", get(realtime::primus))
         .route(
             "/api/oauth/register",
             get(oauth::register).post(oauth::register),
@@ -37,7 +46,22 @@ pub fn router(app: AppState) -> Router {
         .route("/api/bucket", get(buckets::list))
         .route("/api/bucket/", get(buckets::list))
         .route("/api/bucket/create_classic", post(buckets::create))
-        .route("/api/bucket/{id}", get(buckets::retrieve))
+        .route(
+            "/api/bucket/{id}",
+            get(buckets::retrieve)
+                .put(buckets::update)
+                .delete(buckets::destroy),
+        )
+        .route("/api/bucket/{id}/users_authorized", get(buckets::members))
+        .route("/api/bucket/{id}/current_role", get(buckets::current_role))
+        .route("/api/bucket/{id}/add_user", post(buckets::add_member))
+        .route("/api/bucket/{id}/promote_user", post(buckets::set_member_role))
+        .route("/api/bucket/{id}/remove_user", post(buckets::remove_member))
+        .route("/api/bucket/{id}/meta_servers", get(buckets::servers))
+        .route(
+            "/api/bucket/{id}/data/deleteServer",
+            post(buckets::delete_server),
+        )
         .route("/api/bucket/{id}/data/status", get(data::status))
         .route("/api/bucket/{id}/data/logs", post(data::logs))
         .route("/api/bucket/{id}/data/exceptions", post(data::exceptions))
@@ -64,8 +88,36 @@ pub fn router(app: AppState) -> Router {
             "/api/bucket/{id}/actions/triggerScopedAction",
             post(actions::trigger_scoped),
         )
-        .fallback(|| async { ApiError::not_found("no such route") })
-        .with_state(app)
+        .merge(web::routes())
+        .fallback(|| async { ApiError::not_found("no such route") });
+    with_security_headers(routes).with_state(app)
+}
+
+/// The OpenAPI 3.1 description of this API (`assets/openapi.json`, written by hand).
+const OPENAPI: &str = include_str!("../../assets/openapi.json");
+
+/// `GET /api/openapi.json`.
+async fn openapi() -> impl axum::response::IntoResponse {
+    ([(CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// Headers every answer carries: pages run only this site's scripts, are never framed,
+/// and content types are not guessed.
+fn with_security_headers(router: Router<AppState>) -> Router<AppState> {
+    const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+                       frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'";
+    [
+        (CONTENT_SECURITY_POLICY, CSP),
+        (X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (REFERRER_POLICY, "same-origin"),
+    ]
+    .into_iter()
+    .fold(router, |router, (name, value)| {
+        router.layer(SetResponseHeaderLayer::if_not_present(
+            name,
+            HeaderValue::from_static(value),
+        ))
+    })
 }
 
 /// `GET /healthz`: ready (200 while the process serves), with each store's state
@@ -139,5 +191,103 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
         parsed
             .map(Body)
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    /// `(path, methods)` of every `.route("…", …)` of the router, read from this file.
+    fn routes_in_source() -> Vec<(String, Vec<&'static str>)> {
+        let src = include_str!("mod.rs");
+        // Only the code above the tests (their own text mentions `.route(` too).
+        let src = src.split("#[cfg(test)]").next().unwrap_or(src);
+        let mut routes = Vec::new();
+        for chunk in src.split(".route(").skip(1) {
+            let Some(rest) = chunk.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let Some((path, rest)) = rest.split_once('"') else {
+                continue;
+            };
+            // The route's arguments end at the parenthesis closing `.route(`.
+            let mut depth = 1;
+            let end = rest
+                .char_indices()
+                .find(|&(_, c)| {
+                    match c {
+                        '(' => depth += 1,
+                        ')' => depth -= 1,
+                        _ => {}
+                    }
+                    depth == 0
+                })
+                .map_or(rest.len(), |(i, _)| i);
+            let handlers = &rest[..end];
+            let methods = ["get", "post", "put", "delete", "patch"]
+                .into_iter()
+                .filter(|m| {
+                    handlers.match_indices(&format!("{m}(")).any(|(i, _)| {
+                        !handlers[..i]
+                            .chars()
+                            .next_back()
+                            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+                    })
+                })
+                .collect();
+            routes.push((path.to_string(), methods));
+        }
+        routes
+    }
+
+    #[test]
+    fn openapi_document_covers_every_api_route() {
+        let doc: Value = serde_json::from_str(super::OPENAPI).expect("openapi.json is not JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+        let paths = doc["paths"].as_object().expect("openapi.json has no paths");
+        let routes: Vec<_> = routes_in_source()
+            .into_iter()
+            .filter(|(path, _)| path.starts_with("/api/") && path != "/api/bucket/")
+            .collect();
+        assert!(
+            routes.len() > 20,
+            "routes not found in the source: {routes:?}"
+        );
+        let mut missing = Vec::new();
+        for (path, methods) in &routes {
+            let Some(mut item) = paths.get(path) else {
+                missing.push(format!("{path} (path)"));
+                continue;
+            };
+            // A path item may be a `$ref` to `components/pathItems`.
+            if let Some(target) = item["$ref"].as_str().and_then(|r| r.strip_prefix('#')) {
+                item = doc.pointer(target).unwrap_or(&Value::Null);
+            }
+            for method in methods {
+                if item.get(*method).is_none() {
+                    missing.push(format!("{} {path}", method.to_uppercase()));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "appliance/assets/openapi.json lacks routes of the router: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn route_reader_sees_methods() {
+        let routes = routes_in_source();
+        let methods_of = |path: &str| {
+            routes
+                .iter()
+                .find(|(p, _)| p == path)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_default()
+        };
+        assert_eq!(methods_of("/api/bucket/{id}"), ["get", "put", "delete"]);
+        assert_eq!(methods_of("/api/oauth/token"), ["post"]);
     }
 }

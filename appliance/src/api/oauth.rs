@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -17,13 +18,13 @@ const MIN_PASSWORD: usize = 8;
 #[derive(Deserialize)]
 pub struct RegisterForm {
     #[serde(default)]
-    username: String,
+    pub username: String,
     #[serde(default)]
-    email: String,
+    pub email: String,
     #[serde(default)]
-    password: String,
+    pub password: String,
     #[serde(default)]
-    accept_terms: Value,
+    pub accept_terms: Value,
 }
 
 fn truthy(v: &Value) -> bool {
@@ -55,15 +56,20 @@ fn check_registration(form: &RegisterForm) -> ApiResult<()> {
     if !email_ok {
         return Err(ApiError::bad_request("email: not a valid address"));
     }
-    if form.password.chars().count() < MIN_PASSWORD {
-        return Err(ApiError::bad_request(format!(
-            "password: at least {MIN_PASSWORD} characters"
-        )));
-    }
+    check_new_password(&form.password)?;
     if !truthy(&form.accept_terms) {
         return Err(ApiError::bad_request(
             "accept_terms: the terms must be accepted",
         ));
+    }
+    Ok(())
+}
+
+pub fn check_new_password(password: &str) -> ApiResult<()> {
+    if password.chars().count() < MIN_PASSWORD {
+        return Err(ApiError::bad_request(format!(
+            "password: at least {MIN_PASSWORD} characters"
+        )));
     }
     Ok(())
 }
@@ -83,12 +89,21 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// `POST|GET /api/oauth/register`: creates an account (the first one is admin).
-pub async fn register(
-    State(app): State<AppState>,
-    Body(form): Body<RegisterForm>,
-) -> ApiResult<Json<Value>> {
+/// Creates an account: the first one is the admin; later ones only while sign-up is
+/// open (`KM_ALLOW_SIGNUP`) or when an admin (`by`) creates them.
+pub async fn create_account(
+    app: &AppState,
+    form: RegisterForm,
+    by: Option<&User>,
+) -> ApiResult<User> {
     check_registration(&form)?;
+    let first = app.documents.count_users().await? == 0;
+    let by_admin = by.is_some_and(|u| u.role == "admin");
+    if !first && !app.settings.allow_signup && !by_admin {
+        return Err(ApiError::forbidden(
+            "sign-up is closed: an admin creates accounts (or sets KM_ALLOW_SIGNUP=true)",
+        ));
+    }
     let email = form.email.trim().to_lowercase();
     if app.documents.user_by_login(&form.username).await?.is_some()
         || app.documents.user_by_login(&email).await?.is_some()
@@ -97,11 +112,7 @@ pub async fn register(
             "this username or email is already registered",
         ));
     }
-    let role = if app.documents.count_users().await? == 0 {
-        "admin"
-    } else {
-        "user"
-    };
+    let role = if first { "admin" } else { "user" };
     let user = User {
         id: new_object_id(),
         username: form.username,
@@ -111,8 +122,23 @@ pub async fn register(
         created_at: now_ms(),
     };
     app.documents.insert_user(&user).await?;
-    tracing::info!(user = %user.username, role, "user registered");
-    let tokens = auth::issue_tokens(&app, &user.id, "km").await?;
+    tracing::info!(user = %user.username, role, by = by.map(|u| u.username.as_str()), "account created");
+    Ok(user)
+}
+
+/// `POST|GET /api/oauth/register`: creates an account and signs it in (an admin's
+/// bearer token may create accounts while sign-up is closed).
+pub async fn register(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Body(form): Body<RegisterForm>,
+) -> ApiResult<Json<Value>> {
+    let by = match auth::bearer(&headers) {
+        Some(token) => Some(UserAuth::from_token(&app, token, false).await?.user),
+        None => None,
+    };
+    let user = create_account(&app, form, by.as_ref()).await?;
+    let tokens = auth::issue_tokens(&app, &user.id, "km", auth::ACCESS_TTL_MS).await?;
     let mut body = token_json(&tokens);
     body["user"] = json!(user);
     Ok(Json(body))
@@ -129,6 +155,19 @@ pub struct TokenForm {
     client_id: Option<String>,
 }
 
+/// The account of `login` (username or email) if `password` is its password.
+pub async fn check_password(app: &AppState, login: &str, password: String) -> ApiResult<User> {
+    let user = app.documents.user_by_login(login.trim()).await?;
+    let hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_default();
+    match user {
+        Some(user) if auth::verify_password(password, hash).await => Ok(user),
+        _ => Err(ApiError::unauthorized("wrong username or password")),
+    }
+}
+
 /// `POST /api/oauth/token`: password and refresh_token grants.
 pub async fn token(
     State(app): State<AppState>,
@@ -143,18 +182,10 @@ pub async fn token(
             let password = form.password.ok_or_else(|| {
                 ApiError::bad_request("password: required with grant_type=password")
             })?;
-            let user = app.documents.user_by_login(login.trim()).await?;
-            let hash = user
-                .as_ref()
-                .map(|u| u.password_hash.clone())
-                .unwrap_or_default();
-            match user {
-                Some(user) if auth::verify_password(password, hash).await => {
-                    let tokens = auth::issue_tokens(&app, &user.id, &client_id).await?;
-                    Ok(Json(token_json(&tokens)))
-                }
-                _ => Err(ApiError::unauthorized("wrong username or password")),
-            }
+            let user = check_password(&app, &login, password).await?;
+            let tokens =
+                auth::issue_tokens(&app, &user.id, &client_id, auth::ACCESS_TTL_MS).await?;
+            Ok(Json(token_json(&tokens)))
         }
         "refresh_token" => {
             let refresh = form.refresh_token.ok_or_else(|| {

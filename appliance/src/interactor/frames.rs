@@ -2,6 +2,7 @@
 //! frames are split by channel; everything but status is turned into a stored event.
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
@@ -111,7 +112,10 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
             (EventKind::ProcessEvent, event)
         }
         "process:exception" => {
-            doc.insert("data".into(), field("data"));
+            let data = field("data");
+            let issue = issue_id(app_name.as_deref(), &data);
+            doc.insert("issue".into(), issue.clone().into());
+            doc.insert("data".into(), data);
             (EventKind::Exception, channel.to_string())
         }
         "axm:transaction" => {
@@ -155,17 +159,30 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         server_name: origin.server_name.to_string(),
         app_name,
         event_type,
-        name: (channel == "human:event")
-            .then(|| {
-                payload
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .flatten(),
+        name: match kind {
+            // Exceptions are found by issue, custom events by name.
+            EventKind::Exception => doc.get("issue").and_then(Value::as_str).map(str::to_string),
+            _ if channel == "human:event" => payload
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        },
         at,
         doc: Value::Object(doc).to_string(),
     }
+}
+
+/// The issue an exception belongs to: the same app, message and callsite (the line that
+/// threw) are the same issue however often it happens.
+pub fn issue_id(app_name: Option<&str>, data: &Value) -> String {
+    let text = |name: &str| data.get(name).and_then(Value::as_str).unwrap_or("");
+    let message = match text("message") {
+        "" => data.as_str().unwrap_or(""),
+        message => message,
+    };
+    let key = format!("{}\0{message}\0{}", app_name.unwrap_or(""), text("callsite"));
+    hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
 #[cfg(test)]
@@ -232,6 +249,11 @@ mod tests {
         assert_eq!(event.kind, EventKind::Exception);
         assert_eq!(doc["data"]["message"], "tx2 issue error");
         assert_eq!(doc["data"]["last_logs"].as_array().map(Vec::len), Some(8));
+        // Found by issue: same app, message and callsite, whatever the stack or time.
+        assert_eq!(event.name.as_deref(), doc["issue"].as_str());
+        let same = json!({"message": "tx2 issue error", "callsite": "/srv/demo/apps/app-tx2.js:8", "stack": "other"});
+        assert_eq!(issue_id(event.app_name.as_deref(), &same), doc["issue"]);
+        assert_ne!(issue_id(Some("other-app"), &same), doc["issue"]);
     }
 
     #[test]

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+use crate::auth;
 use crate::app::AppState;
 use crate::stores::Bucket;
 
@@ -71,7 +71,7 @@ async fn authenticate(app: &AppState, public_id: &str, secret_id: &str) -> Resul
                 format!("unknown public key {public_id:?}: copy the keys from the bucket settings"),
             )
         })?;
-    if bool::from(bucket.secret_id.as_bytes().ct_eq(secret_id.as_bytes())) {
+    if auth::same_secret(&bucket.secret_id, secret_id) {
         Ok(bucket)
     } else {
         Err(Refusal::new(

@@ -208,6 +208,11 @@ impl Session {
         (&self.bucket_id, &self.server_name)
     }
 
+    /// The latest status with every patch applied, as JSON text.
+    pub fn status_text(&self) -> Option<String> {
+        Some(self.live.lock().status()?.to_string())
+    }
+
     /// The record persisted for this server, if it ever sent a status.
     pub fn record(&self) -> Option<ServerRecord> {
         let mut live = self.live.lock();
@@ -218,6 +223,24 @@ impl Session {
             server_name: self.server_name.clone(),
             last_update: live.last_update,
             status_json,
+        })
+    }
+
+    /// The server without its processes' details: `{server_name, online, last_update,
+    /// internal_ip, processes, server: {hostname, pm2_version, node_version, …}}`.
+    pub fn meta(&self) -> Value {
+        let online = self.online();
+        let mut live = self.live.lock();
+        let last_update = live.last_update;
+        let status = live.status();
+        let data = status.and_then(|s| s.get("data"));
+        serde_json::json!({
+            "server_name": self.server_name,
+            "online": online,
+            "last_update": last_update,
+            "internal_ip": status.and_then(internal_ip),
+            "processes": data.and_then(|d| d.get("process")).and_then(Value::as_array).map_or(0, Vec::len),
+            "server": data.and_then(|d| d.get("server")).cloned().unwrap_or(Value::Null),
         })
     }
 
@@ -325,6 +348,24 @@ impl Sessions {
         if offline {
             live.sampler.finish(now, points, session.scope());
         }
+    }
+
+    /// Forgets an offline server; false if it is unknown or connected.
+    pub fn remove(&self, bucket_id: &str, server_name: &str) -> bool {
+        let mut buckets = self.buckets.write();
+        let Some(servers) = buckets.get_mut(bucket_id) else {
+            return false;
+        };
+        if servers.get(server_name).is_none_or(|s| s.online()) {
+            return false;
+        }
+        servers.remove(server_name);
+        true
+    }
+
+    /// Forgets every server of a deleted bucket.
+    pub fn remove_bucket(&self, bucket_id: &str) {
+        self.buckets.write().remove(bucket_id);
     }
 
     pub fn get(&self, bucket_id: &str, server_name: &str) -> Option<Arc<Session>> {

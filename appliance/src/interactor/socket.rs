@@ -12,6 +12,7 @@ use super::frames::{self, Inbound, Origin};
 use super::session::Session;
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::realtime::LiveEvent;
 
 const PING_EVERY: Duration = Duration::from_secs(10);
 /// A socket silent this long is dead (the agent pings every 5 s).
@@ -92,19 +93,27 @@ pub fn receive(
         }
     };
     session.mark_data(socket_id, now);
+    let watched = app.bus.watched(&session.bucket_id);
     match inbound {
         Inbound::Status(payload) => {
             if !app.ingest.apply_status(session, payload, now) {
                 app.ingest.count_malformed();
+            } else if watched {
+                publish(app, session, "status", payload);
             }
         }
         Inbound::StatusPatch(payload) => {
             if !app.ingest.apply_patch(session, payload, now) {
                 // The agent answers with a full status.
                 let _ = tx.try_send(frames::STATUS_RESEND.to_string());
+            } else if watched && let Some(status) = session.status_text() {
+                publish(app, session, "status", &status);
             }
         }
         Inbound::Other { channel, payload } => {
+            if watched {
+                publish(app, session, &channel, payload);
+            }
             let origin = Origin {
                 bucket_id: &session.bucket_id,
                 server_name: &session.server_name,
@@ -114,4 +123,14 @@ pub fn receive(
                 .event(frames::to_event(&origin, &channel, payload));
         }
     }
+}
+
+/// Hands an agent's event to the browsers watching its bucket.
+fn publish(app: &AppState, session: &Session, event: &str, payload: &str) {
+    app.bus.publish_live(LiveEvent::new(
+        &session.bucket_id,
+        &session.server_name,
+        event,
+        payload,
+    ));
 }

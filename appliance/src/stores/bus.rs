@@ -1,12 +1,14 @@
 //! The bus: what crosses nodes. Commands go to whichever node holds an agent's socket,
 //! and the live view of a bucket's servers is gathered from every node. In one process
-//! both are direct calls into the interactor's sessions.
+//! both are direct calls into the interactor's sessions. Live events for browsers go
+//! to the watchers of their bucket on every node.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::StoreResult;
+use crate::realtime::{LiveEvent, LiveHub};
 
 /// A frame for the agent linked as `server_name` in `bucket_id`.
 #[derive(Debug, Clone)]
@@ -49,16 +51,24 @@ pub trait Bus: Send + Sync {
     /// This node now holds the freshest socket of the server (after a reconnect, a
     /// command must go to it, not to a stale socket on another node).
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
+    /// Whether a browser on any node watches the bucket (live events are built only then).
+    fn watched(&self, bucket_id: &str) -> bool;
+    /// Hands a live event to the bucket's watchers on every node; never waits.
+    fn publish_live(&self, event: LiveEvent);
+    /// A browser on this node started watching the bucket: the other nodes hear it now,
+    /// not at the next heartbeat.
+    async fn watch(&self, bucket_id: &str);
 }
 
 /// The in-process bus: every agent socket is in this process.
 pub struct LocalBus {
     sink: Arc<dyn CommandSink>,
+    hub: Arc<LiveHub>,
 }
 
 impl LocalBus {
-    pub fn new(sink: Arc<dyn CommandSink>) -> Self {
-        LocalBus { sink }
+    pub fn new(sink: Arc<dyn CommandSink>, hub: Arc<LiveHub>) -> Self {
+        LocalBus { sink, hub }
     }
 }
 
@@ -87,4 +97,14 @@ impl Bus for LocalBus {
     async fn claim(&self, _bucket_id: &str, _server_name: &str) -> StoreResult<()> {
         Ok(())
     }
+
+    fn watched(&self, bucket_id: &str) -> bool {
+        self.hub.watched(bucket_id)
+    }
+
+    fn publish_live(&self, event: LiveEvent) {
+        self.hub.publish(Arc::new(event));
+    }
+
+    async fn watch(&self, _bucket_id: &str) {}
 }

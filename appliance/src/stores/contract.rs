@@ -12,8 +12,8 @@ use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
     AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
-    EventRecord, Events, LocalBus, MemberRole, MetricPoint, MetricQuery, ServerRecord, StoreError,
-    TokenRecord, User,
+    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, ServerRecord,
+    StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -161,6 +161,227 @@ async fn documents_contract_on_mongodb() {
         .await
         .unwrap();
     assert_eq!(again.count_users().await.unwrap(), 1);
+}
+
+fn member(user: &User, role: MemberRole) -> Member {
+    Member {
+        user_id: user.id.clone(),
+        username: user.username.clone(),
+        email: user.email.clone(),
+        role,
+    }
+}
+
+fn token_of(user: &User, n: u32) -> TokenRecord {
+    TokenRecord {
+        access_digest: format!("a-{}-{n}", user.username),
+        refresh_digest: format!("r-{}-{n}", user.username),
+        user_id: user.id.clone(),
+        client_id: "c".into(),
+        access_expires_at: 4_000_000_000_000,
+        refresh_expires_at: 4_000_000_000_000,
+    }
+}
+
+/// What every documents store must do to manage buckets, members, passwords and servers.
+async fn bucket_management_contract(docs: &dyn Documents) {
+    // The owner's name sorts after the others', who join out of name order.
+    let (nina, bob, carol, dave) = (user("nina"), user("bob"), user("carol"), user("dave"));
+    for u in [&nina, &bob, &carol, &dave] {
+        docs.insert_user(u).await.unwrap();
+    }
+    let bucket = |name: &str, public_id: &str| Bucket {
+        id: new_object_id(),
+        name: name.into(),
+        public_id: public_id.into(),
+        secret_id: format!("sec-{public_id}"),
+        owner: nina.id.clone(),
+        created_at: 5,
+    };
+    let (prod, staging) = (bucket("prod", "pub-prod"), bucket("staging", "pub-staging"));
+    docs.insert_bucket(&prod).await.unwrap();
+    docs.insert_bucket(&staging).await.unwrap();
+
+    // Members: the owner first, then by username, each with their role.
+    docs.set_member(&prod.id, &carol.id, MemberRole::Developer)
+        .await
+        .unwrap();
+    docs.set_member(&prod.id, &dave.id, MemberRole::Admin)
+        .await
+        .unwrap();
+    docs.set_member(&prod.id, &bob.id, MemberRole::ReadOnly)
+        .await
+        .unwrap();
+    docs.set_member(&staging.id, &dave.id, MemberRole::Developer)
+        .await
+        .unwrap();
+    assert_eq!(
+        docs.bucket_members(&prod.id).await.unwrap(),
+        vec![
+            member(&nina, MemberRole::Owner),
+            member(&bob, MemberRole::ReadOnly),
+            member(&carol, MemberRole::Developer),
+            member(&dave, MemberRole::Admin),
+        ]
+    );
+    assert_eq!(
+        docs.bucket_members(&staging.id).await.unwrap(),
+        vec![
+            member(&nina, MemberRole::Owner),
+            member(&dave, MemberRole::Developer),
+        ]
+    );
+    assert!(docs.bucket_members("nobucket").await.unwrap().is_empty());
+    assert_eq!(
+        docs.buckets_of_user(&bob.id).await.unwrap(),
+        vec![prod.clone()]
+    );
+
+    // A role change replaces the role, it adds no second membership.
+    docs.set_member(&prod.id, &bob.id, MemberRole::Developer)
+        .await
+        .unwrap();
+    assert_eq!(
+        docs.member_role(&prod.id, &bob.id).await.unwrap(),
+        Some(MemberRole::Developer)
+    );
+    assert_eq!(
+        docs.member_role(&staging.id, &bob.id).await.unwrap(),
+        None,
+        "only in the bucket it was given for"
+    );
+    assert_eq!(docs.bucket_members(&prod.id).await.unwrap().len(), 4);
+
+    // Removal.
+    assert!(docs.remove_member(&prod.id, &bob.id).await.unwrap());
+    assert!(!docs.remove_member(&prod.id, &bob.id).await.unwrap());
+    assert!(!docs.remove_member("nobucket", &carol.id).await.unwrap());
+    assert_eq!(docs.member_role(&prod.id, &bob.id).await.unwrap(), None);
+    assert!(docs.buckets_of_user(&bob.id).await.unwrap().is_empty());
+    assert_eq!(
+        docs.bucket_members(&prod.id).await.unwrap(),
+        vec![
+            member(&nina, MemberRole::Owner),
+            member(&carol, MemberRole::Developer),
+            member(&dave, MemberRole::Admin),
+        ]
+    );
+
+    // Rename: only the name changes.
+    assert!(docs.rename_bucket(&prod.id, "production").await.unwrap());
+    let renamed = Bucket {
+        name: "production".into(),
+        ..prod.clone()
+    };
+    assert_eq!(
+        docs.bucket_by_id(&prod.id).await.unwrap(),
+        Some(renamed.clone())
+    );
+    assert!(!docs.rename_bucket("nobucket", "x").await.unwrap());
+
+    // Server records: deleting one forgets only it.
+    let server = |bucket: &Bucket, name: &str| ServerRecord {
+        bucket_id: bucket.id.clone(),
+        server_name: name.into(),
+        last_update: 1,
+        status_json: "{}".into(),
+    };
+    docs.upsert_servers(&[
+        server(&prod, "web-1"),
+        server(&prod, "web-2"),
+        server(&staging, "web-1"),
+    ])
+    .await
+    .unwrap();
+    assert!(docs.delete_server(&prod.id, "web-2").await.unwrap());
+    assert!(!docs.delete_server(&prod.id, "web-2").await.unwrap());
+    assert!(!docs.delete_server("nobucket", "web-1").await.unwrap());
+    let by_bucket = |mut servers: Vec<ServerRecord>| {
+        servers.sort_by(|a, b| a.bucket_id.cmp(&b.bucket_id));
+        servers
+    };
+    assert_eq!(
+        by_bucket(docs.all_servers().await.unwrap()),
+        by_bucket(vec![server(&prod, "web-1"), server(&staging, "web-1")])
+    );
+
+    // Deleting a bucket takes its memberships and server records, and nothing else.
+    docs.delete_bucket(&prod.id).await.unwrap();
+    assert_eq!(docs.bucket_by_id(&prod.id).await.unwrap(), None);
+    assert_eq!(docs.bucket_by_public_id("pub-prod").await.unwrap(), None);
+    for u in [&nina, &carol, &dave] {
+        assert_eq!(docs.member_role(&prod.id, &u.id).await.unwrap(), None);
+    }
+    assert!(docs.bucket_members(&prod.id).await.unwrap().is_empty());
+    assert_eq!(
+        docs.buckets_of_user(&nina.id).await.unwrap(),
+        vec![staging.clone()]
+    );
+    assert!(docs.buckets_of_user(&carol.id).await.unwrap().is_empty());
+    assert_eq!(
+        docs.buckets_of_user(&dave.id).await.unwrap(),
+        vec![staging.clone()]
+    );
+    assert_eq!(
+        docs.all_servers().await.unwrap(),
+        vec![server(&staging, "web-1")]
+    );
+    assert_eq!(
+        docs.member_role(&staging.id, &dave.id).await.unwrap(),
+        Some(MemberRole::Developer)
+    );
+    // Deleting again, or a bucket that never was, is no error; the public id is free.
+    docs.delete_bucket(&prod.id).await.unwrap();
+    docs.delete_bucket("nobucket").await.unwrap();
+    let reborn = bucket("prod", "pub-prod");
+    docs.insert_bucket(&reborn).await.unwrap();
+    assert_eq!(
+        docs.bucket_members(&reborn.id).await.unwrap(),
+        vec![member(&nina, MemberRole::Owner)]
+    );
+
+    // A new password revokes every token of its user, and only theirs.
+    for t in [token_of(&nina, 1), token_of(&nina, 2), token_of(&carol, 1)] {
+        docs.insert_token(&t).await.unwrap();
+    }
+    docs.set_password(&nina.id, "h2").await.unwrap();
+    let changed = docs.user_by_id(&nina.id).await.unwrap();
+    assert_eq!(changed.map(|u| u.password_hash), Some("h2".to_string()));
+    for n in [1, 2] {
+        let t = token_of(&nina, n);
+        assert_eq!(docs.token_by_access(&t.access_digest).await.unwrap(), None);
+        assert_eq!(
+            docs.token_by_refresh(&t.refresh_digest).await.unwrap(),
+            None
+        );
+        assert!(
+            !docs
+                .rotate_access(&t.refresh_digest, "a-new", 1)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(
+        docs.token_by_access("a-carol-1").await.unwrap(),
+        Some(token_of(&carol, 1))
+    );
+    let carol_now = docs.user_by_id(&carol.id).await.unwrap();
+    assert_eq!(carol_now.map(|u| u.password_hash), Some("h".to_string()));
+}
+
+#[tokio::test]
+async fn bucket_management_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    bucket_management_contract(&open_documents(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn bucket_management_contract_on_mongodb() {
+    let server = km_e2e::SecantusDb::start().unwrap();
+    let docs = MongoDocuments::connect(&server.url("km_contract"))
+        .await
+        .unwrap();
+    bucket_management_contract(&docs).await;
 }
 
 /// A closed port: the connection fails within 10 s with `expected`, without `hunter2`.
@@ -542,7 +763,7 @@ async fn bus_contract_local(bus: &dyn Bus, sockets: &NodeSockets) {
 #[tokio::test]
 async fn bus_contract_in_process() {
     let sockets = NodeSockets::holding(&["web-1"]);
-    bus_contract_local(&LocalBus::new(sockets.clone()), &sockets).await;
+    bus_contract_local(&LocalBus::new(sockets.clone(), Arc::default()), &sockets).await;
 }
 
 #[tokio::test]
@@ -550,16 +771,26 @@ async fn bus_contract_on_redis_across_nodes() {
     let redis = km_e2e::Redis::start().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let here_sockets = NodeSockets::holding(&["web-1", "both"]);
-    let here = RedisBus::connect(&redis.url(), here_sockets.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let here = RedisBus::connect(
+        &redis.url(),
+        here_sockets.clone(),
+        Arc::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     assert_eq!(here.kind(), "redis");
     bus_contract_local(&*here, &here_sockets).await;
 
     let there_sockets = NodeSockets::holding(&["web-2", "both"]);
-    let there = RedisBus::connect(&redis.url(), there_sockets.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let there = RedisBus::connect(
+        &redis.url(),
+        there_sockets.clone(),
+        Arc::default(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     // Both nodes heartbeat before either asks the other.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -598,6 +829,11 @@ async fn bus_contract_on_redis_across_nodes() {
 #[tokio::test]
 async fn unreachable_redis_fails_fast_naming_the_variable() {
     let url = format!("redis://:hunter2@127.0.0.1:{}/", closed_port());
-    let connect = RedisBus::connect(&url, NodeSockets::holding(&[]), Default::default());
+    let connect = RedisBus::connect(
+        &url,
+        NodeSockets::holding(&[]),
+        Arc::default(),
+        Default::default(),
+    );
     fails_fast(connect, "KM_REDIS_URL: cannot connect to 127.0.0.1:").await;
 }

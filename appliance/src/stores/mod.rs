@@ -61,9 +61,24 @@ pub trait Documents: Send + Sync {
     async fn bucket_by_public_id(&self, public_id: &str) -> StoreResult<Option<Bucket>>;
     async fn buckets_of_user(&self, user_id: &str) -> StoreResult<Vec<Bucket>>;
     async fn member_role(&self, bucket_id: &str, user_id: &str) -> StoreResult<Option<MemberRole>>;
+    /// The bucket's members with their names, the owner first, then by username.
+    async fn bucket_members(&self, bucket_id: &str) -> StoreResult<Vec<Member>>;
+    /// Adds a member, or changes the role of one.
+    async fn set_member(&self, bucket_id: &str, user_id: &str, role: MemberRole)
+    -> StoreResult<()>;
+    /// Removes a member; false if they were not one.
+    async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// Renames a bucket; false if it is gone.
+    async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool>;
+    /// Deletes a bucket with its memberships and server records.
+    async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()>;
+    /// Sets a user's password hash and revokes every token they hold.
+    async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<()>;
 
     async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()>;
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>>;
+    /// Forgets a server's record; false if there was none.
+    async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
 }
 
 /// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.

@@ -79,10 +79,26 @@ impl MemberRole {
         })
     }
 
-    /// Whether this role may send commands to agents.
-    pub fn can_act(self) -> bool {
-        self != MemberRole::ReadOnly
+    /// Whether this role has every right of `other` (owner > admin > developer >
+    /// read-only).
+    pub fn includes(self, other: MemberRole) -> bool {
+        let rank = |r| match r {
+            MemberRole::Owner => 3,
+            MemberRole::Admin => 2,
+            MemberRole::Developer => 1,
+            MemberRole::ReadOnly => 0,
+        };
+        rank(self) >= rank(other)
     }
+}
+
+/// A bucket member as the API lists them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    pub user_id: String,
+    pub username: String,
+    pub email: String,
+    pub role: MemberRole,
 }
 
 /// The last known state of a linked server, kept so it survives restarts.
@@ -170,6 +186,8 @@ pub struct EventQuery {
     pub before: Option<i64>,
     /// Only events strictly newer than this (epoch ms).
     pub after: Option<i64>,
+    /// Only events whose text (log line, message) holds this, ignoring case.
+    pub text: Option<String>,
     pub limit: u32,
     pub offset: u32,
 }

@@ -2,6 +2,7 @@
 //! with the unique indexes the queries rely on. Only plain CRUD operators are used (the
 //! original broke on servers that dropped `$pushAll`).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -13,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Bucket, Documents, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -330,6 +331,105 @@ impl Documents for MongoDocuments {
         Ok(member.as_deref().and_then(MemberRole::parse))
     }
 
+    async fn bucket_members(&self, bucket_id: &str) -> StoreResult<Vec<Member>> {
+        let memberships = find_all(self.members(), doc! {"bucket_id": bucket_id}).await?;
+        let ids: Vec<&str> = memberships.iter().map(|m| m.user_id.as_str()).collect();
+        let users: HashMap<String, UserDoc> = find_all(self.users(), doc! {"_id": {"$in": ids}})
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
+        let mut members: Vec<Member> = memberships
+            .into_iter()
+            .filter_map(|m| {
+                let user = users.get(&m.user_id)?;
+                Some(Member {
+                    role: MemberRole::parse(&m.role)?,
+                    user_id: m.user_id,
+                    username: user.username.clone(),
+                    email: user.email.clone(),
+                })
+            })
+            .collect();
+        members.sort_by(|a, b| {
+            (a.role != MemberRole::Owner, &a.username)
+                .cmp(&(b.role != MemberRole::Owner, &b.username))
+        });
+        Ok(members)
+    }
+
+    async fn set_member(
+        &self,
+        bucket_id: &str,
+        user_id: &str,
+        role: MemberRole,
+    ) -> StoreResult<()> {
+        self.members()
+            .update_one(
+                doc! {"bucket_id": bucket_id, "user_id": user_id},
+                doc! {"$set": {"role": role.as_str()}},
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool> {
+        let result = self
+            .members()
+            .delete_one(doc! {"bucket_id": bucket_id, "user_id": user_id})
+            .await
+            .map_err(unavailable)?;
+        Ok(result.deleted_count == 1)
+    }
+
+    async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool> {
+        let result = self
+            .buckets()
+            .update_one(doc! {"_id": bucket_id}, doc! {"$set": {"name": name}})
+            .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
+    }
+
+    async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()> {
+        // No transactions (they need a replica set): the bucket goes first, so that if a
+        // later step fails nothing reaches what is left (agents authenticate and members
+        // get in through the bucket record), rather than leaving a bucket with its keys
+        // but without members. Each step can be run again.
+        self.buckets()
+            .delete_one(doc! {"_id": bucket_id})
+            .await
+            .map_err(unavailable)?;
+        self.members()
+            .delete_many(doc! {"bucket_id": bucket_id})
+            .await
+            .map_err(unavailable)?;
+        self.servers()
+            .delete_many(doc! {"bucket_id": bucket_id})
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<()> {
+        // The password first: once it is changed no token can be got with the old one, so
+        // the revocation below catches them all (and a failed revocation can be retried).
+        self.users()
+            .update_one(
+                doc! {"_id": user_id},
+                doc! {"$set": {"password_hash": password_hash}},
+            )
+            .await
+            .map_err(unavailable)?;
+        self.tokens()
+            .delete_many(doc! {"user_id": user_id})
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
     async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()> {
         for s in servers {
             let filter = doc! {"bucket_id": &s.bucket_id, "server_name": &s.server_name};
@@ -351,6 +451,15 @@ impl Documents for MongoDocuments {
             .into_iter()
             .map(ServerRecord::from)
             .collect())
+    }
+
+    async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
+        let result = self
+            .servers()
+            .delete_one(doc! {"bucket_id": bucket_id, "server_name": server_name})
+            .await
+            .map_err(unavailable)?;
+        Ok(result.deleted_count == 1)
     }
 }
 

@@ -2,6 +2,8 @@
 //! to every node on one pub/sub channel; answers come back on the asker's own channel.
 //! Each node keeps a heartbeat in a hash, so an asker knows how many answers to wait for,
 //! and the node holding an agent's freshest socket is recorded when it connects.
+//! Live events for browsers go over one channel, and only for buckets some node watches:
+//! each node announces the buckets it watches with its heartbeat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,8 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AgentCommand, Bus, CommandSink, Delivery, StoreError, StoreResult};
 use crate::ids::{new_object_id, now_ms};
+use crate::realtime::{LiveEvent, LiveHub};
 
 const REQUESTS: &str = "km:bus";
+const LIVE: &str = "km:live";
+/// Live events waiting for Redis; beyond this they are dropped (watchers refetch).
+const LIVE_QUEUE: usize = 4096;
 const NODES: &str = "km:nodes";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node silent this long is gone.
@@ -56,6 +62,15 @@ enum Request {
         bucket_id: String,
         server_name: Option<String>,
     },
+    /// The buckets a node's browsers watch now.
+    Watching { from: String, buckets: Vec<String> },
+}
+
+/// A live event on its way to the other nodes.
+#[derive(Serialize, Deserialize)]
+struct Relayed {
+    from: String,
+    event: LiveEvent,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -73,6 +88,10 @@ pub struct RedisBus {
     sink: Arc<dyn CommandSink>,
     waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<Reply>>>,
     next_req: AtomicU64,
+    hub: Arc<LiveHub>,
+    /// Buckets other nodes watch, with when their announcement expires (epoch ms).
+    watched_elsewhere: Mutex<HashMap<String, i64>>,
+    live_out: mpsc::Sender<LiveEvent>,
 }
 
 impl RedisBus {
@@ -81,6 +100,7 @@ impl RedisBus {
     pub async fn connect(
         url: &str,
         sink: Arc<dyn CommandSink>,
+        hub: Arc<LiveHub>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let client = redis::Client::open(url).map_err(|_| {
@@ -100,14 +120,19 @@ impl RedisBus {
             .query_async(&mut conn)
             .await
             .map_err(|e| anyhow::anyhow!("KM_REDIS_URL: {host} does not answer PING: {e}"))?;
+        let (live_out, live_queue) = mpsc::channel(LIVE_QUEUE);
         let bus = Arc::new(RedisBus {
             node: new_object_id(),
             conn,
             sink,
             waiting: Mutex::new(HashMap::new()),
             next_req: AtomicU64::new(1),
+            hub,
+            watched_elsewhere: Mutex::new(HashMap::new()),
+            live_out,
         });
         tokio::spawn(bus.clone().listen(client, shutdown.clone()));
+        tokio::spawn(bus.clone().relay_live(live_queue));
         tokio::spawn(bus.clone().heartbeat(shutdown));
         Ok(bus)
     }
@@ -122,7 +147,7 @@ impl RedisBus {
         while !shutdown.is_cancelled() {
             match client.get_async_pubsub().await {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(&[REQUESTS, &self.inbox()]).await.is_ok() {
+                    if pubsub.subscribe(&[REQUESTS, LIVE, &self.inbox()]).await.is_ok() {
                         delay = Duration::from_millis(200);
                         let mut messages = pubsub.on_message();
                         loop {
@@ -148,6 +173,14 @@ impl RedisBus {
     }
 
     async fn handle(self: Arc<Self>, channel: String, payload: Vec<u8>) {
+        if channel == LIVE {
+            if let Ok(relayed) = serde_json::from_slice::<Relayed>(&payload)
+                && relayed.from != self.node
+            {
+                self.hub.publish(Arc::new(relayed.event));
+            }
+            return;
+        }
         if channel != REQUESTS {
             if let Ok(reply) = serde_json::from_slice::<Reply>(&payload)
                 && let Some(tx) = self.waiting.lock().get(&reply.req)
@@ -192,6 +225,15 @@ impl RedisBus {
                     servers: self.sink.online_servers(&bucket_id, server_name.as_deref()),
                 },
             ),
+            Ok(Request::Watching { from, buckets }) if from != self.node => {
+                let until = now_ms() + NODE_TTL_MS;
+                let mut watched = self.watched_elsewhere.lock();
+                watched.retain(|_, expires| *expires > now_ms());
+                for bucket in buckets {
+                    watched.insert(bucket, until);
+                }
+                return;
+            }
             _ => return,
         };
         let (to, reply) = reply;
@@ -229,9 +271,48 @@ impl RedisBus {
             if let Err(e) = conn.hset::<_, _, _, ()>(NODES, &self.node, now_ms()).await {
                 tracing::warn!(error = %e, "bus: heartbeat failed");
             }
+            self.announce(self.hub.watched_buckets()).await;
         }
         let mut conn = self.conn.clone();
         let _: Result<(), _> = conn.hdel(NODES, &self.node).await;
+    }
+
+    /// Tells the other nodes which buckets this node's browsers watch.
+    async fn announce(&self, buckets: Vec<String>) {
+        if buckets.is_empty() {
+            return;
+        }
+        let request = Request::Watching {
+            from: self.node.clone(),
+            buckets,
+        };
+        let body = serde_json::to_string(&request).unwrap_or_default();
+        let mut conn = self.conn.clone();
+        if let Err(e) = conn.publish::<_, _, ()>(REQUESTS, body).await {
+            tracing::warn!(error = %e, "bus: cannot announce watched buckets");
+        }
+    }
+
+    fn watched_elsewhere(&self, bucket_id: &str) -> bool {
+        self.watched_elsewhere
+            .lock()
+            .get(bucket_id)
+            .is_some_and(|expires| *expires > now_ms())
+    }
+
+    /// Publishes queued live events for the other nodes' watchers.
+    async fn relay_live(self: Arc<Self>, mut queue: mpsc::Receiver<LiveEvent>) {
+        while let Some(event) = queue.recv().await {
+            let relayed = Relayed {
+                from: self.node.clone(),
+                event,
+            };
+            let body = serde_json::to_string(&relayed).unwrap_or_default();
+            let mut conn = self.conn.clone();
+            if let Err(e) = conn.publish::<_, _, ()>(LIVE, body).await {
+                tracing::debug!(error = %e, "bus: live event not relayed");
+            }
+        }
     }
 
     /// How many other nodes are alive now.
@@ -352,5 +433,20 @@ impl Bus for RedisBus {
         conn.set_ex(owner_key(bucket_id, server_name), &self.node, OWNER_TTL_S)
             .await
             .map_err(unavailable)
+    }
+
+    fn watched(&self, bucket_id: &str) -> bool {
+        self.hub.watched(bucket_id) || self.watched_elsewhere(bucket_id)
+    }
+
+    fn publish_live(&self, event: LiveEvent) {
+        if self.watched_elsewhere(&event.bucket_id) {
+            let _ = self.live_out.try_send(event.clone());
+        }
+        self.hub.publish(Arc::new(event));
+    }
+
+    async fn watch(&self, bucket_id: &str) {
+        self.announce(vec![bucket_id.to_string()]).await;
     }
 }

@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::Db;
 use crate::stores::{
-    Bucket, Documents, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -85,6 +85,20 @@ fn bucket_from(row: &Row) -> rusqlite::Result<Bucket> {
         owner: row.get(4)?,
         created_at: row.get(5)?,
     })
+}
+
+/// A member row (`user_id, username, email, role`); `None` for a role this km does not
+/// know, which `member_role` does not count as a membership either.
+fn member_from(row: &Row) -> rusqlite::Result<Option<Member>> {
+    let Some(role) = MemberRole::parse(&row.get::<_, String>(3)?) else {
+        return Ok(None);
+    };
+    Ok(Some(Member {
+        user_id: row.get(0)?,
+        username: row.get(1)?,
+        email: row.get(2)?,
+        role,
+    }))
 }
 
 /// Maps a UNIQUE violation on `table.column` to `Conflict(column)`.
@@ -302,6 +316,95 @@ impl Documents for SqliteDocuments {
         Ok(role.as_deref().and_then(MemberRole::parse))
     }
 
+    async fn bucket_members(&self, bucket_id: &str) -> StoreResult<Vec<Member>> {
+        let bucket = bucket_id.to_string();
+        let members: Vec<Option<Member>> = self
+            .db
+            .call(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT m.user_id, u.username, u.email, m.role
+                     FROM members m JOIN users u ON u.id = m.user_id
+                     WHERE m.bucket_id = ?1 ORDER BY m.role <> ?2, u.username",
+                )?;
+                stmt.query_map(params![bucket, MemberRole::Owner.as_str()], member_from)?
+                    .collect()
+            })
+            .await?;
+        Ok(members.into_iter().flatten().collect())
+    }
+
+    async fn set_member(
+        &self,
+        bucket_id: &str,
+        user_id: &str,
+        role: MemberRole,
+    ) -> StoreResult<()> {
+        let (bucket, user) = (bucket_id.to_string(), user_id.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO members (bucket_id, user_id, role) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (bucket_id, user_id) DO UPDATE SET role = excluded.role",
+                    params![bucket, user, role.as_str()],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool> {
+        let (bucket, user) = (bucket_id.to_string(), user_id.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM members WHERE bucket_id = ?1 AND user_id = ?2",
+                    [bucket, user],
+                )
+                .map(|n| n == 1)
+            })
+            .await
+    }
+
+    async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool> {
+        let (bucket, name) = (bucket_id.to_string(), name.to_string());
+        self.db
+            .call(move |c| {
+                c.execute("UPDATE buckets SET name = ?2 WHERE id = ?1", [bucket, name])
+                    .map(|n| n == 1)
+            })
+            .await
+    }
+
+    async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()> {
+        let bucket = bucket_id.to_string();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                // Memberships reference the bucket: they go before it.
+                tx.execute("DELETE FROM servers WHERE bucket_id = ?1", [&bucket])?;
+                tx.execute("DELETE FROM members WHERE bucket_id = ?1", [&bucket])?;
+                tx.execute("DELETE FROM buckets WHERE id = ?1", [&bucket])?;
+                tx.commit()
+            })
+            .await
+    }
+
+    async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<()> {
+        let (user, hash) = (user_id.to_string(), password_hash.to_string());
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                    [&user, &hash],
+                )?;
+                // A scan: tokens are few and passwords change rarely.
+                tx.execute("DELETE FROM tokens WHERE user_id = ?1", [&user])?;
+                tx.commit()
+            })
+            .await
+    }
+
     async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()> {
         let servers = servers.to_vec();
         self.db
@@ -342,6 +445,19 @@ impl Documents for SqliteDocuments {
                     })
                 })?
                 .collect()
+            })
+            .await
+    }
+
+    async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
+        let (bucket, server) = (bucket_id.to_string(), server_name.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM servers WHERE bucket_id = ?1 AND server_name = ?2",
+                    [bucket, server],
+                )
+                .map(|n| n == 1)
             })
             .await
     }

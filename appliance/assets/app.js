@@ -1,0 +1,251 @@
+// The dashboard's scripts: live tables over /primus, metric charts (uPlot), actions
+// without reloading, the live log tail. Every page works without them.
+'use strict';
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
+const csrf = () => ($('meta[name="csrf-token"]') || {}).content || '';
+
+function formatTimes(root = document) {
+  for (const t of $$('time[data-at]', root)) {
+    const at = Number(t.dataset.at);
+    if (at) t.textContent = new Date(at).toLocaleString();
+  }
+}
+
+function copyButtons() {
+  for (const button of $$('[data-copy]')) {
+    button.addEventListener('click', async () => {
+      const text = $(button.dataset.copy).textContent.trim();
+      try {
+        await navigator.clipboard.writeText(text);
+      } catch (_) {
+        const range = document.createRange();
+        range.selectNodeContents($(button.dataset.copy));
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+        document.execCommand('copy');
+      }
+      button.textContent = 'Copied';
+      setTimeout(() => { button.textContent = 'Copy'; }, 2000);
+    });
+  }
+}
+
+function confirmForms() {
+  for (const form of $$('form[data-confirm]')) {
+    form.addEventListener('submit', (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
+  }
+}
+
+const memory = (bytes) => bytes >= 1 << 30 ? (bytes / (1 << 30)).toFixed(1) + ' GB' : (bytes / (1 << 20)).toFixed(1) + ' MB';
+function duration(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return s + 's';
+  if (s < 3600) return Math.floor(s / 60) + 'm';
+  if (s < 86400) return Math.floor(s / 3600) + 'h ' + Math.floor(s % 3600 / 60) + 'm';
+  return Math.floor(s / 86400) + 'd ' + Math.floor(s % 86400 / 3600) + 'h';
+}
+
+// One socket to /primus (the session cookie authenticates it), reconnecting by itself.
+function watch(publicId, onEvent, onState) {
+  let delay = 500;
+  const open = () => {
+    const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/primus');
+    ws.onopen = () => {
+      delay = 500;
+      onState('live');
+      ws.send(JSON.stringify({ action: 'sub', public_id: publicId, filters: [] }));
+    };
+    ws.onmessage = (msg) => {
+      let packet;
+      try { packet = JSON.parse(msg.data).data[1]; } catch (_) { return; }
+      for (const [event, payload] of Object.entries(packet)) {
+        if (event !== 'server_name') onEvent(packet.server_name, event, payload);
+      }
+    };
+    ws.onclose = () => {
+      onState('reconnecting…');
+      setTimeout(open, delay);
+      delay = Math.min(delay * 2, 10000);
+    };
+  };
+  open();
+}
+
+function updateRow(row, p) {
+  const set = (field, html) => { const cell = $(`[data-field="${field}"]`, row); if (cell && cell.innerHTML !== html) cell.innerHTML = html; };
+  const status = String(p.status || '').replace(/[^a-z-]/g, '');
+  set('status', `<span class="badge ${status}">${status}</span>`);
+  set('cpu', (p.cpu || 0) + '%');
+  set('memory', memory(p.memory || 0));
+  set('restarts', String(p.restart_time || 0));
+  set('uptime', p.status === 'online' ? duration(Date.now() - (p.pm_uptime || Date.now())) : '-');
+}
+
+// Re-reads this page and swaps in `selector` (new servers or processes appeared).
+let refreshing = null;
+function refresh(selector) {
+  if (refreshing) return;
+  refreshing = fetch(location.href, { credentials: 'same-origin' })
+    .then((r) => r.text())
+    .then((html) => {
+      const fresh = $(selector, new DOMParser().parseFromString(html, 'text/html'));
+      if (fresh) { $(selector).replaceWith(fresh); formatTimes(fresh); }
+    })
+    .catch(() => {})
+    .finally(() => setTimeout(() => { refreshing = null; }, 1000));
+}
+
+function statusRows(server, status, only) {
+  let missing = false;
+  for (const p of ((status.data || {}).process || [])) {
+    if (only && p.name !== only) continue;
+    const row = $(`tr[data-key="${CSS.escape(server + '/' + p.pm_id)}"]`);
+    if (row) updateRow(row, p); else missing = true;
+  }
+  return missing;
+}
+
+function addLine(list, text, cls) {
+  const placeholder = $('.muted', list);
+  if (placeholder && list.children.length === 1) placeholder.remove();
+  const li = document.createElement('li');
+  if (cls) li.className = cls;
+  li.textContent = new Date().toLocaleTimeString() + ' ' + text;
+  list.prepend(li);
+  while (list.children.length > 100) list.lastChild.remove();
+}
+
+const REPLIES = ['trigger:pm2:result', 'trigger:action:success', 'trigger:action:failure', 'axm:reply',
+  'axm:scoped_action:stream', 'axm:scoped_action:end', 'axm:scoped_action:error', 'axm:scoped_action:success'];
+
+// Charts: history from the API, then the live values of each status.
+function charts(live) {
+  const box = $('#charts');
+  if (!box || !window.uPlot) return null;
+  const names = box.dataset.metrics.split('|').filter(Boolean);
+  const series = {};
+  for (const name of names) {
+    const fig = document.createElement('figure');
+    fig.className = 'chart';
+    fig.dataset.metric = name;
+    fig.innerHTML = '<figcaption></figcaption>';
+    $('figcaption', fig).textContent = name;
+    box.append(fig);
+    const data = [[], []];
+    const width = Math.max(260, Math.min(box.clientWidth - 24, 560));
+    const plot = new uPlot({ width, height: 160, legend: { show: false },
+      series: [{}, { label: name, stroke: '#2f6fde', width: 1.5, spanGaps: true }],
+      axes: [{}, { size: 60 }] }, data, fig);
+    series[name] = { data, plot, fig };
+  }
+  fetch(`/api/bucket/${live.dataset.bucket}/data/metrics/histogram`, {
+    method: 'POST', credentials: 'same-origin',
+    headers: { 'content-type': 'application/json', 'x-csrf-token': csrf() },
+    body: JSON.stringify({ server_name: live.dataset.server, app_name: live.dataset.app, before: 60 }),
+  }).then((r) => r.json()).then((history) => {
+    const metrics = ((history[live.dataset.server] || {})[live.dataset.app]) || {};
+    for (const [name, m] of Object.entries(metrics)) {
+      const s = series[name];
+      if (!s) continue;
+      const points = m.timestamps_and_stats || [];
+      s.data[0].unshift(...points.map((p) => p.at / 1000));
+      s.data[1].unshift(...points.map((p) => p.avg));
+      s.plot.setData(s.data);
+      s.fig.dataset.points = String(s.data[0].length);
+    }
+  }).catch(() => {});
+  return (processes) => {
+    const now = Date.now() / 1000;
+    for (const [name, s] of Object.entries(series)) {
+      const values = processes.map((p) => {
+        if (name === 'cpu' || name === 'memory') return Number(p[name]);
+        const probe = (p.axm_monitor || {})[name];
+        return probe ? parseFloat(probe.value) : NaN;
+      }).filter((v) => !Number.isNaN(v));
+      if (!values.length) continue;
+      s.data[0].push(now);
+      s.data[1].push(values.reduce((a, b) => a + b, 0) / values.length);
+      if (s.data[0].length > 3600) { s.data[0].shift(); s.data[1].shift(); }
+      s.plot.setData(s.data);
+      s.fig.dataset.points = String(s.data[0].length);
+    }
+  };
+}
+
+function postAction(fields) {
+  const form = $('form.js-action');
+  return fetch(form.action, {
+    method: 'POST', credentials: 'same-origin',
+    headers: { 'content-type': 'application/x-www-form-urlencoded', 'x-requested-with': 'fetch' },
+    body: new URLSearchParams({ csrf: csrf(), ...fields }),
+  }).then(async (r) => {
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) throw new Error(body.msg || r.statusText);
+    return body;
+  });
+}
+
+function processPage(live) {
+  const server = live.dataset.server, app = live.dataset.app;
+  const replies = $('#replies');
+  const chartsUpdate = charts(live);
+  for (const form of $$('form.js-action')) {
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      const fields = Object.fromEntries(new FormData(form));
+      postAction(fields).then((r) => addLine(replies, r.msg + (r.uuid ? ' (' + r.uuid + ')' : ''), 'sent'),
+        (err) => addLine(replies, err.message, 'error'));
+    });
+  }
+  const tail = $('#tail'), start = $('#tail-start'), stop = $('#tail-stop');
+  let tailing = false;
+  if (start) {
+    start.addEventListener('click', () => postAction({ kind: 'pm2', method_name: 'startLogging' }).then(() => {
+      tailing = true; tail.hidden = false; start.hidden = true; stop.hidden = false;
+    }, (err) => addLine(replies, err.message, 'error')));
+    stop.addEventListener('click', () => postAction({ kind: 'pm2', method_name: 'stopLogging' }).finally(() => {
+      tailing = false; start.hidden = false; stop.hidden = true;
+    }));
+  }
+  return (from, event, payload) => {
+    if (from !== server) return;
+    if (event === 'status') {
+      const processes = ((payload.data || {}).process || []).filter((p) => p.name === app);
+      if (statusRows(server, payload, app)) refresh('.processes');
+      if (chartsUpdate) chartsUpdate(processes);
+    } else if (event === 'logs' && tailing && (payload.process || {}).name === app) {
+      tail.textContent += payload.data;
+      if (tail.textContent.length > 200000) tail.textContent = tail.textContent.slice(-100000);
+      tail.scrollTop = tail.scrollHeight;
+    } else if (event === 'process:exception' && (payload.process || {}).name === app) {
+      addLine(replies, 'exception: ' + ((payload.data || {}).message || ''), 'error');
+      refresh('#issues');
+    } else if (REPLIES.includes(event)) {
+      const process = payload.process || {};
+      if (process.name && process.name !== app) return;
+      const detail = payload.data !== undefined ? payload.data : payload;
+      addLine(replies, event + ' ' + JSON.stringify(detail).slice(0, 500), event.includes('failure') || event.includes('error') ? 'error' : 'reply');
+    }
+  };
+}
+
+function overviewPage() {
+  return (from, event, payload) => {
+    if (event !== 'status') return;
+    const section = $(`section.server[data-server="${CSS.escape(from)}"]`);
+    if (!section || statusRows(from, payload, null)) refresh('#servers');
+  };
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  formatTimes();
+  copyButtons();
+  confirmForms();
+  const live = $('#live');
+  if (!live) return;
+  const state = $('#live-state');
+  const onEvent = live.dataset.page === 'process' ? processPage(live) : overviewPage();
+  watch(live.dataset.public, onEvent, (text) => { state.textContent = text; state.dataset.state = text; });
+});

@@ -1,0 +1,189 @@
+//! What is derived from stored events for people: exceptions grouped into issues, and
+//! the transaction routes of an app. Both read a bounded window of the newest events.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::error::ApiResult;
+use crate::app::AppState;
+use crate::stores::{EventKind, EventQuery};
+
+/// Exceptions read to group issues: the newest this many in the window.
+pub const ISSUE_WINDOW: u32 = 1_000;
+/// Transaction snapshots read for a summary (agents send one per app every few seconds).
+pub const TRANSACTION_WINDOW: u32 = 500;
+
+/// Exceptions with the same app, message and callsite.
+#[derive(Debug, Serialize)]
+pub struct Issue {
+    pub identifier: String,
+    pub app_name: Option<String>,
+    pub message: String,
+    pub callsite: Option<String>,
+    pub count: u64,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub servers: Vec<String>,
+    /// The newest occurrence (with stack, context and last logs).
+    pub last: Value,
+}
+
+/// The issues among the newest exceptions matching `query`, most recent first.
+pub async fn issues(app: &AppState, query: EventQuery) -> ApiResult<Vec<Issue>> {
+    let query = EventQuery {
+        limit: ISSUE_WINDOW,
+        offset: 0,
+        ..query
+    };
+    let docs = app.events.query(EventKind::Exception, &query).await?;
+    let mut by_id: BTreeMap<String, Issue> = BTreeMap::new();
+    for doc in docs.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()) {
+        let at = doc["at"].as_i64().unwrap_or(0);
+        let server = doc["server_name"].as_str().unwrap_or("").to_string();
+        let Some(identifier) = doc["issue"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let issue = by_id.entry(identifier.clone()).or_insert_with(|| Issue {
+            identifier,
+            app_name: doc["app_name"].as_str().map(str::to_string),
+            message: message_of(&doc["data"]),
+            callsite: doc["data"]["callsite"].as_str().map(str::to_string),
+            count: 0,
+            first_seen: at,
+            last_seen: at,
+            servers: Vec::new(),
+            last: doc.clone(),
+        });
+        issue.count += 1;
+        issue.first_seen = issue.first_seen.min(at);
+        if !issue.servers.contains(&server) {
+            issue.servers.push(server);
+        }
+    }
+    let mut issues: Vec<Issue> = by_id.into_values().collect();
+    issues.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    Ok(issues)
+}
+
+impl Issue {
+    fn text(&self, field: &str) -> &str {
+        self.last["data"][field].as_str().unwrap_or("")
+    }
+
+    pub fn stack(&self) -> &str {
+        self.text("stack")
+    }
+
+    pub fn context(&self) -> &str {
+        self.text("context")
+    }
+
+    /// The log lines printed before the newest occurrence.
+    pub fn last_logs(&self) -> String {
+        self.last["data"]["last_logs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect()
+    }
+}
+
+fn message_of(data: &Value) -> String {
+    data["message"]
+        .as_str()
+        .or(data.as_str())
+        .unwrap_or("(no message)")
+        .to_string()
+}
+
+/// One route of an app as its agent measured it (milliseconds).
+#[derive(Debug, Serialize)]
+pub struct Route {
+    pub app_name: String,
+    pub server_name: String,
+    pub path: String,
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    /// Count-weighted mean of the agent's medians over the window.
+    pub median: f64,
+    /// The highest p95 the agent reported in the window.
+    pub p95: f64,
+    /// The app's p99 over all HTTP routes (agents send no p99 per route).
+    pub app_p99: Option<f64>,
+}
+
+/// The routes of the newest transaction snapshots matching `query`, busiest first.
+pub async fn routes(app: &AppState, query: EventQuery) -> ApiResult<Vec<Route>> {
+    let query = EventQuery {
+        limit: TRANSACTION_WINDOW,
+        offset: 0,
+        ..query
+    };
+    let docs = app.events.query(EventKind::Transaction, &query).await?;
+    let mut by_route: BTreeMap<(String, String, String), Route> = BTreeMap::new();
+    let mut app_p99: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for doc in docs.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()) {
+        let app_name = doc["app_name"].as_str().unwrap_or("").to_string();
+        let server_name = doc["server_name"].as_str().unwrap_or("").to_string();
+        if let Some(p99) = doc["data"]["meta"]["http_percentiles"]["p99"].as_f64() {
+            // Newest first: the first seen is the latest.
+            app_p99.entry((app_name.clone(), server_name.clone())).or_insert(p99);
+        }
+        for route in doc["data"]["routes"].as_array().into_iter().flatten() {
+            let meta = &route["meta"];
+            let number = |field: &str| meta[field].as_f64().unwrap_or(0.0);
+            let count = meta["count"].as_u64().unwrap_or(0);
+            let path = route["path"].as_str().unwrap_or("").to_string();
+            let entry = by_route
+                .entry((app_name.clone(), server_name.clone(), path.clone()))
+                .or_insert_with(|| Route {
+                    app_name: app_name.clone(),
+                    server_name: server_name.clone(),
+                    path,
+                    count: 0,
+                    min: f64::MAX,
+                    max: 0.0,
+                    median: 0.0,
+                    p95: 0.0,
+                    app_p99: None,
+                });
+            let total = entry.count + count;
+            if total > 0 {
+                entry.median = (entry.median * entry.count as f64 + number("median") * count as f64)
+                    / total as f64;
+            }
+            entry.count = total;
+            entry.min = entry.min.min(number("min"));
+            entry.max = entry.max.max(number("max"));
+            entry.p95 = entry.p95.max(number("p95"));
+        }
+    }
+    let mut routes: Vec<Route> = by_route
+        .into_values()
+        .map(|mut r| {
+            r.app_p99 = app_p99.get(&(r.app_name.clone(), r.server_name.clone())).copied();
+            if r.min == f64::MAX {
+                r.min = 0.0;
+            }
+            r
+        })
+        .collect();
+    routes.sort_by(|a, b| b.count.cmp(&a.count));
+    Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_come_from_the_data_or_the_string() {
+        assert_eq!(message_of(&serde_json::json!({"message": "boom"})), "boom");
+        assert_eq!(message_of(&serde_json::json!("plain")), "plain");
+        assert_eq!(message_of(&serde_json::json!({})), "(no message)");
+    }
+}

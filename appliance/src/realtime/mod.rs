@@ -1,0 +1,214 @@
+//! The realtime role: `/primus`, the websocket of `@pm2/js-api` and the dashboard.
+//!
+//! The client authenticates at the upgrade (`?token=<access token>`, or the dashboard's
+//! session cookie from a page of this site), then sends
+//! `{"action":"sub","public_id":…,"filters":[…]}` for each bucket it watches. Every event
+//! of those buckets' agents comes back as `{"data":[<event>, {"server_name":…,<event>:payload}]}`.
+
+pub mod hub;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::http::header::{HOST, ORIGIN};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+pub use hub::{LiveEvent, LiveHub};
+
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::auth::{self, UserAuth};
+use crate::stores::User;
+
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// Frames queued for one browser; beyond this a slow one misses events.
+const OUTBOX: usize = 1024;
+/// Subscriptions one socket may hold.
+const MAX_BUCKETS: usize = 64;
+
+#[derive(Deserialize)]
+pub struct Connect {
+    token: Option<String>,
+}
+
+/// `GET /primus`: the upgrade, refused with 401 without a valid token (the client then
+/// refreshes its token and reconnects).
+pub async fn primus(
+    State(app): State<AppState>,
+    Query(connect): Query<Connect>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    match authenticate(&app, connect.token.as_deref(), &headers).await {
+        Ok(user) => upgrade.on_upgrade(move |socket| run(socket, app, user)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn authenticate(
+    app: &AppState,
+    token: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<User, ApiError> {
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        return Ok(UserAuth::from_token(app, token, false).await?.user);
+    }
+    let cookie = auth::session_cookie(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing token: connect to /primus?token=<access_token>"))?;
+    // A cookie is sent whatever page opens the socket: only this site's pages may use it.
+    if !same_origin(headers) {
+        return Err(ApiError::forbidden("cross-site websocket refused"));
+    }
+    Ok(UserAuth::from_token(app, cookie, true).await?.user)
+}
+
+fn same_origin(headers: &HeaderMap) -> bool {
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    match (header(ORIGIN), header(HOST)) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| authority == host),
+        _ => false,
+    }
+}
+
+#[derive(Deserialize)]
+struct Subscribe {
+    action: String,
+    #[serde(default)]
+    public_id: String,
+    #[serde(default)]
+    filters: Vec<String>,
+}
+
+/// Which events a subscription wants: everything when empty or a wildcard is given,
+/// else exact names and `prefix:*` patterns (what `@pm2/js-api` derives from listeners).
+#[derive(Default)]
+struct Filters(Vec<String>);
+
+impl Filters {
+    fn wants(&self, event: &str) -> bool {
+        self.0.is_empty()
+            || self.0.iter().any(|f| match f.trim_end_matches('*') {
+                prefix if prefix.len() < f.len() => event.starts_with(prefix),
+                exact => exact == event,
+            })
+    }
+}
+
+struct Watch {
+    filters: Arc<RwLock<Filters>>,
+    forward: JoinHandle<()>,
+}
+
+async fn run(socket: WebSocket, app: AppState, user: User) {
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut outbox) = mpsc::channel::<String>(OUTBOX);
+    let mut watches: HashMap<String, (String, Watch)> = HashMap::new();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    loop {
+        tokio::select! {
+            () = app.shutdown.cancelled() => break,
+            frame = outbox.recv() => match frame {
+                Some(frame) => if sink.send(Message::Text(frame.into())).await.is_err() { break },
+                None => break,
+            },
+            _ = ping.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
+            message = stream.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if let Ok(sub) = serde_json::from_str::<Subscribe>(&text) {
+                        subscribe(&app, &user, sub, &tx, &mut watches).await;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    for (_, (bucket_id, watch)) in watches {
+        watch.forward.abort();
+        let _ = watch.forward.await;
+        app.live.release(&bucket_id);
+    }
+}
+
+/// Starts (or updates the filters of) a subscription, if the user may see the bucket.
+async fn subscribe(
+    app: &AppState,
+    user: &User,
+    sub: Subscribe,
+    tx: &mpsc::Sender<String>,
+    watches: &mut HashMap<String, (String, Watch)>,
+) {
+    if sub.action != "sub" {
+        return;
+    }
+    let filters = Filters(sub.filters.into_iter().filter(|f| !f.is_empty() && f != "**").collect());
+    if let Some((_, watch)) = watches.get(&sub.public_id) {
+        *watch.filters.write() = filters;
+        return;
+    }
+    if watches.len() >= MAX_BUCKETS {
+        return;
+    }
+    let Ok(Some(bucket)) = app.documents.bucket_by_public_id(&sub.public_id).await else {
+        return;
+    };
+    if !matches!(app.documents.member_role(&bucket.id, &user.id).await, Ok(Some(_))) {
+        tracing::debug!(user = %user.username, bucket = %bucket.id, "realtime: not a member; nothing sent");
+        return;
+    }
+    let filters = Arc::new(RwLock::new(filters));
+    let events = app.live.subscribe(&bucket.id);
+    app.bus.watch(&bucket.id).await;
+    let forward = tokio::spawn(forward(events, filters.clone(), tx.clone()));
+    watches.insert(sub.public_id, (bucket.id, Watch { filters, forward }));
+}
+
+/// Copies a bucket's events to the socket's outbox as `@pm2/js-api` frames.
+async fn forward(
+    mut events: broadcast::Receiver<Arc<LiveEvent>>,
+    filters: Arc<RwLock<Filters>>,
+    tx: mpsc::Sender<String>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if !filters.read().wants(&event.event) {
+            continue;
+        }
+        let name = serde_json::to_string(&event.event).unwrap_or_default();
+        let frame = format!("{{\"data\":[{name},{}]}}", event.packet);
+        if tx.try_send(frame).is_err() && tx.is_closed() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_names_and_wildcards() {
+        let all = Filters::default();
+        assert!(all.wants("status"));
+        let some = Filters(vec!["status".into(), "process:*".into()]);
+        assert!(some.wants("status"));
+        assert!(some.wants("process:exception"));
+        assert!(!some.wants("logs"));
+        assert!(Filters(vec!["*".into()]).wants("logs"));
+    }
+}

@@ -1,0 +1,284 @@
+//! Sign-up, sign-in, sign-out and password change.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::State;
+use axum::http::header::SET_COOKIE;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Flashes, Nav, WebSession, back, error_page, render};
+use crate::api::error::ApiError;
+use crate::api::oauth::{self, RegisterForm};
+use crate::app::AppState;
+use crate::auth::{self, SESSION_COOKIE, SESSION_TTL_MS, UserAuth};
+
+/// `/`: the buckets when signed in, else sign-in (or sign-up before the first account).
+pub async fn home(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = auth::session_cookie(&headers)
+        && UserAuth::from_token(&app, token, true).await.is_ok()
+    {
+        return Redirect::to("/buckets").into_response();
+    }
+    match app.documents.count_users().await {
+        Ok(0) => Redirect::to("/signup").into_response(),
+        Ok(_) => Redirect::to("/login").into_response(),
+        Err(e) => error_page(&e.into()),
+    }
+}
+
+/// The signed-in user of a page that also serves visitors.
+async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
+    let token = auth::session_cookie(headers)?;
+    let auth = UserAuth::from_token(app, token, true).await.ok()?;
+    Some(WebSession {
+        auth,
+        csrf: auth::csrf_token(token),
+    })
+}
+
+#[derive(Template)]
+#[template(path = "signup.html")]
+struct SignupPage {
+    nav: Option<Nav>,
+    first: bool,
+    open: bool,
+    error: Option<String>,
+    msg: Option<String>,
+    username: String,
+    email: String,
+}
+
+async fn signup_view(
+    app: &AppState,
+    headers: &HeaderMap,
+    error: Option<String>,
+    msg: Option<String>,
+    form: Option<&SignupForm>,
+) -> Response {
+    let session = visitor(app, headers).await;
+    let first = matches!(app.documents.count_users().await, Ok(0));
+    let admin = session.as_ref().is_some_and(|s| s.auth.user.role == "admin");
+    render(&SignupPage {
+        nav: session.as_ref().map(Nav::from),
+        first,
+        open: first || app.settings.allow_signup || admin,
+        error,
+        msg,
+        username: form.map(|f| f.username.clone()).unwrap_or_default(),
+        email: form.map(|f| f.email.clone()).unwrap_or_default(),
+    })
+}
+
+pub async fn signup_page(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    flash: Flashes,
+) -> Response {
+    let flash = flash.0;
+    signup_view(&app, &headers, flash.error, flash.msg, None).await
+}
+
+#[derive(Deserialize)]
+pub struct SignupForm {
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Creates the account; a visitor is signed in as it, an admin stays themselves.
+pub async fn signup(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<SignupForm>,
+) -> Response {
+    let session = visitor(&app, &headers).await;
+    if let Some(session) = &session
+        && let Err(refused) = session.check_csrf(&form.csrf)
+    {
+        return refused;
+    }
+    let register = RegisterForm {
+        username: form.username.trim().to_string(),
+        email: form.email.clone(),
+        password: form.password.clone(),
+        accept_terms: Value::Bool(true),
+    };
+    let by = session.as_ref().map(|s| &s.auth.user);
+    match oauth::create_account(&app, register, by).await {
+        Ok(user) if by.is_some() => back(
+            "/signup",
+            Ok(format!("account {} created: they can sign in now", user.username)),
+        ),
+        Ok(user) => sign_in(&app, &user.id, "/buckets").await,
+        Err(e) => {
+            let mut page = signup_view(&app, &headers, Some(e.msg), None, Some(&form)).await;
+            *page.status_mut() = e.status;
+            page
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "login.html")]
+struct LoginPage {
+    nav: Option<Nav>,
+    error: Option<String>,
+    msg: Option<String>,
+    login: String,
+}
+
+pub async fn login_page(flash: Flashes) -> Response {
+    let flash = flash.0;
+    render(&LoginPage {
+        nav: None,
+        error: flash.error,
+        msg: flash.msg,
+        login: String::new(),
+    })
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    login: String,
+    #[serde(default)]
+    password: String,
+}
+
+pub async fn login(State(app): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+    match oauth::check_password(&app, &form.login, form.password).await {
+        Ok(user) => sign_in(&app, &user.id, "/buckets").await,
+        Err(e) => {
+            let mut page = render(&LoginPage {
+                nav: None,
+                error: Some(e.msg),
+                msg: None,
+                login: form.login,
+            });
+            *page.status_mut() = e.status;
+            page
+        }
+    }
+}
+
+/// Starts a dashboard session (a token pair whose access token lives in the cookie) and
+/// goes to `to`.
+async fn sign_in(app: &AppState, user_id: &str, to: &str) -> Response {
+    let tokens = match auth::issue_tokens(app, user_id, "dashboard", SESSION_TTL_MS).await {
+        Ok(tokens) => tokens,
+        Err(e) => return error_page(&e),
+    };
+    let cookie = session_cookie(app, &tokens.access_token, SESSION_TTL_MS / 1000);
+    redirect_with_cookie(to, &cookie)
+}
+
+fn session_cookie(app: &AppState, value: &str, max_age_s: i64) -> String {
+    let secure = if app.public_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}")
+}
+
+fn redirect_with_cookie(to: &str, cookie: &str) -> Response {
+    let mut response = Redirect::to(to).into_response();
+    if let Ok(cookie) = HeaderValue::from_str(cookie) {
+        response.headers_mut().insert(SET_COOKIE, cookie);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Ends the session: its token is revoked and the cookie cleared.
+pub async fn logout(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Err(refused) = session.check_csrf(&form.csrf) {
+        return refused;
+    }
+    if let Err(e) = app.documents.delete_token(&session.auth.access_digest).await {
+        return error_page(&e.into());
+    }
+    redirect_with_cookie("/login", &session_cookie(&app, "", 0))
+}
+
+#[derive(Template)]
+#[template(path = "account.html")]
+struct AccountPage {
+    nav: Option<Nav>,
+    email: String,
+    role: String,
+    error: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn account_page(session: WebSession, flash: Flashes) -> Response {
+    let flash = flash.0;
+    render(&AccountPage {
+        nav: Some(Nav::from(&session)),
+        email: session.auth.user.email.clone(),
+        role: session.auth.user.role.clone(),
+        error: flash.error,
+        msg: flash.msg,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct PasswordForm {
+    #[serde(default)]
+    current: String,
+    #[serde(default)]
+    new: String,
+    #[serde(default)]
+    confirm: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// Changes the password; every session and token of the user ends, this one is renewed.
+pub async fn change_password(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    if let Err(refused) = session.check_csrf(&form.csrf) {
+        return refused;
+    }
+    let user = &session.auth.user;
+    let changed = async {
+        oauth::check_password(&app, &user.username, form.current)
+            .await
+            .map_err(|_| ApiError::bad_request("current password: wrong password"))?;
+        if form.new != form.confirm {
+            return Err(ApiError::bad_request("new password: the two entries differ"));
+        }
+        oauth::check_new_password(&form.new)?;
+        let hash = auth::hash_password(form.new).await?;
+        app.documents.set_password(&user.id, &hash).await?;
+        Ok(())
+    }
+    .await;
+    match changed {
+        Ok(()) => {
+            tracing::info!(user = %user.username, "password changed");
+            sign_in(&app, &user.id, "/account?msg=password+changed").await
+        }
+        Err(e) => back("/account", Err(e)),
+    }
+}

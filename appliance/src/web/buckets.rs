@@ -1,0 +1,309 @@
+//! Bucket pages: the list, the live overview of servers and processes, and settings
+//! (keys and link command, members and roles, servers, rename, delete).
+
+use askama::Template;
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Flashes, Nav, WebSession, back, error_page, render};
+use crate::api::Body;
+use crate::api::buckets::{self as api, BucketAccess};
+use crate::api::data::servers_status;
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::stores::{Bucket, Member, MemberRole};
+
+/// A bucket the signed-in user belongs to, or the error page (404 for anyone else).
+pub async fn access(app: &AppState, session: &WebSession, id: &str) -> Result<BucketAccess, Response> {
+    BucketAccess::load(app, session.auth.clone(), id)
+        .await
+        .map_err(|e| error_page(&e))
+}
+
+/// The command that links a server to the bucket.
+pub fn link_command(app: &AppState, bucket: &Bucket) -> String {
+    format!(
+        "KEYMETRICS_NODE={} pm2 link {} {}",
+        app.public_url, bucket.secret_id, bucket.public_id
+    )
+}
+
+#[derive(Template)]
+#[template(path = "buckets.html")]
+struct ListPage {
+    nav: Option<Nav>,
+    buckets: Vec<Bucket>,
+    error: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn list(State(app): State<AppState>, session: WebSession, flash: Flashes) -> Response {
+    let buckets = match app.documents.buckets_of_user(&session.auth.user.id).await {
+        Ok(buckets) => buckets,
+        Err(e) => return error_page(&e.into()),
+    };
+    let flash = flash.0;
+    render(&ListPage {
+        nav: Some(Nav::from(&session)),
+        buckets,
+        error: flash.error,
+        msg: flash.msg,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct CreateForm {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+pub async fn create(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<CreateForm>,
+) -> Response {
+    if let Err(refused) = session.check_csrf(&form.csrf) {
+        return refused;
+    }
+    let body = Body(api::CreateForm { name: form.name });
+    match api::create(State(app), session.auth, body).await {
+        Ok(created) => match created.0["bucket"]["_id"].as_str() {
+            Some(id) => Redirect::to(&format!("/buckets/{id}")).into_response(),
+            None => back("/buckets", Ok("bucket created".into())),
+        },
+        Err(e) => back("/buckets", Err(e)),
+    }
+}
+
+/// A process row as the overview and process pages show it.
+pub struct ProcessRow {
+    pub server: String,
+    pub name: String,
+    pub pm_id: i64,
+    pub status: String,
+    pub cpu: String,
+    pub memory: String,
+    pub restarts: i64,
+    pub uptime: String,
+    pub version: String,
+}
+
+pub struct ServerView {
+    pub name: String,
+    pub online: bool,
+    pub last_update: i64,
+    pub pm2_version: String,
+    pub node_version: String,
+    pub hostname: String,
+    pub processes: Vec<ProcessRow>,
+    /// The full status, for pages that need more than the rows.
+    pub status: Value,
+}
+
+pub fn memory_text(bytes: f64) -> String {
+    const MB: f64 = 1024.0 * 1024.0;
+    if bytes >= 1024.0 * MB {
+        format!("{:.1} GB", bytes / (1024.0 * MB))
+    } else {
+        format!("{:.1} MB", bytes / MB)
+    }
+}
+
+pub fn duration_text(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn process_row(server: &str, p: &Value, now: i64) -> ProcessRow {
+    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
+    let online = p["status"] == "online";
+    ProcessRow {
+        server: server.to_string(),
+        name: text(&p["name"]),
+        pm_id: p["pm_id"].as_i64().unwrap_or(-1),
+        status: text(&p["status"]),
+        cpu: format!("{}%", p["cpu"].as_f64().unwrap_or(0.0)),
+        memory: memory_text(p["memory"].as_f64().unwrap_or(0.0)),
+        restarts: p["restart_time"].as_i64().unwrap_or(0),
+        uptime: if online {
+            duration_text(now - p["pm_uptime"].as_i64().unwrap_or(now))
+        } else {
+            "-".into()
+        },
+        version: p["version"]
+            .as_str()
+            .or(p["versioning"]["revision"].as_str())
+            .map(|v| v.chars().take(12).collect())
+            .unwrap_or_default(),
+    }
+}
+
+/// Every server of the bucket with its processes, by name.
+pub async fn server_views(app: &AppState, bucket_id: &str, only: Option<&str>) -> Vec<ServerView> {
+    let now = crate::ids::now_ms();
+    servers_status(app, bucket_id, only)
+        .await
+        .iter()
+        .filter_map(|json| serde_json::from_str::<Value>(json).ok())
+        .map(|v| {
+            let name = v["server_name"].as_str().unwrap_or("").to_string();
+            let server = &v["data"]["server"];
+            let text = |f: &str| server[f].as_str().unwrap_or("").to_string();
+            let processes = v["data"]["process"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| process_row(&name, p, now))
+                .collect();
+            ServerView {
+                online: v["online"].as_bool().unwrap_or(false),
+                last_update: v["last_update"].as_i64().unwrap_or(0),
+                pm2_version: text("pm2_version"),
+                node_version: text("node_version"),
+                hostname: text("hostname"),
+                processes,
+                name,
+                status: v,
+            }
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "overview.html")]
+struct OverviewPage {
+    nav: Option<Nav>,
+    bucket: Bucket,
+    servers: Vec<ServerView>,
+    link: String,
+    error: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn overview(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path(id): Path<String>,
+    flash: Flashes,
+) -> Response {
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let flash = flash.0;
+    render(&OverviewPage {
+        nav: Some(Nav::from(&session)),
+        servers: server_views(&app, &access.bucket.id, None).await,
+        link: link_command(&app, &access.bucket),
+        bucket: access.bucket,
+        error: flash.error,
+        msg: flash.msg,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "settings.html")]
+struct SettingsPage {
+    nav: Option<Nav>,
+    bucket: Bucket,
+    role: MemberRole,
+    link: String,
+    members: Vec<Member>,
+    servers: Vec<ServerView>,
+    error: Option<String>,
+    msg: Option<String>,
+}
+
+pub async fn settings(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path(id): Path<String>,
+    flash: Flashes,
+) -> Response {
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let members = match app.documents.bucket_members(&access.bucket.id).await {
+        Ok(members) => members,
+        Err(e) => return error_page(&e.into()),
+    };
+    let flash = flash.0;
+    render(&SettingsPage {
+        nav: Some(Nav::from(&session)),
+        servers: server_views(&app, &access.bucket.id, None).await,
+        link: link_command(&app, &access.bucket),
+        members,
+        role: access.role,
+        bucket: access.bucket,
+        error: flash.error,
+        msg: flash.msg,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct SettingsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    server_name: String,
+}
+
+/// The settings forms: each runs the API route of the same purpose, with its checks.
+pub async fn settings_action(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<SettingsForm>,
+) -> Response {
+    if let Err(refused) = session.check_csrf(&form.csrf) {
+        return refused;
+    }
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let page = format!("/buckets/{id}/settings");
+    let member = || {
+        Body(serde_json::from_value::<api::MemberForm>(serde_json::json!({
+            "email": form.email, "role": form.role,
+        })).unwrap_or_default())
+    };
+    let state = State(app.clone());
+    let outcome: Result<String, ApiError> = match action.as_str() {
+        "rename" => api::update(state, access, Body(api::CreateForm { name: form.name.clone() }))
+            .await
+            .map(|_| "bucket renamed".into()),
+        "add_member" => api::add_member(state, access, member()).await.map(|_| format!("{} added", form.email)),
+        "set_role" => api::set_member_role(state, access, member()).await.map(|_| format!("{}'s role changed", form.email)),
+        "remove_member" => api::remove_member(state, access, member()).await.map(|_| format!("{} removed", form.email)),
+        "delete_server" => {
+            let body = Body(api::ServerForm { server_name: form.server_name.clone() });
+            api::delete_server(state, access, body).await.map(|_| format!("server {} deleted", form.server_name))
+        }
+        "delete" => {
+            return match api::destroy(state, access).await {
+                Ok(_) => back("/buckets", Ok("bucket deleted".into())),
+                Err(e) => back(&page, Err(e)),
+            };
+        }
+        _ => Err(ApiError::not_found("no such setting")),
+    };
+    back(&page, outcome)
+}

@@ -1,0 +1,159 @@
+//! The dashboard: server-rendered pages (askama) on the same stores and API code, with
+//! a little JavaScript (`assets/app.js`) for live updates, charts and the log tail.
+//!
+//! Pages work without JavaScript: forms post here with the session's CSRF token and
+//! redirect back with a message. The scripts call the JSON API with the session cookie
+//! and the CSRF token from the page, and watch buckets through `/primus`.
+
+mod account;
+mod assets;
+mod buckets;
+mod process;
+
+use askama::Template;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::auth::{self, UserAuth};
+
+/// The dashboard's routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/", get(account::home))
+        .route("/signup", get(account::signup_page).post(account::signup))
+        .route("/login", get(account::login_page).post(account::login))
+        .route("/logout", post(account::logout))
+        .route("/account", get(account::account_page))
+        .route("/account/password", post(account::change_password))
+        .route("/buckets", get(buckets::list).post(buckets::create))
+        .route("/buckets/{id}", get(buckets::overview))
+        .route("/buckets/{id}/settings", get(buckets::settings))
+        .route("/buckets/{id}/settings/{action}", post(buckets::settings_action))
+        .route("/buckets/{id}/servers/{server}/apps/{app}", get(process::page))
+        .route(
+            "/buckets/{id}/servers/{server}/apps/{app}/actions",
+            post(process::action),
+        )
+        .route("/assets/{*file}", get(assets::serve))
+}
+
+/// A signed-in dashboard user (session cookie); anyone else is sent to the sign-in page.
+pub struct WebSession {
+    pub auth: UserAuth,
+    /// The session's CSRF token, put in every form and read by the scripts.
+    pub csrf: String,
+}
+
+impl FromRequestParts<AppState> for WebSession {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Response> {
+        let token = auth::session_cookie(&parts.headers).map(str::to_string);
+        let to_login = || Redirect::to("/login").into_response();
+        let token = token.ok_or_else(to_login)?;
+        match UserAuth::from_token(app, &token, true).await {
+            Ok(auth) => Ok(WebSession {
+                auth,
+                csrf: auth::csrf_token(&token),
+            }),
+            Err(e) if e.status == StatusCode::UNAUTHORIZED => Err(to_login()),
+            Err(e) => Err(error_page(&e)),
+        }
+    }
+}
+
+impl WebSession {
+    /// Refuses a form whose CSRF token is not the session's (another site's form).
+    pub fn check_csrf(&self, given: &str) -> Result<(), Response> {
+        if auth::same_secret(&self.csrf, given) {
+            Ok(())
+        } else {
+            Err(error_page(&ApiError::forbidden(
+                "this form is out of date or came from another site (CSRF token missing or wrong): reload the page",
+            )))
+        }
+    }
+}
+
+/// The header every page shares.
+pub struct Nav {
+    pub username: String,
+    pub csrf: String,
+    pub admin: bool,
+}
+
+impl From<&WebSession> for Nav {
+    fn from(session: &WebSession) -> Self {
+        Nav {
+            username: session.auth.user.username.clone(),
+            csrf: session.csrf.clone(),
+            admin: session.auth.user.role == "admin",
+        }
+    }
+}
+
+/// `?msg=` / `?error=`: what the last form did, shown once above the page.
+#[derive(Deserialize, Default)]
+pub struct Flash {
+    pub msg: Option<String>,
+    pub error: Option<String>,
+}
+
+pub type Flashes = Query<Flash>;
+
+/// Renders a page, or an error page if the template fails.
+pub fn render(page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => (
+            [
+                (CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+                (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+            html,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "page cannot be rendered");
+            (StatusCode::INTERNAL_SERVER_ERROR, "page cannot be rendered").into_response()
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage<'a> {
+    status: u16,
+    msg: &'a str,
+}
+
+pub fn error_page(e: &ApiError) -> Response {
+    let mut response = render(&ErrorPage {
+        status: e.status.as_u16(),
+        msg: &e.msg,
+    });
+    *response.status_mut() = e.status;
+    response
+}
+
+/// Back to `path` with a message (`Ok`) or an error (`Err`) to show.
+pub fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
+    let (key, text) = match outcome {
+        Ok(msg) => ("msg", msg),
+        Err(e) => ("error", e.msg),
+    };
+    let query = serde_urlencoded::to_string([(key, text)]).unwrap_or_default();
+    let location = format!("{path}?{query}");
+    (
+        StatusCode::SEE_OTHER,
+        [(LOCATION, HeaderValue::from_str(&location).unwrap_or(HeaderValue::from_static("/")))],
+    )
+        .into_response()
+}

@@ -1,0 +1,301 @@
+//! The process page: an app on a server with its instances live, charts of every metric,
+//! actions and their replies, logs (stored search and live tail), issues, events,
+//! transaction routes and profiles.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::buckets::{ProcessRow, access, server_views};
+use super::{Flash, Nav, WebSession, back, error_page, render};
+use crate::api::Body;
+use crate::api::actions;
+use crate::api::error::{ApiError, ApiResult};
+use crate::api::insights::{self, Issue, Route};
+use crate::app::AppState;
+use crate::stores::{Bucket, EventKind, EventQuery, MemberRole};
+
+/// Rows of each stored list the page shows.
+const LIST: u32 = 50;
+
+pub struct ActionView {
+    pub name: String,
+    pub scoped: bool,
+}
+
+pub struct LogLine {
+    pub at: i64,
+    pub log_type: String,
+    pub pm_id: String,
+    pub text: String,
+}
+
+pub struct EventLine {
+    pub at: i64,
+    pub kind: String,
+    pub text: String,
+}
+
+pub struct ProfileLine {
+    pub at: i64,
+    pub kind: String,
+    pub uuid: String,
+    pub duration: String,
+}
+
+#[derive(Template)]
+#[template(path = "process.html")]
+struct ProcessPage {
+    nav: Option<Nav>,
+    bucket: Bucket,
+    role: MemberRole,
+    server: String,
+    server_online: bool,
+    app: String,
+    /// This page's path.
+    base: String,
+    instances: Vec<ProcessRow>,
+    first_pm_id: i64,
+    metrics: Vec<String>,
+    actions: Vec<ActionView>,
+    logs: Vec<LogLine>,
+    q: String,
+    issues: Vec<Issue>,
+    events: Vec<EventLine>,
+    routes: Vec<Route>,
+    profiles: Vec<ProfileLine>,
+    error: Option<String>,
+    msg: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct PageQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(flatten)]
+    flash: Flash,
+}
+
+fn docs(list: Vec<String>) -> Vec<Value> {
+    list.iter().filter_map(|d| serde_json::from_str(d).ok()).collect()
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+pub async fn page(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path((id, server, app_name)): Path<(String, String, String)>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let views = server_views(&app, &access.bucket.id, Some(&server)).await;
+    let Some(view) = views.into_iter().next() else {
+        return error_page(&ApiError::not_found(format!("no server {server:?} in this bucket")));
+    };
+    let processes: Vec<&Value> = view.status["data"]["process"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == app_name.as_str())
+        .collect();
+    let first = processes.first().copied().cloned().unwrap_or(Value::Null);
+    let mut metrics = vec!["cpu".to_string(), "memory".to_string()];
+    metrics.extend(first["axm_monitor"].as_object().into_iter().flatten().map(|(k, _)| k.clone()));
+    let actions = first["axm_actions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            Some(ActionView {
+                name: a["action_name"].as_str()?.to_string(),
+                scoped: a["action_type"] == "scoped",
+            })
+        })
+        .collect();
+    let scope = EventQuery {
+        bucket_id: access.bucket.id.clone(),
+        app_name: Some(app_name.clone()),
+        server_name: Some(server.clone()),
+        limit: LIST,
+        ..EventQuery::default()
+    };
+    let stored = async {
+        let logs = app
+            .events
+            .query(EventKind::Log, &EventQuery { text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()), ..scope.clone() })
+            .await?;
+        let events = app.events.query(EventKind::Event, &scope).await?;
+        let process_events = app.events.query(EventKind::ProcessEvent, &scope).await?;
+        let profiles = app.events.query(EventKind::Profile, &scope).await?;
+        let issues = insights::issues(&app, scope.clone()).await?;
+        let routes = insights::routes(&app, scope.clone()).await?;
+        ApiResult::Ok((logs, events, process_events, profiles, issues, routes))
+    }
+    .await;
+    let (logs, events, process_events, profiles, issues, routes) = match stored {
+        Ok(stored) => stored,
+        Err(e) => return error_page(&e),
+    };
+    let mut event_lines: Vec<EventLine> = docs(events)
+        .iter()
+        .map(|d| EventLine {
+            at: d["at"].as_i64().unwrap_or(0),
+            kind: text_of(&d["type"]),
+            text: match &d["name"] {
+                Value::String(name) => format!("{name} {}", text_of(&d["data"])),
+                _ => text_of(&d["data"]),
+            },
+        })
+        .chain(docs(process_events).iter().map(|d| EventLine {
+            at: d["at"].as_i64().unwrap_or(0),
+            kind: format!("process {}", text_of(&d["event"])),
+            text: format!("pm_id {}", text_of(&d["pm_id"])),
+        }))
+        .collect();
+    event_lines.sort_by(|a, b| b.at.cmp(&a.at));
+    event_lines.truncate(LIST as usize);
+    let flash = query.flash;
+    render(&ProcessPage {
+        nav: Some(Nav::from(&session)),
+        role: access.role,
+        server_online: view.online,
+        instances: view.processes.into_iter().filter(|p| p.name == app_name).collect(),
+        first_pm_id: first["pm_id"].as_i64().unwrap_or(0),
+        metrics,
+        actions,
+        logs: docs(logs)
+            .iter()
+            .map(|d| LogLine {
+                at: d["at"].as_i64().unwrap_or(0),
+                log_type: text_of(&d["log_type"]),
+                pm_id: text_of(&d["pm_id"]),
+                text: text_of(&d["data"]),
+            })
+            .collect(),
+        q: query.q,
+        issues,
+        events: event_lines,
+        routes,
+        profiles: docs(profiles)
+            .iter()
+            .map(|d| ProfileLine {
+                at: d["at"].as_i64().unwrap_or(0),
+                kind: text_of(&d["type"]),
+                uuid: text_of(&d["uuid"]),
+                duration: d["data"]["duration"].as_i64().map(|ms| format!("{ms} ms")).unwrap_or_default(),
+            })
+            .collect(),
+        base: page_path(&access.bucket.id, &server, &app_name),
+        server,
+        app: app_name,
+        bucket: access.bucket,
+        error: flash.error,
+        msg: flash.msg,
+    })
+}
+
+#[derive(Deserialize)]
+pub struct ActionForm {
+    #[serde(default)]
+    csrf: String,
+    /// `pm2` (restart, reload, …), `custom` or `scoped`.
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    method_name: String,
+    #[serde(default)]
+    number: String,
+    #[serde(default)]
+    action_name: String,
+    #[serde(default)]
+    process_id: String,
+    /// Parameters of a custom action, as a JSON object (empty: none).
+    #[serde(default)]
+    opts: String,
+}
+
+/// Runs an action from the page; scripts get JSON (`x-requested-with: fetch`), forms a
+/// redirect back with the outcome.
+pub async fn action(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path((id, server, app_name)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<ActionForm>,
+) -> Response {
+    if let Err(refused) = session.check_csrf(&form.csrf) {
+        return refused;
+    }
+    let outcome = async {
+        let access = super::buckets::access(&app, &session, &id).await.map_err(|_| ApiError::not_found("no such bucket"))?;
+        let state = State(app.clone());
+        match form.kind.as_str() {
+            "pm2" => {
+                let mut v = json!({"server_name": server, "method_name": form.method_name, "app_name": app_name});
+                if !form.number.is_empty() {
+                    v["number"] = json!(form.number.parse::<u64>().map(Value::from).unwrap_or(Value::String(form.number.clone())));
+                }
+                actions::trigger_pm2(state, access, Body(parse(v)?)).await.map(drop)?;
+                Ok(json!({"msg": format!("{} sent to {app_name}", form.method_name)}))
+            }
+            "custom" | "scoped" => {
+                let opts: Value = match form.opts.trim() {
+                    "" => json!({}),
+                    text => serde_json::from_str(text).map_err(|e| ApiError::bad_request(format!("parameters: not JSON ({e})")))?,
+                };
+                let v = json!({"server_name": server, "app_name": app_name, "action_name": form.action_name, "process_id": form.process_id, "opts": opts});
+                let sent = if form.kind == "custom" {
+                    actions::trigger(state, access, Body(parse(v)?)).await?
+                } else {
+                    actions::trigger_scoped(state, access, Body(parse(v)?)).await?
+                };
+                Ok(json!({"msg": format!("{} sent", form.action_name), "uuid": sent.0["uuid"]}))
+            }
+            other => Err(ApiError::bad_request(format!("kind: {other:?} is not pm2, custom or scoped"))),
+        }
+    }
+    .await;
+    let by_script = headers.get("x-requested-with").is_some_and(|v| v == "fetch");
+    match (by_script, outcome) {
+        (true, Ok(v)) => Json(v).into_response(),
+        (true, Err(e)) => e.into_response(),
+        (false, outcome) => back(
+            &page_path(&id, &server, &app_name),
+            outcome.map(|v| v["msg"].as_str().unwrap_or("sent").to_string()),
+        ),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
+    format!("/buckets/{bucket_id}/servers/{}/apps/{}", urlencode(server), urlencode(app))
+}
+
+/// One path segment, percent-encoded.
+pub fn urlencode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
