@@ -83,18 +83,31 @@ function updateRow(row, p) {
   set('uptime', p.status === 'online' ? duration(Date.now() - (p.pm_uptime || Date.now())) : '-');
 }
 
-// Re-reads this page and swaps in `selector` (new servers or processes appeared).
-let refreshing = null;
-function refresh(selector) {
-  if (refreshing) return;
-  refreshing = fetch(location.href, { credentials: 'same-origin' })
+// Re-reads this page and swaps in `selector` (new servers or processes appeared). Each
+// selector has its own request; one asked for while it runs is made once more after it.
+// `retries` (ms): while the fresh copy is the same as the shown one, tries again after
+// each delay (an agent's event reaches the browser before km has stored it).
+const refreshing = {};
+function refresh(selector, retries = []) {
+  if (refreshing[selector]) { refreshing[selector] = 'again'; return; }
+  refreshing[selector] = 'busy';
+  const attempt = (left) => fetch(location.href, { credentials: 'same-origin' })
     .then((r) => r.text())
     .then((html) => {
       const fresh = $(selector, new DOMParser().parseFromString(html, 'text/html'));
-      if (fresh) { $(selector).replaceWith(fresh); formatTimes(fresh); }
-    })
-    .catch(() => {})
-    .finally(() => setTimeout(() => { refreshing = null; }, 1000));
+      const shown = $(selector);
+      if (!fresh || !shown) return;
+      formatTimes(fresh);
+      if (fresh.innerHTML === shown.innerHTML && left.length) {
+        return new Promise((resolve) => setTimeout(resolve, left[0])).then(() => attempt(left.slice(1)));
+      }
+      shown.replaceWith(fresh);
+    });
+  attempt(retries).catch(() => {}).finally(() => setTimeout(() => {
+    const again = refreshing[selector] === 'again';
+    refreshing[selector] = null;
+    if (again) refresh(selector, retries);
+  }, 1000));
 }
 
 function statusRows(server, status, only) {
@@ -134,12 +147,29 @@ function charts(live) {
     $('figcaption', fig).textContent = name;
     box.append(fig);
     const data = [[], []];
-    const width = Math.max(260, Math.min(box.clientWidth - 24, 560));
-    const plot = new uPlot({ width, height: 160, legend: { show: false },
+    // As wide as its grid cell (the figure), following it when the window is resized.
+    const width = () => Math.max(200, fig.clientWidth);
+    const yAxis = { size: 60 };
+    if (name === 'memory') Object.assign(yAxis, { size: 70, values: (u, splits) => splits.map(memory) });
+    const plot = new uPlot({ width: width(), height: 160, legend: { show: false },
       series: [{}, { label: name, stroke: '#2f6fde', width: 1.5, spanGaps: true }],
-      axes: [{}, { size: 60 }] }, data, fig);
+      axes: [{}, yAxis] }, data, fig);
+    if (window.ResizeObserver) {
+      new ResizeObserver(() => { if (plot.width !== width()) plot.setSize({ width: width(), height: 160 }); }).observe(fig);
+    }
     series[name] = { data, plot, fig };
   }
+  // One point alone would stretch the time axis over years: show a minute around it.
+  const draw = (s) => {
+    const xs = s.data[0];
+    if (xs.length === 1) {
+      s.plot.setData(s.data, false);
+      s.plot.setScale('x', { min: xs[0] - 30, max: xs[0] + 30 });
+    } else {
+      s.plot.setData(s.data);
+    }
+    s.fig.dataset.points = String(xs.length);
+  };
   fetch(`/api/bucket/${live.dataset.bucket}/data/metrics/histogram`, {
     method: 'POST', credentials: 'same-origin',
     headers: { 'content-type': 'application/json', 'x-csrf-token': csrf() },
@@ -149,11 +179,12 @@ function charts(live) {
     for (const [name, m] of Object.entries(metrics)) {
       const s = series[name];
       if (!s) continue;
-      const points = m.timestamps_and_stats || [];
+      // Older than the live points already plotted, oldest first (uPlot needs sorted x).
+      const first = s.data[0].length ? s.data[0][0] : Infinity;
+      const points = (m.timestamps_and_stats || []).filter((p) => p.at / 1000 < first).sort((a, b) => a.at - b.at);
       s.data[0].unshift(...points.map((p) => p.at / 1000));
       s.data[1].unshift(...points.map((p) => p.avg));
-      s.plot.setData(s.data);
-      s.fig.dataset.points = String(s.data[0].length);
+      draw(s);
     }
   }).catch(() => {});
   return (processes) => {
@@ -168,8 +199,7 @@ function charts(live) {
       s.data[0].push(now);
       s.data[1].push(values.reduce((a, b) => a + b, 0) / values.length);
       if (s.data[0].length > 3600) { s.data[0].shift(); s.data[1].shift(); }
-      s.plot.setData(s.data);
-      s.fig.dataset.points = String(s.data[0].length);
+      draw(s);
     }
   };
 }
@@ -221,7 +251,7 @@ function processPage(live) {
       tail.scrollTop = tail.scrollHeight;
     } else if (event === 'process:exception' && (payload.process || {}).name === app) {
       addLine(replies, 'exception: ' + ((payload.data || {}).message || ''), 'error');
-      refresh('#issues');
+      refresh('#issues', [300, 700, 1500, 3000]);
     } else if (REPLIES.includes(event)) {
       const process = payload.process || {};
       if (process.name && process.name !== app) return;

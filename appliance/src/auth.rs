@@ -10,8 +10,8 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
-use subtle::ConstantTimeEq;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::api::error::ApiError;
 use crate::app::AppState;
@@ -111,7 +111,11 @@ pub struct UserAuth {
 
 impl UserAuth {
     /// The user holding `token`, if it is a live access token.
-    pub async fn from_token(app: &AppState, token: &str, by_cookie: bool) -> Result<Self, ApiError> {
+    pub async fn from_token(
+        app: &AppState,
+        token: &str,
+        by_cookie: bool,
+    ) -> Result<Self, ApiError> {
         let access_digest = digest(token);
         let record = app
             .documents

@@ -535,6 +535,8 @@ impl Km {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(self.data_dir())
+            // Tests register many users; the closed default is tested on its own.
+            .env("KM_ALLOW_SIGNUP", "true")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

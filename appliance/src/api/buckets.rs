@@ -203,17 +203,23 @@ async fn member_target(
 ) -> ApiResult<(User, MemberRole)> {
     let login = form.email.trim();
     if login.is_empty() {
-        return Err(ApiError::bad_request("email: the member's email or username"));
+        return Err(ApiError::bad_request(
+            "email: the member's email or username",
+        ));
     }
-    let role = match form.role.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-        Some(r) => MemberRole::parse(r).filter(|r| *r != MemberRole::Owner).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "role: {r:?} is not admin, developer or read_only"
-            ))
-        })?,
-        None => default_role.ok_or_else(|| {
-            ApiError::bad_request("role: admin, developer or read_only")
-        })?,
+    let role = match form
+        .role
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+    {
+        Some(r) => MemberRole::parse(r)
+            .filter(|r| *r != MemberRole::Owner)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("role: {r:?} is not admin, developer or read_only"))
+            })?,
+        None => default_role
+            .ok_or_else(|| ApiError::bad_request("role: admin, developer or read_only"))?,
     };
     let user = app
         .documents
@@ -247,13 +253,20 @@ pub async fn add_member(
     access.require(MemberRole::Admin, "add members")?;
     let (user, role) = member_target(&app, &form, Some(MemberRole::Developer)).await?;
     not_owner(&access, &user)?;
-    if app.documents.member_role(&access.bucket.id, &user.id).await?.is_some() {
+    if app
+        .documents
+        .member_role(&access.bucket.id, &user.id)
+        .await?
+        .is_some()
+    {
         return Err(ApiError::conflict(format!(
             "{} is already a member",
             user.username
         )));
     }
-    app.documents.set_member(&access.bucket.id, &user.id, role).await?;
+    app.documents
+        .set_member(&access.bucket.id, &user.id, role)
+        .await?;
     members(State(app), access).await
 }
 
@@ -266,10 +279,20 @@ pub async fn set_member_role(
     access.require(MemberRole::Admin, "change roles")?;
     let (user, role) = member_target(&app, &form, None).await?;
     not_owner(&access, &user)?;
-    if app.documents.member_role(&access.bucket.id, &user.id).await?.is_none() {
-        return Err(ApiError::not_found(format!("{} is not a member", user.username)));
+    if app
+        .documents
+        .member_role(&access.bucket.id, &user.id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found(format!(
+            "{} is not a member",
+            user.username
+        )));
     }
-    app.documents.set_member(&access.bucket.id, &user.id, role).await?;
+    app.documents
+        .set_member(&access.bucket.id, &user.id, role)
+        .await?;
     members(State(app), access).await
 }
 
@@ -282,8 +305,15 @@ pub async fn remove_member(
     access.require(MemberRole::Admin, "remove members")?;
     let (user, _) = member_target(&app, &form, Some(MemberRole::ReadOnly)).await?;
     not_owner(&access, &user)?;
-    if !app.documents.remove_member(&access.bucket.id, &user.id).await? {
-        return Err(ApiError::not_found(format!("{} is not a member", user.username)));
+    if !app
+        .documents
+        .remove_member(&access.bucket.id, &user.id)
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "{} is not a member",
+            user.username
+        )));
     }
     members(State(app), access).await
 }
@@ -314,7 +344,11 @@ pub async fn delete_server(
 ) -> ApiResult<Json<Value>> {
     access.require(MemberRole::Admin, "delete servers")?;
     let name = form.server_name.as_str();
-    if app.sessions.get(&access.bucket.id, name).is_some_and(|s| s.online()) {
+    if app
+        .sessions
+        .get(&access.bucket.id, name)
+        .is_some_and(|s| s.online())
+    {
         return Err(ApiError::conflict(format!(
             "server {name:?} is connected: run `pm2 unlink` (or stop its agent) on it first"
         )));
@@ -322,7 +356,9 @@ pub async fn delete_server(
     let known = app.sessions.remove(&access.bucket.id, name);
     let stored = app.documents.delete_server(&access.bucket.id, name).await?;
     if !known && !stored {
-        return Err(ApiError::not_found(format!("no server {name:?} in this bucket")));
+        return Err(ApiError::not_found(format!(
+            "no server {name:?} in this bucket"
+        )));
     }
     Ok(Json(json!({ "deleted": true, "server_name": name })))
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Query, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::extract::{Path, Query, State};
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -15,13 +15,13 @@ use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::ids::now_ms;
-use crate::stores::{EventKind, EventQuery, MetricQuery};
+use crate::stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 
 const DEFAULT_SIZE: u32 = 100;
 const MAX_SIZE: u32 = 1_000;
 
 /// A response made of JSON documents already serialised.
-fn json_array(items: impl IntoIterator<Item = String>) -> Response {
+pub fn json_array(items: impl IntoIterator<Item = String>) -> Response {
     let mut out = String::from("[");
     for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
@@ -117,7 +117,7 @@ pub struct EventFilter {
 }
 
 /// A number given as JSON number or string; `field` names it in the error.
-fn number(v: &Option<Value>, field: &str) -> ApiResult<Option<i64>> {
+pub fn number(v: &Option<Value>, field: &str) -> ApiResult<Option<i64>> {
     let bad = || {
         ApiError::bad_request(format!(
             "{field}: expected a number, got {}",
@@ -138,7 +138,7 @@ fn number(v: &Option<Value>, field: &str) -> ApiResult<Option<i64>> {
 }
 
 impl EventFilter {
-    fn query(self, bucket_id: &str) -> ApiResult<EventQuery> {
+    pub fn query(self, bucket_id: &str) -> ApiResult<EventQuery> {
         let size = number(&self.size, "size")?.unwrap_or(DEFAULT_SIZE.into());
         let from = number(&self.from, "from")?.unwrap_or(0);
         if size < 1 || size > MAX_SIZE.into() {
@@ -154,7 +154,10 @@ impl EventFilter {
             name: self.event_name.filter(|s| !s.is_empty()),
             before: number(&self.before, "before")?,
             after: number(&self.after, "after")?,
-            text: self.q.map(|q| q.trim().to_string()).filter(|q| !q.is_empty()),
+            text: self
+                .q
+                .map(|q| q.trim().to_string())
+                .filter(|q| !q.is_empty()),
             limit: size as u32,
             offset: from.clamp(0, i64::from(u32::MAX)) as u32,
         })
@@ -199,6 +202,18 @@ event_route!(
     /// `POST /api/bucket/:id/data/profilings`.
     profilings, EventKind::Profile);
 
+/// The step of a histogram: `minute` (default), `hour` or `day`, in ms.
+pub fn step_of(interval: Option<&str>) -> ApiResult<i64> {
+    match interval.unwrap_or("minute") {
+        "minute" => Ok(60_000),
+        "hour" => Ok(3_600_000),
+        "day" => Ok(86_400_000),
+        other => Err(ApiError::bad_request(format!(
+            "interval: {other:?} is not minute, hour or day"
+        ))),
+    }
+}
+
 #[derive(Deserialize, Default)]
 pub struct HistogramFilter {
     app_name: Option<String>,
@@ -207,6 +222,24 @@ pub struct HistogramFilter {
     interval: Option<String>,
     /// How many minutes back (default 60).
     before: Option<Value>,
+    /// Only these metrics (aggregations).
+    #[serde(default)]
+    metrics: Vec<String>,
+}
+
+impl HistogramFilter {
+    fn query(&self, bucket_id: &str) -> ApiResult<MetricQuery> {
+        let minutes = number(&self.before, "before")?.unwrap_or(60);
+        if minutes <= 0 {
+            return Err(ApiError::bad_request("before: a number of minutes above 0"));
+        }
+        Ok(MetricQuery {
+            bucket_id: bucket_id.to_string(),
+            app_name: self.app_name.clone().filter(|s| !s.is_empty()),
+            server_name: self.server_name.clone().filter(|s| !s.is_empty()),
+            since: now_ms() - minutes.saturating_mul(60_000),
+        })
+    }
 }
 
 /// `POST /api/bucket/:id/data/metrics/histogram`: `{server: {app: {metric: {agg_type,
@@ -217,26 +250,8 @@ pub async fn metrics_histogram(
     access: BucketAccess,
     Body(filter): Body<HistogramFilter>,
 ) -> ApiResult<Json<Value>> {
-    let step_ms: i64 = match filter.interval.as_deref().unwrap_or("minute") {
-        "minute" => 60_000,
-        "hour" => 3_600_000,
-        "day" => 86_400_000,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "interval: {other:?} is not minute, hour or day"
-            )));
-        }
-    };
-    let minutes = number(&filter.before, "before")?.unwrap_or(60);
-    if minutes <= 0 {
-        return Err(ApiError::bad_request("before: a number of minutes above 0"));
-    }
-    let query = MetricQuery {
-        bucket_id: access.bucket.id.clone(),
-        app_name: filter.app_name.filter(|s| !s.is_empty()),
-        server_name: filter.server_name.filter(|s| !s.is_empty()),
-        since: now_ms() - minutes.saturating_mul(60_000),
-    };
+    let step_ms = step_of(filter.interval.as_deref())?;
+    let query = filter.query(&access.bucket.id)?;
     let mut out = json!({});
     for p in app.events.metric_histogram(&query, step_ms).await? {
         let series = &mut out[&p.server_name][&p.app_name][&p.name];
@@ -246,6 +261,136 @@ pub async fn metrics_histogram(
         if let Some(stats) = series["timestamps_and_stats"].as_array_mut() {
             stats.push(json!({"at": p.at, "avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count}));
         }
+    }
+    Ok(Json(out))
+}
+
+/// The stored profile named `uuid` (its document).
+async fn profile(app: &AppState, access: &BucketAccess, uuid: &str) -> ApiResult<Value> {
+    let query = EventQuery {
+        bucket_id: access.bucket.id.clone(),
+        name: Some(uuid.to_string()),
+        limit: 1,
+        ..EventQuery::default()
+    };
+    app.events
+        .query(EventKind::Profile, &query)
+        .await?
+        .first()
+        .and_then(|doc| serde_json::from_str(doc).ok())
+        .ok_or_else(|| ApiError::not_found(format!("no profile {uuid:?}")))
+}
+
+/// The profile itself: agents send it as a JSON string (`data.data`).
+fn profile_body(doc: &Value) -> String {
+    match &doc["data"]["data"] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// `GET /api/bucket/:id/data/profilings/:uuid`: a profile without its content.
+pub async fn profiling(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, uuid)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let mut doc = profile(&app, &access, &uuid).await?;
+    let size = profile_body(&doc).len();
+    if let Some(data) = doc["data"].as_object_mut() {
+        data.remove("data");
+    }
+    doc["size"] = size.into();
+    Ok(Json(doc))
+}
+
+/// `GET /api/bucket/:id/data/profilings/:uuid/download`: the profile as a file
+/// (`.cpuprofile`, `.heapprofile`, `.heapsnapshot`), to open in Chrome DevTools.
+pub async fn profiling_download(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, uuid)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let doc = profile(&app, &access, &uuid).await?;
+    let extension = match doc["type"].as_str().unwrap_or("") {
+        "heapdump" | "heapsnapshot" => "heapsnapshot",
+        "" => "json",
+        other => other,
+    };
+    let safe: String = uuid.chars().filter(char::is_ascii_alphanumeric).collect();
+    let disposition = format!("attachment; filename=\"{safe}.{extension}\"");
+    Ok((
+        [
+            (CONTENT_TYPE, "application/octet-stream".to_string()),
+            (CONTENT_DISPOSITION, disposition),
+        ],
+        profile_body(&doc),
+    )
+        .into_response())
+}
+
+/// `DELETE /api/bucket/:id/data/profilings/:uuid` (developers).
+pub async fn profiling_delete(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, uuid)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "delete profiles")?;
+    let query = EventQuery {
+        bucket_id: access.bucket.id.clone(),
+        name: Some(uuid.clone()),
+        ..EventQuery::default()
+    };
+    let deleted = app
+        .events
+        .delete_matching(EventKind::Profile, &query)
+        .await?;
+    if deleted == 0 {
+        return Err(ApiError::not_found(format!("no profile {uuid:?}")));
+    }
+    Ok(Json(json!({ "deleted": deleted })))
+}
+
+/// `POST /api/bucket/:id/data/metrics/aggregations`: each metric over the whole window,
+/// `{server: {app: {metric: {avg, min, max, last, count}}}}` (`metrics` picks some).
+pub async fn metrics_aggregations(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<HistogramFilter>,
+) -> ApiResult<Json<Value>> {
+    let query = filter.query(&access.bucket.id)?;
+    let mut merged: BTreeMap<(String, String, String), MetricPoint> = BTreeMap::new();
+    // Hour steps, merged here: the window rarely starts on a step boundary.
+    for p in app.events.metric_histogram(&query, 3_600_000).await? {
+        if !filter.metrics.is_empty() && !filter.metrics.contains(&p.name) {
+            continue;
+        }
+        let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());
+        match merged.get_mut(&key) {
+            None => {
+                merged.insert(key, p);
+            }
+            Some(m) => {
+                let count = m.count + p.count;
+                if count > 0 {
+                    m.avg = (m.avg * f64::from(m.count) + p.avg * f64::from(p.count))
+                        / f64::from(count);
+                }
+                m.count = count;
+                m.min = m.min.min(p.min);
+                m.max = m.max.max(p.max);
+                if p.at >= m.at {
+                    m.last = p.last;
+                    m.at = p.at;
+                }
+            }
+        }
+    }
+    let mut out = json!({});
+    for ((server, app_name, metric), p) in merged {
+        out[&server][&app_name][&metric] =
+            json!({"avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count});
     }
     Ok(Json(out))
 }

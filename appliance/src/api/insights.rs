@@ -1,14 +1,21 @@
-//! What is derived from stored events for people: exceptions grouped into issues, and
-//! the transaction routes of an app. Both read a bounded window of the newest events.
+//! What is derived from stored events for people: exceptions grouped into issues, the
+//! transaction routes of an app, histograms and deployments. Issues and transactions
+//! read a bounded window of the newest events.
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
-use serde_json::Value;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 
+use super::Body;
+use super::buckets::BucketAccess;
+use super::data::{EventFilter, json_array, step_of};
 use super::error::ApiResult;
 use crate::app::AppState;
-use crate::stores::{EventKind, EventQuery};
+use crate::stores::{EventKind, EventQuery, MemberRole};
 
 /// Exceptions read to group issues: the newest this many in the window.
 pub const ISSUE_WINDOW: u32 = 1_000;
@@ -39,7 +46,10 @@ pub async fn issues(app: &AppState, query: EventQuery) -> ApiResult<Vec<Issue>> 
     };
     let docs = app.events.query(EventKind::Exception, &query).await?;
     let mut by_id: BTreeMap<String, Issue> = BTreeMap::new();
-    for doc in docs.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()) {
+    for doc in docs
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    {
         let at = doc["at"].as_i64().unwrap_or(0);
         let server = doc["server_name"].as_str().unwrap_or("").to_string();
         let Some(identifier) = doc["issue"].as_str().map(str::to_string) else {
@@ -63,7 +73,7 @@ pub async fn issues(app: &AppState, query: EventQuery) -> ApiResult<Vec<Issue>> 
         }
     }
     let mut issues: Vec<Issue> = by_id.into_values().collect();
-    issues.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    issues.sort_by_key(|i| std::cmp::Reverse(i.last_seen));
     Ok(issues)
 }
 
@@ -126,12 +136,17 @@ pub async fn routes(app: &AppState, query: EventQuery) -> ApiResult<Vec<Route>> 
     let docs = app.events.query(EventKind::Transaction, &query).await?;
     let mut by_route: BTreeMap<(String, String, String), Route> = BTreeMap::new();
     let mut app_p99: BTreeMap<(String, String), f64> = BTreeMap::new();
-    for doc in docs.iter().filter_map(|d| serde_json::from_str::<Value>(d).ok()) {
+    for doc in docs
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    {
         let app_name = doc["app_name"].as_str().unwrap_or("").to_string();
         let server_name = doc["server_name"].as_str().unwrap_or("").to_string();
         if let Some(p99) = doc["data"]["meta"]["http_percentiles"]["p99"].as_f64() {
             // Newest first: the first seen is the latest.
-            app_p99.entry((app_name.clone(), server_name.clone())).or_insert(p99);
+            app_p99
+                .entry((app_name.clone(), server_name.clone()))
+                .or_insert(p99);
         }
         for route in doc["data"]["routes"].as_array().into_iter().flatten() {
             let meta = &route["meta"];
@@ -153,7 +168,8 @@ pub async fn routes(app: &AppState, query: EventQuery) -> ApiResult<Vec<Route>> 
                 });
             let total = entry.count + count;
             if total > 0 {
-                entry.median = (entry.median * entry.count as f64 + number("median") * count as f64)
+                entry.median = (entry.median * entry.count as f64
+                    + number("median") * count as f64)
                     / total as f64;
             }
             entry.count = total;
@@ -165,14 +181,16 @@ pub async fn routes(app: &AppState, query: EventQuery) -> ApiResult<Vec<Route>> 
     let mut routes: Vec<Route> = by_route
         .into_values()
         .map(|mut r| {
-            r.app_p99 = app_p99.get(&(r.app_name.clone(), r.server_name.clone())).copied();
+            r.app_p99 = app_p99
+                .get(&(r.app_name.clone(), r.server_name.clone()))
+                .copied();
             if r.min == f64::MAX {
                 r.min = 0.0;
             }
             r
         })
         .collect();
-    routes.sort_by(|a, b| b.count.cmp(&a.count));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.count));
     Ok(routes)
 }
 
@@ -186,4 +204,198 @@ mod tests {
         assert_eq!(message_of(&serde_json::json!("plain")), "plain");
         assert_eq!(message_of(&serde_json::json!({})), "(no message)");
     }
+}
+
+/// Counts per step of a histogram route.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub at: i64,
+    pub count: u64,
+}
+
+#[derive(Deserialize, Default)]
+pub struct HistogramForm {
+    #[serde(flatten)]
+    filter: EventFilter,
+    interval: Option<String>,
+}
+
+async fn histogram_of(
+    app: &AppState,
+    access: &BucketAccess,
+    kind: EventKind,
+    form: HistogramForm,
+) -> ApiResult<Json<Vec<Step>>> {
+    let step_ms = step_of(form.interval.as_deref())?;
+    let query = form.filter.query(&access.bucket.id)?;
+    let steps = app.events.count_histogram(kind, &query, step_ms).await?;
+    Ok(Json(
+        steps
+            .into_iter()
+            .map(|(at, count)| Step { at, count })
+            .collect(),
+    ))
+}
+
+/// `POST /api/bucket/:id/data/logs/histogram`: log lines per step (filters of `logs`).
+pub async fn logs_histogram(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<HistogramForm>,
+) -> ApiResult<Json<Vec<Step>>> {
+    histogram_of(&app, &access, EventKind::Log, form).await
+}
+
+/// `POST /api/bucket/:id/data/issues/list`: exceptions grouped into issues.
+pub async fn issues_list(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<EventFilter>,
+) -> ApiResult<Json<Vec<Issue>>> {
+    let query = filter.query(&access.bucket.id)?;
+    Ok(Json(issues(&app, query).await?))
+}
+
+/// `GET /api/bucket/:id/data/exceptions/summary`: every issue of the bucket.
+pub async fn issues_summary(
+    State(app): State<AppState>,
+    access: BucketAccess,
+) -> ApiResult<Json<Vec<Issue>>> {
+    issues_list(State(app), access, Body(EventFilter::default())).await
+}
+
+fn by_name(access: &BucketAccess, name: &str, limit: u32) -> EventQuery {
+    EventQuery {
+        bucket_id: access.bucket.id.clone(),
+        name: Some(name.to_string()),
+        limit,
+        ..EventQuery::default()
+    }
+}
+
+/// `GET /api/bucket/:id/data/issues/occurrences/:identifier`: the issue's newest
+/// exceptions.
+pub async fn issue_occurrences(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, identifier)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let query = by_name(&access, &identifier, 100);
+    Ok(json_array(
+        app.events.query(EventKind::Exception, &query).await?,
+    ))
+}
+
+/// `DELETE /api/bucket/:id/data/issues/:identifier`: forgets an issue (developers).
+pub async fn issue_delete(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, identifier)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "delete issues")?;
+    let query = by_name(&access, &identifier, 0);
+    let deleted = app
+        .events
+        .delete_matching(EventKind::Exception, &query)
+        .await?;
+    Ok(Json(json!({ "deleted": deleted })))
+}
+
+/// The process events that mark a new version running.
+const DEPLOYMENT_EVENTS: [&str; 3] = ["start", "restart", "reload"];
+
+/// `POST /api/bucket/:id/data/processEvents/deployments`: starts, restarts and reloads,
+/// newest first.
+pub async fn deployments(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<EventFilter>,
+) -> ApiResult<Response> {
+    let query = filter.query(&access.bucket.id)?;
+    let mut found = Vec::new();
+    for event in DEPLOYMENT_EVENTS {
+        let query = EventQuery {
+            event_type: Some(event.to_string()),
+            ..query.clone()
+        };
+        for doc in app.events.query(EventKind::ProcessEvent, &query).await? {
+            let at = serde_json::from_str::<Value>(&doc)
+                .ok()
+                .and_then(|d| d["at"].as_i64())
+                .unwrap_or(0);
+            found.push((at, doc));
+        }
+    }
+    found.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+    found.truncate(query.limit as usize);
+    Ok(json_array(found.into_iter().map(|(_, doc)| doc)))
+}
+
+/// `POST /api/bucket/:id/data/transactions/v2/summary`: routes with their latencies.
+pub async fn transactions_summary(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<EventFilter>,
+) -> ApiResult<Json<Vec<Route>>> {
+    let query = filter.query(&access.bucket.id)?;
+    Ok(Json(routes(&app, query).await?))
+}
+
+/// One step of an app's traffic.
+#[derive(Debug, Serialize)]
+pub struct TrafficStep {
+    pub at: i64,
+    pub app_name: String,
+    pub count: u64,
+    /// Count-weighted mean of the routes' medians (ms).
+    pub median: f64,
+}
+
+/// `POST /api/bucket/:id/data/transactions/v2/histogram`: requests and median latency
+/// per app and step, from the newest snapshots.
+pub async fn transactions_histogram(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<HistogramForm>,
+) -> ApiResult<Json<Vec<TrafficStep>>> {
+    let step_ms = step_of(form.interval.as_deref())?;
+    let query = EventQuery {
+        limit: TRANSACTION_WINDOW,
+        offset: 0,
+        ..form.filter.query(&access.bucket.id)?
+    };
+    let docs = app.events.query(EventKind::Transaction, &query).await?;
+    let mut steps: BTreeMap<(i64, String), (u64, f64)> = BTreeMap::new();
+    for doc in docs
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    {
+        let at = doc["at"].as_i64().unwrap_or(0);
+        let key = (
+            at - at.rem_euclid(step_ms),
+            doc["app_name"].as_str().unwrap_or("").to_string(),
+        );
+        let step = steps.entry(key).or_insert((0, 0.0));
+        for route in doc["data"]["routes"].as_array().into_iter().flatten() {
+            let count = route["meta"]["count"].as_u64().unwrap_or(0);
+            let median = route["meta"]["median"].as_f64().unwrap_or(0.0);
+            step.1 += median * count as f64;
+            step.0 += count;
+        }
+    }
+    Ok(Json(
+        steps
+            .into_iter()
+            .map(|((at, app_name), (count, weighted))| TrafficStep {
+                at,
+                app_name,
+                count,
+                median: if count > 0 {
+                    weighted / count as f64
+                } else {
+                    0.0
+                },
+            })
+            .collect(),
+    ))
 }

@@ -13,12 +13,12 @@ use axum::http::HeaderValue;
 use axum::http::header::{
     CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
 };
-use tower_http::set_header::SetResponseHeaderLayer;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use std::time::Duration;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::stores::StoreError;
 
@@ -55,7 +55,10 @@ pub fn router(app: AppState) -> Router {
         .route("/api/bucket/{id}/users_authorized", get(buckets::members))
         .route("/api/bucket/{id}/current_role", get(buckets::current_role))
         .route("/api/bucket/{id}/add_user", post(buckets::add_member))
-        .route("/api/bucket/{id}/promote_user", post(buckets::set_member_role))
+        .route(
+            "/api/bucket/{id}/promote_user",
+            post(buckets::set_member_role),
+        )
         .route("/api/bucket/{id}/remove_user", post(buckets::remove_member))
         .route("/api/bucket/{id}/meta_servers", get(buckets::servers))
         .route(
@@ -78,6 +81,50 @@ pub fn router(app: AppState) -> Router {
         .route(
             "/api/bucket/{id}/data/metrics/histogram",
             post(data::metrics_histogram),
+        )
+        .route(
+            "/api/bucket/{id}/data/metrics/aggregations",
+            post(data::metrics_aggregations),
+        )
+        .route(
+            "/api/bucket/{id}/data/logs/histogram",
+            post(insights::logs_histogram),
+        )
+        .route(
+            "/api/bucket/{id}/data/exceptions/summary",
+            get(insights::issues_summary),
+        )
+        .route(
+            "/api/bucket/{id}/data/issues/list",
+            post(insights::issues_list),
+        )
+        .route(
+            "/api/bucket/{id}/data/issues/occurrences/{identifier}",
+            get(insights::issue_occurrences),
+        )
+        .route(
+            "/api/bucket/{id}/data/issues/{identifier}",
+            delete(insights::issue_delete),
+        )
+        .route(
+            "/api/bucket/{id}/data/processEvents/deployments",
+            post(insights::deployments),
+        )
+        .route(
+            "/api/bucket/{id}/data/transactions/v2/summary",
+            post(insights::transactions_summary),
+        )
+        .route(
+            "/api/bucket/{id}/data/transactions/v2/histogram",
+            post(insights::transactions_histogram),
+        )
+        .route(
+            "/api/bucket/{id}/data/profilings/{filename}",
+            get(data::profiling).delete(data::profiling_delete),
+        )
+        .route(
+            "/api/bucket/{id}/data/profilings/{filename}/download",
+            get(data::profiling_download),
         )
         .route(
             "/api/bucket/{id}/actions/triggerPM2",

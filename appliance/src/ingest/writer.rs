@@ -258,6 +258,17 @@ mod tests {
         async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>> {
             self.inner.query(kind, query).await
         }
+        async fn count_histogram(
+            &self,
+            kind: EventKind,
+            query: &EventQuery,
+            step_ms: i64,
+        ) -> StoreResult<Vec<(i64, u64)>> {
+            self.inner.count_histogram(kind, query, step_ms).await
+        }
+        async fn delete_matching(&self, kind: EventKind, query: &EventQuery) -> StoreResult<u64> {
+            self.inner.delete_matching(kind, query).await
+        }
         async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
             self.inner.append_metrics(points).await
         }

@@ -2,9 +2,9 @@
 //! frames are split by channel; everything but status is turned into a stored event.
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::stores::{EventKind, EventRecord};
 
@@ -160,8 +160,9 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         app_name,
         event_type,
         name: match kind {
-            // Exceptions are found by issue, custom events by name.
+            // Exceptions are found by issue, profiles by uuid, custom events by name.
             EventKind::Exception => doc.get("issue").and_then(Value::as_str).map(str::to_string),
+            EventKind::Profile => doc.get("uuid").and_then(Value::as_str).map(str::to_string),
             _ if channel == "human:event" => payload
                 .get("name")
                 .and_then(Value::as_str)
@@ -181,7 +182,11 @@ pub fn issue_id(app_name: Option<&str>, data: &Value) -> String {
         "" => data.as_str().unwrap_or(""),
         message => message,
     };
-    let key = format!("{}\0{message}\0{}", app_name.unwrap_or(""), text("callsite"));
+    let key = format!(
+        "{}\0{message}\0{}",
+        app_name.unwrap_or(""),
+        text("callsite")
+    );
     hex::encode(&Sha256::digest(key.as_bytes())[..8])
 }
 
@@ -294,6 +299,8 @@ mod tests {
             (event.kind, doc["type"].clone()),
             (EventKind::Profile, json!("heapprofile"))
         );
+        // Found by uuid for download.
+        assert_eq!(event.name.as_deref(), Some("0vo3zdowyrpe"));
         let (event, doc) = event_of("profiling");
         assert_eq!(
             (event.kind, event.app_name.as_deref()),

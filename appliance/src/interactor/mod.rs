@@ -15,8 +15,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::auth;
 use crate::app::AppState;
+use crate::auth;
 use crate::stores::Bucket;
 
 pub use session::{Session, Sessions};

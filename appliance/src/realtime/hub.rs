@@ -95,7 +95,12 @@ mod tests {
         let mut rx = hub.subscribe("b1");
         assert!(hub.watched("b1"));
         hub.publish(Arc::new(LiveEvent::new("b2", "web", "logs", "{}")));
-        hub.publish(Arc::new(LiveEvent::new("b1", "wéb-\"1", "status", "{\"a\":1}")));
+        hub.publish(Arc::new(LiveEvent::new(
+            "b1",
+            "wéb-\"1",
+            "status",
+            "{\"a\":1}",
+        )));
         let got = rx.try_recv().unwrap();
         let packet: serde_json::Value = serde_json::from_str(&got.packet).unwrap();
         assert_eq!(packet["server_name"], "wéb-\"1");

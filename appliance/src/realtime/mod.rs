@@ -62,8 +62,9 @@ async fn authenticate(
     if let Some(token) = token.filter(|t| !t.is_empty()) {
         return Ok(UserAuth::from_token(app, token, false).await?.user);
     }
-    let cookie = auth::session_cookie(headers)
-        .ok_or_else(|| ApiError::unauthorized("missing token: connect to /primus?token=<access_token>"))?;
+    let cookie = auth::session_cookie(headers).ok_or_else(|| {
+        ApiError::unauthorized("missing token: connect to /primus?token=<access_token>")
+    })?;
     // A cookie is sent whatever page opens the socket: only this site's pages may use it.
     if !same_origin(headers) {
         return Err(ApiError::forbidden("cross-site websocket refused"));
@@ -152,7 +153,12 @@ async fn subscribe(
     if sub.action != "sub" {
         return;
     }
-    let filters = Filters(sub.filters.into_iter().filter(|f| !f.is_empty() && f != "**").collect());
+    let filters = Filters(
+        sub.filters
+            .into_iter()
+            .filter(|f| !f.is_empty() && f != "**")
+            .collect(),
+    );
     if let Some((_, watch)) = watches.get(&sub.public_id) {
         *watch.filters.write() = filters;
         return;
@@ -163,7 +169,10 @@ async fn subscribe(
     let Ok(Some(bucket)) = app.documents.bucket_by_public_id(&sub.public_id).await else {
         return;
     };
-    if !matches!(app.documents.member_role(&bucket.id, &user.id).await, Ok(Some(_))) {
+    if !matches!(
+        app.documents.member_role(&bucket.id, &user.id).await,
+        Ok(Some(_))
+    ) {
         tracing::debug!(user = %user.username, bucket = %bucket.id, "realtime: not a member; nothing sent");
         return;
     }

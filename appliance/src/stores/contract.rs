@@ -684,6 +684,256 @@ async fn events_contract_on_elasticsearch() {
     }
 }
 
+/// Noon UTC on 2026-11-22: every step below stays within that day, whatever the clock.
+const NOON: i64 = 1_795_348_800_000;
+const MINUTE: i64 = 60_000;
+
+fn log_line(bucket: &str, app: &str, at: i64, log_type: &str, line: &str) -> EventRecord {
+    EventRecord {
+        doc: serde_json::json!({"at": at, "app_name": app, "log_type": log_type, "data": line})
+            .to_string(),
+        ..event(bucket, app, at, log_type)
+    }
+}
+
+fn exception(app: &str, at: i64, data: serde_json::Value) -> EventRecord {
+    EventRecord {
+        kind: EventKind::Exception,
+        event_type: "process:exception".into(),
+        doc: serde_json::json!({"at": at, "app_name": app, "data": data}).to_string(),
+        ..event("s1", app, at, "")
+    }
+}
+
+fn docs_of(events: &[&EventRecord]) -> Vec<String> {
+    events.iter().map(|e| e.doc.clone()).collect()
+}
+
+/// Counts until `expected` comes back (search engines show writes after a refresh).
+async fn counted(
+    events: &dyn Events,
+    kind: EventKind,
+    query: &EventQuery,
+    step: i64,
+    expected: Vec<(i64, u64)>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = events.count_histogram(kind, query, step).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{kind:?} {query:?} by {step}: expected {expected:?}, got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What every events store must do to search, count and delete events by filter.
+async fn event_search_contract(events: &dyn Events) {
+    let t = NOON;
+    // Steps of a minute: the first and last millisecond of the first, the start of the next.
+    let l1 = log_line("s1", "api", t, "out", "GET /users 200 in 3ms\n");
+    let l2 = log_line(
+        "s1",
+        "api",
+        t + MINUTE - 1,
+        "err",
+        "Connection REFUSED by db\n",
+    );
+    let l3 = log_line(
+        "s1",
+        "api",
+        t + MINUTE,
+        "err",
+        "retrying: connection refused\n",
+    );
+    let l4 = log_line(
+        "s1",
+        "web",
+        t + MINUTE + 2_000,
+        "out",
+        "upstream connection Refused",
+    );
+    // Wildcard characters, quotes and a backslash are plain text to the search.
+    let l5 = log_line(
+        "s1",
+        "api",
+        t + 2 * MINUTE,
+        "out",
+        r#"50% done *ok*? "quoted" C:\Tmp"#,
+    );
+    let l6 = log_line(
+        "s1",
+        "api",
+        t + 3 * MINUTE + 5_000,
+        "out",
+        "GET /health 200\n",
+    );
+    let other_bucket = log_line("s2", "api", t + 1_000, "out", "connection refused");
+    let e1 = exception(
+        "api",
+        t + 5_000,
+        serde_json::json!({
+            "message": "Cannot read properties of undefined (reading 'id')",
+            "stack": "TypeError: Cannot read properties of undefined\n    at handler (/srv/app/routes/Users.js:10:5)",
+        }),
+    );
+    let e2 = exception(
+        "web",
+        t + MINUTE + 10_000,
+        serde_json::json!({"message": "connect ECONNREFUSED 127.0.0.1:5432", "stack": "Error: connect\n    at TCPConnectWrap"}),
+    );
+    let e3 = exception(
+        "api",
+        t + MINUTE + 11_000,
+        "Request Timeout after 30s".into(),
+    );
+    let batch = [&l1, &l2, &l3, &l4, &l5, &l6, &other_bucket, &e1, &e2, &e3];
+    events
+        .append(batch.iter().map(|e| (*e).clone()).collect())
+        .await
+        .unwrap();
+    let all = EventQuery {
+        bucket_id: "s1".into(),
+        limit: 100,
+        ..EventQuery::default()
+    };
+    let text = |text: &str| EventQuery {
+        text: Some(text.into()),
+        ..all.clone()
+    };
+    let in_app = |app: &str, query: EventQuery| EventQuery {
+        app_name: Some(app.into()),
+        ..query
+    };
+    let (log, exc) = (EventKind::Log, EventKind::Exception);
+    settled(events, log, &all, docs_of(&[&l6, &l5, &l4, &l3, &l2, &l1])).await;
+    settled(events, exc, &all, docs_of(&[&e3, &e2, &e1])).await;
+
+    // Text search: ignores case, within the bucket, with the other filters.
+    let refused = text("CONNECTION refused");
+    settled(events, log, &refused, docs_of(&[&l4, &l3, &l2])).await;
+    settled(
+        events,
+        log,
+        &in_app("api", refused.clone()),
+        docs_of(&[&l3, &l2]),
+    )
+    .await;
+    let page = EventQuery {
+        limit: 1,
+        offset: 1,
+        ..refused.clone()
+    };
+    settled(events, log, &page, docs_of(&[&l3])).await;
+    for literal in ["*ok*?", "50% DONE", r#""quoted""#, r"c:\tmp"] {
+        settled(events, log, &text(literal), docs_of(&[&l5])).await;
+    }
+    settled(events, log, &text("*o?*"), Vec::new()).await;
+    // The line is searched, not the rest of the document.
+    settled(events, log, &text("log_type"), Vec::new()).await;
+    settled(
+        events,
+        log,
+        &text(""),
+        docs_of(&[&l6, &l5, &l4, &l3, &l2, &l1]),
+    )
+    .await;
+    // Exceptions: the message and the stack (or the text when that is all there is).
+    settled(events, exc, &text("users.JS:10"), docs_of(&[&e1])).await;
+    settled(events, exc, &text("econnrefused"), docs_of(&[&e2])).await;
+    settled(events, exc, &text("timeout"), docs_of(&[&e3])).await;
+    settled(events, exc, &text("cannot read"), docs_of(&[&e1])).await;
+    settled(events, exc, &in_app("web", text("cannot read")), Vec::new()).await;
+    settled(events, exc, &text("refused by db"), Vec::new()).await;
+
+    // Counts per step: steps start at multiples of the step; empty ones left out; every
+    // filter applies but paging.
+    let (m0, m1, m2, m3) = (t, t + MINUTE, t + 2 * MINUTE, t + 3 * MINUTE);
+    counted(
+        events,
+        log,
+        &all,
+        MINUTE,
+        vec![(m0, 2), (m1, 2), (m2, 1), (m3, 1)],
+    )
+    .await;
+    counted(events, log, &page, MINUTE, vec![(m0, 1), (m1, 2)]).await;
+    counted(
+        events,
+        log,
+        &in_app("api", refused.clone()),
+        MINUTE,
+        vec![(m0, 1), (m1, 1)],
+    )
+    .await;
+    counted(events, log, &all, 2 * MINUTE, vec![(m0, 4), (m2, 2)]).await;
+    let errors_after = EventQuery {
+        event_type: Some("err".into()),
+        after: Some(t),
+        before: Some(m3),
+        ..all.clone()
+    };
+    counted(events, log, &errors_after, MINUTE, vec![(m0, 1), (m1, 1)]).await;
+    counted(events, exc, &text("ECONNREFUSED"), MINUTE, vec![(m1, 1)]).await;
+    counted(events, exc, &all, 3_600_000, vec![(t, 3)]).await;
+    let nobody = EventQuery {
+        bucket_id: "nobody".into(),
+        ..all.clone()
+    };
+    counted(events, log, &nobody, MINUTE, Vec::new()).await;
+
+    // Deleting by filter: only the matching events go, whatever the paging.
+    let api_refused = EventQuery {
+        limit: 1,
+        ..in_app("api", refused.clone())
+    };
+    assert_eq!(events.delete_matching(log, &api_refused).await.unwrap(), 2);
+    settled(events, log, &all, docs_of(&[&l6, &l5, &l4, &l1])).await;
+    assert_eq!(events.delete_matching(log, &api_refused).await.unwrap(), 0);
+    let first_step = EventQuery {
+        before: Some(m1),
+        ..all.clone()
+    };
+    assert_eq!(events.delete_matching(log, &first_step).await.unwrap(), 1);
+    settled(events, log, &all, docs_of(&[&l6, &l5, &l4])).await;
+    assert_eq!(
+        events.delete_matching(exc, &text("TIMEOUT")).await.unwrap(),
+        1
+    );
+    settled(events, exc, &all, docs_of(&[&e2, &e1])).await;
+    let paged = EventQuery {
+        limit: 1,
+        offset: 5,
+        ..all.clone()
+    };
+    assert_eq!(events.delete_matching(log, &paged).await.unwrap(), 3);
+    settled(events, log, &all, Vec::new()).await;
+    let s2 = EventQuery {
+        bucket_id: "s2".into(),
+        ..all.clone()
+    };
+    settled(events, log, &s2, docs_of(&[&other_bucket])).await;
+    assert_eq!(events.delete_matching(log, &nobody).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn event_search_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    event_search_contract(&open_events(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn event_search_contract_on_elasticsearch() {
+    let server = km_e2e::OsMem::start().unwrap();
+    let urls = parse_urls(server.url()).unwrap();
+    let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
+    event_search_contract(&events).await;
+}
+
 #[tokio::test]
 async fn unreachable_elasticsearch_fails_fast_naming_the_variable() {
     let port = closed_port();

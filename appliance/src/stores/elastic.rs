@@ -1,6 +1,9 @@
 //! The events store on Elasticsearch / OpenSearch (`KM_ELASTICSEARCH_URL`): one index
 //! per kind per day, `<prefix>-<kind>-YYYY.MM.DD`, created from index templates with
 //! explicit mappings; writes in `_bulk` batches; retention drops whole daily indices.
+//! Text search (`EventQuery::text`) runs on a lowercased keyword copy of each event's
+//! text (`text`); daily indices created before that field was mapped lack it, so their
+//! events are found by every filter but text.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +16,8 @@ use elasticsearch::http::transport::{
 };
 use elasticsearch::http::{Method, StatusCode, Url};
 use elasticsearch::indices::{IndicesDeleteParts, IndicesPutIndexTemplateParts};
-use elasticsearch::{BulkParts, Elasticsearch, SearchParts};
+use elasticsearch::params::Conflicts;
+use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, SearchParts};
 use serde_json::{Value, json};
 
 use super::{
@@ -28,6 +32,11 @@ const MAX_TERMS: u32 = 10_000;
 const METRICS: &str = "metrics";
 /// Documents per `_bulk` request (a shutdown flush can hold tens of thousands).
 const BULK_DOCS: usize = 1_000;
+/// Characters of an event's text indexed for search: a keyword term over Lucene's
+/// 32766 bytes (at most 4 a character) would get the whole document refused.
+const TEXT_CHARS: usize = 8_000;
+/// A delete by query visits every matching document: longer than a search.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct ElasticEvents {
     client: Elasticsearch,
@@ -179,10 +188,13 @@ impl ElasticEvents {
         let events = json!({
             "index_patterns": events_patterns,
             "template": {
-                "settings": {"number_of_replicas": 0},
+                "settings": {"number_of_replicas": 0, "analysis": {"normalizer": {
+                    "km_lowercase": {"type": "custom", "filter": ["lowercase"]},
+                }}},
                 "mappings": {"dynamic": false, "properties": {
                     "bucket_id": keyword, "server_name": keyword, "app_name": keyword,
                     "type": keyword, "name": keyword, "at": date,
+                    "text": {"type": "keyword", "normalizer": "km_lowercase"},
                     "doc": {"type": "keyword", "index": false, "doc_values": false},
                 }},
             },
@@ -318,6 +330,66 @@ impl ElasticEvents {
     }
 }
 
+/// The text `EventQuery::text` searches: a log's line, an exception's message and stack,
+/// the whole document otherwise (as `text_of` in the SQLite store), cut to `TEXT_CHARS`.
+fn search_text(e: &EventRecord) -> String {
+    if !matches!(e.kind, EventKind::Log | EventKind::Exception) {
+        return e.doc.chars().take(TEXT_CHARS).collect();
+    }
+    let doc: Value = serde_json::from_str(&e.doc).unwrap_or_default();
+    let text = match (&doc["data"], e.kind) {
+        (Value::String(s), _) => s.clone(),
+        (Value::Null, _) => String::new(),
+        (data, EventKind::Exception) => [&data["message"], &data["stack"]]
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        (data, _) => data.to_string(),
+    };
+    text.chars().take(TEXT_CHARS).collect()
+}
+
+/// A `wildcard` pattern matching `text` anywhere, lowercased as the field is (the
+/// pattern is not left to the server's normalizer nor to `case_insensitive`, which
+/// Elasticsearch before 7.10 refuses).
+fn contains_pattern(text: &str) -> String {
+    let mut pattern = String::from("*");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '*' | '?' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('*');
+    pattern
+}
+
+/// `filter` clauses for an event query (all of it but paging).
+fn event_filter(q: &EventQuery) -> Vec<Value> {
+    let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
+    for (field, value) in [("type", &q.event_type), ("name", &q.name)] {
+        if let Some(v) = value {
+            filter.push(json!({"term": {field: v}}));
+        }
+    }
+    let mut range = serde_json::Map::new();
+    if let Some(before) = q.before {
+        range.insert("lt".into(), before.into());
+    }
+    if let Some(after) = q.after {
+        range.insert("gt".into(), after.into());
+    }
+    if !range.is_empty() {
+        filter.push(json!({"range": {"at": range}}));
+    }
+    // Every text holds the empty string: no filter (which would also skip old indices).
+    if let Some(text) = q.text.as_deref().filter(|t| !t.is_empty()) {
+        filter.push(json!({"wildcard": {"text": {"value": contains_pattern(text)}}}));
+    }
+    filter
+}
+
 /// `filter` clauses for a bucket and optional app / server.
 fn scope(bucket_id: &str, app_name: &Option<String>, server_name: &Option<String>) -> Vec<Value> {
     let mut filter = vec![json!({"term": {"bucket_id": bucket_id}})];
@@ -351,6 +423,7 @@ impl Events for ElasticEvents {
                 json!({
                     "bucket_id": e.bucket_id, "server_name": e.server_name, "app_name": e.app_name,
                     "type": e.event_type, "name": e.name, "at": e.at, "doc": e.doc,
+                    "text": search_text(e),
                 })
                 .to_string(),
             );
@@ -359,24 +432,8 @@ impl Events for ElasticEvents {
     }
 
     async fn query(&self, kind: EventKind, q: &EventQuery) -> StoreResult<Vec<String>> {
-        let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
-        for (field, value) in [("type", &q.event_type), ("name", &q.name)] {
-            if let Some(v) = value {
-                filter.push(json!({"term": {field: v}}));
-            }
-        }
-        let mut range = serde_json::Map::new();
-        if let Some(before) = q.before {
-            range.insert("lt".into(), before.into());
-        }
-        if let Some(after) = q.after {
-            range.insert("gt".into(), after.into());
-        }
-        if !range.is_empty() {
-            filter.push(json!({"range": {"at": range}}));
-        }
         let body = json!({
-            "query": {"bool": {"filter": filter}},
+            "query": {"bool": {"filter": event_filter(q)}},
             "sort": [{"at": "desc"}],
             "from": q.offset, "size": q.limit, "_source": ["doc"],
         });
@@ -388,6 +445,61 @@ impl Events for ElasticEvents {
                 _ => None,
             })
             .collect())
+    }
+
+    async fn count_histogram(
+        &self,
+        kind: EventKind,
+        q: &EventQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<(i64, u64)>> {
+        // Fixed intervals start at multiples of the interval since the epoch.
+        let steps = json!({"date_histogram": {
+            "field": "at", "fixed_interval": format!("{}ms", step_ms.max(1)), "min_doc_count": 1,
+        }});
+        let body = json!({
+            "size": 0,
+            "query": {"bool": {"filter": event_filter(q)}},
+            "aggs": {"steps": steps},
+        });
+        let answer = self
+            .search_raw(&self.index(kind.as_str(), "*"), body)
+            .await?;
+        Ok(buckets(&answer["aggregations"]["steps"])
+            .iter()
+            .filter_map(|step| Some((step["key"].as_i64()?, step["doc_count"].as_u64()?)))
+            .collect())
+    }
+
+    async fn delete_matching(&self, kind: EventKind, q: &EventQuery) -> StoreResult<u64> {
+        let index = self.index(kind.as_str(), "*");
+        let response = self
+            .client
+            .delete_by_query(DeleteByQueryParts::Index(&[&index]))
+            .ignore_unavailable(true)
+            .allow_no_indices(true)
+            // A document written again meanwhile (a retried batch) is left, not a failure.
+            .conflicts(Conflicts::Proceed)
+            // Queries right after see the deletion.
+            .refresh(true)
+            .request_timeout(DELETE_TIMEOUT)
+            .body(json!({"query": {"bool": {"filter": event_filter(q)}}}))
+            .send()
+            .await
+            .map_err(failed)?;
+        let status = response.status_code();
+        let body: Value = response.json().await.map_err(failed)?;
+        let failure = &body["failures"][0];
+        if !status.is_success() || !failure.is_null() {
+            let reason = body["error"]["reason"]
+                .as_str()
+                .or_else(|| failure["cause"]["reason"].as_str())
+                .unwrap_or("?");
+            return Err(unavailable(format!(
+                "delete by query answered {status}: {reason}"
+            )));
+        }
+        Ok(body["deleted"].as_u64().unwrap_or_default())
     }
 
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
@@ -541,5 +653,31 @@ mod tests {
         );
         assert!(parse_urls("  ").is_err());
         assert!(parse_urls("http://[bad").is_err());
+    }
+
+    #[test]
+    fn search_text_and_patterns() {
+        let event = |kind, doc: Value| EventRecord {
+            kind,
+            bucket_id: "b".into(),
+            server_name: "s".into(),
+            app_name: None,
+            event_type: "t".into(),
+            name: None,
+            at: 0,
+            doc: doc.to_string(),
+        };
+        let exception =
+            json!({"data": {"message": "Boom", "stack": "Error: Boom\n  at x", "name": "E"}});
+        assert_eq!(
+            search_text(&event(EventKind::Exception, exception)),
+            "Boom\nError: Boom\n  at x"
+        );
+        let long = "é".repeat(TEXT_CHARS + 10);
+        let text = search_text(&event(EventKind::Log, json!({"data": long})));
+        assert_eq!(text.chars().count(), TEXT_CHARS, "cut on a character");
+        let other = event(EventKind::Event, json!({"data": {"x": 1}}));
+        assert_eq!(search_text(&other), other.doc);
+        assert_eq!(contains_pattern(r"A*b?C\"), r"*a\*b\?c\\*");
     }
 }

@@ -90,6 +90,18 @@ pub trait Events: Send + Sync {
     async fn append(&self, events: Arc<[EventRecord]>) -> StoreResult<()>;
     /// The stored documents (JSON text) matching `query`, newest first.
     async fn query(&self, kind: EventKind, query: &EventQuery) -> StoreResult<Vec<String>>;
+    /// How many events match `query` in each step of `step_ms` (steps start at multiples
+    /// of `step_ms` since the epoch; oldest first; empty steps left out). `limit` and
+    /// `offset` are ignored.
+    async fn count_histogram(
+        &self,
+        kind: EventKind,
+        query: &EventQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<(i64, u64)>>;
+    /// Deletes the events matching `query` (`limit` and `offset` ignored); returns how
+    /// many went.
+    async fn delete_matching(&self, kind: EventKind, query: &EventQuery) -> StoreResult<u64>;
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()>;
     /// Metric minutes matching `query` merged into steps of `step_ms` per (server, app,
     /// metric), oldest first: `avg` weighted by `count`, extremes, the latest `last`, the

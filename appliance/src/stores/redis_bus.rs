@@ -147,7 +147,11 @@ impl RedisBus {
         while !shutdown.is_cancelled() {
             match client.get_async_pubsub().await {
                 Ok(mut pubsub) => {
-                    if pubsub.subscribe(&[REQUESTS, LIVE, &self.inbox()]).await.is_ok() {
+                    if pubsub
+                        .subscribe(&[REQUESTS, LIVE, &self.inbox()])
+                        .await
+                        .is_ok()
+                    {
                         delay = Duration::from_millis(200);
                         let mut messages = pubsub.on_message();
                         loop {

@@ -60,7 +60,9 @@ async fn signup_view(
 ) -> Response {
     let session = visitor(app, headers).await;
     let first = matches!(app.documents.count_users().await, Ok(0));
-    let admin = session.as_ref().is_some_and(|s| s.auth.user.role == "admin");
+    let admin = session
+        .as_ref()
+        .is_some_and(|s| s.auth.user.role == "admin");
     render(&SignupPage {
         nav: session.as_ref().map(Nav::from),
         first,
@@ -101,7 +103,7 @@ pub async fn signup(
 ) -> Response {
     let session = visitor(&app, &headers).await;
     if let Some(session) = &session
-        && let Err(refused) = session.check_csrf(&form.csrf)
+        && let Some(refused) = session.refuse_forged(&form.csrf)
     {
         return refused;
     }
@@ -115,7 +117,10 @@ pub async fn signup(
     match oauth::create_account(&app, register, by).await {
         Ok(user) if by.is_some() => back(
             "/signup",
-            Ok(format!("account {} created: they can sign in now", user.username)),
+            Ok(format!(
+                "account {} created: they can sign in now",
+                user.username
+            )),
         ),
         Ok(user) => sign_in(&app, &user.id, "/buckets").await,
         Err(e) => {
@@ -209,10 +214,14 @@ pub async fn logout(
     session: WebSession,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    if let Err(refused) = session.check_csrf(&form.csrf) {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
-    if let Err(e) = app.documents.delete_token(&session.auth.access_digest).await {
+    if let Err(e) = app
+        .documents
+        .delete_token(&session.auth.access_digest)
+        .await
+    {
         return error_page(&e.into());
     }
     redirect_with_cookie("/login", &session_cookie(&app, "", 0))
@@ -257,7 +266,7 @@ pub async fn change_password(
     session: WebSession,
     Form(form): Form<PasswordForm>,
 ) -> Response {
-    if let Err(refused) = session.check_csrf(&form.csrf) {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
     let user = &session.auth.user;
@@ -266,7 +275,9 @@ pub async fn change_password(
             .await
             .map_err(|_| ApiError::bad_request("current password: wrong password"))?;
         if form.new != form.confirm {
-            return Err(ApiError::bad_request("new password: the two entries differ"));
+            return Err(ApiError::bad_request(
+                "new password: the two entries differ",
+            ));
         }
         oauth::check_new_password(&form.new)?;
         let hash = auth::hash_password(form.new).await?;

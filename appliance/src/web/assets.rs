@@ -7,8 +7,16 @@ use axum::response::{IntoResponse, Response};
 
 /// `(path under /assets/, content type, bytes)`.
 const FILES: &[(&str, &str, &[u8])] = &[
-    ("app.js", "text/javascript; charset=utf-8", include_bytes!("../../assets/app.js")),
-    ("app.css", "text/css; charset=utf-8", include_bytes!("../../assets/app.css")),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../assets/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../assets/app.css"),
+    ),
     (
         "vendor/uPlot.iife.min.js",
         "text/javascript; charset=utf-8",
@@ -24,7 +32,10 @@ const FILES: &[(&str, &str, &[u8])] = &[
 pub async fn serve(Path(file): Path<String>) -> Response {
     match FILES.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, bytes)) => (
-            [(CONTENT_TYPE, *content_type), (CACHE_CONTROL, "public, max-age=300")],
+            [
+                (CONTENT_TYPE, *content_type),
+                (CACHE_CONTROL, "public, max-age=300"),
+            ],
             *bytes,
         )
             .into_response(),

@@ -17,7 +17,11 @@ use crate::app::AppState;
 use crate::stores::{Bucket, Member, MemberRole};
 
 /// A bucket the signed-in user belongs to, or the error page (404 for anyone else).
-pub async fn access(app: &AppState, session: &WebSession, id: &str) -> Result<BucketAccess, Response> {
+pub async fn access(
+    app: &AppState,
+    session: &WebSession,
+    id: &str,
+) -> Result<BucketAccess, Response> {
     BucketAccess::load(app, session.auth.clone(), id)
         .await
         .map_err(|e| error_page(&e))
@@ -67,7 +71,7 @@ pub async fn create(
     session: WebSession,
     Form(form): Form<CreateForm>,
 ) -> Response {
-    if let Err(refused) = session.check_csrf(&form.csrf) {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
     let body = Body(api::CreateForm { name: form.name });
@@ -272,7 +276,7 @@ pub async fn settings_action(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<SettingsForm>,
 ) -> Response {
-    if let Err(refused) = session.check_csrf(&form.csrf) {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
     let access = match access(&app, &session, &id).await {
@@ -281,21 +285,40 @@ pub async fn settings_action(
     };
     let page = format!("/buckets/{id}/settings");
     let member = || {
-        Body(serde_json::from_value::<api::MemberForm>(serde_json::json!({
-            "email": form.email, "role": form.role,
-        })).unwrap_or_default())
+        Body(
+            serde_json::from_value::<api::MemberForm>(serde_json::json!({
+                "email": form.email, "role": form.role,
+            }))
+            .unwrap_or_default(),
+        )
     };
     let state = State(app.clone());
     let outcome: Result<String, ApiError> = match action.as_str() {
-        "rename" => api::update(state, access, Body(api::CreateForm { name: form.name.clone() }))
+        "rename" => api::update(
+            state,
+            access,
+            Body(api::CreateForm {
+                name: form.name.clone(),
+            }),
+        )
+        .await
+        .map(|_| "bucket renamed".into()),
+        "add_member" => api::add_member(state, access, member())
             .await
-            .map(|_| "bucket renamed".into()),
-        "add_member" => api::add_member(state, access, member()).await.map(|_| format!("{} added", form.email)),
-        "set_role" => api::set_member_role(state, access, member()).await.map(|_| format!("{}'s role changed", form.email)),
-        "remove_member" => api::remove_member(state, access, member()).await.map(|_| format!("{} removed", form.email)),
+            .map(|_| format!("{} added", form.email)),
+        "set_role" => api::set_member_role(state, access, member())
+            .await
+            .map(|_| format!("{}'s role changed", form.email)),
+        "remove_member" => api::remove_member(state, access, member())
+            .await
+            .map(|_| format!("{} removed", form.email)),
         "delete_server" => {
-            let body = Body(api::ServerForm { server_name: form.server_name.clone() });
-            api::delete_server(state, access, body).await.map(|_| format!("server {} deleted", form.server_name))
+            let body = Body(api::ServerForm {
+                server_name: form.server_name.clone(),
+            });
+            api::delete_server(state, access, body)
+                .await
+                .map(|_| format!("server {} deleted", form.server_name))
         }
         "delete" => {
             return match api::destroy(state, access).await {

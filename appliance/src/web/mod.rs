@@ -11,13 +11,13 @@ mod buckets;
 mod process;
 
 use askama::Template;
+use axum::Router;
 use axum::extract::{FromRequestParts, Query};
 use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 
 use crate::api::error::ApiError;
@@ -36,8 +36,14 @@ pub fn routes() -> Router<AppState> {
         .route("/buckets", get(buckets::list).post(buckets::create))
         .route("/buckets/{id}", get(buckets::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
-        .route("/buckets/{id}/settings/{action}", post(buckets::settings_action))
-        .route("/buckets/{id}/servers/{server}/apps/{app}", get(process::page))
+        .route(
+            "/buckets/{id}/settings/{action}",
+            post(buckets::settings_action),
+        )
+        .route(
+            "/buckets/{id}/servers/{server}/apps/{app}",
+            get(process::page),
+        )
         .route(
             "/buckets/{id}/servers/{server}/apps/{app}/actions",
             post(process::action),
@@ -71,12 +77,13 @@ impl FromRequestParts<AppState> for WebSession {
 }
 
 impl WebSession {
-    /// Refuses a form whose CSRF token is not the session's (another site's form).
-    pub fn check_csrf(&self, given: &str) -> Result<(), Response> {
+    /// The refusal (403) of a form whose CSRF token is not the session's (another
+    /// site's form); `None` when it is.
+    pub fn refuse_forged(&self, given: &str) -> Option<Response> {
         if auth::same_secret(&self.csrf, given) {
-            Ok(())
+            None
         } else {
-            Err(error_page(&ApiError::forbidden(
+            Some(error_page(&ApiError::forbidden(
                 "this form is out of date or came from another site (CSRF token missing or wrong): reload the page",
             )))
         }
@@ -114,7 +121,10 @@ pub fn render(page: &impl Template) -> Response {
     match page.render() {
         Ok(html) => (
             [
-                (CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8")),
+                (
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                ),
                 (CACHE_CONTROL, HeaderValue::from_static("no-store")),
             ],
             html,
@@ -153,7 +163,10 @@ pub fn back(path: &str, outcome: Result<String, ApiError>) -> Response {
     let location = format!("{path}?{query}");
     (
         StatusCode::SEE_OTHER,
-        [(LOCATION, HeaderValue::from_str(&location).unwrap_or(HeaderValue::from_static("/")))],
+        [(
+            LOCATION,
+            HeaderValue::from_str(&location).unwrap_or(HeaderValue::from_static("/")),
+        )],
     )
         .into_response()
 }

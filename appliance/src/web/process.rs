@@ -4,10 +4,10 @@
 
 use askama::Template;
 use axum::Form;
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -82,7 +82,9 @@ pub struct PageQuery {
 }
 
 fn docs(list: Vec<String>) -> Vec<Value> {
-    list.iter().filter_map(|d| serde_json::from_str(d).ok()).collect()
+    list.iter()
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
 }
 
 fn text_of(v: &Value) -> String {
@@ -105,7 +107,9 @@ pub async fn page(
     };
     let views = server_views(&app, &access.bucket.id, Some(&server)).await;
     let Some(view) = views.into_iter().next() else {
-        return error_page(&ApiError::not_found(format!("no server {server:?} in this bucket")));
+        return error_page(&ApiError::not_found(format!(
+            "no server {server:?} in this bucket"
+        )));
     };
     let processes: Vec<&Value> = view.status["data"]["process"]
         .as_array()
@@ -115,7 +119,13 @@ pub async fn page(
         .collect();
     let first = processes.first().copied().cloned().unwrap_or(Value::Null);
     let mut metrics = vec!["cpu".to_string(), "memory".to_string()];
-    metrics.extend(first["axm_monitor"].as_object().into_iter().flatten().map(|(k, _)| k.clone()));
+    metrics.extend(
+        first["axm_monitor"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone()),
+    );
     let actions = first["axm_actions"]
         .as_array()
         .into_iter()
@@ -137,7 +147,13 @@ pub async fn page(
     let stored = async {
         let logs = app
             .events
-            .query(EventKind::Log, &EventQuery { text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()), ..scope.clone() })
+            .query(
+                EventKind::Log,
+                &EventQuery {
+                    text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()),
+                    ..scope.clone()
+                },
+            )
             .await?;
         let events = app.events.query(EventKind::Event, &scope).await?;
         let process_events = app.events.query(EventKind::ProcessEvent, &scope).await?;
@@ -167,14 +183,18 @@ pub async fn page(
             text: format!("pm_id {}", text_of(&d["pm_id"])),
         }))
         .collect();
-    event_lines.sort_by(|a, b| b.at.cmp(&a.at));
+    event_lines.sort_by_key(|e| std::cmp::Reverse(e.at));
     event_lines.truncate(LIST as usize);
     let flash = query.flash;
     render(&ProcessPage {
         nav: Some(Nav::from(&session)),
         role: access.role,
         server_online: view.online,
-        instances: view.processes.into_iter().filter(|p| p.name == app_name).collect(),
+        instances: view
+            .processes
+            .into_iter()
+            .filter(|p| p.name == app_name)
+            .collect(),
         first_pm_id: first["pm_id"].as_i64().unwrap_or(0),
         metrics,
         actions,
@@ -197,7 +217,10 @@ pub async fn page(
                 at: d["at"].as_i64().unwrap_or(0),
                 kind: text_of(&d["type"]),
                 uuid: text_of(&d["uuid"]),
-                duration: d["data"]["duration"].as_i64().map(|ms| format!("{ms} ms")).unwrap_or_default(),
+                duration: d["data"]["duration"]
+                    .as_i64()
+                    .map(|ms| format!("{ms} ms"))
+                    .unwrap_or_default(),
             })
             .collect(),
         base: page_path(&access.bucket.id, &server, &app_name),
@@ -238,7 +261,7 @@ pub async fn action(
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
-    if let Err(refused) = session.check_csrf(&form.csrf) {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
     let outcome = async {
@@ -270,7 +293,9 @@ pub async fn action(
         }
     }
     .await;
-    let by_script = headers.get("x-requested-with").is_some_and(|v| v == "fetch");
+    let by_script = headers
+        .get("x-requested-with")
+        .is_some_and(|v| v == "fetch");
     match (by_script, outcome) {
         (true, Ok(v)) => Json(v).into_response(),
         (true, Err(e)) => e.into_response(),
@@ -286,7 +311,11 @@ fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
 }
 
 fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
-    format!("/buckets/{bucket_id}/servers/{}/apps/{}", urlencode(server), urlencode(app))
+    format!(
+        "/buckets/{bucket_id}/servers/{}/apps/{}",
+        urlencode(server),
+        urlencode(app)
+    )
 }
 
 /// One path segment, percent-encoded.
@@ -294,7 +323,9 @@ pub fn urlencode(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

@@ -66,6 +66,50 @@ fn scope_filter(
     (sql, args)
 }
 
+/// The text `EventQuery::text` searches, as SQL over `doc`: a log's line, an exception's
+/// message and stack, the whole document otherwise (as `search_text` in the Elasticsearch
+/// store).
+fn text_of(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Log => "json_extract(doc, '$.data')",
+        EventKind::Exception => {
+            "CASE json_type(doc, '$.data') WHEN 'text' THEN json_extract(doc, '$.data')
+             ELSE concat_ws(char(10), json_extract(doc, '$.data.message'), json_extract(doc, '$.data.stack')) END"
+        }
+        _ => "doc",
+    }
+}
+
+/// `WHERE` clauses for events of `kind` matching `q` (all of it but paging).
+fn event_filter(kind: EventKind, q: &EventQuery) -> (String, Vec<SqlValue>) {
+    let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+    sql.insert_str(0, "kind = ? AND ");
+    args.insert(0, SqlValue::Text(kind.as_str().to_string()));
+    for (column, value) in [("type", &q.event_type), ("name", &q.name)] {
+        if let Some(v) = value {
+            sql.push_str(&format!(" AND {column} = ?"));
+            args.push(SqlValue::Text(v.clone()));
+        }
+    }
+    if let Some(before) = q.before {
+        sql.push_str(" AND at < ?");
+        args.push(SqlValue::Integer(before));
+    }
+    if let Some(after) = q.after {
+        sql.push_str(" AND at > ?");
+        args.push(SqlValue::Integer(after));
+    }
+    // SQLite's `lower` folds ASCII letters only.
+    if let Some(text) = q.text.as_deref().filter(|t| !t.is_empty()) {
+        sql.push_str(&format!(
+            " AND instr(lower({}), lower(?)) > 0",
+            text_of(kind)
+        ));
+        args.push(SqlValue::Text(text.to_string()));
+    }
+    (sql, args)
+}
+
 #[async_trait]
 impl Events for SqliteEvents {
     fn kind(&self) -> &'static str {
@@ -101,23 +145,8 @@ impl Events for SqliteEvents {
     }
 
     async fn query(&self, kind: EventKind, q: &EventQuery) -> StoreResult<Vec<String>> {
-        let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
-        sql.insert_str(0, "SELECT doc FROM events WHERE kind = ? AND ");
-        args.insert(0, SqlValue::Text(kind.as_str().to_string()));
-        for (column, value) in [("type", &q.event_type), ("name", &q.name)] {
-            if let Some(v) = value {
-                sql.push_str(&format!(" AND {column} = ?"));
-                args.push(SqlValue::Text(v.clone()));
-            }
-        }
-        if let Some(before) = q.before {
-            sql.push_str(" AND at < ?");
-            args.push(SqlValue::Integer(before));
-        }
-        if let Some(after) = q.after {
-            sql.push_str(" AND at > ?");
-            args.push(SqlValue::Integer(after));
-        }
+        let (mut sql, mut args) = event_filter(kind, q);
+        sql.insert_str(0, "SELECT doc FROM events WHERE ");
         sql.push_str(" ORDER BY at DESC, id DESC LIMIT ? OFFSET ?");
         args.push(SqlValue::Integer(q.limit.into()));
         args.push(SqlValue::Integer(q.offset.into()));
@@ -127,6 +156,38 @@ impl Events for SqliteEvents {
                 stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
                     .collect()
             })
+            .await
+    }
+
+    async fn count_histogram(
+        &self,
+        kind: EventKind,
+        q: &EventQuery,
+        step_ms: i64,
+    ) -> StoreResult<Vec<(i64, u64)>> {
+        let (filter, args) = event_filter(kind, q);
+        let step = step_ms.max(1);
+        // Floored (SQLite's `/` truncates toward zero, wrong for times before 1970).
+        let sql = format!(
+            "SELECT at - ((at % {step}) + {step}) % {step} AS t, COUNT(*) FROM events
+             WHERE {filter} GROUP BY t ORDER BY t"
+        );
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect()
+            })
+            .await
+    }
+
+    async fn delete_matching(&self, kind: EventKind, q: &EventQuery) -> StoreResult<u64> {
+        let (filter, args) = event_filter(kind, q);
+        let sql = format!("DELETE FROM events WHERE {filter}");
+        self.db
+            .call(move |c| Ok(c.execute(&sql, rusqlite::params_from_iter(args))? as u64))
             .await
     }
 

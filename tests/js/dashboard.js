@@ -1,0 +1,361 @@
+'use strict'
+// The dashboard in a real browser (Debian's Chromium through playwright-core) against km,
+// with a real pm2 linked by the command the page shows. Run by tests/tests/dashboard.rs
+// (through `run_node_script`, NODE_PATH = the e2e node_modules).
+//
+// Steps, in one browser context (clipboard permissions granted):
+//   1. sign up (the first account: admin), create a bucket, read `code#link-command`,
+//      press Copy and read the clipboard back: it must hold the same command;
+//   2. hand the command to the Rust test (file `link-command.txt` in KM_HANDSHAKE_DIR),
+//      which links a real pm2 with exactly that command, and wait for its `linked.json`;
+//   3. on the same overview page (never reloaded), wait for the app's process row;
+//   4. open the process page through the app link, wait for a chart of KM_METRIC with
+//      `data-points` >= 1;
+//   5. press `restart`: the row's restarts cell goes up without a reload;
+//   6. press "Start live tail": KM_LOG_NEEDLE shows in `pre#tail`;
+//   7. run the custom action KM_BOOM_ACTION (the app throws KM_EXCEPTION_MESSAGE shortly
+//      after): a `details.issue` with that message appears without a reload;
+//   8. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
+// Each step prints one line; on the first failure the script prints what failed, the
+// page's console errors and a screenshot of the moment, and exits 1.
+//
+// Environment: KM_URL, KM_HANDSHAKE_DIR, KM_SCREENSHOT_DIR, KM_APP_NAME, KM_METRIC,
+// KM_LOG_NEEDLE, KM_BOOM_ACTION, KM_EXCEPTION_MESSAGE; optionally CHROMIUM (default
+// /usr/bin/chromium) and KM_LINK_TIMEOUT_MS (default 120000).
+
+const fs = require('fs')
+const path = require('path')
+const { chromium } = require('playwright-core')
+
+const log = (msg) => console.log(`dashboard: ${msg}`)
+
+function required (name) {
+  const value = process.env[name]
+  if (!value) {
+    console.error(`dashboard: missing environment variable ${name}`)
+    process.exit(2)
+  }
+  return value
+}
+
+const KM_URL = required('KM_URL').replace(/\/+$/, '')
+const HANDSHAKE_DIR = required('KM_HANDSHAKE_DIR')
+const SHOTS = required('KM_SCREENSHOT_DIR')
+const APP = required('KM_APP_NAME')
+const METRIC = required('KM_METRIC')
+const NEEDLE = required('KM_LOG_NEEDLE')
+const BOOM = required('KM_BOOM_ACTION')
+const EXCEPTION = required('KM_EXCEPTION_MESSAGE')
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
+const LINK_TIMEOUT_MS = Number(process.env.KM_LINK_TIMEOUT_MS || 120000)
+
+const NAV_TIMEOUT_MS = 15000
+const ROW_TIMEOUT_MS = 20000
+const CHART_TIMEOUT_MS = 20000
+const RESTART_TIMEOUT_MS = 20000
+const TAIL_TIMEOUT_MS = 15000
+const ISSUE_TIMEOUT_MS = 20000
+
+const DESKTOP = { width: 1280, height: 800 }
+const PHONE = { width: 390, height: 844 }
+
+class StepFailed extends Error {}
+const assert = (cond, message) => { if (!cond) throw new StepFailed(message) }
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+
+const consoleErrors = []
+const pageErrors = []
+const screenshots = []
+let page = null
+let browser = null
+let lastShot = null
+
+async function shot (name, opts = {}) {
+  const file = path.join(SHOTS, `${name}.png`)
+  await page.screenshot({ path: file, fullPage: true, ...opts })
+  lastShot = file
+  screenshots.push(file)
+  return file
+}
+
+// Screenshots of the current page at both sizes; back to the desktop size afterwards.
+async function shots (name) {
+  const files = []
+  for (const size of [DESKTOP, PHONE]) {
+    await page.setViewportSize(size)
+    await sleep(300) // let the layout (and uPlot's canvases) settle
+    files.push(await shot(`${name}-${size.width}x${size.height}`))
+  }
+  await page.setViewportSize(DESKTOP)
+  return files.map((f) => path.basename(f)).join(', ')
+}
+
+async function step (name, fn) {
+  const t0 = Date.now()
+  try {
+    const detail = await fn()
+    log(`ok   ${name}${detail ? ` — ${detail}` : ''} (${Date.now() - t0} ms)`)
+  } catch (e) {
+    await fail(name, e, Date.now() - t0)
+  }
+}
+
+async function fail (name, e, ms) {
+  const message = e instanceof StepFailed ? e.message : (e && e.stack) || String(e)
+  log(`FAIL ${name}: ${message}${ms !== undefined ? ` (${ms} ms)` : ''}`)
+  if (page) {
+    try {
+      log(`page url: ${page.url()}`)
+      const file = await shot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`)
+      log(`failure screenshot: ${file}`)
+    } catch (err) {
+      log(`no failure screenshot (${err.message}); last screenshot: ${lastShot || 'none'}`)
+    }
+  }
+  log(`console errors (${consoleErrors.length}): ${consoleErrors.length ? '\n  ' + consoleErrors.join('\n  ') : 'none'}`)
+  log(`page errors (${pageErrors.length}): ${pageErrors.length ? '\n  ' + pageErrors.join('\n  ') : 'none'}`)
+  if (browser) await browser.close().catch(() => {})
+  process.exit(1)
+}
+
+// Writes a file the Rust test polls for (atomically: it never sees half of it).
+function handOver (name, text) {
+  const file = path.join(HANDSHAKE_DIR, name)
+  fs.writeFileSync(`${file}.tmp`, text)
+  fs.renameSync(`${file}.tmp`, file)
+}
+
+async function waitFile (name, timeoutMs) {
+  const file = path.join(HANDSHAKE_DIR, name)
+  const deadline = Date.now() + timeoutMs
+  while (Date.now() < deadline) {
+    if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8')
+    await sleep(100)
+  }
+  throw new StepFailed(`the test did not write ${file} within ${timeoutMs} ms`)
+}
+
+// `window.__kmMark` survives only as long as the document: a reload or navigation loses it.
+const mark = () => page.evaluate(() => { window.__kmMark = Math.random().toString(36).slice(2); return window.__kmMark })
+async function assertNotReloaded (token, what) {
+  const now = await page.evaluate(() => window.__kmMark)
+  assert(now === token, `the page was reloaded or left during ${what} (marker ${token} -> ${now})`)
+}
+
+// Polls `fn` in the page until it returns a truthy value; the error shows the last value
+// of `describeFn` (also run in the page).
+async function waitInPage (what, timeoutMs, fn, arg, describeFn) {
+  try {
+    const handle = await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 200 })
+    return await handle.jsonValue()
+  } catch (e) {
+    if (!/Timeout/i.test(String(e && e.message))) throw e
+    const last = describeFn ? await page.evaluate(describeFn, arg).catch((err) => `(${err.message})`) : ''
+    throw new StepFailed(`${what}: not within ${timeoutMs} ms${last ? `; page shows: ${last}` : ''}`)
+  }
+}
+
+async function main () {
+  fs.mkdirSync(SHOTS, { recursive: true })
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run']
+  })
+  const context = await browser.newContext({ viewport: DESKTOP })
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: KM_URL })
+  context.setDefaultTimeout(NAV_TIMEOUT_MS)
+  context.setDefaultNavigationTimeout(NAV_TIMEOUT_MS)
+  page = await context.newPage()
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') consoleErrors.push(`${page.url()}: ${msg.text()}`)
+  })
+  page.on('pageerror', (err) => pageErrors.push(`${page.url()}: ${err.stack || err.message}`))
+
+  // 1. Sign up, create a bucket, copy the link command.
+  const username = `admin${Date.now().toString(36)}`
+  await step('sign up as the first account (admin)', async () => {
+    await page.goto(`${KM_URL}/`)
+    assert(new URL(page.url()).pathname === '/signup', `/ should send a fresh KM to /signup, went to ${page.url()}`)
+    const heading = await page.textContent('h1')
+    await page.fill('input[name=username]', username)
+    await page.fill('input[name=email]', `${username}@example.com`)
+    await page.fill('input[name=password]', 'correct horse battery')
+    await Promise.all([
+      page.waitForURL((u) => u.pathname === '/buckets'),
+      page.click('button:has-text("Sign up")')
+    ])
+    assert(await page.isVisible('header button:has-text("Sign out")'), 'no "Sign out" button in the header after signing up')
+    return `${username} ("${heading.trim()}")`
+  })
+
+  let overviewUrl = null
+  await step('create a bucket', async () => {
+    await page.fill('input[name=name]', 'Dashboard e2e')
+    await Promise.all([
+      page.waitForURL((u) => /^\/buckets\/[0-9a-f]{24}$/.test(u.pathname)),
+      page.click('button:has-text("Create")')
+    ])
+    overviewUrl = page.url()
+    const title = (await page.textContent('h1')).trim()
+    assert(title === 'Dashboard e2e', `the overview's title is ${JSON.stringify(title)}`)
+    return overviewUrl
+  })
+
+  let command = null
+  await step('read the link command and copy it to the clipboard', async () => {
+    command = ((await page.textContent('code#link-command')) || '').trim()
+    assert(/^KEYMETRICS_NODE=\S+ pm2 link [0-9a-z]+ [0-9a-z]+$/.test(command),
+      `code#link-command does not hold \`KEYMETRICS_NODE=... pm2 link SECRET PUBLIC\`: ${JSON.stringify(command)}`)
+    await page.evaluate(() => navigator.clipboard.writeText('(clipboard before Copy)'))
+    await page.click('button.copy')
+    await waitInPage('the Copy button says "Copied"', 5000,
+      () => document.querySelector('button.copy').textContent.trim() === 'Copied', null,
+      () => document.querySelector('button.copy').textContent)
+    const clip = await page.evaluate(() => navigator.clipboard.readText())
+    assert(clip === command, `the clipboard holds ${JSON.stringify(clip)}, the page shows ${JSON.stringify(command)}`)
+    return command.replace(/link (\S{4})\S* (\S{4})\S*$/, 'link $1… $2…')
+  })
+  await step('screenshot the empty overview', async () => {
+    await waitInPage('#live-state says "live"', 10000,
+      () => document.querySelector('#live-state').textContent === 'live', null,
+      () => document.querySelector('#live-state').textContent)
+    return shots('overview-empty')
+  })
+
+  // 2. The Rust test links pm2 with exactly this command.
+  const token = await mark()
+  let linked = null
+  await step('pm2 linked with that command (by the test)', async () => {
+    handOver('link-command.txt', command)
+    linked = JSON.parse(await waitFile('linked.json', LINK_TIMEOUT_MS))
+    assert(!linked.error, `the test could not link pm2: ${linked.error}`)
+    return `pm2 link exited ${linked.code}`
+  })
+
+  // 3. The process row shows up live.
+  let server = null
+  await step(`the ${APP} row appears on the overview without a reload`, async () => {
+    const found = await waitInPage(`a process row of ${APP}, online`, ROW_TIMEOUT_MS, (app) => {
+      for (const row of document.querySelectorAll('section.server table.processes tr[data-key]')) {
+        const link = row.querySelector('td a')
+        const status = row.querySelector('[data-field=status]')
+        if (link && link.textContent.trim() === app && status && status.textContent.trim() === 'online') {
+          return { key: row.dataset.key, server: row.closest('section.server').dataset.server }
+        }
+      }
+      return null
+    }, APP, () => {
+      const servers = Array.from(document.querySelectorAll('section.server')).map((s) =>
+        `${s.dataset.server}: ${Array.from(s.querySelectorAll('tr[data-key]')).map((r) => r.innerText.replace(/\s+/g, ' ')).join(' | ') || 'no rows'}`)
+      return `live-state ${document.querySelector('#live-state').textContent}; ` +
+        (servers.length ? servers.join('; ') : `no section.server (${document.querySelector('#servers').innerText.slice(0, 200)})`)
+    })
+    await assertNotReloaded(token, 'the wait for the row')
+    assert(!(await page.$('#empty')), 'the "Link your first server" card is still shown next to the server')
+    server = found.server
+    const cells = await page.$eval(`tr[data-key="${found.key}"]`, (row) => Object.fromEntries(
+      Array.from(row.querySelectorAll('[data-field]')).map((c) => [c.dataset.field, c.textContent.trim()])))
+    return `server ${server}, row ${found.key}: ${JSON.stringify(cells)}`
+  })
+  await step('screenshot the overview', async () => {
+    await sleep(1500) // a few live updates of the cells
+    return shots('overview')
+  })
+
+  // 4. The process page and its charts.
+  await step('open the process page from the app link', async () => {
+    await Promise.all([
+      page.waitForURL((u) => u.pathname.includes('/apps/')),
+      page.click(`section.server[data-server="${server}"] tr[data-key] td a:text-is("${APP}")`)
+    ])
+    const expected = `${new URL(overviewUrl).pathname}/servers/${encodeURIComponent(server)}/apps/${encodeURIComponent(APP)}`
+    assert(new URL(page.url()).pathname === expected, `went to ${page.url()}, expected ${expected}`)
+    await waitInPage('#live-state says "live"', 10000,
+      () => document.querySelector('#live-state').textContent === 'live', null,
+      () => document.querySelector('#live-state').textContent)
+    return new URL(page.url()).pathname
+  })
+  await step(`a "${METRIC}" chart with points`, async () => {
+    const metrics = await page.$eval('#charts', (box) => box.dataset.metrics)
+    assert(metrics.split('|').includes(METRIC), `#charts[data-metrics] = ${JSON.stringify(metrics)} has no ${METRIC}`)
+    const points = await waitInPage(`figure.chart[data-metric="${METRIC}"] with data-points >= 1`, CHART_TIMEOUT_MS,
+      (metric) => {
+        const fig = Array.from(document.querySelectorAll('figure.chart')).find((f) => f.dataset.metric === metric)
+        return fig && Number(fig.dataset.points) >= 1 && fig.querySelector('canvas') ? Number(fig.dataset.points) : 0
+      }, METRIC, () => Array.from(document.querySelectorAll('figure.chart'))
+        .map((f) => `${f.dataset.metric}: points=${f.dataset.points}, canvas=${!!f.querySelector('canvas')}`).join('; ') || 'no figure.chart')
+    const all = await page.$$eval('figure.chart', (figs) => figs.map((f) => `${f.dataset.metric}=${f.dataset.points || 0}`).join(', '))
+    return `${points} point(s); charts ${all}`
+  })
+
+  // 5. Restart.
+  const pageToken = await mark()
+  await step('restart: the restarts cell goes up live', async () => {
+    const rows = await page.$$eval('table.processes tr[data-key]', (rs) => rs.map((r) => r.dataset.key))
+    assert(rows.length === 1, `expected one instance row, got ${JSON.stringify(rows)}`)
+    const key = rows[0]
+    const cell = `tr[data-key="${key}"] [data-field=restarts]`
+    const before = Number((await page.textContent(cell)).trim())
+    assert(Number.isInteger(before), `restarts cell holds ${JSON.stringify(await page.textContent(cell))}`)
+    await page.click('#actions button[data-method=restart]')
+    const after = await waitInPage(`restarts > ${before}`, RESTART_TIMEOUT_MS, ([sel, before]) => {
+      const n = Number(document.querySelector(sel).textContent.trim())
+      return n > before ? n : 0
+    }, [cell, before], ([sel]) => document.querySelector(sel).closest('tr').innerText.replace(/\s+/g, ' '))
+    await assertNotReloaded(pageToken, 'the restart')
+    const replies = await page.$$eval('#replies li', (lis) => lis.map((li) => li.textContent))
+    assert(replies.some((r) => r.includes('restart sent')), `#replies does not say "restart sent": ${JSON.stringify(replies.slice(0, 5))}`)
+    return `restarts ${before} -> ${after}; replies: ${replies.slice(0, 3).map((r) => JSON.stringify(r.slice(0, 80))).join(', ')}`
+  })
+
+  // 6. Live tail.
+  await step('live tail shows the app\'s lines', async () => {
+    await page.click('button#tail-start')
+    const t0 = Date.now()
+    await waitInPage(`"${NEEDLE}" in pre#tail`, TAIL_TIMEOUT_MS, (needle) => {
+      const tail = document.querySelector('pre#tail')
+      return !tail.hidden && tail.textContent.includes(needle)
+    }, NEEDLE, () => {
+      const tail = document.querySelector('pre#tail')
+      return `pre#tail hidden=${tail.hidden}, ${tail.textContent.length} chars: ${JSON.stringify(tail.textContent.slice(-200))}; ` +
+        `replies: ${JSON.stringify(Array.from(document.querySelectorAll('#replies li')).slice(0, 3).map((li) => li.textContent))}`
+    })
+    await assertNotReloaded(pageToken, 'the live tail')
+    const lines = (await page.textContent('pre#tail')).split('\n').filter((l) => l.includes(NEEDLE))
+    return `first line after ${Date.now() - t0} ms: ${JSON.stringify(lines[0])}`
+  })
+
+  // 7. An exception shows as an issue.
+  await step(`run "${BOOM}": the issue shows live`, async () => {
+    const row = page.locator('#actions tr', { has: page.locator(`code:text-is("${BOOM}")`) })
+    assert(await row.count() === 1, `no custom action row "${BOOM}" in #actions (found ${await page.locator('#actions tr').count()} rows)`)
+    await row.locator('button:has-text("Run")').click()
+    const t0 = Date.now()
+    await waitInPage(`a details.issue with "${EXCEPTION}"`, ISSUE_TIMEOUT_MS, (message) =>
+      Array.from(document.querySelectorAll('#issues details.issue')).some((d) => d.textContent.includes(message)),
+    EXCEPTION, () => `#issues: ${JSON.stringify(document.querySelector('#issues').innerText.slice(0, 300))}; ` +
+      `replies: ${JSON.stringify(Array.from(document.querySelectorAll('#replies li')).slice(0, 4).map((li) => li.textContent.slice(0, 120)))}`)
+    await assertNotReloaded(pageToken, 'the exception')
+    const summary = await page.$$eval('#issues details.issue summary', (s) => s.map((x) => x.textContent.replace(/\s+/g, ' ').trim()))
+    return `after ${Date.now() - t0} ms: ${JSON.stringify(summary)}`
+  })
+  await step('screenshot the process page', async () => {
+    // Open the issue so that its stack and last logs are in the picture.
+    await page.click('#issues details.issue summary')
+    return shots('process')
+  })
+
+  if (pageErrors.length) {
+    await fail('no uncaught error in the pages', new StepFailed(`${pageErrors.length} uncaught error(s)`))
+  }
+  log(`console errors: ${consoleErrors.length ? '\n  ' + consoleErrors.join('\n  ') : 'none'}`)
+  log(`screenshots in ${SHOTS}: ${screenshots.map((f) => path.basename(f)).join(', ')}`)
+  await browser.close()
+  log('all steps passed')
+  process.exit(0)
+}
+
+process.on('unhandledRejection', (e) => { log(`unhandled rejection: ${(e && e.stack) || e}`) })
+
+main().catch((e) => fail('script error', e))

@@ -1,0 +1,219 @@
+//! The dashboard in a real browser: Debian's Chromium driven by playwright-core (the node
+//! script `tests/js/dashboard.js`) against the real `km`, with a real pm2 7.0.4 linked by
+//! the very command the page shows.
+//!
+//! The script signs up (first account: admin), creates a bucket, copies the link command
+//! (and reads the clipboard back), then hands the command to this test through a file; the
+//! test starts an `@pm2/io` app in a fresh pm2 and runs `pm2 link SECRET PUBLIC` with the
+//! command's `KEYMETRICS_NODE`, and tells the script. The script then checks, without
+//! reloading: the process row appears on the overview, the process page charts the
+//! custom metric, `restart` bumps the restarts cell, the live tail shows the app's lines,
+//! and an exception thrown by a custom action shows as an issue. Screenshots of both pages
+//! at 1280x800 and 390x844 go to `<target>/e2e-screenshots/dashboard/`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use anyhow::{Context, Result, bail, ensure};
+use km_e2e::{Km, Pm2, e2e, run_node_script, target_dir};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const APP: &str = "dash-app";
+const METRIC: &str = "Realtime users";
+const NEEDLE: &str = "dashboard-tick";
+const BOOM: &str = "boom";
+const EXCEPTION: &str = "dashboard boom";
+
+/// A metric, a line every half second, and a custom action that replies, then throws
+/// from a timer (an uncaught exception: `@pm2/io` reports it, pm2 restarts the app).
+const APP_SRC: &str = r#"
+const io = require('@pm2/io');
+io.metric({ name: 'Realtime users' }).set(42);
+io.action('boom', (reply) => {
+  reply({ ok: true, throwing: 'dashboard boom' });
+  setTimeout(() => { throw new Error('dashboard boom'); }, 200);
+});
+let n = 0;
+setInterval(() => console.log('dashboard-tick ' + (n++)), 500);
+"#;
+
+/// Time the script has to show the link command (browser start, sign-up, bucket).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
+/// The script's steps are each bounded (15-20 s, 120 s for the link); ~40 s in all when
+/// everything answers.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The parts of `KEYMETRICS_NODE=<url> pm2 link <secret> <public>`.
+fn parse_link_command(command: &str) -> Result<(String, String, String)> {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    match words.as_slice() {
+        [env, "pm2", "link", secret, public] => {
+            let node = env.strip_prefix("KEYMETRICS_NODE=").with_context(|| {
+                format!("the command does not start with KEYMETRICS_NODE=: {command:?}")
+            })?;
+            Ok((node.to_string(), secret.to_string(), public.to_string()))
+        }
+        _ => bail!("not `KEYMETRICS_NODE=<url> pm2 link <secret> <public>`: {command:?}"),
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Waits for the script's link command, links a fresh pm2 running the app with exactly
+/// that command, and tells the script (`linked.json`). Returns the pm2 (killed on drop).
+async fn link_from_page(dir: &Path) -> Result<Pm2> {
+    let file = dir.join("link-command.txt");
+    let start = Instant::now();
+    let command = loop {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            break text.trim().to_string();
+        }
+        if start.elapsed() > COMMAND_TIMEOUT {
+            bail!("the script wrote no link command within {COMMAND_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (node, secret, public) = parse_link_command(&command)?;
+    println!("dashboard test: linking with KEYMETRICS_NODE={node} pm2 link <secret> <public>");
+    let pm2 = Pm2::new(&node)?;
+    pm2.start_app(APP, APP_SRC).await?;
+    let t0 = Instant::now();
+    let out = pm2.run(&["link", &secret, &public]).await?;
+    ensure!(
+        out.success(),
+        "`pm2 link` (from the page's command) exited {:?}:\n{}",
+        out.code,
+        out.text
+    );
+    println!(
+        "dashboard test: pm2 link exited 0 in {} ms",
+        t0.elapsed().as_millis()
+    );
+    write_atomic(
+        &dir.join("linked.json"),
+        &json!({"code": out.code, "output": out.text}).to_string(),
+    )?;
+    Ok(pm2)
+}
+
+/// `<target>/e2e-screenshots/dashboard`, emptied of earlier PNGs.
+fn screenshot_dir() -> Result<PathBuf> {
+    let dir = target_dir().join("e2e-screenshots/dashboard");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "png") {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(dir)
+}
+
+#[tokio::test]
+async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
+    e2e(async {
+        let km = Km::start().await?;
+        let handshake = tempfile::Builder::new().prefix("km-dashboard-").tempdir()?;
+        let shots = screenshot_dir()?;
+        println!("dashboard test: screenshots go to {}", shots.display());
+        let url = km.url();
+        let hand_dir = handshake.path().to_string_lossy().into_owned();
+        let shots_dir = shots.to_string_lossy().into_owned();
+        let env = [
+            ("KM_URL", url.as_str()),
+            ("KM_HANDSHAKE_DIR", hand_dir.as_str()),
+            ("KM_SCREENSHOT_DIR", shots_dir.as_str()),
+            ("KM_APP_NAME", APP),
+            ("KM_METRIC", METRIC),
+            ("KM_LOG_NEEDLE", NEEDLE),
+            ("KM_BOOM_ACTION", BOOM),
+            ("KM_EXCEPTION_MESSAGE", EXCEPTION),
+        ];
+        let t0 = Instant::now();
+        let script = run_node_script("dashboard.js", &env, SCRIPT_TIMEOUT);
+        tokio::pin!(script);
+        let linker = link_from_page(handshake.path());
+        tokio::pin!(linker);
+        // Dropped after the script (and before km): pm2 stays linked while the script runs.
+        let mut pm2: Option<Pm2> = None;
+        let mut link_error = None;
+        let out = loop {
+            tokio::select! {
+                out = &mut script => break out,
+                linked = &mut linker, if pm2.is_none() && link_error.is_none() => match linked {
+                    Ok(p) => pm2 = Some(p),
+                    Err(e) => {
+                        // The script is waiting for this file: let it stop now.
+                        let msg = format!("{e:#}");
+                        write_atomic(
+                            &handshake.path().join("linked.json"),
+                            &json!({"error": msg}).to_string(),
+                        )?;
+                        link_error = Some(e);
+                    }
+                },
+            }
+        };
+        if let Some(e) = link_error {
+            return Err(e.context(format!(
+                "linking pm2 with the page's command failed; the script said:\n{}",
+                match &out {
+                    Ok(o) => o.stdout.clone(),
+                    Err(e) => format!("{e:#}"),
+                }
+            )));
+        }
+        let out = out?;
+        println!("{}", out.stdout.trim_end());
+        println!(
+            "dashboard test: browser script done in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        ensure!(
+            out.stdout.contains("dashboard: all steps passed"),
+            "dashboard.js exited 0 without its closing line:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
+        ensure!(pm2.is_some(), "the script passed but pm2 was never linked");
+        let mut pngs: Vec<String> = Vec::new();
+        for entry in std::fs::read_dir(&shots)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "png") {
+                let bytes = std::fs::read(&path)?;
+                ensure!(
+                    bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+                    "{} is not a PNG",
+                    path.display()
+                );
+                pngs.push(path.file_name().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        pngs.sort();
+        for wanted in [
+            "overview-1280x800.png",
+            "overview-390x844.png",
+            "process-1280x800.png",
+            "process-390x844.png",
+        ] {
+            ensure!(
+                pngs.iter().any(|p| p == wanted),
+                "screenshot {wanted} missing from {} (has {pngs:?})",
+                shots.display()
+            );
+        }
+        println!(
+            "dashboard test: screenshots in {}: {}",
+            shots.display(),
+            pngs.join(", ")
+        );
+        drop(pm2);
+        Ok(())
+    })
+    .await
+}

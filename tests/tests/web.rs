@@ -1,0 +1,469 @@
+//! The dashboard's security without a browser: sessions, CSRF, roles and isolation
+//! between users, checked on the HTTP answers themselves. Each test starts its own km.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use km_e2e::{Km, e2e, linked, run_node_script};
+use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
+use reqwest::redirect::Policy;
+use serde_json::{Value, json};
+
+/// A signed-in browser without the browser: a session cookie and its CSRF token.
+struct Session {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// The `km_session=…` pair of a Set-Cookie answer, checking its attributes.
+fn session_cookie(r: &reqwest::Response) -> Result<String> {
+    let set = r
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("km_session="))
+        .context("no km_session cookie set")?
+        .to_string();
+    ensure!(
+        set.contains("HttpOnly") && set.contains("SameSite=Lax") && set.contains("Path=/"),
+        "session cookie lacks HttpOnly/SameSite/Path: {set}"
+    );
+    Ok(set.split(';').next().unwrap_or_default().to_string())
+}
+
+fn csrf_of(html: &str) -> Result<String> {
+    let marker = "name=\"csrf-token\" content=\"";
+    let start = html
+        .find(marker)
+        .context("no csrf-token meta in the page")?
+        + marker.len();
+    let end = html[start..].find('"').context("unterminated csrf meta")? + start;
+    Ok(html[start..end].to_string())
+}
+
+impl Session {
+    /// Signs up (or in, with `login`) through the forms.
+    async fn start(base: &str, path: &str, fields: &[(&str, &str)]) -> Result<Session> {
+        let http = client();
+        let r = http
+            .post(format!("{base}{path}"))
+            .form(fields)
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 303,
+            "{path}: expected 303, got {}: {}",
+            r.status(),
+            r.text().await?
+        );
+        let cookie = session_cookie(&r)?;
+        let page = http
+            .get(format!("{base}/buckets"))
+            .header(COOKIE, &cookie)
+            .send()
+            .await?;
+        ensure!(
+            page.status() == 200,
+            "/buckets after {path}: {}",
+            page.status()
+        );
+        let csp = page
+            .headers()
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        ensure!(
+            csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+            "CSP: {csp:?}"
+        );
+        let csrf = csrf_of(&page.text().await?)?;
+        Ok(Session {
+            http,
+            base: base.to_string(),
+            cookie,
+            csrf,
+        })
+    }
+
+    async fn get(&self, path: &str) -> Result<(u16, String)> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header(COOKIE, &self.cookie)
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    /// Posts a form with the session's CSRF token (or `csrf` if given); (status, Location).
+    async fn post(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+        csrf: Option<&str>,
+    ) -> Result<(u16, String)> {
+        let mut form: Vec<(&str, &str)> = fields.to_vec();
+        form.push(("csrf", csrf.unwrap_or(&self.csrf)));
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, &self.cookie)
+            .form(&form)
+            .send()
+            .await?;
+        let location = r
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        Ok((r.status().as_u16(), location))
+    }
+
+    /// Calls the JSON API with the cookie (and the CSRF header when `with_csrf`).
+    async fn api(&self, path: &str, body: &Value, with_csrf: bool) -> Result<(u16, String)> {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header(COOKIE, &self.cookie)
+            .json(body);
+        if with_csrf {
+            request = request.header("x-csrf-token", &self.csrf);
+        }
+        let r = request.send().await?;
+        Ok((r.status().as_u16(), r.text().await?))
+    }
+
+    async fn create_bucket(&self, name: &str) -> Result<String> {
+        let (status, location) = self.post("/buckets", &[("name", name)], None).await?;
+        ensure!(
+            status == 303 && location.starts_with("/buckets/"),
+            "create bucket: {status} {location}"
+        );
+        Ok(location.trim_start_matches("/buckets/").to_string())
+    }
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+#[tokio::test]
+async fn sign_up_is_closed_after_the_admin_and_admins_create_accounts() {
+    e2e(async {
+        let km = Km::start_with(vec![("KM_ALLOW_SIGNUP".into(), "false".into())]).await?;
+        let base = km.url();
+        let admin = Session::start(&base, "/signup", &[("username", "root"), ("email", "root@example.com"), ("password", PASSWORD)]).await?;
+        // A visitor cannot sign up now, by the form or the API.
+        let r = client().post(format!("{base}/signup")).form(&[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).send().await?;
+        ensure!(r.status() == 403, "visitor sign-up: expected 403, got {}", r.status());
+        let r = km.api().post("/api/oauth/register", &json!({"username": "eve", "email": "eve@example.com", "password": PASSWORD, "accept_terms": true})).await?;
+        ensure!(r.status == 403 && r.text.contains("KM_ALLOW_SIGNUP"), "API register: {} {}", r.status, r.text);
+        // The admin creates one (and stays signed in as themself).
+        let (status, location) = admin.post("/signup", &[("username", "bob"), ("email", "bob@example.com"), ("password", PASSWORD)], None).await?;
+        ensure!(status == 303 && location.contains("created"), "admin creates bob: {status} {location}");
+        Session::start(&base, "/login", &[("login", "bob"), ("password", PASSWORD)]).await.context("bob signs in")?;
+        let wrong = client().post(format!("{base}/login")).form(&[("login", "bob"), ("password", "nope-nope-nope")]).send().await?;
+        ensure!(wrong.status() == 401, "wrong password: {}", wrong.status());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn csrf_roles_and_other_users_buckets() {
+    e2e(async {
+        let km = Km::start().await?;
+        let base = km.url();
+        let alice = Session::start(
+            &base,
+            "/signup",
+            &[
+                ("username", "alice"),
+                ("email", "alice@example.com"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await?;
+        let bob = Session::start(
+            &base,
+            "/signup",
+            &[
+                ("username", "bob"),
+                ("email", "bob@example.com"),
+                ("password", PASSWORD),
+            ],
+        )
+        .await?;
+        let bucket = alice.create_bucket("prod").await?;
+
+        // CSRF: a form without the token, or with another session's, changes nothing.
+        let (status, _) = alice
+            .post("/buckets", &[("name", "forged")], Some(""))
+            .await?;
+        ensure!(status == 403, "form without CSRF token: {status}");
+        let (status, _) = alice
+            .post("/buckets", &[("name", "forged")], Some(&bob.csrf))
+            .await?;
+        ensure!(
+            status == 403,
+            "form with another session's CSRF token: {status}"
+        );
+        let (status, body) = alice
+            .api(
+                "/api/bucket/create_classic",
+                &json!({"name": "forged"}),
+                false,
+            )
+            .await?;
+        ensure!(
+            status == 403,
+            "API call by cookie without x-csrf-token: {status} {body}"
+        );
+        let (_, list) = alice.get("/buckets").await?;
+        ensure!(
+            !list.contains("forged"),
+            "a forged request created a bucket"
+        );
+
+        // Another user's bucket: pages and API answer 404, and so do its actions.
+        for path in [
+            format!("/buckets/{bucket}"),
+            format!("/buckets/{bucket}/settings"),
+            format!("/buckets/{bucket}/servers/web/apps/api"),
+            format!("/api/bucket/{bucket}"),
+        ] {
+            let (status, _) = bob.get(&path).await?;
+            ensure!(status == 404, "bob GET {path}: expected 404, got {status}");
+        }
+        let (status, _) = bob
+            .api(
+                &format!("/api/bucket/{bucket}/actions/triggerPM2"),
+                &json!({"server_name": "web", "method_name": "restart", "app_name": "api"}),
+                true,
+            )
+            .await?;
+        ensure!(status == 404, "bob restarts in alice's bucket: {status}");
+        let (status, _) = bob
+            .post(
+                &format!("/buckets/{bucket}/settings/add_member"),
+                &[("email", "bob@example.com"), ("role", "admin")],
+                None,
+            )
+            .await?;
+        ensure!(
+            status == 404,
+            "bob adds himself to alice's bucket: {status}"
+        );
+
+        // Read-only member: sees the bucket, cannot act or manage.
+        let (status, location) = alice
+            .post(
+                &format!("/buckets/{bucket}/settings/add_member"),
+                &[("email", "bob@example.com"), ("role", "read_only")],
+                None,
+            )
+            .await?;
+        ensure!(
+            status == 303 && location.contains("msg="),
+            "alice adds bob read-only: {status} {location}"
+        );
+        let (status, page) = bob.get(&format!("/buckets/{bucket}")).await?;
+        ensure!(
+            status == 200 && page.contains("prod"),
+            "bob's overview: {status}"
+        );
+        let (status, body) = bob
+            .api(
+                &format!("/api/bucket/{bucket}/actions/triggerPM2"),
+                &json!({"server_name": "web", "method_name": "restart", "app_name": "api"}),
+                true,
+            )
+            .await?;
+        ensure!(
+            status == 403 && body.contains("read_only"),
+            "read-only restart by API: {status} {body}"
+        );
+        let r = bob
+            .http
+            .post(format!(
+                "{base}/buckets/{bucket}/servers/web/apps/api/actions"
+            ))
+            .header(COOKIE, &bob.cookie)
+            .header("x-requested-with", "fetch")
+            .form(&[
+                ("csrf", bob.csrf.as_str()),
+                ("kind", "pm2"),
+                ("method_name", "restart"),
+            ])
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 403,
+            "read-only restart from the page: {}",
+            r.status()
+        );
+        let (status, location) = bob
+            .post(
+                &format!("/buckets/{bucket}/settings/rename"),
+                &[("name", "mine")],
+                None,
+            )
+            .await?;
+        ensure!(
+            status == 303 && location.contains("error="),
+            "read-only rename: {status} {location}"
+        );
+        // Promoted to developer, the same restart passes the role check (no agent: 404).
+        alice
+            .post(
+                &format!("/buckets/{bucket}/settings/set_role"),
+                &[("email", "bob@example.com"), ("role", "developer")],
+                None,
+            )
+            .await?;
+        let (status, body) = bob
+            .api(
+                &format!("/api/bucket/{bucket}/actions/triggerPM2"),
+                &json!({"server_name": "web", "method_name": "restart", "app_name": "api"}),
+                true,
+            )
+            .await?;
+        ensure!(
+            status == 404 && body.contains("not connected"),
+            "developer restart without agent: {status} {body}"
+        );
+        // Only the owner deletes the bucket.
+        let (status, location) = bob
+            .post(&format!("/buckets/{bucket}/settings/delete"), &[], None)
+            .await?;
+        ensure!(
+            status == 303 && location.contains("error="),
+            "developer deletes the bucket: {status} {location}"
+        );
+        let (status, location) = alice
+            .post(&format!("/buckets/{bucket}/settings/delete"), &[], None)
+            .await?;
+        ensure!(
+            status == 303 && location.starts_with("/buckets?msg="),
+            "owner deletes the bucket: {status} {location}"
+        );
+        let (status, _) = bob.get(&format!("/buckets/{bucket}")).await?;
+        ensure!(status == 404, "deleted bucket still shown: {status}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn password_change_ends_other_sessions() {
+    e2e(async {
+        let km = Km::start().await?;
+        let base = km.url();
+        let fields = [
+            ("username", "carol"),
+            ("email", "carol@example.com"),
+            ("password", PASSWORD),
+        ];
+        let first = Session::start(&base, "/signup", &fields).await?;
+        let other = Session::start(
+            &base,
+            "/login",
+            &[("login", "carol"), ("password", PASSWORD)],
+        )
+        .await?;
+        let (status, location) = first
+            .post(
+                "/account/password",
+                &[
+                    ("current", "wrong-password"),
+                    ("new", "new password 1"),
+                    ("confirm", "new password 1"),
+                ],
+                None,
+            )
+            .await?;
+        ensure!(
+            status == 303 && location.contains("error="),
+            "wrong current password: {status} {location}"
+        );
+        let r = first
+            .http
+            .post(format!("{base}/account/password"))
+            .header(COOKIE, &first.cookie)
+            .form(&[
+                ("csrf", first.csrf.as_str()),
+                ("current", PASSWORD),
+                ("new", "new password 1"),
+                ("confirm", "new password 1"),
+            ])
+            .send()
+            .await?;
+        ensure!(r.status() == 303, "password change: {}", r.status());
+        let renewed = session_cookie(&r)?;
+        let r = client()
+            .get(format!("{base}/buckets"))
+            .header(COOKIE, &renewed)
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 200,
+            "the renewed session works: {}",
+            r.status()
+        );
+        let (status, _) = other.get("/buckets").await?;
+        ensure!(
+            status == 303,
+            "the other session still works after a password change: {status}"
+        );
+        Session::start(
+            &base,
+            "/login",
+            &[("login", "carol"), ("password", "new password 1")],
+        )
+        .await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// The realtime socket: no token → 401; another user's token gets nothing from the
+/// bucket while its owner's token gets the server's status.
+#[tokio::test]
+async fn realtime_sends_a_bucket_only_to_its_members() {
+    e2e(async {
+        let linked = linked("rt-box", &[("rt-app", "setInterval(() => {}, 1000)")]).await?;
+        let outsider = linked.km.api().register_random().await?;
+        let url = linked.km.url();
+        let member = linked.user.api.token().unwrap_or_default().to_string();
+        let stranger = outsider.api.token().unwrap_or_default().to_string();
+        let output = run_node_script(
+            "realtime_isolation.js",
+            &[
+                ("KM_URL", url.as_str()),
+                ("KM_PUBLIC_ID", linked.bucket.public_id.as_str()),
+                ("KM_MEMBER_TOKEN", member.as_str()),
+                ("KM_OUTSIDER_TOKEN", stranger.as_str()),
+            ],
+            Duration::from_secs(60),
+        )
+        .await;
+        match output {
+            Ok(out) if out.stdout.contains("realtime isolation: ok") => Ok(()),
+            Ok(out) => bail!("unexpected output:\n{}\n{}", out.stdout, out.stderr),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+}
