@@ -10,7 +10,7 @@
 //      which links a real pm2 with exactly that command, and wait for its `linked.json`;
 //   3. on the same overview page (never reloaded), wait for the app's process row;
 //   4. open the process page through the app link, wait for a chart of KM_METRIC with
-//      `data-points` >= 1;
+//      `data-points` >= 1, then for two more points (live statuses);
 //   5. press `restart`: the row's restarts cell goes up without a reload;
 //   6. press "Start live tail": KM_LOG_NEEDLE shows in `pre#tail`;
 //   7. run the custom action KM_BOOM_ACTION (the app throws KM_EXCEPTION_MESSAGE shortly
@@ -287,6 +287,16 @@ async function main () {
         .map((f) => `${f.dataset.metric}: points=${f.dataset.points}, canvas=${!!f.querySelector('canvas')}`).join('; ') || 'no figure.chart')
     const all = await page.$$eval('figure.chart', (figs) => figs.map((f) => `${f.dataset.metric}=${f.dataset.points || 0}`).join(', '))
     return `${points} point(s); charts ${all}`
+  })
+  await step(`the "${METRIC}" chart grows live`, async () => {
+    const count = () => page.$eval(`figure.chart[data-metric="${METRIC}"]`, (f) => Number(f.dataset.points))
+    const before = await count()
+    const after = await waitInPage(`${METRIC}: data-points > ${before + 1}`, CHART_TIMEOUT_MS, ([metric, before]) => {
+      const fig = Array.from(document.querySelectorAll('figure.chart')).find((f) => f.dataset.metric === metric)
+      return Number(fig.dataset.points) > before + 1 ? Number(fig.dataset.points) : 0
+    }, [METRIC, before], ([metric]) => Array.from(document.querySelectorAll('figure.chart'))
+      .map((f) => `${f.dataset.metric}: points=${f.dataset.points}`).join('; '))
+    return `${before} -> ${after} points`
   })
 
   // 5. Restart.

@@ -310,6 +310,38 @@ async fn start_logging_streams_app_lines_to_data_logs() {
                 show(e, 1000)
             );
         }
+        // Search: case-insensitive, only matching lines.
+        let found = api
+            .post_ok(
+                &format!("/api/bucket/{b}/data/logs"),
+                &json!({"app_name": "logger", "q": "E2E-ERR-LINE"}),
+            )
+            .await?;
+        ensure!(
+            !arr(&found).is_empty()
+                && arr(&found).iter().all(|e| e["data"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("e2e-err-line"))),
+            "logs search q=E2E-ERR-LINE: {}",
+            show(&found, 2000)
+        );
+        // Histogram: per-minute counts adding up to at least the lines seen.
+        let steps = api
+            .post_ok(
+                &format!("/api/bucket/{b}/data/logs/histogram"),
+                &json!({"app_name": "logger", "q": "e2e-err-line", "interval": "minute"}),
+            )
+            .await?;
+        let total: u64 = arr(&steps).iter().filter_map(|s| s["count"].as_u64()).sum();
+        ensure!(
+            total >= arr(&found).len() as u64
+                && arr(&steps)
+                    .iter()
+                    .all(|s| s["at"].as_i64().is_some_and(|at| at % 60_000 == 0)),
+            "logs histogram {}: counts {total} < {} found lines, or steps not on minutes",
+            show(&steps, 2000),
+            arr(&found).len()
+        );
         Ok(())
     })
     .await
@@ -354,6 +386,52 @@ async fn uncaught_exception_is_stored_with_last_logs() {
                 .any(|l| l.as_str().is_some_and(|s| s.contains("e2e-before-crash"))),
             "exception data.last_logs must hold the app's last lines: {}",
             show(&exc, 3000)
+        );
+        // Grouped into one issue (same message and callsite however often pm2 restarts it).
+        let api = l.api();
+        let b = &l.bucket.id;
+        let issues = api
+            .post_ok(
+                &format!("/api/bucket/{b}/data/issues/list"),
+                &json!({"app_name": "thrower"}),
+            )
+            .await?;
+        let boom: Vec<&Value> = arr(&issues)
+            .iter()
+            .filter(|i| {
+                i["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("e2e-boom"))
+            })
+            .collect();
+        ensure!(
+            boom.len() == 1
+                && boom[0]["count"].as_u64() >= Some(1)
+                && boom[0]["servers"] == json!(["web-1"]),
+            "issues/list: one e2e-boom issue expected: {}",
+            show(&issues, 3000)
+        );
+        let id = boom[0]["identifier"].as_str().context("issue identifier")?;
+        let occurrences = api
+            .get_ok(&format!("/api/bucket/{b}/data/issues/occurrences/{id}"))
+            .await?;
+        ensure!(
+            !arr(&occurrences).is_empty() && arr(&occurrences).iter().all(|e| e["issue"] == id),
+            "occurrences of {id}: {}",
+            show(&occurrences, 2000)
+        );
+        let r = api
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/api/bucket/{b}/data/issues/{id}"),
+                None,
+            )
+            .await?;
+        ensure!(
+            r.status == 200 && r.body["deleted"].as_u64() >= Some(1),
+            "delete issue: {} {}",
+            r.status,
+            r.text
         );
         Ok(())
     })
@@ -423,6 +501,96 @@ async fn custom_action_reply_is_stored_as_event() {
             arr(&all).iter().all(|e| e["type"] == "axm:reply"),
             "data/events {{type:axm:reply}} returned other types: {}",
             show(&all, 3000)
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn cpu_profile_is_stored_and_downloadable() {
+    e2e(async {
+        let l = linked("web-1", &[("io-app", APP_IO)]).await?;
+        let api = l.api();
+        let b = &l.bucket.id;
+        let pm_id = api
+            .wait_process(
+                b,
+                "web-1",
+                "io-app",
+                "the profiling actions listed",
+                WAIT,
+                |p| {
+                    arr(&p["axm_actions"])
+                        .iter()
+                        .any(|a| a["action_name"] == "km:cpu:profiling:start")
+                        .then(|| p["pm_id"].as_i64())
+                        .flatten()
+                },
+            )
+            .await?;
+        for action in ["km:cpu:profiling:start", "km:cpu:profiling:stop"] {
+            let r = api
+                .trigger_action(
+                    b,
+                    &json!({"server_name": "web-1", "process_id": pm_id, "action_name": action}),
+                )
+                .await?;
+            ensure!(r.status == 200, "{action}: HTTP {}: {}", r.status, r.text);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let profile = api
+            .wait_data(
+                b,
+                "profilings",
+                &json!({}),
+                "a stored CPU profile",
+                Duration::from_secs(20),
+                |p| p["uuid"].as_str().map(|_| p.clone()),
+            )
+            .await?;
+        let uuid = profile["uuid"].as_str().context("profile uuid")?;
+        let meta = api
+            .get_ok(&format!("/api/bucket/{b}/data/profilings/{uuid}"))
+            .await?;
+        ensure!(
+            meta["size"].as_u64() > Some(10) && meta["data"].get("data").is_none(),
+            "profile metadata: {}",
+            show(&meta, 2000)
+        );
+        let download = api
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/bucket/{b}/data/profilings/{uuid}/download"),
+                None,
+            )
+            .await?;
+        let parsed: Value =
+            serde_json::from_str(&download.text).context("the downloaded profile is JSON")?;
+        ensure!(
+            download.status == 200 && parsed["nodes"].is_array(),
+            "downloaded CPU profile: {}",
+            &download.text[..download.text.len().min(300)]
+        );
+        let r = api
+            .request(
+                reqwest::Method::DELETE,
+                &format!("/api/bucket/{b}/data/profilings/{uuid}"),
+                None,
+            )
+            .await?;
+        ensure!(r.status == 200, "delete profile: {} {}", r.status, r.text);
+        let gone = api
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/bucket/{b}/data/profilings/{uuid}"),
+                None,
+            )
+            .await?;
+        ensure!(
+            gone.status == 404,
+            "deleted profile still there: {}",
+            gone.status
         );
         Ok(())
     })
