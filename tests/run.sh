@@ -96,6 +96,6 @@ rc=0
 cargo test --workspace --no-fail-fast -- --test-threads=2 "$@" || rc=$?
 # The agent and API end-to-end tests once more, km on MongoDB, Elasticsearch and Redis.
 section "end-to-end tests again on the scale-out stores (KM_E2E_STORES=scale-out)"
-KM_E2E_STORES=scale-out cargo test -p km-e2e --no-fail-fast --test pm2_link --test api -- --test-threads=2 "$@" || rc=$?
+KM_E2E_STORES=scale-out cargo test -p km-e2e --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
 section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

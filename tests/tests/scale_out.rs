@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use km_e2e::{
     Api, Km, LinkOpts, Linked, OsMem, Redis, SecantusDb, e2e, free_port, km_bin, linked_with,
-    now_ms,
+    now_ms, run_node_script,
 };
 use serde_json::{Value, json};
 
@@ -115,6 +115,27 @@ async fn two_nodes_answer_as_one_system() {
                 lines,
             )
             .await?;
+        // A browser on node B watches the bucket whose agent is on node A: statuses are
+        // relayed over Redis to members only.
+        let stranger = node_b.api().register_random().await?;
+        let stranger_token = stranger.api.token().unwrap_or_default().to_string();
+        let url_b = node_b.url();
+        let out = run_node_script(
+            "realtime_isolation.js",
+            &[
+                ("KM_URL", url_b.as_str()),
+                ("KM_PUBLIC_ID", l.bucket.public_id.as_str()),
+                ("KM_MEMBER_TOKEN", token.as_str()),
+                ("KM_OUTSIDER_TOKEN", stranger_token.as_str()),
+            ],
+            Duration::from_secs(60),
+        )
+        .await?;
+        ensure!(
+            out.stdout.contains("realtime isolation: ok"),
+            "realtime through node B: {}",
+            out.stdout
+        );
         Ok(())
     })
     .await
