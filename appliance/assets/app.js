@@ -251,7 +251,7 @@ function processPage(live) {
       tail.scrollTop = tail.scrollHeight;
     } else if (event === 'process:exception' && (payload.process || {}).name === app) {
       addLine(replies, 'exception: ' + ((payload.data || {}).message || ''), 'error');
-      refresh('#issues');
+      refresh('#issues', [300, 700, 1500, 3000]);
     } else if (REPLIES.includes(event)) {
       const process = payload.process || {};
       if (process.name && process.name !== app) return;

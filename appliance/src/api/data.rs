@@ -103,8 +103,9 @@ pub struct EventFilter {
     server_name: Option<String>,
     /// Channel or event type (`human:event`, `axm:reply`, `restart`, `out`...).
     r#type: Option<String>,
-    /// Name of a custom event.
-    event_name: Option<String>,
+    /// Name of a custom event, or an issue's identifier.
+    #[serde(alias = "identifier")]
+    pub event_name: Option<String>,
     before: Option<Value>,
     after: Option<Value>,
     /// Text the log line or message holds (case-insensitive).

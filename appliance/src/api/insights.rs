@@ -246,7 +246,66 @@ pub async fn logs_histogram(
     histogram_of(&app, &access, EventKind::Log, form).await
 }
 
-/// `POST /api/bucket/:id/data/issues/list`: exceptions grouped into issues.
+/// `POST /api/bucket/:id/data/events/stats`: custom events per step.
+pub async fn events_histogram(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<HistogramForm>,
+) -> ApiResult<Json<Vec<Step>>> {
+    histogram_of(&app, &access, EventKind::Event, form).await
+}
+
+/// `POST /api/bucket/:id/data/issues/histogram`: exceptions per step (`identifier`
+/// for one issue).
+pub async fn issues_histogram(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<HistogramForm>,
+) -> ApiResult<Json<Vec<Step>>> {
+    histogram_of(&app, &access, EventKind::Exception, form).await
+}
+
+/// Deletes the events of `kind` matching `filter` (developers).
+async fn delete_of(
+    app: &AppState,
+    access: &BucketAccess,
+    kind: EventKind,
+    filter: EventFilter,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "delete stored data")?;
+    let query = filter.query(&access.bucket.id)?;
+    let deleted = app.events.delete_matching(kind, &query).await?;
+    tracing::info!(bucket = %access.bucket.id, kind = kind.as_str(), deleted, user = %access.auth.user.username, "events deleted");
+    Ok(Json(json!({ "deleted": deleted })))
+}
+
+/// `DELETE /api/bucket/:id/data/events/delete_all`.
+pub async fn events_delete_all(
+    State(app): State<AppState>,
+    access: BucketAccess,
+) -> ApiResult<Json<Value>> {
+    delete_of(&app, &access, EventKind::Event, EventFilter::default()).await
+}
+
+/// `POST /api/bucket/:id/data/exceptions/delete_all` (filters: app, server, time).
+pub async fn exceptions_delete_all(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(filter): Body<EventFilter>,
+) -> ApiResult<Json<Value>> {
+    delete_of(&app, &access, EventKind::Exception, filter).await
+}
+
+/// `DELETE /api/bucket/:id/data/issues`: every exception of the bucket.
+pub async fn issues_delete_all(
+    State(app): State<AppState>,
+    access: BucketAccess,
+) -> ApiResult<Json<Value>> {
+    delete_of(&app, &access, EventKind::Exception, EventFilter::default()).await
+}
+
+/// `POST /api/bucket/:id/data/issues/list` (also `issues/search` with `q`): exceptions
+/// grouped into issues.
 pub async fn issues_list(
     State(app): State<AppState>,
     access: BucketAccess,

@@ -135,6 +135,30 @@ pub fn router(app: AppState) -> Router {
             "/api/bucket/{id}/actions/triggerScopedAction",
             post(actions::trigger_scoped),
         )
+        .route(
+            "/api/bucket/{id}/data/issues/search",
+            post(insights::issues_list),
+        )
+        .route(
+            "/api/bucket/{id}/data/issues/histogram",
+            post(insights::issues_histogram),
+        )
+        .route(
+            "/api/bucket/{id}/data/issues",
+            delete(insights::issues_delete_all),
+        )
+        .route(
+            "/api/bucket/{id}/data/exceptions/delete_all",
+            post(insights::exceptions_delete_all),
+        )
+        .route(
+            "/api/bucket/{id}/data/events/stats",
+            post(insights::events_histogram),
+        )
+        .route(
+            "/api/bucket/{id}/data/events/delete_all",
+            delete(insights::events_delete_all),
+        )
         .merge(web::routes())
         .fallback(|| async { ApiError::not_found("no such route") });
     with_security_headers(routes).with_state(app)
