@@ -130,6 +130,23 @@ function addLine(list, text, cls) {
   while (list.children.length > 100) list.lastChild.remove();
 }
 
+const short = (v) => (typeof v === 'string' ? v : JSON.stringify(v === undefined ? null : v)).slice(0, 300);
+
+// What a reply or command result says, in a line.
+function replyText(event, p) {
+  const data = p.data !== undefined ? p.data : p;
+  switch (event) {
+    case 'trigger:pm2:result': {
+      const meta = p.meta || {}, ret = p.ret || {};
+      return `${meta.method_name || 'command'}: ` + (ret.err ? 'failed: ' + short(ret.err) : 'done' + (typeof ret.data === 'string' ? ' (' + ret.data + ')' : ''));
+    }
+    case 'trigger:action:success': return `${data.action_name || 'action'}: started`;
+    case 'trigger:action:failure': return `${data.action_name || 'action'}: failed: ${short(data.err || data.msg || data)}`;
+    case 'axm:reply': return `${data.action_name || 'action'} replied: ${short(data.return)}`;
+    default: return `${data.action_name || 'scoped action'} ${event.split(':').pop()}: ${short(data.data !== undefined ? data.data : data)}`;
+  }
+}
+
 const REPLIES = ['trigger:pm2:result', 'trigger:action:success', 'trigger:action:failure', 'axm:reply',
   'axm:scoped_action:stream', 'axm:scoped_action:end', 'axm:scoped_action:error', 'axm:scoped_action:success'];
 
@@ -144,7 +161,7 @@ function charts(live) {
     fig.className = 'chart';
     fig.dataset.metric = name;
     fig.innerHTML = '<figcaption></figcaption>';
-    $('figcaption', fig).textContent = name;
+    $('figcaption', fig).textContent = name === 'cpu' ? 'cpu (%)' : name;
     box.append(fig);
     const data = [[], []];
     // As wide as its grid cell (the figure), following it when the window is resized.
@@ -179,6 +196,7 @@ function charts(live) {
     for (const [name, m] of Object.entries(metrics)) {
       const s = series[name];
       if (!s) continue;
+      if (m.unit) $('figcaption', s.fig).textContent = `${name} (${m.unit})`;
       // Older than the live points already plotted, oldest first (uPlot needs sorted x).
       const first = s.data[0].length ? s.data[0][0] : Infinity;
       const points = (m.timestamps_and_stats || []).filter((p) => p.at / 1000 < first).sort((a, b) => a.at - b.at);
@@ -220,6 +238,7 @@ function postAction(fields) {
 function processPage(live) {
   const server = live.dataset.server, app = live.dataset.app;
   const replies = $('#replies');
+  const events = $('#events');
   const chartsUpdate = charts(live);
   for (const form of $$('form.js-action')) {
     form.addEventListener('submit', (e) => {
@@ -255,8 +274,11 @@ function processPage(live) {
     } else if (REPLIES.includes(event)) {
       const process = payload.process || {};
       if (process.name && process.name !== app) return;
-      const detail = payload.data !== undefined ? payload.data : payload;
-      addLine(replies, event + ' ' + JSON.stringify(detail).slice(0, 500), event.includes('failure') || event.includes('error') ? 'error' : 'reply');
+      const failed = event.includes('failure') || event.includes('error') || ((payload.ret || {}).err);
+      addLine(replies, replyText(event, payload), failed ? 'error' : 'reply');
+    } else if ((event === 'process:event' || event === 'human:event') && (payload.process || {}).name === app) {
+      const what = event === 'process:event' ? 'process ' + payload.event : (payload.name || 'event');
+      addLine(events, what + ' ' + (event === 'human:event' ? short(payload.data) : 'pm_id ' + (payload.process || {}).pm_id), '');
     }
   };
 }

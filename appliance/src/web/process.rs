@@ -18,6 +18,7 @@ use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::insights::{self, Issue, Route};
 use crate::app::AppState;
+use crate::ids::now_ms;
 use crate::stores::{Bucket, EventKind, EventQuery, MemberRole};
 
 /// Rows of each stored list the page shows.
@@ -65,6 +66,8 @@ struct ProcessPage {
     actions: Vec<ActionView>,
     logs: Vec<LogLine>,
     q: String,
+    since: i64,
+    windows: [(i64, &'static str); 5],
     issues: Vec<Issue>,
     events: Vec<EventLine>,
     routes: Vec<Route>,
@@ -73,10 +76,22 @@ struct ProcessPage {
     msg: Option<String>,
 }
 
+/// The time windows of the stored log search: (minutes, label); 0 is everything kept.
+pub const LOG_WINDOWS: [(i64, &str); 5] = [
+    (15, "last 15 minutes"),
+    (60, "last hour"),
+    (1440, "last 24 hours"),
+    (10080, "last 7 days"),
+    (0, "everything kept"),
+];
+
 #[derive(Deserialize, Default)]
 pub struct PageQuery {
     #[serde(default)]
     q: String,
+    /// Minutes back of the log search (0 or absent: everything kept).
+    #[serde(default)]
+    since: Option<i64>,
     #[serde(flatten)]
     flash: Flash,
 }
@@ -144,6 +159,7 @@ pub async fn page(
         limit: LIST,
         ..EventQuery::default()
     };
+    let since = query.since;
     let stored = async {
         let logs = app
             .events
@@ -151,6 +167,9 @@ pub async fn page(
                 EventKind::Log,
                 &EventQuery {
                     text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()),
+                    after: since
+                        .filter(|m| *m > 0)
+                        .map(|m| now_ms() - m.saturating_mul(60_000)),
                     ..scope.clone()
                 },
             )
@@ -208,6 +227,8 @@ pub async fn page(
             })
             .collect(),
         q: query.q,
+        since: since.unwrap_or(0),
+        windows: LOG_WINDOWS,
         issues,
         events: event_lines,
         routes,
