@@ -47,6 +47,52 @@ pub struct RawSettings {
     /// closed, admins create the accounts.
     #[arg(long, env = "KM_ALLOW_SIGNUP", default_value = "false")]
     pub allow_signup: String,
+    /// The licence: a signed licence text (see `km::setup::licence`).
+    #[arg(long, env = "KM_DEDICATED_KEY", hide_env_values = true)]
+    pub dedicated_key: Option<String>,
+    /// SMTP server for notifications: `host` or `host:port` (unset: no mail).
+    #[arg(long, env = "SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    /// SMTP port (default: 465 with `SMTP_TLS=tls`, 587 with `starttls`, 25 with `none`).
+    #[arg(long, env = "SMTP_PORT")]
+    pub smtp_port: Option<String>,
+    #[arg(long, env = "SMTP_USER")]
+    pub smtp_user: Option<String>,
+    #[arg(long, env = "SMTP_PASSWORD", hide_env_values = true)]
+    pub smtp_password: Option<String>,
+    /// The From address of notifications.
+    #[arg(long, env = "SMTP_SENDER")]
+    pub smtp_sender: Option<String>,
+    /// `none`, `starttls` (default) or `tls`.
+    #[arg(long, env = "SMTP_TLS", default_value = "starttls")]
+    pub smtp_tls: String,
+    /// HTTPS: `off` (plain HTTP), `acme` (certificate from an ACME CA for KM_SITE_URL's
+    /// host) or `files` (KM_TLS_CERT and KM_TLS_KEY).
+    #[arg(long, env = "KM_TLS", default_value = "off")]
+    pub tls: String,
+    /// Address of the HTTPS port when KM_TLS is not `off` (KM_LISTEN then redirects to it).
+    #[arg(long, env = "KM_HTTPS_LISTEN", default_value = "0.0.0.0:443")]
+    pub https_listen: String,
+    /// PEM certificate chain (KM_TLS=files).
+    #[arg(long, env = "KM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (KM_TLS=files).
+    #[arg(long, env = "KM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// ACME directory (KM_TLS=acme).
+    #[arg(
+        long,
+        env = "KM_ACME_DIRECTORY",
+        default_value = "https://acme-v02.api.letsencrypt.org/directory"
+    )]
+    pub acme_directory: String,
+    /// Contact address given to the ACME CA.
+    #[arg(long, env = "KM_ACME_EMAIL")]
+    pub acme_email: Option<String>,
+    /// PEM file of the CA that signs the ACME directory's HTTPS certificate, for a
+    /// private CA (default: the system's CAs).
+    #[arg(long, env = "KM_ACME_CA")]
+    pub acme_ca: Option<PathBuf>,
 }
 
 impl RawSettings {
@@ -65,6 +111,20 @@ impl RawSettings {
             retention_days: "30".into(),
             logs_retention_days: None,
             allow_signup: "false".into(),
+            dedicated_key: None,
+            smtp_host: None,
+            smtp_port: None,
+            smtp_user: None,
+            smtp_password: None,
+            smtp_sender: None,
+            smtp_tls: "starttls".into(),
+            tls: "off".into(),
+            https_listen: "0.0.0.0:443".into(),
+            tls_cert: None,
+            tls_key: None,
+            acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            acme_email: None,
+            acme_ca: None,
         }
     }
 }
@@ -86,6 +146,62 @@ pub struct Settings {
     pub retention_days: u32,
     pub logs_retention_days: u32,
     pub allow_signup: bool,
+    /// The licence text (`KM_DEDICATED_KEY`), checked by the limit worker.
+    pub dedicated_key: Option<String>,
+    /// Where notifications are sent from; `None` without `SMTP_HOST`.
+    pub smtp: Option<SmtpSettings>,
+    pub tls: TlsMode,
+    pub https_listen: SocketAddr,
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text (a local relay only).
+    None,
+    /// Plain, then upgraded with STARTTLS (required, not opportunistic).
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub sender: String,
+    pub tls: SmtpTls,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for SmtpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("sender", &self.sender)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// How the gateway serves HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP on `KM_LISTEN` (behind a TLS proxy, or for a trial).
+    Off,
+    /// A certificate and key given as PEM files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A certificate for the site URL's host from an ACME CA (HTTP-01), renewed by km.
+    Acme {
+        directory: String,
+        email: Option<String>,
+        ca: Option<PathBuf>,
+    },
 }
 
 /// All problems found in the settings, one line each.
@@ -173,9 +289,22 @@ impl Settings {
                 None
             }
         };
+        let smtp = smtp_settings(&raw, &mut errors);
+        let tls = tls_mode(&raw, site_url.as_deref(), &mut errors);
+        let https_listen = raw
+            .https_listen
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                errors.push(format!(
+                    "KM_HTTPS_LISTEN (--https-listen): {:?} is not an address like 0.0.0.0:443: {e}",
+                    raw.https_listen
+                ))
+            })
+            .ok();
         match (listen, retention_days, logs_retention_days, allow_signup) {
             (Some(listen), Some(retention_days), Some(logs_retention_days), Some(allow_signup))
-                if errors.is_empty() =>
+                if errors.is_empty()
+                    && let (Some(tls), Some(https_listen)) = (tls, https_listen) =>
             {
                 Ok(Settings {
                     listen,
@@ -188,6 +317,10 @@ impl Settings {
                     retention_days,
                     logs_retention_days,
                     allow_signup,
+                    dedicated_key: raw.dedicated_key.filter(|k| !k.trim().is_empty()),
+                    smtp,
+                    tls,
+                    https_listen,
                 })
             }
             _ => Err(ConfigErrors(errors)),
@@ -200,6 +333,125 @@ impl Settings {
             Some(url) => url.clone(),
             None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
             None => format!("http://{bound}"),
+        }
+    }
+}
+
+/// The SMTP settings, if `SMTP_HOST` is set: a sender is then required, the port comes
+/// from `SMTP_PORT`, `host:port` or the TLS mode.
+fn smtp_settings(raw: &RawSettings, errors: &mut Vec<String>) -> Option<SmtpSettings> {
+    let tls = match raw.smtp_tls.trim() {
+        "none" => SmtpTls::None,
+        "starttls" | "" => SmtpTls::Starttls,
+        "tls" | "ssl" => SmtpTls::Tls,
+        other => {
+            errors.push(format!("SMTP_TLS: {other:?} is not none, starttls or tls"));
+            SmtpTls::Starttls
+        }
+    };
+    let given = |v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let host = given(&raw.smtp_host)?;
+    let (host, port_in_host) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p.to_string())),
+        _ => (host, None),
+    };
+    let default_port = match tls {
+        SmtpTls::None => 25,
+        SmtpTls::Starttls => 587,
+        SmtpTls::Tls => 465,
+    };
+    let port = match given(&raw.smtp_port).or(port_in_host) {
+        None => default_port,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                errors.push(format!("SMTP_PORT: {p:?} is not a port number"));
+                default_port
+            }
+        },
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        errors.push(format!("SMTP_HOST: {host:?} is not a host name"));
+    }
+    let sender = given(&raw.smtp_sender).unwrap_or_default();
+    if !looks_like_email(&sender) {
+        errors.push(format!(
+            "SMTP_SENDER: {sender:?} is not an email address (required with SMTP_HOST)"
+        ));
+    }
+    let (user, password) = (given(&raw.smtp_user), given(&raw.smtp_password));
+    if user.is_some() != password.is_some() {
+        errors.push("SMTP_USER and SMTP_PASSWORD: give both, or neither".into());
+    }
+    Some(SmtpSettings {
+        host,
+        port,
+        user,
+        password,
+        sender,
+        tls,
+    })
+}
+
+/// `name@domain.tld`, roughly: what a mail server would accept as an address.
+pub fn looks_like_email(address: &str) -> bool {
+    address.len() <= 254
+        && !address.contains(char::is_whitespace)
+        && address.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
+        })
+}
+
+/// The HTTPS mode; `acme` needs an https `KM_SITE_URL` (its host gets the certificate).
+fn tls_mode(
+    raw: &RawSettings,
+    site_url: Option<&str>,
+    errors: &mut Vec<String>,
+) -> Option<TlsMode> {
+    match raw.tls.trim() {
+        "off" | "" => Some(TlsMode::Off),
+        "files" => match (&raw.tls_cert, &raw.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => {
+                errors.push(
+                    "KM_TLS=files: KM_TLS_CERT and KM_TLS_KEY (PEM files) are required".into(),
+                );
+                None
+            }
+        },
+        "acme" => {
+            if !site_url.is_some_and(|u| u.starts_with("https://")) {
+                errors.push("KM_TLS=acme: KM_SITE_URL must be the https:// URL whose host gets the certificate".into());
+                return None;
+            }
+            if let Some(email) = &raw.acme_email
+                && !looks_like_email(email)
+            {
+                errors.push(format!("KM_ACME_EMAIL: {email:?} is not an email address"));
+            }
+            if !raw.acme_directory.starts_with("https://") {
+                errors.push(format!(
+                    "KM_ACME_DIRECTORY: {:?} must be an https:// URL",
+                    raw.acme_directory
+                ));
+            }
+            Some(TlsMode::Acme {
+                directory: raw.acme_directory.clone(),
+                email: raw.acme_email.clone(),
+                ca: raw.acme_ca.clone(),
+            })
+        }
+        other => {
+            errors.push(format!("KM_TLS: {other:?} is not off, acme or files"));
+            None
         }
     }
 }

@@ -47,13 +47,7 @@ fn check_registration(form: &RegisterForm) -> ApiResult<()> {
             "username: 1 to 64 letters, digits, '_', '.' or '-'",
         ));
     }
-    let email_ok = form.email.len() <= 254
-        && form
-            .email
-            .split_once('@')
-            .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
-        && !form.email.contains(char::is_whitespace);
-    if !email_ok {
+    if !crate::config::looks_like_email(&form.email) {
         return Err(ApiError::bad_request("email: not a valid address"));
     }
     check_new_password(&form.password)?;
