@@ -3,9 +3,10 @@
 # end-to-end tests with real pm2 7.0.4 agents against the real `km` binary.
 #
 # Runs on a fresh Debian bookworm machine as root with only package registries reachable:
-# installs node/npm and Chromium from Debian when missing, pm2 + @pm2/io + tx2 +
-# @pm2/js-api + playwright-core from npm into target/e2e-node, SecantusDB (a MongoDB-wire
-# server) from PyPI, then builds and tests. Extra arguments go to the test binaries, e.g.
+# installs node/npm, Chromium, redis-server and Pebble (an ACME CA) from Debian when
+# missing, pm2 + @pm2/io + tx2 + @pm2/js-api + playwright-core from npm into
+# target/e2e-node, SecantusDB (a MongoDB-wire server) from PyPI, then builds and tests.
+# Extra arguments go to the test binaries, e.g.
 #   tests/run.sh                       # everything
 #   tests/run.sh apps_and_custom       # only tests whose name matches
 #   KM_E2E_KEEP=1 tests/run.sh ...     # keep temp dirs (km.log, PM2_HOME) for inspection
@@ -81,7 +82,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
     section "redis-server (Debian)"
     apt_install redis-server
 fi
-PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6)
+# The ACME CA the gateway's TLS tests get certificates from (HTTP-01 against km).
+if ! command -v pebble >/dev/null 2>&1; then
+    section "pebble (Debian)"
+    apt_install pebble
+fi
+# aiosmtpd: the SMTP server of the setup checks' tests (tests/support/smtp_server.py).
+PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6 aiosmtpd==1.4.6)
 section "python test servers (${PY_PACKAGES[*]})"
 python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 command -v secantusd-py >/dev/null || { echo "error: secantusd-py not on PATH after pip install" >&2; exit 1; }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::gateway::Gateway;
 use crate::ingest::Ingest;
 use crate::interactor::Sessions;
 use crate::realtime::LiveHub;
@@ -21,6 +22,8 @@ pub struct App {
     pub live: Arc<LiveHub>,
     pub sessions: Arc<Sessions>,
     pub ingest: Ingest,
+    /// TLS of this node: the certificate served and its renewal (`/healthz` reports it).
+    pub gateway: Arc<Gateway>,
     /// Cancelled when the process is asked to stop.
     pub shutdown: CancellationToken,
 }

@@ -1,11 +1,13 @@
 //! Settings of `km serve`, declared once: each has a flag, a `KM_*` variable and a
 //! validation rule. Every problem is collected and reported together, naming the variable.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, FromArgMatches};
 
+use crate::setup::licence::{self, Licence, LicenceError};
 use crate::stores::elastic::parse_urls;
 use elasticsearch::http::Url;
 
@@ -32,7 +34,12 @@ pub struct RawSettings {
     #[arg(long, env = "KM_ELASTICSEARCH_URL", hide_env_values = true)]
     pub elasticsearch_url: Option<String>,
     /// Older name of `KM_ELASTICSEARCH_URL`.
-    #[arg(skip = std::env::var("KM_ELASTICSEARCH_HOST").ok())]
+    #[arg(
+        long,
+        env = "KM_ELASTICSEARCH_HOST",
+        hide = true,
+        hide_env_values = true
+    )]
     pub elasticsearch_host: Option<String>,
     /// Prefix of the daily indices (`<prefix>-<kind>-YYYY.MM.DD`).
     #[arg(long, env = "KM_ELASTICSEARCH_PREFIX", default_value = "km")]
@@ -127,6 +134,101 @@ impl RawSettings {
             acme_ca: None,
         }
     }
+}
+
+/// Variables an env file may set that are read elsewhere than [`RawSettings`].
+const OTHER_VARIABLES: &[&str] = &["KM_LOG"];
+
+/// The prefixes of the appliance's own variables: an unknown one is a typo.
+const OWN_PREFIXES: &[&str] = &["KM_", "SMTP_"];
+
+impl RawSettings {
+    /// The settings as clap declares them (flag, variable, default): the one declaration.
+    fn command() -> clap::Command {
+        RawSettings::augment_args(clap::Command::new("km"))
+    }
+
+    /// `(variable, flag)` of every setting.
+    pub fn variables() -> Vec<(String, String)> {
+        Self::command()
+            .get_arguments()
+            .filter_map(|a| {
+                Some((
+                    a.get_env()?.to_str()?.to_string(),
+                    a.get_long()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The settings an env file gives, read as `km serve` reads the same variables from
+    /// its environment (same names, same defaults). Unknown `KM_*`/`SMTP_*` names are
+    /// errors; other names (`PATH`...) are not the appliance's and are ignored.
+    pub fn from_env_map(map: &BTreeMap<String, String>) -> Result<Self, ConfigErrors> {
+        let unknown = Self::unknown_variables(map);
+        let raw = Self::from_known_variables(map)?;
+        if unknown.is_empty() {
+            Ok(raw)
+        } else {
+            Err(ConfigErrors(unknown))
+        }
+    }
+
+    /// Parses `--flag=value` for each variable in `map` with the declarations stripped of
+    /// their variables, so the process environment is not read.
+    fn from_known_variables(map: &BTreeMap<String, String>) -> Result<Self, ConfigErrors> {
+        let args = Self::variables()
+            .into_iter()
+            .filter_map(|(var, flag)| map.get(&var).map(|value| format!("--{flag}={value}")));
+        let clap_error = |e: clap::Error| ConfigErrors(vec![e.to_string()]);
+        let matches = Self::command()
+            .mut_args(|a| a.env(None::<&'static str>))
+            .try_get_matches_from(std::iter::once("km".to_string()).chain(args))
+            .map_err(clap_error)?;
+        Self::from_arg_matches(&matches).map_err(clap_error)
+    }
+
+    /// One error per unknown `KM_*`/`SMTP_*` name in `map`, with the likely intended name.
+    fn unknown_variables(map: &BTreeMap<String, String>) -> Vec<String> {
+        let known: Vec<String> = Self::variables()
+            .into_iter()
+            .map(|(var, _)| var)
+            .chain(OTHER_VARIABLES.iter().map(|v| v.to_string()))
+            .collect();
+        map.keys()
+            .filter(|k| OWN_PREFIXES.iter().any(|p| k.starts_with(p)) && !known.contains(k))
+            .map(|k| match closest(k, &known) {
+                Some(near) => format!("{k}: not a setting of km (did you mean {near}?)"),
+                None => format!("{k}: not a setting of km"),
+            })
+            .collect()
+    }
+}
+
+/// The name of `known` nearest to `name` by edit distance, if near enough to be a typo.
+fn closest<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, _)| *d <= 3)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.as_str())
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions), on bytes.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Validated settings.
@@ -242,6 +344,7 @@ impl Settings {
             None => retention_days,
         };
         if let Some(url) = &raw.mongo_url
+            && !url.is_empty()
             && !(url.starts_with("mongodb://") || url.starts_with("mongodb+srv://"))
         {
             // The value may hold a password: it is not repeated.
@@ -325,6 +428,27 @@ impl Settings {
             }
             _ => Err(ConfigErrors(errors)),
         }
+    }
+
+    /// The settings of an env file: unknown variables and invalid values, all reported.
+    pub fn from_env_map(map: &BTreeMap<String, String>) -> Result<Self, ConfigErrors> {
+        let mut errors = RawSettings::unknown_variables(map);
+        let checked = RawSettings::from_known_variables(map).and_then(Settings::from_raw);
+        match checked {
+            Ok(settings) if errors.is_empty() => Ok(settings),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(ConfigErrors(more)) => {
+                errors.extend(more);
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// The licence (`KM_DEDICATED_KEY`) verified at `now_s` (epoch seconds); `None` if unset.
+    pub fn licence(&self, now_s: i64) -> Option<Result<Licence, LicenceError>> {
+        self.dedicated_key
+            .as_deref()
+            .map(|text| licence::verify(text, now_s))
     }
 
     /// The public base URL: `KM_SITE_URL`, or derived from the address actually bound.
@@ -524,6 +648,101 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["https://es:9243/"]
         );
+    }
+
+    fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_map_defaults_are_the_flags_defaults() {
+        let raw = RawSettings::from_env_map(&map(&[("KM_DATA_DIR", "./d")])).unwrap();
+        assert_eq!(
+            format!("{raw:?}"),
+            format!("{:?}", RawSettings::with_data_dir("./d"))
+        );
+    }
+
+    #[test]
+    fn env_map_fills_every_variable() {
+        let vars = RawSettings::variables();
+        assert!(vars.len() >= 25, "{vars:?}");
+        let all: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(var, _)| (var.clone(), format!("-{var}= x")))
+            .collect();
+        let debug = format!("{:?}", RawSettings::from_env_map(&all).unwrap());
+        for (var, _) in &vars {
+            assert!(
+                debug.contains(&format!("\"-{var}= x\"")),
+                "{var} not read: {debug}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_map_values_are_validated_like_the_environment() {
+        let s = Settings::from_env_map(&map(&[
+            ("KM_LISTEN", "0.0.0.0:80"),
+            ("KM_SITE_URL", "https://km.example.com/"),
+            ("KM_ELASTICSEARCH_HOST", "es1:9200"),
+            ("KM_MONGO_URL", ""),
+            ("SMTP_HOST", "smtp.example.com:2525"),
+            ("SMTP_SENDER", "km@example.com"),
+            ("KM_LOG", "debug"),
+            ("PATH", "/usr/bin"),
+        ]))
+        .unwrap();
+        assert_eq!(s.listen, "0.0.0.0:80".parse().unwrap());
+        assert_eq!(s.site_url.as_deref(), Some("https://km.example.com"));
+        assert_eq!(s.elasticsearch.len(), 1);
+        assert_eq!(s.mongo_url, None);
+        assert_eq!(s.smtp.map(|m| m.port), Some(2525));
+        assert_eq!(s.retention_days, 30);
+    }
+
+    #[test]
+    fn env_map_reports_typos_with_the_other_errors() {
+        let vars = map(&[
+            ("KM_SITEURL", "https://km.example.com"),
+            ("SMTP_HOTS", "smtp"),
+            ("KM_WHATEVER_THIS_IS", "1"),
+            ("KM_LISTEN", "nope"),
+        ]);
+        let err = RawSettings::from_env_map(&vars).unwrap_err().0;
+        assert_eq!(
+            err,
+            [
+                "KM_SITEURL: not a setting of km (did you mean KM_SITE_URL?)",
+                "KM_WHATEVER_THIS_IS: not a setting of km",
+                "SMTP_HOTS: not a setting of km (did you mean SMTP_HOST?)",
+            ]
+        );
+        let err = Settings::from_env_map(&vars).unwrap_err().0;
+        assert_eq!(err.len(), 4, "{err:?}");
+        assert!(err[3].starts_with("KM_LISTEN"), "{err:?}");
+    }
+
+    #[test]
+    fn licence_is_verified_on_demand() {
+        assert!(Settings::from_raw(raw()).unwrap().licence(0).is_none());
+        let s = Settings::from_raw(RawSettings {
+            dedicated_key: Some("not-a-licence".into()),
+            ..raw()
+        })
+        .unwrap();
+        assert_eq!(s.licence(0), Some(Err(LicenceError::NotKm)));
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("KM_SITEURL", "KM_SITE_URL"), 1);
+        assert_eq!(edit_distance("SMTP_HOTS", "SMTP_HOST"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `km serve`: opens the stores, starts every role in this process on one port, and on
-//! SIGTERM/Ctrl-C closes agent sockets and flushes everything before exiting.
+//! `km serve`: opens the stores, starts every role in this process on one port (plus the
+//! HTTPS port when TLS is on, see [`crate::gateway`]), and on SIGTERM/Ctrl-C closes agent
+//! sockets and flushes everything before exiting.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api;
 use crate::app::{App, AppState};
 use crate::config::Settings;
+use crate::gateway::{self, Gateway, HttpsBase};
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
 use crate::realtime::LiveHub;
@@ -39,11 +41,25 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
+    let https_listener = gateway::bind_https(&settings)?;
+    let https_bound = https_listener
+        .as_ref()
+        .map(std::net::TcpListener::local_addr)
+        .transpose()
+        .context("KM_HTTPS_LISTEN: listener has no address")?;
     let (app, writer_task) = build_app(settings, bound, shutdown.clone()).await?;
-    let background = [
+    let mut background = vec![
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
     ];
+    background.extend(app.gateway.spawn_tasks(shutdown.clone()));
+    if app.gateway.is_tls() && !app.public_url.starts_with("https://") {
+        tracing::warn!(
+            url = %app.public_url,
+            "KM_TLS is on but KM_SITE_URL is not an https:// URL: agents are told to connect to {}, which redirects",
+            app.public_url
+        );
+    }
     if app.settings.site_url.is_none() && !bound.ip().is_loopback() {
         tracing::warn!(
             url = %app.public_url,
@@ -51,13 +67,33 @@ pub async fn serve_on(
             app.public_url
         );
     }
-    tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
+    tracing::info!(listen = %bound, https = ?https_bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
 
+    // Every route on both ports; with TLS the plain port redirects all but a few.
+    let routes = api::router(app.clone()).merge(app.gateway.challenges().routes());
+    let plain_routes = match https_bound {
+        Some(https) => gateway::redirecting(
+            routes.clone(),
+            HttpsBase::new(app.settings.site_url.as_deref(), https.port()),
+        ),
+        None => routes.clone(),
+    };
     let stopping = shutdown.clone();
-    axum::serve(listener, api::router(app.clone()))
-        .with_graceful_shutdown(async move { stopping.cancelled().await })
-        .await
-        .context("HTTP server failed")?;
+    let plain = async {
+        axum::serve(listener, plain_routes)
+            .with_graceful_shutdown(async move { stopping.cancelled().await })
+            .await
+            .context("HTTP server failed")
+    };
+    let secure = async {
+        match https_listener {
+            Some(https) => {
+                gateway::serve_https(app.gateway.clone(), https, routes, shutdown.clone()).await
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(plain, secure)?;
 
     // Sockets see the cancellation and close; give them a moment to detach.
     for _ in 0..20 {
@@ -83,6 +119,8 @@ pub async fn build_app(
     bound: SocketAddr,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
+    // First: a certificate that does not load stops km before the stores are opened.
+    let gateway = Gateway::new(&settings)?;
     let documents: Arc<dyn stores::Documents> = match &settings.mongo_url {
         Some(url) => Arc::new(MongoDocuments::connect(url).await?),
         None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
@@ -118,6 +156,7 @@ pub async fn build_app(
         live,
         sessions,
         ingest: Ingest::new(writer),
+        gateway,
         shutdown,
     });
     Ok((app, writer_task))

@@ -465,6 +465,12 @@ impl Km {
 
     /// [`Km::start`] with extra environment variables.
     pub async fn start_with(env: Vec<(String, String)>) -> Result<Km> {
+        Km::start_on(free_port()?, env).await
+    }
+
+    /// [`Km::start_with`] on a given port, for a server that must know km's port before
+    /// km starts (Pebble validates ACME challenges on it).
+    pub async fn start_on(port: u16, env: Vec<(String, String)>) -> Result<Km> {
         let bin = km_bin();
         if !bin.exists() {
             bail!(
@@ -475,7 +481,6 @@ impl Km {
         let dir = temp_dir("km-e2e-")?;
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("data"))?;
-        let port = free_port()?;
         let mut km = Km {
             bin,
             env,
@@ -520,6 +525,13 @@ impl Km {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Sends `sig` (`libc::SIGHUP`...) to the running km.
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        let child = self.child.as_ref().context("km is not running")?;
+        signal(child.id() as i32, sig);
+        Ok(())
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -874,6 +886,8 @@ pub struct Pm2 {
     root: PathBuf,
     km_url: String,
     shim: Option<PathBuf>,
+    /// Extra environment of every node process (`NODE_EXTRA_CA_CERTS`...).
+    env: Vec<(String, String)>,
     alive: bool,
 }
 
@@ -891,6 +905,14 @@ impl Pm2 {
     /// reconnects right away when its socket drops, as on a host with real DNS.
     pub fn with_dns_shim(km_url: &str) -> Result<Pm2> {
         Pm2::build(km_url, true)
+    }
+
+    /// Like [`Pm2::new`], with extra environment for every node process of this instance
+    /// (`NODE_EXTRA_CA_CERTS` to trust a test CA...).
+    pub fn with_env(km_url: &str, env: Vec<(String, String)>) -> Result<Pm2> {
+        let mut pm2 = Pm2::build(km_url, false)?;
+        pm2.env = env;
+        Ok(pm2)
     }
 
     fn build(km_url: &str, shim: bool) -> Result<Pm2> {
@@ -912,6 +934,7 @@ impl Pm2 {
             root,
             km_url: km_url.to_string(),
             shim,
+            env: Vec::new(),
             alive: true,
         })
     }
@@ -945,7 +968,8 @@ impl Pm2 {
             .env("NODE_PATH", self.node.node_modules())
             .env("NO_COLOR", "1")
             .current_dir(&self.root)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(shim) = &self.shim {
             cmd.env("NODE_OPTIONS", format!("--require {}", shim.display()));
         }
@@ -1118,6 +1142,11 @@ impl Api {
             .timeout(Duration::from_secs(15))
             .build()
             .expect("reqwest client");
+        Api::with_http(base, http)
+    }
+
+    /// A client sending through `http` (one trusting a test CA, for km over HTTPS).
+    pub fn with_http(base: &str, http: reqwest::Client) -> Api {
         Api {
             base: base.trim_end_matches('/').to_string(),
             http,
@@ -1270,7 +1299,7 @@ impl Api {
             .as_str()
             .ok_or_else(|| anyhow!("register: no user._id in {v}"))?;
         Ok(User {
-            api: Api::new(&self.base).with_token(token),
+            api: self.with_token(token),
             id: id.to_string(),
             username: username.to_string(),
             email: email.to_string(),

@@ -226,6 +226,7 @@ async fn health(
         },
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,
+        "tls": app.gateway.health(),
         "writer": {
             "events_written": writer.events_written,
             "metric_points_written": writer.metric_points_written,

@@ -105,31 +105,57 @@ fn day_start(name: &str) -> Option<i64> {
         .map(|d| d.timestamp_millis())
 }
 
+/// `host:port` of each node, for messages (never the credentials).
+pub fn hosts(urls: &[Url]) -> String {
+    urls.iter()
+        .map(|u| {
+            u.host_str().unwrap_or("?").to_string()
+                + ":"
+                + &u.port_or_known_default().unwrap_or(0).to_string()
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A client for `urls` (nothing sent yet) with a request timeout, and the hosts for
+/// messages. Errors name `KM_ELASTICSEARCH_URL`.
+pub fn open(urls: &[Url], timeout: Duration) -> anyhow::Result<(Elasticsearch, String)> {
+    let hosts = hosts(urls);
+    let builder = match urls {
+        [one] => TransportBuilder::new(SingleNodeConnectionPool::new(one.clone())),
+        many => TransportBuilder::new(MultiNodeConnectionPool::round_robin(many.to_vec(), None)),
+    };
+    let transport = builder
+        .timeout(timeout)
+        .build()
+        .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot use {hosts}: {e}"))?;
+    Ok((Elasticsearch::new(transport), hosts))
+}
+
+/// Whether the server answering `GET /` with `info` is one the store works with:
+/// Elasticsearch 7.10 or newer (composable index templates), or any OpenSearch. The
+/// error completes "<hosts> ...".
+pub fn supported_version(info: &Value) -> Result<(), String> {
+    let version = info["version"]["number"].as_str().unwrap_or("0");
+    if info["version"]["distribution"] == "opensearch" {
+        return Ok(());
+    }
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < (7, 10) {
+        return Err(format!(
+            "runs Elasticsearch {version}; 7.10 or newer (or OpenSearch) is needed"
+        ));
+    }
+    Ok(())
+}
+
 impl ElasticEvents {
     /// Connects, checks the server and installs the index templates. Errors name
     /// `KM_ELASTICSEARCH_URL` and the host.
     pub async fn connect(urls: &[Url], prefix: &str) -> anyhow::Result<Self> {
-        let hosts = urls
-            .iter()
-            .map(|u| {
-                u.host_str().unwrap_or("?").to_string()
-                    + ":"
-                    + &u.port_or_known_default().unwrap_or(0).to_string()
-            })
-            .collect::<Vec<_>>()
-            .join(",");
-        let builder = match urls {
-            [one] => TransportBuilder::new(SingleNodeConnectionPool::new(one.clone())),
-            many => {
-                TransportBuilder::new(MultiNodeConnectionPool::round_robin(many.to_vec(), None))
-            }
-        };
-        let transport = builder
-            .timeout(TIMEOUT)
-            .build()
-            .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot use {hosts}: {e}"))?;
+        let (client, hosts) = open(urls, TIMEOUT)?;
         let store = ElasticEvents {
-            client: Elasticsearch::new(transport),
+            client,
             prefix: prefix.to_string(),
         };
         let info =
@@ -144,18 +170,8 @@ impl ElasticEvents {
                 info["error"]["reason"].as_str().unwrap_or("unknown error")
             );
         }
-        let version = info["version"]["number"].as_str().unwrap_or("0");
-        let major: u32 = version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse().ok())
-            .unwrap_or(0);
-        let opensearch = info["version"]["distribution"] == "opensearch";
-        if !opensearch && major < 7 {
-            anyhow::bail!(
-                "KM_ELASTICSEARCH_URL: {hosts} runs Elasticsearch {version}; 7 or newer (or OpenSearch) is needed"
-            );
-        }
+        supported_version(&info)
+            .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: {hosts} {e}"))?;
         store.install_templates().await.map_err(|e| {
             anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot install index templates on {hosts}: {e}")
         })?;

@@ -19,8 +19,8 @@ use super::{
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_DATABASE: &str = "km";
-/// Oldest MongoDB major version supported (the driver needs 4.0).
-const MIN_MAJOR: u32 = 4;
+/// Oldest MongoDB version supported (the driver needs 4.4).
+const MIN_VERSION: (u32, u32) = (4, 4);
 
 pub struct MongoDocuments {
     db: Database,
@@ -56,27 +56,49 @@ fn duplicate_field(e: &mongodb::error::Error) -> Option<&'static str> {
         .find(|f| write.message.contains(&format!("{f}_1")))
 }
 
+/// A client for `url` (nothing sent yet) with bounded timeouts, its database (`km`
+/// unless the URL names one) and its hosts for messages. Errors name `KM_MONGO_URL`,
+/// never the credentials.
+pub async fn open(url: &str, timeout: Duration) -> anyhow::Result<(Database, String)> {
+    let mut options = ClientOptions::parse(url).await.map_err(|e| {
+        anyhow::anyhow!(
+            "KM_MONGO_URL: not a usable MongoDB connection string: {}",
+            e.kind
+        )
+    })?;
+    options.server_selection_timeout = Some(timeout);
+    options.connect_timeout = Some(timeout);
+    options.app_name = Some("km".into());
+    let where_ = hosts(&options);
+    let name = options
+        .default_database
+        .clone()
+        .unwrap_or_else(|| DEFAULT_DATABASE.into());
+    let client = Client::with_options(options)
+        .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot use {where_}: {}", e.kind))?;
+    Ok((client.database(&name), where_))
+}
+
+/// Whether the driver can work with a server reporting `version` (it needs 4.4: wire
+/// version 9); the error completes "<hosts> ...".
+pub fn supported_version(version: &str) -> Result<(), String> {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if found < MIN_VERSION {
+        let (major, minor) = MIN_VERSION;
+        return Err(format!(
+            "runs MongoDB {version}; {major}.{minor} or newer is needed"
+        ));
+    }
+    Ok(())
+}
+
 impl MongoDocuments {
     /// Connects, checks the server answers, and creates the indexes. Errors name
     /// `KM_MONGO_URL` and the hosts (never the credentials).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let mut options = ClientOptions::parse(url).await.map_err(|e| {
-            anyhow::anyhow!(
-                "KM_MONGO_URL: not a usable MongoDB connection string: {}",
-                e.kind
-            )
-        })?;
-        options.server_selection_timeout = Some(CONNECT_TIMEOUT);
-        options.connect_timeout = Some(CONNECT_TIMEOUT);
-        options.app_name = Some("km".into());
-        let where_ = hosts(&options);
-        let name = options
-            .default_database
-            .clone()
-            .unwrap_or_else(|| DEFAULT_DATABASE.into());
-        let client = Client::with_options(options)
-            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot use {where_}: {}", e.kind))?;
-        let db = client.database(&name);
+        let (db, where_) = open(url, CONNECT_TIMEOUT).await?;
+        let name = db.name().to_string();
         db.run_command(doc! { "ping": 1 })
             .await
             .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot connect to {where_}: {}", e.kind))?;
@@ -86,18 +108,8 @@ impl MongoDocuments {
                 e.kind
             )
         })?;
-        let version = info.get_str("version").unwrap_or("0");
-        if version
-            .split('.')
-            .next()
-            .and_then(|m| m.parse::<u32>().ok())
-            .unwrap_or(0)
-            < MIN_MAJOR
-        {
-            anyhow::bail!(
-                "KM_MONGO_URL: {where_} runs MongoDB {version}; {MIN_MAJOR}.0 or newer is needed"
-            );
-        }
+        supported_version(info.get_str("version").unwrap_or("0"))
+            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: {where_} {e}"))?;
         let store = MongoDocuments { db };
         store.create_indexes().await.map_err(|e| {
             anyhow::anyhow!(

@@ -94,6 +94,16 @@ pub struct RedisBus {
     live_out: mpsc::Sender<LiveEvent>,
 }
 
+/// A client for `url` (nothing sent yet) and its `host:port` for messages. The error
+/// names `KM_REDIS_URL` and never repeats the URL (it may hold a password).
+pub fn open(url: &str) -> anyhow::Result<(redis::Client, String)> {
+    let client = redis::Client::open(url).map_err(|_| {
+        anyhow::anyhow!("KM_REDIS_URL: not a usable Redis URL (redis://[:password@]host:port[/db])")
+    })?;
+    let host = client.get_connection_info().addr().to_string();
+    Ok((client, host))
+}
+
 impl RedisBus {
     /// Connects (errors name `KM_REDIS_URL` and the host, never a password) and starts
     /// the listener and heartbeat tasks, which stop with `shutdown`.
@@ -103,12 +113,7 @@ impl RedisBus {
         hub: Arc<LiveHub>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let client = redis::Client::open(url).map_err(|_| {
-            anyhow::anyhow!(
-                "KM_REDIS_URL: not a usable Redis URL (redis://[:password@]host:port[/db])"
-            )
-        })?;
-        let host = client.get_connection_info().addr().to_string();
+        let (client, host) = open(url)?;
         let connect = tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager());
         let mut conn = connect
             .await

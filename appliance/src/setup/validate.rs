@@ -1,0 +1,222 @@
+//! A configuration judged as a whole, the same way for `km config check` and the setup
+//! wizard: the static checks of `km serve` (values, licence), then the live checks of
+//! each configured part (connect, authenticate, write and delete, send a test mail, ...).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::checks::{self, Check};
+use super::{GROUPS, check_settings};
+use crate::config::{Settings, TlsMode};
+use crate::gateway::{self, challenge::Challenges};
+
+/// The parts of the wizard's form, with the report groups each covers.
+pub const SECTIONS: &[(&str, &[&str])] = &[
+    ("licence", &["licence"]),
+    (
+        "stores",
+        &["documents", "events", "bus", "data dir", "retention"],
+    ),
+    ("site", &["site URL", "listen"]),
+    ("smtp", &["SMTP"]),
+    ("tls", &["TLS"]),
+    ("access", &["sign-up"]),
+];
+
+#[derive(Default)]
+pub struct Options {
+    /// Where the SMTP check sends a real test mail.
+    pub test_mail_to: Option<String>,
+    /// Only this section of [`SECTIONS`] (the wizard checks one part at a time).
+    pub only: Option<String>,
+    /// A path under the site URL that answers `nonce` when the URL reaches this machine.
+    pub probe: Option<(String, String)>,
+    /// Answers ACME HTTP-01 challenges on port 80 for a dry run; without it the ACME
+    /// settings are checked statically only.
+    pub challenges: Option<Challenges>,
+    /// CAs trusted for SMTP besides the system's (PEM), for private mail servers.
+    pub smtp_extra_ca: Option<PathBuf>,
+}
+
+impl Options {
+    fn wants(&self, section: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == section)
+    }
+}
+
+fn now_s() -> i64 {
+    crate::ids::now_ms() / 1000
+}
+
+/// Every check of `env` (the variables of an env file), static ones first.
+pub async fn all(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check> {
+    let judged = check_settings(env, now_s());
+    let mut found = Vec::new();
+    let mut broken_sections = Vec::new();
+    for (section, groups) in SECTIONS.iter().filter(|(s, _)| options.wants(s)) {
+        for group in judged
+            .report
+            .groups
+            .iter()
+            .filter(|g| groups.contains(&g.group))
+        {
+            let setting = first_variable(group.group);
+            for problem in &group.problems {
+                broken_sections.push(*section);
+                found.push(Check::failed(
+                    variable_of(problem).unwrap_or(setting),
+                    problem.clone(),
+                ));
+            }
+            if group.problems.is_empty()
+                && let Some(note) = &group.note
+            {
+                found.push(Check::ok(setting, note.clone()));
+            }
+        }
+    }
+    // Syntax or unknown variables concern the whole file.
+    for group in judged
+        .report
+        .groups
+        .iter()
+        .filter(|g| g.group == super::FILE_GROUP)
+    {
+        for problem in &group.problems {
+            found.push(Check::failed(
+                variable_of(problem).unwrap_or("env file"),
+                problem.clone(),
+            ));
+        }
+    }
+    if let Some(settings) = &judged.settings {
+        for (section, _) in SECTIONS
+            .iter()
+            .filter(|(s, _)| options.wants(s) && !broken_sections.contains(s))
+        {
+            found.extend(live(section, settings, options).await);
+        }
+    }
+    found
+}
+
+/// The live checks only, for a configuration whose static report is clean.
+pub async fn live_only(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check> {
+    let Some(settings) = check_settings(env, now_s()).settings else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for (section, _) in SECTIONS.iter().filter(|(s, _)| options.wants(s)) {
+        found.extend(live(section, &settings, options).await);
+    }
+    found
+}
+
+/// The live checks of one section.
+async fn live(section: &str, s: &Settings, options: &Options) -> Vec<Check> {
+    let mut found = Vec::new();
+    match section {
+        "stores" => {
+            if let Some(url) = &s.mongo_url {
+                found.push(checks::check_mongo(url).await);
+            }
+            if !s.elasticsearch.is_empty() {
+                found.push(checks::check_elasticsearch(&s.elasticsearch).await);
+            }
+            if let Some(url) = &s.redis_url {
+                found.push(checks::check_redis(url).await);
+            }
+        }
+        "site" => {
+            if let Some(url) = &s.site_url {
+                let probe = options
+                    .probe
+                    .as_ref()
+                    .map(|(path, nonce)| (path.as_str(), nonce.as_str()));
+                found.push(checks::check_site_url(url, probe).await);
+            }
+        }
+        "smtp" => {
+            if let Some(smtp) = &s.smtp {
+                let extra_ca_pem = options
+                    .smtp_extra_ca
+                    .as_ref()
+                    .and_then(|p| std::fs::read(p).ok());
+                let smtp_options = checks::SmtpCheckOptions { extra_ca_pem };
+                found.push(
+                    checks::check_smtp_with(smtp, options.test_mail_to.as_deref(), &smtp_options)
+                        .await,
+                );
+            }
+        }
+        "tls" => found.extend(tls(s, options).await),
+        _ => {}
+    }
+    found
+}
+
+async fn tls(s: &Settings, options: &Options) -> Option<Check> {
+    let host = gateway::site_host(s.site_url.as_deref()).unwrap_or_default();
+    match &s.tls {
+        TlsMode::Off => Some(Check::warning(
+            "KM_TLS",
+            "plain HTTP: passwords and tokens cross the network in clear; use it only behind a TLS proxy",
+        )),
+        TlsMode::Files { cert, key } => Some(match (std::fs::read(cert), std::fs::read(key)) {
+            (Ok(cert), Ok(key)) => checks::check_tls_files(&cert, &key, &host),
+            (Err(e), _) => Check::failed(
+                "KM_TLS_CERT",
+                format!("cannot read {}: {e}", cert.display()),
+            ),
+            (_, Err(e)) => {
+                Check::failed("KM_TLS_KEY", format!("cannot read {}: {e}", key.display()))
+            }
+        }),
+        TlsMode::Acme {
+            directory,
+            email,
+            ca,
+        } => Some(match &options.challenges {
+            None => Check::warning(
+                "KM_TLS",
+                "ACME settings are well-formed; a trial order is only made from the wizard (it must answer on port 80)",
+            ),
+            Some(challenges) => match gateway::acme::acme_dry_run(
+                directory,
+                ca.as_deref(),
+                email.as_deref(),
+                &host,
+                challenges,
+            )
+            .await
+            {
+                Ok(()) => Check::ok(
+                    "KM_ACME_DIRECTORY",
+                    format!("the CA validated a trial order for {host} over HTTP-01"),
+                ),
+                Err(why) => Check::failed("KM_ACME_DIRECTORY", why),
+            },
+        }),
+    }
+}
+
+/// The variable a problem starts with (every problem names its variable first).
+fn variable_of(problem: &str) -> Option<&'static str> {
+    let var = problem
+        .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+        .next()?;
+    GROUPS
+        .iter()
+        .flat_map(|(_, vars)| vars.iter())
+        .find(|v| **v == var)
+        .copied()
+}
+
+fn first_variable(group: &str) -> &'static str {
+    GROUPS
+        .iter()
+        .find(|(g, _)| *g == group)
+        .and_then(|(_, vars)| vars.first())
+        .copied()
+        .unwrap_or("env file")
+}

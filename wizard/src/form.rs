@@ -1,0 +1,300 @@
+//! The wizard's form: prefilled from the current env file (secrets never sent back to
+//! the browser), and turned into the new env file plus the first admin account.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::apply::{Admin, Plan};
+
+/// What a password looks like in a prefilled URL; sent back as is, it means "unchanged".
+const MASK: &str = "********";
+
+/// Every field of the wizard's page.
+#[derive(Deserialize, Default, Clone)]
+#[serde(default)]
+pub struct SettingsForm {
+    pub dedicated_key: String,
+    /// `embedded` or `external`.
+    pub stores: String,
+    pub mongo_url: String,
+    pub elasticsearch_url: String,
+    pub redis_url: String,
+    pub site_url: String,
+    pub smtp_host: String,
+    pub smtp_port: String,
+    pub smtp_user: String,
+    pub smtp_password: String,
+    pub smtp_sender: String,
+    /// `none`, `starttls` or `tls`.
+    pub smtp_tls: String,
+    pub test_mail_to: String,
+    /// `off`, `acme` or `files`.
+    pub tls: String,
+    pub acme_directory: String,
+    pub acme_email: String,
+    pub acme_ca: String,
+    pub tls_cert_pem: String,
+    pub tls_key_pem: String,
+    /// A checkbox: `on` when ticked.
+    pub allow_signup: String,
+    pub admin_username: String,
+    pub admin_email: String,
+    pub admin_password: String,
+    /// Shown only: whether a licence / SMTP password is already set.
+    #[serde(skip)]
+    pub has_licence: bool,
+    #[serde(skip)]
+    pub has_smtp_password: bool,
+}
+
+/// `scheme://user:password@host` with the password replaced by the mask.
+fn mask_url(url: &str) -> String {
+    match password_span(url) {
+        Some((start, end)) => format!("{}{MASK}{}", &url[..start], &url[end..]),
+        None => url.to_string(),
+    }
+}
+
+/// Byte range of the password in `scheme://user:password@host…`.
+fn password_span(url: &str) -> Option<(usize, usize)> {
+    let authority_start = url.find("://")? + 3;
+    let rest = &url[authority_start..];
+    let at = rest.find('@')?;
+    let colon = rest[..at].find(':')?;
+    Some((authority_start + colon + 1, authority_start + at))
+}
+
+/// The submitted URL, with the current password put back where the mask was left.
+fn unmask_url(submitted: &str, current: Option<&String>) -> String {
+    let (Some((start, end)), Some(current)) = (password_span(submitted), current) else {
+        return submitted.to_string();
+    };
+    if &submitted[start..end] != MASK {
+        return submitted.to_string();
+    }
+    match password_span(current) {
+        Some((cs, ce)) => format!(
+            "{}{}{}",
+            &submitted[..start],
+            &current[cs..ce],
+            &submitted[end..]
+        ),
+        None => submitted.to_string(),
+    }
+}
+
+impl SettingsForm {
+    pub fn from_env(env: &BTreeMap<String, String>) -> SettingsForm {
+        let get = |k: &str| env.get(k).cloned().unwrap_or_default();
+        let external = ["KM_MONGO_URL", "KM_ELASTICSEARCH_URL", "KM_REDIS_URL"]
+            .iter()
+            .any(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
+        SettingsForm {
+            has_licence: env.get("KM_DEDICATED_KEY").is_some_and(|k| !k.is_empty()),
+            stores: if external { "external" } else { "embedded" }.into(),
+            mongo_url: mask_url(&get("KM_MONGO_URL")),
+            elasticsearch_url: mask_url(&get("KM_ELASTICSEARCH_URL")),
+            redis_url: mask_url(&get("KM_REDIS_URL")),
+            site_url: get("KM_SITE_URL"),
+            smtp_host: get("SMTP_HOST"),
+            smtp_port: get("SMTP_PORT"),
+            smtp_user: get("SMTP_USER"),
+            has_smtp_password: env.get("SMTP_PASSWORD").is_some_and(|p| !p.is_empty()),
+            smtp_sender: get("SMTP_SENDER"),
+            smtp_tls: env
+                .get("SMTP_TLS")
+                .cloned()
+                .unwrap_or_else(|| "starttls".into()),
+            tls: env.get("KM_TLS").cloned().unwrap_or_else(|| "off".into()),
+            acme_directory: env
+                .get("KM_ACME_DIRECTORY")
+                .cloned()
+                .unwrap_or_else(|| "https://acme-v02.api.letsencrypt.org/directory".into()),
+            acme_email: get("KM_ACME_EMAIL"),
+            acme_ca: get("KM_ACME_CA"),
+            allow_signup: if env.get("KM_ALLOW_SIGNUP").is_some_and(|v| v == "true") {
+                "on".into()
+            } else {
+                String::new()
+            },
+            ..SettingsForm::default()
+        }
+    }
+}
+
+/// Sets `key` to `value`, or removes it when empty.
+fn put(env: &mut BTreeMap<String, String>, key: &str, value: &str) {
+    match value.trim() {
+        "" => env.remove(key),
+        v => env.insert(key.to_string(), v.to_string()),
+    };
+}
+
+/// Writes an uploaded PEM root-only in the state dir; returns its path.
+fn save_pem(state: &Path, name: &str, pem: &str) -> Result<String, String> {
+    let dir = crate::server::tls_dir(state);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join(name);
+    std::fs::write(&path, pem.trim().as_bytes())
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path.display().to_string())
+}
+
+/// The new env file (the current one with the form's changes) and the admin account.
+pub fn plan(
+    form: &SettingsForm,
+    current: &BTreeMap<String, String>,
+    state: &Path,
+) -> Result<Plan, String> {
+    let mut env = current.clone();
+    if !form.dedicated_key.trim().is_empty() {
+        put(&mut env, "KM_DEDICATED_KEY", &form.dedicated_key);
+    }
+    for (key, value) in [
+        ("KM_MONGO_URL", &form.mongo_url),
+        ("KM_ELASTICSEARCH_URL", &form.elasticsearch_url),
+        ("KM_REDIS_URL", &form.redis_url),
+    ] {
+        let value = if form.stores == "external" {
+            unmask_url(value, current.get(key))
+        } else {
+            String::new()
+        };
+        put(&mut env, key, &value);
+    }
+    put(&mut env, "KM_SITE_URL", &form.site_url);
+    put(&mut env, "SMTP_HOST", &form.smtp_host);
+    put(&mut env, "SMTP_PORT", &form.smtp_port);
+    put(&mut env, "SMTP_USER", &form.smtp_user);
+    put(&mut env, "SMTP_SENDER", &form.smtp_sender);
+    put(&mut env, "SMTP_TLS", &form.smtp_tls);
+    if !form.smtp_password.is_empty() || form.smtp_user.trim().is_empty() {
+        put(&mut env, "SMTP_PASSWORD", &form.smtp_password);
+    }
+    if form.smtp_host.trim().is_empty() {
+        for key in [
+            "SMTP_PORT",
+            "SMTP_USER",
+            "SMTP_PASSWORD",
+            "SMTP_SENDER",
+            "SMTP_TLS",
+        ] {
+            env.remove(key);
+        }
+    }
+    put(&mut env, "KM_TLS", &form.tls);
+    put(
+        &mut env,
+        "KM_ACME_DIRECTORY",
+        if form.tls == "acme" {
+            &form.acme_directory
+        } else {
+            ""
+        },
+    );
+    put(
+        &mut env,
+        "KM_ACME_EMAIL",
+        if form.tls == "acme" {
+            &form.acme_email
+        } else {
+            ""
+        },
+    );
+    put(
+        &mut env,
+        "KM_ACME_CA",
+        if form.tls == "acme" {
+            &form.acme_ca
+        } else {
+            ""
+        },
+    );
+    if form.tls == "files" {
+        if !form.tls_cert_pem.trim().is_empty() {
+            env.insert(
+                "KM_TLS_CERT".into(),
+                save_pem(state, "cert.pem", &form.tls_cert_pem)?,
+            );
+        }
+        if !form.tls_key_pem.trim().is_empty() {
+            env.insert(
+                "KM_TLS_KEY".into(),
+                save_pem(state, "key.pem", &form.tls_key_pem)?,
+            );
+        }
+    } else {
+        env.remove("KM_TLS_CERT");
+        env.remove("KM_TLS_KEY");
+    }
+    env.insert(
+        "KM_ALLOW_SIGNUP".into(),
+        if form.allow_signup == "on" {
+            "true"
+        } else {
+            "false"
+        }
+        .into(),
+    );
+    let admin = (!form.admin_username.trim().is_empty()).then(|| Admin {
+        username: form.admin_username.trim().to_string(),
+        email: form.admin_email.trim().to_string(),
+        password: form.admin_password.clone(),
+    });
+    Ok(Plan {
+        env,
+        admin,
+        test_mail_to: Some(form.test_mail_to.trim().to_string()).filter(|t| !t.is_empty()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked_and_put_back() {
+        let current = "mongodb://km:s3cret@db:27017/km".to_string();
+        let masked = mask_url(&current);
+        assert_eq!(masked, "mongodb://km:********@db:27017/km");
+        assert_eq!(unmask_url(&masked, Some(&current)), current);
+        assert_eq!(
+            unmask_url("mongodb://km:new@db/km", Some(&current)),
+            "mongodb://km:new@db/km"
+        );
+        assert_eq!(mask_url("redis://cache:6379"), "redis://cache:6379");
+    }
+
+    #[test]
+    fn the_plan_keeps_what_the_form_does_not_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let current: BTreeMap<String, String> = [
+            ("KM_LISTEN", "0.0.0.0:80"),
+            ("KM_DEDICATED_KEY", "km1.old"),
+            ("SMTP_PASSWORD", "pw"),
+            ("KM_MONGO_URL", "mongodb://u:p@db/km"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut form = SettingsForm::from_env(&current);
+        assert!(form.has_licence && form.has_smtp_password && form.stores == "external");
+        form.smtp_host = "mail.example.com".into();
+        form.smtp_user = "km".into();
+        form.site_url = "https://km.example.com".into();
+        let plan = plan(&form, &current, dir.path()).unwrap();
+        assert_eq!(plan.env["KM_LISTEN"], "0.0.0.0:80");
+        assert_eq!(plan.env["KM_DEDICATED_KEY"], "km1.old");
+        assert_eq!(plan.env["SMTP_PASSWORD"], "pw");
+        assert_eq!(plan.env["KM_MONGO_URL"], "mongodb://u:p@db/km");
+        assert_eq!(plan.env["KM_ALLOW_SIGNUP"], "false");
+        assert!(plan.admin.is_none());
+        form.stores = "embedded".into();
+        let plan = super::plan(&form, &current, dir.path()).unwrap();
+        assert!(!plan.env.contains_key("KM_MONGO_URL"));
+    }
+}

@@ -1,0 +1,293 @@
+//! `km-wizard`: the appliance's first-boot setup. `serve` runs the web wizard (locked by
+//! a one-time token printed once at start), `apply` does the same validation and apply
+//! headless (terraform, cloud-init), `reopen` issues a new token after the wizard locked
+//! itself.
+
+mod apply;
+mod form;
+mod server;
+mod services;
+mod token;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use apply::{Admin, Plan, SharedProgress, StepState, Target};
+use services::Services;
+use token::StateDir;
+
+#[derive(Parser)]
+#[command(name = "km-wizard", version, about = "The KM appliance's setup wizard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the wizard; prints the setup URL with its one-time token.
+    Serve {
+        #[arg(long, env = "KM_WIZARD_LISTEN", default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// The URL people open (default: http://<listen>).
+        #[arg(long, env = "KM_WIZARD_URL")]
+        url: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Validate and apply settings without a browser; exits non-zero with the reasons.
+    Apply {
+        /// Settings in env-file syntax; `WIZARD_ADMIN_USERNAME`, `WIZARD_ADMIN_EMAIL`,
+        /// `WIZARD_ADMIN_PASSWORD` create the first admin, `WIZARD_TEST_MAIL_TO` receives
+        /// the SMTP test mail; they are not written to the env file.
+        #[arg(long)]
+        settings: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Issue a new setup token (root only) and print the setup URL.
+    Reopen {
+        #[arg(
+            long,
+            env = "KM_WIZARD_STATE_DIR",
+            default_value = "/var/lib/km-wizard"
+        )]
+        state_dir: PathBuf,
+        #[arg(long, env = "KM_WIZARD_URL", default_value = "http://127.0.0.1:8090")]
+        url: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RestartMode {
+    /// `systemctl restart` of the appliance's units.
+    Systemd,
+    /// Run `km serve` as a child of the wizard (development, tests).
+    Process,
+}
+
+#[derive(Args)]
+struct Common {
+    #[arg(
+        long,
+        env = "KM_WIZARD_STATE_DIR",
+        default_value = "/var/lib/km-wizard"
+    )]
+    state_dir: PathBuf,
+    /// The appliance's env file (read by its units as `EnvironmentFile=`).
+    #[arg(long, env = "KM_ENV_FILE", default_value = "/etc/km/km.env")]
+    env_file: PathBuf,
+    /// How the services restart (default: systemd when it runs the machine).
+    #[arg(long, value_enum)]
+    restart: Option<RestartMode>,
+    /// Units restarted, in order (systemd mode).
+    #[arg(long = "unit", default_value = "km.target")]
+    units: Vec<String>,
+    /// The `km` binary (process mode; default: next to km-wizard).
+    #[arg(long)]
+    km_bin: Option<PathBuf>,
+}
+
+impl Common {
+    fn target(&self) -> anyhow::Result<Target> {
+        let state = StateDir::open(&self.state_dir)
+            .with_context(|| format!("--state-dir {}", self.state_dir.display()))?;
+        let systemd = Path::new("/run/systemd/system").exists();
+        let services = match self.restart {
+            Some(RestartMode::Systemd) => Services::Systemd {
+                units: self.units.clone(),
+            },
+            None if systemd => Services::Systemd {
+                units: self.units.clone(),
+            },
+            _ => Services::process(self.km_bin.clone().unwrap_or_else(default_km_bin)),
+        };
+        Ok(Target {
+            env_file: self.env_file.clone(),
+            state,
+            services: Arc::new(services),
+        })
+    }
+}
+
+fn default_km_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("km")))
+        .unwrap_or_else(|| PathBuf::from("km"))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("km-wizard: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve {
+            listen,
+            url,
+            common,
+        } => serve(listen, url, common).await,
+        Command::Apply { settings, common } => apply_headless(&settings, common).await,
+        Command::Reopen { state_dir, url } => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                bail!(
+                    "reopen must run as root (it writes the setup token under {})",
+                    state_dir.display()
+                );
+            }
+            let token = StateDir::open(&state_dir)?.issue()?;
+            println!(
+                "KM setup: open {}/wizard/?token={token}",
+                url.trim_end_matches('/')
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, url: Option<String>, common: Common) -> anyhow::Result<()> {
+    let target = common.target()?;
+    let url = url.unwrap_or_else(|| format!("http://{listen}"));
+    if target.state.is_locked() {
+        println!(
+            "KM setup: the wizard is locked (settings applied); reopen it with `km-wizard reopen`"
+        );
+    } else {
+        let token = match target.state.current() {
+            Some(token) => token,
+            None => target
+                .state
+                .issue()
+                .context("cannot write the setup token")?,
+        };
+        println!(
+            "KM setup: open {}/wizard/?token={token}",
+            url.trim_end_matches('/')
+        );
+    }
+    if matches!(*target.services, Services::Process { .. })
+        && target.env_file.exists()
+        && let Err(e) = target.services.restart(&target.env_file).await
+    {
+        tracing::warn!(error = %e, "km did not start on the current settings");
+    }
+    let services = target.services.clone();
+    let wizard = server::Wizard::new(target);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--listen: cannot listen on {listen}"))?;
+    tracing::info!(%listen, "wizard ready");
+    axum::serve(
+        listener,
+        server::router(wizard).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop_requested())
+    .await
+    .context("wizard server failed")?;
+    services.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (systemd's stop): the wizard then stops the `km` it runs.
+async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `km-wizard apply --settings FILE`: the settings over the current env file.
+async fn apply_headless(settings: &Path, common: Common) -> anyhow::Result<()> {
+    let target = common.target()?;
+    let text = std::fs::read_to_string(settings)
+        .with_context(|| format!("--settings {}", settings.display()))?;
+    let given = km::setup::envfile::parse(&text)
+        .with_context(|| format!("--settings {}", settings.display()))?;
+    let mut env: BTreeMap<String, String> = std::fs::read_to_string(&target.env_file)
+        .ok()
+        .and_then(|t| km::setup::envfile::parse(&t).ok())
+        .map(|e| e.into_iter().collect())
+        .unwrap_or_default();
+    let mut wizard_only = BTreeMap::new();
+    for (key, value) in given {
+        if key.starts_with("WIZARD_") {
+            wizard_only.insert(key, value);
+        } else {
+            env.insert(key, value);
+        }
+    }
+    let take = |k: &str| wizard_only.get(k).cloned().unwrap_or_default();
+    let admin = (!take("WIZARD_ADMIN_USERNAME").is_empty()).then(|| Admin {
+        username: take("WIZARD_ADMIN_USERNAME"),
+        email: take("WIZARD_ADMIN_EMAIL"),
+        password: take("WIZARD_ADMIN_PASSWORD"),
+    });
+    let plan = Plan {
+        env,
+        admin,
+        test_mail_to: Some(take("WIZARD_TEST_MAIL_TO")).filter(|t| !t.is_empty()),
+    };
+    let progress = SharedProgress::default();
+    // Headless: nothing answers HTTP-01 or the site probe here; those are warnings.
+    let options = km::setup::validate::Options {
+        test_mail_to: plan.test_mail_to.clone(),
+        ..km::setup::validate::Options::default()
+    };
+    let outcome = apply::apply(&target, plan, options, &progress).await;
+    let report = progress.lock().clone();
+    for check in &report.checks {
+        println!(
+            "check {:<22} {:?}: {}",
+            check.setting, check.status, check.detail
+        );
+    }
+    for step in &report.steps {
+        let (mark, detail) = match &step.state {
+            StepState::Done(d) => ("ok  ", d.as_str()),
+            StepState::Failed(d) => ("FAIL", d.as_str()),
+            StepState::Running => ("... ", ""),
+            StepState::Pending => ("-   ", "not run"),
+        };
+        println!("{mark} {}: {detail}", step.name);
+    }
+    if matches!(*target.services, Services::Process { .. }) {
+        // A headless apply outside systemd leaves nothing running behind it.
+        target.services.shutdown().await;
+    }
+    outcome.map_err(anyhow::Error::msg)
+}

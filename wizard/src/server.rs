@@ -1,0 +1,286 @@
+//! The wizard's pages under `/wizard/`. Every route but the reachability probe needs the
+//! setup token (`?token=` once, then an HttpOnly cookie); without it the answer is a bare
+//! 403, and an address that keeps guessing waits.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use askama::Template;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, SET_COOKIE,
+};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::apply::{self, Plan, Progress, SharedProgress, Target};
+use crate::form::{self, SettingsForm};
+use crate::token::{Attempts, StateDir};
+use km::gateway::challenge::Challenges;
+use km::setup::{envfile, validate};
+
+const COOKIE_NAME: &str = "km_wizard";
+const CSP: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'";
+
+pub struct Wizard {
+    pub target: Arc<Target>,
+    pub attempts: Attempts,
+    pub progress: SharedProgress,
+    running: AtomicBool,
+    /// The token that started the last apply: it may still read the progress after
+    /// the wizard locked itself.
+    applied_with: Mutex<Option<String>>,
+    /// Served at [`PROBE_PATH`]: finding it through the site URL proves the URL reaches
+    /// this machine.
+    probe_nonce: String,
+    /// HTTP-01 answers for the ACME trial order.
+    challenges: Challenges,
+}
+
+/// Where the site URL check looks for this wizard.
+pub const PROBE_PATH: &str = "/.well-known/km-setup-probe";
+
+pub type WizardState = Arc<Wizard>;
+
+impl Wizard {
+    pub fn new(target: Target) -> WizardState {
+        Arc::new(Wizard {
+            target: Arc::new(target),
+            attempts: Attempts::default(),
+            progress: SharedProgress::default(),
+            running: AtomicBool::new(false),
+            applied_with: Mutex::new(None),
+            probe_nonce: crate::token::random_hex(16),
+            challenges: Challenges::default(),
+        })
+    }
+
+    /// The live checks' options: the probe and ACME answers this wizard serves.
+    fn options(&self, plan: &Plan, only: Option<String>) -> validate::Options {
+        validate::Options {
+            test_mail_to: plan.test_mail_to.clone(),
+            only,
+            probe: Some((PROBE_PATH.to_string(), self.probe_nonce.clone())),
+            challenges: Some(self.challenges.clone()),
+            smtp_extra_ca: None,
+        }
+    }
+
+    fn state(&self) -> &StateDir {
+        &self.target.state
+    }
+}
+
+pub fn router(wizard: WizardState) -> Router {
+    // Open to anyone: a random nonce and ACME answers reveal nothing.
+    let open = Router::new()
+        .route(
+            PROBE_PATH,
+            get(|State(w): State<WizardState>| async move { w.probe_nonce.clone() }),
+        )
+        .with_state(wizard.clone())
+        .merge(wizard.challenges.routes());
+    let guarded = Router::new()
+        .route("/wizard", get(|| async { Redirect::to("/wizard/") }))
+        .route("/wizard/", get(page))
+        .route("/wizard/check/{section}", post(check))
+        .route("/wizard/apply", post(start_apply))
+        .route("/wizard/progress", get(progress_page))
+        .route("/wizard/progress.json", get(progress_json))
+        .route("/wizard/assets/wizard.js", get(script))
+        .route("/wizard/assets/wizard.css", get(style))
+        .layer(middleware::from_fn_with_state(wizard.clone(), guard))
+        .with_state(wizard);
+    open.merge(guarded).fallback(|| async { forbidden() })
+}
+
+fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, "forbidden\n").into_response()
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE_NAME)
+        .map(|(_, value)| value.to_string())
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Lets a request through only with the current token (query or cookie); a token in the
+/// query becomes the cookie and leaves the address bar.
+async fn guard(
+    State(wizard): State<WizardState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(query): Query<TokenQuery>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let ip = peer.ip();
+    if wizard.attempts.blocked(ip) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many attempts: wait ten minutes\n",
+        )
+            .into_response();
+    }
+    let from_cookie = cookie_token(request.headers());
+    let given = query.token.clone().or_else(|| from_cookie.clone());
+    let progress_after_lock = request.uri().path().starts_with("/wizard/progress")
+        && given.is_some()
+        && *wizard.applied_with.lock() == given;
+    if !progress_after_lock && let Err(refusal) = wizard.state().check(given.as_deref()) {
+        tracing::warn!(%ip, ?refusal, path = %request.uri().path(), "wizard: refused");
+        wizard.attempts.failed(ip);
+        return forbidden();
+    }
+    if let Some(token) = query.token
+        && from_cookie.as_deref() != Some(token.as_str())
+    {
+        let cookie = format!("{COOKIE_NAME}={token}; Path=/wizard; HttpOnly; SameSite=Strict");
+        let mut response = Redirect::to(request.uri().path()).into_response();
+        if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+            response.headers_mut().insert(SET_COOKIE, cookie);
+        }
+        return response;
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn html(page: &impl Template) -> Response {
+    match page.render() {
+        Ok(body) => ([(CONTENT_TYPE, "text/html; charset=utf-8")], body).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "wizard page cannot be rendered");
+            (StatusCode::INTERNAL_SERVER_ERROR, "page cannot be rendered").into_response()
+        }
+    }
+}
+
+/// The env file as it is now (empty at first boot).
+fn current_env(wizard: &Wizard) -> BTreeMap<String, String> {
+    std::fs::read_to_string(&wizard.target.env_file)
+        .ok()
+        .and_then(|text| envfile::parse(&text).ok())
+        .map(|entries| entries.into_iter().collect())
+        .unwrap_or_default()
+}
+
+#[derive(Template)]
+#[template(path = "wizard.html")]
+struct WizardPage {
+    form: SettingsForm,
+    env_file: String,
+    reconfigure: bool,
+}
+
+async fn page(State(wizard): State<WizardState>) -> Response {
+    let current = current_env(&wizard);
+    html(&WizardPage {
+        reconfigure: !current.is_empty(),
+        form: SettingsForm::from_env(&current),
+        env_file: wizard.target.env_file.display().to_string(),
+    })
+}
+
+/// `POST /wizard/check/<section>`: the live checks of one part of the form.
+async fn check(
+    State(wizard): State<WizardState>,
+    Path(section): Path<String>,
+    Form(submitted): Form<SettingsForm>,
+) -> Response {
+    let plan = match form::plan(&submitted, &current_env(&wizard), wizard.state().path()) {
+        Ok(plan) => plan,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": e})),
+            )
+                .into_response();
+        }
+    };
+    let options = wizard.options(&plan, Some(section));
+    Json(validate::all(&plan.env, &options).await).into_response()
+}
+
+/// `POST /wizard/apply`: starts the apply and shows its progress.
+async fn start_apply(
+    State(wizard): State<WizardState>,
+    headers: HeaderMap,
+    Form(submitted): Form<SettingsForm>,
+) -> Response {
+    let plan: Plan = match form::plan(&submitted, &current_env(&wizard), wizard.state().path()) {
+        Ok(plan) => plan,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    if wizard.running.swap(true, Ordering::SeqCst) {
+        return (StatusCode::CONFLICT, "an apply is already running\n").into_response();
+    }
+    *wizard.applied_with.lock() = cookie_token(&headers);
+    let job = wizard.clone();
+    tokio::spawn(async move {
+        let options = job.options(&plan, None);
+        let outcome = apply::apply(&job.target, plan, options, &job.progress).await;
+        match &outcome {
+            Ok(()) => tracing::info!("wizard: settings applied, wizard locked"),
+            Err(why) => tracing::warn!(%why, "wizard: apply failed"),
+        }
+        job.running.store(false, Ordering::SeqCst);
+    });
+    Redirect::to("/wizard/progress").into_response()
+}
+
+#[derive(Template)]
+#[template(path = "progress.html")]
+struct ProgressPage {
+    progress: Progress,
+}
+
+async fn progress_page(State(wizard): State<WizardState>) -> Response {
+    let progress = wizard.progress.lock().clone();
+    html(&ProgressPage { progress })
+}
+
+async fn progress_json(State(wizard): State<WizardState>) -> Json<Progress> {
+    Json(wizard.progress.lock().clone())
+}
+
+async fn script() -> Response {
+    (
+        [(CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../assets/wizard.js"),
+    )
+        .into_response()
+}
+
+async fn style() -> Response {
+    (
+        [(CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../assets/wizard.css"),
+    )
+        .into_response()
+}
+
+/// Where uploaded certificates are kept.
+pub fn tls_dir(state: &std::path::Path) -> PathBuf {
+    state.join("tls")
+}

@@ -1,0 +1,174 @@
+//! Restarting the appliance's services after the env file changed, and waiting until
+//! they answer healthy. Under systemd the units restart in the order given (the order
+//! their dependencies need); outside systemd (development, tests) the wizard runs `km
+//! serve` itself with the env file's variables.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+use km::setup::envfile;
+
+/// How long a restarted appliance has to answer `/healthz` with `ok`.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
+
+pub enum Services {
+    /// `systemctl restart` of each unit, in order.
+    Systemd { units: Vec<String> },
+    /// A `km serve` child of the wizard.
+    Process {
+        km_bin: PathBuf,
+        child: Box<Mutex<Option<Child>>>,
+    },
+}
+
+impl Services {
+    pub fn process(km_bin: PathBuf) -> Services {
+        Services::Process {
+            km_bin,
+            child: Box::new(Mutex::new(None)),
+        }
+    }
+
+    /// Restarts everything on the settings of `env_file`, then waits until healthy.
+    pub async fn restart(&self, env_file: &Path) -> Result<(), String> {
+        let entries = envfile::parse(
+            &tokio::fs::read_to_string(env_file)
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", env_file.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", env_file.display()))?;
+        match self {
+            Services::Systemd { units } => {
+                for unit in units {
+                    systemctl(&["restart", unit]).await?;
+                }
+                for unit in units {
+                    systemctl(&["is-active", "--quiet", unit])
+                        .await
+                        .map_err(|_| {
+                            format!(
+                                "{unit} is not active after its restart (see journalctl -u {unit})"
+                            )
+                        })?;
+                }
+            }
+            Services::Process { km_bin, child } => {
+                let mut child = child.lock().await;
+                if let Some(old) = child.as_mut() {
+                    stop(old).await;
+                }
+                let spawned = Command::new(km_bin)
+                    .arg("serve")
+                    .envs(entries.iter().map(|(k, v)| (k, v)))
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .map_err(|e| format!("cannot start {}: {e}", km_bin.display()))?;
+                *child = Some(spawned);
+            }
+        }
+        wait_healthy(&health_url(&entries)).await
+    }
+
+    /// Stops a `km serve` the wizard runs (nothing to do under systemd).
+    pub async fn shutdown(&self) {
+        if let Services::Process { child, .. } = self
+            && let Some(old) = child.lock().await.as_mut()
+        {
+            stop(old).await;
+        }
+    }
+}
+
+async fn systemctl(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "systemctl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// SIGTERM (km flushes and exits), then SIGKILL after 15 s.
+async fn stop(child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill only sends a signal to our own child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// `/healthz` on the appliance's plain port (`KM_LISTEN`; it answers there even when
+/// HTTPS is on), through loopback when it listens on every address.
+pub fn health_url(entries: &[(String, String)]) -> String {
+    let listen = entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "KM_LISTEN")
+        .map_or("127.0.0.1:8080", |(_, v)| v.as_str());
+    let local = listen
+        .strip_prefix("0.0.0.0:")
+        .or_else(|| listen.strip_prefix("[::]:"))
+        .map_or_else(|| listen.to_string(), |port| format!("127.0.0.1:{port}"));
+    format!("http://{local}/healthz")
+}
+
+/// Polls `/healthz` until it answers `status: ok`, or says why not.
+async fn wait_healthy(url: &str) -> Result<(), String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + HEALTHY_WITHIN;
+    let mut last = String::from("no answer");
+    while tokio::time::Instant::now() < deadline {
+        match http.get(url).send().await {
+            Ok(r) => {
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                if body["status"] == "ok" {
+                    return Ok(());
+                }
+                last = format!("status {}: {}", body["status"], body["stores"]);
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(format!(
+        "the appliance did not report healthy at {url} within {} s (last: {last})",
+        HEALTHY_WITHIN.as_secs()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_url_goes_through_loopback() {
+        let e = |v: &str| vec![("KM_LISTEN".to_string(), v.to_string())];
+        assert_eq!(health_url(&e("0.0.0.0:80")), "http://127.0.0.1:80/healthz");
+        assert_eq!(
+            health_url(&e("10.0.0.2:8080")),
+            "http://10.0.0.2:8080/healthz"
+        );
+        assert_eq!(health_url(&[]), "http://127.0.0.1:8080/healthz");
+    }
+}
