@@ -100,6 +100,10 @@ pub struct RawSettings {
     /// private CA (default: the system's CAs).
     #[arg(long, env = "KM_ACME_CA")]
     pub acme_ca: Option<PathBuf>,
+    /// The setup wizard's local address (`http://127.0.0.1:8090`): `/wizard/` on km's
+    /// ports is passed to it, so admins reach it through the site URL.
+    #[arg(long, env = "KM_WIZARD_URL")]
+    pub wizard_url: Option<String>,
 }
 
 impl RawSettings {
@@ -132,6 +136,7 @@ impl RawSettings {
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_email: None,
             acme_ca: None,
+            wizard_url: None,
         }
     }
 }
@@ -254,6 +259,8 @@ pub struct Settings {
     pub smtp: Option<SmtpSettings>,
     pub tls: TlsMode,
     pub https_listen: SocketAddr,
+    /// Where `/wizard/` is passed to (`KM_WIZARD_URL`), without trailing slash.
+    pub wizard_url: Option<String>,
 }
 
 /// How the SMTP connection is secured.
@@ -393,6 +400,19 @@ impl Settings {
             }
         };
         let smtp = smtp_settings(&raw, &mut errors);
+        let wizard_url = raw
+            .wizard_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .and_then(|url| match url.strip_prefix("http://") {
+                Some(_) => Some(url.trim_end_matches('/').to_string()),
+                None => {
+                    errors.push(format!(
+                        "KM_WIZARD_URL: {url:?} must be the wizard's local http:// address"
+                    ));
+                    None
+                }
+            });
         let tls = tls_mode(&raw, site_url.as_deref(), &mut errors);
         let https_listen = raw
             .https_listen
@@ -424,6 +444,7 @@ impl Settings {
                     smtp,
                     tls,
                     https_listen,
+                    wizard_url,
                 })
             }
             _ => Err(ConfigErrors(errors)),

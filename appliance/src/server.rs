@@ -80,10 +80,14 @@ pub async fn serve_on(
     };
     let stopping = shutdown.clone();
     let plain = async {
-        axum::serve(listener, plain_routes)
-            .with_graceful_shutdown(async move { stopping.cancelled().await })
-            .await
-            .context("HTTP server failed")
+        // The peer address goes to the wizard behind `/wizard/` (its per-address limit).
+        axum::serve(
+            listener,
+            plain_routes.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stopping.cancelled().await })
+        .await
+        .context("HTTP server failed")
     };
     let secure = async {
         match https_listener {

@@ -3,7 +3,7 @@
 //! 403, and an address that keeps guessing waits.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +86,7 @@ pub fn router(wizard: WizardState) -> Router {
             PROBE_PATH,
             get(|State(w): State<WizardState>| async move { w.probe_nonce.clone() }),
         )
+        .route("/wizard/reopen", get(reopen_for_admin))
         .with_state(wizard.clone())
         .merge(wizard.challenges.routes());
     let guarded = Router::new()
@@ -131,7 +132,7 @@ async fn guard(
     request: Request,
     next: Next,
 ) -> Response {
-    let ip = peer.ip();
+    let ip = client_ip(peer, request.headers());
     if wizard.attempts.blocked(ip) {
         return (
             StatusCode::TOO_MANY_REQUESTS,
@@ -164,6 +165,69 @@ async fn guard(
     headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+/// The requester: behind km's `/wizard/` (a loopback peer) the address km saw.
+fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    let forwarded = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    match forwarded {
+        Some(ip) if peer.ip().is_loopback() => ip,
+        _ => peer.ip(),
+    }
+}
+
+/// `GET /wizard/reopen` through km's site URL: an admin's dashboard session (its cookie
+/// comes along, same origin) opens the wizard with a new token.
+async fn reopen_for_admin(
+    State(wizard): State<WizardState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let ip = client_ip(peer, &headers);
+    if wizard.attempts.blocked(ip) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many attempts: wait ten minutes\n",
+        )
+            .into_response();
+    }
+    let Some(cookie) = headers.get(COOKIE).cloned() else {
+        wizard.attempts.failed(ip);
+        return forbidden();
+    };
+    let entries: Vec<(String, String)> = current_env(&wizard).into_iter().collect();
+    let url = crate::services::health_url(&entries).replace("/healthz", "/api/users/isLogged");
+    let user: serde_json::Value = match reqwest::Client::new()
+        .get(&url)
+        .header(COOKIE, cookie)
+        .send()
+        .await
+    {
+        Ok(answer) if answer.status().is_success() => answer.json().await.unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    };
+    if user["role"] != "admin" {
+        wizard.attempts.failed(ip);
+        return forbidden();
+    }
+    match wizard.state().issue() {
+        Ok(token) => {
+            tracing::info!(admin = %user["username"], "wizard reopened by an admin session");
+            Redirect::to(&format!("/wizard/?token={token}")).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot write a new setup token");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot reopen the wizard",
+            )
+                .into_response()
+        }
+    }
 }
 
 fn html(page: &impl Template) -> Response {

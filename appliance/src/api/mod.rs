@@ -13,7 +13,7 @@ use axum::http::HeaderValue;
 use axum::http::header::{
     CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
 };
-use axum::routing::{delete, get, post};
+use axum::routing::{any, delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -23,6 +23,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use crate::stores::StoreError;
 
 use crate::app::AppState;
+use crate::gateway;
 use crate::interactor;
 use crate::realtime;
 use crate::web;
@@ -159,6 +160,9 @@ pub fn router(app: AppState) -> Router {
             "/api/bucket/{id}/data/events/delete_all",
             delete(insights::events_delete_all),
         )
+        .route("/wizard", any(gateway::wizard::pass))
+        .route("/wizard/", any(gateway::wizard::pass))
+        .route("/wizard/{*rest}", any(gateway::wizard::pass))
         .merge(web::routes())
         .fallback(|| async { ApiError::not_found("no such route") });
     with_security_headers(routes).with_state(app)

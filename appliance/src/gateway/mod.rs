@@ -10,6 +10,7 @@ pub(crate) mod certs;
 pub mod challenge;
 mod files;
 mod redirect;
+pub mod wizard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -277,7 +278,7 @@ pub async fn serve_https(
     )
     .context("KM_HTTPS_LISTEN: cannot use the listener")?
     .handle(handle)
-    .serve(router.into_make_service())
+    .serve(router.into_make_service_with_connect_info::<SocketAddr>())
     .await
     .context("HTTPS server failed")
 }

@@ -14,7 +14,7 @@ use crate::config::{Settings, SmtpSettings, TlsMode};
 
 /// The groups of settings a report has a line for, with their variables.
 pub const GROUPS: &[(&str, &[&str])] = &[
-    ("listen", &["KM_LISTEN", "KM_HTTPS_LISTEN"]),
+    ("listen", &["KM_LISTEN", "KM_HTTPS_LISTEN", "KM_WIZARD_URL"]),
     ("site URL", &["KM_SITE_URL"]),
     (
         "TLS",

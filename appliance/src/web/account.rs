@@ -233,14 +233,21 @@ struct AccountPage {
     nav: Option<Nav>,
     email: String,
     role: String,
+    /// The setup wizard is reachable under `/wizard/`.
+    wizard: bool,
     error: Option<String>,
     msg: Option<String>,
 }
 
-pub async fn account_page(session: WebSession, flash: Flashes) -> Response {
+pub async fn account_page(
+    State(app): State<AppState>,
+    session: WebSession,
+    flash: Flashes,
+) -> Response {
     let flash = flash.0;
     render(&AccountPage {
         nav: Some(Nav::from(&session)),
+        wizard: app.settings.wizard_url.is_some(),
         email: session.auth.user.email.clone(),
         role: session.auth.user.role.clone(),
         error: flash.error,
