@@ -35,8 +35,12 @@ enum Command {
         #[arg(long, env = "KM_WIZARD_LISTEN", default_value = "127.0.0.1:8090")]
         listen: SocketAddr,
         /// The URL people open (default: http://<listen>).
-        #[arg(long, env = "KM_WIZARD_URL")]
+        #[arg(long, env = "KM_WIZARD_PUBLIC_URL")]
         url: Option<String>,
+        /// Also write the setup URL to these terminals (a VM's serial console:
+        /// `/dev/ttyS0`), where an operator without a shell sees it.
+        #[arg(long)]
+        console: Vec<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -58,7 +62,7 @@ enum Command {
             default_value = "/var/lib/km-wizard"
         )]
         state_dir: PathBuf,
-        #[arg(long, env = "KM_WIZARD_URL", default_value = "http://127.0.0.1:8090")]
+        #[arg(long, env = "KM_WIZARD_PUBLIC_URL", default_value = "http://127.0.0.1:8090")]
         url: String,
     },
 }
@@ -151,8 +155,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve {
             listen,
             url,
+            console,
             common,
-        } => serve(listen, url, common).await,
+        } => serve(listen, url, &console, common).await,
         Command::Apply { settings, common } => apply_headless(&settings, common).await,
         Command::Reopen { state_dir, url } => {
             // SAFETY: geteuid has no preconditions.
@@ -163,21 +168,48 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             let token = StateDir::open(&state_dir)?.issue()?;
-            println!(
-                "KM setup: open {}/wizard/?token={token}",
-                url.trim_end_matches('/')
-            );
+            announce(&setup_line(&url, &token), &[]);
             Ok(())
         }
     }
 }
 
-async fn serve(listen: SocketAddr, url: Option<String>, common: Common) -> anyhow::Result<()> {
+/// The one line that opens the wizard.
+fn setup_line(url: &str, token: &str) -> String {
+    format!(
+        "KM setup: open {}/wizard/?token={token}",
+        url.trim_end_matches('/')
+    )
+}
+
+/// Prints `line` on stdout (the journal) and on each console that can be written.
+fn announce(line: &str, consoles: &[PathBuf]) {
+    println!("{line}");
+    for console in consoles {
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .open(console)
+            .and_then(|mut tty| {
+                std::io::Write::write_all(&mut tty, format!("\r\n{line}\r\n").as_bytes())
+            });
+        if let Err(e) = written {
+            tracing::warn!(console = %console.display(), error = %e, "setup URL not written to the console");
+        }
+    }
+}
+
+async fn serve(
+    listen: SocketAddr,
+    url: Option<String>,
+    consoles: &[PathBuf],
+    common: Common,
+) -> anyhow::Result<()> {
     let target = common.target()?;
     let url = url.unwrap_or_else(|| format!("http://{listen}"));
     if target.state.is_locked() {
-        println!(
-            "KM setup: the wizard is locked (settings applied); reopen it with `km-wizard reopen`"
+        announce(
+            "KM setup: the wizard is locked (settings applied); reopen it with `km-wizard reopen`",
+            consoles,
         );
     } else {
         let token = match target.state.current() {
@@ -187,10 +219,7 @@ async fn serve(listen: SocketAddr, url: Option<String>, common: Common) -> anyho
                 .issue()
                 .context("cannot write the setup token")?,
         };
-        println!(
-            "KM setup: open {}/wizard/?token={token}",
-            url.trim_end_matches('/')
-        );
+        announce(&setup_line(&url, &token), consoles);
     }
     if matches!(*target.services, Services::Process { .. })
         && target.env_file.exists()
