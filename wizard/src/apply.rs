@@ -149,7 +149,8 @@ async fn run(
 
     set(progress, 1, StepState::Running);
     let entries: Vec<(String, String)> = plan.env.clone().into_iter().collect();
-    envfile::write_atomic(&target.env_file, &entries, 0o640).map_err(|e| {
+    // Root-only: it holds passwords; systemd reads it as root before dropping privileges.
+    envfile::write_atomic(&target.env_file, &entries, 0o600).map_err(|e| {
         let why = format!("cannot write {}: {e}", target.env_file.display());
         set(progress, 1, StepState::Failed(why.clone()));
         why
