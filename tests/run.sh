@@ -93,16 +93,21 @@ section "python test servers (${PY_PACKAGES[*]})"
 python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 command -v secantusd-py >/dev/null || { echo "error: secantusd-py not on PATH after pip install" >&2; exit 1; }
 
-section "cargo build --workspace --all-targets"
-cargo build --workspace --all-targets
+# The test builds trust the test licence key (tests/keys/test-licence.key); release
+# builds never do. Every cargo command below takes the same features, so nothing is
+# built twice.
+FEATURES=(--features km-appliance/test-licence)
+
+section "cargo build --workspace --all-targets ${FEATURES[*]}"
+cargo build --workspace --all-targets "${FEATURES[@]}"
 
 # --no-fail-fast: a failing test binary does not hide the results of the others.
-section "cargo test --workspace --no-fail-fast -- --test-threads=2 $*"
+section "cargo test --workspace ${FEATURES[*]} --no-fail-fast -- --test-threads=2 $*"
 start=$(date +%s)
 rc=0
-cargo test --workspace --no-fail-fast -- --test-threads=2 "$@" || rc=$?
+cargo test --workspace "${FEATURES[@]}" --no-fail-fast -- --test-threads=2 "$@" || rc=$?
 # The agent and API end-to-end tests once more, km on MongoDB, Elasticsearch and Redis.
 section "end-to-end tests again on the scale-out stores (KM_E2E_STORES=scale-out)"
-KM_E2E_STORES=scale-out cargo test -p km-e2e --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
+KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
 section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

@@ -5,6 +5,9 @@
 //! Environment knobs:
 //! - `KM_BIN`: the `km` binary (default `<target>/debug/km`, where `<target>` is
 //!   `CARGO_TARGET_DIR` or `<workspace>/target`).
+//! - `KM_WIZARD_BIN`: the `km-wizard` binary (default `<target>/debug/km-wizard`). The setup
+//!   tests need both built with the test licence key trusted (`cargo build --workspace
+//!   --features km-appliance/test-licence`, as `tests/run.sh` does).
 //! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`,
 //!   `@pm2/js-api`, playwright-core) are installed (default `<target>/e2e-node`); installed
 //!   there on first use, under a file lock.
@@ -253,6 +256,10 @@ impl SecantusDb {
     pub fn url(&self, database: &str) -> String {
         format!("mongodb://127.0.0.1:{}/{database}", self.port)
     }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 impl Drop for SecantusDb {
@@ -266,14 +273,25 @@ impl Drop for SecantusDb {
 pub struct Redis {
     child: Child,
     port: u16,
+    password: Option<String>,
     _dir: tempfile::TempDir,
 }
 
 impl Redis {
     pub fn start() -> Result<Redis> {
+        Redis::start_with(None)
+    }
+
+    /// A Redis that requires `password` (`--requirepass`).
+    pub fn start_with_password(password: &str) -> Result<Redis> {
+        Redis::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Result<Redis> {
         let dir = temp_dir("km-redis-")?;
         let port = free_port()?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args([
                 "--port",
                 &port.to_string(),
@@ -285,7 +303,11 @@ impl Redis {
                 "no",
                 "--dir",
             ])
-            .arg(dir.path())
+            .arg(dir.path());
+        if let Some(password) = password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -296,6 +318,7 @@ impl Redis {
         let mut server = Redis {
             child,
             port,
+            password: password.map(str::to_string),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -311,8 +334,16 @@ impl Redis {
         Ok(server)
     }
 
+    /// `redis://127.0.0.1:<port>/`, with the password when it has one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Freezes the server (SIGSTOP): requests hang as in a network outage.
@@ -1556,4 +1587,693 @@ pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -
         link_output: out,
         km,
     })
+}
+
+// ---------------------------------------------------------------------------------------
+// The setup wizard, and the servers its checks are tried against
+// ---------------------------------------------------------------------------------------
+
+/// Installs ring as rustls' process-wide provider (one provider per build; see
+/// shared/testing.md). Harmless when already installed.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Path of the `km-wizard` binary under test (`KM_WIZARD_BIN`, default
+/// `<target>/debug/km-wizard`).
+pub fn wizard_bin() -> PathBuf {
+    match std::env::var_os("KM_WIZARD_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => target_dir().join("debug/km-wizard"),
+    }
+}
+
+/// A certificate authority made for one test. Give each its own name: a client that
+/// trusts another CA of the same name reports a bad signature, not an unknown issuer.
+pub struct TestCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> Result<TestCa> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// A certificate for `names` (host names or IP addresses) signed by this CA:
+    /// (certificate PEM, key PEM).
+    pub fn leaf(&self, names: &[&str]) -> Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)?.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// Waits until `port` accepts connections, failing early when `child` exits.
+fn wait_listening(child: &mut Child, port: u16, what: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(st) = child.try_wait()? {
+            bail!("{what} exited at start ({st})");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not listen on 127.0.0.1:{port} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A real ACME CA (Pebble, `apt-get install pebble`) on free loopback ports, its own
+/// HTTPS certificate signed by a test CA; killed on drop (its log shown on failure).
+pub struct Pebble {
+    child: Child,
+    port: u16,
+    management: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    /// Starts Pebble validating HTTP-01 on `http_port`; with `always_valid`
+    /// (`PEBBLE_VA_ALWAYS_VALID=1`) every challenge passes without being fetched.
+    pub fn start(http_port: u16, always_valid: bool) -> Result<Pebble> {
+        let dir = temp_dir("km-pebble-")?;
+        let ca = TestCa::new(&unique("Pebble HTTPS test CA "))?;
+        let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"])?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.path().join("cert.pem"), cert)?;
+        std::fs::write(dir.path().join("key.pem"), key)?;
+        let (port, management) = (free_port()?, free_port()?);
+        let config = json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{port}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.path().join("cert.pem"),
+            "privateKey": dir.path().join("key.pem"),
+            "httpPort": http_port,
+            "tlsPort": free_port()?,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+        }});
+        std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
+        let log = std::fs::File::create(dir.path().join("pebble.log"))?;
+        let mut command = Command::new("pebble");
+        command
+            .arg("-config")
+            .arg(dir.path().join("pebble.json"))
+            // Validate at once, and never reject a good nonce (5% by default).
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if always_valid {
+            command.env("PEBBLE_VA_ALWAYS_VALID", "1");
+        }
+        let child = command
+            .spawn()
+            .context("start pebble (apt-get install pebble; tests/run.sh installs it)")?;
+        let mut pebble = Pebble {
+            child,
+            port,
+            management,
+            dir,
+        };
+        for p in [port, management] {
+            if let Err(e) = wait_listening(&mut pebble.child, p, "pebble", Duration::from_secs(10))
+            {
+                bail!("{e:#}\n--- pebble log ---\n{}", pebble.log());
+            }
+        }
+        Ok(pebble)
+    }
+
+    /// `https://127.0.0.1:<port>/dir`
+    pub fn directory(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.port)
+    }
+
+    /// The PEM of the CA of Pebble's own HTTPS certificate (for `KM_ACME_CA`).
+    pub fn https_ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The root Pebble issues certificates under (made anew at each start), from its
+    /// management port (`/roots/0`).
+    pub async fn root_pem(&self) -> Result<String> {
+        install_crypto();
+        let ca = std::fs::read(self.https_ca_path())?;
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let url = format!("https://127.0.0.1:{}/roots/0", self.management);
+        let answer = http.get(&url).send().await.with_context(|| url.clone())?;
+        let status = answer.status();
+        let body = answer.text().await?;
+        if !status.is_success() || !body.contains("BEGIN CERTIFICATE") {
+            bail!("GET {url}: HTTP {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        diagnostic(format!(
+            "--- pebble log, last 30 lines ---\n{}\n--- end of pebble log ---",
+            tail_file(&self.dir.path().join("pebble.log"), 30)
+        ));
+    }
+}
+
+/// A real SMTP server (aiosmtpd through `tests/support/smtp_server.py`) on a free
+/// loopback port, its certificate (for 127.0.0.1 and localhost) signed by a test CA of
+/// its own, requiring AUTH as `user`/`password`; mail goes to a Maildir. Killed on drop.
+pub struct Smtp {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Smtp {
+    /// `mode`: `starttls` (required before anything else), `tls` (SMTPS) or `plain`.
+    pub fn start(mode: &str, user: &str, password: &str) -> Result<Smtp> {
+        let dir = temp_dir("km-smtp-")?;
+        let ca = TestCa::new(&unique("SMTP test CA "))?;
+        let (cert, key) = ca.leaf(&["127.0.0.1", "localhost"])?;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
+        std::fs::write(dir.path().join("cert.pem"), cert)?;
+        std::fs::write(dir.path().join("key.pem"), key)?;
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("smtp.log"))?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/smtp_server.py");
+        let child = Command::new("python3")
+            .arg(&script)
+            .args(["--port", &port.to_string(), "--mode", mode])
+            .args(["--user", user, "--password", password])
+            .arg("--maildir")
+            .arg(dir.path().join("Maildir"))
+            .arg("--cert")
+            .arg(dir.path().join("cert.pem"))
+            .arg("--key")
+            .arg(dir.path().join("key.pem"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start tests/support/smtp_server.py (pip install aiosmtpd)")?;
+        let mut smtp = Smtp { child, port, dir };
+        let log_path = smtp.dir.path().join("smtp.log");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("ready")) {
+            if let Some(st) = smtp.child.try_wait()? {
+                bail!(
+                    "smtp_server.py exited at start ({st}):\n{}",
+                    tail_file(&log_path, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "smtp_server.py not ready within 15 s:\n{}",
+                    tail_file(&log_path, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(smtp)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The PEM of the CA that signed the server's certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The mails delivered so far (the Maildir's `new/`), oldest first.
+    pub fn mails(&self) -> Result<Vec<String>> {
+        let new = self.dir.path().join("Maildir/new");
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        match std::fs::read_dir(&new) {
+            Ok(entries) => {
+                for entry in entries {
+                    let path = entry?.path();
+                    files.push((std::fs::metadata(&path)?.modified()?, path));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("read {}", new.display())),
+        }
+        files.sort();
+        files
+            .iter()
+            .map(|(_, p)| {
+                std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        diagnostic(format!(
+            "--- smtp server log, last 20 lines ---\n{}\n--- end of smtp server log ---",
+            tail_file(&self.dir.path().join("smtp.log"), 20)
+        ));
+    }
+}
+
+/// How to start a [`Wizard`].
+#[derive(Default)]
+pub struct WizardOpts {
+    /// Added to (or replacing) the env file the wizard finds at start (mode 0600), which
+    /// always sets `KM_LISTEN` and `KM_HTTPS_LISTEN` on free loopback ports, `KM_DATA_DIR`
+    /// and `KM_WIZARD_URL` (this wizard), as the appliance image ships one.
+    pub base_env: Vec<(String, String)>,
+    /// Environment of the wizard (and of the km it runs): `SSL_CERT_FILE`...
+    pub env: Vec<(String, String)>,
+}
+
+/// One answer of the wizard (redirects are not followed).
+#[derive(Debug, Clone)]
+pub struct WizardAnswer {
+    pub status: u16,
+    pub location: Option<String>,
+    pub set_cookie: Option<String>,
+    pub text: String,
+    pub body: Value,
+}
+
+/// A real `km-wizard serve --restart process` on a free loopback port, with its state
+/// dir, env file and km data dir in a temp dir; the km it runs inherits its stdout and
+/// stderr (`wizard.log`). Stopped on drop (SIGTERM: it stops its km), then its whole
+/// process group is killed, so no km outlives the test; the log's tail is kept for
+/// [`e2e`]'s diagnostics.
+pub struct Wizard {
+    child: Option<Child>,
+    port: u16,
+    km_port: u16,
+    https_port: u16,
+    token: String,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+}
+
+/// Time `km-wizard serve` has to print its URL and listen: it first starts km on the
+/// env file it finds (up to a minute when km does not come up).
+const WIZARD_START_TIMEOUT: Duration = Duration::from_secs(90);
+/// A check may take a few steps of 5 s each, an ACME trial order longer.
+const WIZARD_REQUEST_TIMEOUT: Duration = Duration::from_secs(200);
+/// The cookie the wizard keeps its token in.
+pub const WIZARD_COOKIE: &str = "km_wizard";
+
+impl Wizard {
+    pub async fn start(opts: WizardOpts) -> Result<Wizard> {
+        let bin = wizard_bin();
+        if !bin.exists() {
+            bail!(
+                "km-wizard not found at {} (cargo build --workspace --features km-appliance/test-licence, or set KM_WIZARD_BIN)",
+                bin.display()
+            );
+        }
+        let dir = temp_dir("km-wizard-")?;
+        let root = dir.path().to_path_buf();
+        let (port, km_port, https_port) = (free_port()?, free_port()?, free_port()?);
+        let mut env: Vec<(String, String)> = vec![
+            // km passes `/wizard/` on its ports to the wizard.
+            ("KM_WIZARD_URL".into(), format!("http://127.0.0.1:{port}")),
+            ("KM_LISTEN".into(), format!("127.0.0.1:{km_port}")),
+            ("KM_HTTPS_LISTEN".into(), format!("127.0.0.1:{https_port}")),
+            (
+                "KM_DATA_DIR".into(),
+                root.join("data").to_string_lossy().into_owned(),
+            ),
+        ];
+        for (key, value) in opts.base_env {
+            env.retain(|(k, _)| *k != key);
+            env.push((key, value));
+        }
+        let text: String = env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+        let env_file = root.join("km.env");
+        std::fs::write(&env_file, text)?;
+        std::fs::set_permissions(
+            &env_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        let log = std::fs::File::create(root.join("wizard.log"))?;
+        let mut command = Command::new(&bin);
+        command
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--state-dir")
+            .arg(root.join("state"))
+            .arg("--env-file")
+            .arg(&env_file)
+            .args(["--restart", "process", "--km-bin"])
+            .arg(km_bin());
+        clean_setup_env(&mut command);
+        command
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // Its own process group: km, its child, goes with it on drop.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawn {}", bin.display()))?;
+        let mut wizard = Wizard {
+            child: Some(child),
+            port,
+            km_port,
+            https_port,
+            token: String::new(),
+            dir: Some(dir),
+            root,
+        };
+        wizard.token = wizard.wait_started().await?;
+        Ok(wizard)
+    }
+
+    /// The token of the printed setup URL, once the wizard listens.
+    async fn wait_started(&mut self) -> Result<String> {
+        let deadline = Instant::now() + WIZARD_START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(st) = child.try_wait()?
+            {
+                bail!("km-wizard exited at start ({st})\n{}", self.log_tail(60));
+            }
+            let log = self.log();
+            let token = log
+                .lines()
+                .find_map(|l| l.split_once("KM setup: open ").map(|(_, url)| url))
+                .and_then(|url| url.split_once("?token="))
+                .map(|(_, token)| token.trim().to_string());
+            if let Some(token) = token
+                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                return Ok(token);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "km-wizard printed no setup URL or did not listen on 127.0.0.1:{} within {WIZARD_START_TIMEOUT:?}\n{}",
+                    self.port,
+                    self.log_tail(60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL the wizard printed: `<url>/wizard/?token=<token>`.
+    pub fn setup_url(&self) -> String {
+        format!("{}/wizard/?token={}", self.url(), self.token)
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// km's plain port (`KM_LISTEN` of the env file the wizard started with).
+    pub fn km_port(&self) -> u16 {
+        self.km_port
+    }
+
+    /// `KM_HTTPS_LISTEN`'s port.
+    pub fn https_port(&self) -> u16 {
+        self.https_port
+    }
+
+    /// `http://127.0.0.1:<km_port>`
+    pub fn km_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.km_port)
+    }
+
+    pub fn env_file(&self) -> PathBuf {
+        self.root.join("km.env")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Everything the wizard (and the km it runs) wrote so far, without colours.
+    pub fn log(&self) -> String {
+        strip_ansi(
+            &std::fs::read(self.root.join("wizard.log"))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        format!(
+            "--- km-wizard log (with its km), last {n} lines ({}) ---\n{}\n--- end of km-wizard log ---",
+            self.root.join("wizard.log").display(),
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
+    /// A request to the wizard with `token` as its cookie (none: no cookie), `form` as
+    /// an urlencoded body, sent from the loopback address `from` (the wizard counts
+    /// wrong tokens per address; default 127.0.0.1).
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        form: Option<&[(&str, &str)]>,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<WizardAnswer> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(WIZARD_REQUEST_TIMEOUT)
+            .local_address(from)
+            .build()?;
+        let url = format!("{}{path}", self.url());
+        let mut request = http.request(method.clone(), &url);
+        if let Some(token) = token {
+            request = request.header(reqwest::header::COOKIE, format!("{WIZARD_COOKIE}={token}"));
+        }
+        if let Some(form) = form {
+            request = request.form(form);
+        }
+        let answer = request
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let header = |name: reqwest::header::HeaderName| {
+            answer
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let location = header(reqwest::header::LOCATION);
+        let set_cookie = header(reqwest::header::SET_COOKIE);
+        let status = answer.status().as_u16();
+        let text = answer.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Ok(WizardAnswer {
+            status,
+            location,
+            set_cookie,
+            text,
+            body,
+        })
+    }
+
+    /// `POST /wizard/check/<section>` with the form's fields; the checks it answered.
+    pub async fn check(&self, section: &str, form: &[(&str, &str)]) -> Result<Vec<Value>> {
+        let path = format!("/wizard/check/{section}");
+        let answer = self
+            .request(
+                reqwest::Method::POST,
+                &path,
+                Some(&self.token),
+                Some(form),
+                None,
+            )
+            .await?;
+        match (answer.status, answer.body.as_array()) {
+            (200, Some(checks)) => Ok(checks.clone()),
+            _ => bail!("POST {path}: HTTP {}: {}", answer.status, answer.text),
+        }
+    }
+
+    /// `POST /wizard/apply`, then polls `/wizard/progress.json` until the apply has
+    /// finished (within `timeout`); returns the last progress.
+    pub async fn apply(&self, form: &[(&str, &str)], timeout: Duration) -> Result<Value> {
+        let answer = self
+            .request(
+                reqwest::Method::POST,
+                "/wizard/apply",
+                Some(&self.token),
+                Some(form),
+                None,
+            )
+            .await?;
+        if answer.status != 303 || answer.location.as_deref() != Some("/wizard/progress") {
+            bail!(
+                "POST /wizard/apply: HTTP {} (location {:?}): {}",
+                answer.status,
+                answer.location,
+                answer.text
+            );
+        }
+        self.wait_finished(timeout).await
+    }
+
+    /// Polls `/wizard/progress.json` until `finished`.
+    pub async fn wait_finished(&self, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = self
+                .request(
+                    reqwest::Method::GET,
+                    "/wizard/progress.json",
+                    Some(&self.token),
+                    None,
+                    None,
+                )
+                .await?;
+            if answer.status == 200 && answer.body["finished"] == true {
+                return Ok(answer.body);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the apply did not finish within {timeout:?}; progress: HTTP {}: {}",
+                    answer.status,
+                    answer.text
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// `km-wizard reopen --state-dir … --url …` (root only): the new token, which this
+    /// harness uses from now on.
+    pub fn reopen(&mut self) -> Result<String> {
+        let out = Command::new(wizard_bin())
+            .arg("reopen")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(["--url", &self.url()])
+            .stdin(Stdio::null())
+            .output()
+            .context("run km-wizard reopen")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let token = stdout
+            .lines()
+            .find_map(|l| l.split_once("?token="))
+            .map(|(_, t)| t.trim().to_string());
+        match token {
+            Some(token) if out.status.success() => {
+                self.token = token.clone();
+                Ok(token)
+            }
+            _ => bail!(
+                "km-wizard reopen exited {}: {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+
+    /// `GET /healthz` on km's plain port: the body when it answers.
+    pub async fn km_health(&self) -> Result<Value> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()?;
+        let answer = http
+            .get(format!("{}/healthz", self.km_url()))
+            .send()
+            .await?;
+        Ok(answer.json().await?)
+    }
+
+    /// SIGTERM (the wizard stops its km), SIGKILL after 25 s; then the process group.
+    fn stop_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            signal(pid, libc::SIGTERM);
+            wait_child(&mut child, Duration::from_secs(25));
+            // Whatever is left of the group the wizard led (a km it did not stop).
+            if pid > 0 {
+                // SAFETY: kill(2) of the process group this harness created.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Wizard {
+    fn drop(&mut self) {
+        self.stop_now();
+        diagnostic(self.log_tail(120));
+        if keep_dirs()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("km-wizard dir kept: {}", d.keep().display());
+        }
+    }
+}
+
+/// Removes the appliance's variables a test process may carry (`KM_*`, `SMTP_*`, the CA
+/// overrides), so that only the env file and the test's own choices reach the wizard and
+/// its km.
+pub fn clean_setup_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if key.starts_with("KM_")
+            || key.starts_with("SMTP_")
+            || key.starts_with("WIZARD_")
+            || key == "SSL_CERT_FILE"
+            || key == "SSL_CERT_DIR"
+        {
+            command.env_remove(&key);
+        }
+    }
+    command.env("NO_COLOR", "1").env("KM_LOG", "info");
 }

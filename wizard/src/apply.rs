@@ -99,6 +99,21 @@ fn set(progress: &SharedProgress, index: usize, state: StepState) {
     }
 }
 
+/// Every step pending: what the progress page shows from the moment an apply is asked
+/// for (not the outcome of the previous one, which would stop its refreshes).
+pub fn reset(progress: &SharedProgress) {
+    *progress.lock() = Progress {
+        steps: STEPS
+            .iter()
+            .map(|name| Step {
+                name,
+                state: StepState::Pending,
+            })
+            .collect(),
+        ..Progress::default()
+    };
+}
+
 /// Runs every step; the outcome is also in `progress`.
 pub async fn apply(
     target: &Target,
@@ -106,19 +121,7 @@ pub async fn apply(
     options: validate::Options,
     progress: &SharedProgress,
 ) -> Result<(), String> {
-    {
-        let mut p = progress.lock();
-        *p = Progress {
-            steps: STEPS
-                .iter()
-                .map(|name| Step {
-                    name,
-                    state: StepState::Pending,
-                })
-                .collect(),
-            ..Progress::default()
-        };
-    }
+    reset(progress);
     let outcome = run(target, plan, &options, progress).await;
     let mut p = progress.lock();
     p.finished = true;
@@ -219,11 +222,11 @@ async fn rollback(target: &Target) -> String {
 
 /// Registers the first account (it becomes the admin) on the restarted appliance.
 async fn create_admin(entries: &[(String, String)], admin: &Admin) -> Result<String, String> {
-    let url = services::health_url(entries).replace("/healthz", "/api/oauth/register");
+    let url = format!("{}/api/oauth/register", services::api_base(entries));
     let body = serde_json::json!({
         "username": admin.username, "email": admin.email, "password": admin.password, "accept_terms": true,
     });
-    let answer = reqwest::Client::new()
+    let answer = services::api_client()?
         .post(&url)
         .json(&body)
         .send()

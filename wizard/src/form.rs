@@ -133,11 +133,15 @@ fn put(env: &mut BTreeMap<String, String>, key: &str, value: &str) {
     };
 }
 
-/// Writes an uploaded PEM root-only in the state dir; returns its path.
-fn save_pem(state: &Path, name: &str, pem: &str) -> Result<String, String> {
+/// Writes an uploaded PEM root-only in the state dir; returns its path. The name holds
+/// a digest of the contents (`cert-<digest>.pem`): a check, or an apply that is rolled
+/// back, never overwrites the files the running km serves (it reloads them on change).
+fn save_pem(state: &Path, kind: &str, pem: &str) -> Result<String, String> {
+    use sha2::Digest;
     let dir = crate::server::tls_dir(state);
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let path = dir.join(name);
+    let digest = hex::encode(sha2::Sha256::digest(pem.trim().as_bytes()));
+    let path = dir.join(format!("{kind}-{}.pem", &digest[..16]));
     std::fs::write(&path, pem.trim().as_bytes())
         .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -218,13 +222,13 @@ pub fn plan(
         if !form.tls_cert_pem.trim().is_empty() {
             env.insert(
                 "KM_TLS_CERT".into(),
-                save_pem(state, "cert.pem", &form.tls_cert_pem)?,
+                save_pem(state, "cert", &form.tls_cert_pem)?,
             );
         }
         if !form.tls_key_pem.trim().is_empty() {
             env.insert(
                 "KM_TLS_KEY".into(),
-                save_pem(state, "key.pem", &form.tls_key_pem)?,
+                save_pem(state, "key", &form.tls_key_pem)?,
             );
         }
     } else {
@@ -296,5 +300,28 @@ mod tests {
         form.stores = "embedded".into();
         let plan = super::plan(&form, &current, dir.path()).unwrap();
         assert!(!plan.env.contains_key("KM_MONGO_URL"));
+    }
+
+    #[test]
+    fn uploaded_pems_never_replace_the_files_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut form = SettingsForm {
+            tls: "files".into(),
+            tls_cert_pem: "CERT ONE".into(),
+            tls_key_pem: "KEY ONE".into(),
+            ..SettingsForm::default()
+        };
+        let first = plan(&form, &BTreeMap::new(), dir.path()).unwrap().env;
+        form.tls_cert_pem = "CERT TWO".into();
+        let second = plan(&form, &first, dir.path()).unwrap().env;
+        assert_ne!(first["KM_TLS_CERT"], second["KM_TLS_CERT"]);
+        assert_eq!(first["KM_TLS_KEY"], second["KM_TLS_KEY"]);
+        let read = |p: &str| std::fs::read_to_string(p).unwrap();
+        assert_eq!(read(&first["KM_TLS_CERT"]), "CERT ONE");
+        assert_eq!(read(&second["KM_TLS_CERT"]), "CERT TWO");
+        form.tls_cert_pem = String::new();
+        form.tls_key_pem = String::new();
+        let kept = plan(&form, &second, dir.path()).unwrap().env;
+        assert_eq!(kept["KM_TLS_CERT"], second["KM_TLS_CERT"]);
     }
 }

@@ -62,7 +62,11 @@ enum Command {
             default_value = "/var/lib/km-wizard"
         )]
         state_dir: PathBuf,
-        #[arg(long, env = "KM_WIZARD_PUBLIC_URL", default_value = "http://127.0.0.1:8090")]
+        #[arg(
+            long,
+            env = "KM_WIZARD_PUBLIC_URL",
+            default_value = "http://127.0.0.1:8090"
+        )]
         url: String,
     },
 }

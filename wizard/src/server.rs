@@ -142,9 +142,14 @@ async fn guard(
     }
     let from_cookie = cookie_token(request.headers());
     let given = query.token.clone().or_else(|| from_cookie.clone());
-    let progress_after_lock = request.uri().path().starts_with("/wizard/progress")
+    // While locked, the token of the apply that locked it still reads the progress (the
+    // page's last refresh comes after the lock) and its stylesheet; not after a reopen.
+    let path = request.uri().path();
+    let progress_after_lock = (path.starts_with("/wizard/progress")
+        || path.starts_with("/wizard/assets/"))
         && given.is_some()
-        && *wizard.applied_with.lock() == given;
+        && *wizard.applied_with.lock() == given
+        && wizard.state().is_locked();
     if !progress_after_lock && let Err(refusal) = wizard.state().check(given.as_deref()) {
         tracing::warn!(%ip, ?refusal, path = %request.uri().path(), "wizard: refused");
         wizard.attempts.failed(ip);
@@ -169,10 +174,14 @@ async fn guard(
 
 /// The requester: behind km's `/wizard/` (a loopback peer) the address km saw.
 fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    // km appends the address it saw, last: what comes before it is the client's own
+    // say, and would let it choose the address its wrong tokens are counted against.
     let forwarded = headers
-        .get("x-forwarded-for")
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse::<IpAddr>().ok());
     match forwarded {
         Some(ip) if peer.ip().is_loopback() => ip,
@@ -200,13 +209,11 @@ async fn reopen_for_admin(
         return forbidden();
     };
     let entries: Vec<(String, String)> = current_env(&wizard).into_iter().collect();
-    let url = crate::services::health_url(&entries).replace("/healthz", "/api/users/isLogged");
-    let user: serde_json::Value = match reqwest::Client::new()
-        .get(&url)
-        .header(COOKIE, cookie)
-        .send()
-        .await
-    {
+    let url = format!("{}/api/users/isLogged", crate::services::api_base(&entries));
+    let Ok(http) = crate::services::api_client() else {
+        return forbidden();
+    };
+    let user: serde_json::Value = match http.get(&url).header(COOKIE, cookie).send().await {
         Ok(answer) if answer.status().is_success() => answer.json().await.unwrap_or_default(),
         _ => serde_json::Value::Null,
     };
@@ -260,7 +267,7 @@ struct WizardPage {
 async fn page(State(wizard): State<WizardState>) -> Response {
     let current = current_env(&wizard);
     html(&WizardPage {
-        reconfigure: !current.is_empty(),
+        reconfigure: wizard.state().was_applied(),
         form: SettingsForm::from_env(&current),
         env_file: wizard.target.env_file.display().to_string(),
     })
@@ -300,6 +307,7 @@ async fn start_apply(
         return (StatusCode::CONFLICT, "an apply is already running\n").into_response();
     }
     *wizard.applied_with.lock() = cookie_token(&headers);
+    apply::reset(&wizard.progress);
     let job = wizard.clone();
     tokio::spawn(async move {
         let options = job.options(&plan, None);

@@ -41,6 +41,7 @@ impl Services {
                 .map_err(|e| format!("cannot read {}: {e}", env_file.display()))?,
         )
         .map_err(|e| format!("{}: {e}", env_file.display()))?;
+        let url = health_url(&entries);
         match self {
             Services::Systemd { units } => {
                 for unit in units {
@@ -55,6 +56,7 @@ impl Services {
                             )
                         })?;
                 }
+                wait_healthy(&url, || None).await
             }
             Services::Process { km_bin, child } => {
                 let mut child = child.lock().await;
@@ -69,9 +71,17 @@ impl Services {
                     .spawn()
                     .map_err(|e| format!("cannot start {}: {e}", km_bin.display()))?;
                 *child = Some(spawned);
+                // A km that exits (a port taken, a store refused) fails the restart at
+                // once instead of after HEALTHY_WITHIN.
+                wait_healthy(&url, || {
+                    let status = child.as_mut()?.try_wait().ok()??;
+                    Some(format!(
+                        "km exited ({status}) before it answered healthy at {url}; its output is in the wizard's log"
+                    ))
+                })
+                .await
             }
         }
-        wait_healthy(&health_url(&entries)).await
     }
 
     /// Stops a `km serve` the wizard runs (nothing to do under systemd).
@@ -115,23 +125,62 @@ async fn stop(child: &mut Child) {
     }
 }
 
+/// The last value of `key` in `entries` (systemd keeps the last of repeated keys).
+fn variable<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A listen address as this machine reaches it: through loopback when it listens on
+/// every address.
+fn local(listen: &str) -> String {
+    listen
+        .strip_prefix("0.0.0.0:")
+        .or_else(|| listen.strip_prefix("[::]:"))
+        .map_or_else(|| listen.to_string(), |port| format!("127.0.0.1:{port}"))
+}
+
 /// `/healthz` on the appliance's plain port (`KM_LISTEN`; it answers there even when
 /// HTTPS is on), through loopback when it listens on every address.
 pub fn health_url(entries: &[(String, String)]) -> String {
-    let listen = entries
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "KM_LISTEN")
-        .map_or("127.0.0.1:8080", |(_, v)| v.as_str());
-    let local = listen
-        .strip_prefix("0.0.0.0:")
-        .or_else(|| listen.strip_prefix("[::]:"))
-        .map_or_else(|| listen.to_string(), |port| format!("127.0.0.1:{port}"));
-    format!("http://{local}/healthz")
+    let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
+    format!("http://{}/healthz", local(listen))
 }
 
-/// Polls `/healthz` until it answers `status: ok`, or says why not.
-async fn wait_healthy(url: &str) -> Result<(), String> {
+/// Where the wizard calls km's API on this machine: `KM_LISTEN` with HTTPS off, else
+/// `KM_HTTPS_LISTEN` (the plain port then redirects every API call to the site URL).
+pub fn api_base(entries: &[(String, String)]) -> String {
+    match variable(entries, "KM_TLS").map(str::trim) {
+        None | Some("" | "off") => {
+            let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
+            format!("http://{}", local(listen))
+        }
+        Some(_) => {
+            let listen = variable(entries, "KM_HTTPS_LISTEN").unwrap_or("0.0.0.0:443");
+            format!("https://{}", local(listen))
+        }
+    }
+}
+
+/// The client for [`api_base`]. It accepts km's certificate as it is: the connection
+/// goes to this machine's own km, whose certificate names the site (not the address
+/// called) and, right after a restart with ACME, is still the temporary self-signed
+/// one. It never follows a redirect (a password must not leave the machine).
+pub fn api_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .danger_accept_invalid_certs(true)
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))
+}
+
+/// Polls `/healthz` until it answers `status: ok`, or says why not; `exited` tells when
+/// the service died meanwhile (and why), which ends the wait.
+async fn wait_healthy(url: &str, mut exited: impl FnMut() -> Option<String>) -> Result<(), String> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()
@@ -139,6 +188,9 @@ async fn wait_healthy(url: &str) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + HEALTHY_WITHIN;
     let mut last = String::from("no answer");
     while tokio::time::Instant::now() < deadline {
+        if let Some(why) = exited() {
+            return Err(why);
+        }
         match http.get(url).send().await {
             Ok(r) => {
                 let body: serde_json::Value = r.json().await.unwrap_or_default();
@@ -170,5 +222,31 @@ mod tests {
             "http://10.0.0.2:8080/healthz"
         );
         assert_eq!(health_url(&[]), "http://127.0.0.1:8080/healthz");
+    }
+
+    #[test]
+    fn the_api_is_called_on_the_https_port_when_tls_is_on() {
+        let e = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let plain = e(&[
+            ("KM_LISTEN", "0.0.0.0:80"),
+            ("KM_HTTPS_LISTEN", "0.0.0.0:443"),
+        ]);
+        assert_eq!(api_base(&plain), "http://127.0.0.1:80");
+        let tls = e(&[
+            ("KM_LISTEN", "0.0.0.0:80"),
+            ("KM_TLS", "acme"),
+            ("KM_HTTPS_LISTEN", "10.0.0.2:8443"),
+        ]);
+        assert_eq!(api_base(&tls), "https://10.0.0.2:8443");
+        assert_eq!(
+            api_base(&e(&[("KM_TLS", "files")])),
+            "https://127.0.0.1:443"
+        );
+        assert_eq!(api_base(&e(&[("KM_TLS", "off")])), "http://127.0.0.1:8080");
     }
 }

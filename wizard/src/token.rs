@@ -77,8 +77,20 @@ impl StateDir {
         self.dir.join("locked")
     }
 
+    /// Written with the first lock and never removed: settings were applied once.
+    fn applied_path(&self) -> PathBuf {
+        self.dir.join("applied")
+    }
+
     pub fn is_locked(&self) -> bool {
         self.lock_path().exists()
+    }
+
+    /// Whether an apply ever succeeded here (the page then changes settings instead of
+    /// setting the appliance up, and asks for no first admin). The env file alone cannot
+    /// tell: the image ships one with the listen addresses and data dir.
+    pub fn was_applied(&self) -> bool {
+        self.applied_path().exists()
     }
 
     /// A new token (replacing any other), written 0600; the wizard is unlocked.
@@ -119,6 +131,7 @@ impl StateDir {
     /// Locks the wizard: the token is removed and every route answers 403 until
     /// `km-wizard reopen`.
     pub fn lock(&self) -> std::io::Result<()> {
+        fs::write(self.applied_path(), now_s().to_string())?;
         fs::write(self.lock_path(), now_s().to_string())?;
         match fs::remove_file(self.token_path()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -185,13 +198,19 @@ mod tests {
         assert_eq!(state.check(None), Err(Refusal::NoToken));
         assert_eq!(state.check(Some(&token[1..])), Err(Refusal::Wrong));
         assert_eq!(state.current().as_deref(), Some(token.as_str()));
+        assert!(!state.was_applied());
         state.lock().unwrap();
+        assert!(state.was_applied());
         assert_eq!(state.check(Some(&token)), Err(Refusal::Locked));
         assert_eq!(state.current(), None);
         let fresh = state.issue().unwrap();
         assert_ne!(fresh, token);
         assert_eq!(state.check(Some(&token)), Err(Refusal::Wrong));
         assert_eq!(state.check(Some(&fresh)), Ok(()));
+        assert!(
+            state.was_applied(),
+            "reopening does not make it a first boot again"
+        );
     }
 
     #[test]

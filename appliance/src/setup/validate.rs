@@ -63,10 +63,8 @@ pub async fn all(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check
             let setting = first_variable(group.group);
             for problem in &group.problems {
                 broken_sections.push(*section);
-                found.push(Check::failed(
-                    variable_of(problem).unwrap_or(setting),
-                    problem.clone(),
-                ));
+                let setting = variable_of(problem).unwrap_or(setting);
+                found.push(Check::failed(setting, without_variable(problem, setting)));
             }
             if group.problems.is_empty()
                 && let Some(note) = &group.note
@@ -212,6 +210,20 @@ fn variable_of(problem: &str) -> Option<&'static str> {
         .copied()
 }
 
+/// `problem` without its leading `VAR: ` or `VAR (--flag): `: the check names the
+/// variable already (else pages show `SMTP_SENDER: SMTP_SENDER: ...`).
+fn without_variable(problem: &str, var: &str) -> String {
+    let Some(rest) = problem.strip_prefix(var) else {
+        return problem.to_string();
+    };
+    let rest = match rest.strip_prefix(" (--") {
+        Some(flagged) => flagged.split_once(')').map_or(rest, |(_, after)| after),
+        None => rest,
+    };
+    rest.strip_prefix(": ")
+        .map_or_else(|| problem.to_string(), str::to_string)
+}
+
 fn first_variable(group: &str) -> &'static str {
     GROUPS
         .iter()
@@ -219,4 +231,31 @@ fn first_variable(group: &str) -> &'static str {
         .and_then(|(_, vars)| vars.first())
         .copied()
         .unwrap_or("env file")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_do_not_repeat_their_variable() {
+        let cut = |p: &str, v: &str| without_variable(p, v);
+        assert_eq!(
+            cut("SMTP_SENDER: \"x\" is not an email address", "SMTP_SENDER"),
+            "\"x\" is not an email address"
+        );
+        assert_eq!(
+            cut(
+                "KM_LISTEN (--listen): \"no\" is not an address",
+                "KM_LISTEN"
+            ),
+            "\"no\" is not an address"
+        );
+        for whole in [
+            "KM_TLS=acme: KM_SITE_URL must be https",
+            "SMTP_USER and SMTP_PASSWORD: give both, or neither",
+        ] {
+            assert_eq!(cut(whole, variable_of(whole).unwrap_or("x")), whole);
+        }
+    }
 }
