@@ -476,12 +476,23 @@ pub struct Km {
     /// The scale-out stores this km runs on, when the suite runs on them.
     _stores: Option<ScaleOut>,
     port: u16,
+    /// The address km listens on (loopback unless a test needs another).
+    listen_ip: std::net::IpAddr,
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
     child: Option<Child>,
 }
 
 impl Km {
+    /// [`Km::start_with`], listening on every address (for requests from a
+    /// non-loopback address).
+    pub async fn start_on_all_addresses(env: Vec<(String, String)>) -> Result<Km> {
+        let mut km = Km::start_on(free_port()?, env).await?;
+        km.listen_ip = std::net::Ipv4Addr::UNSPECIFIED.into();
+        km.restart().await?;
+        Ok(km)
+    }
+
     /// Starts km and waits until `GET /healthz` answers 200 (20 s at most). With
     /// `KM_E2E_STORES=scale-out` it runs on its own MongoDB, Elasticsearch and Redis.
     pub async fn start() -> Result<Km> {
@@ -517,6 +528,7 @@ impl Km {
             env,
             _stores: None,
             port,
+            listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             dir: Some(dir),
             root,
             child: None,
@@ -575,7 +587,7 @@ impl Km {
         let child = Command::new(&self.bin)
             .arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(std::net::SocketAddr::new(self.listen_ip, self.port).to_string())
             .arg("--data-dir")
             .arg(self.data_dir())
             // Tests register many users; the closed default is tested on its own.

@@ -467,3 +467,36 @@ async fn realtime_sends_a_bucket_only_to_its_members() {
     })
     .await;
 }
+
+/// This machine's address on its default route, if it has one besides loopback.
+fn outward_ip() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    // Connecting a UDP socket sends nothing; it only picks the route's local address.
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// On an appliance with a setup wizard, whoever reaches a fresh km first must not become
+/// its admin: the first account comes from this machine (the wizard) only.
+#[tokio::test]
+async fn with_a_wizard_the_first_account_comes_from_this_machine() {
+    e2e(async {
+        let Some(ip) = outward_ip() else {
+            bail!("this machine has no address besides loopback to test from");
+        };
+        let env = vec![("KM_WIZARD_URL".into(), "http://127.0.0.1:9".into())];
+        let km = Km::start_on_all_addresses(env).await?;
+        let remote = format!("http://{ip}:{}", km.port());
+        let body = json!({"username": "eve", "email": "eve@example.com", "password": PASSWORD, "accept_terms": true});
+        let r = client().post(format!("{remote}/api/oauth/register")).json(&body).send().await?;
+        let (status, text) = (r.status(), r.text().await?);
+        ensure!(status == 403 && text.contains("setup wizard"), "first account from {ip}: HTTP {status}: {text}");
+        let r = client().post(format!("{remote}/signup")).form(&[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).send().await?;
+        ensure!(r.status() == 403, "first account from {ip} through the sign-up page: HTTP {}", r.status());
+        let admin = km.api().register("root", "root@example.com", PASSWORD).await.context("the first account from loopback")?;
+        ensure!(admin.raw["user"]["role"] == "admin", "the loopback account is not admin: {}", admin.raw);
+        Ok(())
+    })
+    .await;
+}

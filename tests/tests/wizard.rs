@@ -448,7 +448,7 @@ async fn whole_setup_in_a_browser_against_real_services() {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(15))
             .build()?;
-        let anonymous = browser.get(format!("{km_https}/wizard/reopen")).send().await?;
+        let anonymous = browser.post(format!("{km_https}/wizard/reopen")).form(&[("csrf", "x")]).send().await?;
         ensure!(anonymous.status() == 403, "/wizard/reopen without a session: HTTP {}", anonymous.status());
         let login = browser
             .post(format!("{km_https}/login"))
@@ -462,9 +462,31 @@ async fn whole_setup_in_a_browser_against_real_services() {
             .and_then(|v| v.split(';').next())
             .map(str::to_string)
             .with_context(|| format!("dashboard login: HTTP {} without a cookie", login.status()))?;
-        let reopen = browser
-            .get(format!("{km_https}/wizard/reopen"))
+        // The account page's form carries the session's CSRF token; without it, refused.
+        let account = browser
+            .get(format!("{km_https}/account"))
             .header(reqwest::header::COOKIE, &session)
+            .send()
+            .await?
+            .text()
+            .await?;
+        let marker = "name=\"csrf-token\" content=\"";
+        let csrf: String = account
+            .split_once(marker)
+            .map(|(_, rest)| rest.chars().take_while(|c| *c != '"').collect())
+            .context("no CSRF token on the account page")?;
+        ensure!(account.contains("/wizard/reopen"), "the account page offers no wizard reopen to the admin");
+        let forged = browser
+            .post(format!("{km_https}/wizard/reopen"))
+            .header(reqwest::header::COOKIE, &session)
+            .form(&[("csrf", "forged")])
+            .send()
+            .await?;
+        ensure!(forged.status() == 403, "/wizard/reopen with the session but a wrong CSRF token: HTTP {}", forged.status());
+        let reopen = browser
+            .post(format!("{km_https}/wizard/reopen"))
+            .header(reqwest::header::COOKIE, &session)
+            .form(&[("csrf", csrf.as_str())])
             .send()
             .await?;
         let location = reopen

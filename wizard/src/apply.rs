@@ -67,6 +67,15 @@ impl Step {
     }
 }
 
+impl Progress {
+    /// Whether the new settings run (the restart step passed), even if a later step failed.
+    pub fn applied(&self) -> bool {
+        self.steps
+            .get(2)
+            .is_some_and(|s| matches!(s.state, StepState::Done(_)))
+    }
+}
+
 /// The steps of an apply as they progress, read by the progress page.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Progress {

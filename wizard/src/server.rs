@@ -86,7 +86,7 @@ pub fn router(wizard: WizardState) -> Router {
             PROBE_PATH,
             get(|State(w): State<WizardState>| async move { w.probe_nonce.clone() }),
         )
-        .route("/wizard/reopen", get(reopen_for_admin))
+        .route("/wizard/reopen", post(reopen_for_admin))
         .with_state(wizard.clone())
         .merge(wizard.challenges.routes());
     let guarded = Router::new()
@@ -189,12 +189,21 @@ fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
     }
 }
 
-/// `GET /wizard/reopen` through km's site URL: an admin's dashboard session (its cookie
-/// comes along, same origin) opens the wizard with a new token.
+#[derive(Deserialize)]
+struct ReopenForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /wizard/reopen` through km's site URL, from the dashboard's account page: an
+/// admin's session (its cookie comes along, same origin; the form carries the session's
+/// CSRF token, so another site cannot make the admin's browser do it) opens the wizard
+/// with a new token.
 async fn reopen_for_admin(
     State(wizard): State<WizardState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    Form(form): Form<ReopenForm>,
 ) -> Response {
     let ip = client_ip(peer, &headers);
     if wizard.attempts.blocked(ip) {
@@ -204,7 +213,9 @@ async fn reopen_for_admin(
         )
             .into_response();
     }
-    let Some(cookie) = headers.get(COOKIE).cloned() else {
+    let forged = km::auth::session_cookie(&headers)
+        .is_none_or(|session| !km::auth::csrf_matches(session, Some(&form.csrf)));
+    let Some(cookie) = headers.get(COOKIE).cloned().filter(|_| !forged) else {
         wizard.attempts.failed(ip);
         return forbidden();
     };

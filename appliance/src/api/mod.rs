@@ -162,6 +162,8 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/wizard", any(gateway::wizard::pass))
         .route("/wizard/", any(gateway::wizard::pass))
+        // The wizard's site URL check fetches this through the site URL.
+        .route("/.well-known/km-setup-probe", get(gateway::wizard::pass))
         .route("/wizard/{*rest}", any(gateway::wizard::pass))
         .merge(web::routes())
         .fallback(|| async { ApiError::not_found("no such route") });

@@ -2,9 +2,12 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::net::{IpAddr, SocketAddr};
 
 use super::Body;
 use super::error::{ApiError, ApiResult};
@@ -59,6 +62,22 @@ fn check_registration(form: &RegisterForm) -> ApiResult<()> {
     Ok(())
 }
 
+/// The peer's address, when the server records it (`ConnectInfo`).
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
+}
+
 pub fn check_new_password(password: &str) -> ApiResult<()> {
     if password.chars().count() < MIN_PASSWORD {
         return Err(ApiError::bad_request(format!(
@@ -83,15 +102,31 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Who asks for an account: the admin creating it, if any, and the peer's address.
+#[derive(Default, Clone, Copy)]
+pub struct Requester<'a> {
+    pub by: Option<&'a User>,
+    pub peer: Option<IpAddr>,
+}
+
 /// Creates an account: the first one is the admin; later ones only while sign-up is
-/// open (`KM_ALLOW_SIGNUP`) or when an admin (`by`) creates them.
+/// open (`KM_ALLOW_SIGNUP`) or when an admin creates them. On an appliance with a setup
+/// wizard (`KM_WIZARD_URL`) the first account comes from the wizard, on this machine:
+/// whoever reaches a fresh km first must not become its admin.
 pub async fn create_account(
     app: &AppState,
     form: RegisterForm,
-    by: Option<&User>,
+    requester: Requester<'_>,
 ) -> ApiResult<User> {
+    let by = requester.by;
     check_registration(&form)?;
     let first = app.documents.count_users().await? == 0;
+    let local = requester.peer.is_some_and(|ip| ip.is_loopback());
+    if first && app.settings.wizard_url.is_some() && !local {
+        return Err(ApiError::forbidden(
+            "the administrator account is created in the setup wizard",
+        ));
+    }
     let by_admin = by.is_some_and(|u| u.role == "admin");
     if !first && !app.settings.allow_signup && !by_admin {
         return Err(ApiError::forbidden(
@@ -124,6 +159,7 @@ pub async fn create_account(
 /// bearer token may create accounts while sign-up is closed).
 pub async fn register(
     State(app): State<AppState>,
+    peer: Peer,
     headers: HeaderMap,
     Body(form): Body<RegisterForm>,
 ) -> ApiResult<Json<Value>> {
@@ -131,7 +167,11 @@ pub async fn register(
         Some(token) => Some(UserAuth::from_token(&app, token, false).await?.user),
         None => None,
     };
-    let user = create_account(&app, form, by.as_ref()).await?;
+    let requester = Requester {
+        by: by.as_ref(),
+        peer: peer.0,
+    };
+    let user = create_account(&app, form, requester).await?;
     let tokens = auth::issue_tokens(&app, &user.id, "km", auth::ACCESS_TTL_MS).await?;
     let mut body = token_json(&tokens);
     body["user"] = json!(user);

@@ -98,6 +98,7 @@ pub struct SignupForm {
 /// Creates the account; a visitor is signed in as it, an admin stays themselves.
 pub async fn signup(
     State(app): State<AppState>,
+    peer: oauth::Peer,
     headers: HeaderMap,
     Form(form): Form<SignupForm>,
 ) -> Response {
@@ -114,7 +115,8 @@ pub async fn signup(
         accept_terms: Value::Bool(true),
     };
     let by = session.as_ref().map(|s| &s.auth.user);
-    match oauth::create_account(&app, register, by).await {
+    let requester = oauth::Requester { by, peer: peer.0 };
+    match oauth::create_account(&app, register, requester).await {
         Ok(user) if by.is_some() => back(
             "/signup",
             Ok(format!(
