@@ -70,7 +70,7 @@ pub async fn serve_on(
     tracing::info!(listen = %bound, https = ?https_bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
 
     // Every route on both ports; with TLS the plain port redirects all but a few.
-    let routes = api::router(app.clone()).merge(app.gateway.challenges().routes());
+    let routes = api::router(app.clone());
     let plain_routes = match https_bound {
         Some(https) => gateway::redirecting(
             routes.clone(),

@@ -1222,3 +1222,35 @@ async fn headless_apply_writes_or_refuses_with_reasons() {
     })
     .await
 }
+
+/// The wizard's ACME trial order validated for real (no `PEBBLE_VA_ALWAYS_VALID`): the CA
+/// fetches the HTTP-01 answers from km's plain port, as on an appliance where km holds
+/// port 80, and km passes the challenges it does not know to the wizard.
+#[tokio::test]
+async fn acme_trial_order_is_validated_through_km() {
+    e2e(async {
+        let wizard = Wizard::start(WizardOpts::default()).await?;
+        let pebble = Pebble::start(wizard.km_port(), false)?;
+        let site = format!("https://localhost:{}", wizard.https_port());
+        let directory = pebble.directory();
+        let ca = pebble.https_ca_path().to_string_lossy().into_owned();
+        let form = [
+            ("site_url", site.as_str()),
+            ("stores", "embedded"),
+            ("tls", "acme"),
+            ("acme_directory", directory.as_str()),
+            ("acme_ca", ca.as_str()),
+            ("acme_email", "ops@example.com"),
+        ];
+        let checks = wizard.check("tls", &form).await?;
+        ensure!(
+            checks.iter().any(|c| c["status"] == "ok"
+                && c["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("validated a trial order"))),
+            "the trial order through km's port: {checks:?}"
+        );
+        Ok(())
+    })
+    .await;
+}

@@ -162,6 +162,10 @@ pub fn router(app: AppState) -> Router {
         )
         .route("/wizard", any(gateway::wizard::pass))
         .route("/wizard/", any(gateway::wizard::pass))
+        .route(
+            "/.well-known/acme-challenge/{token}",
+            get(gateway::wizard::acme_challenge),
+        )
         // The wizard's site URL check fetches this through the site URL.
         .route("/.well-known/km-setup-probe", get(gateway::wizard::pass))
         .route("/wizard/{*rest}", any(gateway::wizard::pass))

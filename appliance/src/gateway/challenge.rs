@@ -37,6 +37,18 @@ impl Challenges {
         self.0.read().get(token).cloned()
     }
 
+    /// The answer to the CA's request for `token`, if it is published.
+    pub fn response(&self, token: &str) -> Option<Response> {
+        let key_authorization = self.answer(token)?;
+        Some(
+            (
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                key_authorization,
+            )
+                .into_response(),
+        )
+    }
+
     /// `GET /.well-known/acme-challenge/{token}`, to merge into any router (the km port
     /// or the setup wizard's).
     pub fn routes(&self) -> Router {
@@ -60,14 +72,9 @@ impl Drop for Published {
 }
 
 async fn respond(State(challenges): State<Challenges>, Path(token): Path<String>) -> Response {
-    match challenges.answer(&token) {
-        Some(key_authorization) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            key_authorization,
-        )
-            .into_response(),
-        None => (StatusCode::NOT_FOUND, "no such ACME challenge\n").into_response(),
-    }
+    challenges
+        .response(&token)
+        .unwrap_or_else(|| (StatusCode::NOT_FOUND, "no such ACME challenge\n").into_response())
 }
 
 #[cfg(test)]

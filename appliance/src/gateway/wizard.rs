@@ -1,13 +1,14 @@
 //! `/wizard/` on km's ports, passed to the setup wizard's local address
 //! (`KM_WIZARD_URL`): admins reach it through the site URL, and their dashboard session
-//! (same origin) lets the wizard reopen for them.
+//! (same origin) lets the wizard reopen for them. The wizard's site URL probe and the
+//! ACME challenges of its trial order, which arrive on km's ports, are passed on too.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -34,6 +35,20 @@ fn client() -> &'static reqwest::Client {
             .build()
             .unwrap_or_default()
     })
+}
+
+/// `GET /.well-known/acme-challenge/{token}` on km's port 80: km's own answers, else the
+/// wizard's (its trial order of an ACME setup is validated through this port too).
+pub async fn acme_challenge(
+    State(app): State<AppState>,
+    Path(token): Path<String>,
+    request: Request,
+) -> Response {
+    match app.gateway.challenges().response(&token) {
+        Some(answer) => answer,
+        None if app.settings.wizard_url.is_some() => pass(State(app), request).await,
+        None => (StatusCode::NOT_FOUND, "no such ACME challenge\n").into_response(),
+    }
 }
 
 pub async fn pass(State(app): State<AppState>, request: Request) -> Response {
