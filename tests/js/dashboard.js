@@ -25,27 +25,20 @@
 
 const fs = require('fs')
 const path = require('path')
-const { chromium } = require('playwright-core')
+const browser = require('./browser')
 
-const log = (msg) => console.log(`dashboard: ${msg}`)
+const b = browser.session({ prefix: 'dashboard', shotsDir: process.env.KM_SCREENSHOT_DIR || '.' })
+const { log, assert, sleep, step, fail, StepFailed } = b
+let page = null
 
-function required (name) {
-  const value = process.env[name]
-  if (!value) {
-    console.error(`dashboard: missing environment variable ${name}`)
-    process.exit(2)
-  }
-  return value
-}
-
-const KM_URL = required('KM_URL').replace(/\/+$/, '')
-const HANDSHAKE_DIR = required('KM_HANDSHAKE_DIR')
-const SHOTS = required('KM_SCREENSHOT_DIR')
-const APP = required('KM_APP_NAME')
-const METRIC = required('KM_METRIC')
-const NEEDLE = required('KM_LOG_NEEDLE')
-const BOOM = required('KM_BOOM_ACTION')
-const EXCEPTION = required('KM_EXCEPTION_MESSAGE')
+const KM_URL = b.required('KM_URL').replace(/\/+$/, '')
+const HANDSHAKE_DIR = b.required('KM_HANDSHAKE_DIR')
+b.required('KM_SCREENSHOT_DIR') // where the screenshots go (the session reads it)
+const APP = b.required('KM_APP_NAME')
+const METRIC = b.required('KM_METRIC')
+const NEEDLE = b.required('KM_LOG_NEEDLE')
+const BOOM = b.required('KM_BOOM_ACTION')
+const EXCEPTION = b.required('KM_EXCEPTION_MESSAGE')
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
 const LINK_TIMEOUT_MS = Number(process.env.KM_LINK_TIMEOUT_MS || 120000)
 
@@ -59,24 +52,7 @@ const ISSUE_TIMEOUT_MS = 20000
 const DESKTOP = { width: 1280, height: 800 }
 const PHONE = { width: 390, height: 844 }
 
-class StepFailed extends Error {}
-const assert = (cond, message) => { if (!cond) throw new StepFailed(message) }
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
-
-const consoleErrors = []
-const pageErrors = []
-const screenshots = []
-let page = null
-let browser = null
-let lastShot = null
-
-async function shot (name, opts = {}) {
-  const file = path.join(SHOTS, `${name}.png`)
-  await page.screenshot({ path: file, fullPage: true, ...opts })
-  lastShot = file
-  screenshots.push(file)
-  return file
-}
+const shot = (name, opts) => b.shot(name, opts)
 
 // Screenshots of the current page at both sizes; back to the desktop size afterwards.
 async function shots (name) {
@@ -88,34 +64,6 @@ async function shots (name) {
   }
   await page.setViewportSize(DESKTOP)
   return files.map((f) => path.basename(f)).join(', ')
-}
-
-async function step (name, fn) {
-  const t0 = Date.now()
-  try {
-    const detail = await fn()
-    log(`ok   ${name}${detail ? ` — ${detail}` : ''} (${Date.now() - t0} ms)`)
-  } catch (e) {
-    await fail(name, e, Date.now() - t0)
-  }
-}
-
-async function fail (name, e, ms) {
-  const message = e instanceof StepFailed ? e.message : (e && e.stack) || String(e)
-  log(`FAIL ${name}: ${message}${ms !== undefined ? ` (${ms} ms)` : ''}`)
-  if (page) {
-    try {
-      log(`page url: ${page.url()}`)
-      const file = await shot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`)
-      log(`failure screenshot: ${file}`)
-    } catch (err) {
-      log(`no failure screenshot (${err.message}); last screenshot: ${lastShot || 'none'}`)
-    }
-  }
-  log(`console errors (${consoleErrors.length}): ${consoleErrors.length ? '\n  ' + consoleErrors.join('\n  ') : 'none'}`)
-  log(`page errors (${pageErrors.length}): ${pageErrors.length ? '\n  ' + pageErrors.join('\n  ') : 'none'}`)
-  if (browser) await browser.close().catch(() => {})
-  process.exit(1)
 }
 
 // Writes a file the Rust test polls for (atomically: it never sees half of it).
@@ -156,21 +104,9 @@ async function waitInPage (what, timeoutMs, fn, arg, describeFn) {
 }
 
 async function main () {
-  fs.mkdirSync(SHOTS, { recursive: true })
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run']
-  })
-  const context = await browser.newContext({ viewport: DESKTOP })
-  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: KM_URL })
-  context.setDefaultTimeout(NAV_TIMEOUT_MS)
-  context.setDefaultNavigationTimeout(NAV_TIMEOUT_MS)
-  page = await context.newPage()
-  page.on('console', (msg) => {
-    if (msg.type() === 'error') consoleErrors.push(`${page.url()}: ${msg.text()}`)
-  })
-  page.on('pageerror', (err) => pageErrors.push(`${page.url()}: ${err.stack || err.message}`))
+  const launched = await b.launch({ viewport: DESKTOP, timeoutMs: NAV_TIMEOUT_MS, chromiumPath: CHROMIUM })
+  page = launched.page
+  await launched.context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: KM_URL })
 
   // 1. Sign up, create a bucket, copy the link command.
   const username = `admin${Date.now().toString(36)}`
@@ -356,16 +292,10 @@ async function main () {
     return shots('process')
   })
 
-  if (pageErrors.length) {
-    await fail('no uncaught error in the pages', new StepFailed(`${pageErrors.length} uncaught error(s)`))
+  if (b.pageErrors.length) {
+    await fail('no uncaught error in the pages', new StepFailed(`${b.pageErrors.length} uncaught error(s)`))
   }
-  log(`console errors: ${consoleErrors.length ? '\n  ' + consoleErrors.join('\n  ') : 'none'}`)
-  log(`screenshots in ${SHOTS}: ${screenshots.map((f) => path.basename(f)).join(', ')}`)
-  await browser.close()
-  log('all steps passed')
-  process.exit(0)
+  await b.finish()
 }
-
-process.on('unhandledRejection', (e) => { log(`unhandled rejection: ${(e && e.stack) || e}`) })
 
 main().catch((e) => fail('script error', e))

@@ -32,23 +32,19 @@
 
 const fs = require('fs')
 const path = require('path')
-const { chromium } = require('playwright-core')
+const browser = require('./browser')
 
-const log = (msg) => console.log(`wizard: ${msg}`)
-
-function required (name) {
-  const value = process.env[name]
-  if (!value) {
-    console.error(`wizard: missing environment variable ${name}`)
-    process.exit(2)
-  }
-  return value
+const missing = ['WIZARD_PLAN', 'WIZARD_SCREENSHOT_DIR'].filter((name) => !process.env[name])
+if (missing.length) {
+  console.error(`wizard: missing environment variable ${missing.join(', ')}`)
+  process.exit(2)
 }
-
-const PLAN = JSON.parse(fs.readFileSync(required('WIZARD_PLAN'), 'utf8'))
-const SHOTS = required('WIZARD_SCREENSHOT_DIR')
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
+const PLAN = JSON.parse(fs.readFileSync(process.env.WIZARD_PLAN, 'utf8'))
 const NAME = PLAN.name || 'wizard'
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium'
+const b = browser.session({ prefix: 'wizard', shotsDir: process.env.WIZARD_SCREENSHOT_DIR, shotPrefix: `${NAME}-` })
+const { log, assert, sleep, step, fail } = b
+let page = null
 
 const NAV_TIMEOUT_MS = 15000
 // A section's checks: a few steps of 5 s each; an ACME trial order can take longer.
@@ -56,50 +52,9 @@ const CHECK_TIMEOUT_MS = 120000
 const DESKTOP = { width: 1280, height: 900 }
 const PHONE = { width: 390, height: 844 }
 
-class StepFailed extends Error {}
-const assert = (cond, message) => { if (!cond) throw new StepFailed(message) }
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
-
-const consoleErrors = []
-const pageErrors = []
-const screenshots = []
-let page = null
-let browser = null
-
+// Screenshot of the page, or of `target` (an element); returns the file's name.
 async function shot (name, target) {
-  const file = path.join(SHOTS, `${NAME}-${name}.png`)
-  if (target) await target.screenshot({ path: file })
-  else await page.screenshot({ path: file, fullPage: true })
-  screenshots.push(file)
-  return path.basename(file)
-}
-
-async function step (name, fn) {
-  const t0 = Date.now()
-  try {
-    const detail = await fn()
-    log(`ok   ${name}${detail ? ` — ${detail}` : ''} (${Date.now() - t0} ms)`)
-  } catch (e) {
-    await fail(name, e, Date.now() - t0)
-  }
-}
-
-async function fail (name, e, ms) {
-  const message = e instanceof StepFailed ? e.message : (e && e.stack) || String(e)
-  log(`FAIL ${name}: ${message}${ms !== undefined ? ` (${ms} ms)` : ''}`)
-  if (page) {
-    try {
-      log(`page url: ${page.url()}`)
-      log(`failure screenshot: ${await shot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`)}`)
-      log(`page text: ${JSON.stringify((await page.innerText('body')).slice(0, 3000))}`)
-    } catch (err) {
-      log(`no failure screenshot (${err.message})`)
-    }
-  }
-  log(`console errors (${consoleErrors.length}): ${consoleErrors.length ? '\n  ' + consoleErrors.join('\n  ') : 'none'}`)
-  log(`page errors (${pageErrors.length}): ${pageErrors.length ? '\n  ' + pageErrors.join('\n  ') : 'none'}`)
-  if (browser) await browser.close().catch(() => {})
-  process.exit(1)
+  return path.basename(await b.shot(name, { target }))
 }
 
 // Fills one field of the form by name, whatever its kind.
@@ -178,20 +133,7 @@ const progress = () => page.evaluate(() => {
 }).catch(() => null)
 
 async function main () {
-  fs.mkdirSync(SHOTS, { recursive: true })
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run']
-  })
-  const context = await browser.newContext({ viewport: DESKTOP })
-  context.setDefaultTimeout(NAV_TIMEOUT_MS)
-  context.setDefaultNavigationTimeout(NAV_TIMEOUT_MS)
-  page = await context.newPage()
-  page.on('console', (msg) => {
-    if (msg.type() === 'error') consoleErrors.push(`${page.url()}: ${msg.text()}`)
-  })
-  page.on('pageerror', (err) => pageErrors.push(`${page.url()}: ${err.stack || err.message}`))
+  page = (await b.launch({ viewport: DESKTOP, timeoutMs: NAV_TIMEOUT_MS, chromiumPath: CHROMIUM })).page
   const base = new URL(PLAN.url).origin
 
   await step('open the setup URL', async () => {
@@ -265,8 +207,8 @@ async function main () {
   }
 
   await step('no error in the pages', async () => {
-    assert(pageErrors.length === 0, `uncaught errors: ${pageErrors.join('; ')}`)
-    assert(consoleErrors.length === 0, `console errors: ${consoleErrors.join('; ')}`)
+    assert(b.pageErrors.length === 0, `uncaught errors: ${b.pageErrors.join('; ')}`)
+    assert(b.consoleErrors.length === 0, `console errors: ${b.consoleErrors.join('; ')}`)
   })
 
   if (apply && apply.then_status) {
@@ -276,12 +218,7 @@ async function main () {
     })
   }
 
-  log(`screenshots in ${SHOTS}: ${screenshots.map((f) => path.basename(f)).join(', ')}`)
-  await browser.close()
-  log('all steps passed')
-  process.exit(0)
+  await b.finish()
 }
-
-process.on('unhandledRejection', (e) => { log(`unhandled rejection: ${(e && e.stack) || e}`) })
 
 main().catch((e) => fail('script error', e))

@@ -1,0 +1,104 @@
+'use strict'
+// What the browser tests share: Debian's Chromium launched through playwright-core the
+// way it runs here, steps that stop at the first failure (with a screenshot, the page's
+// text and its console and uncaught errors), and screenshots kept in one directory.
+
+const fs = require('fs')
+const path = require('path')
+const { chromium } = require('playwright-core')
+
+class StepFailed extends Error {}
+
+const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
+  '--disable-component-update', '--disable-sync', '--no-first-run']
+
+// `prefix` starts every printed line; screenshots go to `shotsDir` as
+// `<shotPrefix><name>.png`.
+function session ({ prefix, shotsDir, shotPrefix = '' }) {
+  const s = {
+    page: null,
+    browser: null,
+    consoleErrors: [],
+    pageErrors: [],
+    screenshots: [],
+    StepFailed,
+    log: (msg) => console.log(`${prefix}: ${msg}`),
+    assert: (cond, message) => { if (!cond) throw new StepFailed(message) },
+    sleep: (ms) => new Promise((resolve) => setTimeout(resolve, ms))
+  }
+
+  s.required = (name) => {
+    const value = process.env[name]
+    if (!value) {
+      console.error(`${prefix}: missing environment variable ${name}`)
+      process.exit(2)
+    }
+    return value
+  }
+
+  // A full-page screenshot, or of `target` (an element) when given.
+  s.shot = async (name, { target, ...opts } = {}) => {
+    const file = path.join(shotsDir, `${shotPrefix}${name}.png`)
+    if (target) await target.screenshot({ path: file, ...opts })
+    else await s.page.screenshot({ path: file, fullPage: true, ...opts })
+    s.screenshots.push(file)
+    return file
+  }
+
+  s.step = async (name, fn) => {
+    const t0 = Date.now()
+    try {
+      const detail = await fn()
+      s.log(`ok   ${name}${detail ? ` — ${detail}` : ''} (${Date.now() - t0} ms)`)
+    } catch (e) {
+      await s.fail(name, e, Date.now() - t0)
+    }
+  }
+
+  s.fail = async (name, e, ms) => {
+    const message = e instanceof StepFailed ? e.message : (e && e.stack) || String(e)
+    s.log(`FAIL ${name}: ${message}${ms !== undefined ? ` (${ms} ms)` : ''}`)
+    if (s.page) {
+      try {
+        s.log(`page url: ${s.page.url()}`)
+        s.log(`failure screenshot: ${await s.shot(`failure-${name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()}`)}`)
+        s.log(`page text: ${JSON.stringify((await s.page.innerText('body')).slice(0, 3000))}`)
+      } catch (err) {
+        s.log(`no failure screenshot (${err.message}); last one: ${s.screenshots[s.screenshots.length - 1] || 'none'}`)
+      }
+    }
+    s.log(`console errors (${s.consoleErrors.length}): ${s.consoleErrors.length ? '\n  ' + s.consoleErrors.join('\n  ') : 'none'}`)
+    s.log(`page errors (${s.pageErrors.length}): ${s.pageErrors.length ? '\n  ' + s.pageErrors.join('\n  ') : 'none'}`)
+    if (s.browser) await s.browser.close().catch(() => {})
+    process.exit(1)
+  }
+
+  // Starts Chromium with one context and page whose errors are recorded.
+  s.launch = async ({ viewport, timeoutMs, chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium' }) => {
+    fs.mkdirSync(shotsDir, { recursive: true })
+    s.browser = await chromium.launch({ executablePath: chromiumPath, args: CHROMIUM_ARGS })
+    const context = await s.browser.newContext({ viewport })
+    context.setDefaultTimeout(timeoutMs)
+    context.setDefaultNavigationTimeout(timeoutMs)
+    s.page = await context.newPage()
+    s.page.on('console', (msg) => {
+      if (msg.type() === 'error') s.consoleErrors.push(`${s.page.url()}: ${msg.text()}`)
+    })
+    s.page.on('pageerror', (err) => s.pageErrors.push(`${s.page.url()}: ${err.stack || err.message}`))
+    return { context, page: s.page }
+  }
+
+  // The last lines of a passing run; closes the browser and exits 0.
+  s.finish = async () => {
+    s.log(`console errors: ${s.consoleErrors.length ? '\n  ' + s.consoleErrors.join('\n  ') : 'none'}`)
+    s.log(`screenshots in ${shotsDir}: ${s.screenshots.map((f) => path.basename(f)).join(', ')}`)
+    await s.browser.close()
+    s.log('all steps passed')
+    process.exit(0)
+  }
+
+  process.on('unhandledRejection', (e) => { s.log(`unhandled rejection: ${(e && e.stack) || e}`) })
+  return s
+}
+
+module.exports = { session, StepFailed }
