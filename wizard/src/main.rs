@@ -324,3 +324,26 @@ async fn apply_headless(settings: &Path, common: Common) -> anyhow::Result<()> {
     }
     outcome.map_err(anyhow::Error::msg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_setup_line_reaches_every_console_that_can_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("ttyS0");
+        std::fs::write(&console, "boot messages\n").unwrap();
+        let line = setup_line("http://10.0.0.5:8090/", "abc");
+        assert_eq!(
+            line,
+            "KM setup: open http://10.0.0.5:8090/wizard/?token=abc"
+        );
+        announce(&line, &[console.clone(), dir.path().join("missing/tty")]);
+        let written = std::fs::read_to_string(&console).unwrap();
+        assert!(
+            written.starts_with("boot messages\n") && written.contains(&line),
+            "{written:?}"
+        );
+    }
+}
