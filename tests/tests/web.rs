@@ -500,3 +500,49 @@ async fn with_a_wizard_the_first_account_comes_from_this_machine() {
     })
     .await;
 }
+
+/// A subscription ends with its reason to exist: a member removed from the bucket stops
+/// receiving within the re-check period (10 s), a revoked token's socket is closed.
+#[tokio::test]
+async fn realtime_stops_for_removed_members_and_revoked_tokens() {
+    e2e(async {
+        let linked = linked("rt-box", &[("rt-app", "setInterval(() => {}, 1000)")]).await?;
+        let owner = &linked.user;
+        let bucket = &linked.bucket.id;
+        let member = linked.km.api().register_random().await?;
+        owner
+            .api
+            .post_ok(&format!("/api/bucket/{bucket}/add_user"), &json!({"email": member.email, "role": "read_only"}))
+            .await?;
+        // A second sign-in of the owner, to revoke.
+        let second = linked
+            .km
+            .api()
+            .post_ok(
+                "/api/oauth/token",
+                &json!({"grant_type": "password", "username": owner.username, "password": owner.password}),
+            )
+            .await?;
+        let revoked = second["access_token"].as_str().context("access_token")?.to_string();
+        let url = linked.km.url();
+        let owner_token = owner.api.token().unwrap_or_default().to_string();
+        let member_token = member.api.token().unwrap_or_default().to_string();
+        let out = run_node_script(
+            "realtime_revocation.js",
+            &[
+                ("KM_URL", url.as_str()),
+                ("KM_PUBLIC_ID", linked.bucket.public_id.as_str()),
+                ("KM_BUCKET_ID", bucket.as_str()),
+                ("KM_OWNER_TOKEN", owner_token.as_str()),
+                ("KM_MEMBER_TOKEN", member_token.as_str()),
+                ("KM_MEMBER_EMAIL", member.email.as_str()),
+                ("KM_REVOKED_TOKEN", revoked.as_str()),
+            ],
+            Duration::from_secs(60),
+        )
+        .await?;
+        ensure!(out.stdout.contains("realtime revocation: ok"), "{}\n{}", out.stdout, out.stderr);
+        Ok(())
+    })
+    .await;
+}

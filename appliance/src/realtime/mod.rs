@@ -4,6 +4,8 @@
 //! session cookie from a page of this site), then sends
 //! `{"action":"sub","public_id":…,"filters":[…]}` for each bucket it watches. Every event
 //! of those buckets' agents comes back as `{"data":[<event>, {"server_name":…,<event>:payload}]}`.
+//! The token and the memberships are checked again every few seconds while the socket
+//! lives.
 
 pub mod hub;
 
@@ -11,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::http::header::{HOST, ORIGIN};
@@ -30,6 +32,9 @@ use crate::auth::{self, UserAuth};
 use crate::stores::User;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// How often a socket's token and memberships are checked again: a member removed, or a
+/// token revoked or expired, stops receiving within this time.
+const RECHECK_EVERY: Duration = Duration::from_secs(10);
 /// Frames queued for one browser; beyond this a slow one misses events.
 const OUTBOX: usize = 1024;
 /// Subscriptions one socket may hold.
@@ -49,18 +54,20 @@ pub async fn primus(
     upgrade: WebSocketUpgrade,
 ) -> Response {
     match authenticate(&app, connect.token.as_deref(), &headers).await {
-        Ok(user) => upgrade.on_upgrade(move |socket| run(socket, app, user)),
+        Ok((user, token)) => upgrade.on_upgrade(move |socket| run(socket, app, user, token)),
         Err(e) => e.into_response(),
     }
 }
 
+/// The user and the token they connected with (checked again while the socket lives).
 async fn authenticate(
     app: &AppState,
     token: Option<&str>,
     headers: &HeaderMap,
-) -> Result<User, ApiError> {
+) -> Result<(User, String), ApiError> {
     if let Some(token) = token.filter(|t| !t.is_empty()) {
-        return Ok(UserAuth::from_token(app, token, false).await?.user);
+        let user = UserAuth::from_token(app, token, false).await?.user;
+        return Ok((user, token.to_string()));
     }
     let cookie = auth::session_cookie(headers).ok_or_else(|| {
         ApiError::unauthorized("missing token: connect to /primus?token=<access_token>")
@@ -69,7 +76,8 @@ async fn authenticate(
     if !same_origin(headers) {
         return Err(ApiError::forbidden("cross-site websocket refused"));
     }
-    Ok(UserAuth::from_token(app, cookie, true).await?.user)
+    let user = UserAuth::from_token(app, cookie, true).await?.user;
+    Ok((user, cookie.to_string()))
 }
 
 fn same_origin(headers: &HeaderMap) -> bool {
@@ -111,14 +119,24 @@ struct Watch {
     forward: JoinHandle<()>,
 }
 
-async fn run(socket: WebSocket, app: AppState, user: User) {
+async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut outbox) = mpsc::channel::<String>(OUTBOX);
     let mut watches: HashMap<String, (String, Watch)> = HashMap::new();
     let mut ping = tokio::time::interval(PING_EVERY);
+    let mut recheck =
+        tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
     loop {
         tokio::select! {
             () = app.shutdown.cancelled() => break,
+            _ = recheck.tick() => {
+                if !still_signed_in(&app, &token).await {
+                    let close = CloseFrame { code: 4001, reason: "token expired or revoked: sign in again".into() };
+                    let _ = sink.send(Message::Close(Some(close))).await;
+                    break;
+                }
+                drop_lost_buckets(&app, &user, &mut watches).await;
+            },
             frame = outbox.recv() => match frame {
                 Some(frame) => if sink.send(Message::Text(frame.into())).await.is_err() { break },
                 None => break,
@@ -136,9 +154,44 @@ async fn run(socket: WebSocket, app: AppState, user: User) {
         }
     }
     for (_, (bucket_id, watch)) in watches {
-        watch.forward.abort();
-        let _ = watch.forward.await;
-        app.live.release(&bucket_id);
+        stop(&app, &bucket_id, watch).await;
+    }
+}
+
+async fn stop(app: &AppState, bucket_id: &str, watch: Watch) {
+    watch.forward.abort();
+    let _ = watch.forward.await;
+    app.live.release(bucket_id);
+}
+
+/// Whether the socket's token still signs its user in (a store outage is not a no).
+async fn still_signed_in(app: &AppState, token: &str) -> bool {
+    match UserAuth::from_token(app, token, false).await {
+        Err(e) => e.status != axum::http::StatusCode::UNAUTHORIZED,
+        Ok(_) => true,
+    }
+}
+
+/// Ends the subscriptions to buckets the user is no longer a member of.
+async fn drop_lost_buckets(
+    app: &AppState,
+    user: &User,
+    watches: &mut HashMap<String, (String, Watch)>,
+) {
+    let mut lost = Vec::new();
+    for (public_id, (bucket_id, _)) in watches.iter() {
+        if matches!(
+            app.documents.member_role(bucket_id, &user.id).await,
+            Ok(None)
+        ) {
+            lost.push(public_id.clone());
+        }
+    }
+    for public_id in lost {
+        if let Some((bucket_id, watch)) = watches.remove(&public_id) {
+            tracing::debug!(user = %user.username, bucket = %bucket_id, "realtime: no longer a member; subscription ended");
+            stop(app, &bucket_id, watch).await;
+        }
     }
 }
 
