@@ -7,137 +7,24 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Api, Km, Pm2, e2e, find_process, free_port, km_bin, unique};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use anyhow::{Context, Result, ensure};
+use km_e2e::{Api, Km, Pebble, Pm2, TestCa, e2e, find_process, free_port, km_bin, unique};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use serde_json::Value;
 
-/// A certificate authority made for one test.
-struct TestCa {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let pem = params.self_signed(&key).unwrap().pem();
-        TestCa {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A leaf for `names`: (certificate PEM, key PEM, certificate DER).
-    fn leaf(&self, names: &[&str]) -> (String, String, Vec<u8>) {
-        let key = KeyPair::generate().unwrap();
-        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
-    }
-}
-
-/// A real Pebble (`apt-get install pebble`) on free loopback ports, validating HTTP-01
-/// challenges on `http_port`; killed on drop.
-struct Pebble {
-    child: Child,
-    port: u16,
-    management: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Pebble {
-    fn start(http_port: u16, tls: &TestCa) -> Result<Pebble> {
-        let dir = tempfile::tempdir()?;
-        let (cert, key, _) = tls.leaf(&["localhost", "127.0.0.1"]);
-        std::fs::write(dir.path().join("cert.pem"), cert)?;
-        std::fs::write(dir.path().join("key.pem"), key)?;
-        let (port, management) = (free_port()?, free_port()?);
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{port}"),
-            "managementListenAddress": format!("127.0.0.1:{management}"),
-            "certificate": dir.path().join("cert.pem"),
-            "privateKey": dir.path().join("key.pem"),
-            "httpPort": http_port,
-            "tlsPort": free_port()?,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        std::fs::write(dir.path().join("pebble.json"), config.to_string())?;
-        let log = std::fs::File::create(dir.path().join("pebble.log"))?;
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(dir.path().join("pebble.json"))
-            // Validate at once; never reject a good nonce (5% by default), which only
-            // tests instant-acme's retry and would make a failed order retried minutes later.
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start pebble (apt-get install pebble; tests/run.sh installs it)")?;
-        let mut pebble = Pebble {
-            child,
-            port,
-            management,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while [port, management]
-            .iter()
-            .any(|p| TcpStream::connect(("127.0.0.1", *p)).is_err())
-        {
-            if let Some(status) = pebble.child.try_wait()? {
-                bail!("pebble exited at start ({status}): {}", pebble.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "pebble not listening within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(pebble)
-    }
-
-    fn directory(&self) -> String {
-        format!("https://127.0.0.1:{}/dir", self.port)
-    }
-
-    /// The root Pebble issues under (made anew at each start).
-    fn root_pem(&self, tls: &TestCa) -> Result<String> {
-        let mut management = Https::connect(self.management, "127.0.0.1", &client(&tls.pem))?;
-        let (status, body) = management.get("/roots/0")?;
-        ensure!(status == 200, "GET /roots/0: HTTP {status}: {body}");
-        Ok(body)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("pebble.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- pebble log ---\n{}", self.log());
-        }
-    }
+/// A leaf for `names` from `ca`: (certificate PEM, key PEM, certificate DER).
+fn leaf(ca: &TestCa, names: &[&str]) -> (String, String, Vec<u8>) {
+    let (cert, key) = ca.leaf(names).unwrap();
+    let der = CertificateDer::from_pem_slice(cert.as_bytes())
+        .unwrap()
+        .to_vec();
+    (cert, key, der)
 }
 
 /// A rustls client trusting only the certificates of `roots_pem`.
@@ -270,11 +157,9 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
 #[tokio::test]
 async fn acme_certificate_from_pebble_is_served_and_survives_restart() {
     e2e(async {
-        let pebble_tls = TestCa::new("pebble's own TLS");
         let (km_port, https_port) = (free_port()?, free_port()?);
-        let pebble = Pebble::start(km_port, &pebble_tls)?;
-        let files = tempfile::tempdir()?;
-        let ca = write(files.path(), "pebble-tls-ca.pem", &pebble_tls.pem);
+        let pebble = Pebble::start(km_port, false)?;
+        let ca = pebble.https_ca_path();
         let started = Instant::now();
         let mut km = Km::start_on(
             km_port,
@@ -306,7 +191,7 @@ async fn acme_certificate_from_pebble_is_served_and_survives_restart() {
         ensure!(tls["days_left"].as_i64().is_some_and(|d| d > 30), "{tls}");
 
         // Trusting Pebble's root only: the handshake proves the chain.
-        let pebble_root = client(&pebble.root_pem(&pebble_tls)?);
+        let pebble_root = client(&pebble.root_pem().await?);
         let mut https = Https::connect(https_port, "localhost", &pebble_root)?;
         let (status, body) = https.get("/healthz")?;
         ensure!(status == 200, "GET /healthz over HTTPS: {status} {body}");
@@ -373,7 +258,7 @@ async fn unreachable_acme_ca_leaves_a_self_signed_certificate_and_the_reason() {
             error.contains("KM_ACME_DIRECTORY") && error.contains(&directory),
             "{error}"
         );
-        let unrelated = client(&TestCa::new("someone else").pem);
+        let unrelated = client(TestCa::new("someone else").unwrap().pem());
         let refused = Https::connect(https_port, "localhost", &unrelated).err();
         let refused = format!("{refused:?}");
         ensure!(refused.contains("UnknownIssuer"), "{refused}");
@@ -389,9 +274,9 @@ async fn unreachable_acme_ca_leaves_a_self_signed_certificate_and_the_reason() {
 #[tokio::test]
 async fn files_are_served_reloaded_without_dropping_connections_and_redirected_to() {
     e2e(async {
-        let ca = TestCa::new("km files test CA");
+        let ca = TestCa::new("km files test CA").unwrap();
         let dir = tempfile::tempdir()?;
-        let (cert_pem, key_pem, first) = ca.leaf(&["localhost"]);
+        let (cert_pem, key_pem, first) = leaf(&ca, &["localhost"]);
         let cert = write(dir.path(), "cert.pem", &cert_pem);
         let key = write(dir.path(), "key.pem", &key_pem);
         let https_port = free_port()?;
@@ -403,7 +288,7 @@ async fn files_are_served_reloaded_without_dropping_connections_and_redirected_t
             ("KM_SITE_URL", &format!("https://localhost:{https_port}")),
         ]))
         .await?;
-        let trust = client(&ca.pem);
+        let trust = client(ca.pem());
         let mut open = Https::connect(https_port, "localhost", &trust)?;
         ensure!(open.leaf() == first, "not the KM_TLS_CERT certificate");
         let (status, body) = open.get("/healthz")?;
@@ -441,7 +326,7 @@ async fn files_are_served_reloaded_without_dropping_connections_and_redirected_t
             r.status()
         );
 
-        let (cert_pem, key_pem, second) = ca.leaf(&["localhost"]);
+        let (cert_pem, key_pem, second) = leaf(&ca, &["localhost"]);
         write(dir.path(), "key.pem", &key_pem);
         write(dir.path(), "cert.pem", &cert_pem);
         km.signal(libc::SIGHUP)?;
@@ -487,12 +372,12 @@ async fn files_are_served_reloaded_without_dropping_connections_and_redirected_t
 #[tokio::test]
 async fn pm2_agent_links_and_reports_over_https() {
     e2e(async {
-        let ca = TestCa::new("km agent test CA");
+        let ca = TestCa::new("km agent test CA").unwrap();
         let dir = tempfile::tempdir()?;
-        let (cert_pem, key_pem, _) = ca.leaf(&["localhost"]);
+        let (cert_pem, key_pem, _) = leaf(&ca, &["localhost"]);
         let cert = write(dir.path(), "cert.pem", &cert_pem);
         let key = write(dir.path(), "key.pem", &key_pem);
-        let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+        let ca_file = write(dir.path(), "ca.pem", ca.pem());
         let https_port = free_port()?;
         let site = format!("https://localhost:{https_port}");
         let km = Km::start_with(env(&[
@@ -504,7 +389,7 @@ async fn pm2_agent_links_and_reports_over_https() {
         ]))
         .await?;
         let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes())?)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes())?)
             .tls_built_in_root_certs(false)
             .timeout(Duration::from_secs(15))
             .build()?;
@@ -541,11 +426,9 @@ async fn pm2_agent_links_and_reports_over_https() {
 #[tokio::test]
 async fn acme_dry_run_validates_the_name_without_issuing() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let pebble_tls = TestCa::new("pebble's own TLS");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let pebble = Pebble::start(listener.local_addr().unwrap().port(), &pebble_tls).unwrap();
-    let files = tempfile::tempdir().unwrap();
-    let ca = write(files.path(), "ca.pem", &pebble_tls.pem);
+    let pebble = Pebble::start(listener.local_addr().unwrap().port(), false).unwrap();
+    let ca = pebble.https_ca_path();
     let served = km::gateway::Challenges::default();
     tokio::spawn(axum::serve(listener, served.routes()).into_future());
 
@@ -627,10 +510,10 @@ fn km_fails_with(env: &[(&str, &str)]) -> String {
 
 #[test]
 fn unusable_tls_files_stop_km_naming_the_variable() {
-    let ca = TestCa::new("km start test CA");
+    let ca = TestCa::new("km start test CA").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (cert, _, _) = ca.leaf(&["localhost"]);
-    let (_, other_key, _) = ca.leaf(&["localhost"]);
+    let (cert, _, _) = leaf(&ca, &["localhost"]);
+    let (_, other_key, _) = leaf(&ca, &["localhost"]);
     let cert = write(dir.path(), "cert.pem", &cert);
     let other_key = write(dir.path(), "key.pem", &other_key);
     let missing = dir.path().join("missing.pem");

@@ -58,6 +58,25 @@ fn arr(v: &Value) -> &[Value] {
     v.as_array().map(Vec::as_slice).unwrap_or(&[])
 }
 
+/// The pm_id of `io-app` on web-1 once it lists the action `name`.
+async fn wait_action(api: &km_e2e::Api, bucket: &str, name: &str) -> Result<i64> {
+    api.wait_process(
+        bucket,
+        "web-1",
+        "io-app",
+        &format!("the `{name}` action listed"),
+        WAIT,
+        |p| {
+            arr(&p["axm_actions"])
+                .iter()
+                .any(|a| a["action_name"] == name)
+                .then(|| p["pm_id"].as_i64())
+                .flatten()
+        },
+    )
+    .await
+}
+
 /// `at` values must be non-increasing (newest first).
 fn check_newest_first(items: &[Value], what: &str) -> Result<()> {
     let ats: Vec<i64> = items.iter().filter_map(|e| e["at"].as_i64()).collect();
@@ -444,21 +463,7 @@ async fn custom_action_reply_is_stored_as_event() {
         let l = linked("web-1", &[("io-app", APP_IO)]).await?;
         let api = l.api();
         let b = &l.bucket.id;
-        let pm_id = api
-            .wait_process(
-                b,
-                "web-1",
-                "io-app",
-                "the `echo` action listed",
-                WAIT,
-                |p| {
-                    let has_echo = arr(&p["axm_actions"])
-                        .iter()
-                        .any(|a| a["action_name"] == "echo");
-                    if has_echo { p["pm_id"].as_i64() } else { None }
-                },
-            )
-            .await?;
+        let pm_id = wait_action(&api, b, "echo").await?;
         let t_trigger = now_ms();
         let r = api
             .trigger_action(
@@ -513,22 +518,7 @@ async fn cpu_profile_is_stored_and_downloadable() {
         let l = linked("web-1", &[("io-app", APP_IO)]).await?;
         let api = l.api();
         let b = &l.bucket.id;
-        let pm_id = api
-            .wait_process(
-                b,
-                "web-1",
-                "io-app",
-                "the profiling actions listed",
-                WAIT,
-                |p| {
-                    arr(&p["axm_actions"])
-                        .iter()
-                        .any(|a| a["action_name"] == "km:cpu:profiling:start")
-                        .then(|| p["pm_id"].as_i64())
-                        .flatten()
-                },
-            )
-            .await?;
+        let pm_id = wait_action(&api, b, "km:cpu:profiling:start").await?;
         for action in ["km:cpu:profiling:start", "km:cpu:profiling:stop"] {
             let r = api
                 .trigger_action(
