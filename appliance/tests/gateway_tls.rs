@@ -7,12 +7,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use km_e2e::{Api, Km, Pebble, Pm2, TestCa, e2e, find_process, free_port, km_bin, unique};
+use km_e2e::{
+    Api, Km, Pebble, Pm2, TestCa, e2e, find_process, free_port, km_start_failure, unique,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -474,36 +475,7 @@ async fn acme_dry_run_validates_the_name_without_issuing() {
 
 /// Runs `km serve` with `env` and returns its stderr once it has exited (it must).
 fn km_fails_with(env: &[(&str, &str)]) -> String {
-    let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(km_bin())
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port().unwrap()),
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env(
-            "KM_HTTPS_LISTEN",
-            format!("127.0.0.1:{}", free_port().unwrap()),
-        )
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("km still running 10 s after start with {env:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    let (status, stderr) = km_start_failure(env).unwrap();
     assert!(!status.success(), "km started: {stderr}");
     stderr
 }

@@ -468,6 +468,42 @@ pub fn km_bin() -> PathBuf {
 
 /// A real `km serve` subprocess on a free loopback port with a temporary data dir.
 /// Its stdout and stderr go to `km.log` in its temp dir (appended across restarts).
+/// Runs `km serve` (free ports, a temp data dir) with `env`, expecting it to refuse to
+/// start: its exit status and stderr, or an error if it still runs after 10 s.
+pub fn km_start_failure(env: &[(&str, &str)]) -> Result<(ExitStatus, String)> {
+    let data = temp_dir("km-e2e-start-")?;
+    let mut child = Command::new(km_bin())
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", free_port()?))
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("KM_HTTPS_LISTEN", format!("127.0.0.1:{}", free_port()?))
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn km")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("km still runs 10 s after start with {env:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = child
+        .stderr
+        .take()
+        .map(std::io::read_to_string)
+        .transpose()?
+        .unwrap_or_default();
+    Ok((status, stderr))
+}
+
 /// Killed on drop; on a panicking drop the log's tail is printed.
 pub struct Km {
     bin: PathBuf,

@@ -463,7 +463,7 @@ async fn custom_action_reply_is_stored_as_event() {
         let l = linked("web-1", &[("io-app", APP_IO)]).await?;
         let api = l.api();
         let b = &l.bucket.id;
-        let pm_id = wait_action(&api, b, "echo").await?;
+        let pm_id = wait_action(api, b, "echo").await?;
         let t_trigger = now_ms();
         let r = api
             .trigger_action(
@@ -518,7 +518,7 @@ async fn cpu_profile_is_stored_and_downloadable() {
         let l = linked("web-1", &[("io-app", APP_IO)]).await?;
         let api = l.api();
         let b = &l.bucket.id;
-        let pm_id = wait_action(&api, b, "km:cpu:profiling:start").await?;
+        let pm_id = wait_action(api, b, "km:cpu:profiling:start").await?;
         for action in ["km:cpu:profiling:start", "km:cpu:profiling:stop"] {
             let r = api
                 .trigger_action(

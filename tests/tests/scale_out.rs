@@ -2,13 +2,12 @@
 //! message naming the variable; an outage of the events store loses nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::ensure;
 use km_e2e::{
-    Api, Km, LinkOpts, Linked, OsMem, Redis, SecantusDb, e2e, free_port, km_bin, linked_with,
-    now_ms, run_node_script,
+    Api, Km, LinkOpts, Linked, OsMem, Redis, SecantusDb, e2e, free_port, km_start_failure,
+    linked_with, now_ms, run_node_script,
 };
 use serde_json::{Value, json};
 
@@ -207,35 +206,8 @@ async fn elasticsearch_outage_is_reported_and_buffered_logs_are_written_after() 
 #[test]
 fn unreachable_mongodb_stops_km_naming_the_variable() {
     let closed = free_port().unwrap();
-    let data = tempfile::tempdir().unwrap();
-    let started = Instant::now();
-    let mut child = Command::new(km_bin())
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{}", free_port().unwrap()),
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env(
-            "KM_MONGO_URL",
-            format!("mongodb://km:s3cret-pw@127.0.0.1:{closed}/km"),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("km still running 10 s after start with an unreachable KM_MONGO_URL");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::io::read_to_string(child.stderr.take().unwrap()).unwrap();
+    let url = format!("mongodb://km:s3cret-pw@127.0.0.1:{closed}/km");
+    let (status, stderr) = km_start_failure(&[("KM_MONGO_URL", &url)]).unwrap();
     assert!(!status.success(), "km exited successfully: {stderr}");
     assert!(
         stderr.contains("KM_MONGO_URL: cannot connect to 127.0.0.1:"),
