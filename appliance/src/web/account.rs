@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Flashes, Nav, WebSession, back, error_page, render};
+use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::error::ApiError;
 use crate::api::oauth::{self, RegisterForm};
 use crate::app::AppState;
@@ -45,8 +45,7 @@ struct SignupPage {
     nav: Option<Nav>,
     first: bool,
     open: bool,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
     username: String,
     email: String,
 }
@@ -54,8 +53,7 @@ struct SignupPage {
 async fn signup_view(
     app: &AppState,
     headers: &HeaderMap,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
     form: Option<&SignupForm>,
 ) -> Response {
     let session = visitor(app, headers).await;
@@ -67,8 +65,7 @@ async fn signup_view(
         nav: session.as_ref().map(Nav::from),
         first,
         open: first || app.settings.allow_signup || admin,
-        error,
-        msg,
+        flash,
         username: form.map(|f| f.username.clone()).unwrap_or_default(),
         email: form.map(|f| f.email.clone()).unwrap_or_default(),
     })
@@ -79,8 +76,7 @@ pub async fn signup_page(
     headers: HeaderMap,
     flash: Flashes,
 ) -> Response {
-    let flash = flash.0;
-    signup_view(&app, &headers, flash.error, flash.msg, None).await
+    signup_view(&app, &headers, flash.0, None).await
 }
 
 #[derive(Deserialize)]
@@ -126,7 +122,7 @@ pub async fn signup(
         ),
         Ok(user) => sign_in(&app, &user.id, "/buckets").await,
         Err(e) => {
-            let mut page = signup_view(&app, &headers, Some(e.msg), None, Some(&form)).await;
+            let mut page = signup_view(&app, &headers, Flash::error(e.msg), Some(&form)).await;
             *page.status_mut() = e.status;
             page
         }
@@ -137,8 +133,7 @@ pub async fn signup(
 #[template(path = "login.html")]
 struct LoginPage {
     nav: Option<Nav>,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
     login: String,
 }
 
@@ -146,8 +141,7 @@ pub async fn login_page(flash: Flashes) -> Response {
     let flash = flash.0;
     render(&LoginPage {
         nav: None,
-        error: flash.error,
-        msg: flash.msg,
+        flash,
         login: String::new(),
     })
 }
@@ -166,8 +160,7 @@ pub async fn login(State(app): State<AppState>, Form(form): Form<LoginForm>) -> 
         Err(e) => {
             let mut page = render(&LoginPage {
                 nav: None,
-                error: Some(e.msg),
-                msg: None,
+                flash: Flash::error(e.msg),
                 login: form.login,
             });
             *page.status_mut() = e.status;
@@ -237,8 +230,7 @@ struct AccountPage {
     role: String,
     /// The setup wizard is reachable under `/wizard/`.
     wizard: bool,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
 }
 
 pub async fn account_page(
@@ -252,8 +244,7 @@ pub async fn account_page(
         wizard: app.settings.wizard_url.is_some(),
         email: session.auth.user.email.clone(),
         role: session.auth.user.role.clone(),
-        error: flash.error,
-        msg: flash.msg,
+        flash,
     })
 }
 

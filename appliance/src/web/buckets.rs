@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Flashes, Nav, WebSession, back, error_page, render};
+use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
 use crate::api::data::servers_status;
@@ -40,8 +40,7 @@ pub fn link_command(app: &AppState, bucket: &Bucket) -> String {
 struct ListPage {
     nav: Option<Nav>,
     buckets: Vec<Bucket>,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
 }
 
 pub async fn list(State(app): State<AppState>, session: WebSession, flash: Flashes) -> Response {
@@ -53,8 +52,7 @@ pub async fn list(State(app): State<AppState>, session: WebSession, flash: Flash
     render(&ListPage {
         nav: Some(Nav::from(&session)),
         buckets,
-        error: flash.error,
-        msg: flash.msg,
+        flash,
     })
 }
 
@@ -190,8 +188,7 @@ struct OverviewPage {
     bucket: Bucket,
     servers: Vec<ServerView>,
     link: String,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
 }
 
 pub async fn overview(
@@ -210,8 +207,7 @@ pub async fn overview(
         servers: server_views(&app, &access.bucket.id, None).await,
         link: link_command(&app, &access.bucket),
         bucket: access.bucket,
-        error: flash.error,
-        msg: flash.msg,
+        flash,
     })
 }
 
@@ -224,8 +220,7 @@ struct SettingsPage {
     link: String,
     members: Vec<Member>,
     servers: Vec<ServerView>,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
 }
 
 pub async fn settings(
@@ -250,8 +245,7 @@ pub async fn settings(
         members,
         role: access.role,
         bucket: access.bucket,
-        error: flash.error,
-        msg: flash.msg,
+        flash,
     })
 }
 

@@ -116,6 +116,15 @@ pub struct Flash {
 
 pub type Flashes = Query<Flash>;
 
+impl Flash {
+    pub fn error(msg: String) -> Flash {
+        Flash {
+            error: Some(msg),
+            msg: None,
+        }
+    }
+}
+
 /// Renders a page, or an error page if the template fails.
 pub fn render(page: &impl Template) -> Response {
     match page.render() {

@@ -72,8 +72,7 @@ struct ProcessPage {
     events: Vec<EventLine>,
     routes: Vec<Route>,
     profiles: Vec<ProfileLine>,
-    error: Option<String>,
-    msg: Option<String>,
+    flash: Flash,
 }
 
 /// The time windows of the stored log search: (minutes, label); 0 is everything kept.
@@ -248,8 +247,7 @@ pub async fn page(
         server,
         app: app_name,
         bucket: access.bucket,
-        error: flash.error,
-        msg: flash.msg,
+        flash,
     })
 }
 
