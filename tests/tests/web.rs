@@ -546,3 +546,53 @@ async fn realtime_stops_for_removed_members_and_revoked_tokens() {
     })
     .await;
 }
+
+/// Behind HTTPS (an https site URL), the session cookie is also `Secure`.
+#[tokio::test]
+async fn the_session_cookie_is_secure_on_an_https_site() {
+    e2e(async {
+        let km = Km::start_with(vec![(
+            "KM_SITE_URL".into(),
+            "https://km.example.com".into(),
+        )])
+        .await?;
+        let fields = [
+            ("username", "dana"),
+            ("email", "dana@example.com"),
+            ("password", PASSWORD),
+        ];
+        let r = client()
+            .post(format!("{}/signup", km.url()))
+            .form(&fields)
+            .send()
+            .await?;
+        session_cookie(&r)?;
+        let set = r
+            .headers()
+            .get(SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        ensure!(
+            set.contains("; Secure"),
+            "no Secure attribute on an https site: {set}"
+        );
+        // And not on a plain-HTTP one (a browser would drop a Secure cookie there).
+        let plain = Km::start().await?;
+        let r = client()
+            .post(format!("{}/signup", plain.url()))
+            .form(&fields)
+            .send()
+            .await?;
+        let set = r
+            .headers()
+            .get(SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        ensure!(
+            set.starts_with("km_session=") && !set.contains("Secure"),
+            "plain HTTP: {set}"
+        );
+        Ok(())
+    })
+    .await;
+}

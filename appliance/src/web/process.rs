@@ -159,28 +159,22 @@ pub async fn page(
         ..EventQuery::default()
     };
     let since = query.since;
-    let stored = async {
-        let logs = app
-            .events
-            .query(
-                EventKind::Log,
-                &EventQuery {
-                    text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()),
-                    after: since
-                        .filter(|m| *m > 0)
-                        .map(|m| now_ms() - m.saturating_mul(60_000)),
-                    ..scope.clone()
-                },
-            )
-            .await?;
-        let events = app.events.query(EventKind::Event, &scope).await?;
-        let process_events = app.events.query(EventKind::ProcessEvent, &scope).await?;
-        let profiles = app.events.query(EventKind::Profile, &scope).await?;
-        let issues = insights::issues(&app, scope.clone()).await?;
-        let routes = insights::routes(&app, scope.clone()).await?;
-        ApiResult::Ok((logs, events, process_events, profiles, issues, routes))
-    }
-    .await;
+    let log_query = EventQuery {
+        text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()),
+        after: since
+            .filter(|m| *m > 0)
+            .map(|m| now_ms() - m.saturating_mul(60_000)),
+        ..scope.clone()
+    };
+    // The page's lists are independent reads: asked at once, not one after another.
+    let stored = tokio::try_join!(
+        async { Ok(app.events.query(EventKind::Log, &log_query).await?) },
+        async { Ok(app.events.query(EventKind::Event, &scope).await?) },
+        async { Ok(app.events.query(EventKind::ProcessEvent, &scope).await?) },
+        async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
+        insights::issues(&app, scope.clone()),
+        insights::routes(&app, scope.clone()),
+    );
     let (logs, events, process_events, profiles, issues, routes) = match stored {
         Ok(stored) => stored,
         Err(e) => return error_page(&e),
