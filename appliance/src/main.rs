@@ -149,13 +149,12 @@ fn show_licence(text: &str) -> anyhow::Result<ExitCode> {
 fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(env_file)
         .map_err(|e| anyhow::anyhow!("--env-file {}: {e}", env_file.display()))?;
-    let report = setup::check_env_file(&text, now_s()).report;
+    let checked = setup::check_env_file(&text, now_s());
     println!("{}", env_file.display());
-    print!("{report}");
-    if !report.is_ok() {
+    print!("{}", checked.report);
+    let Some(settings) = checked.settings.filter(|_| checked.report.is_ok()) else {
         return Ok(ExitCode::FAILURE);
-    }
-    let env = setup::envfile::parse(&text)?.into_iter().collect();
+    };
     let options = setup::validate::Options {
         test_mail_to,
         ..setup::validate::Options::default()
@@ -163,7 +162,7 @@ fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result
     let checks = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(setup::validate::live_only(&env, &options));
+        .block_on(setup::validate::live_only(&settings, &options));
     println!("live checks:");
     for check in &checks {
         println!("  {:<8} {check}", check.status.as_str());

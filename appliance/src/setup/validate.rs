@@ -88,24 +88,24 @@ pub async fn all(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check
         }
     }
     if let Some(settings) = &judged.settings {
-        for (section, _) in SECTIONS
-            .iter()
-            .filter(|(s, _)| options.wants(s) && !broken_sections.contains(s))
-        {
-            found.extend(live(section, settings, options).await);
-        }
+        found.extend(live_sections(settings, options, &broken_sections).await);
     }
     found
 }
 
 /// The live checks only, for a configuration whose static report is clean.
-pub async fn live_only(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check> {
-    let Some(settings) = check_settings(env, now_s()).settings else {
-        return Vec::new();
-    };
+pub async fn live_only(settings: &Settings, options: &Options) -> Vec<Check> {
+    live_sections(settings, options, &[]).await
+}
+
+/// The live checks of the wanted sections but `skip` (those whose values are wrong).
+async fn live_sections(settings: &Settings, options: &Options, skip: &[&str]) -> Vec<Check> {
     let mut found = Vec::new();
-    for (section, _) in SECTIONS.iter().filter(|(s, _)| options.wants(s)) {
-        found.extend(live(section, &settings, options).await);
+    for (section, _) in SECTIONS
+        .iter()
+        .filter(|(s, _)| options.wants(s) && !skip.contains(s))
+    {
+        found.extend(live(section, settings, options).await);
     }
     found
 }
