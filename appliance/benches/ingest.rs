@@ -44,7 +44,8 @@ fn main() -> anyhow::Result<()> {
     let settings = Settings::from_raw(RawSettings::with_data_dir(dir.path()))?;
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,
-        "127.0.0.1:0".parse()?,
+        "http://127.0.0.1:8080".into(),
+        km::gateway::Gateway::off(),
         CancellationToken::new(),
     ))?;
     let _guard = runtime.enter();

@@ -104,6 +104,19 @@ pub struct RawSettings {
     /// ports is passed to it, so admins reach it through the site URL.
     #[arg(long, env = "KM_WIZARD_URL")]
     pub wizard_url: Option<String>,
+    /// Address of the api role (`km serve --role api`); the gateway forwards `/api` and
+    /// the dashboard there.
+    #[arg(long, env = "KM_API_LISTEN", default_value = "127.0.0.1:3010")]
+    pub api_listen: String,
+    /// Address of the auth role; the gateway forwards `/api/oauth` there.
+    #[arg(long, env = "KM_AUTH_LISTEN", default_value = "127.0.0.1:3100")]
+    pub auth_listen: String,
+    /// Address of the realtime role; the gateway forwards `/primus` there.
+    #[arg(long, env = "KM_REALTIME_LISTEN", default_value = "127.0.0.1:4010")]
+    pub realtime_listen: String,
+    /// Address of the interactor role; the gateway forwards `/interaction` there.
+    #[arg(long, env = "KM_INTERACTOR_LISTEN", default_value = "127.0.0.1:3900")]
+    pub interactor_listen: String,
 }
 
 impl RawSettings {
@@ -137,9 +150,16 @@ impl RawSettings {
             acme_email: None,
             acme_ca: None,
             wizard_url: None,
+            api_listen: "127.0.0.1:3010".into(),
+            auth_listen: "127.0.0.1:3100".into(),
+            realtime_listen: "127.0.0.1:4010".into(),
+            interactor_listen: "127.0.0.1:3900".into(),
         }
     }
 }
+
+/// How `KM_REDIS_URL` may start: TCP, TLS, or a Unix socket (the appliance's local bus).
+const REDIS_SCHEMES: [&str; 3] = ["redis://", "rediss://", "redis+unix://"];
 
 /// Variables an env file may set that are read elsewhere than [`RawSettings`].
 const OTHER_VARIABLES: &[&str] = &["KM_LOG"];
@@ -261,6 +281,18 @@ pub struct Settings {
     pub https_listen: SocketAddr,
     /// Where `/wizard/` is passed to (`KM_WIZARD_URL`), without trailing slash.
     pub wizard_url: Option<String>,
+    /// Where each role listens when it runs on its own (`km serve --role ...`).
+    pub roles: RoleAddresses,
+}
+
+/// The addresses of the roles that have a port of their own when run apart; the gateway
+/// forwards to them.
+#[derive(Debug, Clone, Copy)]
+pub struct RoleAddresses {
+    pub api: SocketAddr,
+    pub auth: SocketAddr,
+    pub realtime: SocketAddr,
+    pub interactor: SocketAddr,
 }
 
 /// How the SMTP connection is secured.
@@ -321,16 +353,44 @@ pub struct ConfigErrors(pub Vec<String>);
 impl Settings {
     pub fn from_raw(raw: RawSettings) -> Result<Self, ConfigErrors> {
         let mut errors = Vec::new();
-        let listen = raw
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| {
-                errors.push(format!(
-                    "KM_LISTEN (--listen): {:?} is not an address like 127.0.0.1:8080: {e}",
-                    raw.listen
-                ))
-            })
-            .ok();
+        let mut address = |value: &str, var: &str, example: &str| {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|e| {
+                    errors.push(format!(
+                        "{var}: {value:?} is not an address like {example}: {e}"
+                    ))
+                })
+                .ok()
+        };
+        let listen = address(&raw.listen, "KM_LISTEN (--listen)", "127.0.0.1:8080");
+        let https_listen = address(
+            &raw.https_listen,
+            "KM_HTTPS_LISTEN (--https-listen)",
+            "0.0.0.0:443",
+        );
+        let roles = match (
+            address(&raw.api_listen, "KM_API_LISTEN (--api-listen)", "127.0.0.1:3010"),
+            address(&raw.auth_listen, "KM_AUTH_LISTEN (--auth-listen)", "127.0.0.1:3100"),
+            address(
+                &raw.realtime_listen,
+                "KM_REALTIME_LISTEN (--realtime-listen)",
+                "127.0.0.1:4010",
+            ),
+            address(
+                &raw.interactor_listen,
+                "KM_INTERACTOR_LISTEN (--interactor-listen)",
+                "127.0.0.1:3900",
+            ),
+        ) {
+            (Some(api), Some(auth), Some(realtime), Some(interactor)) => Some(RoleAddresses {
+                api,
+                auth,
+                realtime,
+                interactor,
+            }),
+            _ => None,
+        };
         let site_url = raw.site_url.as_deref().and_then(|url| {
             check_site_url(url)
                 .map_err(|e| errors.push(format!("KM_SITE_URL (--site-url): {e}")))
@@ -361,10 +421,10 @@ impl Settings {
         }
         if let Some(url) = &raw.redis_url
             && !url.is_empty()
-            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            && !REDIS_SCHEMES.iter().any(|scheme| url.starts_with(scheme))
         {
             errors.push(
-                "KM_REDIS_URL (--redis-url): must start with redis:// (or rediss:// for TLS)"
+                "KM_REDIS_URL (--redis-url): must start with redis:// (rediss:// for TLS, redis+unix:// for a local socket)"
                     .into(),
             );
         }
@@ -414,20 +474,11 @@ impl Settings {
                 }
             });
         let tls = tls_mode(&raw, site_url.as_deref(), &mut errors);
-        let https_listen = raw
-            .https_listen
-            .parse::<SocketAddr>()
-            .map_err(|e| {
-                errors.push(format!(
-                    "KM_HTTPS_LISTEN (--https-listen): {:?} is not an address like 0.0.0.0:443: {e}",
-                    raw.https_listen
-                ))
-            })
-            .ok();
         match (listen, retention_days, logs_retention_days, allow_signup) {
             (Some(listen), Some(retention_days), Some(logs_retention_days), Some(allow_signup))
                 if errors.is_empty()
-                    && let (Some(tls), Some(https_listen)) = (tls, https_listen) =>
+                    && let (Some(tls), Some(https_listen), Some(roles)) =
+                        (tls, https_listen, roles) =>
             {
                 Ok(Settings {
                     listen,
@@ -445,6 +496,7 @@ impl Settings {
                     tls,
                     https_listen,
                     wizard_url,
+                    roles,
                 })
             }
             _ => Err(ConfigErrors(errors)),

@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod ids;
 pub mod ingest;
 pub mod interactor;
+pub mod logging;
 pub mod realtime;
 pub mod server;
 pub mod setup;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use km::config::{RawSettings, Settings};
+use km::server::Role;
 use km::setup::{self, licence};
 
 #[derive(Parser)]
@@ -20,14 +21,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every role in one process on one port (embedded storage by default).
-    Serve(Box<RawSettings>),
+    /// Run every role in one process on one port (embedded storage by default), or only
+    /// the roles given with --role, each on its own port.
+    Serve(Box<ServeArgs>),
     /// Sign a licence, or show what one grants.
     #[command(subcommand)]
     Licence(LicenceCommand),
     /// Check a configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Run only this role (repeat for several); the gateway forwards to the others.
+    #[arg(long, value_enum)]
+    role: Vec<Role>,
+    #[command(flatten)]
+    settings: RawSettings,
 }
 
 #[derive(Subcommand)]
@@ -71,19 +82,13 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    km::logging::init();
     // One TLS crypto provider for the whole process, before anything uses TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
-        Command::Serve(raw) => Settings::from_raw(*raw)
+        Command::Serve(args) => Settings::from_raw(args.settings)
             .map_err(anyhow::Error::from)
-            .and_then(run_serve)
+            .and_then(|settings| run_serve(settings, &args.role))
             .map(|()| ExitCode::SUCCESS),
         Command::Licence(LicenceCommand::Sign(args)) => sign_licence(&args),
         Command::Licence(LicenceCommand::Show { licence }) => show_licence(&licence),
@@ -177,9 +182,9 @@ fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result
     })
 }
 
-fn run_serve(settings: Settings) -> anyhow::Result<()> {
+fn run_serve(settings: Settings, roles: &[Role]) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(km::server::serve(settings))
+        .block_on(km::server::serve(settings, roles))
 }

@@ -1,20 +1,22 @@
-//! `km serve`: opens the stores, starts every role in this process on one port (plus the
-//! HTTPS port when TLS is on, see [`crate::gateway`]), and on SIGTERM/Ctrl-C closes agent
-//! sockets and flushes everything before exiting.
+//! `km serve`: opens the stores and starts every role in this process on one port (plus
+//! the HTTPS port when TLS is on, see [`crate::gateway`]), or only the roles asked for,
+//! each on its own port (`--role`, the appliance's units). Tells systemd when ready, and
+//! on SIGTERM/Ctrl-C closes agent sockets and flushes everything before exiting.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::app::{App, AppState};
-use crate::config::Settings;
-use crate::gateway::{self, Gateway, HttpsBase};
+use crate::config::{Settings, TlsMode};
+use crate::gateway::{self, Front, Gateway, HttpsBase};
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
 use crate::realtime::LiveHub;
@@ -24,17 +26,59 @@ use crate::stores::redis_bus::RedisBus;
 use crate::stores::{self, LocalBus};
 use crate::workers;
 
-/// Runs until a stop signal, then flushes.
-pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("KM_LISTEN: cannot listen on {}", settings.listen))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    serve_on(listener, settings, shutdown).await
+/// A part of km that can run on its own: `km serve --role ROLE` (one systemd unit each
+/// in the appliance). Roles apart share state only through the stores and the bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The front door: `KM_LISTEN` (and HTTPS), forwarding each path to its role.
+    Gateway,
+    /// HTTP API, `verifyPM2` and the dashboard (`KM_API_LISTEN`).
+    Api,
+    /// Accounts and tokens, `/api/oauth` (`KM_AUTH_LISTEN`).
+    Auth,
+    /// Browsers' websocket `/primus` (`KM_REALTIME_LISTEN`).
+    Realtime,
+    /// Agents' websocket `/interaction`: ingest and commands (`KM_INTERACTOR_LISTEN`).
+    Interactor,
+    /// Background jobs (retention); no port.
+    Workers,
 }
 
-/// Runs on an already bound listener until `shutdown` is cancelled (tests bind port 0).
+impl Role {
+    /// Its own port's address and variable, for the roles the gateway forwards to.
+    fn address(self, settings: &Settings) -> Option<(SocketAddr, &'static str)> {
+        let roles = &settings.roles;
+        match self {
+            Role::Api => Some((roles.api, "KM_API_LISTEN")),
+            Role::Auth => Some((roles.auth, "KM_AUTH_LISTEN")),
+            Role::Realtime => Some((roles.realtime, "KM_REALTIME_LISTEN")),
+            Role::Interactor => Some((roles.interactor, "KM_INTERACTOR_LISTEN")),
+            Role::Gateway | Role::Workers => None,
+        }
+    }
+}
+
+/// Runs until a stop signal, then flushes: every role on one port when `roles` is empty,
+/// else the roles given, each on its own port.
+pub async fn serve(settings: Settings, roles: &[Role]) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    if roles.is_empty() {
+        let listener = bind(settings.listen, "KM_LISTEN").await?;
+        serve_on(listener, settings, shutdown).await
+    } else {
+        serve_roles(settings, roles, shutdown).await
+    }
+}
+
+async fn bind(addr: SocketAddr, variable: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{variable}: cannot listen on {addr}"))
+}
+
+/// Runs every role on an already bound listener until `shutdown` is cancelled (tests
+/// bind port 0).
 pub async fn serve_on(
     listener: TcpListener,
     settings: Settings,
@@ -42,63 +86,174 @@ pub async fn serve_on(
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
     let https_listener = gateway::bind_https(&settings)?;
-    let https_bound = https_listener
-        .as_ref()
-        .map(std::net::TcpListener::local_addr)
-        .transpose()
-        .context("KM_HTTPS_LISTEN: listener has no address")?;
-    let (app, writer_task) = build_app(settings, bound, shutdown.clone()).await?;
+    let tls = Gateway::new(&settings)?;
+    let public_url = settings.public_url(bound);
+    let (app, writer_task) =
+        build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
     let mut background = vec![
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
     ];
-    background.extend(app.gateway.spawn_tasks(shutdown.clone()));
-    if app.gateway.is_tls() && !app.public_url.starts_with("https://") {
-        tracing::warn!(
-            url = %app.public_url,
-            "KM_TLS is on but KM_SITE_URL is not an https:// URL: agents are told to connect to {}, which redirects",
-            app.public_url
-        );
-    }
-    if app.settings.site_url.is_none() && !bound.ip().is_loopback() {
-        tracing::warn!(
-            url = %app.public_url,
-            "KM_SITE_URL is not set: agents are told to connect to {}; set KM_SITE_URL to the URL other hosts reach",
-            app.public_url
-        );
-    }
-    tracing::info!(listen = %bound, https = ?https_bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
+    background.extend(tls.spawn_tasks(shutdown.clone()));
+    warn_about_site_url(&app.settings, &app.public_url, bound);
+    tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
+    let front = FrontDoor {
+        listener,
+        https: https_listener,
+        tls,
+        routes: api::router(app.clone()),
+    };
+    notify_ready();
+    front.serve(&app.settings, shutdown).await?;
+    finish(app, writer_task, background).await;
+    Ok(())
+}
 
-    // Every route on both ports; with TLS the plain port redirects all but a few.
-    let routes = api::router(app.clone());
-    let plain_routes = match https_bound {
-        Some(https) => gateway::redirecting(
-            routes.clone(),
-            HttpsBase::new(app.settings.site_url.as_deref(), https.port()),
-        ),
-        None => routes.clone(),
-    };
-    let stopping = shutdown.clone();
-    let plain = async {
-        // The peer address goes to the wizard behind `/wizard/` (its per-address limit).
-        axum::serve(
-            listener,
-            plain_routes.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stopping.cancelled().await })
-        .await
-        .context("HTTP server failed")
-    };
-    let secure = async {
-        match https_listener {
-            Some(https) => {
-                gateway::serve_https(app.gateway.clone(), https, routes, shutdown.clone()).await
-            }
-            None => Ok(()),
+/// The roles given, each on its own port; the gateway forwards to the others.
+async fn serve_roles(
+    settings: Settings,
+    roles: &[Role],
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut servers: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+    let mut background = Vec::new();
+    // The gateway binds first: its ports are the ones most likely taken.
+    if roles.contains(&Role::Gateway) {
+        let front = FrontDoor::bind(&settings).await?;
+        background.extend(front.tls.spawn_tasks(shutdown.clone()));
+        warn_about_site_url(&settings, &settings.public_url(settings.listen), settings.listen);
+        let (settings, shutdown) = (settings.clone(), shutdown.clone());
+        servers.push(Box::pin(async move { front.serve(&settings, shutdown).await }));
+    }
+    let mut app = None;
+    for &role in roles {
+        let Some((addr, variable)) = role.address(&settings) else {
+            continue;
+        };
+        let listener = bind(addr, variable).await?;
+        if app.is_none() {
+            // Agents and browsers are told the gateway's URL, not a role's port.
+            let public_url = settings.public_url(settings.listen);
+            app = Some(build_app(settings.clone(), public_url, Gateway::off(), shutdown.clone()).await?);
         }
-    };
-    tokio::try_join!(plain, secure)?;
+        let Some((app, _)) = &app else { continue };
+        let routes = api::role_router(app.clone(), role);
+        let stopping = shutdown.clone();
+        servers.push(Box::pin(async move {
+            axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stopping.cancelled().await })
+                .await
+                .with_context(|| format!("{role:?} role: HTTP server failed"))
+        }));
+    }
+    if roles.contains(&Role::Workers) && app.is_none() {
+        let public_url = settings.public_url(settings.listen);
+        app = Some(build_app(settings.clone(), public_url, Gateway::off(), shutdown.clone()).await?);
+    }
+    if let Some((app, _)) = &app {
+        if roles.contains(&Role::Interactor) {
+            background.push(tokio::spawn(workers::persist(app.clone())));
+        }
+        if roles.contains(&Role::Workers) {
+            background.push(tokio::spawn(workers::retention(app.clone())));
+        }
+    }
+    tracing::info!(roles = ?roles, "km ready");
+    notify_ready();
+    futures_util::future::try_join_all(servers).await?;
+    match app {
+        Some((app, writer_task)) => finish(app, writer_task, background).await,
+        None => join(background).await,
+    }
+    Ok(())
+}
 
+/// The front door's ports: plain HTTP on `KM_LISTEN`, and HTTPS when TLS is on (the
+/// plain port then redirects all but ACME challenges and `/healthz`).
+struct FrontDoor {
+    listener: TcpListener,
+    https: Option<std::net::TcpListener>,
+    tls: Arc<Gateway>,
+    routes: axum::Router,
+}
+
+impl FrontDoor {
+    /// The gateway role's ports, forwarding to the other roles.
+    async fn bind(settings: &Settings) -> anyhow::Result<FrontDoor> {
+        let listener = bind(settings.listen, "KM_LISTEN").await?;
+        let https = gateway::bind_https(settings)?;
+        let tls = Gateway::new(settings)?;
+        let routes = Front::forwarding(tls.clone(), settings).gateway_router();
+        Ok(FrontDoor {
+            listener,
+            https,
+            tls,
+            routes,
+        })
+    }
+
+    async fn serve(self, settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let https_port = self
+            .https
+            .as_ref()
+            .map(std::net::TcpListener::local_addr)
+            .transpose()
+            .context("KM_HTTPS_LISTEN: listener has no address")?
+            .map(|a| a.port());
+        let plain_routes = match https_port {
+            Some(port) => gateway::redirecting(
+                self.routes.clone(),
+                HttpsBase::new(settings.site_url.as_deref(), port),
+            ),
+            None => self.routes.clone(),
+        };
+        let stopping = shutdown.clone();
+        let plain = async {
+            // The peer address goes to the wizard and the roles (`X-Forwarded-For`).
+            axum::serve(
+                self.listener,
+                plain_routes.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stopping.cancelled().await })
+            .await
+            .context("HTTP server failed")
+        };
+        let secure = async {
+            match self.https {
+                Some(https) => gateway::serve_https(self.tls, https, self.routes, shutdown).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(plain, secure).map(|_| ())
+    }
+}
+
+fn warn_about_site_url(settings: &Settings, public_url: &str, bound: SocketAddr) {
+    if settings.tls != TlsMode::Off && !public_url.starts_with("https://") {
+        tracing::warn!(
+            url = %public_url,
+            "KM_TLS is on but KM_SITE_URL is not an https:// URL: agents are told to connect to {public_url}, which redirects"
+        );
+    }
+    if settings.site_url.is_none() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            url = %public_url,
+            "KM_SITE_URL is not set: agents are told to connect to {public_url}; set KM_SITE_URL to the URL other hosts reach"
+        );
+    }
+}
+
+/// Tells systemd the unit is ready (`Type=notify`); nothing when not run by systemd.
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that km is ready");
+    }
+}
+
+/// After the servers stopped: lets agent sockets detach, stops the background tasks,
+/// then writes everything still in memory.
+async fn finish(app: AppState, writer_task: JoinHandle<()>, background: Vec<JoinHandle<()>>) {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Sockets see the cancellation and close; give them a moment to detach.
     for _ in 0..20 {
         if app.sessions.sockets_open() == 0 {
@@ -106,25 +261,27 @@ pub async fn serve_on(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for task in background {
-        let _ = task.await;
-    }
+    join(background).await;
     workers::flush(&app).await;
     drop(app);
     let _ = writer_task.await;
     tracing::info!("km stopped; everything flushed");
-    Ok(())
+}
+
+async fn join(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 /// Opens the stores and assembles the shared state; the writer task ends after the last
 /// `AppState` is dropped.
 pub async fn build_app(
     settings: Settings,
-    bound: SocketAddr,
+    public_url: String,
+    gateway: Arc<Gateway>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
-    // First: a certificate that does not load stops km before the stores are opened.
-    let gateway = Gateway::new(&settings)?;
     let documents: Arc<dyn stores::Documents> = match &settings.mongo_url {
         Some(url) => Arc::new(MongoDocuments::connect(url).await?),
         None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
@@ -152,7 +309,7 @@ pub async fn build_app(
     };
     let (writer, writer_task) = EventWriter::start(events.clone());
     let app = Arc::new(App {
-        public_url: settings.public_url(bound),
+        public_url,
         settings,
         documents,
         events,

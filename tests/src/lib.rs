@@ -18,7 +18,7 @@
 //! failure shows the tails of the km and pm2 logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use std::cell::RefCell;
 use std::fs::OpenOptions;
@@ -516,7 +516,48 @@ pub struct Km {
     listen_ip: std::net::IpAddr,
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
-    child: Option<Child>,
+    /// One `km serve`, or one process per role with `KM_E2E_ROLES=apart`.
+    children: Vec<Child>,
+    /// The roles' ports and bus when they run apart.
+    apart: Option<RolesApart>,
+}
+
+/// The roles of km as separate processes, as the appliance's units run them: the gateway
+/// on km's port forwards to the others on their own ports; they share a Redis bus.
+struct RolesApart {
+    env: Vec<(String, String)>,
+    _bus: Option<Redis>,
+}
+
+const ROLES: [&str; 6] = ["gateway", "api", "auth", "realtime", "interactor", "workers"];
+
+impl RolesApart {
+    /// With `KM_E2E_ROLES=apart`; the bus is the test's Redis if it gives one.
+    fn from_env(env: &[(String, String)]) -> Result<Option<RolesApart>> {
+        if std::env::var("KM_E2E_ROLES").as_deref() != Ok("apart") {
+            return Ok(None);
+        }
+        let mut role_env = Vec::new();
+        for var in [
+            "KM_API_LISTEN",
+            "KM_AUTH_LISTEN",
+            "KM_REALTIME_LISTEN",
+            "KM_INTERACTOR_LISTEN",
+        ] {
+            role_env.push((var.to_string(), format!("127.0.0.1:{}", free_port()?)));
+        }
+        let bus = if env.iter().any(|(k, _)| k == "KM_REDIS_URL") {
+            None
+        } else {
+            let redis = Redis::start()?;
+            role_env.push(("KM_REDIS_URL".into(), redis.url()));
+            Some(redis)
+        };
+        Ok(Some(RolesApart {
+            env: role_env,
+            _bus: bus,
+        }))
+    }
 }
 
 impl Km {
@@ -561,13 +602,14 @@ impl Km {
         std::fs::create_dir_all(root.join("data"))?;
         let mut km = Km {
             bin,
-            env,
             _stores: None,
             port,
             listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            apart: RolesApart::from_env(&env)?,
+            env,
             dir: Some(dir),
             root,
-            child: None,
+            children: Vec::new(),
         };
         km.spawn().await?;
         Ok(km)
@@ -603,13 +645,15 @@ impl Km {
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        !self.children.is_empty()
     }
 
-    /// Sends `sig` (`libc::SIGHUP`...) to the running km.
+    /// Sends `sig` (`libc::SIGHUP`...) to the running km (each role's process).
     pub fn signal(&self, sig: i32) -> Result<()> {
-        let child = self.child.as_ref().context("km is not running")?;
-        signal(child.id() as i32, sig);
+        ensure!(self.is_running(), "km is not running");
+        for child in &self.children {
+            signal(child.id() as i32, sig);
+        }
         Ok(())
     }
 
@@ -620,21 +664,32 @@ impl Km {
             .open(self.log_path())
             .context("open km.log")?;
         writeln!(log, "==== e2e: km serve starting at {} ms ====", now_ms())?;
-        let child = Command::new(&self.bin)
-            .arg("serve")
-            .arg("--listen")
-            .arg(std::net::SocketAddr::new(self.listen_ip, self.port).to_string())
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            // Tests register many users; the closed default is tested on its own.
-            .env("KM_ALLOW_SIGNUP", "true")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", self.bin.display()))?;
-        self.child = Some(child);
+        let roles: Vec<Option<&str>> = match &self.apart {
+            Some(_) => ROLES.iter().copied().map(Some).collect(),
+            None => vec![None],
+        };
+        for role in roles {
+            let mut command = Command::new(&self.bin);
+            command.arg("serve");
+            if let Some(role) = role {
+                command.args(["--role", role]);
+            }
+            let child = command
+                .arg("--listen")
+                .arg(std::net::SocketAddr::new(self.listen_ip, self.port).to_string())
+                .arg("--data-dir")
+                .arg(self.data_dir())
+                // Tests register many users; the closed default is tested on its own.
+                .env("KM_ALLOW_SIGNUP", "true")
+                .envs(self.apart.iter().flat_map(|a| a.env.iter().map(|(k, v)| (k, v))))
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log.try_clone()?)
+                .spawn()
+                .with_context(|| format!("spawn {}", self.bin.display()))?;
+            self.children.push(child);
+        }
         self.wait_healthy().await
     }
 
@@ -646,10 +701,8 @@ impl Km {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut last;
         loop {
-            if let Some(child) = self.child.as_mut()
-                && let Some(st) = child.try_wait()?
-            {
-                self.child = None;
+            if let Some(st) = self.exited()? {
+                self.kill();
                 bail!(
                     "km exited before answering /healthz ({st})\n--- km log ({}) ---\n{}",
                     self.log_path().display(),
@@ -676,29 +729,52 @@ impl Km {
         }
     }
 
-    /// SIGTERM, then waits for the exit (20 s, then SIGKILL and an error).
-    pub async fn stop(&mut self) -> Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            bail!("km is not running");
-        };
-        signal(child.id() as i32, libc::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+    /// The exit status of a process that ended, if one did.
+    fn exited(&mut self) -> Result<Option<ExitStatus>> {
+        for child in &mut self.children {
             if let Some(st) = child.try_wait()? {
-                return Ok(st);
+                return Ok(Some(st));
+            }
+        }
+        Ok(None)
+    }
+
+    /// SIGTERM, then waits for the exit (20 s, then SIGKILL and an error); the first
+    /// unsuccessful status of the roles' processes, if any.
+    pub async fn stop(&mut self) -> Result<ExitStatus> {
+        ensure!(self.is_running(), "km is not running");
+        let mut children = std::mem::take(&mut self.children);
+        for child in &children {
+            signal(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut statuses = Vec::new();
+        while let Some(child) = children.last_mut() {
+            if let Some(st) = child.try_wait()? {
+                statuses.push(st);
+                children.pop();
+                continue;
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                for mut child in children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
                 bail!("km did not exit within 20 s of SIGTERM; killed");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        statuses
+            .iter()
+            .find(|st| !st.success())
+            .or(statuses.first())
+            .copied()
+            .context("no km process")
     }
 
     /// Stops km (if running) and starts it again on the same port and data dir.
     pub async fn restart(&mut self) -> Result<()> {
-        if self.child.is_some() {
+        if self.is_running() {
             let st = self.stop().await?;
             if !st.success() {
                 bail!(
@@ -711,7 +787,7 @@ impl Km {
     }
 
     fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        for mut c in self.children.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -3,7 +3,7 @@
 //! 403, and an address that keeps guessing waits.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +25,7 @@ use crate::apply::{self, Plan, Progress, SharedProgress, Target};
 use crate::form::{self, SettingsForm};
 use crate::token::{Attempts, StateDir};
 use km::gateway::challenge::Challenges;
+use km::gateway::proxy::client_ip;
 use km::setup::{envfile, validate};
 
 const COOKIE_NAME: &str = "km_wizard";
@@ -170,23 +171,6 @@ async fn guard(
     headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// The requester: behind km's `/wizard/` (a loopback peer) the address km saw.
-fn client_ip(peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-    // km appends the address it saw, last: what comes before it is the client's own
-    // say, and would let it choose the address its wrong tokens are counted against.
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|v| v.trim().parse::<IpAddr>().ok());
-    match forwarded {
-        Some(ip) if peer.ip().is_loopback() => ip,
-        _ => peer.ip(),
-    }
 }
 
 #[derive(Deserialize)]

@@ -13,7 +13,7 @@ use axum::http::HeaderValue;
 use axum::http::header::{
     CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
 };
-use axum::routing::{any, delete, get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -26,23 +26,66 @@ use crate::app::AppState;
 use crate::gateway;
 use crate::interactor;
 use crate::realtime;
+use crate::server::Role;
 use crate::web;
 use error::ApiError;
 
-/// Every route of `km serve`.
+/// Every route of `km serve`: every role on one port.
 pub fn router(app: AppState) -> Router {
-    let routes = Router::new()
+    let front = gateway::Front::in_process(app.gateway.clone(), &app.settings);
+    let routes = interactor_routes()
+        .merge(realtime_routes())
+        .merge(auth_routes())
+        .merge(api_routes())
+        .merge(front.routes());
+    finish(routes, app)
+}
+
+/// The routes of one role running apart (`km serve --role ...`), each with `/healthz`.
+pub fn role_router(app: AppState, role: Role) -> Router {
+    let routes = match role {
+        Role::Interactor => interactor_routes(),
+        Role::Realtime => realtime_routes(),
+        Role::Auth => auth_routes(),
+        Role::Api => api_routes(),
+        Role::Gateway | Role::Workers => Router::new(),
+    };
+    finish(routes, app)
+}
+
+fn finish(routes: Router<AppState>, app: AppState) -> Router {
+    let routes = routes
         .route("/healthz", get(health))
-        .route("/api/openapi.json", get(openapi))
-        .route("/api/node/verifyPM2", post(interactor::verify))
-        .route("/interaction", get(interactor::interaction))
-        .route("/primus", get(realtime::primus))
+        .fallback(|| async { ApiError::not_found("no such route") });
+    with_security_headers(routes).with_state(app)
+}
+
+/// Agents' websocket.
+fn interactor_routes() -> Router<AppState> {
+    Router::new().route("/interaction", get(interactor::interaction))
+}
+
+/// Browsers' and `@pm2/js-api`'s websocket.
+fn realtime_routes() -> Router<AppState> {
+    Router::new().route("/primus", get(realtime::primus))
+}
+
+/// Accounts and tokens.
+fn auth_routes() -> Router<AppState> {
+    Router::new()
         .route(
             "/api/oauth/register",
             get(oauth::register).post(oauth::register),
         )
         .route("/api/oauth/token", post(oauth::token))
         .route("/api/oauth/revoke", post(oauth::revoke))
+}
+
+/// The HTTP API and the dashboard.
+fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/node/verifyPM2", post(interactor::verify))
         .route("/api/users/isLogged", get(oauth::is_logged))
         .route("/api/bucket", get(buckets::list))
         .route("/api/bucket/", get(buckets::list))
@@ -160,18 +203,7 @@ pub fn router(app: AppState) -> Router {
             "/api/bucket/{id}/data/events/delete_all",
             delete(insights::events_delete_all),
         )
-        .route("/wizard", any(gateway::wizard::pass))
-        .route("/wizard/", any(gateway::wizard::pass))
-        .route(
-            "/.well-known/acme-challenge/{token}",
-            get(gateway::wizard::acme_challenge),
-        )
-        // The wizard's site URL check fetches this through the site URL.
-        .route("/.well-known/km-setup-probe", get(gateway::wizard::pass))
-        .route("/wizard/{*rest}", any(gateway::wizard::pass))
         .merge(web::routes())
-        .fallback(|| async { ApiError::not_found("no such route") });
-    with_security_headers(routes).with_state(app)
 }
 
 /// The OpenAPI 3.1 description of this API (`assets/openapi.json`, written by hand).

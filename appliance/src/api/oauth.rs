@@ -3,6 +3,8 @@
 use axum::Json;
 use axum::extract::State;
 use axum::extract::{ConnectInfo, FromRequestParts};
+
+use crate::gateway::proxy::client_ip;
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
 use serde::Deserialize;
@@ -62,7 +64,8 @@ fn check_registration(form: &RegisterForm) -> ApiResult<()> {
     Ok(())
 }
 
-/// The peer's address, when the server records it (`ConnectInfo`).
+/// The client's address, when the server records it (`ConnectInfo`): behind the gateway,
+/// the address the gateway saw.
 pub struct Peer(pub Option<IpAddr>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
@@ -73,7 +76,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
             parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip()),
+                .map(|c| client_ip(c.0, &parts.headers)),
         ))
     }
 }

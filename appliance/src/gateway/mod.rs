@@ -1,4 +1,6 @@
-//! The gateway role: the front door's TLS. With `KM_TLS=files` or `acme` every route is
+//! The gateway role: the front door. [`front`] holds its routes (ACME answers, the
+//! wizard, and forwarding to the other roles through [`proxy`] when they run apart);
+//! this module its TLS. With `KM_TLS=files` or `acme` every route is
 //! served over HTTPS on `KM_HTTPS_LISTEN` (rustls), and `KM_LISTEN` redirects to it
 //! (except ACME challenges and `/healthz`). The certificate comes from PEM files,
 //! re-read when they change, or from an ACME CA, renewed before expiry; either way a new
@@ -9,8 +11,9 @@ pub mod acme;
 pub(crate) mod certs;
 pub mod challenge;
 mod files;
+pub mod front;
+pub mod proxy;
 mod redirect;
-pub mod wizard;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use crate::config::{Settings, TlsMode};
 
 pub use acme::{AcmeSettings, acme_dry_run};
 pub use challenge::{CHALLENGE_PREFIX, Challenges, Published};
+pub use front::{Front, OverTls};
 pub use redirect::{HttpsBase, Route, redirecting, route};
 
 /// Time open HTTPS connections get to finish once km is asked to stop.
@@ -128,6 +132,16 @@ impl Gateway {
         }
         gateway.warn_if_expired();
         Ok(Arc::new(gateway))
+    }
+
+    /// No TLS: the state of a role behind a gateway.
+    pub fn off() -> Arc<Gateway> {
+        Arc::new(Gateway {
+            plan: Plan::Off,
+            slot: None,
+            state: Mutex::new(State::default()),
+            challenges: Challenges::default(),
+        })
     }
 
     /// Whether HTTPS is served (and the plain port redirects).
@@ -278,7 +292,11 @@ pub async fn serve_https(
     )
     .context("KM_HTTPS_LISTEN: cannot use the listener")?
     .handle(handle)
-    .serve(router.into_make_service_with_connect_info::<SocketAddr>())
+    .serve(
+        router
+            .layer(axum::Extension(OverTls))
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
     .await
     .context("HTTPS server failed")
 }

@@ -15,6 +15,15 @@ use crate::config::{Settings, SmtpSettings, TlsMode};
 /// The groups of settings a report has a line for, with their variables.
 pub const GROUPS: &[(&str, &[&str])] = &[
     ("listen", &["KM_LISTEN", "KM_HTTPS_LISTEN", "KM_WIZARD_URL"]),
+    (
+        "roles",
+        &[
+            "KM_API_LISTEN",
+            "KM_AUTH_LISTEN",
+            "KM_REALTIME_LISTEN",
+            "KM_INTERACTOR_LISTEN",
+        ],
+    ),
     ("site URL", &["KM_SITE_URL"]),
     (
         "TLS",

@@ -31,12 +31,18 @@ impl Db {
         };
         let mut conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("{store} store: cannot open {}: {e}", path.display()))?;
+        // The wait first: several processes (the roles apart) open the file at once.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;
-             PRAGMA busy_timeout=5000;",
+            "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+             PRAGMA foreign_keys=ON;",
         )
         .map_err(fail)?;
-        let version: usize = conn
+        // One writer migrates; the others then find the schema done (the version is read
+        // inside the write lock).
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let version: usize = tx
             .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
             .map_err(fail)?
             .try_into()
@@ -49,12 +55,11 @@ impl Db {
             );
         }
         for (from, migration) in migrations.iter().enumerate().skip(version) {
-            let tx = conn.transaction().map_err(fail)?;
             tx.execute_batch(migration)
                 .and_then(|()| tx.pragma_update(None, "user_version", from + 1))
-                .and_then(|()| tx.commit())
                 .map_err(fail)?;
         }
+        tx.commit().map_err(fail)?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
             store,
