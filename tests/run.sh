@@ -87,6 +87,26 @@ if ! command -v pebble >/dev/null 2>&1; then
     section "pebble (Debian)"
     apt_install pebble
 fi
+# The appliance image's tests: debootstrap and systemd-nspawn boot the provisioned root
+# filesystem (tests/tests/appliance_boot.rs), packer 1.6.6 validates packer/.
+missing=()
+for tool in debootstrap:debootstrap systemd-nspawn:systemd-container packer:packer nsenter:util-linux objcopy:binutils; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    section "image tools (Debian): ${missing[*]}"
+    apt_install "${missing[@]}"
+fi
+# checkov (static analysis of terraform/) in a virtualenv of its own: its pins would
+# change packages of the system's Python.
+CHECKOV_VERSION=3.3.30
+CHECKOV_DIR="$TARGET_DIR/checkov"
+if ! "$CHECKOV_DIR/bin/checkov" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
+    section "checkov $CHECKOV_VERSION in $CHECKOV_DIR"
+    python3 -m venv "$CHECKOV_DIR"
+    "$CHECKOV_DIR/bin/pip" install -q --disable-pip-version-check "checkov==$CHECKOV_VERSION"
+fi
+export KM_E2E_CHECKOV="$CHECKOV_DIR/bin/checkov"
 # aiosmtpd: the SMTP server of the setup checks' tests (tests/support/smtp_server.py).
 PY_PACKAGES=(secantusdb==0.7.0b3 osmem-server==0.1.6 aiosmtpd==1.4.6)
 section "python test servers (${PY_PACKAGES[*]})"
@@ -109,5 +129,9 @@ cargo test --workspace "${FEATURES[@]}" --no-fail-fast -- --test-threads=2 "$@" 
 # The agent and API end-to-end tests once more, km on MongoDB, Elasticsearch and Redis.
 section "end-to-end tests again on the scale-out stores (KM_E2E_STORES=scale-out)"
 KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
+# The same suites with every role in its own process behind the gateway, as the
+# appliance's units run them.
+section "end-to-end tests again with the roles apart (KM_E2E_ROLES=apart)"
+KM_E2E_ROLES=apart cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
 section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

@@ -370,8 +370,16 @@ impl Settings {
             "0.0.0.0:443",
         );
         let roles = match (
-            address(&raw.api_listen, "KM_API_LISTEN (--api-listen)", "127.0.0.1:3010"),
-            address(&raw.auth_listen, "KM_AUTH_LISTEN (--auth-listen)", "127.0.0.1:3100"),
+            address(
+                &raw.api_listen,
+                "KM_API_LISTEN (--api-listen)",
+                "127.0.0.1:3010",
+            ),
+            address(
+                &raw.auth_listen,
+                "KM_AUTH_LISTEN (--auth-listen)",
+                "127.0.0.1:3100",
+            ),
             address(
                 &raw.realtime_listen,
                 "KM_REALTIME_LISTEN (--realtime-listen)",

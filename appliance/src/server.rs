@@ -88,8 +88,7 @@ pub async fn serve_on(
     let https_listener = gateway::bind_https(&settings)?;
     let tls = Gateway::new(&settings)?;
     let public_url = settings.public_url(bound);
-    let (app, writer_task) =
-        build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
+    let (app, writer_task) = build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
     let mut background = vec![
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
@@ -115,15 +114,26 @@ async fn serve_roles(
     roles: &[Role],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut servers: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
+    // Until the stop signal, even with no port (the workers role alone).
+    let stopping = shutdown.clone();
+    let mut servers: Vec<BoxFuture<'static, anyhow::Result<()>>> = vec![Box::pin(async move {
+        stopping.cancelled().await;
+        Ok(())
+    })];
     let mut background = Vec::new();
     // The gateway binds first: its ports are the ones most likely taken.
     if roles.contains(&Role::Gateway) {
         let front = FrontDoor::bind(&settings).await?;
         background.extend(front.tls.spawn_tasks(shutdown.clone()));
-        warn_about_site_url(&settings, &settings.public_url(settings.listen), settings.listen);
+        warn_about_site_url(
+            &settings,
+            &settings.public_url(settings.listen),
+            settings.listen,
+        );
         let (settings, shutdown) = (settings.clone(), shutdown.clone());
-        servers.push(Box::pin(async move { front.serve(&settings, shutdown).await }));
+        servers.push(Box::pin(
+            async move { front.serve(&settings, shutdown).await },
+        ));
     }
     let mut app = None;
     for &role in roles {
@@ -134,21 +144,40 @@ async fn serve_roles(
         if app.is_none() {
             // Agents and browsers are told the gateway's URL, not a role's port.
             let public_url = settings.public_url(settings.listen);
-            app = Some(build_app(settings.clone(), public_url, Gateway::off(), shutdown.clone()).await?);
+            app = Some(
+                build_app(
+                    settings.clone(),
+                    public_url,
+                    Gateway::off(),
+                    shutdown.clone(),
+                )
+                .await?,
+            );
         }
         let Some((app, _)) = &app else { continue };
         let routes = api::role_router(app.clone(), role);
         let stopping = shutdown.clone();
         servers.push(Box::pin(async move {
-            axum::serve(listener, routes.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stopping.cancelled().await })
-                .await
-                .with_context(|| format!("{role:?} role: HTTP server failed"))
+            axum::serve(
+                listener,
+                routes.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stopping.cancelled().await })
+            .await
+            .with_context(|| format!("{role:?} role: HTTP server failed"))
         }));
     }
     if roles.contains(&Role::Workers) && app.is_none() {
         let public_url = settings.public_url(settings.listen);
-        app = Some(build_app(settings.clone(), public_url, Gateway::off(), shutdown.clone()).await?);
+        app = Some(
+            build_app(
+                settings.clone(),
+                public_url,
+                Gateway::off(),
+                shutdown.clone(),
+            )
+            .await?,
+        );
     }
     if let Some((app, _)) = &app {
         if roles.contains(&Role::Interactor) {

@@ -529,7 +529,14 @@ struct RolesApart {
     _bus: Option<Redis>,
 }
 
-const ROLES: [&str; 6] = ["gateway", "api", "auth", "realtime", "interactor", "workers"];
+const ROLES: [&str; 6] = [
+    "gateway",
+    "api",
+    "auth",
+    "realtime",
+    "interactor",
+    "workers",
+];
 
 impl RolesApart {
     /// With `KM_E2E_ROLES=apart`; the bus is the test's Redis if it gives one.
@@ -681,7 +688,11 @@ impl Km {
                 .arg(self.data_dir())
                 // Tests register many users; the closed default is tested on its own.
                 .env("KM_ALLOW_SIGNUP", "true")
-                .envs(self.apart.iter().flat_map(|a| a.env.iter().map(|(k, v)| (k, v))))
+                .envs(
+                    self.apart
+                        .iter()
+                        .flat_map(|a| a.env.iter().map(|(k, v)| (k, v))),
+                )
                 .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)

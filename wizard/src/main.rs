@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -167,6 +168,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             let token = StateDir::open(&state_dir)?.issue()?;
             announce(&setup_line(&url, &token), &[]);
+            if Path::new("/run/systemd/system").exists() {
+                // The unit serves the token just issued (it keeps a valid one).
+                services::systemctl(&["start", "km-wizard.service"])
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            }
             Ok(())
         }
     }
@@ -226,20 +233,47 @@ async fn serve(
         tracing::warn!(error = %e, "km did not start on the current settings");
     }
     let services = target.services.clone();
+    // Under systemd the services live on without the wizard: once settings are applied
+    // (here or by `km-wizard apply`) it stops, and its unit's condition keeps it off.
+    let exit_when_locked = matches!(*services, Services::Systemd { .. });
+    let state_dir = target.state.path().to_path_buf();
     let wizard = server::Wizard::new(target);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("--listen: cannot listen on {listen}"))?;
     tracing::info!(%listen, "wizard ready");
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the wizard is ready");
+    }
     axum::serve(
         listener,
         server::router(wizard).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(stop_requested())
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            () = stop_requested() => {}
+            () = locked(&state_dir), if exit_when_locked => {}
+        }
+    })
     .await
     .context("wizard server failed")?;
     services.shutdown().await;
     Ok(())
+}
+
+/// How long a locked wizard keeps serving: the page that applied reads its last progress.
+const LOCKED_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves a little after the wizard locked itself.
+async fn locked(state_dir: &Path) {
+    loop {
+        if StateDir::open(state_dir).is_ok_and(|state| state.is_locked()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::info!("settings applied: the wizard stops (`km-wizard reopen` starts it again)");
+    tokio::time::sleep(LOCKED_GRACE).await;
 }
 
 /// Ctrl-C or SIGTERM (systemd's stop): the wizard then stops the `km` it runs.

@@ -94,7 +94,7 @@ impl Services {
     }
 }
 
-async fn systemctl(args: &[&str]) -> Result<(), String> {
+pub async fn systemctl(args: &[&str]) -> Result<(), String> {
     let out = Command::new("systemctl")
         .args(args)
         .output()

@@ -131,7 +131,9 @@ impl Proxy {
         };
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let upgrade = client_upgrade.is_some().then(|| upgrade_headers(&parts.headers));
+        let upgrade = client_upgrade
+            .is_some()
+            .then(|| upgrade_headers(&parts.headers));
         strip_hop_by_hop(&mut parts.headers);
         if let Some((connection, protocol)) = upgrade {
             parts.headers.insert(header::CONNECTION, connection);
@@ -241,10 +243,16 @@ mod tests {
     #[test]
     fn forwarded_address_is_trusted_only_from_this_host() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4, 10.0.0.9"));
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("1.2.3.4, 10.0.0.9"),
+        );
         let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        assert_eq!(client_ip(local, &headers), "10.0.0.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(local, &headers),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(client_ip(remote, &headers), remote.ip());
         assert_eq!(client_ip(local, &HeaderMap::new()), local.ip());
     }
@@ -252,7 +260,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert(header::COOKIE, HeaderValue::from_static("a=b"));
@@ -266,7 +277,9 @@ mod tests {
         let u = Upstream::at("api", "0.0.0.0:3010".parse().unwrap());
         assert_eq!(u.url(), "http://127.0.0.1:3010");
         assert_eq!(
-            Upstream::from_url("wizard", "http://127.0.0.1:8090").unwrap().url(),
+            Upstream::from_url("wizard", "http://127.0.0.1:8090")
+                .unwrap()
+                .url(),
             "http://127.0.0.1:8090"
         );
         assert!(Upstream::from_url("wizard", "https://127.0.0.1:8090").is_none());
