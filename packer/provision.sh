@@ -64,7 +64,10 @@ grep -qx 'include /etc/redis/km-bus.conf' /etc/redis/redis.conf \
     || echo 'include /etc/redis/km-bus.conf' >>/etc/redis/redis.conf
 
 log "settings: /etc/km/km.env (kept if present)"
-install -d -o root -g root -m 0700 /etc/km
+# Group km may only traverse /etc/km (km.env stays root's: systemd reads it for the
+# units); certificates the wizard saves in tls/ take its setgid group km.
+install -d -o root -g km -m 0710 /etc/km
+install -d -o root -g km -m 2750 /etc/km/tls
 if [ ! -e /etc/km/km.env ]; then
     umask 077
     cat >/etc/km/km.env <<'EOF'

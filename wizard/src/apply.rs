@@ -99,6 +99,8 @@ const STEPS: [&str; 5] = [
 pub struct Target {
     pub env_file: PathBuf,
     pub state: StateDir,
+    /// Where uploaded certificates and keys are saved (readable by km's group).
+    pub pem_dir: PathBuf,
     pub services: Arc<Services>,
 }
 

@@ -133,17 +133,18 @@ fn put(env: &mut BTreeMap<String, String>, key: &str, value: &str) {
     };
 }
 
-/// Writes an uploaded PEM root-only in the state dir; returns its path. The name holds
+/// Writes an uploaded PEM in `dir`, readable by the owner and the directory's group
+/// (the appliance's `/etc/km/tls` is setgid `km`: the gateway reads it); returns its
+/// path. The name holds
 /// a digest of the contents (`cert-<digest>.pem`): a check, or an apply that is rolled
 /// back, never overwrites the files the running km serves (it reloads them on change).
-fn save_pem(state: &Path, kind: &str, pem: &str) -> Result<String, String> {
+fn save_pem(dir: &Path, kind: &str, pem: &str) -> Result<String, String> {
     use sha2::Digest;
-    let dir = crate::server::tls_dir(state);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let digest = hex::encode(sha2::Sha256::digest(pem.trim().as_bytes()));
     let path = dir.join(format!("{kind}-{}.pem", &digest[..16]));
     std::fs::write(&path, pem.trim().as_bytes())
-        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)))
+        .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path.display().to_string())
 }
@@ -152,7 +153,7 @@ fn save_pem(state: &Path, kind: &str, pem: &str) -> Result<String, String> {
 pub fn plan(
     form: &SettingsForm,
     current: &BTreeMap<String, String>,
-    state: &Path,
+    pem_dir: &Path,
 ) -> Result<Plan, String> {
     let mut env = current.clone();
     if !form.dedicated_key.trim().is_empty() {
@@ -222,13 +223,13 @@ pub fn plan(
         if !form.tls_cert_pem.trim().is_empty() {
             env.insert(
                 "KM_TLS_CERT".into(),
-                save_pem(state, "cert", &form.tls_cert_pem)?,
+                save_pem(pem_dir, "cert", &form.tls_cert_pem)?,
             );
         }
         if !form.tls_key_pem.trim().is_empty() {
             env.insert(
                 "KM_TLS_KEY".into(),
-                save_pem(state, "key", &form.tls_key_pem)?,
+                save_pem(pem_dir, "key", &form.tls_key_pem)?,
             );
         }
     } else {

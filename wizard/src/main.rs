@@ -88,6 +88,9 @@ struct Common {
         default_value = "/var/lib/km-wizard"
     )]
     state_dir: PathBuf,
+    /// Where uploaded TLS certificates and keys are saved (default: `<state-dir>/tls`).
+    #[arg(long, env = "KM_WIZARD_PEM_DIR")]
+    pem_dir: Option<PathBuf>,
     /// The appliance's env file (read by its units as `EnvironmentFile=`).
     #[arg(long, env = "KM_ENV_FILE", default_value = "/etc/km/km.env")]
     env_file: PathBuf,
@@ -117,6 +120,10 @@ impl Common {
             _ => Services::process(self.km_bin.clone().unwrap_or_else(default_km_bin)),
         };
         Ok(Target {
+            pem_dir: self
+                .pem_dir
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join("tls")),
             env_file: self.env_file.clone(),
             state,
             services: Arc::new(services),

@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -274,7 +273,7 @@ async fn check(
     Path(section): Path<String>,
     Form(submitted): Form<SettingsForm>,
 ) -> Response {
-    let plan = match form::plan(&submitted, &current_env(&wizard), wizard.state().path()) {
+    let plan = match form::plan(&submitted, &current_env(&wizard), &wizard.target.pem_dir) {
         Ok(plan) => plan,
         Err(e) => {
             return (
@@ -294,7 +293,7 @@ async fn start_apply(
     headers: HeaderMap,
     Form(submitted): Form<SettingsForm>,
 ) -> Response {
-    let plan: Plan = match form::plan(&submitted, &current_env(&wizard), wizard.state().path()) {
+    let plan: Plan = match form::plan(&submitted, &current_env(&wizard), &wizard.target.pem_dir) {
         Ok(plan) => plan,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
@@ -347,7 +346,3 @@ async fn style() -> Response {
         .into_response()
 }
 
-/// Where uploaded certificates are kept.
-pub fn tls_dir(state: &std::path::Path) -> PathBuf {
-    state.join("tls")
-}
