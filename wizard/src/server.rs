@@ -345,4 +345,3 @@ async fn style() -> Response {
     )
         .into_response()
 }
-
