@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use super::Gateway;
-use super::proxy::{Origin, Proxy, Upstream, client_ip};
+use super::proxy::{Origin, Proxy, Upstream};
 use crate::config::{RoleAddresses, Settings};
 
 /// Marks requests that arrived over TLS (set by the HTTPS server).
@@ -121,10 +121,9 @@ impl Front {
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0);
+        // The front door trusts no X-Forwarded-For: the peer is the client.
         let origin = Origin {
-            client: peer.map_or([127, 0, 0, 1].into(), |peer| {
-                client_ip(peer, request.headers())
-            }),
+            client: peer.map_or([127, 0, 0, 1].into(), |peer| peer.ip()),
             https: request.extensions().get::<OverTls>().is_some(),
         };
         self.proxy.forward(to, origin, request).await
