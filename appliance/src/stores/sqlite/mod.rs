@@ -26,27 +26,23 @@ impl Db {
     /// Opens the file and brings its schema to the newest version: `migrations[i]` takes
     /// a database from version `i` to `i + 1` (SQLite's `user_version`).
     fn open(path: &Path, store: &'static str, migrations: &[&str]) -> anyhow::Result<Self> {
-        let fail = |e: rusqlite::Error| {
-            anyhow::anyhow!("{store} store: cannot prepare {}: {e}", path.display())
-        };
         let mut conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("{store} store: cannot open {}: {e}", path.display()))?;
-        // The wait first: several processes (the roles apart) open the file at once.
-        conn.execute_batch(
-            "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
-             PRAGMA foreign_keys=ON;",
-        )
-        .map_err(fail)?;
-        // One writer migrates; the others then find the schema done (the version is read
-        // inside the write lock).
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(fail)?;
-        let version: usize = tx
-            .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
-            .map_err(fail)?
-            .try_into()
-            .unwrap_or(usize::MAX);
+        // Several processes (the roles apart) open the file at once, and switching a new
+        // file to WAL answers "locked" without waiting: try again for a few seconds.
+        let mut attempts = 0;
+        let version = loop {
+            match prepare(&mut conn, migrations) {
+                Err(e) if is_locked(&e) && attempts < 100 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    anyhow::bail!("{store} store: cannot prepare {}: {e}", path.display())
+                }
+                Ok(version) => break version,
+            }
+        };
         if version > migrations.len() {
             anyhow::bail!(
                 "{store} store: {} has schema version {version}, newer than this km knows ({}): run a newer km",
@@ -54,12 +50,6 @@ impl Db {
                 migrations.len()
             );
         }
-        for (from, migration) in migrations.iter().enumerate().skip(version) {
-            tx.execute_batch(migration)
-                .and_then(|()| tx.pragma_update(None, "user_version", from + 1))
-                .map_err(fail)?;
-        }
-        tx.commit().map_err(fail)?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
             store,
@@ -106,6 +96,38 @@ pub fn open_documents(dir: &Path) -> anyhow::Result<SqliteDocuments> {
 /// The embedded events store in `dir`.
 pub fn open_events(dir: &Path) -> anyhow::Result<SqliteEvents> {
     SqliteEvents::open(&data_dir(dir)?.join("events.sqlite"))
+}
+
+/// Sets the connection up and migrates; returns the schema version found (migrations
+/// run only from a version this km knows).
+fn prepare(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<usize> {
+    conn.execute_batch(
+        "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+         PRAGMA foreign_keys=ON;",
+    )?;
+    // One process migrates; the others then find the schema done (the version is read
+    // inside the write lock).
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: usize = tx
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
+        .try_into()
+        .unwrap_or(usize::MAX);
+    if version > migrations.len() {
+        return Ok(version);
+    }
+    for (from, migration) in migrations.iter().enumerate().skip(version) {
+        tx.execute_batch(migration)?;
+        tx.pragma_update(None, "user_version", from + 1)?;
+    }
+    tx.commit()?;
+    Ok(version)
+}
+
+fn is_locked(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 #[cfg(test)]
