@@ -1,7 +1,7 @@
 # One KM appliance on EC2: the Packer-built image, a security group admitting HTTP and
 # HTTPS from anywhere and SSH only from var.ssh_cidrs, an Elastic IP that is the
-# machine's address from its first boot on, and cloud-init user data that applies the
-# settings headless when a licence is given.
+# machine's address from its first boot on, and a user-data script (run by cloud-init at
+# first boot) that applies the settings headless when a licence is given.
 
 data "aws_subnet" "this" {
   id = var.subnet_id
@@ -60,11 +60,12 @@ locals {
 
   headless = var.licence != null && var.licence != ""
 
-  # EC2 user data is not secret: anyone allowed ec2:DescribeInstanceAttribute in the
-  # account, and any process on the instance (through the metadata service), can read
-  # it, secrets included. It also stays in the Terraform state. The README says how to
-  # rotate what it carries after the first boot.
-  user_data = templatefile("${path.module}/../shared/cloud-init.yaml.tftpl", {
+  # The first-boot script, as user data: cloud-init runs it once per instance. EC2 user
+  # data is not secret: anyone allowed ec2:DescribeInstanceAttribute in the account, and
+  # any process on the instance (through the metadata service), can read it, secrets
+  # included. It also stays in the Terraform state. The README says how to rotate what
+  # it carries after the first boot.
+  user_data = templatefile("${path.module}/../shared/first-boot.sh.tftpl", {
     headless = local.headless
     settings = local.settings
   })

@@ -35,7 +35,7 @@ output "security_group_id" {
 }
 
 output "user_data" {
-  description = "The cloud-init user data rendered from the current inputs, secrets included: what a new instance boots with (`terraform output -raw user_data`)."
+  description = "The user data rendered from the current inputs, secrets included: the first-boot shell script (run once by cloud-init) a new instance boots with (`terraform output -raw user_data`)."
   value       = local.user_data
   sensitive   = true
 }

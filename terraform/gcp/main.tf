@@ -1,6 +1,7 @@
 # One KM appliance on Compute Engine: the Packer-built image, firewall rules admitting
 # HTTP and HTTPS from anywhere and SSH only from var.ssh_cidrs, a static external address
-# that is the machine's from its first boot on, and cloud-init user data that applies the
+# that is the machine's from its first boot on, and a startup script (run by the guest
+# agent at every boot, doing nothing once the appliance is set up) that applies the
 # settings headless when a licence is given.
 
 data "google_compute_image" "km" {
@@ -51,11 +52,14 @@ locals {
 
   headless = var.licence != null && var.licence != ""
 
-  # Instance metadata is not secret: anyone allowed compute.instances.get in the project,
-  # and any process on the instance (through the metadata server), can read the
-  # user-data key, secrets included. It also stays in the Terraform state. The README
-  # says how to rotate what it carries after the first boot.
-  user_data = templatefile("${path.module}/../shared/cloud-init.yaml.tftpl", {
+  # The first-boot script, as the startup-script metadata key: Debian's Google Cloud
+  # image has no cloud-init, and its guest agent runs that key at every boot (the script
+  # does nothing once the settings were applied). Instance metadata is not secret:
+  # anyone allowed compute.instances.get in the project, and any process on the instance
+  # (through the metadata server), can read the key, secrets included. It also stays in
+  # the Terraform state. The README says how to rotate what it carries and remove the
+  # key after the first boot.
+  startup_script = templatefile("${path.module}/../shared/first-boot.sh.tftpl", {
     headless = local.headless
     settings = local.settings
   })
@@ -172,7 +176,7 @@ resource "google_compute_instance" "km" {
   }
 
   metadata = {
-    user-data              = local.user_data
+    startup-script         = local.startup_script
     block-project-ssh-keys = "true"
     enable-oslogin         = var.enable_oslogin ? "TRUE" : "FALSE"
     serial-port-enable     = var.serial_port_enable ? "TRUE" : "FALSE"
@@ -194,7 +198,7 @@ resource "google_compute_instance" "km" {
     # dashboard or `km-wizard reopen`. A newer image is taken only when the instance is
     # replaced on purpose (terraform apply -replace): replacing it would lose the
     # embedded datastores on its boot disk.
-    ignore_changes = [metadata["user-data"], boot_disk[0].initialize_params[0].image]
+    ignore_changes = [metadata["startup-script"], boot_disk[0].initialize_params[0].image]
 
     precondition {
       condition     = alltrue([for v in values(local.settings) : try(length(regexall("[\\r\\n\\x00]", v)), 0) == 0])

@@ -39,8 +39,8 @@ output "firewall_target_tag" {
   value       = local.network_tag
 }
 
-output "user_data" {
-  description = "The cloud-init user data rendered from the current inputs, secrets included: what a new instance boots with (`terraform output -raw user_data`)."
-  value       = local.user_data
+output "startup_script" {
+  description = "The startup-script metadata value rendered from the current inputs, secrets included: the first-boot shell script (run by the guest agent at every boot, doing nothing once the settings were applied) a new instance boots with (`terraform output -raw startup_script`)."
+  value       = local.startup_script
   sensitive   = true
 }

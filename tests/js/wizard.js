@@ -188,6 +188,9 @@ async function main () {
         await sleep(300)
       }
       assert(last && last.finished === 'true', `not finished within ${apply.timeout_ms} ms; the page shows: ${JSON.stringify(last)}`)
+      // The finished page may have been read while its stylesheet was still loading.
+      await page.waitForLoadState('load')
+      last = (await progress()) || last
       const file = await shot(apply.succeeded ? 'done' : 'not-applied')
       return `"${last.heading}": ${last.steps.map((s) => `[${s.state}] ${s.text}`).join(' | ')}; screenshot ${file}`
     })

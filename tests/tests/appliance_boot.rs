@@ -421,7 +421,7 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         let motd = booted.exec(&["/etc/update-motd.d/60-km"])?;
         ensure!(motd.contains(&setup_url), "the login message lacks the setup URL:\n{motd}");
 
-        // Headless apply, as cloud-init runs it for terraform.
+        // Headless apply, as terraform's first-boot script runs it.
         let licence = run(Command::new(km_bin()).args(["licence", "sign", "--customer", "boot-test", "--process-limit", "0", "--days", "30", "--key"]).arg(workspace_dir().join("tests/keys/test-licence.key")))?;
         let licence = licence.lines().find(|l| l.starts_with("km1.")).context("no licence printed")?;
         std::fs::write(
@@ -481,6 +481,35 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
             (booted.is_active("km-wizard.service") == "inactive").then_some(())
         })
         .await?;
+        let stopped = http.get(format!("{site}/wizard/")).send().await?;
+        let (status, text) = (stopped.status(), stopped.text().await?);
+        ensure!(
+            status == 503 && text.contains("sudo km-wizard reopen"),
+            "/wizard/ once applied: HTTP {status}: {text}"
+        );
+
+        // `km-wizard reopen` starts it again with a new URL.
+        let reopened = booted.exec(&["km-wizard", "reopen"])?;
+        let new_url = reopened
+            .lines()
+            .find_map(|l| l.strip_prefix("KM setup: open "))
+            .with_context(|| format!("reopen printed no URL:\n{reopened}"))?
+            .trim()
+            .to_string();
+        ensure!(
+            new_url.starts_with(&format!("{site}/wizard/?token=")) && new_url != setup_url,
+            "reopen printed {new_url}"
+        );
+        ensure!(
+            booted.is_active("km-wizard.service") == "active",
+            "the wizard unit after reopen"
+        );
+        let first = no_redirect.get(&new_url).send().await?;
+        ensure!(
+            first.status() == 303,
+            "the reopened setup URL answers {}",
+            first.status()
+        );
         eprintln!(
             "boot: boot to setup URL {boot_to_url:.1?}; apply to healthy {apply_to_healthy:.1?}; \
              pm2 link to status {link_to_status:.1?}; km-api restart to answering {api_restart:.1?}"

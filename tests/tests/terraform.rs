@@ -8,8 +8,11 @@
 //!   `*.pkr.hcl` with `packer fmt -check`. The two disagree on one thing, the space after a
 //!   unary `!` (packer writes `! x`, terraform `!x`), so the modules use none.
 //! - the structure: the standard files, every variable used and documented, every output
-//!   documented, the secrets `sensitive`, the example passing every required input, the
-//!   shared cloud-init template.
+//!   documented, the secrets `sensitive` (the inputs and the output carrying the rendered
+//!   first-boot script), the example passing every required input, the shared first-boot
+//!   script template (AWS user data run by cloud-init; on Google Cloud, whose Debian
+//!   image has no cloud-init, the `startup-script` metadata key run by the guest agent at
+//!   every boot, so the script does nothing once settings were applied).
 //!
 //! Tools, installed by `tests/run.sh`: checkov from PyPI, in its own virtualenv at
 //! `<target>/checkov` (its pinned dependencies conflict with other Python packages), found
@@ -30,8 +33,12 @@ use serde_json::Value;
 
 const MODULES: [&str; 2] = ["aws", "gcp"];
 
-/// The shared cloud-init template, as each module's main.tf names it.
-const TEMPLATE_REF: &str = "${path.module}/../shared/cloud-init.yaml.tftpl";
+/// The shared first-boot script template, as each module's main.tf names it.
+const TEMPLATE_REF: &str = "${path.module}/../shared/first-boot.sh.tftpl";
+
+/// Each module's output of the rendered template (it carries the secrets): AWS user data,
+/// the GCP `startup-script` metadata key.
+const SCRIPT_OUTPUTS: [(&str, &str); 2] = [("aws", "user_data"), ("gcp", "startup_script")];
 
 /// Inputs that carry secrets: the licence, the datastore URLs (they may embed passwords),
 /// the SMTP and admin passwords, and the free-form extra settings.
@@ -221,24 +228,41 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn modules_have_the_standard_files_and_share_the_template() -> Result<()> {
     let root = terraform_dir();
-    let template = read(&root.join("shared/cloud-init.yaml.tftpl"))?;
+    let template = read(&root.join("shared/first-boot.sh.tftpl"))?;
     ensure!(
-        template.starts_with("#cloud-config\n"),
-        "the template must start with #cloud-config"
+        template.starts_with("#!/bin/sh\n"),
+        "the template must start with #!/bin/sh (cloud-init and the guest agent run it as a script)"
     );
     for needle in [
-        "path: /run/km-settings.env",
-        "permissions: \"0600\"",
-        "owner: root:root",
+        // The guest agent runs it at every boot: nothing once settings were applied.
+        "if [ -e /var/lib/km-wizard/locked ]",
+        "umask 077",
+        "| base64 -d > /run/km-settings.env",
         "/usr/bin/km-wizard apply --settings /run/km-settings.env || status=$?",
         "rm -f /run/km-settings.env",
         "exit \"$status\"",
     ] {
         ensure!(
             template.contains(needle),
-            "shared/cloud-init.yaml.tftpl lacks {needle:?}"
+            "shared/first-boot.sh.tftpl lacks {needle:?}"
         );
     }
+    // The lock check and the umask come before the settings file is written (the lines
+    // of code, not the comments that name them).
+    let line = |starts: &str| {
+        template
+            .lines()
+            .position(|l| l.starts_with(starts))
+            .unwrap_or(usize::MAX)
+    };
+    let write = template
+        .lines()
+        .position(|l| l.ends_with("| base64 -d > /run/km-settings.env"))
+        .unwrap_or(0);
+    ensure!(
+        line("if [ -e /var/lib/km-wizard/locked ]") < write && line("umask 077") < write,
+        "shared/first-boot.sh.tftpl must check the lock and set umask 077 before writing the settings"
+    );
 
     for module in MODULES {
         let dir = root.join(module);
@@ -275,6 +299,18 @@ fn modules_have_the_standard_files_and_share_the_template() -> Result<()> {
             main.contains(&format!("templatefile(\"{TEMPLATE_REF}\"")),
             "terraform/{module}/main.tf does not render the shared template {TEMPLATE_REF}"
         );
+        if module == "gcp" {
+            // Debian's Google Cloud image has no cloud-init: the guest agent runs the
+            // startup-script key, and nothing reads user-data.
+            ensure!(
+                main.contains("startup-script ") && !main.contains("user-data"),
+                "terraform/gcp/main.tf must pass the script as the startup-script metadata key, not user-data"
+            );
+            ensure!(
+                main.contains("metadata[\"startup-script\"]"),
+                "terraform/gcp/main.tf must ignore later changes of metadata[\"startup-script\"]"
+            );
+        }
         for setting in SETTINGS {
             ensure!(
                 main.lines()
@@ -387,13 +423,17 @@ fn secrets_are_sensitive() -> Result<()> {
         }
         // An output of a secret must say so too.
         let outputs = blocks(&read(&root.join(module).join("outputs.tf"))?, "output");
-        let (_, user_data) = outputs
+        let (_, name) = SCRIPT_OUTPUTS
             .iter()
-            .find(|(n, _)| n == "user_data")
-            .with_context(|| format!("terraform/{module}: no output user_data"))?;
+            .find(|(m, _)| *m == module)
+            .with_context(|| format!("no script output named for {module}"))?;
+        let (_, script) = outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("terraform/{module}: no output {name}"))?;
         ensure!(
-            has_attr(user_data, "sensitive", "true"),
-            "terraform/{module}: output user_data carries the secrets and must be sensitive"
+            has_attr(script, "sensitive", "true"),
+            "terraform/{module}: output {name} carries the secrets and must be sensitive"
         );
     }
     Ok(())

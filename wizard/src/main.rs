@@ -1,6 +1,6 @@
 //! `km-wizard`: the appliance's first-boot setup. `serve` runs the web wizard (locked by
 //! a one-time token printed once at start), `apply` does the same validation and apply
-//! headless (terraform, cloud-init), `reopen` issues a new token after the wizard locked
+//! headless (terraform's first-boot script), `reopen` issues a new token after the wizard locked
 //! itself.
 
 mod apply;
@@ -63,14 +63,15 @@ enum Command {
             default_value = "/var/lib/km-wizard"
         )]
         state_dir: PathBuf,
-        #[arg(
-            long,
-            env = "KM_WIZARD_PUBLIC_URL",
-            default_value = "http://127.0.0.1:8090"
-        )]
-        url: String,
+        /// The URL people open (default: the one the appliance's wizard unit found, in
+        /// /run/km-wizard/url.env, else http://127.0.0.1:8090).
+        #[arg(long, env = "KM_WIZARD_PUBLIC_URL")]
+        url: Option<String>,
     },
 }
+
+/// Written by the wizard unit's `ExecStartPre` (packer/files/wizard-url).
+const UNIT_URL_FILE: &str = "/run/km-wizard/url.env";
 
 #[derive(Clone, Copy, ValueEnum)]
 enum RestartMode {
@@ -174,16 +175,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
             let token = StateDir::open(&state_dir)?.issue()?;
-            announce(&setup_line(&url, &token), &[]);
             if Path::new("/run/systemd/system").exists() {
                 // The unit serves the token just issued (it keeps a valid one).
                 services::systemctl(&["start", "km-wizard.service"])
                     .await
                     .map_err(anyhow::Error::msg)?;
             }
+            let url = url
+                .or_else(unit_url)
+                .unwrap_or_else(|| "http://127.0.0.1:8090".into());
+            announce(&setup_line(&url, &token), &[]);
             Ok(())
         }
     }
+}
+
+/// The public URL the wizard unit announces, if it runs.
+fn unit_url() -> Option<String> {
+    let text = std::fs::read_to_string(UNIT_URL_FILE).ok()?;
+    km::setup::envfile::parse(&text)
+        .ok()?
+        .into_iter()
+        .find_map(|(k, v)| (k == "KM_WIZARD_PUBLIC_URL").then_some(v))
 }
 
 /// The one line that opens the wizard.

@@ -152,10 +152,20 @@ async fn acme_challenge(
 }
 
 async fn to_wizard(State(front): State<Arc<Front>>, request: Request) -> Response {
-    match &front.wizard {
-        Some(wizard) => front.pass(wizard, request).await,
-        None => (StatusCode::NOT_FOUND, "no setup wizard on this appliance\n").into_response(),
+    let Some(wizard) = &front.wizard else {
+        return (StatusCode::NOT_FOUND, "no setup wizard on this appliance\n").into_response();
+    };
+    let answer = front.pass(wizard, request).await;
+    if answer.status() != StatusCode::BAD_GATEWAY {
+        return answer;
     }
+    // The wizard stops once settings are applied (the appliance's units).
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The setup wizard is not running: the settings were applied.\n\
+         To change them, run `sudo km-wizard reopen` on the appliance; it prints a new setup URL.\n",
+    )
+        .into_response()
 }
 
 async fn to_role(State(front): State<Arc<Front>>, request: Request) -> Response {
