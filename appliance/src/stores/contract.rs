@@ -12,8 +12,8 @@ use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
     AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
-    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, ServerRecord,
-    StoreError, TokenRecord, User,
+    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, ParkedServer,
+    ServerRecord, StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -305,6 +305,40 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         by_bucket(vec![server(&prod, "web-1"), server(&staging, "web-1")])
     );
 
+    // Parked servers: parked again updates, unparked once, deleted with their server.
+    let parked = |bucket: &Bucket, name: &str, processes: u32| ParkedServer {
+        bucket_id: bucket.id.clone(),
+        server_name: name.into(),
+        reason: "over the limit".into(),
+        processes,
+        parked_at: 10,
+    };
+    docs.park_server(&parked(&prod, "web-1", 3)).await.unwrap();
+    docs.park_server(&parked(&prod, "web-1", 4)).await.unwrap();
+    docs.park_server(&parked(&staging, "web-9", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        docs.parked_servers(Some(&prod.id)).await.unwrap(),
+        vec![parked(&prod, "web-1", 4)]
+    );
+    assert_eq!(docs.parked_servers(None).await.unwrap().len(), 2);
+    assert!(docs.unpark_server(&staging.id, "web-9").await.unwrap());
+    assert!(!docs.unpark_server(&staging.id, "web-9").await.unwrap());
+    docs.park_server(&parked(&staging, "web-1", 1))
+        .await
+        .unwrap();
+    docs.delete_server(&staging.id, "web-1").await.unwrap();
+    assert!(
+        docs.parked_servers(Some(&staging.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    docs.upsert_servers(&[server(&staging, "web-1")])
+        .await
+        .unwrap();
+
     // Deleting a bucket takes its memberships and server records, and nothing else.
     docs.delete_bucket(&prod.id).await.unwrap();
     assert_eq!(docs.bucket_by_id(&prod.id).await.unwrap(), None);
@@ -318,6 +352,12 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         vec![staging.clone()]
     );
     assert!(docs.buckets_of_user(&carol.id).await.unwrap().is_empty());
+    assert!(
+        docs.parked_servers(Some(&prod.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         docs.buckets_of_user(&dave.id).await.unwrap(),
         vec![staging.clone()]

@@ -79,6 +79,13 @@ pub trait Documents: Send + Sync {
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>>;
     /// Forgets a server's record; false if there was none.
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
+
+    /// Parks a server, or updates its parking.
+    async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()>;
+    /// Lets a parked server in; false if it was not parked.
+    async fn unpark_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
+    /// The parked servers (of one bucket, or all), by bucket then name.
+    async fn parked_servers(&self, bucket_id: Option<&str>) -> StoreResult<Vec<ParkedServer>>;
 }
 
 /// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.

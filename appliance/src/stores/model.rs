@@ -111,6 +111,20 @@ pub struct ServerRecord {
     pub status_json: String,
 }
 
+/// A server refused by the licence's process limit: its agent is told `active:false` and
+/// retries (see [`crate::limits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedServer {
+    pub bucket_id: String,
+    pub server_name: String,
+    /// Why, as the dashboard shows it.
+    pub reason: String,
+    /// Its monitored processes when it was parked.
+    pub processes: u32,
+    /// When (epoch ms); it may try again a minute later.
+    pub parked_at: i64,
+}
+
 /// The kinds of time-stamped events; each is queried on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {

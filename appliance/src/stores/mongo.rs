@@ -14,7 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Bucket, Documents, Member, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, ParkedServer, ServerRecord, StoreError, StoreResult,
+    TokenRecord, User,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -172,6 +173,10 @@ impl MongoDocuments {
     }
     fn servers(&self) -> Collection<ServerDoc> {
         self.db.collection("servers")
+    }
+
+    fn parked(&self) -> Collection<ParkedDoc> {
+        self.db.collection("parked_servers")
     }
 }
 
@@ -421,6 +426,10 @@ impl Documents for MongoDocuments {
         self.servers()
             .delete_many(doc! {"bucket_id": bucket_id})
             .await
+            .map_err(unavailable)?;
+        self.parked()
+            .delete_many(doc! {"bucket_id": bucket_id})
+            .await
             .map(|_| ())
             .map_err(unavailable)
     }
@@ -471,7 +480,81 @@ impl Documents for MongoDocuments {
             .delete_one(doc! {"bucket_id": bucket_id, "server_name": server_name})
             .await
             .map_err(unavailable)?;
+        self.unpark_server(bucket_id, server_name).await?;
         Ok(result.deleted_count == 1)
+    }
+
+    async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {
+        let doc = ParkedDoc::from(parked);
+        self.parked()
+            .replace_one(doc! {"_id": &doc.id}, &doc)
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn unpark_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
+        let result = self
+            .parked()
+            .delete_one(doc! {"_id": parked_id(bucket_id, server_name)})
+            .await
+            .map_err(unavailable)?;
+        Ok(result.deleted_count == 1)
+    }
+
+    async fn parked_servers(&self, bucket_id: Option<&str>) -> StoreResult<Vec<ParkedServer>> {
+        let filter = match bucket_id {
+            Some(bucket) => doc! {"bucket_id": bucket},
+            None => doc! {},
+        };
+        let mut parked: Vec<ParkedServer> = find_all(self.parked(), filter)
+            .await?
+            .into_iter()
+            .map(ParkedServer::from)
+            .collect();
+        parked.sort_by(|a, b| (&a.bucket_id, &a.server_name).cmp(&(&b.bucket_id, &b.server_name)));
+        Ok(parked)
+    }
+}
+
+fn parked_id(bucket_id: &str, server_name: &str) -> String {
+    format!("{bucket_id}/{server_name}")
+}
+
+#[derive(Serialize, Deserialize)]
+struct ParkedDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    bucket_id: String,
+    server_name: String,
+    reason: String,
+    processes: i64,
+    parked_at: i64,
+}
+
+impl From<&ParkedServer> for ParkedDoc {
+    fn from(p: &ParkedServer) -> Self {
+        ParkedDoc {
+            id: parked_id(&p.bucket_id, &p.server_name),
+            bucket_id: p.bucket_id.clone(),
+            server_name: p.server_name.clone(),
+            reason: p.reason.clone(),
+            processes: i64::from(p.processes),
+            parked_at: p.parked_at,
+        }
+    }
+}
+
+impl From<ParkedDoc> for ParkedServer {
+    fn from(p: ParkedDoc) -> Self {
+        ParkedServer {
+            bucket_id: p.bucket_id,
+            server_name: p.server_name,
+            reason: p.reason,
+            processes: u32::try_from(p.processes).unwrap_or(0),
+            parked_at: p.parked_at,
+        }
     }
 }
 

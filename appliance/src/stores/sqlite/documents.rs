@@ -7,7 +7,8 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::Db;
 use crate::stores::{
-    Bucket, Documents, Member, MemberRole, ServerRecord, StoreError, StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, ParkedServer, ServerRecord, StoreError, StoreResult,
+    TokenRecord, User,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -34,6 +35,12 @@ CREATE TABLE servers (
     // v2: a server's internal IP is read from its status.
     "
 ALTER TABLE servers DROP COLUMN internal_ip;
+",
+    // v3: servers parked by the process limit.
+    "
+CREATE TABLE parked_servers (
+  bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, reason TEXT NOT NULL,
+  processes INTEGER NOT NULL, parked_at INTEGER NOT NULL, PRIMARY KEY (bucket_id, server_name));
 ",
 ];
 
@@ -382,6 +389,7 @@ impl Documents for SqliteDocuments {
                 let tx = c.transaction()?;
                 // Memberships reference the bucket: they go before it.
                 tx.execute("DELETE FROM servers WHERE bucket_id = ?1", [&bucket])?;
+                tx.execute("DELETE FROM parked_servers WHERE bucket_id = ?1", [&bucket])?;
                 tx.execute("DELETE FROM members WHERE bucket_id = ?1", [&bucket])?;
                 tx.execute("DELETE FROM buckets WHERE id = ?1", [&bucket])?;
                 tx.commit()
@@ -453,11 +461,68 @@ impl Documents for SqliteDocuments {
         let (bucket, server) = (bucket_id.to_string(), server_name.to_string());
         self.db
             .call(move |c| {
-                c.execute(
+                let tx = c.transaction()?;
+                let deleted = tx.execute(
                     "DELETE FROM servers WHERE bucket_id = ?1 AND server_name = ?2",
+                    [&bucket, &server],
+                )?;
+                tx.execute(
+                    "DELETE FROM parked_servers WHERE bucket_id = ?1 AND server_name = ?2",
+                    [&bucket, &server],
+                )?;
+                tx.commit().map(|()| deleted == 1)
+            })
+            .await
+    }
+
+    async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {
+        let p = parked.clone();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO parked_servers (bucket_id, server_name, reason, processes, parked_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (bucket_id, server_name) DO UPDATE SET
+                       reason = excluded.reason, processes = excluded.processes,
+                       parked_at = excluded.parked_at",
+                    rusqlite::params![p.bucket_id, p.server_name, p.reason, p.processes, p.parked_at],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    async fn unpark_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
+        let (bucket, server) = (bucket_id.to_string(), server_name.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM parked_servers WHERE bucket_id = ?1 AND server_name = ?2",
                     [bucket, server],
                 )
                 .map(|n| n == 1)
+            })
+            .await
+    }
+
+    async fn parked_servers(&self, bucket_id: Option<&str>) -> StoreResult<Vec<ParkedServer>> {
+        let bucket = bucket_id.map(str::to_string);
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT bucket_id, server_name, reason, processes, parked_at FROM parked_servers
+                     WHERE ?1 IS NULL OR bucket_id = ?1 ORDER BY bucket_id, server_name",
+                )?;
+                let rows = stmt.query_map([bucket], |r| {
+                    Ok(ParkedServer {
+                        bucket_id: r.get(0)?,
+                        server_name: r.get(1)?,
+                        reason: r.get(2)?,
+                        processes: r.get(3)?,
+                        parked_at: r.get(4)?,
+                    })
+                })?;
+                rows.collect()
             })
             .await
     }
