@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod ids;
 pub mod ingest;
 pub mod interactor;
+pub mod limits;
 pub mod logging;
 pub mod realtime;
 pub mod server;

@@ -13,6 +13,7 @@ use crate::app::AppState;
 use crate::auth::UserAuth;
 use crate::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use crate::interactor::ws_url;
+use crate::limits;
 use crate::stores::{Bucket, Member, MemberRole, StoreError, User};
 
 /// A bucket the signed-in user is a member of, with their role.
@@ -184,6 +185,13 @@ pub async fn members(
 /// `GET /api/bucket/:id/current_role`.
 pub async fn current_role(access: BucketAccess) -> Json<Value> {
     Json(json!({ "role": access.role.as_str() }))
+}
+
+/// `GET /api/bucket/:id/usage`: the processes in use across the appliance, the licence's
+/// limit, and this bucket's servers parked by it.
+pub async fn usage(State(app): State<AppState>, access: BucketAccess) -> ApiResult<Json<Value>> {
+    let usage = limits::usage(&app, Some(&access.bucket.id)).await?;
+    Ok(Json(json!(usage)))
 }
 
 #[derive(Deserialize, Default)]

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::app::AppState;
 use crate::auth;
+use crate::limits;
 use crate::stores::Bucket;
 
 pub use session::{Session, Sessions};
@@ -87,6 +88,14 @@ async fn authenticate(app: &AppState, public_id: &str, secret_id: &str) -> Resul
 struct VerifyRequest {
     public_id: String,
     private_id: String,
+    #[serde(default)]
+    data: VerifyData,
+}
+
+#[derive(Deserialize, Default)]
+struct VerifyData {
+    #[serde(rename = "MACHINE_NAME", default)]
+    machine_name: Option<String>,
 }
 
 /// The agent's `endpoints`; field order is fixed (the agent compares them as a string).
@@ -124,8 +133,18 @@ pub async fn verify(State(app): State<AppState>, body: Bytes) -> Response {
             .into_response();
         }
     };
-    if let Err(refusal) = authenticate(&app, &request.public_id, &request.private_id).await {
-        return refusal.into_response();
+    let bucket = match authenticate(&app, &request.public_id, &request.private_id).await {
+        Ok(bucket) => bucket,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let Some(server) = &request.data.machine_name
+        && let Err(reason) = limits::may_connect(&app, &bucket.id, server).await
+    {
+        // Not an error: the agent parks and asks again in 60 s.
+        return Json(
+            json!({ "active": false, "pending": false, "disabled": false, "msg": reason }),
+        )
+        .into_response();
     }
     let endpoints = Endpoints {
         ws: ws_url(&app.public_url),
@@ -160,6 +179,9 @@ pub async fn interaction(
             ));
         }
         let bucket = authenticate(&app, public_id, secret_id).await?;
+        limits::may_connect(&app, &bucket.id, server_name)
+            .await
+            .map_err(|reason| Refusal::new(StatusCode::FORBIDDEN, reason))?;
         Ok((bucket.id, server_name.to_string()))
     }
     .await;

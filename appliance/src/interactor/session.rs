@@ -22,7 +22,9 @@ use serde::Deserialize;
 
 use crate::ingest::MetricSampler;
 use crate::ingest::metrics::{MetricPath, Scope, SeriesId, metric_path};
-use crate::stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerRecord};
+use crate::stores::{
+    AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord,
+};
 
 /// A queue of text frames to one socket.
 pub type SocketTx = mpsc::Sender<String>;
@@ -244,6 +246,12 @@ impl Session {
         })
     }
 
+    /// Its processes that count against the licence; `None` before its first status.
+    pub fn counted_processes(&self) -> Option<u32> {
+        let mut live = self.live.lock();
+        live.status().map(crate::limits::counted_processes)
+    }
+
     /// Writes the server as the API shows it: `{server_name, internal_ip, online,
     /// last_update, data}`.
     pub fn to_json(&self) -> String {
@@ -439,6 +447,20 @@ impl CommandSink for Sessions {
             .iter()
             .filter(|s| s.online())
             .map(|s| s.to_json())
+            .collect()
+    }
+
+    fn processes(&self) -> Vec<ServerProcesses> {
+        self.all()
+            .iter()
+            .filter(|s| s.online())
+            .filter_map(|s| {
+                Some(ServerProcesses {
+                    bucket_id: s.bucket_id.clone(),
+                    server_name: s.server_name.clone(),
+                    processes: s.counted_processes()?,
+                })
+            })
             .collect()
     }
 }

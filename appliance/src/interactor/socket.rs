@@ -12,6 +12,7 @@ use super::frames::{self, Inbound, Origin};
 use super::session::Session;
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::limits;
 use crate::realtime::LiveEvent;
 
 const PING_EVERY: Duration = Duration::from_secs(10);
@@ -32,6 +33,8 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
     let (mut sink, mut stream) = socket.split();
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut last_seen = Instant::now();
+    // The licence's limit is checked once, on the first full status of this socket.
+    let mut admitted = false;
     let reason = loop {
         tokio::select! {
             () = app.shutdown.cancelled() => {
@@ -55,15 +58,26 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
             }
             message = stream.next() => {
                 last_seen = Instant::now();
-                match message {
+                let status = match message {
                     Some(Ok(Message::Text(text))) => receive(&app, &session, socket_id, &tx, text.as_str()),
                     Some(Ok(Message::Binary(bytes))) => match std::str::from_utf8(&bytes) {
                         Ok(text) => receive(&app, &session, socket_id, &tx, text),
-                        Err(_) => app.ingest.count_malformed(),
+                        Err(_) => {
+                            app.ingest.count_malformed();
+                            false
+                        }
                     },
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => false,
                     Some(Ok(Message::Close(_))) | None => break "closed by agent",
                     Some(Err(_)) => break "read failed",
+                };
+                if status && !admitted {
+                    admitted = true;
+                    if let Err(reason) = limits::admit(&app, &session).await {
+                        let close = CloseFrame { code: 4003, reason: reason.chars().take(120).collect::<String>().into() };
+                        let _ = sink.send(Message::Close(Some(close))).await;
+                        break "parked: over the licence's process limit";
+                    }
                 }
             }
         }
@@ -75,21 +89,22 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason, "agent disconnected");
 }
 
-/// Handles one text frame from an agent; never fails the socket.
+/// Handles one text frame from an agent; never fails the socket. True when it was a full
+/// status, applied.
 pub fn receive(
     app: &AppState,
     session: &Session,
     socket_id: u64,
     tx: &mpsc::Sender<String>,
     text: &str,
-) {
+) -> bool {
     let now = now_ms();
     let inbound = match frames::decode(text) {
         Ok(inbound) => inbound,
         Err(e) => {
             tracing::debug!(server = %session.server_name, error = %e, "frame dropped");
             app.ingest.count_malformed();
-            return;
+            return false;
         }
     };
     session.mark_data(socket_id, now);
@@ -98,9 +113,12 @@ pub fn receive(
         Inbound::Status(payload) => {
             if !app.ingest.apply_status(session, payload, now) {
                 app.ingest.count_malformed();
-            } else if watched {
+                return false;
+            }
+            if watched {
                 publish(app, session, "status", payload);
             }
+            return true;
         }
         Inbound::StatusPatch(payload) => {
             if !app.ingest.apply_patch(session, payload, now) {
@@ -123,6 +141,7 @@ pub fn receive(
                 .event(frames::to_event(&origin, &channel, payload));
         }
     }
+    false
 }
 
 /// Hands an agent's event to the browsers watching its bucket.

@@ -32,6 +32,16 @@ pub trait CommandSink: Send + Sync {
     /// The API view (JSON) of the bucket's servers connected here (only `server_name`
     /// if given).
     fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String>;
+    /// The monitored processes of each server connected here (see [`crate::limits`]).
+    fn processes(&self) -> Vec<ServerProcesses>;
+}
+
+/// How many processes of a connected server count against the licence.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServerProcesses {
+    pub bucket_id: String,
+    pub server_name: String,
+    pub processes: u32,
 }
 
 #[async_trait]
@@ -48,6 +58,8 @@ pub trait Bus: Send + Sync {
         bucket_id: &str,
         server_name: Option<&str>,
     ) -> StoreResult<Vec<String>>;
+    /// The monitored processes of the servers connected to other nodes.
+    async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>>;
     /// This node now holds the freshest socket of the server (after a reconnect, a
     /// command must go to it, not to a stale socket on another node).
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
@@ -91,6 +103,10 @@ impl Bus for LocalBus {
         _bucket_id: &str,
         _server_name: Option<&str>,
     ) -> StoreResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>> {
         Ok(Vec::new())
     }
 

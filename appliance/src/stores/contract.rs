@@ -13,7 +13,7 @@ use super::sqlite::{open_documents, open_events};
 use super::{
     AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
     EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, ParkedServer,
-    ServerRecord, StoreError, TokenRecord, User,
+    ServerProcesses, ServerRecord, StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -1021,6 +1021,17 @@ impl CommandSink for NodeSockets {
             .map(|s| format!(r#"{{"server_name":"{s}","online":true,"last_update":1}}"#))
             .collect()
     }
+
+    fn processes(&self) -> Vec<ServerProcesses> {
+        self.servers
+            .iter()
+            .map(|s| ServerProcesses {
+                bucket_id: "b1".into(),
+                server_name: (*s).into(),
+                processes: 2,
+            })
+            .collect()
+    }
 }
 
 fn command(server: &str, frame: &str) -> AgentCommand {
@@ -1048,6 +1059,7 @@ async fn bus_contract_local(bus: &dyn Bus, sockets: &NodeSockets) {
         bus.remote_servers("b1", None).await.unwrap().is_empty(),
         "no other node"
     );
+    assert!(bus.remote_processes().await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -1099,6 +1111,11 @@ async fn bus_contract_on_redis_across_nodes() {
     let mut expected = there_sockets.online_servers("b1", None);
     expected.sort();
     assert_eq!(remote, expected);
+    assert_eq!(
+        here.remote_processes().await.unwrap(),
+        there_sockets.processes(),
+        "the other node's processes"
+    );
 
     // An agent with sockets on both nodes: commands go to the node it connected to last.
     there.claim("b1", "both").await.unwrap();

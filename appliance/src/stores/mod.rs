@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use bus::{AgentCommand, Bus, CommandSink, Delivery, LocalBus};
+pub use bus::{AgentCommand, Bus, CommandSink, Delivery, LocalBus, ServerProcesses};
 pub use model::*;
 
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentCommand, Bus, CommandSink, Delivery, StoreError, StoreResult};
+use super::{AgentCommand, Bus, CommandSink, Delivery, ServerProcesses, StoreError, StoreResult};
 use crate::ids::{new_object_id, now_ms};
 use crate::realtime::{LiveEvent, LiveHub};
 
@@ -62,6 +62,8 @@ enum Request {
         bucket_id: String,
         server_name: Option<String>,
     },
+    /// The processes of the servers connected to a node.
+    Processes { from: String, req: u64 },
     /// The buckets a node's browsers watch now.
     Watching { from: String, buckets: Vec<String> },
 }
@@ -80,6 +82,8 @@ struct Reply {
     delivered: bool,
     #[serde(default)]
     servers: Vec<String>,
+    #[serde(default)]
+    processes: Vec<ServerProcesses>,
 }
 
 pub struct RedisBus {
@@ -218,6 +222,7 @@ impl RedisBus {
                         req,
                         delivered,
                         servers: Vec::new(),
+                        processes: Vec::new(),
                     },
                 )
             }
@@ -232,6 +237,16 @@ impl RedisBus {
                     req,
                     delivered: false,
                     servers: self.sink.online_servers(&bucket_id, server_name.as_deref()),
+                    processes: Vec::new(),
+                },
+            ),
+            Ok(Request::Processes { from, req }) if from != self.node => (
+                from,
+                Reply {
+                    req,
+                    delivered: false,
+                    servers: Vec::new(),
+                    processes: self.sink.processes(),
                 },
             ),
             Ok(Request::Watching { from, buckets }) if from != self.node => {
@@ -435,6 +450,18 @@ impl Bus for RedisBus {
             )
             .await?;
         Ok(replies.into_iter().flat_map(|r| r.servers).collect())
+    }
+
+    async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>> {
+        let node = self.node.clone();
+        let replies = self
+            .ask(
+                |req| Request::Processes { from: node, req },
+                SERVERS_WAIT,
+                |_| false,
+            )
+            .await?;
+        Ok(replies.into_iter().flat_map(|r| r.processes).collect())
     }
 
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()> {

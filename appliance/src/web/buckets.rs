@@ -14,6 +14,7 @@ use crate::api::buckets::{self as api, BucketAccess};
 use crate::api::data::servers_status;
 use crate::api::error::ApiError;
 use crate::app::AppState;
+use crate::limits::{self, Limit};
 use crate::stores::{Bucket, Member, MemberRole};
 
 /// A bucket the signed-in user belongs to, or the error page (404 for anyone else).
@@ -189,6 +190,56 @@ struct OverviewPage {
     servers: Vec<ServerView>,
     link: String,
     flash: Flash,
+    licence: LicenceBanner,
+}
+
+/// The licence's usage above the servers: `N of M processes`, or why servers are parked.
+struct LicenceBanner {
+    /// `N of M processes`, `N processes (unlicensed)`…
+    usage: String,
+    /// At or over the limit, or the licence not valid.
+    alert: Option<String>,
+    /// This bucket's parked servers: name and reason.
+    parked: Vec<(String, String)>,
+}
+
+impl LicenceBanner {
+    async fn of(app: &AppState, bucket_id: &str) -> LicenceBanner {
+        let usage = match limits::usage(app, Some(bucket_id)).await {
+            Ok(usage) => usage,
+            Err(e) => {
+                return LicenceBanner {
+                    usage: format!("process usage unavailable: {e}"),
+                    alert: None,
+                    parked: Vec::new(),
+                };
+            }
+        };
+        let n = usage.processes;
+        let (text, alert) = match &usage.limit {
+            Limit::Unlicensed => (format!("{n} processes · unlicensed: no limit applies"), None),
+            Limit::Unlimited => (format!("{n} processes · licence without limit"), None),
+            Limit::Processes { max } => (
+                format!("{n} of {max} processes"),
+                (n >= *max).then(|| {
+                    format!("The licence's limit of {max} processes is reached: servers that link now are parked until processes are removed or a larger licence is installed.")
+                }),
+            ),
+            Limit::Invalid { reason } => (
+                format!("{n} processes"),
+                Some(format!("No new server can link: {reason}.")),
+            ),
+        };
+        LicenceBanner {
+            usage: text,
+            alert,
+            parked: usage
+                .parked
+                .into_iter()
+                .map(|p| (p.server_name, p.reason))
+                .collect(),
+        }
+    }
 }
 
 pub async fn overview(
@@ -206,6 +257,7 @@ pub async fn overview(
         nav: Some(Nav::from(&session)),
         servers: server_views(&app, &access.bucket.id, None).await,
         link: link_command(&app, &access.bucket),
+        licence: LicenceBanner::of(&app, &access.bucket.id).await,
         bucket: access.bucket,
         flash,
     })

@@ -1,0 +1,260 @@
+//! The licence's process limit (the seeds' limit worker). Every process instance an
+//! agent reports counts, cluster instances each (the agent itself leaves out `pm2
+//! unmonitor`ed processes), except the free modules pm2-logrotate and pm2-auto-pull.
+//!
+//! A server that links while the appliance is at its limit is parked after its first
+//! status, when its processes are known: its socket closes and verifyPM2 answers
+//! `active:false` with the reason. The agent re-verifies every 60 s; it is let in again
+//! as soon as its processes fit, or for a try once a minute while there is room at all.
+//! Servers already connected keep working. Without a licence (development) nothing is
+//! limited.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::app::App;
+use crate::ids::now_ms;
+use crate::interactor::session::Session;
+use crate::stores::{CommandSink, ParkedServer, ServerProcesses, StoreResult};
+
+/// Modules that are free: not counted.
+pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];
+/// A parked server whose processes did not fit may try again this long after.
+const RETRY_AFTER_MS: i64 = 55_000;
+
+/// The processes of an agent's status that count.
+pub fn counted_processes(status: &Value) -> u32 {
+    let processes = status["data"]["process"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    let counted = processes
+        .iter()
+        .filter(|p| {
+            !p["name"]
+                .as_str()
+                .is_some_and(|name| FREE_MODULES.contains(&name))
+        })
+        .count();
+    u32::try_from(counted).unwrap_or(u32::MAX)
+}
+
+/// What the licence allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Limit {
+    /// No licence installed (development): nothing is limited.
+    Unlicensed,
+    Unlimited,
+    Processes {
+        max: u32,
+    },
+    /// The licence is expired or not valid: no new server is let in.
+    Invalid {
+        reason: String,
+    },
+}
+
+impl Limit {
+    pub fn of(app: &App) -> Limit {
+        match app.settings.licence(now_ms() / 1000) {
+            None => Limit::Unlicensed,
+            Some(Ok(licence)) => match licence.max_processes() {
+                Some(max) => Limit::Processes { max },
+                None => Limit::Unlimited,
+            },
+            Some(Err(e)) => Limit::Invalid {
+                reason: format!("the licence is not valid: {e}"),
+            },
+        }
+    }
+
+    /// The most processes allowed; `None` without a limit.
+    fn max(&self) -> Option<u32> {
+        match self {
+            Limit::Unlicensed | Limit::Unlimited => None,
+            Limit::Processes { max } => Some(*max),
+            Limit::Invalid { .. } => Some(0),
+        }
+    }
+}
+
+/// The processes in use across the appliance and what the licence allows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub processes: u32,
+    pub limit: Limit,
+    pub parked: Vec<Parked>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Parked {
+    pub bucket_id: String,
+    pub server_name: String,
+    pub reason: String,
+    pub processes: u32,
+    pub parked_at: i64,
+}
+
+impl From<ParkedServer> for Parked {
+    fn from(p: ParkedServer) -> Self {
+        Parked {
+            bucket_id: p.bucket_id,
+            server_name: p.server_name,
+            reason: p.reason,
+            processes: p.processes,
+            parked_at: p.parked_at,
+        }
+    }
+}
+
+/// The processes of every connected server, on every node, except `except`.
+async fn in_use(app: &App, except: Option<(&str, &str)>) -> StoreResult<u32> {
+    let mut servers = app.sessions.processes();
+    servers.extend(app.bus.remote_processes().await?);
+    // A server that just moved to another node may be reported twice: once is enough.
+    servers.sort_by(|a, b| {
+        (&a.bucket_id, &a.server_name, b.processes).cmp(&(
+            &b.bucket_id,
+            &b.server_name,
+            a.processes,
+        ))
+    });
+    servers.dedup_by(|a, b| a.bucket_id == b.bucket_id && a.server_name == b.server_name);
+    Ok(servers
+        .iter()
+        .filter(|s| except != Some((s.bucket_id.as_str(), s.server_name.as_str())))
+        .map(|s: &ServerProcesses| s.processes)
+        .sum())
+}
+
+/// The appliance's usage (the parked servers of `bucket_id` only, if given).
+pub async fn usage(app: &App, bucket_id: Option<&str>) -> StoreResult<Usage> {
+    Ok(Usage {
+        processes: in_use(app, None).await?,
+        limit: Limit::of(app),
+        parked: app
+            .documents
+            .parked_servers(bucket_id)
+            .await?
+            .into_iter()
+            .map(Parked::from)
+            .collect(),
+    })
+}
+
+/// On a server's first status after it connected: `Err(reason)` when it does not fit
+/// (it is then parked), else it is let in (and no longer parked).
+pub async fn admit(app: &App, session: &Session) -> Result<(), String> {
+    let (bucket, server) = (session.bucket_id.as_str(), session.server_name.as_str());
+    let limit = Limit::of(app);
+    let Some(max) = limit.max() else {
+        unpark(app, bucket, server).await;
+        return Ok(());
+    };
+    let mine = session.counted_processes().unwrap_or(0);
+    let others = match in_use(app, Some((bucket, server))).await {
+        Ok(n) => n,
+        Err(e) => {
+            // Counting needs the other nodes; a bus outage does not lock agents out.
+            tracing::warn!(error = %e, "process limit: cannot count the processes in use; server let in");
+            return Ok(());
+        }
+    };
+    if others.saturating_add(mine) <= max {
+        unpark(app, bucket, server).await;
+        return Ok(());
+    }
+    let reason = match limit {
+        Limit::Invalid { reason } => reason,
+        _ => format!(
+            "the licence allows {max} processes; {others} are in use and this server has {mine}: \
+             remove or `pm2 unmonitor` processes, or install a larger licence"
+        ),
+    };
+    let parked = ParkedServer {
+        bucket_id: bucket.to_string(),
+        server_name: server.to_string(),
+        reason: reason.clone(),
+        processes: mine,
+        parked_at: now_ms(),
+    };
+    if let Err(e) = app.documents.park_server(&parked).await {
+        tracing::error!(error = %e, "process limit: cannot record the parked server");
+    }
+    tracing::warn!(
+        bucket,
+        server,
+        processes = mine,
+        in_use = others,
+        max,
+        "server parked: over the licence's process limit"
+    );
+    Err(reason)
+}
+
+/// Before a parked server connects (verifyPM2, the websocket handshake): `Err(reason)`
+/// while it may not.
+pub async fn may_connect(app: &App, bucket_id: &str, server_name: &str) -> Result<(), String> {
+    let parked = match app.documents.parked_servers(Some(bucket_id)).await {
+        Ok(parked) => parked.into_iter().find(|p| p.server_name == server_name),
+        Err(e) => {
+            tracing::warn!(error = %e, "process limit: cannot read the parked servers");
+            None
+        }
+    };
+    let Some(parked) = parked else {
+        return Ok(());
+    };
+    let Some(max) = Limit::of(app).max() else {
+        return Ok(());
+    };
+    let others = in_use(app, Some((bucket_id, server_name)))
+        .await
+        .unwrap_or(0);
+    let fits = others.saturating_add(parked.processes) <= max;
+    // Its processes may have changed since: with room at all, a try once a minute.
+    let may_try = others < max && now_ms() - parked.parked_at >= RETRY_AFTER_MS;
+    if fits || may_try {
+        Ok(())
+    } else {
+        Err(parked.reason)
+    }
+}
+
+async fn unpark(app: &App, bucket_id: &str, server_name: &str) {
+    match app.documents.unpark_server(bucket_id, server_name).await {
+        Ok(true) => tracing::info!(
+            bucket = bucket_id,
+            server = server_name,
+            "server let in: within the licence's process limit"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "process limit: cannot clear a parked server"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn free_modules_are_not_counted() {
+        let status = json!({"data": {"process": [
+            {"name": "api"}, {"name": "api"}, {"name": "pm2-logrotate"},
+            {"name": "pm2-auto-pull"}, {"name": "worker"}
+        ]}});
+        assert_eq!(counted_processes(&status), 3);
+        assert_eq!(counted_processes(&json!({})), 0);
+    }
+
+    #[test]
+    fn an_invalid_licence_lets_nothing_new_in() {
+        let invalid = Limit::Invalid {
+            reason: "expired".into(),
+        };
+        assert_eq!(invalid.max(), Some(0));
+        assert_eq!(Limit::Unlicensed.max(), None);
+        assert_eq!(Limit::Processes { max: 2 }.max(), Some(2));
+    }
+}
