@@ -1,5 +1,5 @@
-//! Background work: persisting server state and ended metric minutes, retention, and
-//! the final flush at shutdown.
+//! Background work: persisting server state and ended metric minutes, closing agents of
+//! disabled buckets, retention, and the final flush at shutdown.
 
 use std::time::Duration;
 
@@ -26,6 +26,23 @@ pub async fn persist(app: AppState) {
         let points = tokio::task::spawn_blocking(move || sessions.drain_metrics(now_ms(), false));
         app.ingest.writer.metrics(points.await.unwrap_or_default());
         save_servers(&app).await;
+        evict_disabled(&app).await;
+    }
+}
+
+/// Closes the agents of buckets disabled through another node or process (the API
+/// closes its own at once).
+async fn evict_disabled(app: &AppState) {
+    for bucket_id in app.sessions.online_buckets() {
+        match app.documents.bucket_by_id(&bucket_id).await {
+            Ok(Some(bucket)) if bucket.disabled => {
+                if app.sessions.evict_bucket(&bucket_id) {
+                    tracing::info!(bucket = %bucket_id, "agents of a disabled bucket closed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot check whether a bucket is disabled"),
+        }
     }
 }
 

@@ -119,3 +119,72 @@ async fn a_server_over_the_limit_is_parked_until_a_process_is_deleted() {
     })
     .await;
 }
+
+/// An admin disables the bucket: its connected agent is closed, verifyPM2 answers an
+/// error with the reason (the CLI prints it), and enabling it admits agents again.
+#[tokio::test]
+async fn a_disabled_bucket_refuses_its_agents() {
+    e2e(async {
+        let l = linked_with("web-1", &[("a", APP)], LinkOpts::default()).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        l.wait_apps(&["a"], Duration::from_secs(15)).await?;
+        let put = |disabled: bool| {
+            let api = api.clone();
+            let path = format!("/api/bucket/{b}");
+            async move {
+                api.request(
+                    reqwest::Method::PUT,
+                    &path,
+                    Some(&json!({ "disabled": disabled })),
+                )
+                .await
+            }
+        };
+        let r = put(true).await?;
+        ensure!(
+            r.status == 200 && r.body["disabled"] == true,
+            "disable: HTTP {}: {}",
+            r.status,
+            r.text
+        );
+        api.wait_server(&b, "web-1", "web-1 closed", Duration::from_secs(20), |s| {
+            (s["online"] == false).then_some(())
+        })
+        .await?;
+        let verify = || async {
+            reqwest::Client::new()
+                .post(format!("{}/api/node/verifyPM2", l.km.url()))
+                .json(
+                    &json!({"public_id": l.bucket.public_id, "private_id": l.bucket.secret_id,
+                              "data": {"MACHINE_NAME": "web-1"}}),
+                )
+                .send()
+                .await?
+                .json::<Value>()
+                .await
+        };
+        let refused = verify().await?;
+        ensure!(
+            refused["active"] == false
+                && refused["error"] == true
+                && refused["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("disabled")),
+            "verifyPM2 of a disabled bucket: {refused}"
+        );
+        let r = put(false).await?;
+        ensure!(
+            r.status == 200 && r.body["disabled"] == false,
+            "enable: {}",
+            r.text
+        );
+        let admitted = verify().await?;
+        ensure!(
+            admitted["active"] == true,
+            "verifyPM2 once enabled: {admitted}"
+        );
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}

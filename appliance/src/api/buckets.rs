@@ -104,6 +104,7 @@ pub async fn create(
             secret_id: random_hex(16),
             owner: auth.user.id.clone(),
             created_at: now_ms(),
+            disabled: false,
         };
         match app.documents.insert_bucket(&bucket).await {
             Ok(()) => {
@@ -150,18 +151,61 @@ impl BucketAccess {
 pub async fn update(
     State(app): State<AppState>,
     access: BucketAccess,
-    Body(form): Body<CreateForm>,
+    Body(form): Body<UpdateForm>,
 ) -> ApiResult<Json<Value>> {
-    access.require(MemberRole::Admin, "rename it")?;
-    let name = bucket_name(&form.name)?;
-    if !app.documents.rename_bucket(&access.bucket.id, name).await? {
-        return Err(ApiError::not_found("no such bucket"));
+    access.require(MemberRole::Admin, "change it")?;
+    let disabled = form.disabled()?;
+    if form.name.is_none() && disabled.is_none() {
+        return Err(ApiError::bad_request("name or disabled: nothing to change"));
     }
-    let bucket = Bucket {
-        name: name.to_string(),
-        ..access.bucket
-    };
+    let mut bucket = access.bucket;
+    if let Some(name) = &form.name {
+        let name = bucket_name(name)?;
+        if !app.documents.rename_bucket(&bucket.id, name).await? {
+            return Err(ApiError::not_found("no such bucket"));
+        }
+        bucket.name = name.to_string();
+    }
+    if let Some(disabled) = disabled {
+        if !app
+            .documents
+            .set_bucket_disabled(&bucket.id, disabled)
+            .await?
+        {
+            return Err(ApiError::not_found("no such bucket"));
+        }
+        bucket.disabled = disabled;
+        if disabled {
+            // Here at once; other nodes' interactors within 30 s (workers::persist).
+            app.sessions.evict_bucket(&bucket.id);
+        }
+        tracing::info!(bucket = %bucket.id, user = %access.auth.user.username, disabled, "bucket agents {}", if disabled { "refused" } else { "admitted" });
+    }
     Ok(Json(bucket_json(&app, &bucket)))
+}
+
+/// `PUT /api/bucket/:id`: a new name, and/or `disabled` to refuse the bucket's agents.
+#[derive(Deserialize, Default)]
+pub struct UpdateForm {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `true`/`false` (JSON or form).
+    #[serde(default)]
+    pub disabled: Option<Value>,
+}
+
+impl UpdateForm {
+    fn disabled(&self) -> ApiResult<Option<bool>> {
+        match &self.disabled {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "disabled: {other} is not true or false"
+            ))),
+        }
+    }
 }
 
 /// `DELETE /api/bucket/:id`: deletes the bucket, its members and servers (owner only).

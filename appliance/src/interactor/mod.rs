@@ -72,16 +72,24 @@ async fn authenticate(app: &AppState, public_id: &str, secret_id: &str) -> Resul
                 format!("unknown public key {public_id:?}: copy the keys from the bucket settings"),
             )
         })?;
-    if auth::same_secret(&bucket.secret_id, secret_id) {
-        Ok(bucket)
-    } else {
-        Err(Refusal::new(
+    if !auth::same_secret(&bucket.secret_id, secret_id) {
+        return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             format!(
                 "wrong secret key for public key {public_id:?}: copy the keys from the bucket settings"
             ),
-        ))
+        ));
     }
+    if bucket.disabled {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "bucket {:?} is disabled by its administrators: its agents are refused until it is enabled again",
+                bucket.name
+            ),
+        ));
+    }
+    Ok(bucket)
 }
 
 #[derive(Deserialize)]

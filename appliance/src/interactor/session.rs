@@ -118,6 +118,8 @@ pub struct Session {
     pub server_name: String,
     pub live: Mutex<Live>,
     sockets: Mutex<Vec<SocketLink>>,
+    /// Its bucket was disabled: its sockets close at their next ping.
+    evicted: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -127,7 +129,13 @@ impl Session {
             server_name: server_name.to_string(),
             live: Mutex::new(live),
             sockets: Mutex::new(Vec::new()),
+            evicted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether its bucket was disabled since its socket connected.
+    pub fn evicted(&self) -> bool {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     pub fn online(&self) -> bool {
@@ -330,6 +338,7 @@ impl Sessions {
                 .or_insert_with(|| Arc::new(Session::new(bucket_id, server_name, Live::default())))
                 .clone()
         });
+        session.evicted.store(false, Ordering::Relaxed);
         session.sockets.lock().push(SocketLink {
             id,
             tx,
@@ -372,6 +381,30 @@ impl Sessions {
     }
 
     /// Forgets every server of a deleted bucket.
+    /// Closes the connected agents of a disabled bucket (at their next ping); true if it
+    /// had any here.
+    pub fn evict_bucket(&self, bucket_id: &str) -> bool {
+        let online: Vec<_> = self
+            .of_bucket(bucket_id, None)
+            .into_iter()
+            .filter(|s| s.online())
+            .collect();
+        for session in &online {
+            session.evicted.store(true, Ordering::Relaxed);
+        }
+        !online.is_empty()
+    }
+
+    /// The buckets with an agent connected here.
+    pub fn online_buckets(&self) -> Vec<String> {
+        self.buckets
+            .read()
+            .iter()
+            .filter(|(_, servers)| servers.values().any(|s| s.online()))
+            .map(|(bucket, _)| bucket.clone())
+            .collect()
+    }
+
     pub fn remove_bucket(&self, bucket_id: &str) {
         self.buckets.write().remove(bucket_id);
     }

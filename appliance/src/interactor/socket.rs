@@ -52,6 +52,11 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
                 if last_seen.elapsed() > IDLE_LIMIT {
                     break "silent for 30 s";
                 }
+                if session.evicted() {
+                    let close = CloseFrame { code: 4003, reason: "the bucket is disabled".into() };
+                    let _ = sink.send(Message::Close(Some(close))).await;
+                    break "bucket disabled";
+                }
                 if sink.send(Message::Ping(Default::default())).await.is_err() {
                     break "ping failed";
                 }

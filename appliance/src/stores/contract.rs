@@ -67,6 +67,7 @@ async fn documents_contract(docs: &dyn Documents) {
         secret_id: "sec1".into(),
         owner: alice.id.clone(),
         created_at: 5,
+        disabled: false,
     };
     docs.insert_bucket(&bucket).await.unwrap();
     let twin = Bucket {
@@ -197,6 +198,7 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         secret_id: format!("sec-{public_id}"),
         owner: nina.id.clone(),
         created_at: 5,
+        disabled: false,
     };
     let (prod, staging) = (bucket("prod", "pub-prod"), bucket("staging", "pub-staging"));
     docs.insert_bucket(&prod).await.unwrap();
@@ -278,6 +280,17 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         Some(renamed.clone())
     );
     assert!(!docs.rename_bucket("nobucket", "x").await.unwrap());
+
+    // Disabled: agents are refused; found by public id as such; enabled again.
+    assert!(docs.set_bucket_disabled(&prod.id, true).await.unwrap());
+    let found = docs.bucket_by_public_id("pub-prod").await.unwrap().unwrap();
+    assert!(found.disabled);
+    assert!(docs.set_bucket_disabled(&prod.id, false).await.unwrap());
+    assert_eq!(
+        docs.bucket_by_id(&prod.id).await.unwrap(),
+        Some(renamed.clone())
+    );
+    assert!(!docs.set_bucket_disabled("nobucket", true).await.unwrap());
 
     // Server records: deleting one forgets only it.
     let server = |bucket: &Bucket, name: &str| ServerRecord {

@@ -68,6 +68,8 @@ pub trait Documents: Send + Sync {
     -> StoreResult<()>;
     /// Removes a member; false if they were not one.
     async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool>;
+    /// Refuses or admits the bucket's agents again; false if the bucket is gone.
+    async fn set_bucket_disabled(&self, bucket_id: &str, disabled: bool) -> StoreResult<bool>;
     /// Renames a bucket; false if it is gone.
     async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool>;
     /// Deletes a bucket with its memberships and server records.

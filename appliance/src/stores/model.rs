@@ -47,6 +47,9 @@ pub struct Bucket {
     pub secret_id: String,
     pub owner: String,
     pub created_at: i64,
+    /// Agents are refused (set by the bucket's admins).
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 /// A member's role in a bucket.

@@ -401,6 +401,18 @@ impl Documents for MongoDocuments {
         Ok(result.deleted_count == 1)
     }
 
+    async fn set_bucket_disabled(&self, bucket_id: &str, disabled: bool) -> StoreResult<bool> {
+        let result = self
+            .buckets()
+            .update_one(
+                doc! {"_id": bucket_id},
+                doc! {"$set": {"disabled": disabled}},
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
+    }
+
     async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool> {
         let result = self
             .buckets()
@@ -645,6 +657,8 @@ struct BucketDoc {
     secret_id: String,
     owner: String,
     created_at: i64,
+    #[serde(default)]
+    disabled: bool,
 }
 
 impl From<&Bucket> for BucketDoc {
@@ -656,6 +670,7 @@ impl From<&Bucket> for BucketDoc {
             secret_id: b.secret_id.clone(),
             owner: b.owner.clone(),
             created_at: b.created_at,
+            disabled: b.disabled,
         }
     }
 }
@@ -669,6 +684,7 @@ impl From<BucketDoc> for Bucket {
             secret_id: b.secret_id,
             owner: b.owner,
             created_at: b.created_at,
+            disabled: b.disabled,
         }
     }
 }

@@ -313,6 +313,9 @@ pub struct SettingsForm {
     role: Option<String>,
     #[serde(default)]
     server_name: String,
+    /// `true` to refuse the bucket's agents, `false` to admit them again.
+    #[serde(default)]
+    disabled: String,
 }
 
 /// The settings forms: each runs the API route of the same purpose, with its checks.
@@ -343,12 +346,33 @@ pub async fn settings_action(
         "rename" => api::update(
             state,
             access,
-            Body(api::CreateForm {
-                name: form.name.clone(),
+            Body(api::UpdateForm {
+                name: Some(form.name.clone()),
+                disabled: None,
             }),
         )
         .await
         .map(|_| "bucket renamed".into()),
+        "agents" => {
+            let disabled = form.disabled == "true";
+            api::update(
+                state,
+                access,
+                Body(api::UpdateForm {
+                    name: None,
+                    disabled: Some(Value::Bool(disabled)),
+                }),
+            )
+            .await
+            .map(|_| {
+                if disabled {
+                    "agents refused: the bucket is disabled"
+                } else {
+                    "agents admitted again"
+                }
+                .into()
+            })
+        }
         "add_member" => api::add_member(state, access, member())
             .await
             .map(|_| format!("{} added", form.email)),

@@ -42,6 +42,10 @@ CREATE TABLE parked_servers (
   bucket_id TEXT NOT NULL, server_name TEXT NOT NULL, reason TEXT NOT NULL,
   processes INTEGER NOT NULL, parked_at INTEGER NOT NULL, PRIMARY KEY (bucket_id, server_name));
 ",
+    // v4: a bucket's agents can be refused.
+    "
+ALTER TABLE buckets ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+",
 ];
 
 pub struct SqliteDocuments {
@@ -59,7 +63,7 @@ impl SqliteDocuments {
 const USER_COLUMNS: &str = "id, username, email, password_hash, role, created_at";
 const TOKEN_COLUMNS: &str =
     "access_digest, refresh_digest, user_id, client_id, access_expires_at, refresh_expires_at";
-const BUCKET_COLUMNS: &str = "id, name, public_id, secret_id, owner, created_at";
+const BUCKET_COLUMNS: &str = "id, name, public_id, secret_id, owner, created_at, disabled";
 
 fn user_from(row: &Row) -> rusqlite::Result<User> {
     Ok(User {
@@ -91,6 +95,7 @@ fn bucket_from(row: &Row) -> rusqlite::Result<Bucket> {
         secret_id: row.get(3)?,
         owner: row.get(4)?,
         created_at: row.get(5)?,
+        disabled: row.get(6)?,
     })
 }
 
@@ -260,7 +265,7 @@ impl Documents for SqliteDocuments {
                 let tx = c.transaction()?;
                 if let Err(e) = tx.execute(
                     &format!(
-                        "INSERT INTO buckets ({BUCKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                        "INSERT INTO buckets ({BUCKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
                     ),
                     params![
                         b.id,
@@ -268,7 +273,8 @@ impl Documents for SqliteDocuments {
                         b.public_id,
                         b.secret_id,
                         b.owner,
-                        b.created_at
+                        b.created_at,
+                        b.disabled
                     ],
                 ) {
                     return conflict_field(&e).map(Some).ok_or(e);
@@ -298,7 +304,7 @@ impl Documents for SqliteDocuments {
         self.db
             .call(move |c| {
                 let mut stmt = c.prepare(
-                    "SELECT b.id, b.name, b.public_id, b.secret_id, b.owner, b.created_at
+                    "SELECT b.id, b.name, b.public_id, b.secret_id, b.owner, b.created_at, b.disabled
                      FROM buckets b JOIN members m ON m.bucket_id = b.id
                      WHERE m.user_id = ?1 ORDER BY b.created_at, b.id",
                 )?;
@@ -366,6 +372,19 @@ impl Documents for SqliteDocuments {
                 c.execute(
                     "DELETE FROM members WHERE bucket_id = ?1 AND user_id = ?2",
                     [bucket, user],
+                )
+                .map(|n| n == 1)
+            })
+            .await
+    }
+
+    async fn set_bucket_disabled(&self, bucket_id: &str, disabled: bool) -> StoreResult<bool> {
+        let bucket = bucket_id.to_string();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE buckets SET disabled = ?2 WHERE id = ?1",
+                    params![bucket, disabled],
                 )
                 .map(|n| n == 1)
             })
