@@ -12,6 +12,7 @@ pub mod interactor;
 pub mod limits;
 pub mod logging;
 pub mod realtime;
+pub mod schedule;
 pub mod server;
 pub mod setup;
 pub mod stores;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::schedule;
 use crate::stores::Cutoffs;
 
 const PERSIST_EVERY: Duration = Duration::from_secs(30);
@@ -59,33 +60,35 @@ async fn save_servers(app: &AppState) {
     }
 }
 
-/// Deletes events older than `KM_RETENTION_DAYS` (logs: `KM_LOGS_RETENTION_DAYS`), hourly.
+/// Deletes events older than `KM_RETENTION_DAYS` (logs: `KM_LOGS_RETENTION_DAYS`), hourly,
+/// on one node of the cluster.
 pub async fn retention(app: AppState) {
+    let (documents, shutdown) = (app.documents.clone(), app.shutdown.clone());
+    schedule::every(documents, shutdown, "retention", RETENTION_EVERY, |_| {
+        delete_old_events(&app)
+    })
+    .await;
+}
+
+async fn delete_old_events(app: &AppState) {
     let keep = i64::from(app.settings.retention_days) * DAY_MS;
     let keep_logs = i64::from(app.settings.logs_retention_days) * DAY_MS;
-    let mut tick = tokio::time::interval(RETENTION_EVERY);
-    loop {
-        tokio::select! {
-            () = app.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = now_ms();
-        match app
-            .events
-            .delete_before(Cutoffs {
-                logs: now - keep_logs,
-                others: now - keep,
-            })
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                rows = n,
-                days = app.settings.retention_days,
-                "retention: old events deleted"
-            ),
-            Err(e) => tracing::warn!(error = %e, "retention failed; retrying in an hour"),
-        }
+    let now = now_ms();
+    match app
+        .events
+        .delete_before(Cutoffs {
+            logs: now - keep_logs,
+            others: now - keep,
+        })
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            rows = n,
+            days = app.settings.retention_days,
+            "retention: old events deleted"
+        ),
+        Err(e) => tracing::warn!(error = %e, "retention failed; retrying in an hour"),
     }
 }
 

@@ -437,6 +437,42 @@ async fn bucket_management_contract_on_mongodb() {
     bucket_management_contract(&docs).await;
 }
 
+/// Scheduled jobs: of many claims of one period from two nodes, exactly one wins;
+/// another period or another job is claimed anew; a claim is never won twice.
+async fn job_slot_contract(node_a: &dyn Documents, node_b: &dyn Documents) {
+    let claims = (0..8).map(|i| {
+        let node = if i % 2 == 0 { node_a } else { node_b };
+        node.claim_slot("report", 100)
+    });
+    let won = futures_util::future::join_all(claims).await;
+    let winners = won.iter().filter(|r| matches!(r, Ok(true))).count();
+    assert!(won.iter().all(Result::is_ok), "{won:?}");
+    assert_eq!(winners, 1, "one claim of the period wins: {won:?}");
+    assert!(!node_a.claim_slot("report", 100).await.unwrap());
+    assert!(node_b.claim_slot("report", 101).await.unwrap());
+    assert!(node_a.claim_slot("retention", 100).await.unwrap());
+}
+
+#[tokio::test]
+async fn job_slot_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two handles on one file, as two processes of one machine.
+    let (a, b) = (
+        open_documents(dir.path()).unwrap(),
+        open_documents(dir.path()).unwrap(),
+    );
+    job_slot_contract(&a, &b).await;
+}
+
+#[tokio::test]
+async fn job_slot_contract_on_mongodb() {
+    let server = km_e2e::SecantusDb::start().unwrap();
+    let url = server.url("km_contract");
+    let a = MongoDocuments::connect(&url).await.unwrap();
+    let b = MongoDocuments::connect(&url).await.unwrap();
+    job_slot_contract(&a, &b).await;
+}
+
 /// A closed port: the connection fails within 10 s with `expected`, without `hunter2`.
 async fn fails_fast<T>(
     connect: impl std::future::Future<Output = anyhow::Result<T>>,

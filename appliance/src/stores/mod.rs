@@ -82,6 +82,10 @@ pub trait Documents: Send + Sync {
     /// Forgets a server's record; false if there was none.
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
 
+    /// Claims the run of `job` for the period `slot`: true for the first caller of every
+    /// node, false for all others (see [`crate::schedule`]).
+    async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool>;
+
     /// Parks a server, or updates its parking.
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()>;
     /// Lets a parked server in; false if it was not parked.

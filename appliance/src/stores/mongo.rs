@@ -44,12 +44,17 @@ fn hosts(options: &ClientOptions) -> String {
         .join(",")
 }
 
+/// Whether an insert failed on a unique key.
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    matches!(e.kind.as_ref(), ErrorKind::Write(WriteFailure::WriteError(write)) if write.code == 11000)
+}
+
 /// The unique field a duplicate-key error is about, from the index name (`email_1`).
 fn duplicate_field(e: &mongodb::error::Error) -> Option<&'static str> {
     let ErrorKind::Write(WriteFailure::WriteError(write)) = e.kind.as_ref() else {
         return None;
     };
-    if write.code != 11000 {
+    if !is_duplicate(e) {
         return None;
     }
     ["username", "email", "public_id"]
@@ -173,6 +178,10 @@ impl MongoDocuments {
     }
     fn servers(&self) -> Collection<ServerDoc> {
         self.db.collection("servers")
+    }
+
+    fn job_slots(&self) -> Collection<Document> {
+        self.db.collection("job_slots")
     }
 
     fn parked(&self) -> Collection<ParkedDoc> {
@@ -494,6 +503,21 @@ impl Documents for MongoDocuments {
             .map_err(unavailable)?;
         self.unpark_server(bucket_id, server_name).await?;
         Ok(result.deleted_count == 1)
+    }
+
+    async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool> {
+        // The unique _id decides: a second insert of the slot fails as a duplicate.
+        let claim = doc! {"_id": format!("{job}:{slot}"), "job": job, "slot": slot, "claimed_at": crate::ids::now_ms()};
+        match self.job_slots().insert_one(claim).await {
+            Ok(_) => {}
+            Err(e) if is_duplicate(&e) => return Ok(false),
+            Err(e) => return Err(unavailable(e)),
+        }
+        self.job_slots()
+            .delete_many(doc! {"job": job, "slot": {"$lt": slot - 1000}})
+            .await
+            .map_err(unavailable)?;
+        Ok(true)
     }
 
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {

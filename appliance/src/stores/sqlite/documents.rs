@@ -46,7 +46,15 @@ CREATE TABLE parked_servers (
     "
 ALTER TABLE buckets ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 ",
+    // v5: the periods scheduled jobs ran for.
+    "
+CREATE TABLE job_slots (
+  job TEXT NOT NULL, slot INTEGER NOT NULL, claimed_at INTEGER NOT NULL, PRIMARY KEY (job, slot));
+",
 ];
+
+/// Claimed periods kept per job.
+const KEPT_SLOTS: i64 = 1000;
 
 pub struct SqliteDocuments {
     db: Db,
@@ -490,6 +498,25 @@ impl Documents for SqliteDocuments {
                     [&bucket, &server],
                 )?;
                 tx.commit().map(|()| deleted == 1)
+            })
+            .await
+    }
+
+    async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool> {
+        let job = job.to_string();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let claimed = tx.execute(
+                    "INSERT OR IGNORE INTO job_slots (job, slot, claimed_at) VALUES (?1, ?2, ?3)",
+                    params![job, slot, crate::ids::now_ms()],
+                )? == 1;
+                // The job's history is kept short.
+                tx.execute(
+                    "DELETE FROM job_slots WHERE job = ?1 AND slot < ?2",
+                    params![job, slot - KEPT_SLOTS],
+                )?;
+                tx.commit().map(|()| claimed)
             })
             .await
     }
