@@ -31,8 +31,8 @@ pub async fn persist(app: AppState) {
     }
 }
 
-/// Closes the agents of buckets disabled through another node or process (the API
-/// closes its own at once).
+/// Closes the agents of disabled buckets: the API tells every node at once over the bus;
+/// this catches a node that missed it.
 async fn evict_disabled(app: &AppState) {
     for bucket_id in app.sessions.online_buckets() {
         match app.documents.bucket_by_id(&bucket_id).await {

@@ -176,8 +176,7 @@ pub async fn update(
         }
         bucket.disabled = disabled;
         if disabled {
-            // Here at once; other nodes' interactors within 30 s (workers::persist).
-            app.sessions.evict_bucket(&bucket.id);
+            app.bus.evict(&bucket.id).await;
         }
         tracing::info!(bucket = %bucket.id, user = %access.auth.user.username, disabled, "bucket agents {}", if disabled { "refused" } else { "admitted" });
     }

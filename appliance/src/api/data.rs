@@ -15,6 +15,7 @@ use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::interactor::session::Session;
 use crate::stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 
 const DEFAULT_SIZE: u32 = 100;
@@ -65,7 +66,20 @@ pub async fn servers_status(app: &AppState, bucket_id: &str, only: Option<&str>)
             tracing::warn!(error = %e, "status: other nodes not asked");
             Vec::new()
         });
-    freshest_per_server(local.into_iter().chain(remote))
+    // Servers that went offline elsewhere (the interactor of another node or process)
+    // since this one started, as last persisted.
+    let persisted = app
+        .documents
+        .bucket_servers(bucket_id)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "status: persisted servers not read");
+            Vec::new()
+        })
+        .into_iter()
+        .filter(|r| only.is_none_or(|name| name == r.server_name))
+        .map(|r| Session::offline(&r).to_json());
+    freshest_per_server(local.into_iter().chain(remote).chain(persisted))
         .into_values()
         .collect()
 }

@@ -118,8 +118,10 @@ pub struct Session {
     pub server_name: String,
     pub live: Mutex<Live>,
     sockets: Mutex<Vec<SocketLink>>,
-    /// Its bucket was disabled: its sockets close at their next ping.
+    /// Its bucket was disabled: its sockets close (woken by `eviction`, or at their next
+    /// ping if they were busy).
     evicted: std::sync::atomic::AtomicBool,
+    pub eviction: tokio::sync::Notify,
 }
 
 impl Session {
@@ -130,7 +132,18 @@ impl Session {
             live: Mutex::new(live),
             sockets: Mutex::new(Vec::new()),
             evicted: std::sync::atomic::AtomicBool::new(false),
+            eviction: tokio::sync::Notify::new(),
         }
+    }
+
+    /// A server as last persisted, not connected.
+    pub fn offline(record: &ServerRecord) -> Session {
+        let live = Live {
+            status: serde_json::from_str(&record.status_json).ok(),
+            last_update: record.last_update,
+            ..Live::default()
+        };
+        Session::new(&record.bucket_id, &record.server_name, live)
     }
 
     /// Whether its bucket was disabled since its socket connected.
@@ -307,12 +320,7 @@ impl Sessions {
     pub fn restore(&self, records: Vec<ServerRecord>) {
         let mut buckets = self.buckets.write();
         for r in records {
-            let live = Live {
-                status: serde_json::from_str(&r.status_json).ok(),
-                last_update: r.last_update,
-                ..Live::default()
-            };
-            let session = Arc::new(Session::new(&r.bucket_id, &r.server_name, live));
+            let session = Arc::new(Session::offline(&r));
             buckets
                 .entry(r.bucket_id)
                 .or_default()
@@ -391,6 +399,7 @@ impl Sessions {
             .collect();
         for session in &online {
             session.evicted.store(true, Ordering::Relaxed);
+            session.eviction.notify_waiters();
         }
         !online.is_empty()
     }
@@ -481,6 +490,10 @@ impl CommandSink for Sessions {
             .filter(|s| s.online())
             .map(|s| s.to_json())
             .collect()
+    }
+
+    fn evict(&self, bucket_id: &str) -> bool {
+        self.evict_bucket(bucket_id)
     }
 
     fn processes(&self) -> Vec<ServerProcesses> {

@@ -48,6 +48,11 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
                 },
                 None => break "outbox closed",
             },
+            () = session.eviction.notified() => {
+                let close = CloseFrame { code: 4003, reason: "the bucket is disabled".into() };
+                let _ = sink.send(Message::Close(Some(close))).await;
+                break "bucket disabled";
+            }
             _ = ping.tick() => {
                 if last_seen.elapsed() > IDLE_LIMIT {
                     break "silent for 30 s";
@@ -91,6 +96,13 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
     app.sessions
         .detach(&session, socket_id, now_ms(), &mut points);
     app.ingest.writer.metrics(points);
+    // Offline now: its last state is saved at once (other processes show it from there).
+    if !session.online()
+        && let Some(record) = session.record()
+        && let Err(e) = app.documents.upsert_servers(&[record]).await
+    {
+        tracing::warn!(error = %e, server = %server_name, "cannot save the server's last state");
+    }
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason, "agent disconnected");
 }
 

@@ -32,6 +32,8 @@ pub trait CommandSink: Send + Sync {
     /// The API view (JSON) of the bucket's servers connected here (only `server_name`
     /// if given).
     fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String>;
+    /// Closes the agents of a disabled bucket connected here; true if there were any.
+    fn evict(&self, bucket_id: &str) -> bool;
     /// The monitored processes of each server connected here (see [`crate::limits`]).
     fn processes(&self) -> Vec<ServerProcesses>;
 }
@@ -58,6 +60,8 @@ pub trait Bus: Send + Sync {
         bucket_id: &str,
         server_name: Option<&str>,
     ) -> StoreResult<Vec<String>>;
+    /// Closes the agents of a disabled bucket on every node.
+    async fn evict(&self, bucket_id: &str);
     /// The monitored processes of the servers connected to other nodes.
     async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>>;
     /// This node now holds the freshest socket of the server (after a reconnect, a
@@ -104,6 +108,10 @@ impl Bus for LocalBus {
         _server_name: Option<&str>,
     ) -> StoreResult<Vec<String>> {
         Ok(Vec::new())
+    }
+
+    async fn evict(&self, bucket_id: &str) {
+        self.sink.evict(bucket_id);
     }
 
     async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>> {

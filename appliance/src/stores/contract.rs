@@ -317,6 +317,10 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         by_bucket(docs.all_servers().await.unwrap()),
         by_bucket(vec![server(&prod, "web-1"), server(&staging, "web-1")])
     );
+    assert_eq!(
+        docs.bucket_servers(&staging.id).await.unwrap(),
+        vec![server(&staging, "web-1")]
+    );
 
     // Parked servers: parked again updates, unparked once, deleted with their server.
     let parked = |bucket: &Bucket, name: &str, processes: u32| ParkedServer {
@@ -1069,6 +1073,10 @@ impl CommandSink for NodeSockets {
             .filter(wanted)
             .map(|s| format!(r#"{{"server_name":"{s}","online":true,"last_update":1}}"#))
             .collect()
+    }
+
+    fn evict(&self, _bucket_id: &str) -> bool {
+        false
     }
 
     fn processes(&self) -> Vec<ServerProcesses> {

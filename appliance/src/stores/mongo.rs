@@ -180,6 +180,14 @@ impl MongoDocuments {
         self.db.collection("servers")
     }
 
+    async fn find_servers(&self, filter: Document) -> StoreResult<Vec<ServerRecord>> {
+        Ok(find_all(self.servers(), filter)
+            .await?
+            .into_iter()
+            .map(ServerRecord::from)
+            .collect())
+    }
+
     fn job_slots(&self) -> Collection<Document> {
         self.db.collection("job_slots")
     }
@@ -488,11 +496,11 @@ impl Documents for MongoDocuments {
     }
 
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>> {
-        Ok(find_all(self.servers(), doc! {})
-            .await?
-            .into_iter()
-            .map(ServerRecord::from)
-            .collect())
+        self.find_servers(doc! {}).await
+    }
+
+    async fn bucket_servers(&self, bucket_id: &str) -> StoreResult<Vec<ServerRecord>> {
+        self.find_servers(doc! {"bucket_id": bucket_id}).await
     }
 
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {

@@ -64,6 +64,8 @@ enum Request {
     },
     /// The processes of the servers connected to a node.
     Processes { from: String, req: u64 },
+    /// Close the agents of a disabled bucket.
+    Evict { from: String, bucket_id: String },
     /// The buckets a node's browsers watch now.
     Watching { from: String, buckets: Vec<String> },
 }
@@ -249,6 +251,10 @@ impl RedisBus {
                     processes: self.sink.processes(),
                 },
             ),
+            Ok(Request::Evict { from, bucket_id }) if from != self.node => {
+                self.sink.evict(&bucket_id);
+                return;
+            }
             Ok(Request::Watching { from, buckets }) if from != self.node => {
                 let until = now_ms() + NODE_TTL_MS;
                 let mut watched = self.watched_elsewhere.lock();
@@ -450,6 +456,20 @@ impl Bus for RedisBus {
             )
             .await?;
         Ok(replies.into_iter().flat_map(|r| r.servers).collect())
+    }
+
+    async fn evict(&self, bucket_id: &str) {
+        self.sink.evict(bucket_id);
+        let request = Request::Evict {
+            from: self.node.clone(),
+            bucket_id: bucket_id.to_string(),
+        };
+        let mut conn = self.conn.clone();
+        let body = serde_json::to_string(&request).unwrap_or_default();
+        if let Err(e) = conn.publish::<_, _, ()>(REQUESTS, body).await {
+            // The interactors' periodic check closes them within 30 s.
+            tracing::warn!(error = %e, "bus: cannot tell the other nodes to close a disabled bucket's agents");
+        }
     }
 
     async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>> {

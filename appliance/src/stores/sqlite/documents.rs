@@ -66,6 +66,27 @@ impl SqliteDocuments {
             db: Db::open(path, "documents", MIGRATIONS)?,
         })
     }
+
+    /// Server records, of one bucket or all.
+    async fn servers(&self, bucket_id: Option<String>) -> StoreResult<Vec<ServerRecord>> {
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT bucket_id, server_name, last_update, status_json FROM servers
+                     WHERE ?1 IS NULL OR bucket_id = ?1",
+                )?;
+                stmt.query_map([bucket_id], |r| {
+                    Ok(ServerRecord {
+                        bucket_id: r.get(0)?,
+                        server_name: r.get(1)?,
+                        last_update: r.get(2)?,
+                        status_json: r.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .await
+    }
 }
 
 const USER_COLUMNS: &str = "id, username, email, password_hash, role, created_at";
@@ -466,22 +487,11 @@ impl Documents for SqliteDocuments {
     }
 
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>> {
-        self.db
-            .call(|c| {
-                let mut stmt = c.prepare(
-                    "SELECT bucket_id, server_name, last_update, status_json FROM servers",
-                )?;
-                stmt.query_map([], |r| {
-                    Ok(ServerRecord {
-                        bucket_id: r.get(0)?,
-                        server_name: r.get(1)?,
-                        last_update: r.get(2)?,
-                        status_json: r.get(3)?,
-                    })
-                })?
-                .collect()
-            })
-            .await
+        self.servers(None).await
+    }
+
+    async fn bucket_servers(&self, bucket_id: &str) -> StoreResult<Vec<ServerRecord>> {
+        self.servers(Some(bucket_id.to_string())).await
     }
 
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
