@@ -12,8 +12,8 @@ use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
     AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
-    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, ParkedServer,
-    ServerProcesses, ServerRecord, StoreError, TokenRecord, User,
+    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, Notification,
+    NotificationState, ParkedServer, ServerProcesses, ServerRecord, StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -320,6 +320,65 @@ async fn bucket_management_contract(docs: &dyn Documents) {
     assert_eq!(
         docs.bucket_servers(&staging.id).await.unwrap(),
         vec![server(&staging, "web-1")]
+    );
+
+    // Every bucket, oldest first.
+    let all: Vec<String> = docs
+        .all_buckets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    assert_eq!(all, ["production", "staging"]);
+
+    // Notifications: listed newest first per bucket; due ones by their next attempt.
+    let note = |id: &str, created_at: i64, state: NotificationState, next: i64| Notification {
+        id: id.into(),
+        bucket_id: prod.id.clone(),
+        kind: "new_issue".into(),
+        created_at,
+        subject: format!("subject {id}"),
+        text: "text".into(),
+        count: 3,
+        recipients: vec!["nina@example.com".into()],
+        state,
+        attempts: 0,
+        next_attempt_at: next,
+        last_error: None,
+        sent_at: None,
+    };
+    docs.save_notification(&note("n1", 10, NotificationState::Pending, 10))
+        .await
+        .unwrap();
+    docs.save_notification(&note("n2", 20, NotificationState::Retrying, 50))
+        .await
+        .unwrap();
+    docs.save_notification(&note("n3", 30, NotificationState::Sent, 0))
+        .await
+        .unwrap();
+    let ids = |n: Vec<Notification>| n.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(docs.notifications(&prod.id, 10).await.unwrap()),
+        ["n3", "n2", "n1"]
+    );
+    assert_eq!(ids(docs.notifications(&prod.id, 1).await.unwrap()), ["n3"]);
+    assert_eq!(ids(docs.due_notifications(40, 10).await.unwrap()), ["n1"]);
+    assert_eq!(
+        ids(docs.due_notifications(60, 10).await.unwrap()),
+        ["n1", "n2"]
+    );
+    let mut sent = note("n1", 10, NotificationState::Sent, 10);
+    sent.attempts = 1;
+    sent.sent_at = Some(15);
+    docs.save_notification(&sent).await.unwrap();
+    assert_eq!(ids(docs.due_notifications(60, 10).await.unwrap()), ["n2"]);
+    assert_eq!(docs.notifications(&prod.id, 10).await.unwrap()[2], sent);
+    assert!(
+        docs.notifications(&staging.id, 10)
+            .await
+            .unwrap()
+            .is_empty()
     );
 
     // Parked servers: parked again updates, unparked once, deleted with their server.

@@ -83,6 +83,15 @@ pub trait Documents: Send + Sync {
     /// Forgets a server's record; false if there was none.
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
 
+    /// Every bucket, oldest first.
+    async fn all_buckets(&self) -> StoreResult<Vec<Bucket>>;
+    /// Stores a notification, or its new delivery state.
+    async fn save_notification(&self, notification: &Notification) -> StoreResult<()>;
+    /// A bucket's notifications, newest first.
+    async fn notifications(&self, bucket_id: &str, limit: u32) -> StoreResult<Vec<Notification>>;
+    /// Notifications waiting for a delivery attempt at `now`, oldest first.
+    async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
+
     /// Claims the run of `job` for the period `slot`: true for the first caller of every
     /// node, false for all others (see [`crate::schedule`]).
     async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool>;

@@ -114,6 +114,49 @@ pub struct ServerRecord {
     pub status_json: String,
 }
 
+/// A notification: what happened in a bucket, who it goes to, and how its delivery went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub bucket_id: String,
+    /// `new_issue`.
+    pub kind: String,
+    pub created_at: i64,
+    pub subject: String,
+    /// The mail's text (the HTML part is rendered from the same facts).
+    pub text: String,
+    /// How many events it stands for (a burst is one notification).
+    pub count: u64,
+    pub recipients: Vec<String>,
+    pub state: NotificationState,
+    pub attempts: u32,
+    /// When the next delivery is tried (epoch ms).
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+    pub sent_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationState {
+    Pending,
+    Retrying,
+    Sent,
+    Failed,
+}
+
+impl NotificationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationState::Pending => "pending",
+            NotificationState::Retrying => "retrying",
+            NotificationState::Sent => "sent",
+            NotificationState::Failed => "failed",
+        }
+    }
+}
+
 /// A server refused by the licence's process limit: its agent is told `active:false` and
 /// retries (see [`crate::limits`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

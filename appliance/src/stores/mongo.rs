@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Bucket, Documents, Member, MemberRole, ParkedServer, ServerRecord, StoreError, StoreResult,
-    TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, ServerRecord, StoreError,
+    StoreResult, TokenRecord, User,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -186,6 +186,28 @@ impl MongoDocuments {
             .into_iter()
             .map(ServerRecord::from)
             .collect())
+    }
+
+    fn notifications_collection(&self) -> Collection<Notification> {
+        self.db.collection("notifications")
+    }
+
+    async fn find_notifications(
+        &self,
+        filter: Document,
+        sort: Document,
+        limit: u32,
+    ) -> StoreResult<Vec<Notification>> {
+        use futures_util::TryStreamExt;
+        self.notifications_collection()
+            .find(filter)
+            .sort(sort)
+            .limit(i64::from(limit))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)
     }
 
     fn job_slots(&self) -> Collection<Document> {
@@ -511,6 +533,43 @@ impl Documents for MongoDocuments {
             .map_err(unavailable)?;
         self.unpark_server(bucket_id, server_name).await?;
         Ok(result.deleted_count == 1)
+    }
+
+    async fn all_buckets(&self) -> StoreResult<Vec<Bucket>> {
+        let mut buckets: Vec<Bucket> = find_all(self.buckets(), doc! {})
+            .await?
+            .into_iter()
+            .map(Bucket::from)
+            .collect();
+        buckets.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(buckets)
+    }
+
+    async fn save_notification(&self, notification: &Notification) -> StoreResult<()> {
+        self.notifications_collection()
+            .replace_one(doc! {"_id": &notification.id}, notification)
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn notifications(&self, bucket_id: &str, limit: u32) -> StoreResult<Vec<Notification>> {
+        self.find_notifications(
+            doc! {"bucket_id": bucket_id},
+            doc! {"created_at": -1},
+            limit,
+        )
+        .await
+    }
+
+    async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>> {
+        let filter = doc! {
+            "state": {"$in": ["pending", "retrying"]},
+            "next_attempt_at": {"$lte": now},
+        };
+        self.find_notifications(filter, doc! {"next_attempt_at": 1}, limit)
+            .await
     }
 
     async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool> {

@@ -7,8 +7,8 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::Db;
 use crate::stores::{
-    Bucket, Documents, Member, MemberRole, ParkedServer, ServerRecord, StoreError, StoreResult,
-    TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, ServerRecord, StoreError,
+    StoreResult, TokenRecord, User,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -51,6 +51,14 @@ ALTER TABLE buckets ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE job_slots (
   job TEXT NOT NULL, slot INTEGER NOT NULL, claimed_at INTEGER NOT NULL, PRIMARY KEY (job, slot));
 ",
+    // v6: notifications and their delivery.
+    "
+CREATE TABLE notifications (
+  id TEXT PRIMARY KEY, bucket_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+  state TEXT NOT NULL, next_attempt_at INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX notifications_by_bucket ON notifications(bucket_id, created_at);
+CREATE INDEX notifications_due ON notifications(state, next_attempt_at);
+",
 ];
 
 /// Claimed periods kept per job.
@@ -65,6 +73,25 @@ impl SqliteDocuments {
         Ok(SqliteDocuments {
             db: Db::open(path, "documents", MIGRATIONS)?,
         })
+    }
+
+    /// Notifications selected by `sql` (one `doc` column).
+    async fn notification_docs(
+        &self,
+        sql: &'static str,
+        params: impl rusqlite::Params + Send + 'static,
+    ) -> StoreResult<Vec<Notification>> {
+        let docs: Vec<String> = self
+            .db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(sql)?;
+                stmt.query_map(params, |r| r.get(0))?.collect()
+            })
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect())
     }
 
     /// Server records, of one bucket or all.
@@ -510,6 +537,51 @@ impl Documents for SqliteDocuments {
                 tx.commit().map(|()| deleted == 1)
             })
             .await
+    }
+
+    async fn all_buckets(&self) -> StoreResult<Vec<Bucket>> {
+        self.db
+            .call(|c| {
+                let sql = format!("SELECT {BUCKET_COLUMNS} FROM buckets ORDER BY created_at, id");
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map([], bucket_from)?.collect()
+            })
+            .await
+    }
+
+    async fn save_notification(&self, notification: &Notification) -> StoreResult<()> {
+        let n = notification.clone();
+        let doc = serde_json::to_string(&n).unwrap_or_default();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO notifications (id, bucket_id, created_at, state, next_attempt_at, doc)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (id) DO UPDATE SET state = excluded.state,
+                       next_attempt_at = excluded.next_attempt_at, doc = excluded.doc",
+                    params![n.id, n.bucket_id, n.created_at, n.state.as_str(), n.next_attempt_at, doc],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    async fn notifications(&self, bucket_id: &str, limit: u32) -> StoreResult<Vec<Notification>> {
+        let bucket = bucket_id.to_string();
+        self.notification_docs(
+            "SELECT doc FROM notifications WHERE bucket_id = ?1 ORDER BY created_at DESC LIMIT ?2",
+            (bucket, limit),
+        )
+        .await
+    }
+
+    async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>> {
+        self.notification_docs(
+            "SELECT doc FROM notifications WHERE state IN ('pending', 'retrying')
+             AND next_attempt_at <= ?1 ORDER BY next_attempt_at LIMIT ?2",
+            (now, limit),
+        )
+        .await
     }
 
     async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool> {
