@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod interactor;
 pub mod limits;
 pub mod logging;
+pub mod notify;
 pub mod realtime;
 pub mod schedule;
 pub mod server;

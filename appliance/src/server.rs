@@ -19,6 +19,7 @@ use crate::config::{Settings, TlsMode};
 use crate::gateway::{self, Front, Gateway, HttpsBase};
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
+use crate::notify;
 use crate::realtime::LiveHub;
 use crate::stores::elastic::ElasticEvents;
 use crate::stores::mongo::MongoDocuments;
@@ -40,7 +41,7 @@ pub enum Role {
     Realtime,
     /// Agents' websocket `/interaction`: ingest and commands (`KM_INTERACTOR_LISTEN`).
     Interactor,
-    /// Background jobs (retention); no port.
+    /// Background jobs (notifications, retention); no port.
     Workers,
 }
 
@@ -92,6 +93,7 @@ pub async fn serve_on(
     let mut background = vec![
         tokio::spawn(workers::persist(app.clone())),
         tokio::spawn(workers::retention(app.clone())),
+        tokio::spawn(notify::run(app.clone())),
     ];
     background.extend(tls.spawn_tasks(shutdown.clone()));
     warn_about_site_url(&app.settings, &app.public_url, bound);
@@ -185,6 +187,7 @@ async fn serve_roles(
         }
         if roles.contains(&Role::Workers) {
             background.push(tokio::spawn(workers::retention(app.clone())));
+            background.push(tokio::spawn(notify::run(app.clone())));
         }
     }
     tracing::info!(roles = ?roles, "km ready");

@@ -410,6 +410,28 @@ pub async fn metrics_aggregations(
     Ok(Json(out))
 }
 
+/// `POST /api/bucket/:id/data/notifications`: the bucket's notifications, newest first
+/// (100), each with its delivery: `state` (pending, retrying, sent, failed), attempts,
+/// the last error and the next try.
+pub async fn notifications(
+    State(app): State<AppState>,
+    access: BucketAccess,
+) -> ApiResult<Json<Value>> {
+    let list = app.documents.notifications(&access.bucket.id, 100).await?;
+    let list: Vec<Value> = list
+        .into_iter()
+        .map(|n| {
+            let mut v = json!(n);
+            // The HTML part repeats the text.
+            if let Some(o) = v.as_object_mut() {
+                o.remove("html");
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

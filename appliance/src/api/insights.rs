@@ -15,7 +15,7 @@ use super::buckets::BucketAccess;
 use super::data::{EventFilter, json_array, step_of};
 use super::error::ApiResult;
 use crate::app::AppState;
-use crate::stores::{EventKind, EventQuery, MemberRole};
+use crate::stores::{EventKind, EventQuery, Events, MemberRole, StoreResult};
 
 /// Exceptions read to group issues: the newest this many in the window.
 pub const ISSUE_WINDOW: u32 = 1_000;
@@ -38,13 +38,13 @@ pub struct Issue {
 }
 
 /// The issues among the newest exceptions matching `query`, most recent first.
-pub async fn issues(app: &AppState, query: EventQuery) -> ApiResult<Vec<Issue>> {
+pub async fn issues(events: &dyn Events, query: EventQuery) -> StoreResult<Vec<Issue>> {
     let query = EventQuery {
         limit: ISSUE_WINDOW,
         offset: 0,
         ..query
     };
-    let docs = app.events.query(EventKind::Exception, &query).await?;
+    let docs = events.query(EventKind::Exception, &query).await?;
     let mut by_id: BTreeMap<String, Issue> = BTreeMap::new();
     for doc in docs
         .iter()
@@ -312,7 +312,7 @@ pub async fn issues_list(
     Body(filter): Body<EventFilter>,
 ) -> ApiResult<Json<Vec<Issue>>> {
     let query = filter.query(&access.bucket.id)?;
-    Ok(Json(issues(&app, query).await?))
+    Ok(Json(issues(app.events.as_ref(), query).await?))
 }
 
 /// `GET /api/bucket/:id/data/exceptions/summary`: every issue of the bucket.

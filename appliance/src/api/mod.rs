@@ -111,6 +111,10 @@ fn api_routes() -> Router<AppState> {
             post(buckets::delete_server),
         )
         .route("/api/bucket/{id}/data/status", get(data::status))
+        .route(
+            "/api/bucket/{id}/data/notifications",
+            post(data::notifications),
+        )
         .route("/api/bucket/{id}/data/logs", post(data::logs))
         .route("/api/bucket/{id}/data/exceptions", post(data::exceptions))
         .route("/api/bucket/{id}/data/events", post(data::events))

@@ -340,6 +340,7 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         created_at,
         subject: format!("subject {id}"),
         text: "text".into(),
+        html: "<p>html</p>".into(),
         count: 3,
         recipients: vec!["nina@example.com".into()],
         state,

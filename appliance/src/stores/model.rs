@@ -124,8 +124,10 @@ pub struct Notification {
     pub kind: String,
     pub created_at: i64,
     pub subject: String,
-    /// The mail's text (the HTML part is rendered from the same facts).
+    /// The mail's text and HTML parts.
     pub text: String,
+    #[serde(default)]
+    pub html: String,
     /// How many events it stands for (a burst is one notification).
     pub count: u64,
     pub recipients: Vec<String>,

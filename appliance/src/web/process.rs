@@ -172,7 +172,7 @@ pub async fn page(
         async { Ok(app.events.query(EventKind::Event, &scope).await?) },
         async { Ok(app.events.query(EventKind::ProcessEvent, &scope).await?) },
         async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
-        insights::issues(&app, scope.clone()),
+        async { Ok(insights::issues(app.events.as_ref(), scope.clone()).await?) },
         insights::routes(&app, scope.clone()),
     );
     let (logs, events, process_events, profiles, issues, routes) = match stored {

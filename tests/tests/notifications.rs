@@ -1,0 +1,121 @@
+//! Notifications with a real pm2 and a real SMTP server (aiosmtpd): a new issue mails the
+//! bucket's owner once, with the error and a dashboard link, however often it repeats;
+//! a burst of distinct new issues is one mail that counts them; each is listed with its
+//! delivery state.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use km_e2e::{LinkOpts, Smtp, e2e, linked_with};
+use serde_json::Value;
+
+/// Crashes one second after each start: pm2 restarts it, so the same issue repeats.
+const CRASHER: &str = "setTimeout(() => { throw new Error('notify-me-boom') }, 1000);";
+
+/// Reports 100 distinct errors at once through @pm2/io when started.
+const BURST: &str = r#"
+const io = require('@pm2/io');
+setTimeout(() => {
+  for (let i = 0; i < 100; i++) io.notifyError(new Error('burst-error-' + i));
+}, 1500);
+setInterval(() => {}, 1000);
+"#;
+
+/// A mail with its quoted-printable parts decoded.
+fn decoded(mail: &str) -> String {
+    quoted_printable::decode(mail, quoted_printable::ParseMode::Robust)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_else(|_| mail.to_string())
+}
+
+async fn wait_mails(smtp: &Smtp, n: usize, within: Duration) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mails = smtp.mails()?;
+        if mails.len() >= n {
+            return Ok(mails.iter().map(|m| decoded(m)).collect());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} mails after {within:?}, {n} expected",
+            mails.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn new_issues_are_mailed_once_and_bursts_grouped() {
+    e2e(async {
+        let smtp = Smtp::start("plain", "", "")?;
+        let opts = LinkOpts {
+            km_env: vec![
+                ("SMTP_HOST".into(), format!("127.0.0.1:{}", smtp.port())),
+                ("SMTP_TLS".into(), "none".into()),
+                ("SMTP_SENDER".into(), "km@example.com".into()),
+            ],
+            ..LinkOpts::default()
+        };
+        let l = linked_with("web-1", &[("crasher", CRASHER)], opts).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+
+        // One mail for the new issue: to the owner, with the message and a link.
+        let started = Instant::now();
+        let mails = wait_mails(&smtp, 1, Duration::from_secs(45)).await?;
+        let first = &mails[0];
+        eprintln!(
+            "notifications: first mail {:.1?} after the link",
+            started.elapsed()
+        );
+        ensure!(first.contains(&l.user.email), "not to the owner:\n{first}");
+        ensure!(
+            first.contains("notify-me-boom"),
+            "no error message:\n{first}"
+        );
+        ensure!(
+            first.contains(&format!("/buckets/{b}/servers/web-1/apps/crasher")),
+            "no dashboard link:\n{first}"
+        );
+        ensure!(first.contains("text/html"), "no HTML part:\n{first}");
+
+        // The issue goes on repeating: no second mail for it.
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        ensure!(smtp.mails()?.len() == 1, "the same issue was mailed again");
+
+        // 100 distinct errors at once: one more mail, saying 100.
+        l.pm2.run_ok(&["delete", "crasher"]).await?;
+        l.pm2.start_app("burst", BURST).await?;
+        let mails = wait_mails(&smtp, 2, Duration::from_secs(45)).await?;
+        ensure!(
+            mails[1].contains("100 new issues"),
+            "the burst's mail:\n{}",
+            mails[1]
+        );
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        ensure!(
+            smtp.mails()?.len() == 2,
+            "the burst was mailed more than once"
+        );
+
+        let listed = api
+            .post_ok(&format!("/api/bucket/{b}/data/notifications"), &Value::Null)
+            .await?;
+        let listed = listed.as_array().cloned().unwrap_or_default();
+        ensure!(listed.len() == 2, "listed: {listed:?}");
+        ensure!(
+            listed
+                .iter()
+                .all(|n| n["state"] == "sent" && n["attempts"] == 1),
+            "delivery states: {listed:?}"
+        );
+        ensure!(
+            listed[0]["count"] == 100,
+            "the burst counts 100: {}",
+            listed[0]
+        );
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}
