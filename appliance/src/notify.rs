@@ -1,18 +1,26 @@
 //! Notifications (the seeds' notification service), run by the workers role. Every 10 s
-//! one node of the cluster (see [`crate::schedule`]) reads the exceptions stored in the
-//! window that closed 10 s before (the writer batches, so a window is read once it is
-//! complete). An issue never seen before that window is a new issue. A bucket's new
-//! issues of one window make one notification (a burst of 500 says 500), mailed with its
-//! text and HTML parts to the bucket's owner and admins, with links to the dashboard.
+//! one node of the cluster (see [`crate::schedule`]) looks at each bucket:
+//! - new issues: the exceptions stored in the window that closed 10 s before (the writer
+//!   batches, so a window is read once it is complete); an issue never seen before that
+//!   window is new. A bucket's new issues of one window make one notification (a burst
+//!   of 500 says 500).
+//! - servers that sent nothing for 90 s (offline), and those back after that. Each change
+//!   is claimed once in the documents store (`claim_slot` keyed by the server and the
+//!   time it went silent), so it is told once whichever node looks.
+//!
+//! Notifications are mailed with text and HTML parts to the bucket's owner and admins,
+//! with links to the dashboard.
 //! A delivery that fails is tried again after 30 s, 1, 2 and 4 minutes, then marked
 //! failed; `POST /api/bucket/:id/data/notifications` lists each with its state.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use askama::Template;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{AsyncTransport, Message};
 
+use crate::api::data;
 use crate::api::insights::{self, Issue};
 use crate::app::{App, AppState};
 use crate::ids::{new_object_id, now_ms};
@@ -23,6 +31,12 @@ use crate::stores::{
 };
 
 const PERIOD: Duration = Duration::from_secs(10);
+/// A server silent this long is offline.
+const OFFLINE_AFTER_MS: i64 = 90_000;
+/// Servers silent longer than this went away before anyone watched: not told.
+const RECENT_MS: i64 = 600_000;
+/// Agents reconnect after km starts: servers are not judged before this.
+const SETTLE_MS: i64 = 60_000;
 const PERIOD_MS: i64 = 10_000;
 const MAX_ATTEMPTS: u32 = 5;
 const FIRST_RETRY_MS: i64 = 30_000;
@@ -31,21 +45,25 @@ const LISTED: usize = 20;
 
 pub async fn run(app: AppState) {
     let (documents, shutdown) = (app.documents.clone(), app.shutdown.clone());
+    let started = now_ms();
     schedule::every(documents, shutdown, "notify", PERIOD, |slot| {
-        pass(&app, slot)
+        pass(&app, slot, now_ms() - started >= SETTLE_MS)
     })
     .await;
 }
 
 /// One period: the new issues of the window that closed a period ago, then every
 /// delivery due.
-async fn pass(app: &App, slot: i64) {
+async fn pass(app: &App, slot: i64, settled: bool) {
     let end = slot * PERIOD_MS - PERIOD_MS;
     match app.documents.all_buckets().await {
         Ok(buckets) => {
             for bucket in buckets {
                 if let Err(e) = notify_new_issues(app, &bucket, end - PERIOD_MS, end).await {
                     tracing::warn!(bucket = %bucket.id, error = %e, "new issues not checked");
+                }
+                if settled && let Err(e) = notify_servers(app, &bucket).await {
+                    tracing::warn!(bucket = %bucket.id, error = %e, "servers not checked");
                 }
             }
         }
@@ -88,6 +106,123 @@ async fn notify_new_issues(app: &App, bucket: &Bucket, start: i64, end: i64) -> 
     if issues.is_empty() {
         return Ok(());
     }
+    let count = issues.iter().map(|i| i.count).sum();
+    let mail = NewIssues::of(app, bucket, &issues);
+    let subject = match issues.as_slice() {
+        [one] => format!("[{}] New issue: {}", bucket.name, one.message),
+        many => format!("[{}] {} new issues", bucket.name, many.len()),
+    };
+    tracing::info!(bucket = %bucket.id, issues = issues.len(), occurrences = count, "new issues: notification queued");
+    let parts = (mail.text(), mail.html());
+    queue(app, bucket, "new_issue", subject, parts, count).await
+}
+
+/// Servers gone silent for 90 s, and those back since, each told once.
+async fn notify_servers(app: &App, bucket: &Bucket) -> StoreResult<()> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        server_name: String,
+        last_update: i64,
+    }
+    let offline_prefix = format!("offline:{}:", bucket.id);
+    let online_prefix = format!("online:{}:", bucket.id);
+    let latest = |prefix: String| async move {
+        app.documents
+            .latest_slots(&prefix)
+            .await
+            .map(|slots| slots.into_iter().collect::<HashMap<String, i64>>())
+    };
+    let told_offline = latest(offline_prefix.clone()).await?;
+    let told_online = latest(online_prefix.clone()).await?;
+    let now = now_ms();
+    let (mut gone, mut back) = (Vec::new(), Vec::new());
+    for view in data::servers_status(app, &bucket.id, None).await {
+        let Ok(server) = serde_json::from_str::<Head>(&view) else {
+            continue;
+        };
+        let silent = now - server.last_update;
+        let offline_job = format!("{offline_prefix}{}", server.server_name);
+        let online_job = format!("{online_prefix}{}", server.server_name);
+        if silent > OFFLINE_AFTER_MS {
+            if silent < RECENT_MS
+                && app
+                    .documents
+                    .claim_slot(&offline_job, server.last_update)
+                    .await?
+            {
+                gone.push((server.server_name, server.last_update));
+            }
+        } else if let Some(&since) = told_offline.get(&offline_job)
+            && told_online.get(&online_job) != Some(&since)
+            && app.documents.claim_slot(&online_job, since).await?
+        {
+            back.push((server.server_name, since));
+        }
+    }
+    let link = format!("{}/buckets/{}", app.public_url, bucket.id);
+    let lines = |servers: Vec<(String, i64)>, detail: &str| -> Vec<ServerLine> {
+        servers
+            .into_iter()
+            .map(|(name, at)| ServerLine {
+                name,
+                detail: detail.replace("{at}", &clock(at)),
+                link: link.clone(),
+            })
+            .collect()
+    };
+    for (kind, servers, heading, detail) in [
+        (
+            "server_offline",
+            gone,
+            "offline: no data for more than 90 s",
+            "no data since {at} UTC",
+        ),
+        (
+            "server_online",
+            back,
+            "back online",
+            "sending data again (silent since {at} UTC)",
+        ),
+    ] {
+        if servers.is_empty() {
+            continue;
+        }
+        let n = servers.len();
+        let plural = if n == 1 { "server" } else { "servers" };
+        let subject = format!("[{}] {n} {plural} {}", bucket.name, kind_words(kind));
+        let mail = Servers {
+            bucket: bucket.name.clone(),
+            heading: format!("In {}, {n} {plural} {heading}.", bucket.name),
+            servers: lines(servers, detail),
+        };
+        tracing::info!(bucket = %bucket.id, servers = n, kind, "servers: notification queued");
+        queue(app, bucket, kind, subject, mail.parts(), n as u64).await?;
+    }
+    Ok(())
+}
+
+fn kind_words(kind: &str) -> &'static str {
+    match kind {
+        "server_offline" => "offline",
+        _ => "back online",
+    }
+}
+
+/// `HH:MM:SS` of an epoch ms.
+fn clock(ms: i64) -> String {
+    let s = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Stores a notification for the bucket's owner and admins, to be mailed.
+async fn queue(
+    app: &App,
+    bucket: &Bucket,
+    kind: &str,
+    subject: String,
+    (text, html): (String, String),
+    count: u64,
+) -> StoreResult<()> {
     let recipients = app
         .documents
         .bucket_members(&bucket.id)
@@ -96,21 +231,15 @@ async fn notify_new_issues(app: &App, bucket: &Bucket, start: i64, end: i64) -> 
         .filter(|m| m.role.includes(MemberRole::Admin))
         .map(|m| m.email)
         .collect();
-    let count = issues.iter().map(|i| i.count).sum();
-    let mail = NewIssues::of(app, bucket, &issues);
-    let subject = match issues.as_slice() {
-        [one] => format!("[{}] New issue: {}", bucket.name, one.message),
-        many => format!("[{}] {} new issues", bucket.name, many.len()),
-    };
     let now = now_ms();
     let notification = Notification {
         id: new_object_id(),
         bucket_id: bucket.id.clone(),
-        kind: "new_issue".into(),
+        kind: kind.into(),
         created_at: now,
         subject: subject.chars().take(200).collect(),
-        text: mail.text(),
-        html: mail.html(),
+        text,
+        html,
         count,
         recipients,
         state: NotificationState::Pending,
@@ -119,8 +248,43 @@ async fn notify_new_issues(app: &App, bucket: &Bucket, start: i64, end: i64) -> 
         last_error: None,
         sent_at: None,
     };
-    tracing::info!(bucket = %bucket.id, issues = issues.len(), occurrences = count, "new issues: notification queued");
     app.documents.save_notification(&notification).await
+}
+
+#[derive(Template)]
+#[template(path = "mail/servers.txt")]
+struct Servers {
+    bucket: String,
+    heading: String,
+    servers: Vec<ServerLine>,
+}
+
+#[derive(Template)]
+#[template(path = "mail/servers.html")]
+struct ServersHtml<'a> {
+    bucket: &'a str,
+    heading: &'a str,
+    servers: &'a [ServerLine],
+}
+
+struct ServerLine {
+    name: String,
+    detail: String,
+    link: String,
+}
+
+impl Servers {
+    fn parts(&self) -> (String, String) {
+        let html = ServersHtml {
+            bucket: &self.bucket,
+            heading: &self.heading,
+            servers: &self.servers,
+        };
+        (
+            self.render().unwrap_or_default(),
+            html.render().unwrap_or_default(),
+        )
+    }
 }
 
 /// The facts both parts of a mail show.

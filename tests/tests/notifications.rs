@@ -1,7 +1,7 @@
 //! Notifications with a real pm2 and a real SMTP server (aiosmtpd): a new issue mails the
 //! bucket's owner once, with the error and a dashboard link, however often it repeats;
-//! a burst of distinct new issues is one mail that counts them; each is listed with its
-//! delivery state.
+//! a burst of distinct new issues is one mail that counts them; a server that goes
+//! offline and comes back is told once each way; each is listed with its delivery state.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -29,6 +29,15 @@ fn decoded(mail: &str) -> String {
         .unwrap_or_else(|_| mail.to_string())
 }
 
+/// km's settings for the test SMTP server (plain, no login).
+fn smtp_env(smtp: &Smtp) -> Vec<(String, String)> {
+    vec![
+        ("SMTP_HOST".into(), format!("127.0.0.1:{}", smtp.port())),
+        ("SMTP_TLS".into(), "none".into()),
+        ("SMTP_SENDER".into(), "km@example.com".into()),
+    ]
+}
+
 async fn wait_mails(smtp: &Smtp, n: usize, within: Duration) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + within;
     loop {
@@ -50,11 +59,7 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
     e2e(async {
         let smtp = Smtp::start("plain", "", "")?;
         let opts = LinkOpts {
-            km_env: vec![
-                ("SMTP_HOST".into(), format!("127.0.0.1:{}", smtp.port())),
-                ("SMTP_TLS".into(), "none".into()),
-                ("SMTP_SENDER".into(), "km@example.com".into()),
-            ],
+            km_env: smtp_env(&smtp),
             ..LinkOpts::default()
         };
         let l = linked_with("web-1", &[("crasher", CRASHER)], opts).await?;
@@ -113,6 +118,65 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
             listed[0]["count"] == 100,
             "the burst counts 100: {}",
             listed[0]
+        );
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}
+
+/// `pm2 kill`: after 90 s without data one mail says the server is offline; when pm2
+/// runs again (its link kept), one mail says it is back. Nothing more.
+#[tokio::test]
+async fn a_server_offline_and_back_is_mailed_once_each() {
+    e2e(async {
+        let smtp = Smtp::start("plain", "", "")?;
+        let opts = LinkOpts {
+            km_env: smtp_env(&smtp),
+            ..LinkOpts::default()
+        };
+        let app = "setInterval(() => {}, 1000);";
+        let l = linked_with("web-1", &[("steady", app)], opts).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        l.wait_apps(&["steady"], Duration::from_secs(15)).await?;
+
+        l.pm2.run_ok(&["kill"]).await?;
+        let killed = Instant::now();
+        let mails = wait_mails(&smtp, 1, Duration::from_secs(150)).await?;
+        eprintln!(
+            "notifications: offline mail {:.1?} after pm2 kill",
+            killed.elapsed()
+        );
+        ensure!(
+            mails[0].contains("1 server offline") && mails[0].contains("web-1"),
+            "the offline mail:\n{}",
+            mails[0]
+        );
+
+        l.pm2.start_app("steady", app).await?;
+        let restarted = Instant::now();
+        let mails = wait_mails(&smtp, 2, Duration::from_secs(60)).await?;
+        eprintln!(
+            "notifications: back-online mail {:.1?} after pm2 started again",
+            restarted.elapsed()
+        );
+        ensure!(
+            mails[1].contains("1 server back online") && mails[1].contains("web-1"),
+            "the back-online mail:\n{}",
+            mails[1]
+        );
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        ensure!(smtp.mails()?.len() == 2, "more mails than the two changes");
+        let listed = api
+            .post_ok(&format!("/api/bucket/{b}/data/notifications"), &Value::Null)
+            .await?;
+        let kinds: Vec<&str> = listed
+            .as_array()
+            .map(|l| l.iter().filter_map(|n| n["kind"].as_str()).collect())
+            .unwrap_or_default();
+        ensure!(
+            kinds == ["server_online", "server_offline"],
+            "listed: {listed}"
         );
         let _ = l.pm2.run(&["kill"]).await;
         Ok(())

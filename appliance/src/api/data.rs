@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
+use crate::app::{App, AppState};
 use crate::ids::now_ms;
 use crate::interactor::session::Session;
 use crate::stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
@@ -50,7 +50,7 @@ pub async fn status(
 }
 
 /// The API view (JSON text) of each server of the bucket (only `only` if given), by name.
-pub async fn servers_status(app: &AppState, bucket_id: &str, only: Option<&str>) -> Vec<String> {
+pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> Vec<String> {
     let local = app
         .sessions
         .of_bucket(bucket_id, only)

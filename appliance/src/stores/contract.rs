@@ -515,6 +515,18 @@ async fn job_slot_contract(node_a: &dyn Documents, node_b: &dyn Documents) {
     assert!(!node_a.claim_slot("report", 100).await.unwrap());
     assert!(node_b.claim_slot("report", 101).await.unwrap());
     assert!(node_a.claim_slot("retention", 100).await.unwrap());
+    node_a.claim_slot("off:b1:web%1", 7).await.unwrap();
+    node_a.claim_slot("off:b1:web%1", 9).await.unwrap();
+    node_a.claim_slot("off:b2:web-1", 8).await.unwrap();
+    assert_eq!(
+        node_b.latest_slots("off:b1:").await.unwrap(),
+        [("off:b1:web%1".to_string(), 9)]
+    );
+    assert_eq!(
+        node_b.latest_slots("report").await.unwrap(),
+        [("report".to_string(), 101)]
+    );
+    assert!(node_b.latest_slots("nothing").await.unwrap().is_empty());
 }
 
 #[tokio::test]

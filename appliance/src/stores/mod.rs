@@ -95,6 +95,8 @@ pub trait Documents: Send + Sync {
     /// Claims the run of `job` for the period `slot`: true for the first caller of every
     /// node, false for all others (see [`crate::schedule`]).
     async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool>;
+    /// The newest period claimed for each job whose name starts with `prefix`.
+    async fn latest_slots(&self, prefix: &str) -> StoreResult<Vec<(String, i64)>>;
 
     /// Parks a server, or updates its parking.
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()>;

@@ -587,6 +587,19 @@ impl Documents for MongoDocuments {
         Ok(true)
     }
 
+    async fn latest_slots(&self, prefix: &str) -> StoreResult<Vec<(String, i64)>> {
+        let pattern = format!("^{}", regex_escape(prefix));
+        let claims = find_all(self.job_slots(), doc! {"job": {"$regex": pattern}}).await?;
+        let mut latest: std::collections::BTreeMap<String, i64> = Default::default();
+        for claim in claims {
+            if let (Ok(job), Ok(slot)) = (claim.get_str("job"), claim.get_i64("slot")) {
+                let newest = latest.entry(job.to_string()).or_insert(slot);
+                *newest = (*newest).max(slot);
+            }
+        }
+        Ok(latest.into_iter().collect())
+    }
+
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {
         let doc = ParkedDoc::from(parked);
         self.parked()
@@ -619,6 +632,16 @@ impl Documents for MongoDocuments {
         parked.sort_by(|a, b| (&a.bucket_id, &a.server_name).cmp(&(&b.bucket_id, &b.server_name)));
         Ok(parked)
     }
+}
+
+/// `text` matched literally in a regular expression.
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.^$|?*+()[]{}".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
 }
 
 fn parked_id(bucket_id: &str, server_name: &str) -> String {

@@ -603,6 +603,21 @@ impl Documents for SqliteDocuments {
             .await
     }
 
+    async fn latest_slots(&self, prefix: &str) -> StoreResult<Vec<(String, i64)>> {
+        let prefix = prefix.to_string();
+        self.db
+            .call(move |c| {
+                // substr, not LIKE: names may hold `%` or `_`.
+                let mut stmt = c.prepare_cached(
+                    "SELECT job, MAX(slot) FROM job_slots
+                     WHERE substr(job, 1, length(?1)) = ?1 GROUP BY job ORDER BY job",
+                )?;
+                stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .await
+    }
+
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {
         let p = parked.clone();
         self.db
