@@ -27,7 +27,7 @@ use crate::ids::{new_object_id, now_ms};
 use crate::schedule;
 use crate::setup::checks::smtp_transport;
 use crate::stores::{
-    Bucket, EventKind, EventQuery, MemberRole, Notification, NotificationState, StoreResult,
+    Bucket, EventKind, EventQuery, Member, Notification, NotificationState, StoreResult,
 };
 
 const PERIOD: Duration = Duration::from_secs(10);
@@ -228,7 +228,7 @@ async fn queue(
         .bucket_members(&bucket.id)
         .await?
         .into_iter()
-        .filter(|m| m.role.includes(MemberRole::Admin))
+        .filter(Member::receives_mail)
         .map(|m| m.email)
         .collect();
     let now = now_ms();

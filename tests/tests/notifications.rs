@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use km_e2e::{LinkOpts, Smtp, e2e, linked_with};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Crashes one second after each start: pm2 restarts it, so the same issue repeats.
 const CRASHER: &str = "setTimeout(() => { throw new Error('notify-me-boom') }, 1000);";
@@ -64,16 +64,41 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
         };
         let l = linked_with("web-1", &[("crasher", CRASHER)], opts).await?;
         let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        // A developer is not mailed by default; this one opts in.
+        let dev = l.km.api().register_random().await?;
+        api.post_ok(
+            &format!("/api/bucket/{b}/add_user"),
+            &json!({"email": dev.email, "role": "developer"}),
+        )
+        .await?;
+        let states = dev
+            .api
+            .post_ok(
+                &format!("/api/bucket/{b}/manage_notif"),
+                &json!({"email": dev.email, "state": "email"}),
+            )
+            .await?;
+        ensure!(
+            states
+                .as_array()
+                .is_some_and(|s| s.len() == 2 && s.iter().all(|m| m["state"] == "email")),
+            "after opting in: {states}"
+        );
 
-        // One mail for the new issue: to the owner, with the message and a link.
+        // One mail for the new issue to each of them, with the message and a link.
         let started = Instant::now();
-        let mails = wait_mails(&smtp, 1, Duration::from_secs(45)).await?;
+        let mails = wait_mails(&smtp, 2, Duration::from_secs(45)).await?;
         let first = &mails[0];
         eprintln!(
-            "notifications: first mail {:.1?} after the link",
+            "notifications: first mails {:.1?} after the link",
             started.elapsed()
         );
-        ensure!(first.contains(&l.user.email), "not to the owner:\n{first}");
+        for who in [&l.user.email, &dev.email] {
+            ensure!(
+                mails.iter().any(|m| m.contains(&format!("To: {who}"))),
+                "no mail to {who}"
+            );
+        }
         ensure!(
             first.contains("notify-me-boom"),
             "no error message:\n{first}"
@@ -86,20 +111,20 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
 
         // The issue goes on repeating: no second mail for it.
         tokio::time::sleep(Duration::from_secs(25)).await;
-        ensure!(smtp.mails()?.len() == 1, "the same issue was mailed again");
+        ensure!(smtp.mails()?.len() == 2, "the same issue was mailed again");
 
         // 100 distinct errors at once: one more mail, saying 100.
         l.pm2.run_ok(&["delete", "crasher"]).await?;
         l.pm2.start_app("burst", BURST).await?;
-        let mails = wait_mails(&smtp, 2, Duration::from_secs(45)).await?;
+        let mails = wait_mails(&smtp, 4, Duration::from_secs(45)).await?;
         ensure!(
-            mails[1].contains("100 new issues"),
-            "the burst's mail:\n{}",
-            mails[1]
+            mails[2..].iter().all(|m| m.contains("100 new issues")),
+            "the burst's mails:\n{}",
+            mails[2]
         );
         tokio::time::sleep(Duration::from_secs(12)).await;
         ensure!(
-            smtp.mails()?.len() == 2,
+            smtp.mails()?.len() == 4,
             "the burst was mailed more than once"
         );
 

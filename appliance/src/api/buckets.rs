@@ -225,6 +225,61 @@ pub async fn members(
     Ok(Json(app.documents.bucket_members(&access.bucket.id).await?))
 }
 
+/// `POST /api/bucket/:id/manage_notif` `{email, state}`: whether a member is mailed the
+/// bucket's notifications (`email`, `none`, or `default`: as their role has it). Members
+/// choose for themselves; admins for anyone. Answers every member's state.
+pub async fn manage_notif(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<NotifyForm>,
+) -> ApiResult<Json<Value>> {
+    let notify = match form.state.as_str() {
+        "email" => Some(true),
+        "none" => Some(false),
+        "default" => None,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "state: {other:?} is not email, none or default"
+            )));
+        }
+    };
+    let members = app.documents.bucket_members(&access.bucket.id).await?;
+    let wanted = form.email.trim();
+    let target = members
+        .iter()
+        .find(|m| m.email.eq_ignore_ascii_case(wanted) || m.username == wanted)
+        .ok_or_else(|| ApiError::not_found(format!("{wanted:?} is not a member of this bucket")))?;
+    if target.user_id != access.auth.user.id {
+        access.require(MemberRole::Admin, "choose for another member")?;
+    }
+    app.documents
+        .set_member_notify(&access.bucket.id, &target.user_id, notify)
+        .await?;
+    let members = app.documents.bucket_members(&access.bucket.id).await?;
+    Ok(Json(Value::Array(
+        members
+            .iter()
+            .map(|m| {
+                json!({
+                    "email": m.email,
+                    "username": m.username,
+                    "role": m.role.as_str(),
+                    "state": if m.receives_mail() { "email" } else { "none" },
+                })
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize, Default)]
+pub struct NotifyForm {
+    /// Email or username of a member.
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    state: String,
+}
+
 /// `GET /api/bucket/:id/current_role`.
 pub async fn current_role(access: BucketAccess) -> Json<Value> {
     Json(json!({ "role": access.role.as_str() }))

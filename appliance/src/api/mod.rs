@@ -99,6 +99,7 @@ fn api_routes() -> Router<AppState> {
         .route("/api/bucket/{id}/users_authorized", get(buckets::members))
         .route("/api/bucket/{id}/current_role", get(buckets::current_role))
         .route("/api/bucket/{id}/usage", get(buckets::usage))
+        .route("/api/bucket/{id}/manage_notif", post(buckets::manage_notif))
         .route("/api/bucket/{id}/add_user", post(buckets::add_member))
         .route(
             "/api/bucket/{id}/promote_user",

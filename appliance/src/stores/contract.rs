@@ -170,6 +170,7 @@ fn member(user: &User, role: MemberRole) -> Member {
         username: user.username.clone(),
         email: user.email.clone(),
         role,
+        notify: None,
     }
 }
 
@@ -320,6 +321,38 @@ async fn bucket_management_contract(docs: &dyn Documents) {
     assert_eq!(
         docs.bucket_servers(&staging.id).await.unwrap(),
         vec![server(&staging, "web-1")]
+    );
+
+    // Notification choices: by role until a member chooses; only members can.
+    assert!(
+        docs.set_member_notify(&prod.id, &carol.id, Some(true))
+            .await
+            .unwrap()
+    );
+    let carol_notify = |members: Vec<Member>| {
+        members
+            .into_iter()
+            .find(|m| m.user_id == carol.id)
+            .map(|m| m.notify)
+    };
+    assert_eq!(
+        carol_notify(docs.bucket_members(&prod.id).await.unwrap()),
+        Some(Some(true))
+    );
+    assert!(
+        docs.set_member_notify(&prod.id, &carol.id, None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        carol_notify(docs.bucket_members(&prod.id).await.unwrap()),
+        Some(None)
+    );
+    assert!(
+        !docs
+            .set_member_notify(&staging.id, &carol.id, Some(true))
+            .await
+            .unwrap()
     );
 
     // Every bucket, oldest first.

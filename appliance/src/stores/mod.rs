@@ -66,6 +66,14 @@ pub trait Documents: Send + Sync {
     /// Adds a member, or changes the role of one.
     async fn set_member(&self, bucket_id: &str, user_id: &str, role: MemberRole)
     -> StoreResult<()>;
+    /// Whether a member is mailed the bucket's notifications (`None`: as their role has
+    /// it); false if they are not a member.
+    async fn set_member_notify(
+        &self,
+        bucket_id: &str,
+        user_id: &str,
+        notify: Option<bool>,
+    ) -> StoreResult<bool>;
     /// Removes a member; false if they were not one.
     async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool>;
     /// Refuses or admits the bucket's agents again; false if the bucket is gone.

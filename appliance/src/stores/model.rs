@@ -102,6 +102,15 @@ pub struct Member {
     pub username: String,
     pub email: String,
     pub role: MemberRole,
+    /// Whether they are mailed the bucket's notifications; `None`: as their role has it.
+    pub notify: Option<bool>,
+}
+
+impl Member {
+    /// Owners and admins are mailed unless they opted out; others only if they opted in.
+    pub fn receives_mail(&self) -> bool {
+        self.notify.unwrap_or(self.role.includes(MemberRole::Admin))
+    }
 }
 
 /// The last known state of a linked server, kept so it survives restarts.

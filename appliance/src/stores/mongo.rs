@@ -345,6 +345,7 @@ impl Documents for MongoDocuments {
             bucket_id: bucket.id.clone(),
             user_id: bucket.owner.clone(),
             role: MemberRole::Owner.as_str().into(),
+            notify: None,
         };
         if let Err(e) = self.members().insert_one(owner).await {
             // No bucket without its owner: undo (transactions need a replica set).
@@ -404,6 +405,7 @@ impl Documents for MongoDocuments {
                     user_id: m.user_id,
                     username: user.username.clone(),
                     email: user.email.clone(),
+                    notify: m.notify,
                 })
             })
             .collect();
@@ -429,6 +431,24 @@ impl Documents for MongoDocuments {
             .await
             .map(|_| ())
             .map_err(unavailable)
+    }
+
+    async fn set_member_notify(
+        &self,
+        bucket_id: &str,
+        user_id: &str,
+        notify: Option<bool>,
+    ) -> StoreResult<bool> {
+        let update = match notify {
+            Some(notify) => doc! {"$set": {"notify": notify}},
+            None => doc! {"$unset": {"notify": ""}},
+        };
+        let result = self
+            .members()
+            .update_one(doc! {"bucket_id": bucket_id, "user_id": user_id}, update)
+            .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
     }
 
     async fn remove_member(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool> {
@@ -808,6 +828,8 @@ struct MemberDoc {
     bucket_id: String,
     user_id: String,
     role: String,
+    #[serde(default)]
+    notify: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -59,6 +59,10 @@ CREATE TABLE notifications (
 CREATE INDEX notifications_by_bucket ON notifications(bucket_id, created_at);
 CREATE INDEX notifications_due ON notifications(state, next_attempt_at);
 ",
+    // v7: members choose whether they are mailed notifications.
+    "
+ALTER TABLE members ADD COLUMN notify INTEGER;
+",
 ];
 
 /// Claimed periods kept per job.
@@ -166,6 +170,7 @@ fn member_from(row: &Row) -> rusqlite::Result<Option<Member>> {
         username: row.get(1)?,
         email: row.get(2)?,
         role,
+        notify: row.get(4)?,
     }))
 }
 
@@ -391,7 +396,7 @@ impl Documents for SqliteDocuments {
             .db
             .call(move |c| {
                 let mut stmt = c.prepare(
-                    "SELECT m.user_id, u.username, u.email, m.role
+                    "SELECT m.user_id, u.username, u.email, m.role, m.notify
                      FROM members m JOIN users u ON u.id = m.user_id
                      WHERE m.bucket_id = ?1 ORDER BY m.role <> ?2, u.username",
                 )?;
@@ -417,6 +422,24 @@ impl Documents for SqliteDocuments {
                     params![bucket, user, role.as_str()],
                 )
                 .map(|_| ())
+            })
+            .await
+    }
+
+    async fn set_member_notify(
+        &self,
+        bucket_id: &str,
+        user_id: &str,
+        notify: Option<bool>,
+    ) -> StoreResult<bool> {
+        let (bucket, user) = (bucket_id.to_string(), user_id.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE members SET notify = ?3 WHERE bucket_id = ?1 AND user_id = ?2",
+                    params![bucket, user, notify],
+                )
+                .map(|n| n == 1)
             })
             .await
     }
