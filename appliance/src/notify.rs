@@ -170,17 +170,20 @@ async fn notify_servers(app: &App, bucket: &Bucket) -> StoreResult<()> {
             })
             .collect()
     };
-    for (kind, servers, heading, detail) in [
+    // (kind, servers, state for the subject, the rest of the heading, each line)
+    for (kind, servers, state, more, detail) in [
         (
             "server_offline",
             gone,
-            "offline: no data for more than 90 s",
+            "offline",
+            ": no data for more than 90 s",
             "no data since {at} UTC",
         ),
         (
             "server_online",
             back,
             "back online",
+            "",
             "sending data again (silent since {at} UTC)",
         ),
     ] {
@@ -189,23 +192,16 @@ async fn notify_servers(app: &App, bucket: &Bucket) -> StoreResult<()> {
         }
         let n = servers.len();
         let plural = if n == 1 { "server" } else { "servers" };
-        let subject = format!("[{}] {n} {plural} {}", bucket.name, kind_words(kind));
+        let subject = format!("[{}] {n} {plural} {state}", bucket.name);
         let mail = Servers {
             bucket: bucket.name.clone(),
-            heading: format!("In {}, {n} {plural} {heading}.", bucket.name),
+            heading: format!("In {}, {n} {plural} {state}{more}.", bucket.name),
             servers: lines(servers, detail),
         };
         tracing::info!(bucket = %bucket.id, servers = n, kind, "servers: notification queued");
         queue(app, bucket, kind, subject, mail.parts(), n as u64).await?;
     }
     Ok(())
-}
-
-fn kind_words(kind: &str) -> &'static str {
-    match kind {
-        "server_offline" => "offline",
-        _ => "back online",
-    }
 }
 
 /// `HH:MM:SS` of an epoch ms.

@@ -137,51 +137,40 @@ async fn serve_roles(
             async move { front.serve(&settings, shutdown).await },
         ));
     }
-    let mut app = None;
+    // Every port first: a taken one stops km before the stores are opened.
+    let mut listeners = Vec::new();
     for &role in roles {
-        let Some((addr, variable)) = role.address(&settings) else {
-            continue;
-        };
-        let listener = bind(addr, variable).await?;
-        if app.is_none() {
-            // Agents and browsers are told the gateway's URL, not a role's port.
-            let public_url = settings.public_url(settings.listen);
-            app = Some(
-                build_app(
-                    settings.clone(),
-                    public_url,
-                    Gateway::off(),
-                    shutdown.clone(),
-                )
-                .await?,
-            );
+        if let Some((addr, variable)) = role.address(&settings) {
+            listeners.push((role, bind(addr, variable).await?));
         }
-        let Some((app, _)) = &app else { continue };
-        let routes = api::role_router(app.clone(), role);
-        let stopping = shutdown.clone();
-        servers.push(Box::pin(async move {
-            axum::serve(
-                listener,
-                routes.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stopping.cancelled().await })
-            .await
-            .with_context(|| format!("{role:?} role: HTTP server failed"))
-        }));
     }
-    if roles.contains(&Role::Workers) && app.is_none() {
+    let app = if roles.iter().any(|r| *r != Role::Gateway) {
+        // Agents and browsers are told the gateway's URL, not a role's port.
         let public_url = settings.public_url(settings.listen);
-        app = Some(
-            build_app(
-                settings.clone(),
-                public_url,
-                Gateway::off(),
-                shutdown.clone(),
-            )
-            .await?,
+        let built = build_app(
+            settings.clone(),
+            public_url,
+            Gateway::off(),
+            shutdown.clone(),
         );
-    }
+        Some(built.await?)
+    } else {
+        None
+    };
     if let Some((app, _)) = &app {
+        for (role, listener) in listeners {
+            let routes = api::role_router(app.clone(), role);
+            let stopping = shutdown.clone();
+            servers.push(Box::pin(async move {
+                axum::serve(
+                    listener,
+                    routes.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move { stopping.cancelled().await })
+                .await
+                .with_context(|| format!("{role:?} role: HTTP server failed"))
+            }));
+        }
         if roles.contains(&Role::Interactor) {
             background.push(tokio::spawn(workers::persist(app.clone())));
         }

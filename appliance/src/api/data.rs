@@ -66,8 +66,9 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
             tracing::warn!(error = %e, "status: other nodes not asked");
             Vec::new()
         });
+    let mut servers = ranked(local.into_iter().chain(remote));
     // Servers that went offline elsewhere (the interactor of another node or process)
-    // since this one started, as last persisted.
+    // since this one started, as last persisted; rendered only where they rank higher.
     let persisted = app
         .documents
         .bucket_servers(bucket_id)
@@ -75,24 +76,33 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "status: persisted servers not read");
             Vec::new()
-        })
-        .into_iter()
-        .filter(|r| only.is_none_or(|name| name == r.server_name))
-        .map(|r| Session::offline(&r).to_json());
-    freshest_per_server(local.into_iter().chain(remote).chain(persisted))
-        .into_values()
-        .collect()
+        });
+    for record in persisted {
+        let rank = (false, record.last_update);
+        let held = servers
+            .get(&record.server_name)
+            .is_some_and(|(held, _)| *held >= rank);
+        if only.is_none_or(|name| name == record.server_name) && !held {
+            let view = Session::offline(&record).to_json();
+            servers.insert(record.server_name, (rank, view));
+        }
+    }
+    servers.into_values().map(|(_, json)| json).collect()
 }
 
-/// One view per server name: an online one over an offline one, then the latest.
-fn freshest_per_server(views: impl IntoIterator<Item = String>) -> BTreeMap<String, String> {
+/// A view's rank: online over offline, then the latest.
+type Rank = (bool, i64);
+
+/// One view per server name, with its rank: an online one over an offline one, then the
+/// latest.
+fn ranked(views: impl IntoIterator<Item = String>) -> BTreeMap<String, (Rank, String)> {
     #[derive(Deserialize)]
     struct Head {
         server_name: String,
         online: bool,
         last_update: i64,
     }
-    let mut best: BTreeMap<String, ((bool, i64), String)> = BTreeMap::new();
+    let mut best: BTreeMap<String, (Rank, String)> = BTreeMap::new();
     for json in views {
         let Ok(head) = serde_json::from_str::<Head>(&json) else {
             continue;
@@ -105,9 +115,7 @@ fn freshest_per_server(views: impl IntoIterator<Item = String>) -> BTreeMap<Stri
             }
         }
     }
-    best.into_iter()
-        .map(|(name, (_, json))| (name, json))
-        .collect()
+    best
 }
 
 /// Filters of the event routes. Times are epoch milliseconds (numbers or digit strings).
@@ -443,15 +451,15 @@ mod tests {
                 r#"{{"server_name":"{name}","online":{online},"last_update":{at},"data":{{}}}}"#
             )
         };
-        let merged = freshest_per_server([
+        let merged = ranked([
             view("a", false, 9),
             view("a", true, 5),
             view("b", false, 1),
             view("b", false, 3),
             "not json".into(),
         ]);
-        assert_eq!(merged.get("a"), Some(&view("a", true, 5)));
-        assert_eq!(merged.get("b"), Some(&view("b", false, 3)));
+        assert_eq!(merged.get("a").map(|v| &v.1), Some(&view("a", true, 5)));
+        assert_eq!(merged.get("b").map(|v| &v.1), Some(&view("b", false, 3)));
         assert_eq!(merged.len(), 2);
     }
 }

@@ -32,6 +32,8 @@ pub struct Front {
     /// The roles, when they run apart (`None` when this process serves every route).
     roles: Option<RoleUpstreams>,
     proxy: Proxy,
+    /// Asks the roles for their `/healthz` (one pool, not one per request).
+    health_client: reqwest::Client,
 }
 
 /// The roles requests are forwarded to.
@@ -82,6 +84,7 @@ impl Front {
             wizard: wizard_upstream(settings),
             roles: None,
             proxy: Proxy::default(),
+            health_client: reqwest::Client::new(),
         })
     }
 
@@ -92,6 +95,7 @@ impl Front {
             wizard: wizard_upstream(settings),
             roles: Some(RoleUpstreams::new(&settings.roles)),
             proxy: Proxy::default(),
+            health_client: reqwest::Client::new(),
         })
     }
 
@@ -184,9 +188,8 @@ async fn roles_health(State(front): State<Arc<Front>>) -> (StatusCode, Json<Valu
     let Some(roles) = &front.roles else {
         return (StatusCode::NOT_FOUND, Json(json!({ "error": "no roles" })));
     };
-    let client = reqwest::Client::new();
     let checks = roles.all().map(|role| {
-        let client = client.clone();
+        let client = front.health_client.clone();
         async move {
             let answer = client
                 .get(format!("{}/healthz", role.url()))
