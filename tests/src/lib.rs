@@ -544,26 +544,32 @@ impl RolesApart {
         if std::env::var("KM_E2E_ROLES").as_deref() != Ok("apart") {
             return Ok(None);
         }
-        let mut role_env = Vec::new();
+        let mut apart = RolesApart {
+            env: Vec::new(),
+            _bus: None,
+        };
+        apart.pick_ports()?;
+        if !env.iter().any(|(k, _)| k == "KM_REDIS_URL") {
+            let redis = Redis::start()?;
+            apart.env.push(("KM_REDIS_URL".into(), redis.url()));
+            apart._bus = Some(redis);
+        }
+        Ok(Some(apart))
+    }
+
+    /// Free ports for the roles (again after another test took one first).
+    fn pick_ports(&mut self) -> Result<()> {
+        self.env.retain(|(k, _)| !k.ends_with("_LISTEN"));
         for var in [
             "KM_API_LISTEN",
             "KM_AUTH_LISTEN",
             "KM_REALTIME_LISTEN",
             "KM_INTERACTOR_LISTEN",
         ] {
-            role_env.push((var.to_string(), format!("127.0.0.1:{}", free_port()?)));
+            self.env
+                .push((var.to_string(), format!("127.0.0.1:{}", free_port()?)));
         }
-        let bus = if env.iter().any(|(k, _)| k == "KM_REDIS_URL") {
-            None
-        } else {
-            let redis = Redis::start()?;
-            role_env.push(("KM_REDIS_URL".into(), redis.url()));
-            Some(redis)
-        };
-        Ok(Some(RolesApart {
-            env: role_env,
-            _bus: bus,
-        }))
+        Ok(())
     }
 }
 
@@ -664,7 +670,31 @@ impl Km {
         Ok(())
     }
 
+    /// Starts km; with the roles apart, a role port another test took between its pick
+    /// and its bind is picked again (twice at most).
     async fn spawn(&mut self) -> Result<()> {
+        for _ in 0..2 {
+            let logged = self.log().len();
+            match self.spawn_once().await {
+                Err(e)
+                    if self.apart.is_some()
+                        && self
+                            .log()
+                            .get(logged..)
+                            .is_some_and(|new| new.contains("Address already in use")) =>
+                {
+                    eprintln!("km: a role port was taken, picking others ({e:#})");
+                    if let Some(apart) = self.apart.as_mut() {
+                        apart.pick_ports()?;
+                    }
+                }
+                done => return done,
+            }
+        }
+        self.spawn_once().await
+    }
+
+    async fn spawn_once(&mut self) -> Result<()> {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
