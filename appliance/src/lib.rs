@@ -1,6 +1,7 @@
 //! The KM appliance: a PM2 Plus compatible monitoring backend. Every role (api, auth,
 //! interactor, realtime, workers) lives here; `km serve` runs them all in one process.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;

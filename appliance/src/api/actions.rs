@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
+use crate::app::{App, AppState};
 use crate::ids::now_ms;
 use crate::interactor::frames;
 use crate::stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
@@ -45,7 +45,7 @@ fn process_id(v: &Option<Value>, field: &str) -> ApiResult<Option<u64>> {
     })
 }
 
-/// Sends `channel`/`payload` to the agent and records the command as an event.
+/// Sends `channel`/`payload` to the agent for a member who may (developers and up).
 async fn send(
     app: &AppState,
     access: &BucketAccess,
@@ -55,9 +55,24 @@ async fn send(
     payload: Value,
 ) -> ApiResult<()> {
     access.require(MemberRole::Developer, "send commands to agents")?;
+    let by = &access.auth.user.username;
+    let target = (server_name, app_name);
+    command_agent(app, &access.bucket.id, target, channel, payload, by).await
+}
+
+/// Sends `channel`/`payload` to the agent of `(server, app)` in the bucket, wherever it
+/// is connected, and records the command as an event made `by` a user or an alert.
+pub async fn command_agent(
+    app: &App,
+    bucket_id: &str,
+    (server_name, app_name): (&str, Option<&str>),
+    channel: &str,
+    payload: Value,
+    by: &str,
+) -> ApiResult<()> {
     let frame = frames::encode(channel, &payload);
     let command = AgentCommand {
-        bucket_id: access.bucket.id.clone(),
+        bucket_id: bucket_id.to_string(),
         server_name: server_name.to_string(),
         frame,
     };
@@ -72,12 +87,12 @@ async fn send(
     let at = now_ms();
     let doc = json!({
         "at": at, "type": "command", "server_name": server_name, "app_name": app_name,
-        "pm_id": payload.get("process_id"), "user": access.auth.user.username,
+        "pm_id": payload.get("process_id"), "user": by,
         "data": { "channel": channel, "payload": payload },
     });
     app.ingest.event(EventRecord {
         kind: EventKind::Event,
-        bucket_id: access.bucket.id.clone(),
+        bucket_id: bucket_id.to_string(),
         server_name: server_name.to_string(),
         app_name: app_name.map(str::to_string),
         event_type: "command".into(),

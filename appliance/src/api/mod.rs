@@ -2,6 +2,7 @@
 //! router that puts every role on one port like the original nginx did.
 
 pub mod actions;
+pub mod alerts;
 pub mod buckets;
 pub mod data;
 pub mod error;
@@ -100,6 +101,34 @@ fn api_routes() -> Router<AppState> {
         .route("/api/bucket/{id}/current_role", get(buckets::current_role))
         .route("/api/bucket/{id}/usage", get(buckets::usage))
         .route("/api/bucket/{id}/manage_notif", post(buckets::manage_notif))
+        .route(
+            "/api/bucket/{id}/alerts",
+            get(alerts::list).post(alerts::create),
+        )
+        .route("/api/bucket/{id}/alerts/", get(alerts::list))
+        .route("/api/bucket/{id}/alerts/channels", get(alerts::channels))
+        .route(
+            "/api/bucket/{id}/alerts/update",
+            post(alerts::update_triggers),
+        )
+        .route(
+            "/api/bucket/{id}/alerts/updateSlack",
+            post(alerts::update_slack),
+        )
+        .route(
+            "/api/bucket/{id}/alerts/updateWebhooks",
+            post(alerts::update_webhooks),
+        )
+        .route(
+            "/api/bucket/{id}/alerts/{alert}",
+            get(alerts::retrieve)
+                .put(alerts::update)
+                .delete(alerts::delete),
+        )
+        .route(
+            "/api/bucket/{id}/alerts/{alert}/sample",
+            post(alerts::sample),
+        )
         .route("/api/bucket/{id}/add_user", post(buckets::add_member))
         .route(
             "/api/bucket/{id}/promote_user",

@@ -11,9 +11,10 @@ use super::mongo::MongoDocuments;
 use super::redis_bus::RedisBus;
 use super::sqlite::{open_documents, open_events};
 use super::{
-    AgentCommand, Bucket, Bus, CommandSink, Cutoffs, Delivery, Documents, EventKind, EventQuery,
-    EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery, Notification,
-    NotificationState, ParkedServer, ServerProcesses, ServerRecord, StoreError, TokenRecord, User,
+    AgentCommand, Bucket, Bus, Channel, CommandSink, Cutoffs, Delivery, Documents, EventKind,
+    EventQuery, EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery,
+    Notification, NotificationState, ParkedServer, ServerProcesses, ServerRecord, StoreError,
+    TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -370,12 +371,18 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         id: id.into(),
         bucket_id: prod.id.clone(),
         kind: "new_issue".into(),
+        channel: if id == "n2" {
+            Channel::Webhook
+        } else {
+            Channel::Email
+        },
         created_at,
         subject: format!("subject {id}"),
         text: "text".into(),
         html: "<p>html</p>".into(),
         count: 3,
         recipients: vec!["nina@example.com".into()],
+        payload: serde_json::json!({"type": "new_issue", "items": [{"app": "api"}]}),
         state,
         attempts: 0,
         next_attempt_at: next,
@@ -449,8 +456,61 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         .await
         .unwrap();
 
-    // Deleting a bucket takes its memberships and server records, and nothing else.
+    // Bucket documents: replaced by (kind, id), listed by id, kept apart per bucket and
+    // kind, deleted once.
+    for (bucket, kind, id, doc) in [
+        (&prod, "alert", "b", "{\"v\":1}"),
+        (&prod, "alert", "a", "{\"v\":2}"),
+        (&prod, "alert", "b", "{\"v\":3}"),
+        (&prod, "channels", "a", "{}"),
+        (&staging, "alert", "a", "{\"v\":4}"),
+    ] {
+        docs.put_bucket_doc(&bucket.id, kind, id, doc)
+            .await
+            .unwrap();
+    }
+    let listed = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(id, doc)| (id.to_string(), doc.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        docs.bucket_docs(&prod.id, "alert").await.unwrap(),
+        listed(&[("a", "{\"v\":2}"), ("b", "{\"v\":3}")])
+    );
+    assert!(
+        docs.delete_bucket_doc(&prod.id, "alert", "b")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !docs
+            .delete_bucket_doc(&prod.id, "alert", "b")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !docs
+            .delete_bucket_doc(&prod.id, "nokind", "a")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        docs.bucket_docs(&staging.id, "alert").await.unwrap(),
+        listed(&[("a", "{\"v\":4}")])
+    );
+
+    // Deleting a bucket takes its memberships, server records and documents, and
+    // nothing else.
     docs.delete_bucket(&prod.id).await.unwrap();
+    for kind in ["alert", "channels"] {
+        assert!(docs.bucket_docs(&prod.id, kind).await.unwrap().is_empty());
+    }
+    assert_eq!(
+        docs.bucket_docs(&staging.id, "alert").await.unwrap().len(),
+        1
+    );
     assert_eq!(docs.bucket_by_id(&prod.id).await.unwrap(), None);
     assert_eq!(docs.bucket_by_public_id("pub-prod").await.unwrap(), None);
     for u in [&nina, &carol, &dave] {

@@ -129,8 +129,11 @@ pub struct Notification {
     #[serde(rename = "_id")]
     pub id: String,
     pub bucket_id: String,
-    /// `new_issue`.
+    /// `new_issue`, `server_offline`, `alert_fired`, … (see [`crate::notify`]).
     pub kind: String,
+    /// How it is delivered.
+    #[serde(default)]
+    pub channel: Channel,
     pub created_at: i64,
     pub subject: String,
     /// The mail's text and HTML parts.
@@ -139,13 +142,26 @@ pub struct Notification {
     pub html: String,
     /// How many events it stands for (a burst is one notification).
     pub count: u64,
+    /// The mail's recipients (mail only).
     pub recipients: Vec<String>,
+    /// The webhook's JSON body: the same facts for machines.
+    #[serde(default)]
+    pub payload: serde_json::Value,
     pub state: NotificationState,
     pub attempts: u32,
     /// When the next delivery is tried (epoch ms).
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
     pub sent_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    #[default]
+    Email,
+    Slack,
+    Webhook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -214,6 +214,10 @@ impl MongoDocuments {
         self.db.collection("job_slots")
     }
 
+    fn bucket_docs_collection(&self) -> Collection<KindDoc> {
+        self.db.collection("bucket_docs")
+    }
+
     fn parked(&self) -> Collection<ParkedDoc> {
         self.db.collection("parked_servers")
     }
@@ -501,6 +505,10 @@ impl Documents for MongoDocuments {
         self.parked()
             .delete_many(doc! {"bucket_id": bucket_id})
             .await
+            .map_err(unavailable)?;
+        self.bucket_docs_collection()
+            .delete_many(doc! {"_id.bucket_id": bucket_id})
+            .await
             .map(|_| ())
             .map_err(unavailable)
     }
@@ -620,6 +628,47 @@ impl Documents for MongoDocuments {
         Ok(latest.into_iter().collect())
     }
 
+    async fn put_bucket_doc(
+        &self,
+        bucket_id: &str,
+        kind: &str,
+        id: &str,
+        doc: &str,
+    ) -> StoreResult<()> {
+        let record = KindDoc {
+            id: KindDocId::of(bucket_id, kind, id),
+            doc: doc.to_string(),
+        };
+        self.bucket_docs_collection()
+            .replace_one(
+                doc! {"_id": KindDocId::of(bucket_id, kind, id).key()},
+                record,
+            )
+            .upsert(true)
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
+    async fn bucket_docs(&self, bucket_id: &str, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        let filter = doc! {"_id.bucket_id": bucket_id, "_id.kind": kind};
+        let mut docs: Vec<(String, String)> = find_all(self.bucket_docs_collection(), filter)
+            .await?
+            .into_iter()
+            .map(|d| (d.id.id, d.doc))
+            .collect();
+        docs.sort();
+        Ok(docs)
+    }
+
+    async fn delete_bucket_doc(&self, bucket_id: &str, kind: &str, id: &str) -> StoreResult<bool> {
+        self.bucket_docs_collection()
+            .delete_one(doc! {"_id": KindDocId::of(bucket_id, kind, id).key()})
+            .await
+            .map(|r| r.deleted_count > 0)
+            .map_err(unavailable)
+    }
+
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()> {
         let doc = ParkedDoc::from(parked);
         self.parked()
@@ -662,6 +711,36 @@ fn regex_escape(text: &str) -> String {
             special.then_some('\\').into_iter().chain([c])
         })
         .collect()
+}
+
+/// A bucket document: its `_id` is `{bucket_id, kind, id}`, unique by construction.
+#[derive(Serialize, Deserialize)]
+struct KindDoc {
+    #[serde(rename = "_id")]
+    id: KindDocId,
+    doc: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KindDocId {
+    bucket_id: String,
+    kind: String,
+    id: String,
+}
+
+impl KindDocId {
+    fn of(bucket_id: &str, kind: &str, id: &str) -> KindDocId {
+        KindDocId {
+            bucket_id: bucket_id.into(),
+            kind: kind.into(),
+            id: id.into(),
+        }
+    }
+
+    /// The `_id` as a filter value (field order matters to MongoDB).
+    fn key(&self) -> Document {
+        doc! {"bucket_id": &self.bucket_id, "kind": &self.kind, "id": &self.id}
+    }
 }
 
 fn parked_id(bucket_id: &str, server_name: &str) -> String {

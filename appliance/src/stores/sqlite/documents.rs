@@ -63,6 +63,12 @@ CREATE INDEX notifications_due ON notifications(state, next_attempt_at);
     "
 ALTER TABLE members ADD COLUMN notify INTEGER;
 ",
+    // v8: small per-bucket documents (alert rules, channels, report choices, …).
+    "
+CREATE TABLE bucket_docs (
+  bucket_id TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
+  PRIMARY KEY (bucket_id, kind, id));
+",
 ];
 
 /// Claimed periods kept per job.
@@ -488,6 +494,7 @@ impl Documents for SqliteDocuments {
                 // Memberships reference the bucket: they go before it.
                 tx.execute("DELETE FROM servers WHERE bucket_id = ?1", [&bucket])?;
                 tx.execute("DELETE FROM parked_servers WHERE bucket_id = ?1", [&bucket])?;
+                tx.execute("DELETE FROM bucket_docs WHERE bucket_id = ?1", [&bucket])?;
                 tx.execute("DELETE FROM members WHERE bucket_id = ?1", [&bucket])?;
                 tx.execute("DELETE FROM buckets WHERE id = ?1", [&bucket])?;
                 tx.commit()
@@ -637,6 +644,52 @@ impl Documents for SqliteDocuments {
                 )?;
                 stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect()
+            })
+            .await
+    }
+
+    async fn put_bucket_doc(
+        &self,
+        bucket_id: &str,
+        kind: &str,
+        id: &str,
+        doc: &str,
+    ) -> StoreResult<()> {
+        let row = [bucket_id, kind, id, doc].map(str::to_string);
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT INTO bucket_docs (bucket_id, kind, id, doc) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (bucket_id, kind, id) DO UPDATE SET doc = excluded.doc",
+                    row,
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    async fn bucket_docs(&self, bucket_id: &str, kind: &str) -> StoreResult<Vec<(String, String)>> {
+        let key = [bucket_id, kind].map(str::to_string);
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT id, doc FROM bucket_docs WHERE bucket_id = ?1 AND kind = ?2 ORDER BY id",
+                )?;
+                stmt.query_map(key, |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect()
+            })
+            .await
+    }
+
+    async fn delete_bucket_doc(&self, bucket_id: &str, kind: &str, id: &str) -> StoreResult<bool> {
+        let key = [bucket_id, kind, id].map(str::to_string);
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM bucket_docs WHERE bucket_id = ?1 AND kind = ?2 AND id = ?3",
+                    key,
+                )
+                .map(|n| n > 0)
             })
             .await
     }

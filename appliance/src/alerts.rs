@@ -1,0 +1,627 @@
+//! Alert rules of a bucket (the `/api/bucket/:id/alerts` routes of `@pm2/js-api`) and
+//! their evaluation, run by the notifier each pass.
+//!
+//! A rule watches one metric (`initiator`: `cpu`, `memory` or a custom metric's name) of
+//! the processes in its scope (apps and servers; empty is all). Over the last
+//! `timerange` seconds of complete minutes (at least 60) it compares the time-weighted
+//! average (`aggregation: "avg"`) or every point (`"all"`: each minute's minimum and
+//! maximum) with `threshold` by `operator`. When the condition starts for an app on a
+//! server the rule fires once: notifications and its PM2 or custom action. When it ends
+//! it resolves once. A window with a minute missing decides nothing.
+//!
+//! Webhook `items` of `alert_fired` and `alert_resolved`:
+//! `{alert: {id, name}, server, app, metric, value, operator, threshold}`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::api::actions::command_agent;
+use crate::ids::{new_object_id, now_ms};
+use crate::notify::watch::{process_link, servers_of};
+use crate::notify::{Event, Line, Lines, Outbox};
+use crate::schedule::Episodes;
+use crate::stores::{Documents, MetricPoint, MetricQuery, StoreResult};
+
+const KIND: &str = "alert";
+const MINUTE_MS: i64 = 60_000;
+/// Minutes are stored once they end and the writer flushed them.
+const LAG_MS: i64 = 5_000;
+const MAX_TIMERANGE_S: i64 = 86_400;
+const PM2_METHODS: [&str; 3] = ["restart", "reload", "reset"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub bucket: String,
+    pub name: String,
+    pub enabled: bool,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The metric watched.
+    pub initiator: String,
+    pub options: Options,
+    pub scope: Scope,
+    pub actions: Vec<Action>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    pub operator: String,
+    pub threshold: f64,
+    /// Seconds.
+    pub timerange: i64,
+    /// `avg` or `all`.
+    pub aggregation: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scope {
+    #[serde(default)]
+    pub apps: Vec<String>,
+    #[serde(default)]
+    pub servers: Vec<String>,
+}
+
+/// `notify` (the bucket's channels), `pm2_action` (`params.method`: restart, reload or
+/// reset) or `custom_action` (`params.name`, `params.opts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// A create or update request; every field optional, checked by [`AlertForm::apply`].
+#[derive(Debug, Default, Deserialize)]
+pub struct AlertForm {
+    name: Option<String>,
+    enabled: Option<bool>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    initiator: Option<String>,
+    options: Option<OptionsForm>,
+    scope: Option<Scope>,
+    actions: Option<Vec<Action>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OptionsForm {
+    operator: Option<String>,
+    threshold: Option<f64>,
+    timerange: Option<i64>,
+    aggregation: Option<String>,
+}
+
+impl AlertForm {
+    /// A new rule from the form (name, type, initiator and threshold needed).
+    pub fn create(self, bucket_id: &str) -> Result<Alert, String> {
+        let now = now_ms();
+        let mut alert = Alert {
+            id: new_object_id(),
+            bucket: bucket_id.to_string(),
+            name: String::new(),
+            enabled: true,
+            kind: String::new(),
+            initiator: String::new(),
+            options: Options {
+                operator: ">".into(),
+                threshold: f64::NAN,
+                timerange: 60,
+                aggregation: "avg".into(),
+            },
+            scope: Scope::default(),
+            actions: vec![Action {
+                kind: "notify".into(),
+                params: json!({}),
+            }],
+            created_at: now,
+            updated_at: now,
+        };
+        self.apply(&mut alert)?;
+        Ok(alert)
+    }
+
+    /// Applies what the form sets, then checks the whole rule.
+    pub fn apply(self, alert: &mut Alert) -> Result<(), String> {
+        let text = |v: Option<String>| v.map(|s| s.trim().to_string());
+        if let Some(name) = text(self.name) {
+            alert.name = name;
+        }
+        if let Some(enabled) = self.enabled {
+            alert.enabled = enabled;
+        }
+        if let Some(kind) = text(self.kind) {
+            alert.kind = kind;
+        }
+        if let Some(initiator) = text(self.initiator) {
+            alert.initiator = initiator;
+        }
+        if let Some(o) = self.options {
+            let options = &mut alert.options;
+            options.operator = o.operator.unwrap_or(options.operator.clone());
+            options.threshold = o.threshold.unwrap_or(options.threshold);
+            options.timerange = o.timerange.unwrap_or(options.timerange);
+            options.aggregation = o.aggregation.unwrap_or(options.aggregation.clone());
+        }
+        if let Some(scope) = self.scope {
+            alert.scope = scope;
+        }
+        if let Some(actions) = self.actions {
+            alert.actions = actions;
+        }
+        alert.updated_at = now_ms();
+        alert.check()
+    }
+}
+
+impl Alert {
+    fn check(&self) -> Result<(), String> {
+        let o = &self.options;
+        if self.name.is_empty() {
+            return Err("name: required".into());
+        }
+        if self.kind != "metric" {
+            return Err(format!(
+                "type: {:?} is not supported; alerts watch a metric (\"metric\")",
+                self.kind
+            ));
+        }
+        if self.initiator.is_empty() {
+            return Err("initiator: required (cpu, memory or a custom metric's name)".into());
+        }
+        if !["<", "<=", "=", ">=", ">"].contains(&o.operator.as_str()) {
+            return Err(format!(
+                "options.operator: {:?} is not one of <, <=, =, >=, >",
+                o.operator
+            ));
+        }
+        if !o.threshold.is_finite() {
+            return Err("options.threshold: a number is required".into());
+        }
+        if !(60..=MAX_TIMERANGE_S).contains(&o.timerange) {
+            return Err(format!(
+                "options.timerange: {} s; between 60 and {MAX_TIMERANGE_S} s",
+                o.timerange
+            ));
+        }
+        if !["avg", "all"].contains(&o.aggregation.as_str()) {
+            return Err(format!(
+                "options.aggregation: {:?}; \"avg\" (over the window) or \"all\" (every point)",
+                o.aggregation
+            ));
+        }
+        self.actions.iter().try_for_each(Action::check)
+    }
+
+    /// Whole minutes of the window.
+    fn minutes(&self) -> i64 {
+        (self.options.timerange + 59) / 60
+    }
+
+    fn in_scope(&self, server: &str, app: &str) -> bool {
+        let any_or =
+            |list: &[String], name: &str| list.is_empty() || list.iter().any(|n| n == name);
+        any_or(&self.scope.servers, server) && any_or(&self.scope.apps, app)
+    }
+
+    fn describe(&self) -> String {
+        let o = &self.options;
+        let how = if o.aggregation == "all" {
+            "every point"
+        } else {
+            "average"
+        };
+        format!(
+            "{} {how} {} {} over {} s",
+            self.initiator, o.operator, o.threshold, o.timerange
+        )
+    }
+}
+
+impl Action {
+    fn check(&self) -> Result<(), String> {
+        let param = |name: &str| self.params[name].as_str().unwrap_or_default();
+        match self.kind.as_str() {
+            "notify" => Ok(()),
+            "pm2_action" if PM2_METHODS.contains(&param("method")) => Ok(()),
+            "pm2_action" => Err(format!(
+                "actions: pm2_action needs params.method, one of {}",
+                PM2_METHODS.join(", ")
+            )),
+            "custom_action" if !param("name").is_empty() => Ok(()),
+            "custom_action" => Err("actions: custom_action needs params.name".into()),
+            other => Err(format!(
+                "actions: {other:?} is not one of notify, pm2_action, custom_action"
+            )),
+        }
+    }
+}
+
+pub async fn list(documents: &dyn Documents, bucket_id: &str) -> StoreResult<Vec<Alert>> {
+    Ok(documents
+        .bucket_docs(bucket_id, KIND)
+        .await?
+        .into_iter()
+        .filter_map(|(_, doc)| serde_json::from_str(&doc).ok())
+        .collect())
+}
+
+pub async fn save(documents: &dyn Documents, alert: &Alert) -> StoreResult<()> {
+    let doc = serde_json::to_string(alert).unwrap_or_default();
+    documents
+        .put_bucket_doc(&alert.bucket, KIND, &alert.id, &doc)
+        .await
+}
+
+pub async fn delete(documents: &dyn Documents, bucket_id: &str, id: &str) -> StoreResult<bool> {
+    documents.delete_bucket_doc(bucket_id, KIND, id).await
+}
+
+fn episodes_prefix(alert: &Alert) -> String {
+    format!("alert:{}:{}:", alert.bucket, alert.id)
+}
+
+/// Where the rule fires now: `[{server, app, since}]`.
+pub async fn firing(documents: &dyn Documents, alert: &Alert) -> StoreResult<Vec<Value>> {
+    let episodes = Episodes::load(documents, &episodes_prefix(alert)).await?;
+    let mut firing: Vec<Value> = episodes
+        .open_keys()
+        .map(|key| {
+            let (server, app) = key.split_once('/').unwrap_or((key, ""));
+            json!({"server": server, "app": app, "since": episodes.open_since(key)})
+        })
+        .collect();
+    firing.sort_by_key(|v| v.to_string());
+    Ok(firing)
+}
+
+/// One pass of the bucket's enabled rules at `now`.
+pub async fn check(outbox: &Outbox<'_>, now: i64) -> StoreResult<()> {
+    let documents = outbox.app.documents.as_ref();
+    let rules: Vec<Alert> = list(documents, &outbox.bucket.id)
+        .await?
+        .into_iter()
+        .filter(|a| a.enabled)
+        .collect();
+    let Some(longest) = rules.iter().map(Alert::minutes).max() else {
+        return Ok(());
+    };
+    let end = (now - LAG_MS).div_euclid(MINUTE_MS) * MINUTE_MS;
+    let query = MetricQuery {
+        bucket_id: outbox.bucket.id.clone(),
+        since: end - longest * MINUTE_MS,
+        ..MetricQuery::default()
+    };
+    let points = outbox
+        .app
+        .events
+        .metric_histogram(&query, MINUTE_MS)
+        .await?;
+    for rule in &rules {
+        evaluate(outbox, rule, &points, end).await?;
+    }
+    Ok(())
+}
+
+/// The value the rule compares for one app on one server, if its window is complete,
+/// and whether the condition holds.
+fn judge(rule: &Alert, minutes: &[&MetricPoint]) -> Option<(f64, bool)> {
+    if (minutes.len() as i64) < rule.minutes() {
+        return None;
+    }
+    let o = &rule.options;
+    let holds = |v: f64| match o.operator.as_str() {
+        "<" => v < o.threshold,
+        "<=" => v <= o.threshold,
+        "=" => (v - o.threshold).abs() < f64::EPSILON,
+        ">=" => v >= o.threshold,
+        _ => v > o.threshold,
+    };
+    let count: f64 = minutes.iter().map(|p| f64::from(p.count.max(1))).sum();
+    let avg = minutes
+        .iter()
+        .map(|p| p.avg * f64::from(p.count.max(1)))
+        .sum::<f64>()
+        / count;
+    if o.aggregation == "all" {
+        let all = minutes.iter().all(|p| holds(p.min) && holds(p.max));
+        let extreme = if o.operator.starts_with('<') {
+            minutes.iter().map(|p| p.max).fold(f64::MIN, f64::max)
+        } else {
+            minutes.iter().map(|p| p.min).fold(f64::MAX, f64::min)
+        };
+        Some((extreme, all))
+    } else {
+        Some((avg, holds(avg)))
+    }
+}
+
+/// A change of one app on one server.
+struct Change {
+    server: String,
+    app: String,
+    value: f64,
+}
+
+async fn evaluate(
+    outbox: &Outbox<'_>,
+    rule: &Alert,
+    points: &[MetricPoint],
+    end: i64,
+) -> StoreResult<()> {
+    let start = end - rule.minutes() * MINUTE_MS;
+    let mut windows: BTreeMap<(&str, &str), Vec<&MetricPoint>> = BTreeMap::new();
+    for p in points {
+        if p.name == rule.initiator
+            && (start..end).contains(&p.at)
+            && rule.in_scope(&p.server_name, &p.app_name)
+        {
+            windows
+                .entry((&p.server_name, &p.app_name))
+                .or_default()
+                .push(p);
+        }
+    }
+    let documents = outbox.app.documents.as_ref();
+    let mut episodes = Episodes::load(documents, &episodes_prefix(rule)).await?;
+    let (mut fired, mut resolved) = (Vec::new(), Vec::new());
+    for ((server, app), minutes) in windows {
+        let Some((value, holds)) = judge(rule, &minutes) else {
+            continue;
+        };
+        let key = format!("{server}/{app}");
+        let change = Change {
+            server: server.to_string(),
+            app: app.to_string(),
+            value,
+        };
+        if holds && episodes.open(&key, end).await? {
+            fired.push(change);
+        } else if !holds && episodes.close(&key).await?.is_some() {
+            resolved.push(change);
+        }
+    }
+    for change in &fired {
+        run_actions(outbox, rule, change).await;
+    }
+    if rule.actions.iter().any(|a| a.kind == "notify") {
+        tell(outbox, rule, "alert_fired", fired).await?;
+        tell(outbox, rule, "alert_resolved", resolved).await?;
+    }
+    Ok(())
+}
+
+async fn tell(
+    outbox: &Outbox<'_>,
+    rule: &Alert,
+    kind: &'static str,
+    changes: Vec<Change>,
+) -> StoreResult<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let bucket = &outbox.bucket.name;
+    let state = if kind == "alert_fired" {
+        "fired"
+    } else {
+        "resolved"
+    };
+    let subject = format!(
+        "[{bucket}] Alert {} {state} ({} processes)",
+        rule.name,
+        changes.len()
+    );
+    let heading = format!(
+        "In {bucket}, the alert {} ({}) {state}.",
+        rule.name,
+        rule.describe()
+    );
+    let o = &rule.options;
+    let items = changes
+        .iter()
+        .map(|c| {
+            json!({
+                "alert": {"id": rule.id, "name": rule.name}, "server": c.server, "app": c.app,
+                "metric": rule.initiator, "value": c.value, "operator": o.operator,
+                "threshold": o.threshold,
+            })
+        })
+        .collect();
+    let lines = changes
+        .iter()
+        .map(|c| Line {
+            name: format!("{} on {}", c.app, c.server),
+            detail: format!("{} is {:.2}", rule.initiator, c.value),
+            link: process_link(outbox, &c.server, &c.app),
+        })
+        .collect();
+    let mail = Lines {
+        bucket: bucket.clone(),
+        heading,
+        lines,
+    };
+    let link = outbox.link("/alerts");
+    outbox
+        .send(mail.event(kind, subject, items, link))
+        .await
+        .map(drop)
+}
+
+/// The rule's PM2 and custom actions on the app that fired; a failure is logged (the
+/// agent may be gone), the notification still goes.
+async fn run_actions(outbox: &Outbox<'_>, rule: &Alert, change: &Change) {
+    let by = format!("alert {}", rule.name);
+    for action in &rule.actions {
+        let outcome = match action.kind.as_str() {
+            "pm2_action" => {
+                let method = action.params["method"].as_str().unwrap_or("restart");
+                let payload = json!({"method_name": method, "parameters": {"name": change.app}});
+                let target = (change.server.as_str(), Some(change.app.as_str()));
+                command_agent(
+                    outbox.app,
+                    &outbox.bucket.id,
+                    target,
+                    "trigger:pm2:action",
+                    payload,
+                    &by,
+                )
+                .await
+            }
+            "custom_action" => custom_action(outbox, action, change, &by).await,
+            _ => continue,
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(alert = %rule.id, server = %change.server, app = %change.app, error = %e.msg, "alert action not sent");
+        }
+    }
+}
+
+/// A custom action goes to each instance (pm_id) of the app on the server.
+async fn custom_action(
+    outbox: &Outbox<'_>,
+    action: &Action,
+    change: &Change,
+    by: &str,
+) -> crate::api::error::ApiResult<()> {
+    let name = action.params["name"].as_str().unwrap_or_default();
+    let opts = match &action.params["opts"] {
+        opts @ Value::Object(_) => opts.clone(),
+        _ => json!({}),
+    };
+    for server in servers_of(outbox.app, &outbox.bucket.id).await {
+        if server.server_name != change.server {
+            continue;
+        }
+        for p in server.data.process.iter().filter(|p| p.name == change.app) {
+            let payload = json!({"action_name": name, "process_id": p.pm_id, "opts": opts});
+            let target = (change.server.as_str(), Some(change.app.as_str()));
+            command_agent(
+                outbox.app,
+                &outbox.bucket.id,
+                target,
+                "trigger:action",
+                payload,
+                by,
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// `POST /alerts/:alert/sample`: a test notification of the rule through every channel.
+pub async fn sample(outbox: &Outbox<'_>, rule: &Alert) -> StoreResult<Vec<crate::stores::Channel>> {
+    let bucket = &outbox.bucket.name;
+    let mail = Lines {
+        bucket: bucket.clone(),
+        heading: format!(
+            "A test of the alert {} ({}) in {bucket}: this is how it looks when it fires.",
+            rule.name,
+            rule.describe()
+        ),
+        lines: vec![Line {
+            name: "example-app on example-server".into(),
+            detail: format!("{} is {}", rule.initiator, rule.options.threshold),
+            link: outbox.link("/alerts"),
+        }],
+    };
+    let item = json!({
+        "alert": {"id": rule.id, "name": rule.name}, "server": "example-server",
+        "app": "example-app", "metric": rule.initiator, "value": rule.options.threshold,
+        "operator": rule.options.operator, "threshold": rule.options.threshold,
+    });
+    let subject = format!("[{bucket}] Test of the alert {}", rule.name);
+    let event: Event = mail.event("alert_sample", subject, vec![item], outbox.link("/alerts"));
+    outbox.send(event).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(operator: &str, aggregation: &str) -> Alert {
+        let form: AlertForm = serde_json::from_value(json!({
+            "name": "hot", "type": "metric", "initiator": "cpu",
+            "options": {"operator": operator, "threshold": 50, "timerange": 120, "aggregation": aggregation},
+        }))
+        .unwrap();
+        form.create("b").unwrap()
+    }
+
+    fn minute(at: i64, avg: f64, min: f64, max: f64) -> MetricPoint {
+        MetricPoint {
+            bucket_id: "b".into(),
+            server_name: "s".into(),
+            app_name: "a".into(),
+            pm_id: 0,
+            name: "cpu".into(),
+            unit: None,
+            agg_type: None,
+            at,
+            avg,
+            min,
+            max,
+            last: avg,
+            count: 60,
+        }
+    }
+
+    #[test]
+    fn conditions_over_a_window() {
+        let (a, b) = (
+            minute(0, 70.0, 40.0, 90.0),
+            minute(60_000, 60.0, 55.0, 65.0),
+        );
+        let flat = minute(0, 50.0, 50.0, 50.0);
+        assert_eq!(judge(&rule(">", "avg"), &[&a, &b]), Some((65.0, true)));
+        assert_eq!(judge(&rule(">", "all"), &[&a, &b]), Some((40.0, false)));
+        assert_eq!(judge(&rule(">", "all"), &[&b, &b]), Some((55.0, true)));
+        assert_eq!(judge(&rule("<", "avg"), &[&a, &b]), Some((65.0, false)));
+        assert_eq!(
+            judge(&rule("<=", "all"), &[&flat, &flat]),
+            Some((50.0, true))
+        );
+        // A window with a minute missing decides nothing.
+        assert_eq!(judge(&rule(">", "avg"), &[&a]), None);
+    }
+
+    #[test]
+    fn forms_are_checked_with_reasons() {
+        let bad = |v: Value| {
+            serde_json::from_value::<AlertForm>(v)
+                .unwrap()
+                .create("b")
+                .unwrap_err()
+        };
+        let base =
+            json!({"name": "x", "type": "metric", "initiator": "cpu", "options": {"threshold": 1}});
+        let with = |path: &str, value: Value| {
+            let mut v = base.clone();
+            *v.pointer_mut(path).unwrap() = value;
+            v
+        };
+        assert!(bad(with("/type", json!("event"))).contains("not supported"));
+        assert!(bad(with("/name", json!(" "))).contains("name"));
+        let mut short = base.clone();
+        short["options"]["timerange"] = json!(30);
+        assert!(bad(short).contains("between 60"));
+        let mut op = base.clone();
+        op["options"]["operator"] = json!("!=");
+        assert!(bad(op).contains("operator"));
+        let mut act = base.clone();
+        act["actions"] = json!([{"type": "pm2_action", "params": {"method": "delete"}}]);
+        assert!(bad(act).contains("restart, reload, reset"));
+        let mut no_threshold = base.clone();
+        no_threshold["options"] = json!({});
+        assert!(bad(no_threshold).contains("threshold"));
+        let ok: AlertForm = serde_json::from_value(base).unwrap();
+        let alert = ok.create("b").unwrap();
+        assert_eq!((alert.options.timerange, alert.actions.len()), (60, 1));
+    }
+}

@@ -1,0 +1,215 @@
+//! `/api/bucket/:id/alerts`: alert rules (see [`crate::alerts`]), a test notification
+//! of one, and the bucket's channels: Slack, the signed webhook, and which kinds of
+//! notification are sent (`triggers`). Members read; developers manage rules (their
+//! actions command agents); admins set the channels.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::Body;
+use super::buckets::BucketAccess;
+use super::error::{ApiError, ApiResult};
+use crate::alerts::{self, Alert, AlertForm};
+use crate::app::AppState;
+use crate::notify::Outbox;
+use crate::notify::channels::{HookForm, Settings};
+use crate::stores::MemberRole;
+
+async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
+    let mut v = json!(alert);
+    v["firing"] = Value::Array(alerts::firing(app.documents.as_ref(), alert).await?);
+    Ok(v)
+}
+
+async fn rule(app: &AppState, access: &BucketAccess, id: &str) -> ApiResult<Alert> {
+    alerts::list(app.documents.as_ref(), &access.bucket.id)
+        .await?
+        .into_iter()
+        .find(|a| a.id == id)
+        .ok_or_else(|| ApiError::not_found(format!("no alert {id:?} in this bucket")))
+}
+
+/// `GET /api/bucket/:id/alerts`: every rule, with where it fires now.
+pub async fn list(State(app): State<AppState>, access: BucketAccess) -> ApiResult<Json<Value>> {
+    let mut out = Vec::new();
+    for alert in alerts::list(app.documents.as_ref(), &access.bucket.id).await? {
+        out.push(rule_json(&app, &alert).await?);
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// `POST /api/bucket/:id/alerts`.
+pub async fn create(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<AlertForm>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "create alerts")?;
+    let alert = form
+        .create(&access.bucket.id)
+        .map_err(ApiError::bad_request)?;
+    alerts::save(app.documents.as_ref(), &alert).await?;
+    Ok(Json(rule_json(&app, &alert).await?))
+}
+
+/// `GET /api/bucket/:id/alerts/:alert`.
+pub async fn retrieve(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let alert = rule(&app, &access, &id).await?;
+    Ok(Json(rule_json(&app, &alert).await?))
+}
+
+/// `PUT /api/bucket/:id/alerts/:alert`: the fields given change.
+pub async fn update(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, id)): Path<(String, String)>,
+    Body(form): Body<AlertForm>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "change alerts")?;
+    let mut alert = rule(&app, &access, &id).await?;
+    form.apply(&mut alert).map_err(ApiError::bad_request)?;
+    alerts::save(app.documents.as_ref(), &alert).await?;
+    Ok(Json(rule_json(&app, &alert).await?))
+}
+
+/// `DELETE /api/bucket/:id/alerts/:alert`.
+pub async fn delete(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "delete alerts")?;
+    if !alerts::delete(app.documents.as_ref(), &access.bucket.id, &id).await? {
+        return Err(ApiError::not_found(format!(
+            "no alert {id:?} in this bucket"
+        )));
+    }
+    Ok(Json(json!({ "success": true })))
+}
+
+/// `POST /api/bucket/:id/alerts/:alert/sample`: a test notification through every
+/// channel (delivered by the workers within 10 s); answers the channels.
+pub async fn sample(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "test alerts")?;
+    let alert = rule(&app, &access, &id).await?;
+    let outbox = Outbox::of(&app, &access.bucket).await?;
+    let channels = alerts::sample(&outbox, &alert).await?;
+    if channels.is_empty() {
+        return Err(ApiError::bad_request(
+            "no channel: no member receives mail, and Slack and the webhook are off (or alert_sample is turned off in triggers)",
+        ));
+    }
+    Ok(Json(json!({ "success": true, "channels": channels })))
+}
+
+/// The bucket's channels as admins see them (the webhook's secret included).
+fn channels_json(settings: &Settings) -> Value {
+    json!({
+        "slack": settings.hooks.slack,
+        "webhooks": settings.hooks.webhooks,
+        "triggers": settings.triggers,
+    })
+}
+
+async fn admin_settings(app: &AppState, access: &BucketAccess) -> ApiResult<Settings> {
+    access.require(MemberRole::Admin, "change the bucket's channels")?;
+    Ok(Settings::load(app.documents.as_ref(), &access.bucket.id).await?)
+}
+
+#[derive(Deserialize)]
+pub struct SlackForm {
+    slack: HookForm,
+}
+
+/// `POST /api/bucket/:id/alerts/updateSlack` `{slack: {active, url}}`.
+pub async fn update_slack(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<SlackForm>,
+) -> ApiResult<Json<Value>> {
+    let mut settings = admin_settings(&app, &access).await?;
+    settings
+        .hooks
+        .set_slack(&form.slack)
+        .map_err(ApiError::bad_request)?;
+    settings
+        .save_hooks(app.documents.as_ref(), &access.bucket.id)
+        .await?;
+    Ok(Json(channels_json(&settings)))
+}
+
+#[derive(Deserialize)]
+pub struct WebhooksForm {
+    webhooks: HookForm,
+}
+
+/// `POST /api/bucket/:id/alerts/updateWebhooks` `{webhooks: {active, url,
+/// rotate_secret}}`: answers the channels with the webhook's signing secret.
+pub async fn update_webhooks(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<WebhooksForm>,
+) -> ApiResult<Json<Value>> {
+    let mut settings = admin_settings(&app, &access).await?;
+    settings
+        .hooks
+        .set_webhook(&form.webhooks)
+        .map_err(ApiError::bad_request)?;
+    settings
+        .save_hooks(app.documents.as_ref(), &access.bucket.id)
+        .await?;
+    Ok(Json(channels_json(&settings)))
+}
+
+#[derive(Deserialize)]
+pub struct TriggersForm {
+    triggers: Value,
+}
+
+/// `POST /api/bucket/:id/alerts/update` `{triggers: {kind: bool}}`: turns kinds of
+/// notification off (or on again); kinds not named keep their state.
+pub async fn update_triggers(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<TriggersForm>,
+) -> ApiResult<Json<Value>> {
+    let mut settings = admin_settings(&app, &access).await?;
+    let Value::Object(changes) = form.triggers else {
+        return Err(ApiError::bad_request(
+            "triggers: an object of kind: true|false",
+        ));
+    };
+    for (kind, on) in changes {
+        let Some(on) = on.as_bool() else {
+            return Err(ApiError::bad_request(format!(
+                "triggers.{kind}: true or false"
+            )));
+        };
+        settings.triggers[kind] = on.into();
+    }
+    settings
+        .save_triggers(app.documents.as_ref(), &access.bucket.id)
+        .await?;
+    Ok(Json(channels_json(&settings)))
+}
+
+/// `GET /api/bucket/:id/alerts/channels`: the channels (admins: with the secret).
+pub async fn channels(State(app): State<AppState>, access: BucketAccess) -> ApiResult<Json<Value>> {
+    let settings = Settings::load(app.documents.as_ref(), &access.bucket.id).await?;
+    let mut v = channels_json(&settings);
+    if !access.role.includes(MemberRole::Admin) {
+        v["webhooks"]["secret"] = Value::Null;
+        v["slack"]["url"] = Value::Null;
+    }
+    Ok(Json(v))
+}

@@ -1,0 +1,323 @@
+//! Notifications (the seeds' notification service), run by the workers role. Every 10 s
+//! one node of the cluster (see [`crate::schedule`]) looks at each bucket ([`watch`]):
+//! new issues, servers offline and back, processes errored or restarting in a loop,
+//! deployments, and the bucket's alert rules ([`crate::alerts`]). Each is one
+//! notification per bucket and pass however many things it covers (a burst of 500
+//! exceptions says 500), and each change is claimed once in the documents store
+//! ([`crate::schedule::Episodes`]), so it is told once whichever node looks.
+//!
+//! A notification goes to every channel of the bucket ([`channels`]): mail (text and
+//! HTML, to the members who receive notifications), Slack, and a signed webhook. Each
+//! channel's delivery is its own record: a failed one is tried again after 30 s, 1, 2
+//! and 4 minutes, then marked failed; `POST /api/bucket/:id/data/notifications` lists
+//! them with their state.
+//!
+//! The webhook's body (also `payload` in that list):
+//! `{"event", "type", "bucket": {"id", "name"}, "at", "subject", "count", "link", "items"}`
+//! where `event` is shared by the deliveries of one notification and `items` depends on
+//! `type` (see each kind in [`watch`] and [`crate::alerts`]).
+
+pub mod channels;
+pub mod watch;
+
+use std::time::Duration;
+
+use askama::Template;
+use lettre::message::{Mailbox, MultiPart};
+use lettre::{AsyncTransport, Message};
+use serde_json::{Value, json};
+
+use crate::app::{App, AppState};
+use crate::ids::{new_object_id, now_ms};
+use crate::schedule;
+use crate::setup::checks::smtp_transport;
+use crate::stores::{Bucket, Channel, Member, Notification, NotificationState, StoreResult};
+use channels::{Poster, Settings};
+
+const PERIOD: Duration = Duration::from_secs(10);
+pub const PERIOD_MS: i64 = 10_000;
+/// Agents reconnect after km starts: servers are not judged before this.
+const SETTLE_MS: i64 = 60_000;
+const MAX_ATTEMPTS: u32 = 5;
+const FIRST_RETRY_MS: i64 = 30_000;
+
+pub async fn run(app: AppState) {
+    let (documents, shutdown) = (app.documents.clone(), app.shutdown.clone());
+    let started = now_ms();
+    let poster = Poster::default();
+    schedule::every(documents, shutdown, "notify", PERIOD, |slot| {
+        pass(&app, &poster, slot, now_ms() - started >= SETTLE_MS)
+    })
+    .await;
+}
+
+/// One period: every bucket looked at, then every delivery due.
+async fn pass(app: &App, poster: &Poster, slot: i64, settled: bool) {
+    match app.documents.all_buckets().await {
+        Ok(buckets) => {
+            for bucket in buckets {
+                if let Err(e) = watch::bucket(app, &bucket, slot * PERIOD_MS, settled).await {
+                    tracing::warn!(bucket = %bucket.id, error = %e, "bucket not checked for notifications");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "notifications: cannot list the buckets"),
+    }
+    deliver_due(app, poster).await;
+}
+
+/// What happened, in the words of every channel.
+pub struct Event {
+    /// `new_issue`, `server_offline`, `alert_fired`, …
+    pub kind: &'static str,
+    pub subject: String,
+    /// The mail's parts.
+    pub text: String,
+    pub html: String,
+    pub count: u64,
+    /// The webhook's `items`.
+    pub items: Vec<Value>,
+    /// Where to look in the dashboard.
+    pub link: String,
+}
+
+/// A bucket's outgoing notifications during one pass: its channel settings, read once.
+pub struct Outbox<'a> {
+    pub app: &'a App,
+    pub bucket: &'a Bucket,
+    pub settings: Settings,
+}
+
+impl<'a> Outbox<'a> {
+    pub async fn of(app: &'a App, bucket: &'a Bucket) -> StoreResult<Outbox<'a>> {
+        let settings = Settings::load(app.documents.as_ref(), &bucket.id).await?;
+        Ok(Outbox {
+            app,
+            bucket,
+            settings,
+        })
+    }
+
+    /// The bucket's page in the dashboard, or a page under it.
+    pub fn link(&self, path: &str) -> String {
+        format!("{}/buckets/{}{path}", self.app.public_url, self.bucket.id)
+    }
+
+    /// Queues `event` once per channel of the bucket, unless its kind is turned off;
+    /// returns the channels it went to.
+    pub async fn send(&self, event: Event) -> StoreResult<Vec<Channel>> {
+        if !self.settings.kind_on(event.kind) {
+            return Ok(Vec::new());
+        }
+        let recipients: Vec<String> = self
+            .app
+            .documents
+            .bucket_members(&self.bucket.id)
+            .await?
+            .into_iter()
+            .filter(Member::receives_mail)
+            .map(|m| m.email)
+            .collect();
+        let hooks = &self.settings.hooks;
+        let channels: Vec<Channel> = [
+            (Channel::Email, !recipients.is_empty()),
+            (Channel::Slack, hooks.slack.active),
+            (Channel::Webhook, hooks.webhooks.active),
+        ]
+        .into_iter()
+        .filter_map(|(channel, on)| on.then_some(channel))
+        .collect();
+        let now = now_ms();
+        let event_id = new_object_id();
+        let payload = json!({
+            "event": event_id, "type": event.kind,
+            "bucket": {"id": self.bucket.id, "name": self.bucket.name},
+            "at": now, "subject": event.subject, "count": event.count, "link": event.link,
+            "items": event.items,
+        });
+        tracing::info!(bucket = %self.bucket.id, kind = event.kind, count = event.count, channels = channels.len(), "notification queued");
+        for &channel in &channels {
+            let notification = Notification {
+                id: new_object_id(),
+                bucket_id: self.bucket.id.clone(),
+                kind: event.kind.into(),
+                channel,
+                created_at: now,
+                subject: event.subject.chars().take(200).collect(),
+                text: event.text.clone(),
+                html: event.html.clone(),
+                count: event.count,
+                recipients: if channel == Channel::Email {
+                    recipients.clone()
+                } else {
+                    Vec::new()
+                },
+                payload: payload.clone(),
+                state: NotificationState::Pending,
+                attempts: 0,
+                next_attempt_at: now,
+                last_error: None,
+                sent_at: None,
+            };
+            self.app.documents.save_notification(&notification).await?;
+        }
+        Ok(channels)
+    }
+}
+
+/// A mail of lines under a heading: servers, processes, deployments, alerts.
+#[derive(Template)]
+#[template(path = "mail/lines.txt")]
+pub struct Lines {
+    pub bucket: String,
+    pub heading: String,
+    pub lines: Vec<Line>,
+}
+
+#[derive(Template)]
+#[template(path = "mail/lines.html")]
+struct LinesHtml<'a> {
+    bucket: &'a str,
+    heading: &'a str,
+    lines: &'a [Line],
+}
+
+pub struct Line {
+    pub name: String,
+    pub detail: String,
+    pub link: String,
+}
+
+impl Lines {
+    /// The event of these lines: `subject`, both mail parts, the webhook's `items`.
+    pub fn event(
+        self,
+        kind: &'static str,
+        subject: String,
+        items: Vec<Value>,
+        link: String,
+    ) -> Event {
+        let html = LinesHtml {
+            bucket: &self.bucket,
+            heading: &self.heading,
+            lines: &self.lines,
+        }
+        .render()
+        .unwrap_or_default();
+        Event {
+            kind,
+            subject,
+            text: self.render().unwrap_or_default(),
+            html,
+            count: items.len() as u64,
+            items,
+            link,
+        }
+    }
+}
+
+/// `HH:MM:SS` of an epoch ms.
+pub fn clock(ms: i64) -> String {
+    let s = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Tries every due delivery once; records the outcome.
+async fn deliver_due(app: &App, poster: &Poster) {
+    let due = match app.documents.due_notifications(now_ms(), 100).await {
+        Ok(due) => due,
+        Err(e) => {
+            tracing::warn!(error = %e, "notifications: cannot read the due ones");
+            return;
+        }
+    };
+    for mut n in due {
+        let outcome = match n.channel {
+            Channel::Email => mail(app, &n).await,
+            Channel::Slack | Channel::Webhook => post(app, poster, &n).await,
+        };
+        n.attempts += 1;
+        match outcome {
+            Ok(()) => {
+                n.state = NotificationState::Sent;
+                n.sent_at = Some(now_ms());
+                n.last_error = None;
+            }
+            Err(e) => {
+                tracing::warn!(notification = %n.id, channel = ?n.channel, attempt = n.attempts, error = %e, "notification not delivered");
+                n.last_error = Some(e);
+                if n.attempts >= MAX_ATTEMPTS {
+                    n.state = NotificationState::Failed;
+                } else {
+                    n.state = NotificationState::Retrying;
+                    n.next_attempt_at = now_ms() + FIRST_RETRY_MS * (1 << (n.attempts - 1));
+                }
+            }
+        }
+        if let Err(e) = app.documents.save_notification(&n).await {
+            tracing::error!(notification = %n.id, error = %e, "notification state not saved");
+        }
+    }
+}
+
+/// Slack or the webhook, with the bucket's hook as it is now (it may have changed or
+/// been turned off since the notification was queued).
+async fn post(app: &App, poster: &Poster, n: &Notification) -> Result<(), String> {
+    let settings = Settings::load(app.documents.as_ref(), &n.bucket_id)
+        .await
+        .map_err(|e| format!("cannot read the bucket's channels: {e}"))?;
+    let hooks = settings.hooks;
+    match n.channel {
+        Channel::Slack => {
+            let link = n.payload["link"].as_str().unwrap_or_default();
+            let text = format!("*{}*\n<{link}|Open in the dashboard>", n.subject);
+            poster.slack(&hooks.slack, &text).await
+        }
+        _ => {
+            let body = n.payload.to_string();
+            poster.webhook(&hooks.webhooks, &n.kind, &n.id, body).await
+        }
+    }
+}
+
+/// Mails the notification to each recipient (text and HTML parts).
+async fn mail(app: &App, n: &Notification) -> Result<(), String> {
+    let smtp = app
+        .settings
+        .smtp
+        .as_ref()
+        .ok_or("SMTP_HOST is not set: no mail can be sent")?;
+    let from: Mailbox = smtp
+        .sender
+        .parse()
+        .map_err(|e| format!("SMTP_SENDER {:?}: {e}", smtp.sender))?;
+    let transport = smtp_transport(smtp, None)?;
+    for to in &n.recipients {
+        let to: Mailbox = to.parse().map_err(|e| format!("recipient {to:?}: {e}"))?;
+        let mail = Message::builder()
+            .from(from.clone())
+            .to(to)
+            .subject(&n.subject)
+            .multipart(MultiPart::alternative_plain_html(
+                n.text.clone(),
+                n.html.clone(),
+            ))
+            .map_err(|e| format!("cannot build the mail: {e}"))?;
+        transport
+            .send(mail)
+            .await
+            .map_err(|e| format!("{}:{}: {e}", smtp.host, smtp.port))?;
+    }
+    Ok(())
+}

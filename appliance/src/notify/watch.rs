@@ -1,0 +1,451 @@
+//! What the notifier looks for in a bucket each pass, and the words it tells it in.
+//!
+//! | `type` | when | `items` |
+//! | --- | --- | --- |
+//! | `new_issue` | exceptions of a group never seen before the window | `{app, message, count, servers, callsite, link}` |
+//! | `server_offline` | no data for 90 s | `{server, since}` |
+//! | `server_online` | data again after that | `{server, since}` |
+//! | `process_errored` | pm2 gave up restarting a process | `{server, app, pm_id}` |
+//! | `restart_loop` | 3 or more crashes of an app in a minute | `{server, app, restarts}` |
+//! | `deployment` | an app's revision changed | `{server, app, from, to}` |
+
+use std::collections::BTreeMap;
+
+use askama::Template;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Event, Line, Lines, Outbox, PERIOD_MS, clock, urlencode};
+use crate::alerts;
+use crate::api::data;
+use crate::api::insights::{self, Issue};
+use crate::app::App;
+use crate::ids::now_ms;
+use crate::schedule::Episodes;
+use crate::stores::{Bucket, EventKind, EventQuery, StoreResult};
+
+/// A server silent this long is offline.
+const OFFLINE_AFTER_MS: i64 = 90_000;
+/// Servers silent longer than this went away before anyone watched: not told.
+const RECENT_MS: i64 = 600_000;
+/// Issues named in one mail; the count covers them all.
+const LISTED: usize = 20;
+/// Crashes of an app within [`LOOP_WINDOW_MS`] that make a restart loop.
+const LOOP_CRASHES: usize = 3;
+const LOOP_WINDOW_MS: i64 = 60_000;
+/// Where the last revision of each app is kept (bucket documents).
+const REVISIONS: &str = "revisions";
+
+/// One pass over a bucket at `now` (the start of the pass's period). Servers are judged
+/// only once agents had time to reconnect after km started (`settled`).
+pub async fn bucket(app: &App, bucket: &Bucket, now: i64, settled: bool) -> StoreResult<()> {
+    let outbox = Outbox::of(app, bucket).await?;
+    // The writer batches: a window is read once it closed a period ago.
+    let end = now - PERIOD_MS;
+    new_issues(&outbox, end - PERIOD_MS, end).await?;
+    restart_loops(&outbox, end).await?;
+    if settled {
+        let servers = servers_of(app, &bucket.id).await;
+        servers_offline(&outbox, &servers).await?;
+        errored(&outbox, &servers).await?;
+        deployments(&outbox, &servers).await?;
+    }
+    alerts::check(&outbox, now).await
+}
+
+/// A server as `data/status` shows it, with what the notifier reads.
+#[derive(Deserialize)]
+pub struct ServerView {
+    pub server_name: String,
+    pub last_update: i64,
+    #[serde(default)]
+    pub data: ServerData,
+}
+
+#[derive(Default, Deserialize)]
+pub struct ServerData {
+    #[serde(default)]
+    pub process: Vec<ProcessView>,
+}
+
+#[derive(Deserialize)]
+pub struct ProcessView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub pm_id: Value,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub pm_uptime: i64,
+    #[serde(default)]
+    pub versioning: Option<Value>,
+}
+
+pub async fn servers_of(app: &App, bucket_id: &str) -> Vec<ServerView> {
+    data::servers_status(app, bucket_id, None)
+        .await
+        .iter()
+        .filter_map(|view| serde_json::from_str(view).ok())
+        .collect()
+}
+
+impl ServerView {
+    fn silent(&self, now: i64) -> i64 {
+        now - self.last_update
+    }
+}
+
+/// The issues of `[start, end)` in `bucket` that had no occurrence before `start`.
+async fn issues_new_in(
+    app: &App,
+    bucket: &Bucket,
+    start: i64,
+    end: i64,
+) -> StoreResult<Vec<Issue>> {
+    let window = EventQuery {
+        bucket_id: bucket.id.clone(),
+        after: Some(start - 1),
+        before: Some(end),
+        ..EventQuery::default()
+    };
+    let mut new = Vec::new();
+    for issue in insights::issues(app.events.as_ref(), window).await? {
+        let earlier = EventQuery {
+            bucket_id: bucket.id.clone(),
+            name: Some(issue.identifier.clone()),
+            before: Some(start),
+            limit: 1,
+            ..EventQuery::default()
+        };
+        let seen = app.events.query(EventKind::Exception, &earlier).await?;
+        if seen.is_empty() {
+            new.push(issue);
+        }
+    }
+    Ok(new)
+}
+
+async fn new_issues(outbox: &Outbox<'_>, start: i64, end: i64) -> StoreResult<()> {
+    let issues = issues_new_in(outbox.app, outbox.bucket, start, end).await?;
+    if issues.is_empty() {
+        return Ok(());
+    }
+    let bucket = &outbox.bucket.name;
+    let subject = match issues.as_slice() {
+        [one] => format!("[{bucket}] New issue: {}", one.message),
+        many => format!("[{bucket}] {} new issues", many.len()),
+    };
+    let lines: Vec<IssueLine> = issues
+        .iter()
+        .take(LISTED)
+        .map(|i| IssueLine::of(outbox, i))
+        .collect();
+    let mail = NewIssues {
+        bucket: bucket.clone(),
+        issues: lines,
+    };
+    let html = NewIssuesHtml {
+        bucket,
+        issues: &mail.issues,
+    }
+    .render()
+    .unwrap_or_default();
+    let items = mail.issues.iter().map(IssueLine::item).collect();
+    outbox
+        .send(Event {
+            kind: "new_issue",
+            subject,
+            text: mail.render().unwrap_or_default(),
+            html,
+            count: issues.iter().map(|i| i.count).sum(),
+            items,
+            link: outbox.link("/issues"),
+        })
+        .await
+        .map(drop)
+}
+
+#[derive(Template)]
+#[template(path = "mail/new_issues.txt")]
+struct NewIssues {
+    bucket: String,
+    issues: Vec<IssueLine>,
+}
+
+#[derive(Template)]
+#[template(path = "mail/new_issues.html")]
+struct NewIssuesHtml<'a> {
+    bucket: &'a str,
+    issues: &'a [IssueLine],
+}
+
+struct IssueLine {
+    app: String,
+    message: String,
+    count: u64,
+    servers: String,
+    callsite: String,
+    link: String,
+}
+
+impl IssueLine {
+    fn of(outbox: &Outbox, i: &Issue) -> IssueLine {
+        let app_name = i.app_name.clone().unwrap_or_default();
+        let server = i.servers.first().cloned().unwrap_or_default();
+        IssueLine {
+            link: process_link(outbox, &server, &app_name),
+            app: app_name,
+            message: i.message.chars().take(300).collect(),
+            count: i.count,
+            servers: i.servers.join(", "),
+            callsite: i.callsite.clone().unwrap_or_default(),
+        }
+    }
+
+    fn item(&self) -> Value {
+        json!({
+            "app": self.app, "message": self.message, "count": self.count,
+            "servers": self.servers, "callsite": self.callsite, "link": self.link,
+        })
+    }
+}
+
+pub fn process_link(outbox: &Outbox, server: &str, app_name: &str) -> String {
+    outbox.link(&format!(
+        "/servers/{}/apps/{}",
+        urlencode(server),
+        urlencode(app_name)
+    ))
+}
+
+/// Sends one lines-mail of `kind` when there are lines.
+async fn send_lines(
+    outbox: &Outbox<'_>,
+    kind: &'static str,
+    (subject, heading): (String, String),
+    lines: Vec<Line>,
+    items: Vec<Value>,
+) -> StoreResult<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mail = Lines {
+        bucket: outbox.bucket.name.clone(),
+        heading,
+        lines,
+    };
+    let link = outbox.link("");
+    outbox
+        .send(mail.event(kind, subject, items, link))
+        .await
+        .map(drop)
+}
+
+/// `n server(s)` etc.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Servers gone silent for 90 s, and those back since, each told once.
+async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+    let documents = outbox.app.documents.as_ref();
+    let mut episodes = Episodes::load(documents, &format!("offline:{}:", outbox.bucket.id)).await?;
+    let now = now_ms();
+    let (mut gone, mut back) = (Vec::new(), Vec::new());
+    for server in servers {
+        let silent = server.silent(now);
+        let name = &server.server_name;
+        if silent > OFFLINE_AFTER_MS {
+            if silent < RECENT_MS && episodes.open(name, server.last_update).await? {
+                gone.push((name.clone(), server.last_update));
+            }
+        } else if let Some(since) = episodes.close(name).await? {
+            back.push((name.clone(), since));
+        }
+    }
+    let bucket = &outbox.bucket.name;
+    for (kind, servers, state, more, detail) in [
+        (
+            "server_offline",
+            gone,
+            "offline",
+            ": no data for more than 90 s",
+            "no data since",
+        ),
+        (
+            "server_online",
+            back,
+            "back online",
+            "",
+            "sending data again, silent since",
+        ),
+    ] {
+        let what = counted(servers.len(), "server", "servers");
+        let words = (
+            format!("[{bucket}] {what} {state}"),
+            format!("In {bucket}, {what} {state}{more}."),
+        );
+        let items = servers
+            .iter()
+            .map(|(server, since)| json!({"server": server, "since": since}))
+            .collect();
+        let lines = servers
+            .into_iter()
+            .map(|(name, since)| Line {
+                detail: format!("{detail} {} UTC", clock(since)),
+                name,
+                link: outbox.link(""),
+            })
+            .collect();
+        send_lines(outbox, kind, words, lines, items).await?;
+    }
+    Ok(())
+}
+
+/// Processes pm2 stopped restarting (`errored`), each told once per start.
+async fn errored(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+    let documents = outbox.app.documents.as_ref();
+    let mut episodes = Episodes::load(documents, &format!("errored:{}:", outbox.bucket.id)).await?;
+    let now = now_ms();
+    let (mut lines, mut items) = (Vec::new(), Vec::new());
+    for server in servers.iter().filter(|s| s.silent(now) <= OFFLINE_AFTER_MS) {
+        for p in &server.data.process {
+            let key = format!("{}/{}/{}", server.server_name, p.name, p.pm_id);
+            if p.status != "errored" {
+                episodes.close(&key).await?;
+            } else if episodes.open(&key, p.pm_uptime).await? {
+                lines.push(Line {
+                    name: format!("{} (pm_id {}) on {}", p.name, p.pm_id, server.server_name),
+                    detail: "errored: pm2 stopped restarting it".into(),
+                    link: process_link(outbox, &server.server_name, &p.name),
+                });
+                items.push(json!({"server": server.server_name, "app": p.name, "pm_id": p.pm_id}));
+            }
+        }
+    }
+    let bucket = &outbox.bucket.name;
+    let what = counted(lines.len(), "process", "processes");
+    let words = (
+        format!("[{bucket}] {what} errored"),
+        format!("In {bucket}, {what} errored."),
+    );
+    send_lines(outbox, "process_errored", words, lines, items).await
+}
+
+/// Apps that crashed [`LOOP_CRASHES`] times within a minute, told once per loop (the
+/// loop ends after a minute without a crash).
+async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
+    let bucket_id = &outbox.bucket.id;
+    let exits = EventQuery {
+        bucket_id: bucket_id.clone(),
+        event_type: Some("exit".into()),
+        after: Some(end - LOOP_WINDOW_MS - 1),
+        before: Some(end),
+        limit: 1000,
+        ..EventQuery::default()
+    };
+    let mut crashes: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for doc in outbox
+        .app
+        .events
+        .query(EventKind::ProcessEvent, &exits)
+        .await?
+    {
+        let Ok(event) = serde_json::from_str::<Value>(&doc) else {
+            continue;
+        };
+        if event["manually"].as_bool() == Some(true) {
+            continue;
+        }
+        let field = |name: &str| event[name].as_str().unwrap_or_default().to_string();
+        *crashes
+            .entry((field("server_name"), field("app_name")))
+            .or_default() += 1;
+    }
+    let documents = outbox.app.documents.as_ref();
+    let mut episodes = Episodes::load(documents, &format!("loop:{bucket_id}:")).await?;
+    let open: Vec<String> = episodes.open_keys().map(str::to_string).collect();
+    for key in open {
+        let quiet = !crashes.iter().any(|((s, a), _)| format!("{s}/{a}") == key);
+        if quiet {
+            episodes.close(&key).await?;
+        }
+    }
+    let (mut lines, mut items) = (Vec::new(), Vec::new());
+    for ((server, app_name), n) in crashes {
+        if n >= LOOP_CRASHES && episodes.open(&format!("{server}/{app_name}"), end).await? {
+            lines.push(Line {
+                name: format!("{app_name} on {server}"),
+                detail: format!("{n} crashes in the last minute"),
+                link: process_link(outbox, &server, &app_name),
+            });
+            items.push(json!({"server": server, "app": app_name, "restarts": n}));
+        }
+    }
+    let bucket = &outbox.bucket.name;
+    let what = counted(lines.len(), "app", "apps");
+    let words = (
+        format!("[{bucket}] {what} restarting in a loop"),
+        format!("In {bucket}, {what} keep crashing and restarting."),
+    );
+    send_lines(outbox, "restart_loop", words, lines, items).await
+}
+
+/// Apps whose revision (pm2's versioning) changed since the last pass; an app seen the
+/// first time is only remembered.
+async fn deployments(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+    let mut current: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+    for server in servers {
+        for p in &server.data.process {
+            let revision = p.versioning.as_ref().and_then(|v| v["revision"].as_str());
+            if let Some(revision) = revision {
+                let key = format!("{}/{}", server.server_name, p.name);
+                let value = (
+                    server.server_name.clone(),
+                    p.name.clone(),
+                    revision.to_string(),
+                );
+                current.insert(key, value);
+            }
+        }
+    }
+    if current.is_empty() {
+        return Ok(());
+    }
+    let documents = outbox.app.documents.as_ref();
+    let bucket_id = &outbox.bucket.id;
+    let known: BTreeMap<String, String> = documents
+        .bucket_docs(bucket_id, REVISIONS)
+        .await?
+        .into_iter()
+        .collect();
+    let (mut lines, mut items) = (Vec::new(), Vec::new());
+    for (key, (server, app_name, revision)) in current {
+        let before = known.get(&key);
+        if before == Some(&revision) {
+            continue;
+        }
+        documents
+            .put_bucket_doc(bucket_id, REVISIONS, &key, &revision)
+            .await?;
+        let Some(before) = before else { continue };
+        lines.push(Line {
+            name: format!("{app_name} on {server}"),
+            detail: format!("revision {} → {}", short(before), short(&revision)),
+            link: process_link(outbox, &server, &app_name),
+        });
+        items.push(json!({"server": server, "app": app_name, "from": before, "to": revision}));
+    }
+    let bucket = &outbox.bucket.name;
+    let what = counted(lines.len(), "app", "apps");
+    let words = (
+        format!("[{bucket}] {what} deployed"),
+        format!("In {bucket}, {what} now run a new revision."),
+    );
+    send_lines(outbox, "deployment", words, lines, items).await
+}
+
+fn short(revision: &str) -> &str {
+    revision.get(..8).unwrap_or(revision)
+}
