@@ -22,7 +22,7 @@ use crate::ids::{new_object_id, now_ms};
 use crate::notify::watch::{process_link, servers_of};
 use crate::notify::{Event, Line, Lines, Outbox};
 use crate::schedule::Episodes;
-use crate::stores::{Documents, MetricPoint, MetricQuery, StoreResult};
+use crate::stores::{Documents, EventKind, EventRecord, MetricPoint, MetricQuery, StoreResult};
 
 const KIND: &str = "alert";
 const MINUTE_MS: i64 = 60_000;
@@ -388,7 +388,11 @@ async fn evaluate(
         }
     }
     for change in &fired {
+        record(outbox, rule, change, "alert_fired", end);
         run_actions(outbox, rule, change).await;
+    }
+    for change in &resolved {
+        record(outbox, rule, change, "alert_resolved", end);
     }
     if rule.actions.iter().any(|a| a.kind == "notify") {
         tell(outbox, rule, "alert_fired", fired).await?;
@@ -451,6 +455,26 @@ async fn tell(
         .send(mail.event(kind, subject, items, link))
         .await
         .map(drop)
+}
+
+/// The change in the bucket's events (`data/events`, the reports).
+fn record(outbox: &Outbox<'_>, rule: &Alert, change: &Change, kind: &str, at: i64) {
+    let doc = json!({
+        "at": at, "type": kind, "server_name": change.server, "app_name": change.app,
+        "alert": {"id": rule.id, "name": rule.name}, "metric": rule.initiator,
+        "value": change.value, "operator": rule.options.operator,
+        "threshold": rule.options.threshold,
+    });
+    outbox.app.ingest.event(EventRecord {
+        kind: EventKind::Event,
+        bucket_id: outbox.bucket.id.clone(),
+        server_name: change.server.clone(),
+        app_name: Some(change.app.clone()),
+        event_type: kind.to_string(),
+        name: Some(rule.name.clone()),
+        at,
+        doc: doc.to_string(),
+    });
 }
 
 /// The rule's PM2 and custom actions on the app that fired; a failure is logged (the

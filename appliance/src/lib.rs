@@ -14,6 +14,7 @@ pub mod limits;
 pub mod logging;
 pub mod notify;
 pub mod realtime;
+pub mod reporter;
 pub mod schedule;
 pub mod server;
 pub mod setup;

@@ -19,7 +19,6 @@ use crate::config::{Settings, TlsMode};
 use crate::gateway::{self, Front, Gateway, HttpsBase};
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
-use crate::notify;
 use crate::realtime::LiveHub;
 use crate::stores::elastic::ElasticEvents;
 use crate::stores::mongo::MongoDocuments;
@@ -90,11 +89,8 @@ pub async fn serve_on(
     let tls = Gateway::new(&settings)?;
     let public_url = settings.public_url(bound);
     let (app, writer_task) = build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
-    let mut background = vec![
-        tokio::spawn(workers::persist(app.clone())),
-        tokio::spawn(workers::retention(app.clone())),
-        tokio::spawn(notify::run(app.clone())),
-    ];
+    let mut background = vec![tokio::spawn(workers::persist(app.clone()))];
+    background.extend(workers::spawn_role(&app));
     background.extend(tls.spawn_tasks(shutdown.clone()));
     warn_about_site_url(&app.settings, &app.public_url, bound);
     tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
@@ -175,8 +171,7 @@ async fn serve_roles(
             background.push(tokio::spawn(workers::persist(app.clone())));
         }
         if roles.contains(&Role::Workers) {
-            background.push(tokio::spawn(workers::retention(app.clone())));
-            background.push(tokio::spawn(notify::run(app.clone())));
+            background.extend(workers::spawn_role(&app));
         }
     }
     tracing::info!(roles = ?roles, "km ready");

@@ -8,6 +8,16 @@ use crate::ids::now_ms;
 use crate::schedule;
 use crate::stores::Cutoffs;
 
+/// The workers role's jobs, each run once per period across the cluster: retention,
+/// notifications (with alerts), reports.
+pub fn spawn_role(app: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(retention(app.clone())),
+        tokio::spawn(crate::notify::run(app.clone())),
+        tokio::spawn(crate::reporter::run(app.clone())),
+    ]
+}
+
 const PERSIST_EVERY: Duration = Duration::from_secs(30);
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 const DAY_MS: i64 = 24 * 3600 * 1000;

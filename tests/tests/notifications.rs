@@ -208,3 +208,123 @@ async fn a_server_offline_and_back_is_mailed_once_each() {
     })
     .await;
 }
+
+/// Crashes on its first three starts (counted in a file), then stays up.
+fn crash_thrice(counter: &std::path::Path) -> String {
+    format!(
+        r#"
+const fs = require('fs');
+let n = 0;
+try {{ n = parseInt(fs.readFileSync({counter:?}, 'utf8')) || 0; }} catch (e) {{}}
+fs.writeFileSync({counter:?}, String(n + 1));
+if (n < 3) setTimeout(() => {{ throw new Error('report-boom') }}, 300);
+else setInterval(() => {{}}, 1000);
+"#
+    )
+}
+
+#[tokio::test]
+async fn the_daily_report_is_mailed_with_the_buckets_numbers() {
+    e2e(async {
+        let smtp = Smtp::start("plain", "", "")?;
+        let opts = LinkOpts {
+            km_env: smtp_env(&smtp),
+            ..LinkOpts::default()
+        };
+        let steady = "setInterval(() => {}, 1000);";
+        let l = linked_with("report-1", &[("steady", steady)], opts).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        l.wait_apps(&["steady"], Duration::from_secs(15)).await?;
+        // The owner is mailed notifications by default; only the report is looked at.
+        api.post_ok(
+            &format!("/api/bucket/{b}/manage_notif"),
+            &json!({"email": l.user.email, "state": "none"}),
+        )
+        .await?;
+        let dir = tempfile::tempdir()?;
+        l.pm2
+            .start_app("crasher", &crash_thrice(&dir.path().join("n")))
+            .await?;
+        // Three crashes, then up: wait for the third exit to be stored.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let at = loop {
+            let at = km_e2e::now_ms() + 1000;
+            let report = api
+                .get_ok(&format!("/api/bucket/{b}/reports/daily?at={at}"))
+                .await?;
+            if report["restarts"] == 3 && report["exceptions"] == 3 {
+                break at;
+            }
+            ensure!(Instant::now() < deadline, "report: {report}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let report = api
+            .get_ok(&format!("/api/bucket/{b}/reports/daily?at={at}"))
+            .await?;
+        ensure!(
+            report["servers"] == 1
+                && report["processes"] == 2
+                && report["new_issues"] == 1
+                && report["issues"][0]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("report-boom")),
+            "report: {report}"
+        );
+        // The same bucket a day earlier: nothing had happened yet.
+        let before = api
+            .get_ok(&format!(
+                "/api/bucket/{b}/reports/daily?at={}",
+                at - 86_400_000
+            ))
+            .await?;
+        ensure!(
+            before["restarts"] == 0 && before["new_issues"] == 0,
+            "the day before: {before}"
+        );
+
+        // Nobody chose it: nothing is sent.
+        let sent = api
+            .post_ok(
+                &format!("/api/bucket/{b}/reports/daily/send"),
+                &json!({"at": at}),
+            )
+            .await?;
+        ensure!(sent["recipients"] == 0, "{sent}");
+        let choice = api
+            .post_ok(
+                &format!("/api/bucket/{b}/reports/choice"),
+                &json!({"daily": true}),
+            )
+            .await?;
+        ensure!(
+            choice == json!({"daily": true, "weekly": false}),
+            "{choice}"
+        );
+        let sent = api
+            .post_ok(
+                &format!("/api/bucket/{b}/reports/daily/send"),
+                &json!({"at": at}),
+            )
+            .await?;
+        ensure!(sent["recipients"] == 1, "{sent}");
+        let mails = wait_mails(&smtp, 1, Duration::from_secs(20)).await?;
+        let mail = &mails[0];
+        for expected in [
+            "Daily report: 1 servers, 3 restarts, 1 new issues",
+            "Processes: 2",
+            "Restarts: 3",
+            "Exceptions: 3",
+            "report-boom",
+            "<svg",
+            &l.user.email,
+        ] {
+            ensure!(
+                mail.contains(expected),
+                "{expected:?} not in the mail:\n{mail}"
+            );
+        }
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}

@@ -1,10 +1,11 @@
 //! `/api/bucket/:id/alerts`: alert rules (see [`crate::alerts`]), a test notification
 //! of one, and the bucket's channels: Slack, the signed webhook, and which kinds of
 //! notification are sent (`triggers`). Members read; developers manage rules (their
-//! actions command agents); admins set the channels.
+//! actions command agents); admins set the channels. Also the reports
+//! ([`crate::reporter`]): read, sent now, and each member's choice.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -13,8 +14,10 @@ use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::alerts::{self, Alert, AlertForm};
 use crate::app::AppState;
+use crate::ids::now_ms;
 use crate::notify::Outbox;
 use crate::notify::channels::{HookForm, Settings};
+use crate::reporter::{self, Period};
 use crate::stores::MemberRole;
 
 async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
@@ -212,4 +215,67 @@ pub async fn channels(State(app): State<AppState>, access: BucketAccess) -> ApiR
         v["slack"]["url"] = Value::Null;
     }
     Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+pub struct ReportQuery {
+    /// The period's end (epoch ms); now by default.
+    at: Option<i64>,
+}
+
+fn period_of(s: &str) -> ApiResult<Period> {
+    Period::parse(s)
+        .ok_or_else(|| ApiError::not_found(format!("no {s:?} report (daily or weekly)")))
+}
+
+/// `GET /api/bucket/:id/reports/:period?at=<ms>`: the report of the period that ends at
+/// `at`, as the digest mail shows it.
+pub async fn report(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, period)): Path<(String, String)>,
+    Query(q): Query<ReportQuery>,
+) -> ApiResult<Json<Value>> {
+    let period = period_of(&period)?;
+    let end = q.at.unwrap_or_else(now_ms);
+    Ok(Json(json!(
+        reporter::build(&app, &access.bucket, period, end).await?
+    )))
+}
+
+/// `POST /api/bucket/:id/reports/:period/send {at}`: mails the report now to the members
+/// who chose it (admins); answers how many.
+pub async fn send_report(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, period)): Path<(String, String)>,
+    Body(q): Body<ReportQuery>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Admin, "send reports")?;
+    let period = period_of(&period)?;
+    let end = q.at.unwrap_or_else(now_ms);
+    let recipients = reporter::send(&app, &access.bucket, period, end).await?;
+    Ok(Json(json!({ "recipients": recipients })))
+}
+
+/// `POST /api/bucket/:id/reports/choice {daily, weekly}`: which reports the calling
+/// member receives (fields not given keep their value); answers the choice.
+pub async fn report_choice(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Body(form): Body<ChoiceForm>,
+) -> ApiResult<Json<Value>> {
+    let documents = app.documents.as_ref();
+    let (bucket, user) = (&access.bucket.id, &access.auth.user.id);
+    let mut choice = reporter::choice(documents, bucket, user).await?;
+    choice.daily = form.daily.unwrap_or(choice.daily);
+    choice.weekly = form.weekly.unwrap_or(choice.weekly);
+    reporter::set_choice(documents, bucket, user, choice).await?;
+    Ok(Json(json!(choice)))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ChoiceForm {
+    pub daily: Option<bool>,
+    pub weekly: Option<bool>,
 }

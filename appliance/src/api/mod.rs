@@ -129,6 +129,15 @@ fn api_routes() -> Router<AppState> {
             "/api/bucket/{id}/alerts/{alert}/sample",
             post(alerts::sample),
         )
+        .route(
+            "/api/bucket/{id}/reports/choice",
+            post(alerts::report_choice),
+        )
+        .route("/api/bucket/{id}/reports/{period}", get(alerts::report))
+        .route(
+            "/api/bucket/{id}/reports/{period}/send",
+            post(alerts::send_report),
+        )
         .route("/api/bucket/{id}/add_user", post(buckets::add_member))
         .route(
             "/api/bucket/{id}/promote_user",

@@ -127,16 +127,31 @@ impl<'a> Outbox<'a> {
         .into_iter()
         .filter_map(|(channel, on)| on.then_some(channel))
         .collect();
+        self.queue(&event, &channels, recipients).await?;
+        Ok(channels)
+    }
+
+    /// Queues `event` as a mail to `recipients` only (reports).
+    pub async fn mail(&self, event: Event, recipients: Vec<String>) -> StoreResult<()> {
+        self.queue(&event, &[Channel::Email], recipients).await
+    }
+
+    /// One delivery record per channel, all carrying the same event id.
+    async fn queue(
+        &self,
+        event: &Event,
+        channels: &[Channel],
+        recipients: Vec<String>,
+    ) -> StoreResult<()> {
         let now = now_ms();
-        let event_id = new_object_id();
         let payload = json!({
-            "event": event_id, "type": event.kind,
+            "event": new_object_id(), "type": event.kind,
             "bucket": {"id": self.bucket.id, "name": self.bucket.name},
             "at": now, "subject": event.subject, "count": event.count, "link": event.link,
             "items": event.items,
         });
         tracing::info!(bucket = %self.bucket.id, kind = event.kind, count = event.count, channels = channels.len(), "notification queued");
-        for &channel in &channels {
+        for &channel in channels {
             let notification = Notification {
                 id: new_object_id(),
                 bucket_id: self.bucket.id.clone(),
@@ -161,7 +176,7 @@ impl<'a> Outbox<'a> {
             };
             self.app.documents.save_notification(&notification).await?;
         }
-        Ok(channels)
+        Ok(())
     }
 }
 

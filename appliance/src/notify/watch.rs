@@ -97,7 +97,7 @@ impl ServerView {
 }
 
 /// The issues of `[start, end)` in `bucket` that had no occurrence before `start`.
-async fn issues_new_in(
+pub async fn issues_new_in(
     app: &App,
     bucket: &Bucket,
     start: i64,
