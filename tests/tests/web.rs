@@ -596,3 +596,73 @@ async fn the_session_cookie_is_secure_on_an_https_site() {
     })
     .await;
 }
+
+/// The alerts page: a rule made with its form (and refused with a reason), the channels,
+/// the member's own choices, and the report page.
+#[tokio::test]
+async fn alerts_page_forms_rules_channels_and_choices() {
+    e2e(async {
+        let km = Km::start().await?;
+        let base = km.url();
+        let s = Session::start(
+            &base,
+            "/signup",
+            &[("username", "alma"), ("email", "alma@example.com"), ("password", PASSWORD)],
+        )
+        .await?;
+        let b = s.create_bucket("shop").await?;
+        let page = format!("/buckets/{b}/alerts");
+        let rule = [
+            ("name", "hot api"),
+            ("metric", "cpu"),
+            ("operator", ">"),
+            ("threshold", "80"),
+            ("timerange", "120"),
+            ("aggregation", "all"),
+            ("app", "api, worker"),
+            ("pm2_action", "restart"),
+        ];
+        let (status, location) = s.post(&format!("{page}/create"), &rule, None).await?;
+        ensure!(status == 303 && location.starts_with(&page), "create: {status} {location}");
+        let mut short = rule;
+        short[4] = ("timerange", "30");
+        let (_, refused) = s.post(&format!("{page}/create"), &short, None).await?;
+        let (status, html) = s.get(&refused).await?;
+        ensure!(status == 200, "alerts page: {status}");
+        for expected in [
+            "hot api",
+            "cpu every point &#62; 80",
+            "over 120 s",
+            "api, worker",
+            "notify, pm2_action",
+            "between 60",
+        ] {
+            ensure!(html.contains(expected), "{expected:?} not on the page:\n{html}");
+        }
+        let (status, _) = s
+            .post(&format!("{page}/create"), &rule, Some("forged"))
+            .await?;
+        ensure!(status == 403, "a forged form: {status}");
+
+        s.post(
+            &format!("{page}/webhook"),
+            &[("url", "http://127.0.0.1:9/hook"), ("active", "true")],
+            None,
+        )
+        .await?;
+        s.post(&format!("{page}/mine"), &[("daily", "on")], None).await?;
+        let (_, html) = s.get(&page).await?;
+        ensure!(html.contains("X-KM-Signature"), "no webhook secret shown");
+        ensure!(
+            html.contains(r#"name="daily" checked"#) && !html.contains(r#"name="active" checked"#),
+            "choices not kept:\n{html}"
+        );
+        let (status, html) = s.get(&format!("/buckets/{b}/reports?period=weekly")).await?;
+        ensure!(
+            status == 200 && html.contains("weekly report") && html.contains("<svg"),
+            "report page: {status}\n{html}"
+        );
+        Ok(())
+    })
+    .await;
+}

@@ -6,6 +6,7 @@
 //! and the CSRF token from the page, and watch buckets through `/primus`.
 
 mod account;
+mod alerts;
 mod assets;
 mod buckets;
 mod process;
@@ -36,6 +37,9 @@ pub fn routes() -> Router<AppState> {
         .route("/buckets", get(buckets::list).post(buckets::create))
         .route("/buckets/{id}", get(buckets::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
+        .route("/buckets/{id}/alerts", get(alerts::page))
+        .route("/buckets/{id}/alerts/{action}", post(alerts::action))
+        .route("/buckets/{id}/reports", get(alerts::report))
         .route(
             "/buckets/{id}/settings/{action}",
             post(buckets::settings_action),

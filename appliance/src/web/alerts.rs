@@ -1,0 +1,280 @@
+//! The bucket's alerts page (rules, channels, the member's own choices, the
+//! notifications with their delivery) and its report page. Forms run the API routes of
+//! the same purpose, with their checks.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::buckets::access;
+use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
+use crate::alerts::{self, Alert};
+use crate::api::Body;
+use crate::api::alerts as api;
+use crate::api::buckets::{self as buckets_api, BucketAccess};
+use crate::api::error::ApiError;
+use crate::app::AppState;
+use crate::ids::now_ms;
+use crate::notify::channels::Settings;
+use crate::reporter::{self, Choice, Period};
+use crate::stores::{Bucket, MemberRole, Notification, StoreError};
+
+#[derive(Template)]
+#[template(path = "alerts.html")]
+struct AlertsPage {
+    nav: Option<Nav>,
+    bucket: Bucket,
+    role: MemberRole,
+    rules: Vec<(Alert, usize)>,
+    settings: Settings,
+    mailed: bool,
+    reports: Choice,
+    /// Each with its time, UTC.
+    notifications: Vec<(String, Notification)>,
+    flash: Flash,
+}
+
+async fn page_of(
+    app: &AppState,
+    session: &WebSession,
+    access: BucketAccess,
+    flash: Flash,
+) -> Result<AlertsPage, StoreError> {
+    let documents = app.documents.as_ref();
+    let bucket_id = &access.bucket.id;
+    let mut rules = Vec::new();
+    for rule in alerts::list(documents, bucket_id).await? {
+        let firing = alerts::firing(documents, &rule).await?.len();
+        rules.push((rule, firing));
+    }
+    let user = &session.auth.user.id;
+    let mailed = documents
+        .bucket_members(bucket_id)
+        .await?
+        .iter()
+        .any(|m| &m.user_id == user && m.receives_mail());
+    Ok(AlertsPage {
+        nav: Some(Nav::from(session)),
+        rules,
+        settings: Settings::load(documents, bucket_id).await?,
+        mailed,
+        reports: reporter::choice(documents, bucket_id, user).await?,
+        notifications: documents
+            .notifications(bucket_id, 50)
+            .await?
+            .into_iter()
+            .map(|n| (reporter::date_time(n.created_at), n))
+            .collect(),
+        role: access.role,
+        bucket: access.bucket,
+        flash,
+    })
+}
+
+pub async fn page(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path(id): Path<String>,
+    flash: Flashes,
+) -> Response {
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    match page_of(&app, &session, access, flash.0).await {
+        Ok(page) => render(&page),
+        Err(e) => error_page(&e.into()),
+    }
+}
+
+/// The forms' fields (each form sends some).
+#[derive(Deserialize, Default)]
+pub struct AlertsForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    metric: String,
+    #[serde(default)]
+    operator: String,
+    #[serde(default)]
+    threshold: String,
+    #[serde(default)]
+    timerange: String,
+    #[serde(default)]
+    aggregation: String,
+    #[serde(default)]
+    app: String,
+    #[serde(default)]
+    pm2_action: String,
+    #[serde(default)]
+    alert: String,
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    active: String,
+    #[serde(default)]
+    daily: String,
+    #[serde(default)]
+    weekly: String,
+}
+
+impl AlertsForm {
+    fn rule(&self) -> Result<alerts::AlertForm, ApiError> {
+        let threshold: f64 = self.threshold.trim().parse().map_err(|_| {
+            ApiError::bad_request(format!("threshold: {:?} is not a number", self.threshold))
+        })?;
+        let timerange: i64 = self.timerange.trim().parse().map_err(|_| {
+            ApiError::bad_request(format!(
+                "window: {:?} is not a number of seconds",
+                self.timerange
+            ))
+        })?;
+        let mut actions = vec![json!({"type": "notify"})];
+        if !self.pm2_action.is_empty() {
+            actions.push(json!({"type": "pm2_action", "params": {"method": self.pm2_action}}));
+        }
+        let apps: Vec<&str> = self
+            .app
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        serde_json::from_value(json!({
+            "name": self.name, "type": "metric", "initiator": self.metric,
+            "options": {"operator": self.operator, "threshold": threshold, "timerange": timerange,
+                        "aggregation": self.aggregation},
+            "scope": {"apps": apps}, "actions": actions,
+        }))
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    fn hook(&self) -> Value {
+        json!({"active": self.active == "true", "url": self.url})
+    }
+}
+
+/// One form of the alerts page.
+pub async fn action(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path((id, action)): Path<(String, String)>,
+    Form(form): Form<AlertsForm>,
+) -> Response {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
+        return refused;
+    }
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let page = format!("/buckets/{id}/alerts");
+    let state = State(app.clone());
+    let alert_path = || Path((id.clone(), form.alert.clone()));
+    let outcome: Result<String, ApiError> = match action.as_str() {
+        "create" => match form.rule() {
+            Ok(rule) => api::create(state, access, Body(rule))
+                .await
+                .map(|_| format!("alert {} created", form.name)),
+            Err(e) => Err(e),
+        },
+        "delete" => api::delete(state, access, alert_path())
+            .await
+            .map(|_| "alert deleted".into()),
+        "sample" => api::sample(state, access, alert_path())
+            .await
+            .map(|_| "test notification queued: it is delivered within 10 s".into()),
+        "slack" => match from_json(json!({"slack": form.hook()})) {
+            Ok(body) => api::update_slack(state, access, Body(body))
+                .await
+                .map(|_| "Slack saved".into()),
+            Err(e) => Err(e),
+        },
+        "webhook" => match from_json(json!({"webhooks": form.hook()})) {
+            Ok(body) => api::update_webhooks(state, access, Body(body))
+                .await
+                .map(|_| "webhook saved".into()),
+            Err(e) => Err(e),
+        },
+        "mine" => choose(&app, access, &session, &form)
+            .await
+            .map(|()| "your choices are saved".into()),
+        _ => Err(ApiError::not_found("no such form")),
+    };
+    back(&page, outcome)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// The member's own choices: notifications by mail, and reports.
+async fn choose(
+    app: &AppState,
+    access: BucketAccess,
+    session: &WebSession,
+    form: &AlertsForm,
+) -> Result<(), ApiError> {
+    let choice = api::ChoiceForm {
+        daily: Some(form.daily == "on"),
+        weekly: Some(form.weekly == "on"),
+    };
+    let bucket_id = access.bucket.id.clone();
+    let notify: buckets_api::NotifyForm = serde_json::from_value(json!({
+        "email": session.auth.user.email,
+        "state": if form.active == "on" { "email" } else { "none" },
+    }))
+    .unwrap_or_default();
+    let _ = buckets_api::manage_notif(State(app.clone()), access, Body(notify)).await?;
+    let access = BucketAccess::load(app, session.auth.clone(), &bucket_id).await?;
+    let _ = api::report_choice(State(app.clone()), access, Body(choice)).await?;
+    Ok(())
+}
+
+#[derive(Template)]
+#[template(path = "report.html")]
+struct ReportPage {
+    nav: Option<Nav>,
+    bucket: Bucket,
+    period: Period,
+    report: String,
+    flash: Flash,
+}
+
+#[derive(Deserialize)]
+pub struct ReportQuery {
+    period: Option<String>,
+}
+
+/// The bucket's daily or weekly report up to now.
+pub async fn report(
+    State(app): State<AppState>,
+    session: WebSession,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+    flash: Flashes,
+) -> Response {
+    let access = match access(&app, &session, &id).await {
+        Ok(access) => access,
+        Err(page) => return page,
+    };
+    let period = q
+        .period
+        .as_deref()
+        .and_then(Period::parse)
+        .unwrap_or(Period::Daily);
+    match reporter::build(&app, &access.bucket, period, now_ms()).await {
+        Ok(report) => render(&ReportPage {
+            nav: Some(Nav::from(&session)),
+            report: report.html(false),
+            bucket: access.bucket,
+            period,
+            flash: flash.0,
+        }),
+        Err(e) => error_page(&e.into()),
+    }
+}
