@@ -31,7 +31,10 @@ pub async fn every<F, Fut>(
         let now = now_ms();
         let slot = now / period_ms;
         match documents.claim_slot(name, slot).await {
-            Ok(true) => job(slot).await,
+            Ok(true) => {
+                tracing::debug!(job = name, slot, "period run here");
+                job(slot).await;
+            }
             Ok(false) => tracing::debug!(job = name, slot, "period already run by another node"),
             Err(e) => tracing::warn!(job = name, error = %e, "cannot claim the period; skipped"),
         }

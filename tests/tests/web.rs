@@ -607,7 +607,11 @@ async fn alerts_page_forms_rules_channels_and_choices() {
         let s = Session::start(
             &base,
             "/signup",
-            &[("username", "alma"), ("email", "alma@example.com"), ("password", PASSWORD)],
+            &[
+                ("username", "alma"),
+                ("email", "alma@example.com"),
+                ("password", PASSWORD),
+            ],
         )
         .await?;
         let b = s.create_bucket("shop").await?;
@@ -623,7 +627,10 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             ("pm2_action", "restart"),
         ];
         let (status, location) = s.post(&format!("{page}/create"), &rule, None).await?;
-        ensure!(status == 303 && location.starts_with(&page), "create: {status} {location}");
+        ensure!(
+            status == 303 && location.starts_with(&page),
+            "create: {status} {location}"
+        );
         let mut short = rule;
         short[4] = ("timerange", "30");
         let (_, refused) = s.post(&format!("{page}/create"), &short, None).await?;
@@ -637,7 +644,10 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             "notify, pm2_action",
             "between 60",
         ] {
-            ensure!(html.contains(expected), "{expected:?} not on the page:\n{html}");
+            ensure!(
+                html.contains(expected),
+                "{expected:?} not on the page:\n{html}"
+            );
         }
         let (status, _) = s
             .post(&format!("{page}/create"), &rule, Some("forged"))
@@ -650,14 +660,17 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             None,
         )
         .await?;
-        s.post(&format!("{page}/mine"), &[("daily", "on")], None).await?;
+        s.post(&format!("{page}/mine"), &[("daily", "on")], None)
+            .await?;
         let (_, html) = s.get(&page).await?;
         ensure!(html.contains("X-KM-Signature"), "no webhook secret shown");
         ensure!(
             html.contains(r#"name="daily" checked"#) && !html.contains(r#"name="active" checked"#),
             "choices not kept:\n{html}"
         );
-        let (status, html) = s.get(&format!("/buckets/{b}/reports?period=weekly")).await?;
+        let (status, html) = s
+            .get(&format!("/buckets/{b}/reports?period=weekly"))
+            .await?;
         ensure!(
             status == 200 && html.contains("weekly report") && html.contains("<svg"),
             "report page: {status}\n{html}"
