@@ -171,7 +171,7 @@ async fn serve_roles(
             background.push(tokio::spawn(workers::persist(app.clone())));
         }
         if roles.contains(&Role::Workers) {
-            background.extend(workers::spawn_role(&app));
+            background.extend(workers::spawn_role(app));
         }
     }
     tracing::info!(roles = ?roles, "km ready");

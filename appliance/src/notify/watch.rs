@@ -419,6 +419,7 @@ async fn deployments(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult
         .bucket_docs(bucket_id, REVISIONS)
         .await?
         .into_iter()
+        .filter_map(|(key, doc)| Some((key, serde_json::from_str(&doc).ok()?)))
         .collect();
     let (mut lines, mut items) = (Vec::new(), Vec::new());
     for (key, (server, app_name, revision)) in current {
