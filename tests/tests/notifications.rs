@@ -85,6 +85,18 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
             "after opting in: {states}"
         );
 
+        // The crash loop is told too (see the cluster test); here only issues are.
+        let channels = api
+            .post_ok(
+                &format!("/api/bucket/{b}/alerts/update"),
+                &json!({"triggers": {"restart_loop": false}}),
+            )
+            .await?;
+        ensure!(
+            channels["triggers"] == json!({"restart_loop": false}),
+            "{channels}"
+        );
+
         // One mail for the new issue to each of them, with the message and a link.
         let started = Instant::now();
         let mails = wait_mails(&smtp, 2, Duration::from_secs(45)).await?;
