@@ -14,15 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{App, AppState};
-use crate::notify::Outbox;
 use crate::notify::watch::{issues_new_in, servers_of};
+use crate::notify::{Outbox, choices};
 use crate::schedule;
-use crate::stores::{Bucket, Documents, EventKind, EventQuery, MetricQuery, StoreResult};
+use crate::stores::{Bucket, EventKind, EventQuery, MetricQuery, StoreResult};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
-/// Where members' choices are kept (bucket documents, by user id).
-const CHOICES: &str = "reports";
 const TOP: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,59 +60,6 @@ impl Period {
             Period::Weekly => DAY_MS,
         }
     }
-}
-
-/// A member's choice of reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Choice {
-    #[serde(default)]
-    pub daily: bool,
-    #[serde(default)]
-    pub weekly: bool,
-}
-
-impl Choice {
-    fn wants(self, period: Period) -> bool {
-        match period {
-            Period::Daily => self.daily,
-            Period::Weekly => self.weekly,
-        }
-    }
-}
-
-pub async fn choice(
-    documents: &dyn Documents,
-    bucket_id: &str,
-    user_id: &str,
-) -> StoreResult<Choice> {
-    Ok(choices(documents, bucket_id)
-        .await?
-        .remove(user_id)
-        .unwrap_or_default())
-}
-
-async fn choices(
-    documents: &dyn Documents,
-    bucket_id: &str,
-) -> StoreResult<BTreeMap<String, Choice>> {
-    Ok(documents
-        .bucket_docs(bucket_id, CHOICES)
-        .await?
-        .into_iter()
-        .filter_map(|(user, doc)| Some((user, serde_json::from_str(&doc).ok()?)))
-        .collect())
-}
-
-pub async fn set_choice(
-    documents: &dyn Documents,
-    bucket_id: &str,
-    user_id: &str,
-    choice: Choice,
-) -> StoreResult<()> {
-    let doc = json!(choice).to_string();
-    documents
-        .put_bucket_doc(bucket_id, CHOICES, user_id, &doc)
-        .await
 }
 
 /// A process's average over the period.
@@ -402,7 +347,7 @@ impl Report {
 /// Queues the report of `bucket` for the period ending at `end` to the members who chose
 /// it; answers how many.
 pub async fn send(app: &App, bucket: &Bucket, period: Period, end: i64) -> StoreResult<usize> {
-    let chosen = choices(app.documents.as_ref(), &bucket.id).await?;
+    let chosen = choices::all(app.documents.as_ref(), &bucket.id).await?;
     let recipients: Vec<String> = app
         .documents
         .bucket_members(&bucket.id)

@@ -660,12 +660,24 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             None,
         )
         .await?;
-        s.post(&format!("{page}/mine"), &[("daily", "on")], None)
+        let (status, location) = s
+            .post(
+                &format!("{page}/mine"),
+                &[("daily", "on"), ("kind_new_issue", "on")],
+                None,
+            )
             .await?;
+        ensure!(
+            status == 303 && location.contains("saved"),
+            "mine: {status} {location}"
+        );
         let (_, html) = s.get(&page).await?;
         ensure!(html.contains("X-KM-Signature"), "no webhook secret shown");
         ensure!(
-            html.contains(r#"name="daily" checked"#) && !html.contains(r#"name="active" checked"#),
+            html.contains(r#"name="daily" checked"#)
+                && !html.contains(r#"name="active" checked"#)
+                && html.contains(r#"name="kind_new_issue" checked"#)
+                && !html.contains(r#"name="kind_deployment" checked"#),
             "choices not kept:\n{html}"
         );
         let (status, html) = s

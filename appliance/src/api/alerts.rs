@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::ids::now_ms;
 use crate::notify::Outbox;
 use crate::notify::channels::{HookForm, Settings};
+use crate::notify::choices;
 use crate::reporter::{self, Period};
 use crate::stores::MemberRole;
 
@@ -267,11 +268,13 @@ pub async fn report_choice(
 ) -> ApiResult<Json<Value>> {
     let documents = app.documents.as_ref();
     let (bucket, user) = (&access.bucket.id, &access.auth.user.id);
-    let mut choice = reporter::choice(documents, bucket, user).await?;
+    let mut choice = choices::of(documents, bucket, user).await?;
     choice.daily = form.daily.unwrap_or(choice.daily);
     choice.weekly = form.weekly.unwrap_or(choice.weekly);
-    reporter::set_choice(documents, bucket, user, choice).await?;
-    Ok(Json(json!(choice)))
+    choices::save(documents, bucket, user, &choice).await?;
+    Ok(Json(
+        json!({"daily": choice.daily, "weekly": choice.weekly}),
+    ))
 }
 
 #[derive(Deserialize, Default)]

@@ -14,6 +14,7 @@ use crate::auth::UserAuth;
 use crate::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use crate::interactor::ws_url;
 use crate::limits;
+use crate::notify::choices;
 use crate::stores::{Bucket, Member, MemberRole, StoreError, User};
 
 /// A bucket the signed-in user is a member of, with their role.
@@ -225,25 +226,29 @@ pub async fn members(
     Ok(Json(app.documents.bucket_members(&access.bucket.id).await?))
 }
 
-/// `POST /api/bucket/:id/manage_notif` `{email, state}`: whether a member is mailed the
-/// bucket's notifications (`email`, `none`, or `default`: as their role has it). Members
-/// choose for themselves; admins for anyone. Answers every member's state.
+/// `POST /api/bucket/:id/manage_notif` `{email, state, kinds}`: whether a member is
+/// mailed the bucket's notifications (`state`: `email`, `none`, or `default`: as their
+/// role has it) and which kinds they mute (`kinds`: `{kind: false}`, `true` to unmute).
+/// Members choose for themselves; admins for anyone. Answers every member's state.
 pub async fn manage_notif(
     State(app): State<AppState>,
     access: BucketAccess,
     Body(form): Body<NotifyForm>,
 ) -> ApiResult<Json<Value>> {
     let notify = match form.state.as_str() {
-        "email" => Some(true),
-        "none" => Some(false),
-        "default" => None,
+        "email" => Some(Some(true)),
+        "none" => Some(Some(false)),
+        "default" => Some(None),
+        "" if form.kinds.is_some() => None,
         other => {
             return Err(ApiError::bad_request(format!(
                 "state: {other:?} is not email, none or default"
             )));
         }
     };
-    let members = app.documents.bucket_members(&access.bucket.id).await?;
+    let documents = app.documents.as_ref();
+    let bucket_id = &access.bucket.id;
+    let members = documents.bucket_members(bucket_id).await?;
     let wanted = form.email.trim();
     let target = members
         .iter()
@@ -252,19 +257,35 @@ pub async fn manage_notif(
     if target.user_id != access.auth.user.id {
         access.require(MemberRole::Admin, "choose for another member")?;
     }
-    app.documents
-        .set_member_notify(&access.bucket.id, &target.user_id, notify)
-        .await?;
-    let members = app.documents.bucket_members(&access.bucket.id).await?;
+    if let Some(kinds) = &form.kinds {
+        let mut choices = choices::of(documents, bucket_id, &target.user_id).await?;
+        let kinds = kinds.iter().map(|(kind, on)| (kind.as_str(), on.as_bool()));
+        let kinds: Option<Vec<(&str, bool)>> = kinds.map(|(k, on)| Some((k, on?))).collect();
+        let kinds = kinds.ok_or_else(|| ApiError::bad_request("kinds: {kind: true|false}"))?;
+        choices.set_kinds(kinds).map_err(ApiError::bad_request)?;
+        choices::save(documents, bucket_id, &target.user_id, &choices).await?;
+    }
+    if let Some(notify) = notify {
+        documents
+            .set_member_notify(bucket_id, &target.user_id, notify)
+            .await?;
+    }
+    let chosen = choices::all(documents, bucket_id).await?;
+    let members = documents.bucket_members(bucket_id).await?;
     Ok(Json(Value::Array(
         members
             .iter()
             .map(|m| {
+                let muted = chosen
+                    .get(&m.user_id)
+                    .map(|c| c.muted.clone())
+                    .unwrap_or_default();
                 json!({
                     "email": m.email,
                     "username": m.username,
                     "role": m.role.as_str(),
                     "state": if m.receives_mail() { "email" } else { "none" },
+                    "muted": muted,
                 })
             })
             .collect(),
@@ -275,9 +296,11 @@ pub async fn manage_notif(
 pub struct NotifyForm {
     /// Email or username of a member.
     #[serde(default)]
-    email: String,
+    pub email: String,
     #[serde(default)]
-    state: String,
+    pub state: String,
+    #[serde(default)]
+    pub kinds: Option<serde_json::Map<String, Value>>,
 }
 
 /// `GET /api/bucket/:id/current_role`.

@@ -7,7 +7,8 @@
 //! ([`crate::schedule::Episodes`]), so it is told once whichever node looks.
 //!
 //! A notification goes to every channel of the bucket ([`channels`]): mail (text and
-//! HTML, to the members who receive notifications), Slack, and a signed webhook. Each
+//! HTML, to the members who receive notifications and did not mute its kind:
+//! [`choices`]), Slack, and a signed webhook. Each
 //! channel's delivery is its own record: a failed one is tried again after 30 s, 1, 2
 //! and 4 minutes, then marked failed; `POST /api/bucket/:id/data/notifications` lists
 //! them with their state.
@@ -18,6 +19,7 @@
 //! `type` (see each kind in [`watch`] and [`crate::alerts`]).
 
 pub mod channels;
+pub mod choices;
 pub mod watch;
 
 use std::time::Duration;
@@ -31,7 +33,7 @@ use crate::app::{App, AppState};
 use crate::ids::{new_object_id, now_ms};
 use crate::schedule;
 use crate::setup::checks::smtp_transport;
-use crate::stores::{Bucket, Channel, Member, Notification, NotificationState, StoreResult};
+use crate::stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
 use channels::{Poster, Settings};
 
 const PERIOD: Duration = Duration::from_secs(10);
@@ -109,13 +111,18 @@ impl<'a> Outbox<'a> {
         if !self.settings.kind_on(event.kind) {
             return Ok(Vec::new());
         }
-        let recipients: Vec<String> = self
-            .app
-            .documents
+        let documents = self.app.documents.as_ref();
+        let chosen = choices::all(documents, &self.bucket.id).await?;
+        let recipients: Vec<String> = documents
             .bucket_members(&self.bucket.id)
             .await?
             .into_iter()
-            .filter(Member::receives_mail)
+            .filter(|m| {
+                m.receives_mail()
+                    && chosen
+                        .get(&m.user_id)
+                        .is_none_or(|c| c.receives(event.kind))
+            })
             .map(|m| m.email)
             .collect();
         let hooks = &self.settings.hooks;

@@ -19,7 +19,8 @@ use crate::api::error::ApiError;
 use crate::app::AppState;
 use crate::ids::now_ms;
 use crate::notify::channels::Settings;
-use crate::reporter::{self, Choice, Period};
+use crate::notify::choices::{self, Choices, KINDS};
+use crate::reporter::{self, Period};
 use crate::stores::{Bucket, MemberRole, Notification, StoreError};
 
 #[derive(Template)]
@@ -31,7 +32,9 @@ struct AlertsPage {
     rules: Vec<(Alert, usize)>,
     settings: Settings,
     mailed: bool,
-    reports: Choice,
+    /// The member's own choices, and every kind they can mute.
+    mine: Choices,
+    kinds: [(&'static str, &'static str); KINDS.len()],
     /// Each with its time, UTC.
     notifications: Vec<(String, Notification)>,
     flash: Flash,
@@ -61,7 +64,8 @@ async fn page_of(
         rules,
         settings: Settings::load(documents, bucket_id).await?,
         mailed,
-        reports: reporter::choice(documents, bucket_id, user).await?,
+        mine: choices::of(documents, bucket_id, user).await?,
+        kinds: KINDS,
         notifications: documents
             .notifications(bucket_id, 50)
             .await?
@@ -121,6 +125,25 @@ pub struct AlertsForm {
     daily: String,
     #[serde(default)]
     weekly: String,
+    /// The kinds the member receives (each checked `kind_<kind>` box).
+    #[serde(skip)]
+    kinds: Vec<String>,
+}
+
+impl AlertsForm {
+    /// The form from its fields in order (a field given twice: the last).
+    fn of(fields: Vec<(String, String)>) -> AlertsForm {
+        let kinds = fields
+            .iter()
+            .filter_map(|(name, _)| name.strip_prefix("kind_").map(str::to_string))
+            .collect();
+        let object: serde_json::Map<String, Value> = fields
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(v)))
+            .collect();
+        let form: AlertsForm = serde_json::from_value(Value::Object(object)).unwrap_or_default();
+        AlertsForm { kinds, ..form }
+    }
 }
 
 impl AlertsForm {
@@ -163,8 +186,9 @@ pub async fn action(
     State(app): State<AppState>,
     session: WebSession,
     Path((id, action)): Path<(String, String)>,
-    Form(form): Form<AlertsForm>,
+    Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
+    let form = AlertsForm::of(fields);
     if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
@@ -224,11 +248,20 @@ async fn choose(
         weekly: Some(form.weekly == "on"),
     };
     let bucket_id = access.bucket.id.clone();
-    let notify: buckets_api::NotifyForm = serde_json::from_value(json!({
-        "email": session.auth.user.email,
-        "state": if form.active == "on" { "email" } else { "none" },
-    }))
-    .unwrap_or_default();
+    let kinds: serde_json::Map<String, Value> = KINDS
+        .iter()
+        .map(|(kind, _)| {
+            (
+                kind.to_string(),
+                form.kinds.iter().any(|k| k == kind).into(),
+            )
+        })
+        .collect();
+    let notify = buckets_api::NotifyForm {
+        email: session.auth.user.email.clone(),
+        state: if form.active == "on" { "email" } else { "none" }.into(),
+        kinds: Some(kinds),
+    };
     let _ = buckets_api::manage_notif(State(app.clone()), access, Body(notify)).await?;
     let access = BucketAccess::load(app, session.auth.clone(), &bucket_id).await?;
     let _ = api::report_choice(State(app.clone()), access, Body(choice)).await?;
@@ -276,5 +309,23 @@ pub async fn report(
             flash: flash.0,
         }),
         Err(e) => error_page(&e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_form_keeps_its_checked_kinds() {
+        let fields = [("csrf", "t"), ("daily", "on"), ("kind_new_issue", "on")];
+        let form = AlertsForm::of(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        assert_eq!((form.csrf.as_str(), form.daily.as_str()), ("t", "on"));
+        assert_eq!(form.kinds, ["new_issue"]);
     }
 }
