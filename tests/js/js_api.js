@@ -9,7 +9,10 @@
 //   - km.data.logs.retrieve() answers an array (holding KM_LOG_NEEDLE when set),
 //   - km.actions.triggerPM2Action() restarts the app (restart_time goes up),
 //   - km.realtime.subscribe() + km.realtime.on('<public_id>:*:status') gets a status event
-//     of the server within 3 s.
+//     of the server within 3 s,
+//   - km.bucket.alert.* create, list, get, update, sample and delete a metric alert rule,
+//     updateWebhooks answers a signing secret, km.bucket.setNotificationState mutes the
+//     user's mail, and km.data.notifications.list lists the sample's delivery.
 // Every check runs (after the first, which proves the sign-in) and prints one line; the
 // script exits 1 naming every check that failed, 0 when all passed.
 //
@@ -216,7 +219,62 @@ async function main () {
     return processes ? `${processes.length} process(es)` : `keys ${show(Object.keys(payload))}`
   }, SUBSCRIBE_TIMEOUT_MS + REALTIME_STATUS_MS + STEP_TIMEOUT_MS)
 
+  // 6. Alerts and notifications.
+  await alerts(km)
+
   return finish()
+}
+
+async function alerts (km) {
+  const alert = km.bucket.alert
+  let id = null
+  await check('bucket.alert.create makes a metric rule', async () => {
+    const res = await alert.create(BUCKET_ID, {
+      name: 'js-api busy',
+      type: 'metric',
+      initiator: 'cpu',
+      options: { operator: '>', threshold: 95, timerange: 120 },
+      scope: { apps: [APP], servers: [] },
+      actions: [{ type: 'notify' }]
+    })
+    id = res.data && res.data._id
+    assert(id && res.data.options.timerange === 120, `create answered ${show(res.data)}`)
+    return id
+  })
+  if (!id) return
+  await check('bucket.alert.list and get show it', async () => {
+    const listed = (await alert.list(BUCKET_ID)).data
+    assert(Array.isArray(listed) && listed.some((a) => a._id === id), `list: ${show(listed)}`)
+    const got = (await alert.get(BUCKET_ID, id)).data
+    assert(got.name === 'js-api busy' && Array.isArray(got.firing), `get: ${show(got)}`)
+  })
+  await check('bucket.alert.updateAlert changes the threshold', async () => {
+    const res = await alert.updateAlert(BUCKET_ID, id, { options: { threshold: 99 } })
+    assert(res.data.options.threshold === 99 && res.data.options.timerange === 120, `update: ${show(res.data)}`)
+  })
+  await check('bucket.alert.updateWebhooks answers the signing secret', async () => {
+    const res = await alert.updateWebhooks(BUCKET_ID, { webhooks: { active: false, url: `${KM_URL}/no-hook` } })
+    const secret = res.data && res.data.webhooks && res.data.webhooks.secret
+    assert(typeof secret === 'string' && secret.length === 64, `updateWebhooks: ${show(res.data)}`)
+  })
+  await check('bucket.alert.triggerSample queues a test by mail', async () => {
+    const res = await alert.triggerSample(BUCKET_ID, id)
+    assert(res.data.success === true && res.data.channels.includes('email'), `sample: ${show(res.data)}`)
+  })
+  await check('data.notifications.list shows the sample', async () => {
+    const res = await km.data.notifications.list(BUCKET_ID, {})
+    assert(res.data.some((n) => n.kind === 'alert_sample' && n.channel === 'email'), `list: ${show(res.data)}`)
+  })
+  await check('bucket.setNotificationState stops the mail', async () => {
+    const me = (await km.bucket.retrieveUsers(BUCKET_ID)).data[0]
+    const res = await km.bucket.setNotificationState(BUCKET_ID, { email: me.email, state: 'none' })
+    assert(res.data.every((m) => m.state === 'none'), `setNotificationState: ${show(res.data)}`)
+  })
+  await check('bucket.alert.delete removes it', async () => {
+    await alert.delete(BUCKET_ID, id)
+    const listed = (await alert.list(BUCKET_ID)).data
+    assert(!listed.some((a) => a._id === id), `still listed: ${show(listed)}`)
+  })
 }
 
 process.on('unhandledRejection', (e) => {

@@ -2,7 +2,8 @@
 //! the real `km` with a real linked pm2 7.0.4 agent. The client side is the node script
 //! `tests/js/js_api.js`: it signs in with the user's refresh token (standalone strategy),
 //! lists buckets, reads status and logs, restarts the app through `actions/triggerPM2`, and
-//! subscribes to realtime (`/primus`) for the server's status events.
+//! subscribes to realtime (`/primus`) for the server's status events, then manages an alert
+//! rule, the webhook channel and its own notification state.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context, ensure};
