@@ -216,8 +216,21 @@ pub struct SecantusDb {
 }
 
 impl SecantusDb {
-    /// Starts it and waits until it accepts connections (15 s at most).
+    /// Starts it and waits until it listens (15 s at most). The port is picked free,
+    /// then bound by the server a moment later: another test may take it in between
+    /// (then what answers on the port is not the server, which exits), so readiness is
+    /// the server's own listening socket, and a server that exits is started again on
+    /// another port.
     pub fn start() -> Result<SecantusDb> {
+        for _ in 0..3 {
+            if let Some(server) = SecantusDb::start_once()? {
+                return Ok(server);
+            }
+        }
+        bail!("secantusd-py lost its port to another process three times")
+    }
+
+    fn start_once() -> Result<Option<SecantusDb>> {
         let dir = temp_dir("km-secantus-")?;
         let port = free_port()?;
         let child = Command::new("secantusd-py")
@@ -240,16 +253,17 @@ impl SecantusDb {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(st) = server.child.try_wait()? {
-                bail!("secantusd-py exited at start ({st})");
+        while !listens_on(server.child.id(), port) {
+            if server.child.try_wait()?.is_some() {
+                // Most likely the port was taken: a new one is tried.
+                return Ok(None);
             }
             if Instant::now() > deadline {
                 bail!("secantusd-py did not listen on 127.0.0.1:{port} within 15 s");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(server)
+        Ok(Some(server))
     }
 
     /// A connection string for `database`.
@@ -387,6 +401,30 @@ impl ScaleOut {
             ("KM_REDIS_URL".into(), self.redis.url()),
         ]
     }
+}
+
+/// Whether process `pid` holds a socket listening on TCP `port` (IPv4), read from
+/// `/proc/net/tcp` and the process's descriptors.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let suffix = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local address, state (0A: listening), inode
+            (f.len() > 9 && f[1].ends_with(&suffix) && f[3] == "0A")
+                .then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.to_string_lossy() == *i))
 }
 
 /// A real Elasticsearch-API server (osmem-server, `pip install osmem-server`, in memory)
