@@ -227,7 +227,7 @@ impl SecantusDb {
                 return Ok(server);
             }
         }
-        bail!("secantusd-py lost its port to another process three times")
+        bail!("secantusd-py exited at start three times (its port taken, or see its own errors)")
     }
 
     fn start_once() -> Result<Option<SecantusDb>> {
@@ -252,18 +252,9 @@ impl SecantusDb {
             port,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !listens_on(server.child.id(), port) {
-            if server.child.try_wait()?.is_some() {
-                // Most likely the port was taken: a new one is tried.
-                return Ok(None);
-            }
-            if Instant::now() > deadline {
-                bail!("secantusd-py did not listen on 127.0.0.1:{port} within 15 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Some(server))
+        let listening = wait_listening(&mut server.child, port, Duration::from_secs(15))
+            .context("secantusd-py")?;
+        Ok(listening.then_some(server))
     }
 
     /// A connection string for `database`.
@@ -301,7 +292,18 @@ impl Redis {
         Redis::start_with(Some(password))
     }
 
+    /// Started again on another port if it exits before it listens (its port taken by
+    /// another test between pick and bind).
     fn start_with(password: Option<&str>) -> Result<Redis> {
+        for _ in 0..3 {
+            if let Some(server) = Redis::start_once(password)? {
+                return Ok(server);
+            }
+        }
+        bail!("redis-server exited at start three times (its port taken, or see its own errors)")
+    }
+
+    fn start_once(password: Option<&str>) -> Result<Option<Redis>> {
         let dir = temp_dir("km-redis-")?;
         let port = free_port()?;
         let mut command = Command::new("redis-server");
@@ -335,17 +337,9 @@ impl Redis {
             password: password.map(str::to_string),
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(st) = server.child.try_wait()? {
-                bail!("redis-server exited at start ({st})");
-            }
-            if Instant::now() > deadline {
-                bail!("redis-server did not listen on 127.0.0.1:{port} within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(server)
+        let listening = wait_listening(&mut server.child, port, Duration::from_secs(10))
+            .context("redis-server")?;
+        Ok(listening.then_some(server))
     }
 
     /// `redis://127.0.0.1:<port>/`, with the password when it has one.
@@ -401,6 +395,22 @@ impl ScaleOut {
             ("KM_REDIS_URL".into(), self.redis.url()),
         ]
     }
+}
+
+/// Waits until `child` itself listens on `port` (not whatever answers there): true, or
+/// false when it exited first (most likely its port was taken between pick and bind).
+fn wait_listening(child: &mut Child, port: u16, within: Duration) -> Result<bool> {
+    let deadline = Instant::now() + within;
+    while !listens_on(child.id(), port) {
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if Instant::now() > deadline {
+            bail!("did not listen on 127.0.0.1:{port} within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(true)
 }
 
 /// Whether process `pid` holds a socket listening on TCP `port` (IPv4), read from
@@ -1848,21 +1858,6 @@ impl TestCa {
     }
 }
 
-/// Waits until `port` accepts connections, failing early when `child` exits.
-fn wait_listening(child: &mut Child, port: u16, what: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(st) = child.try_wait()? {
-            bail!("{what} exited at start ({st})");
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not listen on 127.0.0.1:{port} within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// A real ACME CA (Pebble, `apt-get install pebble`) on free loopback ports, its own
 /// HTTPS certificate signed by a test CA; killed on drop (its log shown on failure).
 pub struct Pebble {
@@ -1918,9 +1913,13 @@ impl Pebble {
             dir,
         };
         for p in [port, management] {
-            if let Err(e) = wait_listening(&mut pebble.child, p, "pebble", Duration::from_secs(10))
-            {
-                bail!("{e:#}\n--- pebble log ---\n{}", pebble.log());
+            match wait_listening(&mut pebble.child, p, Duration::from_secs(10)) {
+                Ok(true) => {}
+                Ok(false) => bail!(
+                    "pebble exited at start\n--- pebble log ---\n{}",
+                    pebble.log()
+                ),
+                Err(e) => bail!("pebble: {e:#}\n--- pebble log ---\n{}", pebble.log()),
             }
         }
         Ok(pebble)
