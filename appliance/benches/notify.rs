@@ -117,7 +117,8 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         runtime.block_on(async {
             for bucket in &buckets {
-                watch::bucket(&app, bucket, now + pass as i64 * 10_000, true).await?;
+                let end = now + pass as i64 * 10_000;
+                watch::bucket(&app, bucket, end - 10_000..end, true).await?;
             }
             anyhow::Ok(())
         })?;

@@ -445,16 +445,9 @@ async fn tell(
             link: process_link(outbox, &c.server, &c.app),
         })
         .collect();
-    let mail = Lines {
-        bucket: bucket.clone(),
-        heading,
-        lines,
-    };
-    let link = outbox.link("/alerts");
     outbox
-        .send(mail.event(kind, subject, items, link))
+        .send_lines(kind, (subject, heading), lines, items, "/alerts")
         .await
-        .map(drop)
 }
 
 /// The change in the bucket's events (`data/events`, the reports).

@@ -16,7 +16,7 @@ use crate::alerts::{self, Alert, AlertForm};
 use crate::app::AppState;
 use crate::ids::now_ms;
 use crate::notify::Outbox;
-use crate::notify::channels::{HookForm, Settings};
+use crate::notify::channels::{HookForm, Hooks, Settings};
 use crate::notify::choices;
 use crate::reporter::{self, Period};
 use crate::stores::MemberRole;
@@ -141,15 +141,7 @@ pub async fn update_slack(
     access: BucketAccess,
     Body(form): Body<SlackForm>,
 ) -> ApiResult<Json<Value>> {
-    let mut settings = admin_settings(&app, &access).await?;
-    settings
-        .hooks
-        .set_slack(&form.slack)
-        .map_err(ApiError::bad_request)?;
-    settings
-        .save_hooks(app.documents.as_ref(), &access.bucket.id)
-        .await?;
-    Ok(Json(channels_json(&settings)))
+    set_hook(&app, &access, |hooks| hooks.set_slack(&form.slack)).await
 }
 
 #[derive(Deserialize)]
@@ -164,11 +156,17 @@ pub async fn update_webhooks(
     access: BucketAccess,
     Body(form): Body<WebhooksForm>,
 ) -> ApiResult<Json<Value>> {
-    let mut settings = admin_settings(&app, &access).await?;
-    settings
-        .hooks
-        .set_webhook(&form.webhooks)
-        .map_err(ApiError::bad_request)?;
+    set_hook(&app, &access, |hooks| hooks.set_webhook(&form.webhooks)).await
+}
+
+/// Changes the bucket's hooks (admins), saves them, answers the channels.
+async fn set_hook(
+    app: &AppState,
+    access: &BucketAccess,
+    change: impl FnOnce(&mut Hooks) -> Result<(), String>,
+) -> ApiResult<Json<Value>> {
+    let mut settings = admin_settings(app, access).await?;
+    change(&mut settings.hooks).map_err(ApiError::bad_request)?;
     settings
         .save_hooks(app.documents.as_ref(), &access.bucket.id)
         .await?;

@@ -41,6 +41,10 @@ pub const PERIOD_MS: i64 = 10_000;
 /// Agents reconnect after km starts: servers are not judged before this.
 const SETTLE_MS: i64 = 60_000;
 const MAX_ATTEMPTS: u32 = 5;
+/// The end of the last window of events looked at (a claimed slot).
+const WINDOW_JOB: &str = "notify-window";
+/// How far back a pass reaches after passes were skipped.
+const MAX_CATCH_UP_MS: i64 = 60_000;
 const FIRST_RETRY_MS: i64 = 30_000;
 
 pub async fn run(app: AppState) {
@@ -53,17 +57,35 @@ pub async fn run(app: AppState) {
     .await;
 }
 
-/// One period: every bucket looked at, then every delivery due.
+/// One period: every bucket looked at, then every delivery due. The events read are
+/// those of the window since the last pass (by any node) up to a period ago (the writer
+/// batches), at most a minute: a pass that a loaded or restarted node skipped loses
+/// nothing.
 async fn pass(app: &App, poster: &Poster, slot: i64, settled: bool) {
+    let end = slot * PERIOD_MS - PERIOD_MS;
+    let start = match app.documents.latest_slots(WINDOW_JOB).await {
+        Ok(done) => done
+            .into_iter()
+            .find(|(job, _)| job == WINDOW_JOB)
+            .map_or(end - PERIOD_MS, |(_, last_end)| last_end),
+        Err(e) => {
+            tracing::warn!(error = %e, "notifications: cannot read the last window");
+            end - PERIOD_MS
+        }
+    }
+    .clamp(end - MAX_CATCH_UP_MS, end);
     match app.documents.all_buckets().await {
         Ok(buckets) => {
             for bucket in buckets {
-                if let Err(e) = watch::bucket(app, &bucket, slot * PERIOD_MS, settled).await {
+                if let Err(e) = watch::bucket(app, &bucket, start..end, settled).await {
                     tracing::warn!(bucket = %bucket.id, error = %e, "bucket not checked for notifications");
                 }
             }
         }
         Err(e) => tracing::warn!(error = %e, "notifications: cannot list the buckets"),
+    }
+    if let Err(e) = app.documents.claim_slot(WINDOW_JOB, end).await {
+        tracing::warn!(error = %e, "notifications: cannot record the window");
     }
     deliver_due(app, poster).await;
 }
@@ -136,6 +158,28 @@ impl<'a> Outbox<'a> {
         .collect();
         self.queue(&event, &channels, recipients).await?;
         Ok(channels)
+    }
+
+    /// Sends a lines-mail of `kind` (with the same facts for the hooks) when there are
+    /// lines; `path` is the dashboard page under the bucket it links to.
+    pub async fn send_lines(
+        &self,
+        kind: &'static str,
+        (subject, heading): (String, String),
+        lines: Vec<Line>,
+        items: Vec<Value>,
+        path: &str,
+    ) -> StoreResult<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mail = Lines {
+            bucket: self.bucket.name.clone(),
+            heading,
+            lines,
+        };
+        let event = mail.event(kind, subject, items, self.link(path));
+        self.send(event).await.map(drop)
     }
 
     /// Queues `event` as a mail to `recipients` only (reports).

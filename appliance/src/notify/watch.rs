@@ -10,12 +10,13 @@
 //! | `deployment` | an app's revision changed | `{server, app, from, to}` |
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use askama::Template;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Event, Line, Lines, Outbox, PERIOD_MS, clock, urlencode};
+use super::{Event, Line, Outbox, PERIOD_MS, clock, urlencode};
 use crate::alerts;
 use crate::api::data;
 use crate::api::insights::{self, Issue};
@@ -36,13 +37,18 @@ const LOOP_WINDOW_MS: i64 = 60_000;
 /// Where the last revision of each app is kept (bucket documents).
 const REVISIONS: &str = "revisions";
 
-/// One pass over a bucket at `now` (the start of the pass's period). Servers are judged
-/// only once agents had time to reconnect after km started (`settled`).
-pub async fn bucket(app: &App, bucket: &Bucket, now: i64, settled: bool) -> StoreResult<()> {
+/// One pass over a bucket: the events of `window` (it closed a period ago: the writer
+/// batches). Servers are judged only once agents had time to reconnect after km started
+/// (`settled`).
+pub async fn bucket(
+    app: &App,
+    bucket: &Bucket,
+    window: Range<i64>,
+    settled: bool,
+) -> StoreResult<()> {
     let outbox = Outbox::of(app, bucket).await?;
-    // The writer batches: a window is read once it closed a period ago.
-    let end = now - PERIOD_MS;
-    new_issues(&outbox, end - PERIOD_MS, end).await?;
+    let (end, now) = (window.end, window.end + PERIOD_MS);
+    new_issues(&outbox, window.start, end).await?;
     restart_loops(&outbox, end).await?;
     if settled {
         let servers = servers_of(app, &bucket.id).await;
@@ -219,29 +225,6 @@ pub fn process_link(outbox: &Outbox, server: &str, app_name: &str) -> String {
     ))
 }
 
-/// Sends one lines-mail of `kind` when there are lines.
-async fn send_lines(
-    outbox: &Outbox<'_>,
-    kind: &'static str,
-    (subject, heading): (String, String),
-    lines: Vec<Line>,
-    items: Vec<Value>,
-) -> StoreResult<()> {
-    if lines.is_empty() {
-        return Ok(());
-    }
-    let mail = Lines {
-        bucket: outbox.bucket.name.clone(),
-        heading,
-        lines,
-    };
-    let link = outbox.link("");
-    outbox
-        .send(mail.event(kind, subject, items, link))
-        .await
-        .map(drop)
-}
-
 /// `n server(s)` etc.
 fn counted(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -298,7 +281,7 @@ async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreRe
                 link: outbox.link(""),
             })
             .collect();
-        send_lines(outbox, kind, words, lines, items).await?;
+        outbox.send_lines(kind, words, lines, items, "").await?;
     }
     Ok(())
 }
@@ -330,7 +313,9 @@ async fn errored(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()>
         format!("[{bucket}] {what} errored"),
         format!("In {bucket}, {what} errored."),
     );
-    send_lines(outbox, "process_errored", words, lines, items).await
+    outbox
+        .send_lines("process_errored", words, lines, items, "")
+        .await
 }
 
 /// Apps that crashed [`LOOP_CRASHES`] times within a minute, told once per loop (the
@@ -389,7 +374,9 @@ async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
         format!("[{bucket}] {what} restarting in a loop"),
         format!("In {bucket}, {what} keep crashing and restarting."),
     );
-    send_lines(outbox, "restart_loop", words, lines, items).await
+    outbox
+        .send_lines("restart_loop", words, lines, items, "")
+        .await
 }
 
 /// Apps whose revision (pm2's versioning) changed since the last pass; an app seen the
@@ -444,7 +431,9 @@ async fn deployments(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult
         format!("[{bucket}] {what} deployed"),
         format!("In {bucket}, {what} now run a new revision."),
     );
-    send_lines(outbox, "deployment", words, lines, items).await
+    outbox
+        .send_lines("deployment", words, lines, items, "")
+        .await
 }
 
 fn short(revision: &str) -> &str {
