@@ -20,6 +20,14 @@ pub fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of an epoch ms.
+pub fn utc_text(ms: i64) -> String {
+    let rfc3339 = bson::DateTime::from_millis(ms)
+        .try_to_rfc3339_string()
+        .unwrap_or_default();
+    rfc3339.get(..19).unwrap_or_default().replace('T', " ")
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

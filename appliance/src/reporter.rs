@@ -6,7 +6,6 @@
 //! end time (`at`).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use askama::Template;
@@ -14,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{App, AppState};
+use crate::ids::utc_text;
 use crate::notify::watch::{issues_new_in, servers_of};
 use crate::notify::{Outbox, choices};
 use crate::schedule;
@@ -226,8 +226,25 @@ impl Series {
     }
 }
 
-/// A bar chart of `series` over `[start, end)` in steps of `step`, as SVG (steps
-/// without a point are empty bars).
+/// A bar chart as SVG (askama escapes the title and unit).
+#[derive(Template)]
+#[template(path = "mail/chart.svg", escape = "html")]
+struct Chart<'a> {
+    title: &'a str,
+    unit: &'a str,
+    max: f64,
+    bars: Vec<Bar>,
+}
+
+struct Bar {
+    x: f64,
+    y: f64,
+    width: f64,
+    height: f64,
+}
+
+/// A bar chart of `series` over `[start, end)` in steps of `step` (steps without a
+/// point are empty bars), scaled to the largest value.
 pub fn svg(series: &Series, start: i64, end: i64, step: i64) -> String {
     const W: f64 = 480.0;
     const H: f64 = 96.0;
@@ -235,62 +252,35 @@ pub fn svg(series: &Series, start: i64, end: i64, step: i64) -> String {
     let values: BTreeMap<i64, f64> = series.points.iter().copied().collect();
     let max = values.values().copied().fold(0.0_f64, f64::max);
     let bar = W / n as f64;
-    let mut out = format!(
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{}" viewBox="0 0 {W} {}" role="img"><title>{}</title><rect width="{W}" height="{H}" fill="#f4f6fa"/>"##,
-        H + 14.0,
-        H + 14.0,
-        askama_escape(&series.title)
-    );
-    for i in 0..n {
-        let at = start + i * step;
-        let v = values
-            .get(&(at - at.rem_euclid(step)))
-            .copied()
-            .unwrap_or(0.0);
-        let h = if max > 0.0 { v / max * (H - 4.0) } else { 0.0 };
-        let _ = write!(
-            out,
-            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{h:.1}" fill="#3867d6"/>"##,
-            i as f64 * bar + 1.0,
-            H - h,
-            (bar - 2.0).max(1.0)
-        );
+    let bars = (0..n)
+        .map(|i| {
+            let at = start + i * step;
+            let v = values
+                .get(&(at - at.rem_euclid(step)))
+                .copied()
+                .unwrap_or(0.0);
+            let height = if max > 0.0 { v / max * (H - 4.0) } else { 0.0 };
+            Bar {
+                x: i as f64 * bar + 1.0,
+                y: H - height,
+                width: (bar - 2.0).max(1.0),
+                height,
+            }
+        })
+        .collect();
+    Chart {
+        title: &series.title,
+        unit: &series.unit,
+        max,
+        bars,
     }
-    let _ = write!(
-        out,
-        r##"<text x="0" y="{}" font-size="11" fill="#667">max {max:.1}{}</text></svg>"##,
-        H + 12.0,
-        askama_escape(&series.unit)
-    );
-    out
-}
-
-fn askama_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    .render()
+    .unwrap_or_default()
 }
 
 /// `YYYY-MM-DD HH:MM` UTC of an epoch ms.
 pub fn date_time(ms: i64) -> String {
-    let days = ms.div_euclid(DAY_MS);
-    let (y, m, d) = civil_from_days(days);
-    let s = ms.rem_euclid(DAY_MS) / 1000;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", s / 3600, s / 60 % 60)
-}
-
-/// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian, UTC).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    utc_text(ms).get(..16).unwrap_or_default().to_string()
 }
 
 /// The report as a page fragment and a mail: numbers, tables, charts.
@@ -456,6 +446,6 @@ mod tests {
         assert_eq!(svg.matches("<rect ").count(), 1 + 24);
         assert!(svg.contains("height=\"92.0\""), "{svg}");
         assert!(svg.contains("height=\"46.0\""), "{svg}");
-        assert!(svg.contains("Restarts &lt;x&gt;") && svg.contains("max 4.0"));
+        assert!(svg.contains("Restarts &#60;x&#62;") && svg.contains("max 4.0"));
     }
 }

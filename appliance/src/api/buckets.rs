@@ -18,6 +18,7 @@ use crate::notify::choices;
 use crate::stores::{Bucket, Member, MemberRole, StoreError, User};
 
 /// A bucket the signed-in user is a member of, with their role.
+#[derive(Clone)]
 pub struct BucketAccess {
     pub bucket: Bucket,
     pub role: MemberRole,

@@ -22,6 +22,7 @@ pub mod channels;
 pub mod choices;
 pub mod watch;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use askama::Template;
@@ -34,7 +35,7 @@ use crate::ids::{new_object_id, now_ms};
 use crate::schedule;
 use crate::setup::checks::smtp_transport;
 use crate::stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
-use channels::{Poster, Settings};
+use channels::{Hooks, Poster, Settings};
 
 const PERIOD: Duration = Duration::from_secs(10);
 pub const PERIOD_MS: i64 = 10_000;
@@ -282,23 +283,6 @@ impl Lines {
     }
 }
 
-/// `HH:MM:SS` of an epoch ms.
-pub fn clock(ms: i64) -> String {
-    let s = ms.div_euclid(1000).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-}
-
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Tries every due delivery once; records the outcome.
 async fn deliver_due(app: &App, poster: &Poster) {
     let due = match app.documents.due_notifications(now_ms(), 100).await {
@@ -308,10 +292,25 @@ async fn deliver_due(app: &App, poster: &Poster) {
             return;
         }
     };
+    // Each bucket's hooks as they are now (they may have changed or been turned off
+    // since the notification was queued), read once per pass.
+    let mut hooks: HashMap<String, Result<Hooks, String>> = HashMap::new();
     for mut n in due {
         let outcome = match n.channel {
             Channel::Email => mail(app, &n).await,
-            Channel::Slack | Channel::Webhook => post(app, poster, &n).await,
+            Channel::Slack | Channel::Webhook => {
+                if !hooks.contains_key(&n.bucket_id) {
+                    let loaded = Settings::load(app.documents.as_ref(), &n.bucket_id)
+                        .await
+                        .map(|s| s.hooks)
+                        .map_err(|e| format!("cannot read the bucket's channels: {e}"));
+                    hooks.insert(n.bucket_id.clone(), loaded);
+                }
+                match &hooks[&n.bucket_id] {
+                    Ok(bucket_hooks) => post(poster, bucket_hooks, &n).await,
+                    Err(e) => Err(e.clone()),
+                }
+            }
         };
         n.attempts += 1;
         match outcome {
@@ -337,13 +336,8 @@ async fn deliver_due(app: &App, poster: &Poster) {
     }
 }
 
-/// Slack or the webhook, with the bucket's hook as it is now (it may have changed or
-/// been turned off since the notification was queued).
-async fn post(app: &App, poster: &Poster, n: &Notification) -> Result<(), String> {
-    let settings = Settings::load(app.documents.as_ref(), &n.bucket_id)
-        .await
-        .map_err(|e| format!("cannot read the bucket's channels: {e}"))?;
-    let hooks = settings.hooks;
+/// Slack or the webhook, with the bucket's `hooks`.
+async fn post(poster: &Poster, hooks: &Hooks, n: &Notification) -> Result<(), String> {
     match n.channel {
         Channel::Slack => {
             let link = n.payload["link"].as_str().unwrap_or_default();

@@ -16,14 +16,15 @@ use askama::Template;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Event, Line, Outbox, PERIOD_MS, clock, urlencode};
+use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
 use crate::api::data;
 use crate::api::insights::{self, Issue};
 use crate::app::App;
-use crate::ids::now_ms;
+use crate::ids::{now_ms, utc_text};
 use crate::schedule::Episodes;
 use crate::stores::{Bucket, EventKind, EventQuery, StoreResult};
+use crate::web::process::page_path;
 
 /// A server silent this long is offline.
 const OFFLINE_AFTER_MS: i64 = 90_000;
@@ -218,11 +219,8 @@ impl IssueLine {
 }
 
 pub fn process_link(outbox: &Outbox, server: &str, app_name: &str) -> String {
-    outbox.link(&format!(
-        "/servers/{}/apps/{}",
-        urlencode(server),
-        urlencode(app_name)
-    ))
+    let path = page_path(&outbox.bucket.id, server, app_name);
+    format!("{}{path}", outbox.app.public_url)
 }
 
 /// `n server(s)` etc.
@@ -276,7 +274,10 @@ async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreRe
         let lines = servers
             .into_iter()
             .map(|(name, since)| Line {
-                detail: format!("{detail} {} UTC", clock(since)),
+                detail: format!(
+                    "{detail} {} UTC",
+                    utc_text(since).get(11..).unwrap_or_default()
+                ),
                 name,
                 link: outbox.link(""),
             })

@@ -90,10 +90,7 @@ pub fn parse_urls(value: &str) -> Result<Vec<Url>, String> {
 
 /// The day of `at` as in index names: `2026.11.22`.
 fn day(at: i64) -> String {
-    let midnight = at - at.rem_euclid(DAY_MS);
-    let date = bson::DateTime::from_millis(midnight)
-        .try_to_rfc3339_string()
-        .unwrap_or_default();
+    let date = crate::ids::utc_text(at - at.rem_euclid(DAY_MS));
     date.get(..10).unwrap_or("1970-01-01").replace('-', ".")
 }
 

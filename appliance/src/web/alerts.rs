@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::buckets::access;
+use super::process::parse;
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::alerts::{self, Alert};
 use crate::api::Body;
@@ -212,13 +213,13 @@ pub async fn action(
         "sample" => api::sample(state, access, alert_path())
             .await
             .map(|_| "test notification queued: it is delivered within 10 s".into()),
-        "slack" => match from_json(json!({"slack": form.hook()})) {
+        "slack" => match parse(json!({"slack": form.hook()})) {
             Ok(body) => api::update_slack(state, access, Body(body))
                 .await
                 .map(|_| "Slack saved".into()),
             Err(e) => Err(e),
         },
-        "webhook" => match from_json(json!({"webhooks": form.hook()})) {
+        "webhook" => match parse(json!({"webhooks": form.hook()})) {
             Ok(body) => api::update_webhooks(state, access, Body(body))
                 .await
                 .map(|_| "webhook saved".into()),
@@ -232,10 +233,6 @@ pub async fn action(
     back(&page, outcome)
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, ApiError> {
-    serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
 /// The member's own choices: notifications by mail, and reports.
 async fn choose(
     app: &AppState,
@@ -247,7 +244,6 @@ async fn choose(
         daily: Some(form.daily == "on"),
         weekly: Some(form.weekly == "on"),
     };
-    let bucket_id = access.bucket.id.clone();
     let kinds: serde_json::Map<String, Value> = KINDS
         .iter()
         .map(|(kind, _)| {
@@ -262,8 +258,7 @@ async fn choose(
         state: if form.active == "on" { "email" } else { "none" }.into(),
         kinds: Some(kinds),
     };
-    let _ = buckets_api::manage_notif(State(app.clone()), access, Body(notify)).await?;
-    let access = BucketAccess::load(app, session.auth.clone(), &bucket_id).await?;
+    let _ = buckets_api::manage_notif(State(app.clone()), access.clone(), Body(notify)).await?;
     let _ = api::report_choice(State(app.clone()), access, Body(choice)).await?;
     Ok(())
 }

@@ -9,7 +9,7 @@ mod account;
 mod alerts;
 mod assets;
 mod buckets;
-mod process;
+pub mod process;
 
 use askama::Template;
 use axum::Router;

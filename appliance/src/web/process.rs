@@ -319,11 +319,13 @@ pub async fn action(
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
+/// A form built as JSON, read as the API route's body (a bad field is a 400).
+pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
-fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
+/// The process page of `app` on `server`.
+pub fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
     format!(
         "/buckets/{bucket_id}/servers/{}/apps/{}",
         urlencode(server),
