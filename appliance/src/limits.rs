@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::app::App;
 use crate::ids::now_ms;
 use crate::interactor::session::Session;
-use crate::stores::{CommandSink, ParkedServer, ServerProcesses, StoreResult};
+use crate::stores::{ParkedServer, ServerProcesses, StoreResult};
 
 /// Modules that are free: not counted.
 pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];
@@ -109,22 +109,31 @@ impl From<ParkedServer> for Parked {
 
 /// The processes of every connected server, on every node, except `except`.
 async fn in_use(app: &App, except: Option<(&str, &str)>) -> StoreResult<u32> {
-    let mut servers = app.sessions.processes();
-    servers.extend(app.bus.remote_processes().await?);
-    // A server that just moved to another node may be reported twice: once is enough.
-    servers.sort_by(|a, b| {
+    let local = app.sessions.processes_in_use(except);
+    let mut remote = app.bus.remote_processes().await?;
+    remote.retain(|s| except != Some((s.bucket_id.as_str(), s.server_name.as_str())));
+    // A server that just moved between nodes may be reported by both: once is enough.
+    remote.sort_by(|a, b| {
         (&a.bucket_id, &a.server_name, b.processes).cmp(&(
             &b.bucket_id,
             &b.server_name,
             a.processes,
         ))
     });
-    servers.dedup_by(|a, b| a.bucket_id == b.bucket_id && a.server_name == b.server_name);
-    Ok(servers
+    remote.dedup_by(|a, b| a.bucket_id == b.bucket_id && a.server_name == b.server_name);
+    let remote: u64 = remote
         .iter()
-        .filter(|s| except != Some((s.bucket_id.as_str(), s.server_name.as_str())))
-        .map(|s: &ServerProcesses| s.processes)
-        .sum())
+        .map(|s: &ServerProcesses| {
+            let here = app
+                .sessions
+                .get(&s.bucket_id, &s.server_name)
+                .filter(|session| session.online())
+                .and_then(|session| session.counted_processes())
+                .unwrap_or(0);
+            u64::from(s.processes.saturating_sub(here))
+        })
+        .sum();
+    Ok(u32::try_from(local + remote).unwrap_or(u32::MAX))
 }
 
 /// The appliance's usage (the parked servers of `bucket_id` only, if given).

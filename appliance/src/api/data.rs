@@ -83,7 +83,7 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
             .get(&record.server_name)
             .is_some_and(|(held, _)| *held >= rank);
         if only.is_none_or(|name| name == record.server_name) && !held {
-            let view = Session::offline(&record).to_json();
+            let view = Session::offline(&record, Default::default()).to_json();
             servers.insert(record.server_name, (rank, view));
         }
     }

@@ -8,6 +8,7 @@
 //! data. Only changed values cost anything on the hot path.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use serde_json::Value;
 
@@ -23,6 +24,12 @@ fn minute_of(t: i64) -> i64 {
 
 /// A series of a [`MetricSampler`].
 pub type SeriesId = usize;
+
+type SeriesKey = (Box<str>, i64, Box<str>);
+
+fn key_of(app: &str, pm_id: i64, name: &str) -> SeriesKey {
+    (app.into(), pm_id, name.into())
+}
 
 /// Where a metric point belongs: (bucket id, server name).
 pub type Scope<'a> = (&'a str, &'a str);
@@ -177,6 +184,9 @@ pub fn metric_path(pointer: &str) -> MetricPath<'_> {
 #[derive(Debug, Default)]
 pub struct MetricSampler {
     series: Vec<Series>,
+    /// Each series by (app, pm_id, metric): a status with thousands of processes is
+    /// loaded in linear time.
+    index: HashMap<SeriesKey, usize, foldhash::fast::RandomState>,
     slots: Vec<Slot>,
     /// Where `load` expects the next series: a full status lists metrics in the order it
     /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
@@ -252,7 +262,7 @@ impl MetricSampler {
         let is = |s: &Series| s.pm_id == pm_id && s.name == name && s.app_name == app;
         let found = match self.series.get(self.cursor) {
             Some(s) if is(s) => Some(self.cursor),
-            _ => self.series.iter().position(is),
+            _ => self.index.get(&key_of(app, pm_id, name)).copied(),
         };
         if let Some(id) = found {
             self.series[id].set(value, now, out, scope);
@@ -260,6 +270,8 @@ impl MetricSampler {
             return id;
         }
         let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
+        self.index
+            .insert(key_of(app, pm_id, name), self.series.len());
         self.series.push(Series {
             app_name: app.to_string(),
             pm_id,
@@ -297,6 +309,12 @@ impl MetricSampler {
             kept += usize::from(keep);
             keep
         });
+        self.index = self
+            .series
+            .iter()
+            .enumerate()
+            .map(|(id, s)| (key_of(&s.app_name, s.pm_id, &s.name), id))
+            .collect();
         for slot in &mut self.slots {
             for id in slot
                 .cpu
@@ -356,6 +374,7 @@ impl MetricSampler {
             series.emit(out, scope);
         }
         self.series.clear();
+        self.index.clear();
         self.slots.clear();
     }
 }

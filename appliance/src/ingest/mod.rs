@@ -1,9 +1,11 @@
 //! Persistence of what agents send: statuses applied to sessions with their metrics
 //! sampled per minute, and events handed to the batched writer.
 
+pub mod budget;
 pub mod metrics;
 pub mod writer;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -13,8 +15,10 @@ pub use metrics::MetricSampler;
 pub use writer::EventWriter;
 
 use crate::interactor::Session;
-use crate::interactor::session::PatchOp;
+use crate::interactor::meter::InFlight;
+use crate::interactor::session::{PatchFailure, PatchOp};
 use crate::stores::EventRecord;
+use budget::Over;
 
 /// Counters of the ingest path, shown in `/healthz`.
 #[derive(Debug, Default, Serialize)]
@@ -24,11 +28,30 @@ pub struct IngestCounters {
     pub patches_failed: AtomicU64,
     pub events: AtomicU64,
     pub malformed_frames: AtomicU64,
+    /// Full statuses over a budget (their socket is closed with 1008).
+    pub statuses_refused: AtomicU64,
+    /// Patches over a budget (the agent is asked for a full status).
+    pub patches_refused: AtomicU64,
+    /// Frames over `MAX_FRAME_BYTES` (their socket is closed with 1009).
+    pub frames_too_large: AtomicU64,
+    /// Frames that found the in-flight budget spent (their socket is closed with 1013).
+    pub frames_refused_busy: AtomicU64,
+}
+
+/// Why a status frame was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusRefusal {
+    #[error("the status is not a JSON object")]
+    Malformed,
+    #[error(transparent)]
+    Over(#[from] Over),
 }
 
 pub struct Ingest {
     pub writer: EventWriter,
     pub counters: IngestCounters,
+    /// Bytes of agent frames this node holds now (see [`budget::MAX_IN_FLIGHT_BYTES`]).
+    pub in_flight: Arc<InFlight>,
 }
 
 impl Ingest {
@@ -36,36 +59,63 @@ impl Ingest {
         Ingest {
             writer,
             counters: IngestCounters::default(),
+            in_flight: Arc::default(),
         }
     }
 
-    /// A full status; false when the payload is not a status object.
-    pub fn apply_status(&self, session: &Session, payload: &str, now: i64) -> bool {
+    /// A full status, applied unless it is malformed or over a budget.
+    pub fn apply_status(
+        &self,
+        session: &Session,
+        payload: &str,
+        now: i64,
+    ) -> Result<(), StatusRefusal> {
         let status = match serde_json::from_str::<Value>(payload) {
             Ok(status @ Value::Object(_)) => status,
-            _ => return false,
+            _ => {
+                self.count_malformed();
+                return Err(StatusRefusal::Malformed);
+            }
         };
         let mut points = Vec::new();
-        session.apply_status(status, now, &mut points);
+        let applied = session.apply_status(status, now, &mut points);
         self.writer.metrics(points);
+        if let Err(over) = applied {
+            self.counters
+                .statuses_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(over.into());
+        }
         self.counters.statuses.fetch_add(1, Ordering::Relaxed);
-        true
+        Ok(())
     }
 
-    /// A status patch; false when it does not apply (the agent must resend).
-    pub fn apply_patch(&self, session: &Session, payload: &str, now: i64) -> bool {
+    /// A status patch; when it does not apply the agent must resend a full status.
+    pub fn apply_patch(
+        &self,
+        session: &Session,
+        payload: &str,
+        now: i64,
+    ) -> Result<(), PatchFailure> {
         self.counters.patches.fetch_add(1, Ordering::Relaxed);
+        let mut points = Vec::new();
         let applied = serde_json::from_str::<Vec<PatchOp>>(payload)
-            .ok()
-            .and_then(|patch| {
-                let mut points = Vec::new();
-                session.apply_patch(patch, now, &mut points).ok()?;
-                self.writer.metrics(points);
-                Some(())
+            .map_err(|e| PatchFailure::Invalid {
+                index: 0,
+                reason: format!("not a JSON Patch: {e}"),
             })
-            .is_some();
-        if !applied {
-            self.counters.patches_failed.fetch_add(1, Ordering::Relaxed);
+            .and_then(|patch| session.apply_patch(patch, now, &mut points));
+        self.writer.metrics(points);
+        match &applied {
+            Ok(()) => {}
+            Err(PatchFailure::Over(_)) => {
+                self.counters
+                    .patches_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters.patches_failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         applied
     }

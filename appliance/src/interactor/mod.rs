@@ -3,12 +3,14 @@
 //! commands come back through the bus.
 
 pub mod frames;
+pub mod meter;
 pub mod session;
 mod socket;
 
 use axum::Json;
+use axum::extract::Request;
 use axum::extract::State;
-use axum::extract::ws::WebSocketUpgrade;
+use axum::http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,13 +23,8 @@ use crate::limits;
 use crate::stores::Bucket;
 
 pub use session::{Session, Sessions};
-pub use socket::receive;
+pub use socket::{Received, receive};
 
-/// Largest frame accepted from an agent (heap dumps arrive in one frame).
-const MAX_FRAME_BYTES: usize = 256 << 20;
-/// Read buffer per agent socket: frames are ~2 KB; larger ones still arrive whole (the
-/// default, 128 KiB per socket, costs 256 MB for 2,000 agents).
-const READ_BUFFER_BYTES: usize = 16 << 10;
 /// Longest machine name accepted.
 const MAX_SERVER_NAME: usize = 255;
 
@@ -170,16 +167,43 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Refusal> {
         .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, format!("missing {name} header")))
 }
 
+/// The `Sec-WebSocket-Accept` answer to a websocket upgrade request (RFC 6455 4.2.1).
+fn websocket_accept(headers: &HeaderMap) -> Result<String, Refusal> {
+    let has_token = |name, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(CONNECTION, "upgrade") || !has_token(UPGRADE, "websocket") {
+        return Err(Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "/interaction is the agents' websocket: connect with `pm2 link`",
+        ));
+    }
+    if headers
+        .get("sec-websocket-version")
+        .is_none_or(|v| v != "13")
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "websocket version 13 is required",
+        ));
+    }
+    let key = headers
+        .get(SEC_WEBSOCKET_KEY)
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
+    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+}
+
 /// `GET /interaction`: the agent's websocket, authenticated before the upgrade.
-pub async fn interaction(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+pub async fn interaction(State(app): State<AppState>, mut request: Request) -> Response {
+    let headers = request.headers();
     let checked = async {
-        let public_id = header(&headers, "x-km-public")?;
-        let secret_id = header(&headers, "x-km-secret")?;
-        let server_name = header(&headers, "x-km-server")?;
+        let accept = websocket_accept(headers)?;
+        let public_id = header(headers, "x-km-public")?;
+        let secret_id = header(headers, "x-km-secret")?;
+        let server_name = header(headers, "x-km-server")?;
         if server_name.len() > MAX_SERVER_NAME || server_name.chars().any(char::is_control) {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -190,15 +214,27 @@ pub async fn interaction(
         limits::may_connect(&app, &bucket.id, server_name)
             .await
             .map_err(|reason| Refusal::new(StatusCode::FORBIDDEN, reason))?;
-        Ok((bucket.id, server_name.to_string()))
+        Ok((accept, bucket.id, server_name.to_string()))
     }
     .await;
-    match checked {
-        Ok((bucket_id, server_name)) => upgrade
-            .max_message_size(MAX_FRAME_BYTES)
-            .max_frame_size(MAX_FRAME_BYTES)
-            .read_buffer_size(READ_BUFFER_BYTES)
-            .on_upgrade(move |socket| socket::run(socket, app, bucket_id, server_name)),
-        Err(refusal) => refusal.into_response(),
-    }
+    let (accept, bucket_id, server_name) = match checked {
+        Ok(checked) => checked,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => socket::accept(upgraded, app, bucket_id, server_name).await,
+            Err(e) => tracing::debug!(error = %e, server = %server_name, "agent upgrade failed"),
+        }
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (CONNECTION, "upgrade".to_string()),
+            (UPGRADE, "websocket".to_string()),
+            (SEC_WEBSOCKET_ACCEPT, accept),
+        ],
+    )
+        .into_response()
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
@@ -21,6 +21,10 @@ use jsonptr::{Pointer, PointerBuf};
 use serde::Deserialize;
 
 use crate::ingest::MetricSampler;
+use crate::ingest::budget::{
+    self, MAX_METRICS, MAX_PATCH_OPS, MAX_PATCH_WORK, MAX_PROCESSES, MAX_STATUS_DEPTH, Over, Size,
+    Work, measure, own_size,
+};
 use crate::ingest::metrics::{MetricPath, Scope, SeriesId, metric_path};
 use crate::stores::{
     AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord,
@@ -42,8 +46,12 @@ pub struct Live {
     /// The agent's latest full status payload; patches are applied, except the values
     /// still in `leaves` (read it through [`Live::status`]).
     status: Option<Value>,
+    /// The status's size, kept within its budgets (see [`crate::ingest::budget`]).
+    size: Size,
     leaves: Leaves,
     last_update: i64,
+    /// Its processes that count against the licence, from its latest status.
+    counted: Option<u32>,
     sampler: MetricSampler,
     /// Changed since last persisted.
     dirty: bool,
@@ -65,6 +73,8 @@ struct Leaves {
 struct Leaf {
     value: Option<Value>,
     series: Option<SeriesId>,
+    /// What the current value counts in the status's size.
+    bytes: usize,
 }
 
 impl Leaves {
@@ -113,11 +123,27 @@ impl Live {
     }
 }
 
+/// The processes that the connected servers of this node count against the licence, kept
+/// as servers change (a reconnect storm would otherwise count every session per server).
+#[derive(Debug, Default)]
+pub struct Tally(AtomicU64);
+
+impl Tally {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 pub struct Session {
     pub bucket_id: String,
     pub server_name: String,
     pub live: Mutex<Live>,
     sockets: Mutex<Vec<SocketLink>>,
+    tally: Arc<Tally>,
+    /// What this server adds to `tally` now (nothing while offline).
+    in_tally: Mutex<u32>,
+    /// When a refusal of its frames was last logged (epoch ms).
+    refusal_logged: AtomicI64,
     /// Its bucket was disabled: its sockets close (woken by `eviction`, or at their next
     /// ping if they were busy).
     evicted: std::sync::atomic::AtomicBool,
@@ -125,25 +151,66 @@ pub struct Session {
 }
 
 impl Session {
-    fn new(bucket_id: &str, server_name: &str, live: Live) -> Self {
+    fn new(bucket_id: &str, server_name: &str, live: Live, tally: Arc<Tally>) -> Self {
         Session {
             bucket_id: bucket_id.to_string(),
             server_name: server_name.to_string(),
             live: Mutex::new(live),
             sockets: Mutex::new(Vec::new()),
+            tally,
+            in_tally: Mutex::new(0),
+            refusal_logged: AtomicI64::new(i64::MIN),
             evicted: std::sync::atomic::AtomicBool::new(false),
             eviction: tokio::sync::Notify::new(),
         }
     }
 
     /// A server as last persisted, not connected.
-    pub fn offline(record: &ServerRecord) -> Session {
+    pub fn offline(record: &ServerRecord, tally: Arc<Tally>) -> Session {
+        // Saved by an older km, a status over today's budgets is not shown.
+        let status = serde_json::from_str::<Value>(&record.status_json)
+            .ok()
+            .and_then(|status| Some((budget::check_status(&status).ok()?, status)));
         let live = Live {
-            status: serde_json::from_str(&record.status_json).ok(),
+            size: status.as_ref().map(|(size, _)| *size).unwrap_or_default(),
+            counted: status
+                .as_ref()
+                .map(|(_, status)| crate::limits::counted_processes(status)),
+            status: status.map(|(_, status)| status),
             last_update: record.last_update,
             ..Live::default()
         };
-        Session::new(&record.bucket_id, &record.server_name, live)
+        Session::new(&record.bucket_id, &record.server_name, live, tally)
+    }
+
+    /// Brings this server's share of the licence tally up to date (after its status or
+    /// its sockets changed).
+    fn retally(&self) {
+        let mut in_tally = self.in_tally.lock();
+        let now = if self.online() {
+            self.live.lock().counted.unwrap_or(0)
+        } else {
+            0
+        };
+        let total = &self.tally.0;
+        total.fetch_add(u64::from(now), Ordering::AcqRel);
+        total.fetch_sub(u64::from(*in_tally), Ordering::AcqRel);
+        *in_tally = now;
+    }
+
+    /// What this server adds to the tally now.
+    fn tallied(&self) -> u32 {
+        *self.in_tally.lock()
+    }
+
+    /// Whether a refusal of its frames may be logged now (one every 10 s per server).
+    pub fn may_log_refusal(&self, now: i64) -> bool {
+        let last = self.refusal_logged.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= 10_000
+            && self
+                .refusal_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Whether its bucket was disabled since its socket connected.
@@ -176,13 +243,25 @@ impl Session {
         }
     }
 
-    /// Replaces the status with a full one and takes all its metric values.
-    pub fn apply_status(&self, status: Value, now: i64, points: &mut Vec<MetricPoint>) {
+    /// Replaces the status with a full one and takes all its metric values; refused
+    /// (nothing changes) when it is over a budget.
+    pub fn apply_status(
+        &self,
+        status: Value,
+        now: i64,
+        points: &mut Vec<MetricPoint>,
+    ) -> Result<(), Over> {
+        let size = budget::check_status(&status)?;
         let mut live = self.live.lock();
         live.leaves.forget(None);
         live.sampler.load(&status, now, points, self.scope());
+        live.counted = Some(crate::limits::counted_processes(&status));
         live.status = Some(status);
+        live.size = size;
         live.updated(now);
+        drop(live);
+        self.retally();
+        Ok(())
     }
 
     /// Applies an RFC 6902 patch to the status; the metric values it changes go to the
@@ -194,9 +273,13 @@ impl Session {
         now: i64,
         points: &mut Vec<MetricPoint>,
     ) -> Result<(), PatchFailure> {
+        if patch.len() > MAX_PATCH_OPS {
+            return Err(Over::Ops(patch.len()).into());
+        }
         let mut live = self.live.lock();
         let Live {
             status,
+            size,
             leaves,
             sampler,
             ..
@@ -204,26 +287,40 @@ impl Session {
         let status = status.as_mut().ok_or(PatchFailure::NoStatus)?;
         let mut target = PatchTarget {
             status,
+            size,
             leaves,
             sampler,
             now,
             points,
             scope: self.scope(),
+            work: Work::new(MAX_PATCH_WORK),
             reload: false,
         };
         let applied = patch
             .into_iter()
             .enumerate()
             .try_for_each(|(index, op)| target.apply(index, op));
-        if target.reload {
+        let reload = target.reload;
+        if reload {
             target.leaves.forget(Some(&mut *target.status));
             target
                 .sampler
                 .load(target.status, now, target.points, target.scope);
+            live.counted = live.status.as_ref().map(crate::limits::counted_processes);
         }
-        applied?;
-        live.updated(now);
-        Ok(())
+        if applied.is_ok() {
+            live.updated(now);
+        }
+        drop(live);
+        if reload {
+            self.retally();
+        }
+        applied
+    }
+
+    /// The size of its status as its budgets count it.
+    pub fn status_size(&self) -> Size {
+        self.live.lock().size
     }
 
     /// Scope of metric points and events from this server.
@@ -269,8 +366,7 @@ impl Session {
 
     /// Its processes that count against the licence; `None` before its first status.
     pub fn counted_processes(&self) -> Option<u32> {
-        let mut live = self.live.lock();
-        live.status().map(crate::limits::counted_processes)
+        self.live.lock().counted
     }
 
     /// Writes the server as the API shows it: `{server_name, internal_ip, online,
@@ -313,6 +409,7 @@ fn internal_ip(status: &Value) -> Option<&str> {
 pub struct Sessions {
     buckets: RwLock<HashMap<String, BTreeMap<String, Arc<Session>>>>,
     next_socket: AtomicU64,
+    tally: Arc<Tally>,
 }
 
 impl Sessions {
@@ -320,7 +417,7 @@ impl Sessions {
     pub fn restore(&self, records: Vec<ServerRecord>) {
         let mut buckets = self.buckets.write();
         for r in records {
-            let session = Arc::new(Session::offline(&r));
+            let session = Arc::new(Session::offline(&r, self.tally.clone()));
             buckets
                 .entry(r.bucket_id)
                 .or_default()
@@ -343,7 +440,14 @@ impl Sessions {
                 .entry(bucket_id.to_string())
                 .or_default()
                 .entry(server_name.to_string())
-                .or_insert_with(|| Arc::new(Session::new(bucket_id, server_name, Live::default())))
+                .or_insert_with(|| {
+                    Arc::new(Session::new(
+                        bucket_id,
+                        server_name,
+                        Live::default(),
+                        self.tally.clone(),
+                    ))
+                })
                 .clone()
         });
         session.evicted.store(false, Ordering::Relaxed);
@@ -352,6 +456,7 @@ impl Sessions {
             tx,
             last_data: now,
         });
+        session.retally();
         (session, id)
     }
 
@@ -373,6 +478,17 @@ impl Sessions {
         if offline {
             live.sampler.finish(now, points, session.scope());
         }
+        drop(live);
+        session.retally();
+    }
+
+    /// The processes the connected servers of this node count against the licence,
+    /// except `except`'s.
+    pub fn processes_in_use(&self, except: Option<(&str, &str)>) -> u64 {
+        let mine = except
+            .and_then(|(bucket, server)| self.get(bucket, server))
+            .map_or(0, |s| s.tallied());
+        self.tally.get().saturating_sub(u64::from(mine))
     }
 
     /// Forgets an offline server; false if it is unknown or connected.
@@ -573,97 +689,322 @@ impl PatchOp<'_> {
     }
 }
 
-/// Everything one patch changes: the status, its known leaves, the metric history.
+/// Everything one patch changes: the status, its size, its known leaves, the metric
+/// history.
 struct PatchTarget<'a> {
     status: &'a mut Value,
+    size: &'a mut Size,
     leaves: &'a mut Leaves,
     sampler: &'a mut MetricSampler,
     now: i64,
     points: &'a mut Vec<MetricPoint>,
     scope: Scope<'a>,
+    work: Work,
     /// The process list changed shape: reload every metric from the patched status.
     reload: bool,
 }
 
 impl PatchTarget<'_> {
-    /// Applies one operation. A scalar replacing a known scalar leaf only waits in
-    /// `leaves`; a leaf replaced for the first time is resolved with jsonptr; anything
-    /// else (adds, removes, objects) goes through json-patch on the written-out tree.
+    /// Applies one operation within the status's budgets. A scalar replacing a scalar
+    /// leaf only waits in `leaves` (see [`Leaves`]); anything else goes through
+    /// json-patch on the written-out tree, measured first.
     fn apply(&mut self, index: usize, op: PatchOp) -> Result<(), PatchFailure> {
-        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
-        let PatchOp {
-            op,
-            path,
-            from,
-            value,
-        } = op;
-        let scalar = value
+        self.work.spend(1)?;
+        let scalar = op
+            .value
             .as_ref()
             .is_some_and(|v| !v.is_object() && !v.is_array());
-        if op == "replace" && scalar {
-            let value = value.unwrap_or_default();
-            if let Some(leaf) = self.leaves.known.get_mut(&*path) {
-                if let Some(series) = leaf.series {
-                    self.sampler
-                        .set(series, &value, self.now, self.points, self.scope);
-                }
-                leaf.value = Some(value);
-                self.leaves.waiting = true;
-                return Ok(());
+        let op = if op.op == "replace" && scalar {
+            match self.replace_leaf(index, op)? {
+                None => return Ok(()),
+                Some(op) => op,
             }
-            let pointer = Pointer::parse(&*path).map_err(|e| invalid(e.to_string()))?;
-            let target = pointer
-                .resolve_mut(&mut *self.status)
-                .map_err(|e| invalid(e.to_string()))?;
-            let was_scalar = !target.is_object() && !target.is_array();
-            let series = match metric_path(&path) {
-                MetricPath::Structural => None,
-                _ if !was_scalar => None,
-                MetricPath::Value {
-                    index,
-                    metric,
-                    probe,
-                } => Some(self.sampler.series_of(index, &metric, probe)),
-                MetricPath::Other => Some(None),
-            };
-            if let Some(Some(id)) = series {
-                self.sampler
-                    .set(id, &value, self.now, self.points, self.scope);
-            }
-            *target = value;
-            match series {
-                Some(series) => {
-                    self.leaves.known.insert(
-                        path.into(),
-                        Leaf {
-                            value: None,
-                            series,
-                        },
-                    );
-                }
-                None => self.structural(),
-            }
-            return Ok(());
-        }
+        } else {
+            op
+        };
         self.leaves.flush(self.status);
-        if path.starts_with("/data") || from.as_deref().is_some_and(|f| f.starts_with("/data")) {
-            self.structural();
-        }
-        let operation = PatchOp {
-            op,
-            path,
-            from,
-            value,
-        }
-        .into_operation(index)?;
+        let operation = op.into_operation(index)?;
+        let size = self.budget(&operation).map_err(PatchFailure::Over)?;
+        // The shape may change: known paths are forgotten, metrics reloaded if processes
+        // may have moved.
+        self.leaves.forget(None);
+        let (path, from) = endpoints(&operation);
+        self.reload |= touches_processes(path) || from.is_some_and(touches_processes);
         json_patch::patch_unsafe(self.status, std::slice::from_ref(&operation))?;
+        *self.size = size;
         Ok(())
     }
 
-    /// The shape of the processes changed: known leaves and series are reloaded after.
-    fn structural(&mut self) {
-        self.leaves.forget(Some(&mut *self.status));
-        self.reload = true;
+    /// A scalar replacing a scalar leaf; the operation is handed back when its target is
+    /// not one.
+    fn replace_leaf<'o>(
+        &mut self,
+        index: usize,
+        op: PatchOp<'o>,
+    ) -> Result<Option<PatchOp<'o>>, PatchFailure> {
+        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
+        if let Some(leaf) = self.leaves.known.get_mut(&*op.path) {
+            let value = op.value.unwrap_or_default();
+            let bytes = own_size(&value);
+            *self.size = resized(*self.size, leaf.bytes, bytes)?;
+            leaf.bytes = bytes;
+            if let Some(series) = leaf.series {
+                self.sampler
+                    .set(series, &value, self.now, self.points, self.scope);
+            }
+            leaf.value = Some(value);
+            self.leaves.waiting = true;
+            return Ok(None);
+        }
+        let pointer = Pointer::parse(&*op.path).map_err(|e| invalid(e.to_string()))?;
+        let Some(target) = pointer
+            .resolve_mut(&mut *self.status)
+            .ok()
+            .filter(|t| !t.is_object() && !t.is_array())
+        else {
+            return Ok(Some(op));
+        };
+        let value = op.value.unwrap_or_default();
+        let bytes = own_size(&value);
+        *self.size = resized(*self.size, own_size(target), bytes)?;
+        let series = match metric_path(&op.path) {
+            MetricPath::Structural => None,
+            MetricPath::Value {
+                index,
+                metric,
+                probe,
+            } => Some(self.sampler.series_of(index, &metric, probe)),
+            MetricPath::Other => Some(None),
+        };
+        if let Some(Some(id)) = series {
+            self.sampler
+                .set(id, &value, self.now, self.points, self.scope);
+        }
+        *target = value;
+        match series {
+            Some(series) => {
+                self.leaves.known.insert(
+                    op.path.into(),
+                    Leaf {
+                        value: None,
+                        series,
+                        bytes,
+                    },
+                );
+            }
+            None => {
+                self.leaves.forget(None);
+                self.reload = true;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The status's size once `operation` applies, if that is within every budget.
+    fn budget(&mut self, operation: &PatchOperation) -> Result<Size, Over> {
+        let status = &*self.status;
+        let work = &mut self.work;
+        // What lands at `path`, measured against the depth left below it.
+        let mut placed = |path: &Pointer, value: &Value| -> Result<Size, Over> {
+            let depth = path.count();
+            let room = MAX_STATUS_DEPTH
+                .checked_sub(depth)
+                .ok_or(Over::Depth(depth))?;
+            let shape = measure(value, room, work).map_err(|over| match over {
+                Over::Depth(d) => Over::Depth(depth + d),
+                other => other,
+            })?;
+            check_shape(status, path, value, operation)?;
+            Ok(shape.size)
+        };
+        // What lands, what it replaces, and the member names it adds and takes away.
+        let (added, replaced, new_key, gone_key) = match operation {
+            PatchOperation::Add(AddOperation { path, value }) => (
+                placed(path, value)?,
+                added_over(status, path),
+                new_key(status, path),
+                0,
+            ),
+            PatchOperation::Replace(ReplaceOperation { path, value }) => {
+                (placed(path, value)?, status.pointer(path.as_str()), 0, 0)
+            }
+            PatchOperation::Remove(RemoveOperation { path }) => (
+                Size::default(),
+                status.pointer(path.as_str()),
+                0,
+                member_key(status, path),
+            ),
+            PatchOperation::Copy(CopyOperation { from, path }) => {
+                refuse_into_itself(from, path)?;
+                let Some(source) = status.pointer(from.as_str()) else {
+                    // json-patch refuses it.
+                    return Ok(*self.size);
+                };
+                (
+                    placed(path, source)?,
+                    added_over(status, path),
+                    new_key(status, path),
+                    0,
+                )
+            }
+            PatchOperation::Move(MoveOperation { from, path }) => {
+                refuse_into_itself(from, path)?;
+                let Some(source) = status.pointer(from.as_str()) else {
+                    return Ok(*self.size);
+                };
+                let moved = placed(path, source)?;
+                if from.starts_with(path) {
+                    // Moved over one of its ancestors: it stays while the rest goes.
+                    (moved, status.pointer(path.as_str()), 0, 0)
+                } else {
+                    (
+                        Size::default(),
+                        added_over(status, path),
+                        new_key(status, path),
+                        member_key(status, from),
+                    )
+                }
+            }
+            PatchOperation::Test(_) => return Ok(*self.size),
+        };
+        let replaced = match replaced {
+            Some(value) => measure(value, usize::MAX, &mut self.work)?.size,
+            None => Size::default(),
+        };
+        let keys = |bytes| Size { nodes: 0, bytes };
+        let size = self
+            .size
+            .minus(replaced)
+            .minus(keys(gone_key))
+            .plus(added)
+            .plus(keys(new_key));
+        size.check()?;
+        Ok(size)
+    }
+}
+
+/// The length of the member name at `path` if it is an object's member.
+fn member_key(status: &Value, path: &Pointer) -> usize {
+    match path.split_back() {
+        Some((parent, key))
+            if status
+                .pointer(parent.as_str())
+                .is_some_and(Value::is_object) =>
+        {
+            key.decoded().len()
+        }
+        _ => 0,
+    }
+}
+
+/// The length of the member name an `add` at `path` creates (0 if it exists already or
+/// the parent is not an object).
+fn new_key(status: &Value, path: &Pointer) -> usize {
+    if status.pointer(path.as_str()).is_some() {
+        0
+    } else {
+        member_key(status, path)
+    }
+}
+
+/// The size after one text of `old` bytes is replaced by one of `new`.
+fn resized(size: Size, old: usize, new: usize) -> Result<Size, PatchFailure> {
+    let size = size
+        .minus(Size {
+            nodes: 0,
+            bytes: old,
+        })
+        .plus(Size {
+            nodes: 0,
+            bytes: new,
+        });
+    size.check().map_err(PatchFailure::Over)?;
+    Ok(size)
+}
+
+/// The value an `add` at `path` replaces: an object's member or the whole status, not an
+/// array's element (an add inserts there).
+fn added_over<'v>(status: &'v Value, path: &Pointer) -> Option<&'v Value> {
+    match path.parent() {
+        None => Some(status),
+        Some(parent) if status.pointer(parent.as_str()).is_some_and(Value::is_array) => None,
+        Some(_) => status.pointer(path.as_str()),
+    }
+}
+
+/// A copy or move into its own source (`copy` of the root into a member doubles the
+/// status with each operation).
+fn refuse_into_itself(from: &Pointer, path: &Pointer) -> Result<(), Over> {
+    if path.starts_with(from) {
+        return Err(Over::IntoItself);
+    }
+    Ok(())
+}
+
+fn endpoints(operation: &PatchOperation) -> (&Pointer, Option<&Pointer>) {
+    match operation {
+        PatchOperation::Add(AddOperation { path, .. })
+        | PatchOperation::Replace(ReplaceOperation { path, .. })
+        | PatchOperation::Remove(RemoveOperation { path })
+        | PatchOperation::Test(TestOperation { path, .. }) => (path, None),
+        PatchOperation::Copy(CopyOperation { from, path })
+        | PatchOperation::Move(MoveOperation { from, path }) => (path, Some(from)),
+    }
+}
+
+/// The path holds processes, or is inside one.
+fn touches_processes(path: &Pointer) -> bool {
+    let processes = Pointer::from_static("/data/process");
+    processes.starts_with(path) || path.starts_with(processes)
+}
+
+/// The processes and metrics budgets after `value` lands at `path` (`operation` says
+/// whether it adds or replaces).
+fn check_shape(
+    status: &Value,
+    path: &Pointer,
+    value: &Value,
+    operation: &PatchOperation,
+) -> Result<(), Over> {
+    let processes = Pointer::from_static("/data/process");
+    if let Some(rest) = processes.strip_prefix(path) {
+        // The value holds the whole process list.
+        return match value.pointer(rest.as_str()).and_then(Value::as_array) {
+            Some(list) => budget::check_processes(list),
+            None => Ok(()),
+        };
+    }
+    let Some(inside) = path.strip_prefix(processes) else {
+        return Ok(());
+    };
+    let inserts = !matches!(operation, PatchOperation::Replace(_));
+    let tokens: Vec<String> = inside.tokens().map(|t| t.decoded().into_owned()).collect();
+    let current = |p: &str| status.pointer(p);
+    match tokens.as_slice() {
+        [_] => {
+            let count = current("/data/process")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if inserts && count >= MAX_PROCESSES {
+                return Err(Over::Processes(count + 1));
+            }
+            budget::check_process(value)
+        }
+        [_, monitor] if monitor == "axm_monitor" => match value.as_object() {
+            Some(metrics) if metrics.len() > MAX_METRICS => Err(Over::Metrics(metrics.len())),
+            _ => Ok(()),
+        },
+        [index, monitor, name] if monitor == "axm_monitor" => {
+            let metrics =
+                current(&format!("/data/process/{index}/axm_monitor")).and_then(Value::as_object);
+            match metrics {
+                Some(m) if inserts && !m.contains_key(name.as_str()) && m.len() >= MAX_METRICS => {
+                    Err(Over::Metrics(m.len() + 1))
+                }
+                _ => Ok(()),
+            }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -676,11 +1017,14 @@ pub enum PatchFailure {
     Invalid { index: usize, reason: String },
     #[error(transparent)]
     Patch(#[from] PatchError),
+    #[error("refused: {0}")]
+    Over(#[from] Over),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::budget::{MAX_STATUS_BYTES, MAX_STATUS_NODES};
     use std::collections::BTreeMap;
 
     /// The captured full status and the patches that follow it (up to the next status).
@@ -710,9 +1054,11 @@ mod tests {
     #[test]
     fn captured_patches_apply_in_order_and_metrics_follow_them() {
         let (status, patches) = sequence();
-        let session = Session::new("b", "box", Live::default());
+        let session = Session::new("b", "box", Live::default(), Arc::default());
         let mut points = Vec::new();
-        session.apply_status(status.clone(), 1_000, &mut points);
+        session
+            .apply_status(status.clone(), 1_000, &mut points)
+            .unwrap();
         for (i, p) in patches.iter().enumerate() {
             session
                 .apply_patch(patch(p), 1_000 + i as i64, &mut points)
@@ -743,14 +1089,16 @@ mod tests {
     #[test]
     fn a_patch_that_does_not_apply_is_refused() {
         let (status, _) = sequence();
-        let session = Session::new("b", "box", Live::default());
+        let session = Session::new("b", "box", Live::default(), Arc::default());
         let mut points = Vec::new();
         let bad = r#"[{"op":"replace","path":"/data/process/99/cpu","value":1}]"#;
         assert!(matches!(
             session.apply_patch(patch(bad), 0, &mut points),
             Err(PatchFailure::NoStatus)
         ));
-        session.apply_status(status.clone(), 0, &mut points);
+        session
+            .apply_status(status.clone(), 0, &mut points)
+            .unwrap();
         assert!(session.apply_patch(patch(bad), 1, &mut points).is_err());
         let unknown = r#"[{"op":"frobnicate","path":"/data","value":1}]"#;
         assert!(session.apply_patch(patch(unknown), 1, &mut points).is_err());
@@ -760,9 +1108,9 @@ mod tests {
     #[test]
     fn structural_patches_reload_metrics() {
         let (status, _) = sequence();
-        let session = Session::new("b", "box", Live::default());
+        let session = Session::new("b", "box", Live::default(), Arc::default());
         let mut points = Vec::new();
-        session.apply_status(status, 0, &mut points);
+        session.apply_status(status, 0, &mut points).unwrap();
         let remove = r#"[{"op":"remove","path":"/data/process/0"}]"#;
         session
             .apply_patch(patch(remove), 30_000, &mut points)
@@ -793,5 +1141,152 @@ mod tests {
             .find(|p| p.name == "cpu" && Some(Value::from(p.pm_id)) == then)
             .unwrap();
         assert_eq!(moved.last, 77.0, "index 0 now means the next process");
+    }
+
+    fn linked() -> (Session, Value) {
+        let (status, _) = sequence();
+        let session = Session::new("b", "box", Live::default(), Arc::default());
+        session
+            .apply_status(status.clone(), 0, &mut Vec::new())
+            .unwrap();
+        (session, status)
+    }
+
+    fn over(result: Result<(), PatchFailure>) -> Over {
+        match result {
+            Err(PatchFailure::Over(over)) => over,
+            other => panic!("not refused over a budget: {other:?}"),
+        }
+    }
+
+    /// The size kept along the way is the size of the status as it stands.
+    fn size_is_true(session: &Session) {
+        let status: Value = serde_json::from_str(&session.status_text().unwrap()).unwrap();
+        assert_eq!(
+            session.status_size(),
+            budget::check_status(&status).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_copy_into_its_own_source_is_refused() {
+        let (session, status) = linked();
+        let doubling: Vec<Value> = (0..20)
+            .map(|i| serde_json::json!({"op": "copy", "from": "", "path": format!("/x{i}")}))
+            .collect();
+        let text = Value::Array(doubling).to_string();
+        assert_eq!(
+            over(session.apply_patch(patch(&text), 1, &mut Vec::new())),
+            Over::IntoItself
+        );
+        assert_eq!(session.live.lock().status(), Some(&status));
+        let onto_itself = r#"[{"op":"move","from":"/data","path":"/data"}]"#;
+        assert_eq!(
+            over(session.apply_patch(patch(onto_itself), 1, &mut Vec::new())),
+            Over::IntoItself
+        );
+    }
+
+    #[test]
+    fn copies_that_grow_the_status_stop_at_its_budget() {
+        let (session, _) = linked();
+        let mut ops = vec![
+            serde_json::json!({"op": "copy", "from": "/data", "path": "/a"}),
+            serde_json::json!({"op": "copy", "from": "/data", "path": "/b"}),
+        ];
+        for i in 0..40 {
+            let (from, to) = if i % 2 == 0 {
+                ("/a", "/b")
+            } else {
+                ("/b", "/a")
+            };
+            ops.push(serde_json::json!({"op": "copy", "from": from, "path": format!("{to}/n{i}")}));
+        }
+        let text = Value::Array(ops).to_string();
+        let refused = over(session.apply_patch(patch(&text), 1, &mut Vec::new()));
+        assert!(
+            matches!(
+                refused,
+                Over::Nodes(_) | Over::Bytes(_) | Over::Work | Over::Depth(_)
+            ),
+            "{refused}"
+        );
+        size_is_true(&session);
+        assert!(session.status_size().nodes <= MAX_STATUS_NODES);
+    }
+
+    #[test]
+    fn nesting_stops_at_the_depth_budget() {
+        let (session, _) = linked();
+        let mut nested = serde_json::json!(1);
+        for _ in 0..10 {
+            nested = serde_json::json!({ "n": nested });
+        }
+        let mut path = String::new();
+        let mut refused = None;
+        for i in 0..10 {
+            path.push_str(if i == 0 {
+                "/deep"
+            } else {
+                "/n/n/n/n/n/n/n/n/n/n"
+            });
+            let op = serde_json::json!([{"op": "add", "path": path, "value": nested}]);
+            if let Err(e) = session.apply_patch(patch(&op.to_string()), 1, &mut Vec::new()) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(refused, Some(PatchFailure::Over(Over::Depth(d))) if d > MAX_STATUS_DEPTH)
+        );
+        size_is_true(&session);
+    }
+
+    #[test]
+    fn processes_and_metrics_stay_within_their_budgets() {
+        let (session, _) = linked();
+        let many: Vec<Value> = (0..=MAX_PROCESSES)
+            .map(|i| serde_json::json!({"pm_id": i}))
+            .collect();
+        let op = serde_json::json!([{"op": "replace", "path": "/data/process", "value": many}]);
+        assert_eq!(
+            over(session.apply_patch(patch(&op.to_string()), 1, &mut Vec::new())),
+            Over::Processes(MAX_PROCESSES + 1)
+        );
+        let metrics: serde_json::Map<String, Value> = (0..MAX_METRICS)
+            .map(|i| (format!("m{i}"), serde_json::json!({"value": i})))
+            .collect();
+        let op = serde_json::json!([{"op": "replace", "path": "/data/process/0/axm_monitor", "value": metrics}]);
+        session
+            .apply_patch(patch(&op.to_string()), 2, &mut Vec::new())
+            .unwrap();
+        let one_more =
+            r#"[{"op":"add","path":"/data/process/0/axm_monitor/extra","value":{"value":1}}]"#;
+        assert_eq!(
+            over(session.apply_patch(patch(one_more), 3, &mut Vec::new())),
+            Over::Metrics(MAX_METRICS + 1)
+        );
+        size_is_true(&session);
+    }
+
+    #[test]
+    fn long_values_count_against_the_text_budget() {
+        let (session, _) = linked();
+        let long = "x".repeat(MAX_STATUS_BYTES / 4);
+        let mut refused = None;
+        for i in 0..8 {
+            // The same leaf, replaced again and again, counts once.
+            let op = serde_json::json!([{"op": "replace", "path": "/data/process/0/cpu", "value": long}]);
+            session
+                .apply_patch(patch(&op.to_string()), i, &mut Vec::new())
+                .unwrap();
+            let op = serde_json::json!([{"op": "add", "path": format!("/data/server/s{i}"), "value": long}]);
+            if let Err(e) = session.apply_patch(patch(&op.to_string()), i, &mut Vec::new()) {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(refused, Some(PatchFailure::Over(Over::Bytes(_)))));
+        size_is_true(&session);
     }
 }

@@ -1,17 +1,26 @@
 //! One agent websocket: frames in, commands out, dead peers detected by the server (the
 //! agent pings but never checks answers).
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::frames::{self, Inbound, Origin};
-use super::session::Session;
+use super::meter::{Meter, Metered};
+use super::session::{PatchFailure, Session};
 use crate::app::AppState;
 use crate::ids::now_ms;
+use crate::ingest::StatusRefusal;
+use crate::ingest::budget::MAX_FRAME_BYTES;
 use crate::limits;
 use crate::realtime::LiveEvent;
 
@@ -20,8 +29,55 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// Commands queued for one socket.
 const OUTBOX: usize = 64;
+/// Read buffer per agent socket: frames are ~2 KB; larger ones still arrive whole (the
+/// default, 128 KiB per socket, costs 256 MB for 2,000 agents).
+const READ_BUFFER_BYTES: usize = 16 << 10;
 
-pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_name: String) {
+type AgentSocket = WebSocketStream<Metered<TokioIo<Upgraded>>>;
+
+/// Why a socket ends, and the close frame km sends (if any).
+struct Ending {
+    reason: String,
+    close: Option<(u16, String)>,
+}
+
+impl Ending {
+    fn quiet(reason: &str) -> Self {
+        Ending {
+            reason: reason.to_string(),
+            close: None,
+        }
+    }
+
+    fn closing(code: u16, reason: impl Into<String>) -> Self {
+        let reason = reason.into();
+        Ending {
+            close: Some((code, reason.clone())),
+            reason,
+        }
+    }
+}
+
+/// Takes over an upgraded agent connection: frames are read against this node's
+/// in-flight budget.
+pub async fn accept(upgraded: Upgraded, app: AppState, bucket_id: String, server_name: String) {
+    let meter = Meter::new(app.ingest.in_flight.clone());
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let io = Metered::new(TokioIo::new(upgraded), meter.clone());
+    let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    run(socket, meter, app, bucket_id, server_name).await;
+}
+
+async fn run(
+    socket: AgentSocket,
+    meter: Arc<Meter>,
+    app: AppState,
+    bucket_id: String,
+    server_name: String,
+) {
     let (tx, mut outbox) = mpsc::channel::<String>(OUTBOX);
     let (session, socket_id) = app
         .sessions
@@ -31,67 +87,86 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
         tracing::warn!(error = %e, "bus: cannot record this node as the agent's");
     }
     let (mut sink, mut stream) = socket.split();
-    let mut ping = tokio::time::interval(PING_EVERY);
+    // The first ping waits a whole period: the agent's socket may not be open on its side
+    // yet (a pong then throws in the agent and it starts over, losing its buffer).
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
     let mut last_seen = Instant::now();
     // The licence's limit is checked once, on the first full status of this socket.
     let mut admitted = false;
-    let reason = loop {
+    let disabled = || Ending::closing(4003, "the bucket is disabled");
+    let ending = loop {
         tokio::select! {
-            () = app.shutdown.cancelled() => {
-                let close = CloseFrame { code: 1001, reason: "km is restarting".into() };
-                let _ = sink.send(Message::Close(Some(close))).await;
-                break "shutdown";
-            }
+            () = app.shutdown.cancelled() => break Ending::closing(1001, "km is restarting"),
             frame = outbox.recv() => match frame {
                 Some(frame) => if sink.send(Message::Text(frame.into())).await.is_err() {
-                    break "send failed";
+                    break Ending::quiet("send failed");
                 },
-                None => break "outbox closed",
+                None => break Ending::quiet("outbox closed"),
             },
-            () = session.eviction.notified() => {
-                let close = CloseFrame { code: 4003, reason: "the bucket is disabled".into() };
-                let _ = sink.send(Message::Close(Some(close))).await;
-                break "bucket disabled";
-            }
+            () = session.eviction.notified() => break disabled(),
             _ = ping.tick() => {
                 if last_seen.elapsed() > IDLE_LIMIT {
-                    break "silent for 30 s";
+                    break Ending::quiet("silent for 30 s");
                 }
                 if session.evicted() {
-                    let close = CloseFrame { code: 4003, reason: "the bucket is disabled".into() };
-                    let _ = sink.send(Message::Close(Some(close))).await;
-                    break "bucket disabled";
+                    break disabled();
                 }
                 if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break "ping failed";
+                    break Ending::quiet("ping failed");
                 }
             }
             message = stream.next() => {
                 last_seen = Instant::now();
-                let status = match message {
-                    Some(Ok(Message::Text(text))) => receive(&app, &session, socket_id, &tx, text.as_str()),
-                    Some(Ok(Message::Binary(bytes))) => match std::str::from_utf8(&bytes) {
-                        Ok(text) => receive(&app, &session, socket_id, &tx, text),
+                let text = match message {
+                    Some(Ok(Message::Text(text))) => Some(text),
+                    Some(Ok(Message::Binary(bytes))) => match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(bytes) {
+                        Ok(text) => Some(text),
                         Err(_) => {
                             app.ingest.count_malformed();
-                            false
+                            None
                         }
                     },
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => false,
-                    Some(Ok(Message::Close(_))) | None => break "closed by agent",
-                    Some(Err(_)) => break "read failed",
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
+                    Some(Ok(Message::Close(_))) | None => break Ending::quiet("closed by agent"),
+                    Some(Err(e)) => break read_failed(&app, &e),
                 };
-                if status && !admitted {
-                    admitted = true;
-                    if let Err(reason) = limits::admit(&app, &session).await {
-                        let close = CloseFrame { code: 4003, reason: reason.chars().take(120).collect::<String>().into() };
-                        let _ = sink.send(Message::Close(Some(close))).await;
-                        break "parked: over the licence's process limit";
+                let handled = text.map(|text| receive(&app, &session, socket_id, &tx, text.as_str()));
+                meter.settle();
+                match handled {
+                    Some(Received::Status) if !admitted => {
+                        admitted = true;
+                        if let Err(reason) = limits::admit(&app, &session).await {
+                            break Ending::closing(4003, reason);
+                        }
                     }
+                    Some(Received::Refused(reason)) => break Ending::closing(1008, reason),
+                    _ => {}
                 }
             }
         }
     };
+    if let Some((code, reason)) = &ending.close {
+        // A close reason is at most 123 bytes.
+        let reason: String = reason
+            .chars()
+            .scan(0, |len, c| {
+                *len += c.len_utf8();
+                (*len <= 120).then_some(c)
+            })
+            .collect();
+        let close = CloseFrame {
+            code: CloseCode::from(*code),
+            reason: reason.into(),
+        };
+        let _ = sink.send(Message::Close(Some(close))).await;
+    }
+    if ending
+        .close
+        .as_ref()
+        .is_some_and(|(code, _)| matches!(code, 1008 | 1009 | 1013))
+    {
+        tracing::warn!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent refused");
+    }
     let mut points = Vec::new();
     app.sessions
         .detach(&session, socket_id, now_ms(), &mut points);
@@ -103,48 +178,91 @@ pub async fn run(socket: WebSocket, app: AppState, bucket_id: String, server_nam
     {
         tracing::warn!(error = %e, server = %server_name, "cannot save the server's last state");
     }
-    tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason, "agent disconnected");
+    tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
 }
 
-/// Handles one text frame from an agent; never fails the socket. True when it was a full
-/// status, applied.
+/// A read error: over a budget (counted, closed with its code), or the connection failed.
+fn read_failed(app: &AppState, error: &WsError) -> Ending {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = &app.ingest.counters;
+    match error {
+        WsError::Capacity(e) => {
+            counters.frames_too_large.fetch_add(1, Relaxed);
+            Ending::closing(
+                1009,
+                format!("frame refused: {e} (at most {MAX_FRAME_BYTES} bytes)"),
+            )
+        }
+        WsError::Io(e)
+            if e.get_ref()
+                .is_some_and(|inner| inner.is::<super::meter::BudgetSpent>()) =>
+        {
+            counters.frames_refused_busy.fetch_add(1, Relaxed);
+            Ending::closing(1013, format!("frame refused: {e}; try again later"))
+        }
+        _ => Ending::quiet("read failed"),
+    }
+}
+
+/// What became of a frame.
+pub enum Received {
+    /// A full status, applied.
+    Status,
+    /// Anything else handled (or dropped and counted).
+    Other,
+    /// Over a budget: the socket is closed with this reason.
+    Refused(String),
+}
+
+/// Handles one text frame from an agent; never fails the socket but for a status over
+/// its budgets.
 pub fn receive(
     app: &AppState,
     session: &Session,
     socket_id: u64,
     tx: &mpsc::Sender<String>,
     text: &str,
-) -> bool {
+) -> Received {
     let now = now_ms();
     let inbound = match frames::decode(text) {
         Ok(inbound) => inbound,
         Err(e) => {
             tracing::debug!(server = %session.server_name, error = %e, "frame dropped");
             app.ingest.count_malformed();
-            return false;
+            return Received::Other;
         }
     };
     session.mark_data(socket_id, now);
     let watched = app.bus.watched(&session.bucket_id);
     match inbound {
-        Inbound::Status(payload) => {
-            if !app.ingest.apply_status(session, payload, now) {
-                app.ingest.count_malformed();
-                return false;
+        Inbound::Status(payload) => match app.ingest.apply_status(session, payload, now) {
+            Ok(()) => {
+                if watched {
+                    publish(app, session, "status", payload);
+                }
+                return Received::Status;
             }
-            if watched {
-                publish(app, session, "status", payload);
+            Err(StatusRefusal::Over(over)) => {
+                return Received::Refused(format!("status refused: {over}"));
             }
-            return true;
-        }
-        Inbound::StatusPatch(payload) => {
-            if !app.ingest.apply_patch(session, payload, now) {
+            Err(StatusRefusal::Malformed) => {}
+        },
+        Inbound::StatusPatch(payload) => match app.ingest.apply_patch(session, payload, now) {
+            Ok(()) => {
+                if watched && let Some(status) = session.status_text() {
+                    publish(app, session, "status", &status);
+                }
+            }
+            Err(failure) => {
+                if let PatchFailure::Over(over) = &failure
+                    && session.may_log_refusal(now)
+                {
+                    tracing::warn!(bucket = %session.bucket_id, server = %session.server_name, reason = %over, "status patch refused");
+                }
                 // The agent answers with a full status.
                 let _ = tx.try_send(frames::STATUS_RESEND.to_string());
-            } else if watched && let Some(status) = session.status_text() {
-                publish(app, session, "status", &status);
             }
-        }
+        },
         Inbound::Other { channel, payload } => {
             if watched {
                 publish(app, session, &channel, payload);
@@ -158,7 +276,7 @@ pub fn receive(
                 .event(frames::to_event(&origin, &channel, payload));
         }
     }
-    false
+    Received::Other
 }
 
 /// Hands an agent's event to the browsers watching its bucket.
