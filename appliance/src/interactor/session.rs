@@ -730,7 +730,12 @@ impl PatchTarget<'_> {
         self.leaves.forget(None);
         let (path, from) = endpoints(&operation);
         self.reload |= touches_processes(path) || from.is_some_and(touches_processes);
-        json_patch::patch_unsafe(self.status, std::slice::from_ref(&operation))?;
+        if let Err(e) = json_patch::patch_unsafe(self.status, std::slice::from_ref(&operation)) {
+            // A move may have taken its value away before it failed: measure afresh (the
+            // patch ends here, so once per patch at most).
+            *self.size = budget::check_status(self.status).unwrap_or(size);
+            return Err(e.into());
+        }
         *self.size = size;
         Ok(())
     }
