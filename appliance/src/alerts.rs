@@ -459,6 +459,7 @@ fn record(outbox: &Outbox<'_>, rule: &Alert, change: &Change, kind: &str, at: i6
         "threshold": rule.options.threshold,
     });
     outbox.app.ingest.event(EventRecord {
+        id: crate::ids::new_object_id(),
         kind: EventKind::Event,
         bucket_id: outbox.bucket.id.clone(),
         server_name: change.server.clone(),

@@ -18,6 +18,8 @@
 //! failure shows the tails of the km and pm2 logs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod agent;
+
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use std::cell::RefCell;
@@ -707,6 +709,29 @@ impl Km {
 
     pub fn is_running(&self) -> bool {
         !self.children.is_empty()
+    }
+
+    /// Whether every process of km is still alive (none exited or was killed).
+    pub fn alive(&mut self) -> bool {
+        !self.children.is_empty()
+            && self
+                .children
+                .iter_mut()
+                .all(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The highest resident memory of km's processes so far (`VmHWM`, bytes).
+    pub fn peak_rss(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok())
+            .filter_map(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+            * 1024
     }
 
     /// Sends `sig` (`libc::SIGHUP`...) to the running km (each role's process).

@@ -91,6 +91,7 @@ pub async fn command_agent(
         "data": { "channel": channel, "payload": payload },
     });
     app.ingest.event(EventRecord {
+        id: crate::ids::new_object_id(),
         kind: EventKind::Event,
         bucket_id: bucket_id.to_string(),
         server_name: server_name.to_string(),

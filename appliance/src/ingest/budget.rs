@@ -15,6 +15,9 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
 /// The first bytes of each frame are not counted against [`MAX_IN_FLIGHT_BYTES`], so the
 /// ordinary traffic of thousands of agents never meets it.
 pub const FREE_FRAME_BYTES: usize = 64 << 10;
+/// Bytes of events waiting for the events store; over it new events are dropped (and
+/// counted in `/healthz`) until the store catches up.
+pub const MAX_QUEUED_EVENT_BYTES: usize = 256 << 20;
 /// Operations in one `status:patch` (real agents send a few dozen a second).
 pub const MAX_PATCH_OPS: usize = 10_000;
 /// Nodes of a server's status visited or copied while applying one patch.
@@ -142,15 +145,15 @@ pub fn check_process(process: &Value) -> Result<(), Over> {
 
 /// A whole status: its size and shape within every budget. Returns its size.
 pub fn check_status(status: &Value) -> Result<Size, Over> {
+    if let Some(processes) = status.pointer("/data/process").and_then(Value::as_array) {
+        check_processes(processes)?;
+    }
     let mut work = Work::new(MAX_STATUS_NODES.saturating_add(1));
     let shape = measure(status, MAX_STATUS_DEPTH, &mut work).map_err(|over| match over {
         Over::Work => Over::Nodes(MAX_STATUS_NODES.saturating_add(1)),
         other => other,
     })?;
     shape.size.check()?;
-    if let Some(processes) = status.pointer("/data/process").and_then(Value::as_array) {
-        check_processes(processes)?;
-    }
     Ok(shape.size)
 }
 
@@ -175,9 +178,13 @@ impl fmt::Display for Over {
                 f,
                 "the status would nest {d} levels deep (at most {MAX_STATUS_DEPTH})"
             ),
-            Over::Nodes(n) => write!(
+            Over::Nodes(n) if *n > MAX_STATUS_NODES + 1 => write!(
                 f,
                 "the status would hold {n} values (at most {MAX_STATUS_NODES})"
+            ),
+            Over::Nodes(_) => write!(
+                f,
+                "the status would hold more than {MAX_STATUS_NODES} values"
             ),
             Over::Bytes(n) => write!(
                 f,
@@ -243,7 +250,7 @@ mod tests {
             check_status(&Value::Array(vec![json!(0); MAX_STATUS_NODES]))
                 .unwrap_err()
                 .to_string()
-                .contains("at most 200000")
+                .contains("more than 200000 values")
         );
     }
 }

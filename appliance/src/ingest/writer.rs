@@ -3,16 +3,19 @@
 //! refuses. What does not fit in the queue meanwhile is dropped and counted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::budget::MAX_QUEUED_EVENT_BYTES;
 use crate::stores::{EventRecord, Events, MetricPoint, StoreError};
 
 const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_024;
+/// A batch is cut at this many bytes of events (heap dumps are single events of many MB).
+const BATCH_MAX_BYTES: usize = 16 << 20;
 const BATCH_WAIT: Duration = Duration::from_millis(100);
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(15);
@@ -34,6 +37,8 @@ pub struct WriterStats {
     /// Batches the store took (items written / batches = batch size).
     pub batches_written: AtomicU64,
     pub dropped: AtomicU64,
+    /// Bytes of events in the queue now.
+    queued_bytes: AtomicUsize,
     /// Batches the store refused (kept and retried).
     pub write_retries: AtomicU64,
     /// Items lost because the store still refused them at shutdown.
@@ -65,7 +70,16 @@ impl EventWriter {
     }
 
     pub fn event(&self, event: EventRecord) {
-        self.offer(Item::Event(event), 1);
+        let bytes = event.doc.len();
+        let queued = &self.stats.queued_bytes;
+        if queued.fetch_add(bytes, Ordering::AcqRel) + bytes > MAX_QUEUED_EVENT_BYTES {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if !self.offer(Item::Event(event), 1) {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+        }
     }
 
     pub fn metrics(&self, points: Vec<MetricPoint>) {
@@ -75,10 +89,13 @@ impl EventWriter {
         }
     }
 
-    fn offer(&self, item: Item, weight: u64) {
-        if self.tx.try_send(item).is_err() {
+    /// Queues `item`; false (counted as `weight` dropped) when the queue is full.
+    fn offer(&self, item: Item, weight: u64) -> bool {
+        let queued = self.tx.try_send(item).is_ok();
+        if !queued {
             self.stats.dropped.fetch_add(weight, Ordering::Relaxed);
         }
+        queued
     }
 
     /// Waits until everything queued so far is written.
@@ -93,7 +110,7 @@ impl EventWriter {
 async fn run(mut rx: mpsc::Receiver<Item>, store: Arc<dyn Events>, stats: Arc<WriterStats>) {
     let mut batch = Batch::default();
     while let Some(first) = rx.recv().await {
-        let flushes = gather(first, &mut rx, &mut batch).await;
+        let flushes = gather(first, &mut rx, &mut batch, &stats).await;
         // While the store refuses, the batch is kept and retried; new items wait in the
         // queue (dropped and counted once it is full). A flush (shutdown) gives up after
         // a few attempts rather than hang.
@@ -121,17 +138,23 @@ async fn gather(
     first: Item,
     rx: &mut mpsc::Receiver<Item>,
     batch: &mut Batch,
+    stats: &WriterStats,
 ) -> Vec<oneshot::Sender<()>> {
     let deadline = tokio::time::Instant::now() + BATCH_WAIT;
     let mut flushes = Vec::new();
     let mut next = Some(first);
+    let mut bytes = 0;
     while let Some(item) = next.take() {
         match item {
-            Item::Event(e) => batch.events.push(e),
+            Item::Event(e) => {
+                bytes += e.doc.len();
+                stats.queued_bytes.fetch_sub(e.doc.len(), Ordering::AcqRel);
+                batch.events.push(e);
+            }
             Item::Metrics(p) => batch.points.extend(p),
             Item::Flush(done) => flushes.push(done),
         }
-        next = if !flushes.is_empty() {
+        next = if !flushes.is_empty() || bytes >= BATCH_MAX_BYTES {
             None
         } else if batch.len() >= BATCH_MAX {
             rx.try_recv().ok()
@@ -286,6 +309,7 @@ mod tests {
 
     fn log(at: i64) -> EventRecord {
         EventRecord {
+            id: crate::ids::new_object_id(),
             kind: EventKind::Log,
             bucket_id: "b".into(),
             server_name: "s".into(),

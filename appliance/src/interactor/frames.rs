@@ -154,6 +154,7 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         }
     };
     EventRecord {
+        id: crate::ids::new_object_id(),
         kind,
         bucket_id: origin.bucket_id.to_string(),
         server_name: origin.server_name.to_string(),

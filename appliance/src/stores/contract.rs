@@ -684,6 +684,7 @@ const DAY_MS: i64 = 86_400_000;
 
 fn event(bucket: &str, app: &str, at: i64, event_type: &str) -> EventRecord {
     EventRecord {
+        id: crate::ids::new_object_id(),
         kind: EventKind::Log,
         bucket_id: bucket.into(),
         server_name: "web-1".into(),

@@ -671,6 +671,7 @@ mod tests {
     #[test]
     fn search_text_and_patterns() {
         let event = |kind, doc: Value| EventRecord {
+            id: "e".into(),
             kind,
             bucket_id: "b".into(),
             server_name: "s".into(),

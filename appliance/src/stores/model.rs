@@ -246,6 +246,9 @@ impl EventKind {
 /// that reads need no re-encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
+    /// Unique per event where it was received: identical events (the same line twice in
+    /// a millisecond) stay apart, while a batch written again is not doubled.
+    pub id: String,
     pub kind: EventKind,
     pub bucket_id: String,
     pub server_name: String,
@@ -260,13 +263,10 @@ pub struct EventRecord {
 
 impl EventRecord {
     pub fn content_id(&self) -> String {
-        let at = self.at.to_le_bytes();
         content_id(&[
+            self.id.as_bytes(),
             self.kind.as_str().as_bytes(),
             self.bucket_id.as_bytes(),
-            self.server_name.as_bytes(),
-            &at,
-            self.doc.as_bytes(),
         ])
     }
 }
