@@ -7,8 +7,8 @@
 //! The test command runs 256 cases; run longer with
 //! `PROPTEST_CASES=20000 cargo test --release -p km-appliance --test hostile_frames`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use km::app::AppState;
@@ -121,7 +121,8 @@ fn op() -> impl Strategy<Value = Value> {
 }
 
 fn frame() -> impl Strategy<Value = String> {
-    let envelope = |channel: &str, payload: Value| json!({"channel": channel, "payload": payload}).to_string();
+    let envelope =
+        |channel: &str, payload: Value| json!({"channel": channel, "payload": payload}).to_string();
     prop_oneof![
         1 => Just(envelope("status", captured_status())),
         1 => json_value().prop_map(move |v| envelope("status", json!({"data": {"process": [v], "server": {}}}))),
@@ -156,10 +157,19 @@ fn run(frames: &[String]) -> Result<(), TestCaseError> {
         let Some(text) = session.status_text() else {
             continue;
         };
-        let status: Value = serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let status: Value =
+            serde_json::from_str(&text).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let measured = budget::check_status(&status);
-        prop_assert!(measured.is_ok(), "frame {i}: status over budget: {measured:?}");
-        prop_assert_eq!(Ok(session.status_size()), measured, "frame {}: size kept", i);
+        prop_assert!(
+            measured.is_ok(),
+            "frame {i}: status over budget: {measured:?}"
+        );
+        prop_assert_eq!(
+            Ok(session.status_size()),
+            measured,
+            "frame {}: size kept",
+            i
+        );
     }
     Ok(())
 }

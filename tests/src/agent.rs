@@ -93,7 +93,9 @@ impl SimAgent {
         loop {
             let message = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
-                .map_err(|_| anyhow!("agent {}: nothing from km within {timeout:?}", self.server))?;
+                .map_err(|_| {
+                    anyhow!("agent {}: nothing from km within {timeout:?}", self.server)
+                })?;
             match message {
                 Some(Ok(Message::Text(text))) => return Ok(Incoming::Text(text.to_string())),
                 Some(Ok(Message::Close(frame))) => {
@@ -179,7 +181,12 @@ pub struct LoggingTenant {
 
 impl LoggingTenant {
     /// Starts logging `per_second` lines a second as `server` of `bucket`.
-    pub async fn start(km_url: &str, bucket: Bucket, server: &str, per_second: u32) -> Result<Self> {
+    pub async fn start(
+        km_url: &str,
+        bucket: Bucket,
+        server: &str,
+        per_second: u32,
+    ) -> Result<Self> {
         let mut agent = SimAgent::connect(km_url, &bucket, server).await?;
         agent.send("status", &status(server, 2)).await?;
         let (stop, mut stopped) = watch::channel(false);
@@ -232,7 +239,11 @@ impl LoggingTenant {
                     "logging tenant {}: {} of {sent} lines stored ({} distinct)",
                     self.server,
                     stored.len(),
-                    { let mut d = stored.clone(); d.dedup(); d.len() }
+                    {
+                        let mut d = stored.clone();
+                        d.dedup();
+                        d.len()
+                    }
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -248,7 +259,12 @@ async fn stored_lines(api: &Api, bucket: &str, server: &str) -> Result<Vec<u64>>
         let lines = api.data(bucket, "logs", &filter).await?;
         let lines = lines.as_array().cloned().unwrap_or_default();
         numbers.extend(lines.iter().filter_map(|l| {
-            l["data"].as_str()?.trim().strip_prefix("line ")?.parse::<u64>().ok()
+            l["data"]
+                .as_str()?
+                .trim()
+                .strip_prefix("line ")?
+                .parse::<u64>()
+                .ok()
         }));
         if lines.len() < 1000 {
             break;

@@ -98,14 +98,22 @@ async fn a_patch_copying_the_status_into_itself_is_refused() {
             json!({"op": "copy", "from": "/data", "path": "/b"}),
         ];
         for i in 0..60 {
-            let (from, to) = if i % 2 == 0 { ("/a", "/b") } else { ("/b", "/a") };
+            let (from, to) = if i % 2 == 0 {
+                ("/a", "/b")
+            } else {
+                ("/b", "/a")
+            };
             ops.push(json!({"op": "copy", "from": from, "path": format!("{to}/n{i}")}));
         }
         agent.send("status:patch", &Value::Array(ops)).await?;
         agent.expect_channel("status:resend", 5 * SECOND).await?;
         let health = arena.health().await?;
         ensure!(counter(&health, "patches_refused") >= 2, "{health}");
-        ensure!(arena.km.peak_rss() < 400 << 20, "km peaked at {} bytes", arena.km.peak_rss());
+        ensure!(
+            arena.km.peak_rss() < 400 << 20,
+            "km peaked at {} bytes",
+            arena.km.peak_rss()
+        );
         drop(agent);
         arena.finish().await?;
         Ok(())
@@ -123,7 +131,10 @@ async fn patches_nesting_deeper_and_deeper_are_refused() {
         let mut refused = false;
         for _ in 0..300 {
             agent
-                .send("status:patch", &json!([{"op": "add", "path": path, "value": nested}]))
+                .send(
+                    "status:patch",
+                    &json!([{"op": "add", "path": path, "value": nested}]),
+                )
                 .await?;
             path.push_str(&"/n".repeat(120));
         }
@@ -138,7 +149,9 @@ async fn patches_nesting_deeper_and_deeper_are_refused() {
         tokio::time::sleep(SECOND).await;
         let servers = arena.api.status(&arena.hostile.id).await?;
         ensure!(
-            servers.as_array().is_some_and(|s| s.iter().any(|s| s["server_name"] == "nester")),
+            servers
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["server_name"] == "nester")),
             "{servers}"
         );
         let health = arena.finish().await?;
@@ -160,12 +173,20 @@ async fn a_status_of_thousands_of_processes_is_refused_without_stalling_others()
         let start = Instant::now();
         arena
             .api
-            .wait_server(&arena.hostile.id, "big", "2,000 processes", 20 * SECOND, |s| {
-                (s["data"]["process"].as_array()?.len() == 2_000).then_some(())
-            })
+            .wait_server(
+                &arena.hostile.id,
+                "big",
+                "2,000 processes",
+                20 * SECOND,
+                |s| (s["data"]["process"].as_array()?.len() == 2_000).then_some(()),
+            )
             .await?;
         arena.health().await?;
-        ensure!(start.elapsed() < 10 * SECOND, "2,000 processes took {:?}", start.elapsed());
+        ensure!(
+            start.elapsed() < 10 * SECOND,
+            "2,000 processes took {:?}",
+            start.elapsed()
+        );
         // Over it: the socket is closed with the reason, and nobody else waits.
         let mut huge = arena.agent("huge").await?;
         huge.send("status", &status("huge", 16_000)).await?;
@@ -204,7 +225,11 @@ async fn a_frame_over_the_limit_is_closed_with_1009() {
             .await?
             .context("closed without a close frame")?;
         ensure!(code == 1009, "close code {code}: {reason}");
-        ensure!(arena.km.peak_rss() < 200 << 20, "km peaked at {} bytes", arena.km.peak_rss());
+        ensure!(
+            arena.km.peak_rss() < 200 << 20,
+            "km peaked at {} bytes",
+            arena.km.peak_rss()
+        );
         let health = arena.finish().await?;
         ensure!(counter(&health, "frames_too_large") == 1, "{health}");
         Ok(())
@@ -216,41 +241,57 @@ async fn a_frame_over_the_limit_is_closed_with_1009() {
 async fn large_frames_at_once_share_one_budget() {
     e2e(async {
         let arena = Arena::start().await?;
-        // Four agents each start a 100 MB frame (its first 90 MB, as one fragment) at
-        // once: more than the node's in-flight budget of 256 MB.
-        let mut agents = Vec::new();
-        for i in 0..4 {
-            agents.push(arena.agent(&format!("big-{i}")).await?);
+        // Three agents each start a 100 MB frame (a fragment of 100 MB that is not the
+        // last) at once: two fit in the node's in-flight budget of 256 MB, the third
+        // waits for room, then is closed with 1013 while the two still hold theirs.
+        let head = format!(
+            r#"{{"channel":"profilings","payload":{{"data":"{}"#,
+            "x".repeat(100 << 20)
+        );
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            let mut agent = arena.agent(&format!("big-{i}")).await?;
+            let fragment =
+                Frame::message(head.clone().into_bytes(), OpCode::Data(Data::Text), false);
+            tasks.push(tokio::spawn(async move {
+                let sent = agent.send_frame(fragment).await;
+                let heard = agent.next(15 * SECOND).await.ok();
+                (agent, sent.is_ok(), heard)
+            }));
         }
-        let head = format!(r#"{{"channel":"profilings","payload":{{"data":"{}"#, "x".repeat(90 << 20));
-        let sends = agents.iter_mut().map(|agent| {
-            let fragment = Frame::message(head.clone().into_bytes(), OpCode::Data(Data::Text), false);
-            agent.send_frame(fragment)
-        });
-        for sent in futures_util::future::join_all(sends).await {
-            let _ = sent;
-        }
+        let mut holders = Vec::new();
         let mut refused = 0;
-        let mut open = Vec::new();
-        for mut agent in agents {
-            match agent.next(3 * SECOND).await {
-                Ok(Incoming::Closed(Some((1013, _)))) => refused += 1,
-                Ok(Incoming::Closed(other)) => anyhow::bail!("closed otherwise: {other:?}"),
-                _ => open.push(agent),
+        for task in tasks {
+            let (agent, sent, heard) = task.await?;
+            match heard {
+                None if sent => holders.push(agent),
+                // Its send was still held back when km closed: the close frame may not
+                // reach it (km's log and counter say why).
+                Some(Incoming::Closed(Some((1013, _)) | None)) => refused += 1,
+                other => anyhow::bail!("{}: sent {sent}, then {other:?}", agent.server),
             }
         }
-        ensure!(refused >= 1, "no agent was refused");
-        ensure!(!open.is_empty(), "every agent was refused");
-        // The others finish their frame: it is taken.
-        for agent in &mut open {
+        ensure!(
+            refused == 1 && holders.len() == 2,
+            "{refused} refused, {} holders",
+            holders.len()
+        );
+        ensure!(
+            arena.km.log().contains("try again later"),
+            "no reason logged"
+        );
+        // The two holders finish their frames: taken.
+        for agent in &mut holders {
             let tail = Frame::message(br#""}}"#.to_vec(), OpCode::Data(Data::Continue), true);
             agent.send_frame(tail).await?;
         }
+        // km handles and writes both (the peak below includes that).
+        tokio::time::sleep(3 * SECOND).await;
         let peak = arena.km.peak_rss();
-        ensure!(peak < 900 << 20, "km peaked at {peak} bytes");
+        ensure!(peak < 1200 << 20, "km peaked at {peak} bytes");
         let health = arena.health().await?;
-        ensure!(counter(&health, "frames_refused_busy") == refused, "{health}");
-        drop(open);
+        ensure!(counter(&health, "frames_refused_busy") == 1, "{health}");
+        drop(holders);
         arena.finish().await?;
         Ok(())
     })
@@ -264,7 +305,9 @@ async fn identical_log_lines_in_the_same_millisecond_are_all_kept() {
         let mut agent = arena.agent("twins").await?;
         let at = now_ms();
         for _ in 0..3 {
-            agent.send("logs", &log_line("twin", "twins", 7, at)).await?;
+            agent
+                .send("logs", &log_line("twin", "twins", 7, at))
+                .await?;
         }
         let filter = json!({"server_name": "twins"});
         let deadline = Instant::now() + 10 * SECOND;
@@ -274,7 +317,10 @@ async fn identical_log_lines_in_the_same_millisecond_are_all_kept() {
             if n == 3 {
                 break;
             }
-            ensure!(Instant::now() < deadline, "{n} of 3 identical lines stored: {lines}");
+            ensure!(
+                Instant::now() < deadline,
+                "{n} of 3 identical lines stored: {lines}"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         drop(agent);

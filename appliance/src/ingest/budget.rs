@@ -12,6 +12,9 @@ pub const MAX_FRAME_BYTES: usize = 128 << 20;
 /// Bytes of frames being read or handled at once, every agent socket together. A frame
 /// that would go over it closes its socket with 1013 (the agent comes back later).
 pub const MAX_IN_FLIGHT_BYTES: usize = 256 << 20;
+/// How long a large frame may wait for room in [`MAX_IN_FLIGHT_BYTES`] (the agent's TCP
+/// waits with it); then its socket is closed with 1013.
+pub const MAX_IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The first bytes of each frame are not counted against [`MAX_IN_FLIGHT_BYTES`], so the
 /// ordinary traffic of thousands of agents never meets it.
 pub const FREE_FRAME_BYTES: usize = 64 << 10;

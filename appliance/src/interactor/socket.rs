@@ -117,6 +117,9 @@ async fn run(
             }
             message = stream.next() => {
                 last_seen = Instant::now();
+                // What a data message reserved is given back once it was handled (control
+                // frames may come between the fragments of one).
+                let data = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
                 let text = match message {
                     Some(Ok(Message::Text(text))) => Some(text),
                     Some(Ok(Message::Binary(bytes))) => match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(bytes) {
@@ -131,7 +134,9 @@ async fn run(
                     Some(Err(e)) => break read_failed(&app, &e),
                 };
                 let handled = text.map(|text| receive(&app, &session, socket_id, &tx, text.as_str()));
-                meter.settle();
+                if data {
+                    meter.settle();
+                }
                 match handled {
                     Some(Received::Status) if !admitted => {
                         admitted = true;
