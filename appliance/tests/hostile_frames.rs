@@ -7,6 +7,8 @@
 //! The test command runs 256 cases; run longer with
 //! `PROPTEST_CASES=20000 cargo test --release -p km-appliance --test hostile_frames`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -175,7 +177,8 @@ fn run(frames: &[String]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+    // 256 cases unless PROPTEST_CASES says otherwise.
+    #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn hostile_frames_keep_the_status_within_budgets(frames in prop::collection::vec(frame(), 1..12)) {

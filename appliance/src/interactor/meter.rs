@@ -284,14 +284,13 @@ mod tests {
         let mut reader = Metered::new(server, meter.clone());
         let other = Meter::new(budget.clone());
         // Another socket holds all but 1 MB.
-        other.held.lock().push(
-            budget
-                .bytes
-                .clone()
-                .acquire_many_owned(1 << 20)
-                .await
-                .unwrap(),
-        );
+        let permit = budget
+            .bytes
+            .clone()
+            .acquire_many_owned(1 << 20)
+            .await
+            .unwrap();
+        other.held.lock().push(permit);
         let len = (1 << 20) + FREE_FRAME_BYTES as u64 + 1;
         client.write_all(&header(true, 2, len)).await.unwrap();
         client.write_all(&vec![0; len as usize]).await.unwrap();
