@@ -106,6 +106,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Every agent holds a socket (two through the gateway): the soft open-file limit, often
+/// 1024, is raised to the hard one.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < 65_536 => tracing::warn!(
+            open_files = limit,
+            "the open-file limit holds about {} agents: raise it (LimitNOFILE= in the unit, ulimit -n)",
+            limit.saturating_sub(256) / 2
+        ),
+        Ok(limit) => tracing::info!(open_files = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
+}
+
 fn now_s() -> i64 {
     km::ids::now_ms() / 1000
 }
@@ -183,6 +197,7 @@ fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result
 }
 
 fn run_serve(settings: Settings, roles: &[Role]) -> anyhow::Result<()> {
+    raise_open_file_limit();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

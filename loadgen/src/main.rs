@@ -131,31 +131,14 @@ fn check_args(a: &Args) -> anyhow::Result<()> {
 
 /// 2,000 sockets do not fit under the usual soft limit of 1024 open files.
 fn raise_fd_limit(servers: usize) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let Ok(limit) = rlimit::increase_nofile_limit(u64::MAX) else {
+        return;
     };
-    // SAFETY: getrlimit/setrlimit only read/write the struct passed to them.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-    }
     let need = servers as u64 + 256;
-    if lim.rlim_cur < need {
+    if limit < need {
         eprintln!(
-            "km-loadgen: warning: open-file limit is {} but {} servers need about {need}; \
-             raise it (ulimit -n) or expect connection errors",
-            lim.rlim_cur, servers
+            "km-loadgen: warning: open-file limit is {limit} but {servers} servers need about {need}; \
+             raise it (ulimit -n) or expect connection errors"
         );
     }
 }
