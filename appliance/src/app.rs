@@ -24,6 +24,7 @@ pub struct App {
     pub ingest: Ingest,
     /// TLS of this node: the certificate served and its renewal (`/healthz` reports it).
     pub gateway: Arc<Gateway>,
+
     /// Cancelled when the process is asked to stop.
     pub shutdown: CancellationToken,
 }

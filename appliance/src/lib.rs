@@ -19,5 +19,6 @@ pub mod schedule;
 pub mod server;
 pub mod setup;
 pub mod stores;
+pub mod throttle;
 pub mod web;
 pub mod workers;

@@ -1698,6 +1698,42 @@ impl Api {
     }
 }
 
+/// Posts a visitor's form (sign-in, sign-up) as a browser does: the page first, for its
+/// form token and the cookie holding it, then the form with both.
+pub async fn post_visitor_form(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> Result<reqwest::Response> {
+    let page = http.get(format!("{base}{path}")).send().await?;
+    let cookie = page
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("km_form="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string)
+        .with_context(|| format!("GET {path}: no km_form cookie"))?;
+    let html = page.text().await?;
+    // A page without the form (sign-up closed) gives no token: the post goes without.
+    let marker = "name=\"csrf\" value=\"";
+    let token = html
+        .find(marker)
+        .and_then(|start| html[start + marker.len()..].split('"').next())
+        .unwrap_or_default()
+        .to_string();
+    let mut form: Vec<(&str, &str)> = fields.to_vec();
+    form.push(("csrf", &token));
+    Ok(http
+        .post(format!("{base}{path}"))
+        .header(reqwest::header::COOKIE, cookie)
+        .form(&form)
+        .send()
+        .await?)
+}
+
 /// A registered user with a logged-in client.
 pub struct User {
     pub api: Api,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Km, e2e, linked, run_node_script};
+use km_e2e::{Km, e2e, linked, post_visitor_form, run_node_script};
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::redirect::Policy;
 use serde_json::{Value, json};
@@ -57,11 +57,7 @@ impl Session {
     /// Signs up (or in, with `login`) through the forms.
     async fn start(base: &str, path: &str, fields: &[(&str, &str)]) -> Result<Session> {
         let http = client();
-        let r = http
-            .post(format!("{base}{path}"))
-            .form(fields)
-            .send()
-            .await?;
+        let r = post_visitor_form(&http, base, path, fields).await?;
         ensure!(
             r.status() == 303,
             "{path}: expected 303, got {}: {}",
@@ -166,7 +162,7 @@ async fn sign_up_is_closed_after_the_admin_and_admins_create_accounts() {
         let base = km.url();
         let admin = Session::start(&base, "/signup", &[("username", "root"), ("email", "root@example.com"), ("password", PASSWORD)]).await?;
         // A visitor cannot sign up now, by the form or the API.
-        let r = client().post(format!("{base}/signup")).form(&[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).send().await?;
+        let r = post_visitor_form(&client(), &base, "/signup", &[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).await?;
         ensure!(r.status() == 403, "visitor sign-up: expected 403, got {}", r.status());
         let r = km.api().post("/api/oauth/register", &json!({"username": "eve", "email": "eve@example.com", "password": PASSWORD, "accept_terms": true})).await?;
         ensure!(r.status == 403 && r.text.contains("KM_ALLOW_SIGNUP"), "API register: {} {}", r.status, r.text);
@@ -174,7 +170,7 @@ async fn sign_up_is_closed_after_the_admin_and_admins_create_accounts() {
         let (status, location) = admin.post("/signup", &[("username", "bob"), ("email", "bob@example.com"), ("password", PASSWORD)], None).await?;
         ensure!(status == 303 && location.contains("created"), "admin creates bob: {status} {location}");
         Session::start(&base, "/login", &[("login", "bob"), ("password", PASSWORD)]).await.context("bob signs in")?;
-        let wrong = client().post(format!("{base}/login")).form(&[("login", "bob"), ("password", "nope-nope-nope")]).send().await?;
+        let wrong = post_visitor_form(&client(), &base, "/login", &[("login", "bob"), ("password", "nope-nope-nope")]).await?;
         ensure!(wrong.status() == 401, "wrong password: {}", wrong.status());
         Ok(())
     })
@@ -492,7 +488,7 @@ async fn with_a_wizard_the_first_account_comes_from_this_machine() {
         let r = client().post(format!("{remote}/api/oauth/register")).json(&body).send().await?;
         let (status, text) = (r.status(), r.text().await?);
         ensure!(status == 403 && text.contains("setup wizard"), "first account from {ip}: HTTP {status}: {text}");
-        let r = client().post(format!("{remote}/signup")).form(&[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).send().await?;
+        let r = post_visitor_form(&client(), &remote, "/signup", &[("username", "eve"), ("email", "eve@example.com"), ("password", PASSWORD)]).await?;
         ensure!(r.status() == 403, "first account from {ip} through the sign-up page: HTTP {}", r.status());
         let admin = km.api().register("root", "root@example.com", PASSWORD).await.context("the first account from loopback")?;
         ensure!(admin.raw["user"]["role"] == "admin", "the loopback account is not admin: {}", admin.raw);
@@ -561,11 +557,7 @@ async fn the_session_cookie_is_secure_on_an_https_site() {
             ("email", "dana@example.com"),
             ("password", PASSWORD),
         ];
-        let r = client()
-            .post(format!("{}/signup", km.url()))
-            .form(&fields)
-            .send()
-            .await?;
+        let r = post_visitor_form(&client(), &km.url(), "/signup", &fields).await?;
         session_cookie(&r)?;
         let set = r
             .headers()
@@ -578,11 +570,7 @@ async fn the_session_cookie_is_secure_on_an_https_site() {
         );
         // And not on a plain-HTTP one (a browser would drop a Secure cookie there).
         let plain = Km::start().await?;
-        let r = client()
-            .post(format!("{}/signup", plain.url()))
-            .form(&fields)
-            .send()
-            .await?;
+        let r = post_visitor_form(&client(), &plain.url(), "/signup", &fields).await?;
         let set = r
             .headers()
             .get(SET_COOKIE)
@@ -687,6 +675,44 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             status == 200 && html.contains("weekly report") && html.contains("<svg"),
             "report page: {status}\n{html}"
         );
+        Ok(())
+    })
+    .await;
+}
+
+/// Password guesses are held per account and per client address on every sign-in path,
+/// with 429 and Retry-After; the sign-in form refuses a post without its form token.
+#[tokio::test]
+async fn sign_ins_are_throttled_and_the_form_needs_its_token() {
+    e2e(async {
+        let km = Km::start().await?;
+        let base = km.url();
+        km.api().register("bob", "bob@example.com", PASSWORD).await?;
+        // Login CSRF: a form posted from elsewhere (no token, or no cookie) is refused.
+        let forged = client().post(format!("{base}/login")).form(&[("login", "bob"), ("password", PASSWORD), ("csrf", "x")]).send().await?;
+        ensure!(forged.status() == 403, "a sign-in without its form token: {}", forged.status());
+        // Five wrong passwords for bob (by username and by email alike)...
+        for i in 0..5 {
+            let login = if i % 2 == 0 { "bob" } else { "bob@example.com" };
+            let r = km.api().post("/api/oauth/token", &json!({"grant_type": "password", "username": login, "password": "guess-guess"})).await?;
+            ensure!(r.status == 401, "guess {i}: {} {}", r.status, r.text);
+        }
+        // ...then even the right one waits, through the API and the dashboard.
+        let r = km.api().post("/api/oauth/token", &json!({"grant_type": "password", "username": "bob", "password": PASSWORD})).await?;
+        ensure!(r.status == 429 && r.text.contains("try again in"), "held API sign-in: {} {}", r.status, r.text);
+        let page = post_visitor_form(&client(), &base, "/login", &[("login", "bob"), ("password", PASSWORD)]).await?;
+        let retry = page.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        ensure!(page.status() == 429 && retry.is_some_and(|s| s > 0 && s <= 900), "held dashboard sign-in: {} {retry:?}", page.status());
+        ensure!(page.text().await?.contains("too many failed sign-ins"), "the page says why");
+        // The address: twenty failures (bob's five, then made-up names) hold every account
+        // from it.
+        for i in 0..15 {
+            let r = km.api().post("/api/oauth/token", &json!({"grant_type": "password", "username": format!("nobody{i}"), "password": "x"})).await?;
+            ensure!(r.status == 401, "made-up name {i}: {}", r.status);
+        }
+        km.api().register("carol", "carol@example.com", PASSWORD).await?;
+        let r = km.api().post("/api/oauth/token", &json!({"grant_type": "password", "username": "carol", "password": PASSWORD})).await?;
+        ensure!(r.status == 429, "carol from a held address: {} {}", r.status, r.text);
         Ok(())
     })
     .await;

@@ -450,11 +450,7 @@ async fn whole_setup_in_a_browser_against_real_services() {
             .build()?;
         let anonymous = browser.post(format!("{km_https}/wizard/reopen")).form(&[("csrf", "x")]).send().await?;
         ensure!(anonymous.status() == 403, "/wizard/reopen without a session: HTTP {}", anonymous.status());
-        let login = browser
-            .post(format!("{km_https}/login"))
-            .form(&[("login", ADMIN), ("password", ADMIN_PASSWORD)])
-            .send()
-            .await?;
+        let login = km_e2e::post_visitor_form(&browser, &km_https, "/login", &[("login", ADMIN), ("password", ADMIN_PASSWORD)]).await?;
         let session = login
             .headers()
             .get(reqwest::header::SET_COOKIE)

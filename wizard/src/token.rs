@@ -2,7 +2,6 @@
 //! state dir (so the operator can read it again from a root shell), expires, is compared
 //! in constant time, and stops working once the wizard locks itself after an apply.
 
-use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
@@ -10,7 +9,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
+use km::throttle::Counters;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
@@ -18,7 +17,7 @@ use subtle::ConstantTimeEq;
 /// How long a token opens the wizard.
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Wrong tokens allowed per address before it must wait.
-const MAX_FAILURES: u32 = 10;
+const MAX_FAILURES: u64 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 
 #[derive(Serialize, Deserialize)]
@@ -156,25 +155,23 @@ impl StateDir {
     }
 }
 
-/// Wrong-token attempts per address: after too many, even the right token waits.
+/// Wrong-token attempts per address: after too many in a window, even the right token
+/// waits until the window ends.
 #[derive(Default)]
 pub struct Attempts {
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    counters: Counters,
 }
 
 impl Attempts {
     pub fn blocked(&self, ip: IpAddr) -> bool {
-        self.failures
-            .lock()
-            .get(&ip)
-            .is_some_and(|(n, since)| *n >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW)
+        self.counters
+            .get(&ip.to_string(), Instant::now())
+            .is_some_and(|(n, _)| n >= MAX_FAILURES)
     }
 
     pub fn failed(&self, ip: IpAddr) {
-        let mut failures = self.failures.lock();
-        failures.retain(|_, (_, since)| since.elapsed() < FAILURE_WINDOW);
-        let entry = failures.entry(ip).or_insert((0, Instant::now()));
-        entry.0 += 1;
+        self.counters
+            .hit(&ip.to_string(), FAILURE_WINDOW, Instant::now());
     }
 }
 

@@ -12,47 +12,51 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub msg: String,
+    /// Seconds to wait before trying again (sent as `Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn bad_request(msg: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: &'static str, msg: String) -> Self {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "bad_request",
-            msg: msg.into(),
+            status,
+            code,
+            msg,
+            retry_after: None,
         }
+    }
+
+    /// Too many attempts: try again after `wait`.
+    pub fn too_many(msg: impl Into<String>, wait: std::time::Duration) -> Self {
+        let seconds = wait.as_secs().max(1);
+        ApiError {
+            retry_after: Some(seconds),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                format!("{}: try again in {seconds} s", msg.into()),
+            )
+        }
+    }
+
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", msg.into())
     }
 
     pub fn unauthorized(msg: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            msg: msg.into(),
-        }
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg.into())
     }
 
     pub fn forbidden(msg: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::FORBIDDEN,
-            code: "forbidden",
-            msg: msg.into(),
-        }
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg.into())
     }
 
     pub fn not_found(msg: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            code: "not_found",
-            msg: msg.into(),
-        }
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", msg.into())
     }
 
     pub fn conflict(msg: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::CONFLICT,
-            code: "conflict",
-            msg: msg.into(),
-        }
+        ApiError::new(StatusCode::CONFLICT, "conflict", msg.into())
     }
 }
 
@@ -64,11 +68,11 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Unavailable { .. } => {
                 tracing::error!(error = %e, "store error");
-                ApiError {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    code: "store_unavailable",
-                    msg: e.to_string(),
-                }
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    e.to_string(),
+                )
             }
         }
     }
@@ -76,11 +80,17 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({ "error": self.code, "msg": self.msg })),
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

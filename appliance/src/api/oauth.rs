@@ -17,6 +17,7 @@ use crate::app::AppState;
 use crate::auth::{self, IssuedTokens, UserAuth};
 use crate::ids::{new_object_id, now_ms};
 use crate::stores::User;
+use crate::throttle;
 
 const MIN_PASSWORD: usize = 8;
 
@@ -192,22 +193,40 @@ pub struct TokenForm {
     client_id: Option<String>,
 }
 
-/// The account of `login` (username or email) if `password` is its password.
-pub async fn check_password(app: &AppState, login: &str, password: String) -> ApiResult<User> {
+/// The account of `login` (username or email) if `password` is its password. Every
+/// sign-in path goes through here: failures are throttled per account and per client
+/// address (`ip`), and while held even the right password waits (429).
+pub async fn check_password(
+    app: &AppState,
+    login: &str,
+    password: String,
+    ip: Option<IpAddr>,
+) -> ApiResult<User> {
     let user = app.documents.user_by_login(login.trim()).await?;
+    // Held by account whichever of its names is given.
+    let account = user
+        .as_ref()
+        .map_or_else(|| login.trim().to_lowercase(), |u| u.id.clone());
+    if let Some(wait) = throttle::sign_in_wait(&*app.bus, &account, ip).await {
+        tracing::warn!(login = %login.trim(), ip = ?ip, "sign-in held: too many failed attempts");
+        return Err(ApiError::too_many("too many failed sign-ins", wait));
+    }
     let hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_default();
-    match user {
-        Some(user) if auth::verify_password(password, hash).await => Ok(user),
-        _ => Err(ApiError::unauthorized("wrong username or password")),
-    }
+    let user = match user {
+        Some(user) if auth::verify_password(password, hash).await => Some(user),
+        _ => None,
+    };
+    throttle::record_sign_in(&*app.bus, &account, ip, user.is_some()).await;
+    user.ok_or_else(|| ApiError::unauthorized("wrong username or password"))
 }
 
 /// `POST /api/oauth/token`: password and refresh_token grants.
 pub async fn token(
     State(app): State<AppState>,
+    peer: Peer,
     Body(form): Body<TokenForm>,
 ) -> ApiResult<Json<Value>> {
     let client_id = form.client_id.unwrap_or_else(|| "km".to_string());
@@ -219,7 +238,7 @@ pub async fn token(
             let password = form.password.ok_or_else(|| {
                 ApiError::bad_request("password: required with grant_type=password")
             })?;
-            let user = check_password(&app, &login, password).await?;
+            let user = check_password(&app, &login, password, peer.0).await?;
             let tokens =
                 auth::issue_tokens(&app, &user.id, &client_id, auth::ACCESS_TTL_MS).await?;
             Ok(Json(token_json(&tokens)))

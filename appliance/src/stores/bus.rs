@@ -4,11 +4,13 @@
 //! to the watchers of their bucket on every node.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
 use super::StoreResult;
 use crate::realtime::{LiveEvent, LiveHub};
+use crate::throttle::Counters;
 
 /// A frame for the agent linked as `server_name` in `bucket_id`.
 #[derive(Debug, Clone)]
@@ -74,17 +76,28 @@ pub trait Bus: Send + Sync {
     /// A browser on this node started watching the bucket: the other nodes hear it now,
     /// not at the next heartbeat.
     async fn watch(&self, bucket_id: &str);
+    /// Counts a failure of `key` (a sign-in, say) in its window, shared by every node,
+    /// opening a window of `window` if none is open; returns the window's failures.
+    async fn count_failure(&self, key: &str, window: Duration) -> StoreResult<u64>;
+    /// The failures of `key`'s open window and the time left in it.
+    async fn failures(&self, key: &str) -> StoreResult<Option<(u64, Duration)>>;
+    async fn forget_failures(&self, key: &str) -> StoreResult<()>;
 }
 
 /// The in-process bus: every agent socket is in this process.
 pub struct LocalBus {
     sink: Arc<dyn CommandSink>,
     hub: Arc<LiveHub>,
+    failures: Counters,
 }
 
 impl LocalBus {
     pub fn new(sink: Arc<dyn CommandSink>, hub: Arc<LiveHub>) -> Self {
-        LocalBus { sink, hub }
+        LocalBus {
+            sink,
+            hub,
+            failures: Counters::default(),
+        }
     }
 }
 
@@ -131,4 +144,17 @@ impl Bus for LocalBus {
     }
 
     async fn watch(&self, _bucket_id: &str) {}
+
+    async fn count_failure(&self, key: &str, window: Duration) -> StoreResult<u64> {
+        Ok(self.failures.hit(key, window, Instant::now()))
+    }
+
+    async fn failures(&self, key: &str) -> StoreResult<Option<(u64, Duration)>> {
+        Ok(self.failures.get(key, Instant::now()))
+    }
+
+    async fn forget_failures(&self, key: &str) -> StoreResult<()> {
+        self.failures.forget(key);
+        Ok(())
+    }
 }

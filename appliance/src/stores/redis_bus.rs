@@ -42,6 +42,10 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     }
 }
 
+fn failures_key(key: &str) -> String {
+    format!("km:failures:{key}")
+}
+
 fn owner_key(bucket_id: &str, server_name: &str) -> String {
     format!("km:owner:{bucket_id}:{server_name}")
 }
@@ -504,5 +508,44 @@ impl Bus for RedisBus {
 
     async fn watch(&self, bucket_id: &str) {
         self.announce(vec![bucket_id.to_string()]).await;
+    }
+
+    async fn count_failure(&self, key: &str, window: Duration) -> StoreResult<u64> {
+        let key = failures_key(key);
+        let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+        let mut conn = self.conn.clone();
+        // The window opens with the first failure (NX: later ones do not extend it).
+        let (count,): (u64,) = redis::pipe()
+            .incr(&key, 1)
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(window_ms)
+            .arg("NX")
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(count)
+    }
+
+    async fn failures(&self, key: &str) -> StoreResult<Option<(u64, Duration)>> {
+        let key = failures_key(key);
+        let mut conn = self.conn.clone();
+        let (count, left_ms): (Option<u64>, i64) = redis::pipe()
+            .get(&key)
+            .pttl(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(count
+            .filter(|_| left_ms > 0)
+            .map(|count| (count, Duration::from_millis(left_ms.unsigned_abs()))))
+    }
+
+    async fn forget_failures(&self, key: &str) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(failures_key(key))
+            .await
+            .map_err(unavailable)
     }
 }

@@ -29,6 +29,45 @@ pub async fn home(State(app): State<AppState>, headers: HeaderMap) -> Response {
     }
 }
 
+/// The cookie of a visitor's form token (sign-in and sign-up before a session exists).
+const FORM_COOKIE: &str = "km_form";
+
+/// A visitor's form token: a random value in a `SameSite=Strict` cookie that the form
+/// echoes, so that another site cannot post the sign-in or sign-up form (login CSRF). The
+/// cookie is kept if the browser has one (several tabs), else made with its `Set-Cookie`.
+fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+    if let Some(token) = auth::cookie(headers, FORM_COOKIE).filter(|t| t.len() == 32) {
+        return (token.to_string(), None);
+    }
+    let token = crate::ids::random_hex(16);
+    let secure = if app.public_url.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie =
+        format!("{FORM_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=86400{secure}");
+    (token, Some(cookie))
+}
+
+/// A visitor's form posted with its token, or the page that refuses it.
+fn refuse_forged_visitor(headers: &HeaderMap, given: &str) -> Option<Response> {
+    let matches = auth::cookie(headers, FORM_COOKIE).is_some_and(|t| auth::same_secret(t, given));
+    (!matches).then(|| {
+        error_page(&ApiError::forbidden(
+            "this form expired or came from another site: reload the page and send it again",
+        ))
+    })
+}
+
+/// `response` with the form token's cookie, when it was just made.
+fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
+    if let Some(cookie) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
+    response
+}
+
 /// The signed-in user of a page that also serves visitors.
 async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
     let token = auth::session_cookie(headers)?;
@@ -43,6 +82,8 @@ async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
 #[template(path = "signup.html")]
 struct SignupPage {
     nav: Option<Nav>,
+    /// A visitor's form token (see [`form_token`]).
+    form_token: String,
     first: bool,
     open: bool,
     flash: Flash,
@@ -61,14 +102,17 @@ async fn signup_view(
     let admin = session
         .as_ref()
         .is_some_and(|s| s.auth.user.role == "admin");
-    render(&SignupPage {
+    let (form_token, cookie) = form_token(app, headers);
+    let page = render(&SignupPage {
         nav: session.as_ref().map(Nav::from),
+        form_token,
         first,
         open: first || app.settings.allow_signup || admin,
         flash,
         username: form.map(|f| f.username.clone()).unwrap_or_default(),
         email: form.map(|f| f.email.clone()).unwrap_or_default(),
-    })
+    });
+    with_cookie(page, cookie)
 }
 
 pub async fn signup_page(
@@ -99,9 +143,11 @@ pub async fn signup(
     Form(form): Form<SignupForm>,
 ) -> Response {
     let session = visitor(&app, &headers).await;
-    if let Some(session) = &session
-        && let Some(refused) = session.refuse_forged(&form.csrf)
-    {
+    let refused = match &session {
+        Some(session) => session.refuse_forged(&form.csrf),
+        None => refuse_forged_visitor(&headers, &form.csrf),
+    };
+    if let Some(refused) = refused {
         return refused;
     }
     let register = RegisterForm {
@@ -135,15 +181,26 @@ struct LoginPage {
     nav: Option<Nav>,
     flash: Flash,
     login: String,
+    form_token: String,
 }
 
-pub async fn login_page(flash: Flashes) -> Response {
-    let flash = flash.0;
-    render(&LoginPage {
+fn login_view(app: &AppState, headers: &HeaderMap, flash: Flash, login: String) -> Response {
+    let (form_token, cookie) = form_token(app, headers);
+    let page = render(&LoginPage {
         nav: None,
         flash,
-        login: String::new(),
-    })
+        login,
+        form_token,
+    });
+    with_cookie(page, cookie)
+}
+
+pub async fn login_page(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    flash: Flashes,
+) -> Response {
+    login_view(&app, &headers, flash.0, String::new())
 }
 
 #[derive(Deserialize)]
@@ -152,18 +209,29 @@ pub struct LoginForm {
     login: String,
     #[serde(default)]
     password: String,
+    #[serde(default)]
+    csrf: String,
 }
 
-pub async fn login(State(app): State<AppState>, Form(form): Form<LoginForm>) -> Response {
-    match oauth::check_password(&app, &form.login, form.password).await {
+pub async fn login(
+    State(app): State<AppState>,
+    peer: oauth::Peer,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    if let Some(refused) = refuse_forged_visitor(&headers, &form.csrf) {
+        return refused;
+    }
+    match oauth::check_password(&app, &form.login, form.password, peer.0).await {
         Ok(user) => sign_in(&app, &user.id, "/buckets").await,
         Err(e) => {
-            let mut page = render(&LoginPage {
-                nav: None,
-                flash: Flash::error(e.msg),
-                login: form.login,
-            });
-            *page.status_mut() = e.status;
+            let (status, retry_after) = (e.status, e.retry_after);
+            let mut page = login_view(&app, &headers, Flash::error(e.msg), form.login);
+            *page.status_mut() = status;
+            if let Some(seconds) = retry_after {
+                page.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, seconds.into());
+            }
             page
         }
     }
@@ -264,6 +332,7 @@ pub struct PasswordForm {
 pub async fn change_password(
     State(app): State<AppState>,
     session: WebSession,
+    peer: oauth::Peer,
     Form(form): Form<PasswordForm>,
 ) -> Response {
     if let Some(refused) = session.refuse_forged(&form.csrf) {
@@ -271,9 +340,12 @@ pub async fn change_password(
     }
     let user = &session.auth.user;
     let changed = async {
-        oauth::check_password(&app, &user.username, form.current)
+        oauth::check_password(&app, &user.username, form.current, peer.0)
             .await
-            .map_err(|_| ApiError::bad_request("current password: wrong password"))?;
+            .map_err(|e| match e.retry_after {
+                Some(_) => e,
+                None => ApiError::bad_request("current password: wrong password"),
+            })?;
         if form.new != form.confirm {
             return Err(ApiError::bad_request(
                 "new password: the two entries differ",
