@@ -270,8 +270,9 @@ fn notify_ready() {
 /// then writes everything still in memory.
 async fn finish(app: AppState, writer_task: JoinHandle<()>, background: Vec<JoinHandle<()>>) {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    // Sockets see the cancellation and close; give them a moment to detach.
-    for _ in 0..20 {
+    // Sockets see the cancellation, close, and read what their agents had sent (at most
+    // 3 s); then they detach.
+    for _ in 0..80 {
         if app.sessions.sockets_open() == 0 {
             break;
         }

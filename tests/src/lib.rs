@@ -900,6 +900,11 @@ impl Km {
         self.spawn().await
     }
 
+    /// Kills km with SIGKILL (nothing flushed); [`Km::restart`] starts it again.
+    pub fn crash(&mut self) {
+        self.kill();
+    }
+
     fn kill(&mut self) {
         for mut c in self.children.drain(..) {
             let _ = c.kill();

@@ -1,5 +1,7 @@
-//! One agent websocket: frames in, commands out, dead peers detected by the server (the
-//! agent pings but never checks answers).
+//! One agent websocket: frames in, commands out, dead peers detected by the server. km
+//! never pings: the agent pings every 5 s and sends a status every second, and a ping
+//! answered on the wrong one of its sockets makes the agent start over, losing what it
+//! buffered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,9 +26,13 @@ use crate::ingest::budget::MAX_FRAME_BYTES;
 use crate::limits;
 use crate::realtime::LiveEvent;
 
-const PING_EVERY: Duration = Duration::from_secs(10);
+/// How often a socket checks that its agent is alive and its bucket enabled.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// A socket silent this long is dead (the agent pings every 5 s).
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// At shutdown, how long the frames the agent sent before it saw km's close are still
+/// read (they would be lost otherwise).
+const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 /// Commands queued for one socket.
 const OUTBOX: usize = 64;
 /// Read buffer per agent socket: frames are ~2 KB; larger ones still arrive whole (the
@@ -87,9 +93,7 @@ async fn run(
         tracing::warn!(error = %e, "bus: cannot record this node as the agent's");
     }
     let (mut sink, mut stream) = socket.split();
-    // The first ping waits a whole period: the agent's socket may not be open on its side
-    // yet (a pong then throws in the agent and it starts over, losing its buffer).
-    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    let mut check = tokio::time::interval_at(Instant::now() + CHECK_EVERY, CHECK_EVERY);
     let mut last_seen = Instant::now();
     // The licence's limit is checked once, on the first full status of this socket.
     let mut admitted = false;
@@ -104,15 +108,12 @@ async fn run(
                 None => break Ending::quiet("outbox closed"),
             },
             () = session.eviction.notified() => break disabled(),
-            _ = ping.tick() => {
+            _ = check.tick() => {
                 if last_seen.elapsed() > IDLE_LIMIT {
                     break Ending::quiet("silent for 30 s");
                 }
                 if session.evicted() {
                     break disabled();
-                }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    break Ending::quiet("ping failed");
                 }
             }
             message = stream.next() => {
@@ -165,6 +166,9 @@ async fn run(
         };
         let _ = sink.send(Message::Close(Some(close))).await;
     }
+    if app.shutdown.is_cancelled() {
+        drain(&mut stream, &meter, &app, &session, socket_id, &tx).await;
+    }
     if ending
         .close
         .as_ref()
@@ -184,6 +188,29 @@ async fn run(
         tracing::warn!(error = %e, server = %server_name, "cannot save the server's last state");
     }
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
+}
+
+/// After km's close at shutdown: handles what the agent sent until it answers the close,
+/// the connection ends or [`DRAIN_LIMIT`] passes.
+async fn drain(
+    stream: &mut futures_util::stream::SplitStream<AgentSocket>,
+    meter: &Meter,
+    app: &AppState,
+    session: &Session,
+    socket_id: u64,
+    tx: &mpsc::Sender<String>,
+) {
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        match message {
+            Message::Text(text) => {
+                receive(app, session, socket_id, tx, text.as_str());
+                meter.settle();
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
 }
 
 /// A read error: over a budget (counted, closed with its code), or the connection failed.
