@@ -21,7 +21,7 @@ let n = 0;
 setInterval(() => console.log('counted-line ' + (n++)), 50);
 "#;
 
-const DOWN: Duration = Duration::from_secs(6);
+const DOWN: Duration = Duration::from_secs(8);
 
 /// The numbers of the stored lines, sorted (duplicates kept).
 async fn stored(api: &Api, bucket: &str) -> Result<Vec<u64>> {
