@@ -41,6 +41,8 @@ pub struct Ctx {
     pub name_prefix: String,
     pub servers: usize,
     pub logs_per_s: f64,
+    /// Time between two statuses of one server (a real agent: 1 s).
+    pub status_every: Duration,
     pub bad_patch_every: u64,
     pub http: reqwest::Client,
     pub tpl: Templates,
@@ -49,7 +51,7 @@ pub struct Ctx {
     pub slots: Vec<Slot>,
     /// Bounds verifyPM2 + websocket handshakes in flight.
     pub handshakes: Semaphore,
-    /// Ticks of server i fall at `epoch + i/servers s + k s`.
+    /// Ticks of server i fall at `epoch + (i/servers + k) × status_every`.
     pub epoch: Instant,
     pub ws_config: WebSocketConfig,
 }
@@ -298,11 +300,13 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
     let stats = &ctx.stats;
-    let phase = Duration::from_micros((i as u64 * 1_000_000) / ctx.servers.max(1) as u64);
+    let every = ctx.status_every;
+    let phase = every.mul_f64(i as f64 / ctx.servers.max(1) as f64);
     let now = Instant::now();
     let since = now.saturating_duration_since(ctx.epoch + phase);
-    let first_tick = ctx.epoch + phase + Duration::from_secs(since.as_secs() + 1);
-    let mut tick = tokio::time::interval_at(first_tick.into(), Duration::from_secs(1));
+    let periods = (since.as_secs_f64() / every.as_secs_f64()).floor() + 1.0;
+    let first_tick = ctx.epoch + phase + every.mul_f64(periods);
+    let mut tick = tokio::time::interval_at(first_tick.into(), every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut ping = tokio::time::interval_at(
         (now + Duration::from_secs(5)).into(),
@@ -371,7 +375,7 @@ async fn session(
                     Stats::add(&stats.patch_bytes, len);
                 }
 
-                log_credit += ctx.logs_per_s;
+                log_credit += ctx.logs_per_s * every.as_secs_f64();
                 while log_credit >= 1.0 {
                     log_credit -= 1.0;
                     let mut out = String::with_capacity(256);

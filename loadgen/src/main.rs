@@ -55,6 +55,9 @@ struct Args {
     /// Log lines per second per server (fractions allowed, 0 for none).
     #[arg(long, default_value_t = 1.0)]
     logs_per_s: f64,
+    /// Milliseconds between two statuses of one server (a real agent sends one a second).
+    #[arg(long, default_value_t = 1000)]
+    status_every_ms: u64,
     /// New servers started per second.
     #[arg(long, default_value_t = 500.0)]
     connect_rate: f64,
@@ -192,6 +195,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         name_prefix: args.name_prefix.clone(),
         servers: args.servers,
         logs_per_s: args.logs_per_s,
+        status_every: Duration::from_millis(args.status_every_ms.max(10)),
         bad_patch_every: args.bad_patch_every,
         http,
         tpl: Templates::new(args.processes),

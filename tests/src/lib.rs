@@ -516,6 +516,14 @@ pub fn km_bin() -> PathBuf {
     }
 }
 
+/// Path of the `km-loadgen` binary (`KM_LOADGEN_BIN`, default `<target>/debug/km-loadgen`).
+pub fn loadgen_bin() -> PathBuf {
+    match std::env::var_os("KM_LOADGEN_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => target_dir().join("debug/km-loadgen"),
+    }
+}
+
 /// A real `km serve` subprocess on a free loopback port with a temporary data dir.
 /// Its stdout and stderr go to `km.log` in its temp dir (appended across restarts).
 /// Runs `km serve` (free ports, a temp data dir) with `env`, expecting it to refuse to

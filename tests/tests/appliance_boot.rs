@@ -15,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Api, Pm2, e2e, km_bin, tail_file, target_dir, wizard_bin, workspace_dir};
+use km_e2e::{
+    Api, Pm2, e2e, km_bin, loadgen_bin, tail_file, target_dir, wizard_bin, workspace_dir,
+};
 use serde_json::{Value, json};
 
 /// What debootstrap adds to minbase: systemd as PID 1, and the packages provision.sh
@@ -468,6 +470,7 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         let pid = |p: &Value| p["pid"].as_i64();
         api.wait_process(&bucket.id, "web-1", "ticker", "web-1 online", Duration::from_secs(30), pid).await?;
         let link_to_status = linking.elapsed();
+        let fleet_linked = fleet_links(&api, &site, &http).await?;
 
         // A role restarts and the appliance answers again, the agent still online.
         let restarting = Instant::now();
@@ -512,7 +515,8 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         );
         eprintln!(
             "boot: boot to setup URL {boot_to_url:.1?}; apply to healthy {apply_to_healthy:.1?}; \
-             pm2 link to status {link_to_status:.1?}; km-api restart to answering {api_restart:.1?}"
+             pm2 link to status {link_to_status:.1?}; {FLEET} simulated agents linked through the gateway in {fleet_linked:.1?}; \
+             km-api restart to answering {api_restart:.1?}"
         );
         let _ = pm2.run(&["kill"]).await;
         drop(booted);
@@ -520,6 +524,73 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         Ok(())
     })
     .await;
+}
+
+/// Simulated agents linked at once through the gateway (two descriptors each there, one in
+/// the interactor: over systemd's default soft limit of 1024 open files).
+const FLEET: usize = 5_000;
+
+/// [`FLEET`] simulated agents (km-loadgen, the agent's real handshake; a status every 10 s
+/// each, as debug builds serve here) link through port 80 while `/healthz` stays healthy;
+/// the time until all were connected.
+async fn fleet_links(api: &Api, site: &str, http: &reqwest::Client) -> Result<Duration> {
+    let bucket = api.create_bucket("fleet").await?;
+    let started = Instant::now();
+    let loadgen = tokio::process::Command::new(loadgen_bin())
+        .args([
+            "--target",
+            site,
+            "--servers",
+            &FLEET.to_string(),
+            "--processes",
+            "2",
+        ])
+        .args([
+            "--seconds",
+            "15",
+            "--logs-per-s",
+            "0",
+            "--status-every-ms",
+            "10000",
+            "--connect-rate",
+            "1000",
+        ])
+        .env("KM_PUBLIC", &bucket.public_id)
+        .env("KM_SECRET", &bucket.secret_id)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("km-loadgen")?;
+    let run = loadgen.wait_with_output();
+    tokio::pin!(run);
+    let mut all_linked = None;
+    let output = loop {
+        tokio::select! {
+            output = &mut run => break output?,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let health = http.get(format!("{site}/healthz")).timeout(Duration::from_secs(3)).send().await;
+                let health: Value = health.context("/healthz while the fleet links")?.json().await?;
+                ensure!(health["status"] == "ok", "/healthz while the fleet links: {health}");
+                let sockets = health["roles"]["interactor"]["agents"]["sockets"].as_u64().unwrap_or(0);
+                if all_linked.is_none() && sockets > FLEET as u64 {
+                    all_linked = Some(started.elapsed());
+                }
+            }
+        }
+    };
+    let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "km-loadgen printed no report:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    ensure!(
+        report["servers_connected"] == FLEET && report["servers_failed"].as_u64().unwrap_or(0) == 0,
+        "km-loadgen: {report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    all_linked.with_context(|| format!("the interactor never held {FLEET} sockets: {report}"))
 }
 
 /// Every service of `systemd/` scores at most 2.0 ("OK") offline, with nothing on stderr.

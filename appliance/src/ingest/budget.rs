@@ -21,6 +21,9 @@ pub const FREE_FRAME_BYTES: usize = 64 << 10;
 /// Bytes of events waiting for the events store; over it new events are dropped (and
 /// counted in `/healthz`) until the store catches up.
 pub const MAX_QUEUED_EVENT_BYTES: usize = 256 << 20;
+/// A `status` or `status:patch` frame (2,000 processes are about 3 MB); their parsed form
+/// takes several times their text.
+pub const MAX_STATUS_FRAME_BYTES: usize = 16 << 20;
 /// Operations in one `status:patch` (real agents send a few dozen a second).
 pub const MAX_PATCH_OPS: usize = 10_000;
 /// Nodes of a server's status visited or copied while applying one patch.
@@ -170,6 +173,8 @@ pub enum Over {
     Metrics(usize),
     Ops(usize),
     Work,
+    /// A status or patch frame of this many bytes.
+    Frame(usize),
     /// A `copy` or `move` into its own source (the status would double with each).
     IntoItself,
 }
@@ -202,6 +207,10 @@ impl fmt::Display for Over {
                 "a process has {n} custom metrics (at most {MAX_METRICS})"
             ),
             Over::Ops(n) => write!(f, "the patch has {n} operations (at most {MAX_PATCH_OPS})"),
+            Over::Frame(n) => write!(
+                f,
+                "the frame has {n} bytes (a status or patch at most {MAX_STATUS_FRAME_BYTES})"
+            ),
             Over::Work => write!(
                 f,
                 "the patch touches more than {MAX_PATCH_WORK} values of the status"

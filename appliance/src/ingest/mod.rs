@@ -70,6 +70,12 @@ impl Ingest {
         payload: &str,
         now: i64,
     ) -> Result<(), StatusRefusal> {
+        if payload.len() > budget::MAX_STATUS_FRAME_BYTES {
+            self.counters
+                .statuses_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Over::Frame(payload.len()).into());
+        }
         let status = match serde_json::from_str::<Value>(payload) {
             Ok(status @ Value::Object(_)) => status,
             _ => {
@@ -99,10 +105,14 @@ impl Ingest {
     ) -> Result<(), PatchFailure> {
         self.counters.patches.fetch_add(1, Ordering::Relaxed);
         let mut points = Vec::new();
-        let applied = serde_json::from_str::<Vec<PatchOp>>(payload)
-            .map_err(|e| PatchFailure::Invalid {
-                index: 0,
-                reason: format!("not a JSON Patch: {e}"),
+        let applied = (payload.len() <= budget::MAX_STATUS_FRAME_BYTES)
+            .then_some(payload)
+            .ok_or(PatchFailure::Over(Over::Frame(payload.len())))
+            .and_then(|payload| {
+                serde_json::from_str::<Vec<PatchOp>>(payload).map_err(|e| PatchFailure::Invalid {
+                    index: 0,
+                    reason: format!("not a JSON Patch: {e}"),
+                })
             })
             .and_then(|patch| session.apply_patch(patch, now, &mut points));
         self.writer.metrics(points);

@@ -1294,4 +1294,49 @@ mod tests {
         assert!(matches!(refused, Some(PatchFailure::Over(Over::Bytes(_)))));
         size_is_true(&session);
     }
+
+    #[test]
+    fn the_licence_tally_follows_statuses_and_sockets() {
+        let sessions = Sessions::default();
+        let status = |n: usize| {
+            let processes: Vec<Value> = (0..n)
+                .map(|i| serde_json::json!({"name": format!("a{i}")}))
+                .collect();
+            serde_json::json!({"data": {"process": processes}})
+        };
+        let mut points = Vec::new();
+        let mut linked = Vec::new();
+        for (i, n) in [2, 3, 4].into_iter().enumerate() {
+            let (tx, _) = mpsc::channel(1);
+            let (session, socket) = sessions.attach("b", &format!("s{i}"), tx, 0);
+            assert_eq!(
+                sessions.processes_in_use(None),
+                [0, 2, 5][i],
+                "no status yet"
+            );
+            session.apply_status(status(n), 0, &mut points).unwrap();
+            linked.push((session, socket));
+        }
+        assert_eq!(sessions.processes_in_use(None), 9);
+        assert_eq!(sessions.processes_in_use(Some(("b", "s1"))), 6);
+        // A second socket of the same server counts it once.
+        let (tx, _) = mpsc::channel(1);
+        let (again, second) = sessions.attach("b", "s0", tx, 0);
+        assert_eq!(sessions.processes_in_use(None), 9);
+        sessions.detach(&again, second, 0, &mut points);
+        assert_eq!(sessions.processes_in_use(None), 9);
+        let (session, socket) = &linked[2];
+        sessions.detach(session, *socket, 0, &mut points);
+        assert_eq!(
+            sessions.processes_in_use(None),
+            5,
+            "offline servers do not count"
+        );
+        let remove = r#"[{"op":"remove","path":"/data/process/0"}]"#;
+        linked[1]
+            .0
+            .apply_patch(patch(remove), 1, &mut points)
+            .unwrap();
+        assert_eq!(sessions.processes_in_use(None), 4);
+    }
 }
