@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 use serde_json::Value;
 
@@ -24,12 +25,6 @@ fn minute_of(t: i64) -> i64 {
 
 /// A series of a [`MetricSampler`].
 pub type SeriesId = usize;
-
-type SeriesKey = (Box<str>, i64, Box<str>);
-
-fn key_of(app: &str, pm_id: i64, name: &str) -> SeriesKey {
-    (app.into(), pm_id, name.into())
-}
 
 /// Where a metric point belongs: (bucket id, server name).
 pub type Scope<'a> = (&'a str, &'a str);
@@ -184,9 +179,11 @@ pub fn metric_path(pointer: &str) -> MetricPath<'_> {
 #[derive(Debug, Default)]
 pub struct MetricSampler {
     series: Vec<Series>,
-    /// Each series by (app, pm_id, metric): a status with thousands of processes is
-    /// loaded in linear time.
-    index: HashMap<SeriesKey, usize, foldhash::fast::RandomState>,
+    /// Each series by the hash of (app, pm_id, metric): a status with thousands of
+    /// processes is loaded in linear time. A hit is checked against the series; two keys
+    /// of one hash (the seed is random per process) fall back to a scan.
+    index: HashMap<u64, usize, foldhash::fast::RandomState>,
+    hasher: foldhash::fast::RandomState,
     slots: Vec<Slot>,
     /// Where `load` expects the next series: a full status lists metrics in the order it
     /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
@@ -260,9 +257,14 @@ impl MetricSampler {
         scope: Scope,
     ) -> usize {
         let is = |s: &Series| s.pm_id == pm_id && s.name == name && s.app_name == app;
+        let hash = self.hasher.hash_one((app, pm_id, name));
         let found = match self.series.get(self.cursor) {
             Some(s) if is(s) => Some(self.cursor),
-            _ => self.index.get(&key_of(app, pm_id, name)).copied(),
+            _ => match self.index.get(&hash) {
+                Some(&id) if self.series.get(id).is_some_and(is) => Some(id),
+                Some(_) => self.series.iter().position(is),
+                None => None,
+            },
         };
         if let Some(id) = found {
             self.series[id].set(value, now, out, scope);
@@ -270,8 +272,7 @@ impl MetricSampler {
             return id;
         }
         let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
-        self.index
-            .insert(key_of(app, pm_id, name), self.series.len());
+        self.index.entry(hash).or_insert(self.series.len());
         self.series.push(Series {
             app_name: app.to_string(),
             pm_id,
@@ -309,12 +310,12 @@ impl MetricSampler {
             kept += usize::from(keep);
             keep
         });
-        self.index = self
-            .series
-            .iter()
-            .enumerate()
-            .map(|(id, s)| (key_of(&s.app_name, s.pm_id, &s.name), id))
-            .collect();
+        let hasher = &self.hasher;
+        self.index.clear();
+        for (id, s) in self.series.iter().enumerate() {
+            let hash = hasher.hash_one((s.app_name.as_str(), s.pm_id, s.name.as_str()));
+            self.index.entry(hash).or_insert(id);
+        }
         for slot in &mut self.slots {
             for id in slot
                 .cpu

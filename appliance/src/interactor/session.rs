@@ -824,50 +824,40 @@ impl PatchTarget<'_> {
         };
         // What lands, what it replaces, and the member names it adds and takes away.
         let (added, replaced, new_key, gone_key) = match operation {
-            PatchOperation::Add(AddOperation { path, value }) => (
-                placed(path, value)?,
-                added_over(status, path),
-                new_key(status, path),
-                0,
-            ),
-            PatchOperation::Replace(ReplaceOperation { path, value }) => {
-                (placed(path, value)?, status.pointer(path.as_str()), 0, 0)
+            PatchOperation::Add(AddOperation { path, value }) => {
+                let at = Spot::of(status, path);
+                (placed(path, value)?, at.added_over(), at.new_key(), 0)
             }
-            PatchOperation::Remove(RemoveOperation { path }) => (
-                Size::default(),
-                status.pointer(path.as_str()),
-                0,
-                member_key(status, path),
-            ),
+            PatchOperation::Replace(ReplaceOperation { path, value }) => {
+                (placed(path, value)?, Spot::of(status, path).target, 0, 0)
+            }
+            PatchOperation::Remove(RemoveOperation { path }) => {
+                let at = Spot::of(status, path);
+                (Size::default(), at.target, 0, at.member_key())
+            }
             PatchOperation::Copy(CopyOperation { from, path }) => {
                 refuse_into_itself(from, path)?;
-                let Some(source) = status.pointer(from.as_str()) else {
+                let Some(source) = Spot::of(status, from).target else {
                     // json-patch refuses it.
                     return Ok(*self.size);
                 };
-                (
-                    placed(path, source)?,
-                    added_over(status, path),
-                    new_key(status, path),
-                    0,
-                )
+                let at = Spot::of(status, path);
+                (placed(path, source)?, at.added_over(), at.new_key(), 0)
             }
             PatchOperation::Move(MoveOperation { from, path }) => {
                 refuse_into_itself(from, path)?;
-                let Some(source) = status.pointer(from.as_str()) else {
+                let source_spot = Spot::of(status, from);
+                let Some(source) = source_spot.target else {
                     return Ok(*self.size);
                 };
                 let moved = placed(path, source)?;
+                let at = Spot::of(status, path);
                 if from.starts_with(path) {
                     // Moved over one of its ancestors: it stays while the rest goes.
-                    (moved, status.pointer(path.as_str()), 0, 0)
+                    (moved, at.target, 0, 0)
                 } else {
-                    (
-                        Size::default(),
-                        added_over(status, path),
-                        new_key(status, path),
-                        member_key(status, from),
-                    )
+                    let gone = source_spot.member_key();
+                    (Size::default(), at.added_over(), at.new_key(), gone)
                 }
             }
             PatchOperation::Test(_) => return Ok(*self.size),
@@ -888,27 +878,68 @@ impl PatchTarget<'_> {
     }
 }
 
-/// The length of the member name at `path` if it is an object's member.
-fn member_key(status: &Value, path: &Pointer) -> usize {
-    match path.split_back() {
-        Some((parent, key))
-            if status
-                .pointer(parent.as_str())
-                .is_some_and(Value::is_object) =>
-        {
-            key.decoded().len()
-        }
-        _ => 0,
-    }
+/// Where a pointer lands in the status, resolved once (jsonptr: no allocation per
+/// token): the parent, the value there now, and the member name's length.
+struct Spot<'v> {
+    root: Option<&'v Value>,
+    parent: Option<&'v Value>,
+    target: Option<&'v Value>,
+    key: usize,
 }
 
-/// The length of the member name an `add` at `path` creates (0 if it exists already or
-/// the parent is not an object).
-fn new_key(status: &Value, path: &Pointer) -> usize {
-    if status.pointer(path.as_str()).is_some() {
-        0
-    } else {
-        member_key(status, path)
+impl<'v> Spot<'v> {
+    fn of(status: &'v Value, path: &Pointer) -> Spot<'v> {
+        let Some((parent, last)) = path.split_back() else {
+            return Spot {
+                root: Some(status),
+                parent: None,
+                target: Some(status),
+                key: 0,
+            };
+        };
+        let parent = parent.resolve(status).ok();
+        let (target, key) = match parent {
+            Some(Value::Object(map)) => {
+                let key = last.decoded();
+                (map.get(key.as_ref()), key.len())
+            }
+            Some(Value::Array(items)) => match last.to_index() {
+                Ok(jsonptr::index::Index::Num(i)) => (items.get(i), 0),
+                _ => (None, 0),
+            },
+            _ => (None, 0),
+        };
+        Spot {
+            root: None,
+            parent,
+            target,
+            key,
+        }
+    }
+
+    /// The value an `add` here replaces: an object's member or the whole status, not an
+    /// array's element (an add inserts there).
+    fn added_over(&self) -> Option<&'v Value> {
+        match self.parent {
+            Some(Value::Array(_)) => None,
+            _ => self.root.or(self.target),
+        }
+    }
+
+    /// The length of the member name here if it is an object's member.
+    fn member_key(&self) -> usize {
+        match self.parent {
+            Some(Value::Object(_)) => self.key,
+            _ => 0,
+        }
+    }
+
+    /// The length of the member name an `add` here creates (0 if it exists already).
+    fn new_key(&self) -> usize {
+        match self.target {
+            Some(_) => 0,
+            None => self.member_key(),
+        }
     }
 }
 
@@ -925,16 +956,6 @@ fn resized(size: Size, old: usize, new: usize) -> Result<Size, PatchFailure> {
         });
     size.check().map_err(PatchFailure::Over)?;
     Ok(size)
-}
-
-/// The value an `add` at `path` replaces: an object's member or the whole status, not an
-/// array's element (an add inserts there).
-fn added_over<'v>(status: &'v Value, path: &Pointer) -> Option<&'v Value> {
-    match path.parent() {
-        None => Some(status),
-        Some(parent) if status.pointer(parent.as_str()).is_some_and(Value::is_array) => None,
-        Some(_) => status.pointer(path.as_str()),
-    }
 }
 
 /// A copy or move into its own source (`copy` of the root into a member doubles the
