@@ -47,21 +47,25 @@ function duration(ms) {
   return Math.floor(s / 86400) + 'd ' + Math.floor(s % 86400 / 3600) + 'h';
 }
 
-// One socket to /primus (the session cookie authenticates it), reconnecting by itself.
-function watch(publicId, onEvent, onState) {
+// One socket to /primus (the session cookie authenticates it), reconnecting by itself;
+// `page.verify` runs after each reconnection (events sent meanwhile are lost).
+function watch(publicId, page, onState) {
   let delay = 500;
+  let opened = false;
   const open = () => {
     const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/primus');
     ws.onopen = () => {
       delay = 500;
       onState('live');
       ws.send(JSON.stringify({ action: 'sub', public_id: publicId, filters: [] }));
+      if (opened) page.verify();
+      opened = true;
     };
     ws.onmessage = (msg) => {
       let packet;
       try { packet = JSON.parse(msg.data).data[1]; } catch (_) { return; }
       for (const [event, payload] of Object.entries(packet)) {
-        if (event !== 'server_name') onEvent(packet.server_name, event, payload);
+        if (event !== 'server_name') page.onEvent(packet.server_name, event, payload);
       }
     };
     ws.onclose = () => {
@@ -83,41 +87,73 @@ function updateRow(row, p) {
   set('uptime', p.status === 'online' ? duration(Date.now() - (p.pm_uptime || Date.now())) : '-');
 }
 
-// Re-reads this page and swaps in `selector` (new servers or processes appeared). Each
-// selector has its own request; one asked for while it runs is made once more after it.
+// Re-reads this page and swaps in each of `selectors` (processes or servers came or
+// went, a server went offline): the server renders them by the API's rules. One request
+// per list of selectors; one asked for while it runs is made once more after it.
 // `retries` (ms): while the fresh copy is the same as the shown one, tries again after
 // each delay (an agent's event reaches the browser before km has stored it).
 const refreshing = {};
-function refresh(selector, retries = []) {
-  if (refreshing[selector]) { refreshing[selector] = 'again'; return; }
-  refreshing[selector] = 'busy';
+function refresh(selectors, retries = []) {
+  const key = selectors.join(',');
+  if (refreshing[key]) { refreshing[key] = 'again'; return; }
+  refreshing[key] = 'busy';
   const attempt = (left) => fetch(location.href, { credentials: 'same-origin' })
     .then((r) => r.text())
     .then((html) => {
-      const fresh = $(selector, new DOMParser().parseFromString(html, 'text/html'));
-      const shown = $(selector);
-      if (!fresh || !shown) return;
-      formatTimes(fresh);
-      if (fresh.innerHTML === shown.innerHTML && left.length) {
+      const doc = new DOMParser().parseFromString(html, 'text/html');
+      const pairs = selectors.map((sel) => [$(sel, doc), $(sel)]).filter(([fresh, shown]) => fresh && shown);
+      for (const [fresh] of pairs) formatTimes(fresh);
+      if (pairs.every(([fresh, shown]) => fresh.innerHTML === shown.innerHTML) && left.length) {
         return new Promise((resolve) => setTimeout(resolve, left[0])).then(() => attempt(left.slice(1)));
       }
-      shown.replaceWith(fresh);
+      for (const [fresh, shown] of pairs) shown.replaceWith(fresh);
     });
   attempt(retries).catch(() => {}).finally(() => setTimeout(() => {
-    const again = refreshing[selector] === 'again';
-    refreshing[selector] = null;
-    if (again) refresh(selector, retries);
+    const again = refreshing[key] === 'again';
+    refreshing[key] = null;
+    if (again) refresh(selectors, retries);
   }, 1000));
 }
 
-function statusRows(server, status, only) {
-  let missing = false;
+// Brings the rows of `server` under `root` to its status (only the instances of the app
+// `only`, if given): cells updated, rows of processes no longer listed (scaled down,
+// deleted) removed. True when the rows changed: one was removed or one is missing.
+function syncRows(root, server, status, only) {
+  const listed = new Set();
+  let changed = false;
   for (const p of ((status.data || {}).process || [])) {
     if (only && p.name !== only) continue;
-    const row = $(`tr[data-key="${CSS.escape(server + '/' + p.pm_id)}"]`);
-    if (row) updateRow(row, p); else missing = true;
+    const key = server + '/' + p.pm_id;
+    listed.add(key);
+    const row = $(`tr[data-key="${CSS.escape(key)}"]`, root);
+    if (row) updateRow(row, p); else changed = true;
   }
-  return missing;
+  for (const row of $$('tr[data-key]', root)) {
+    if (!listed.has(row.dataset.key)) { row.remove(); changed = true; }
+  }
+  return changed;
+}
+
+// km's event when a server's last agent socket ended (realtime/presence.rs).
+const SERVER_OFFLINE = 'server:offline';
+// How often the page compares its servers' online state with the API's: a lost event (a
+// node gone without a word, a full outbox) is caught within this time.
+const VERIFY_MS = 20000;
+
+// Asks the API (`online` per server, the rule the pages are rendered by) and refreshes
+// `selectors` when a server shown (an element with data-server and data-online) differs.
+function verifier(live, selectors) {
+  const only = live.dataset.server;
+  const url = `/api/bucket/${live.dataset.bucket}/data/status` + (only ? '?server_name=' + encodeURIComponent(only) : '');
+  const verify = () => fetch(url, { credentials: 'same-origin' })
+    .then((r) => (r.ok ? r.json() : []))
+    .then((servers) => {
+      const shown = Object.fromEntries($$('[data-server][data-online]').map((el) => [el.dataset.server, el.dataset.online === 'true']));
+      if (servers.some((s) => shown[s.server_name] !== s.online)) refresh(selectors);
+    })
+    .catch(() => {});
+  setInterval(verify, VERIFY_MS);
+  return verify;
 }
 
 function addLine(list, text, cls) {
@@ -258,19 +294,25 @@ function processPage(live) {
       tailing = false; start.hidden = false; stop.hidden = true;
     }));
   }
-  return (from, event, payload) => {
+  // The server's state and the instances' rows, rendered by the server.
+  const parts = ['#server-state', 'table.processes'];
+  const onEvent = (from, event, payload) => {
     if (from !== server) return;
     if (event === 'status') {
       const processes = ((payload.data || {}).process || []).filter((p) => p.name === app);
-      if (statusRows(server, payload, app)) refresh('.processes');
+      const changed = syncRows($('table.processes'), server, payload, app);
+      // A status comes from a connected agent: a server shown offline is back.
+      if (changed || $('#server-state').dataset.online !== 'true') refresh(parts);
       if (chartsUpdate) chartsUpdate(processes);
+    } else if (event === SERVER_OFFLINE) {
+      refresh(parts);
     } else if (event === 'logs' && tailing && (payload.process || {}).name === app) {
       tail.textContent += payload.data;
       if (tail.textContent.length > 200000) tail.textContent = tail.textContent.slice(-100000);
       tail.scrollTop = tail.scrollHeight;
     } else if (event === 'process:exception' && (payload.process || {}).name === app) {
       addLine(replies, 'exception: ' + ((payload.data || {}).message || ''), 'error');
-      refresh('#issues', [300, 700, 1500, 3000]);
+      refresh(['#issues'], [300, 700, 1500, 3000]);
     } else if (REPLIES.includes(event)) {
       const process = payload.process || {};
       if (process.name && process.name !== app) return;
@@ -281,14 +323,22 @@ function processPage(live) {
       addLine(events, what + ' ' + (event === 'human:event' ? short(payload.data) : 'pm_id ' + (payload.process || {}).pm_id), '');
     }
   };
+  return { onEvent, verify: verifier(live, parts) };
 }
 
-function overviewPage() {
-  return (from, event, payload) => {
-    if (event !== 'status') return;
-    const section = $(`section.server[data-server="${CSS.escape(from)}"]`);
-    if (!section || statusRows(from, payload, null)) refresh('#servers');
+function overviewPage(live) {
+  // The servers and the licence's process count, rendered by the server.
+  const parts = ['#licence', '#servers'];
+  const onEvent = (from, event, payload) => {
+    if (event === SERVER_OFFLINE) {
+      refresh(parts);
+    } else if (event === 'status') {
+      const section = $(`section.server[data-server="${CSS.escape(from)}"]`);
+      // A status comes from a connected agent: a server shown offline is back.
+      if (!section || syncRows(section, from, payload, null) || section.dataset.online !== 'true') refresh(parts);
+    }
   };
+  return { onEvent, verify: verifier(live, parts) };
 }
 
 document.addEventListener('DOMContentLoaded', () => {
@@ -298,6 +348,6 @@ document.addEventListener('DOMContentLoaded', () => {
   const live = $('#live');
   if (!live) return;
   const state = $('#live-state');
-  const onEvent = live.dataset.page === 'process' ? processPage(live) : overviewPage();
-  watch(live.dataset.public, onEvent, (text) => { state.textContent = text; state.dataset.state = text; });
+  const page = live.dataset.page === 'process' ? processPage(live) : overviewPage(live);
+  watch(live.dataset.public, page, (text) => { state.textContent = text; state.dataset.state = text; });
 });

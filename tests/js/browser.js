@@ -80,12 +80,48 @@ function session ({ prefix, shotsDir, shotPrefix = '' }) {
     const context = await s.browser.newContext({ viewport })
     context.setDefaultTimeout(timeoutMs)
     context.setDefaultNavigationTimeout(timeoutMs)
-    s.page = await context.newPage()
-    s.page.on('console', (msg) => {
-      if (msg.type() === 'error') s.consoleErrors.push(`${s.page.url()}: ${msg.text()}`)
-    })
-    s.page.on('pageerror', (err) => s.pageErrors.push(`${s.page.url()}: ${err.stack || err.message}`))
+    s.page = s.track(await context.newPage())
     return { context, page: s.page }
+  }
+
+  // Records the console and uncaught errors of `page` (the launched one, or another tab).
+  s.track = (page) => {
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') s.consoleErrors.push(`${page.url()}: ${msg.text()}`)
+    })
+    page.on('pageerror', (err) => s.pageErrors.push(`${page.url()}: ${err.stack || err.message}`))
+    return page
+  }
+
+  // Polls `fn` in `page` until it returns a truthy value, which it returns; the error
+  // shows the last value of `describeFn` (also run in the page).
+  s.waitIn = async (page, what, timeoutMs, fn, arg, describeFn) => {
+    try {
+      const handle = await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 100 })
+      return await handle.jsonValue()
+    } catch (e) {
+      if (!/Timeout/i.test(String(e && e.message))) throw e
+      const last = describeFn ? await page.evaluate(describeFn, arg).catch((err) => `(${err.message})`) : ''
+      throw new StepFailed(`${what}: not within ${timeoutMs} ms${last ? `; page shows: ${last}` : ''}`)
+    }
+  }
+
+  // Writes a file of `dir` that the Rust test polls for (atomically: it never sees half of it).
+  s.handOver = (dir, name, text) => {
+    const file = path.join(dir, name)
+    fs.writeFileSync(`${file}.tmp`, text)
+    fs.renameSync(`${file}.tmp`, file)
+  }
+
+  // Waits for the Rust test to write `dir/name`; returns its text.
+  s.waitFile = async (dir, name, timeoutMs) => {
+    const file = path.join(dir, name)
+    const deadline = Date.now() + timeoutMs
+    while (Date.now() < deadline) {
+      if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8')
+      await s.sleep(100)
+    }
+    throw new StepFailed(`the test did not write ${file} within ${timeoutMs} ms`)
   }
 
   // The last lines of a passing run; closes the browser and exits 0.

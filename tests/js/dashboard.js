@@ -23,7 +23,6 @@
 // KM_LOG_NEEDLE, KM_BOOM_ACTION, KM_EXCEPTION_MESSAGE; optionally CHROMIUM (default
 // /usr/bin/chromium) and KM_LINK_TIMEOUT_MS (default 120000).
 
-const fs = require('fs')
 const path = require('path')
 const browser = require('./browser')
 
@@ -66,22 +65,8 @@ async function shots (name) {
   return files.map((f) => path.basename(f)).join(', ')
 }
 
-// Writes a file the Rust test polls for (atomically: it never sees half of it).
-function handOver (name, text) {
-  const file = path.join(HANDSHAKE_DIR, name)
-  fs.writeFileSync(`${file}.tmp`, text)
-  fs.renameSync(`${file}.tmp`, file)
-}
-
-async function waitFile (name, timeoutMs) {
-  const file = path.join(HANDSHAKE_DIR, name)
-  const deadline = Date.now() + timeoutMs
-  while (Date.now() < deadline) {
-    if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8')
-    await sleep(100)
-  }
-  throw new StepFailed(`the test did not write ${file} within ${timeoutMs} ms`)
-}
+const handOver = (name, text) => b.handOver(HANDSHAKE_DIR, name, text)
+const waitFile = (name, timeoutMs) => b.waitFile(HANDSHAKE_DIR, name, timeoutMs)
 
 // `window.__kmMark` survives only as long as the document: a reload or navigation loses it.
 const mark = () => page.evaluate(() => { window.__kmMark = Math.random().toString(36).slice(2); return window.__kmMark })
@@ -90,18 +75,8 @@ async function assertNotReloaded (token, what) {
   assert(now === token, `the page was reloaded or left during ${what} (marker ${token} -> ${now})`)
 }
 
-// Polls `fn` in the page until it returns a truthy value; the error shows the last value
-// of `describeFn` (also run in the page).
-async function waitInPage (what, timeoutMs, fn, arg, describeFn) {
-  try {
-    const handle = await page.waitForFunction(fn, arg, { timeout: timeoutMs, polling: 200 })
-    return await handle.jsonValue()
-  } catch (e) {
-    if (!/Timeout/i.test(String(e && e.message))) throw e
-    const last = describeFn ? await page.evaluate(describeFn, arg).catch((err) => `(${err.message})`) : ''
-    throw new StepFailed(`${what}: not within ${timeoutMs} ms${last ? `; page shows: ${last}` : ''}`)
-  }
-}
+// Polls `fn` in the page until it returns a truthy value (see browser.js).
+const waitInPage = (...args) => b.waitIn(page, ...args)
 
 async function main () {
   const launched = await b.launch({ viewport: DESKTOP, timeoutMs: NAV_TIMEOUT_MS, chromiumPath: CHROMIUM })

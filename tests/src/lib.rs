@@ -1336,6 +1336,17 @@ impl Pm2 {
             .and_then(|s| s.trim().parse().ok())
     }
 
+    /// SIGKILL to the agent alone (`$PM2_HOME/agent.pid`), as when it crashes: its socket
+    /// ends without a word while the daemon and the apps keep running. Returns its pid.
+    pub fn kill_agent(&self) -> Result<i32> {
+        let pid = self
+            .read_pid("agent.pid")
+            .context("no agent pid in $PM2_HOME/agent.pid")?;
+        ensure!(pid_alive(pid), "the agent (pid {pid}) is not running");
+        signal(pid, libc::SIGKILL);
+        Ok(pid)
+    }
+
     /// `pm2 kill` (synchronous), then SIGKILL for a daemon or agent still alive.
     pub fn kill(&mut self) {
         if !self.alive {

@@ -10,11 +10,21 @@
 //! custom metric, `restart` bumps the restarts cell, the live tail shows the app's lines,
 //! and an exception thrown by a custom action shows as an issue. Screenshots of both pages
 //! at 1280x800 and 390x844 go to `<target>/e2e-screenshots/dashboard/`.
+//!
+//! The second test (`tests/js/dashboard_live.js`) links a pm2 running a cluster app on two
+//! instances and keeps the overview and the process page open in two tabs, never
+//! reloaded: "scale +1" on the process page makes exactly three instances on both,
+//! "scale -1" exactly two again (the removed row gone within 2 s of the API), and when
+//! the test kills the agent both show the server offline and no process online within
+//! 5 s of the API saying so; the "N processes" line follows each change. Reloaded, both
+//! pages still show the server offline and its processes not online. The script asks this
+//! test for `pm2 jlist` counts and the kill through `request-<n>.json` / `reply-<n>.json`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Km, Pm2, e2e, run_node_script, target_dir};
-use serde_json::json;
+use km_e2e::{Km, Pm2, e2e, now_ms, run_node_script, target_dir};
+use serde_json::{Value, json};
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -64,9 +74,17 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the script's link command, links a fresh pm2 running the app with exactly
+/// An app started in the fresh pm2 before it is linked: `pm2 start <name>.js --name <name>
+/// <args>`.
+struct App {
+    name: &'static str,
+    source: &'static str,
+    args: &'static [&'static str],
+}
+
+/// Waits for the script's link command, links a fresh pm2 running `app` with exactly
 /// that command, and tells the script (`linked.json`). Returns the pm2 (killed on drop).
-async fn link_from_page(dir: &Path) -> Result<Pm2> {
+async fn link_from_page(dir: &Path, app: &App) -> Result<Pm2> {
     let file = dir.join("link-command.txt");
     let start = Instant::now();
     let command = loop {
@@ -81,7 +99,11 @@ async fn link_from_page(dir: &Path) -> Result<Pm2> {
     let (node, secret, public) = parse_link_command(&command)?;
     println!("dashboard test: linking with KEYMETRICS_NODE={node} pm2 link <secret> <public>");
     let pm2 = Pm2::new(&node)?;
-    pm2.start_app(APP, APP_SRC).await?;
+    let file = pm2.write_app(&format!("{}.js", app.name), app.source)?;
+    let file = file.to_string_lossy();
+    let mut start = vec!["start", &*file, "--name", app.name];
+    start.extend(app.args);
+    pm2.run_ok(&start).await?;
     let t0 = Instant::now();
     let out = pm2.run(&["link", &secret, &public]).await?;
     ensure!(
@@ -101,9 +123,9 @@ async fn link_from_page(dir: &Path) -> Result<Pm2> {
     Ok(pm2)
 }
 
-/// `<target>/e2e-screenshots/dashboard`, emptied of earlier PNGs.
-fn screenshot_dir() -> Result<PathBuf> {
-    let dir = target_dir().join("e2e-screenshots/dashboard");
+/// `<target>/e2e-screenshots/<name>`, emptied of earlier PNGs.
+fn screenshot_dir(name: &str) -> Result<PathBuf> {
+    let dir = target_dir().join("e2e-screenshots").join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     for entry in std::fs::read_dir(&dir)? {
         let path = entry?.path();
@@ -119,7 +141,7 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
     e2e(async {
         let km = Km::start().await?;
         let handshake = tempfile::Builder::new().prefix("km-dashboard-").tempdir()?;
-        let shots = screenshot_dir()?;
+        let shots = screenshot_dir("dashboard")?;
         println!("dashboard test: screenshots go to {}", shots.display());
         let url = km.url();
         let hand_dir = handshake.path().to_string_lossy().into_owned();
@@ -137,7 +159,12 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
         let t0 = Instant::now();
         let script = run_node_script("dashboard.js", &env, SCRIPT_TIMEOUT);
         tokio::pin!(script);
-        let linker = link_from_page(handshake.path());
+        let app = App {
+            name: APP,
+            source: APP_SRC,
+            args: &[],
+        };
+        let linker = link_from_page(handshake.path(), &app);
         tokio::pin!(linker);
         // Dropped after the script (and before km): pm2 stays linked while the script runs.
         let mut pm2: Option<Pm2> = None;
@@ -213,6 +240,136 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
             pngs.join(", ")
         );
         drop(pm2);
+        Ok(())
+    })
+    .await
+}
+
+const LIVE_APP: &str = "cluster-app";
+/// An app that only stays up, run in cluster mode.
+const LIVE_APP_SRC: &str = "setInterval(() => console.log('cluster-app alive'), 2000);\n";
+/// The live script's steps are each bounded (30-60 s, 120 s for the link); ~40 s in all
+/// when everything answers.
+const LIVE_SCRIPT_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// The text of `path` once it exists (the script writes its files atomically).
+async fn file_text(path: &Path) -> String {
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One request of the live script: `{"do": "instances"}` (the app's instances by `pm2
+/// jlist`) or `{"do": "kill-agent"}` (SIGKILL to the agent alone).
+async fn answer(pm2: &Pm2, request: &str) -> Result<Value> {
+    let request: Value = serde_json::from_str(request).context("request is not JSON")?;
+    match request["do"].as_str() {
+        Some("instances") => {
+            let list = pm2.jlist().await?;
+            let ids: Vec<Value> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["name"] == LIVE_APP)
+                .map(|p| p["pm_id"].clone())
+                .collect();
+            Ok(json!({"instances": ids.len(), "pm_ids": ids}))
+        }
+        Some("kill-agent") => Ok(json!({"pid": pm2.kill_agent()?, "at": now_ms()})),
+        _ => bail!("unknown request {request}"),
+    }
+}
+
+/// Links a fresh pm2 running LIVE_APP on two cluster instances with the page's command,
+/// then answers the script's requests in order until dropped. Returns only when linking
+/// failed (after telling the script) or a reply could not be written.
+async fn drive_live(dir: &Path) -> Result<Infallible> {
+    let app = App {
+        name: LIVE_APP,
+        source: LIVE_APP_SRC,
+        args: &["-i", "2"],
+    };
+    let pm2 = match link_from_page(dir, &app).await {
+        Ok(pm2) => pm2,
+        Err(e) => {
+            let told = json!({"error": format!("{e:#}")}).to_string();
+            write_atomic(&dir.join("linked.json"), &told)?;
+            return Err(e);
+        }
+    };
+    let mut n = 0u64;
+    loop {
+        n += 1;
+        let request = file_text(&dir.join(format!("request-{n}.json"))).await;
+        let reply = match answer(&pm2, &request).await {
+            Ok(reply) => reply,
+            Err(e) => json!({"error": format!("{e:#}")}),
+        };
+        println!(
+            "dashboard live test: request {n} {} -> {reply}",
+            request.trim()
+        );
+        write_atomic(&dir.join(format!("reply-{n}.json")), &reply.to_string())?;
+    }
+}
+
+#[tokio::test]
+async fn dashboard_follows_scaling_and_a_dead_agent_live() {
+    e2e(async {
+        let km = Km::start().await?;
+        let handshake = tempfile::Builder::new()
+            .prefix("km-dashboard-live-")
+            .tempdir()?;
+        let shots = screenshot_dir("dashboard-live")?;
+        let url = km.url();
+        let hand_dir = handshake.path().to_string_lossy().into_owned();
+        let shots_dir = shots.to_string_lossy().into_owned();
+        let env = [
+            ("KM_URL", url.as_str()),
+            ("KM_HANDSHAKE_DIR", hand_dir.as_str()),
+            ("KM_SCREENSHOT_DIR", shots_dir.as_str()),
+            ("KM_APP_NAME", LIVE_APP),
+        ];
+        let t0 = Instant::now();
+        let script = run_node_script("dashboard_live.js", &env, LIVE_SCRIPT_TIMEOUT);
+        tokio::pin!(script);
+        // Holds the pm2 (killed on drop): dropped after the script, before km.
+        let driver = drive_live(handshake.path());
+        tokio::pin!(driver);
+        let mut driver_error = None;
+        let out = loop {
+            tokio::select! {
+                out = &mut script => break out,
+                failed = &mut driver, if driver_error.is_none() => {
+                    let Err(e) = failed;
+                    driver_error = Some(e);
+                }
+            }
+        };
+        if let Some(e) = driver_error {
+            return Err(e.context(format!(
+                "linking pm2 or answering the script failed; the script said:\n{}",
+                match &out {
+                    Ok(o) => o.stdout.clone(),
+                    Err(e) => format!("{e:#}"),
+                }
+            )));
+        }
+        let out = out?;
+        println!("{}", out.stdout.trim_end());
+        println!(
+            "dashboard live test: browser script done in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        ensure!(
+            out.stdout.contains("dashboard-live: all steps passed"),
+            "dashboard_live.js exited 0 without its closing line:\n{}\n{}",
+            out.stdout,
+            out.stderr
+        );
         Ok(())
     })
     .await

@@ -187,6 +187,7 @@ async fn run(
     {
         tracing::warn!(error = %e, server = %server_name, "cannot save the server's last state");
     }
+    crate::realtime::presence::socket_ended(&app, &session);
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
 }
 

@@ -8,6 +8,7 @@
 //! lives.
 
 pub mod hub;
+pub mod presence;
 
 use std::collections::HashMap;
 use std::sync::Arc;

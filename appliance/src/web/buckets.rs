@@ -127,16 +127,23 @@ pub fn duration_text(ms: i64) -> String {
     }
 }
 
-fn process_row(server: &str, p: &Value, now: i64) -> ProcessRow {
+/// A process as its server last reported it. The processes of an offline server are shown
+/// `offline`, without CPU, memory or uptime: the last status says nothing of them now.
+fn process_row(server: &str, server_online: bool, p: &Value, now: i64) -> ProcessRow {
     let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
-    let online = p["status"] == "online";
+    let online = server_online && p["status"] == "online";
+    let current = |shown: String| if server_online { shown } else { "-".into() };
     ProcessRow {
         server: server.to_string(),
         name: text(&p["name"]),
         pm_id: p["pm_id"].as_i64().unwrap_or(-1),
-        status: text(&p["status"]),
-        cpu: format!("{}%", p["cpu"].as_f64().unwrap_or(0.0)),
-        memory: memory_text(p["memory"].as_f64().unwrap_or(0.0)),
+        status: if server_online {
+            text(&p["status"])
+        } else {
+            "offline".into()
+        },
+        cpu: current(format!("{}%", p["cpu"].as_f64().unwrap_or(0.0))),
+        memory: current(memory_text(p["memory"].as_f64().unwrap_or(0.0))),
         restarts: p["restart_time"].as_i64().unwrap_or(0),
         uptime: if online {
             duration_text(now - p["pm_uptime"].as_i64().unwrap_or(now))
@@ -162,14 +169,16 @@ pub async fn server_views(app: &AppState, bucket_id: &str, only: Option<&str>) -
             let name = v["server_name"].as_str().unwrap_or("").to_string();
             let server = &v["data"]["server"];
             let text = |f: &str| server[f].as_str().unwrap_or("").to_string();
+            // The API's flag: a server is online while its agent holds a socket.
+            let online = v["online"].as_bool().unwrap_or(false);
             let processes = v["data"]["process"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|p| process_row(&name, p, now))
+                .map(|p| process_row(&name, online, p, now))
                 .collect();
             ServerView {
-                online: v["online"].as_bool().unwrap_or(false),
+                online,
                 last_update: v["last_update"].as_i64().unwrap_or(0),
                 pm2_version: text("pm2_version"),
                 node_version: text("node_version"),
@@ -399,4 +408,36 @@ pub async fn settings_action(
         _ => Err(ApiError::not_found("no such setting")),
     };
     back(&page, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_offline_servers_processes_are_not_shown_online() {
+        let p = json!({"name": "api", "pm_id": 1, "status": "online", "cpu": 3,
+            "memory": 1048576, "restart_time": 2, "pm_uptime": 1_000});
+        let live = process_row("web-1", true, &p, 61_000);
+        assert_eq!(
+            (
+                live.status.as_str(),
+                live.cpu.as_str(),
+                live.uptime.as_str()
+            ),
+            ("online", "3%", "1m")
+        );
+        let gone = process_row("web-1", false, &p, 61_000);
+        assert_eq!(
+            (
+                gone.status.as_str(),
+                gone.cpu.as_str(),
+                gone.memory.as_str(),
+                gone.uptime.as_str()
+            ),
+            ("offline", "-", "-", "-")
+        );
+        assert_eq!(gone.restarts, 2);
+    }
 }

@@ -284,7 +284,7 @@ pub async fn action(
             "pm2" => {
                 let mut v = json!({"server_name": server, "method_name": form.method_name, "app_name": app_name});
                 if !form.number.is_empty() {
-                    v["number"] = json!(form.number.parse::<u64>().map(Value::from).unwrap_or(Value::String(form.number.clone())));
+                    v["number"] = scale_number(&form.number);
                 }
                 actions::trigger_pm2(state, access, Body(parse(v)?)).await.map(drop)?;
                 Ok(json!({"msg": format!("{} sent to {app_name}", form.method_name)}))
@@ -319,6 +319,17 @@ pub async fn action(
     }
 }
 
+/// The `number` of a scale form as pm2 reads it: plain digits are a count (a JSON number),
+/// anything else stays text, so that "+1" and "-1" add or remove one instance (pm2 takes
+/// a number as the count to reach, and Rust's integer parsing would accept "+1" as 1).
+fn scale_number(text: &str) -> Value {
+    let text = text.trim();
+    match text.parse::<u64>() {
+        Ok(count) if text.bytes().all(|b| b.is_ascii_digit()) => Value::from(count),
+        _ => Value::String(text.to_string()),
+    }
+}
+
 /// A form built as JSON, read as the API route's body (a bad field is a 400).
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
@@ -344,4 +355,18 @@ pub fn urlencode(segment: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_numbers_keep_their_sign_as_text() {
+        assert_eq!(scale_number("3"), json!(3));
+        assert_eq!(scale_number("+1"), json!("+1"));
+        assert_eq!(scale_number("-1"), json!("-1"));
+        assert_eq!(scale_number(" 2 "), json!(2));
+        assert_eq!(scale_number("two"), json!("two"));
+    }
 }
