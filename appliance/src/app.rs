@@ -8,6 +8,7 @@ use crate::config::Settings;
 use crate::gateway::Gateway;
 use crate::ingest::Ingest;
 use crate::interactor::Sessions;
+use crate::limits::LimitCache;
 use crate::realtime::LiveHub;
 use crate::stores::{Bus, Documents, Events};
 
@@ -24,6 +25,8 @@ pub struct App {
     pub ingest: Ingest,
     /// TLS of this node: the certificate served and its renewal (`/healthz` reports it).
     pub gateway: Arc<Gateway>,
+    /// The licence's limit, checked at most once a minute.
+    pub limit: LimitCache,
 
     /// Cancelled when the process is asked to stop.
     pub shutdown: CancellationToken,

@@ -54,9 +54,30 @@ pub enum Limit {
     },
 }
 
+/// The licence's signature is checked at most once a minute: a reconnect storm asks for
+/// the limit once per server (an Ed25519 verification each).
+const RECHECK_S: i64 = 60;
+
+/// The limit as last checked, and when (epoch seconds).
+#[derive(Default)]
+pub struct LimitCache(parking_lot::Mutex<Option<(i64, Limit)>>);
+
 impl Limit {
     pub fn of(app: &App) -> Limit {
-        match app.settings.licence(now_ms() / 1000) {
+        let now_s = now_ms() / 1000;
+        let mut cache = app.limit.0.lock();
+        match &*cache {
+            Some((at, limit)) if (0..RECHECK_S).contains(&(now_s - at)) => limit.clone(),
+            _ => {
+                let limit = Limit::checked(&app.settings, now_s);
+                *cache = Some((now_s, limit.clone()));
+                limit
+            }
+        }
+    }
+
+    fn checked(settings: &crate::config::Settings, now_s: i64) -> Limit {
+        match settings.licence(now_s) {
             None => Limit::Unlicensed,
             Some(Ok(licence)) => match licence.max_processes() {
                 Some(max) => Limit::Processes { max },

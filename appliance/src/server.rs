@@ -335,6 +335,7 @@ pub async fn build_app(
         sessions,
         ingest: Ingest::new(writer),
         gateway,
+        limit: Default::default(),
         shutdown,
     });
     Ok((app, writer_task))

@@ -470,7 +470,13 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         let pid = |p: &Value| p["pid"].as_i64();
         api.wait_process(&bucket.id, "web-1", "ticker", "web-1 online", Duration::from_secs(30), pid).await?;
         let link_to_status = linking.elapsed();
-        let fleet_linked = fleet_links(&api, &site, &http).await?;
+        let fleet_linked = match fleet_links(&api, &site, &http).await {
+            Ok(took) => took,
+            Err(e) => {
+                let tail = |unit: &str| booted.journal(unit).lines().rev().take(15).collect::<Vec<_>>().join("\n");
+                bail!("{e:#}\n--- km-gateway ---\n{}\n--- km-interactor ---\n{}", tail("km-gateway"), tail("km-interactor"));
+            }
+        };
 
         // A role restarts and the appliance answers again, the agent still online.
         let restarting = Instant::now();
