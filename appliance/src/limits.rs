@@ -182,6 +182,16 @@ pub async fn admit(app: &App, session: &Session) -> Result<(), String> {
         return Ok(());
     };
     let mine = session.counted_processes().unwrap_or(0);
+    // The tallies first: one read whatever the fleet (a reconnect storm admits every
+    // server). They count a server that moved twice, never one twice too few: fitting
+    // there is fitting. (They lag by a heartbeat, 2 s, as the exact count lags statuses.)
+    if let Ok(remote) = app.bus.remote_tally().await {
+        let local = app.sessions.processes_in_use(Some((bucket, server)));
+        if local + remote + u64::from(mine) <= u64::from(max) {
+            unpark(app, bucket, server).await;
+            return Ok(());
+        }
+    }
     let others = match in_use(app, Some((bucket, server))).await {
         Ok(n) => n,
         Err(e) => {

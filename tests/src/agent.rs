@@ -253,16 +253,29 @@ impl LoggingTenant {
 
 /// The numbers of the lines of `server` stored in `bucket`, sorted.
 async fn stored_lines(api: &Api, bucket: &str, server: &str) -> Result<Vec<u64>> {
+    numbered_lines(api, bucket, &json!({"server_name": server}), "line ").await
+}
+
+/// The numbers after `prefix` of the log lines stored in `bucket` that match `filter`
+/// (every page), sorted; duplicates kept.
+pub async fn numbered_lines(
+    api: &Api,
+    bucket: &str,
+    filter: &Value,
+    prefix: &str,
+) -> Result<Vec<u64>> {
     let mut numbers = Vec::new();
     for page in 0.. {
-        let filter = json!({"server_name": server, "size": 1000, "from": page * 1000});
+        let mut filter = filter.clone();
+        filter["size"] = 1000.into();
+        filter["from"] = (page * 1000).into();
         let lines = api.data(bucket, "logs", &filter).await?;
         let lines = lines.as_array().cloned().unwrap_or_default();
         numbers.extend(lines.iter().filter_map(|l| {
             l["data"]
                 .as_str()?
                 .trim()
-                .strip_prefix("line ")?
+                .strip_prefix(prefix)?
                 .parse::<u64>()
                 .ok()
         }));

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
+use km_e2e::agent::numbered_lines;
 use km_e2e::{Api, LinkOpts, Linked, e2e, linked_with};
 use serde_json::json;
 
@@ -23,27 +24,9 @@ setInterval(() => console.log('counted-line ' + (n++)), 50);
 
 const DOWN: Duration = Duration::from_secs(8);
 
-/// The numbers of the stored lines, sorted (duplicates kept).
+/// The numbers of the counter's stored lines, sorted (duplicates kept).
 async fn stored(api: &Api, bucket: &str) -> Result<Vec<u64>> {
-    let mut numbers = Vec::new();
-    for page in 0.. {
-        let filter = json!({"app_name": "counter", "size": 1000, "from": page * 1000});
-        let lines = api.data(bucket, "logs", &filter).await?;
-        let lines = lines.as_array().cloned().unwrap_or_default();
-        numbers.extend(lines.iter().filter_map(|l| {
-            l["data"]
-                .as_str()?
-                .trim()
-                .strip_prefix("counted-line ")?
-                .parse::<u64>()
-                .ok()
-        }));
-        if lines.len() < 1000 {
-            break;
-        }
-    }
-    numbers.sort_unstable();
-    Ok(numbers)
+    numbered_lines(api, bucket, &json!({"app_name": "counter"}), "counted-line ").await
 }
 
 /// The lines missing between the first and the last stored, and the duplicates.

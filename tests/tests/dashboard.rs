@@ -22,7 +22,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Km, Pm2, e2e, now_ms, run_node_script, target_dir};
+use km_e2e::{Km, Pm2, ScriptOutput, e2e, now_ms, run_node_script, target_dir};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -136,6 +136,34 @@ fn screenshot_dir(name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A browser script's end: what the Rust side failed at (with what the script said), the
+/// script's own failure, or its closing line `<name>: all steps passed` missing.
+fn script_passed(
+    out: Result<ScriptOutput>,
+    side_failure: Option<anyhow::Error>,
+    side: &str,
+    name: &str,
+    t0: Instant,
+) -> Result<()> {
+    if let Some(e) = side_failure {
+        let said = match &out {
+            Ok(o) => o.stdout.clone(),
+            Err(e) => format!("{e:#}"),
+        };
+        return Err(e.context(format!("{side} failed; the script said:\n{said}")));
+    }
+    let out = out?;
+    println!("{}", out.stdout.trim_end());
+    println!("{name}: browser script done in {:.1} s", t0.elapsed().as_secs_f64());
+    ensure!(
+        out.stdout.contains(&format!("{name}: all steps passed")),
+        "the {name} script exited 0 without its closing line:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
     e2e(async {
@@ -186,27 +214,7 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
                 },
             }
         };
-        if let Some(e) = link_error {
-            return Err(e.context(format!(
-                "linking pm2 with the page's command failed; the script said:\n{}",
-                match &out {
-                    Ok(o) => o.stdout.clone(),
-                    Err(e) => format!("{e:#}"),
-                }
-            )));
-        }
-        let out = out?;
-        println!("{}", out.stdout.trim_end());
-        println!(
-            "dashboard test: browser script done in {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
-        ensure!(
-            out.stdout.contains("dashboard: all steps passed"),
-            "dashboard.js exited 0 without its closing line:\n{}\n{}",
-            out.stdout,
-            out.stderr
-        );
+        script_passed(out, link_error, "linking pm2 with the page's command", "dashboard", t0)?;
         ensure!(pm2.is_some(), "the script passed but pm2 was never linked");
         let mut pngs: Vec<String> = Vec::new();
         for entry in std::fs::read_dir(&shots)? {
@@ -349,27 +357,7 @@ async fn dashboard_follows_scaling_and_a_dead_agent_live() {
                 }
             }
         };
-        if let Some(e) = driver_error {
-            return Err(e.context(format!(
-                "linking pm2 or answering the script failed; the script said:\n{}",
-                match &out {
-                    Ok(o) => o.stdout.clone(),
-                    Err(e) => format!("{e:#}"),
-                }
-            )));
-        }
-        let out = out?;
-        println!("{}", out.stdout.trim_end());
-        println!(
-            "dashboard live test: browser script done in {:.1} s",
-            t0.elapsed().as_secs_f64()
-        );
-        ensure!(
-            out.stdout.contains("dashboard-live: all steps passed"),
-            "dashboard_live.js exited 0 without its closing line:\n{}\n{}",
-            out.stdout,
-            out.stderr
-        );
+        script_passed(out, driver_error, "linking pm2 or answering the script", "dashboard-live", t0)?;
         Ok(())
     })
     .await

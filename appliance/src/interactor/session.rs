@@ -612,6 +612,10 @@ impl CommandSink for Sessions {
         self.evict_bucket(bucket_id)
     }
 
+    fn tally(&self) -> u64 {
+        self.processes_in_use(None)
+    }
+
     fn processes(&self) -> Vec<ServerProcesses> {
         self.all()
             .iter()

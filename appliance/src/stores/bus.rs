@@ -38,6 +38,8 @@ pub trait CommandSink: Send + Sync {
     fn evict(&self, bucket_id: &str) -> bool;
     /// The monitored processes of each server connected here (see [`crate::limits`]).
     fn processes(&self) -> Vec<ServerProcesses>;
+    /// Their sum, kept as servers change.
+    fn tally(&self) -> u64;
 }
 
 /// How many processes of a connected server count against the licence.
@@ -66,6 +68,10 @@ pub trait Bus: Send + Sync {
     async fn evict(&self, bucket_id: &str);
     /// The monitored processes of the servers connected to other nodes.
     async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>>;
+    /// Their sum as each other node last told it (with its heartbeat): never below the
+    /// true count but for servers that linked since, above it while a server that moved
+    /// is still counted where it was.
+    async fn remote_tally(&self) -> StoreResult<u64>;
     /// This node now holds the freshest socket of the server (after a reconnect, a
     /// command must go to it, not to a stale socket on another node).
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
@@ -129,6 +135,10 @@ impl Bus for LocalBus {
 
     async fn remote_processes(&self) -> StoreResult<Vec<ServerProcesses>> {
         Ok(Vec::new())
+    }
+
+    async fn remote_tally(&self) -> StoreResult<u64> {
+        Ok(0)
     }
 
     async fn claim(&self, _bucket_id: &str, _server_name: &str) -> StoreResult<()> {

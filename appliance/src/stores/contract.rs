@@ -1255,6 +1255,10 @@ impl CommandSink for NodeSockets {
             })
             .collect()
     }
+
+    fn tally(&self) -> u64 {
+        2 * self.servers.len() as u64
+    }
 }
 
 fn command(server: &str, frame: &str) -> AgentCommand {
@@ -1283,6 +1287,7 @@ async fn bus_contract_local(bus: &dyn Bus, sockets: &NodeSockets) {
         "no other node"
     );
     assert!(bus.remote_processes().await.unwrap().is_empty());
+    assert_eq!(bus.remote_tally().await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -1338,6 +1343,11 @@ async fn bus_contract_on_redis_across_nodes() {
         here.remote_processes().await.unwrap(),
         there_sockets.processes(),
         "the other node's processes"
+    );
+    assert_eq!(
+        here.remote_tally().await.unwrap(),
+        there_sockets.tally(),
+        "the other node's tally, from its heartbeat"
     );
 
     // An agent with sockets on both nodes: commands go to the node it connected to last.

@@ -28,6 +28,8 @@ const LIVE: &str = "km:live";
 /// Live events waiting for Redis; beyond this they are dropped (watchers refetch).
 const LIVE_QUEUE: usize = 4096;
 const NODES: &str = "km:nodes";
+/// Each node's licence tally, written with its heartbeat.
+const TALLIES: &str = "km:tallies";
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A node silent this long is gone.
 const NODE_TTL_MS: i64 = 6_000;
@@ -302,13 +304,21 @@ impl RedisBus {
                 _ = tick.tick() => {}
             }
             let mut conn = self.conn.clone();
-            if let Err(e) = conn.hset::<_, _, _, ()>(NODES, &self.node, now_ms()).await {
+            let beat = redis::pipe()
+                .hset(NODES, &self.node, now_ms())
+                .ignore()
+                .hset(TALLIES, &self.node, self.sink.tally())
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await;
+            if let Err(e) = beat {
                 tracing::warn!(error = %e, "bus: heartbeat failed");
             }
             self.announce(self.hub.watched_buckets()).await;
         }
         let mut conn = self.conn.clone();
         let _: Result<(), _> = conn.hdel(NODES, &self.node).await;
+        let _: Result<(), _> = conn.hdel(TALLIES, &self.node).await;
     }
 
     /// Tells the other nodes which buckets this node's browsers watch.
@@ -349,15 +359,21 @@ impl RedisBus {
         }
     }
 
-    /// How many other nodes are alive now.
-    async fn other_nodes(&self) -> StoreResult<usize> {
+    /// The other nodes alive now.
+    async fn others_alive(&self) -> StoreResult<Vec<String>> {
         let mut conn = self.conn.clone();
         let nodes: HashMap<String, i64> = conn.hgetall(NODES).await.map_err(unavailable)?;
         let now = now_ms();
         Ok(nodes
-            .iter()
-            .filter(|(id, seen)| **id != self.node && now - **seen < NODE_TTL_MS)
-            .count())
+            .into_iter()
+            .filter(|(id, seen)| *id != self.node && now - *seen < NODE_TTL_MS)
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// How many other nodes are alive now.
+    async fn other_nodes(&self) -> StoreResult<usize> {
+        Ok(self.others_alive().await?.len())
     }
 
     /// Publishes `request` and collects answers until `done` says so, every other node
@@ -486,6 +502,13 @@ impl Bus for RedisBus {
             )
             .await?;
         Ok(replies.into_iter().flat_map(|r| r.processes).collect())
+    }
+
+    async fn remote_tally(&self) -> StoreResult<u64> {
+        let others = self.others_alive().await?;
+        let mut conn = self.conn.clone();
+        let tallies: HashMap<String, u64> = conn.hgetall(TALLIES).await.map_err(unavailable)?;
+        Ok(others.iter().filter_map(|node| tallies.get(node)).sum())
     }
 
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()> {
