@@ -26,7 +26,13 @@ const DOWN: Duration = Duration::from_secs(8);
 
 /// The numbers of the counter's stored lines, sorted (duplicates kept).
 async fn stored(api: &Api, bucket: &str) -> Result<Vec<u64>> {
-    numbered_lines(api, bucket, &json!({"app_name": "counter"}), "counted-line ").await
+    numbered_lines(
+        api,
+        bucket,
+        &json!({"app_name": "counter"}),
+        "counted-line ",
+    )
+    .await
 }
 
 /// The lines missing between the first and the last stored, and the duplicates.

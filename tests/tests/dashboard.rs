@@ -154,7 +154,10 @@ fn script_passed(
     }
     let out = out?;
     println!("{}", out.stdout.trim_end());
-    println!("{name}: browser script done in {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "{name}: browser script done in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     ensure!(
         out.stdout.contains(&format!("{name}: all steps passed")),
         "the {name} script exited 0 without its closing line:\n{}\n{}",
@@ -214,7 +217,13 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
                 },
             }
         };
-        script_passed(out, link_error, "linking pm2 with the page's command", "dashboard", t0)?;
+        script_passed(
+            out,
+            link_error,
+            "linking pm2 with the page's command",
+            "dashboard",
+            t0,
+        )?;
         ensure!(pm2.is_some(), "the script passed but pm2 was never linked");
         let mut pngs: Vec<String> = Vec::new();
         for entry in std::fs::read_dir(&shots)? {
@@ -357,7 +366,13 @@ async fn dashboard_follows_scaling_and_a_dead_agent_live() {
                 }
             }
         };
-        script_passed(out, driver_error, "linking pm2 or answering the script", "dashboard-live", t0)?;
+        script_passed(
+            out,
+            driver_error,
+            "linking pm2 or answering the script",
+            "dashboard-live",
+            t0,
+        )?;
         Ok(())
     })
     .await
