@@ -47,6 +47,15 @@ pub enum StatusRefusal {
     Over(#[from] Over),
 }
 
+/// A status or patch frame's payload, unless it is over [`budget::MAX_STATUS_FRAME_BYTES`]
+/// (checked before parsing: the parsed form takes several times the text).
+fn status_frame(payload: &str) -> Result<&str, Over> {
+    if payload.len() > budget::MAX_STATUS_FRAME_BYTES {
+        return Err(Over::Frame(payload.len()));
+    }
+    Ok(payload)
+}
+
 pub struct Ingest {
     pub writer: EventWriter,
     pub counters: IngestCounters,
@@ -70,30 +79,22 @@ impl Ingest {
         payload: &str,
         now: i64,
     ) -> Result<(), StatusRefusal> {
-        if payload.len() > budget::MAX_STATUS_FRAME_BYTES {
-            self.counters
-                .statuses_refused
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Over::Frame(payload.len()).into());
-        }
-        let status = match serde_json::from_str::<Value>(payload) {
-            Ok(status @ Value::Object(_)) => status,
-            _ => {
-                self.count_malformed();
-                return Err(StatusRefusal::Malformed);
-            }
-        };
         let mut points = Vec::new();
-        let applied = session.apply_status(status, now, &mut points);
+        let applied = status_frame(payload)
+            .map_err(StatusRefusal::from)
+            .and_then(|payload| match serde_json::from_str::<Value>(payload) {
+                Ok(status @ Value::Object(_)) => Ok(status),
+                _ => Err(StatusRefusal::Malformed),
+            })
+            .and_then(|status| Ok(session.apply_status(status, now, &mut points)?));
         self.writer.metrics(points);
-        if let Err(over) = applied {
-            self.counters
-                .statuses_refused
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(over.into());
-        }
-        self.counters.statuses.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        let counter = match &applied {
+            Ok(()) => &self.counters.statuses,
+            Err(StatusRefusal::Over(_)) => &self.counters.statuses_refused,
+            Err(StatusRefusal::Malformed) => &self.counters.malformed_frames,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        applied
     }
 
     /// A status patch; when it does not apply the agent must resend a full status.
@@ -105,9 +106,8 @@ impl Ingest {
     ) -> Result<(), PatchFailure> {
         self.counters.patches.fetch_add(1, Ordering::Relaxed);
         let mut points = Vec::new();
-        let applied = (payload.len() <= budget::MAX_STATUS_FRAME_BYTES)
-            .then_some(payload)
-            .ok_or(PatchFailure::Over(Over::Frame(payload.len())))
+        let applied = status_frame(payload)
+            .map_err(PatchFailure::from)
             .and_then(|payload| {
                 serde_json::from_str::<Vec<PatchOp>>(payload).map_err(|e| PatchFailure::Invalid {
                     index: 0,
@@ -116,16 +116,13 @@ impl Ingest {
             })
             .and_then(|patch| session.apply_patch(patch, now, &mut points));
         self.writer.metrics(points);
-        match &applied {
-            Ok(()) => {}
-            Err(PatchFailure::Over(_)) => {
-                self.counters
-                    .patches_refused
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.counters.patches_failed.fetch_add(1, Ordering::Relaxed);
-            }
+        let counter = match &applied {
+            Ok(()) => None,
+            Err(PatchFailure::Over(_)) => Some(&self.counters.patches_refused),
+            Err(_) => Some(&self.counters.patches_failed),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
         }
         applied
     }

@@ -10,7 +10,6 @@ mod socket;
 use axum::Json;
 use axum::extract::Request;
 use axum::extract::State;
-use axum::http::header::{CONNECTION, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -167,40 +166,30 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, Refusal> {
         .ok_or_else(|| Refusal::new(StatusCode::UNAUTHORIZED, format!("missing {name} header")))
 }
 
-/// The `Sec-WebSocket-Accept` answer to a websocket upgrade request (RFC 6455 4.2.1).
-fn websocket_accept(headers: &HeaderMap) -> Result<String, Refusal> {
-    let has_token = |name, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
-    if !has_token(CONNECTION, "upgrade") || !has_token(UPGRADE, "websocket") {
-        return Err(Refusal::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "/interaction is the agents' websocket: connect with `pm2 link`",
-        ));
-    }
-    if headers
-        .get("sec-websocket-version")
-        .is_none_or(|v| v != "13")
-    {
-        return Err(Refusal::new(
+/// The `101 Switching Protocols` answer to a websocket upgrade request (tungstenite checks
+/// the request as RFC 6455 asks).
+fn websocket_accept(request: &Request) -> Result<Response, Refusal> {
+    tokio_tungstenite::tungstenite::handshake::server::create_response_with_body(
+        request,
+        axum::body::Body::empty,
+    )
+    .map(IntoResponse::into_response)
+    .map_err(|e| {
+        Refusal::new(
             StatusCode::BAD_REQUEST,
-            "websocket version 13 is required",
-        ));
-    }
-    let key = headers
-        .get(SEC_WEBSOCKET_KEY)
-        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"))?;
-    Ok(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+            format!("/interaction is the agents' websocket ({e}): connect with `pm2 link`"),
+        )
+    })
 }
 
 /// `GET /interaction`: the agent's websocket, authenticated before the upgrade.
 pub async fn interaction(State(app): State<AppState>, mut request: Request) -> Response {
+    let accept = match websocket_accept(&request) {
+        Ok(accept) => accept,
+        Err(refusal) => return refusal.into_response(),
+    };
     let headers = request.headers();
     let checked = async {
-        let accept = websocket_accept(headers)?;
         let public_id = header(headers, "x-km-public")?;
         let secret_id = header(headers, "x-km-secret")?;
         let server_name = header(headers, "x-km-server")?;
@@ -214,10 +203,10 @@ pub async fn interaction(State(app): State<AppState>, mut request: Request) -> R
         limits::may_connect(&app, &bucket.id, server_name)
             .await
             .map_err(|reason| Refusal::new(StatusCode::FORBIDDEN, reason))?;
-        Ok((accept, bucket.id, server_name.to_string()))
+        Ok((bucket.id, server_name.to_string()))
     }
     .await;
-    let (accept, bucket_id, server_name) = match checked {
+    let (bucket_id, server_name) = match checked {
         Ok(checked) => checked,
         Err(refusal) => return refusal.into_response(),
     };
@@ -228,13 +217,5 @@ pub async fn interaction(State(app): State<AppState>, mut request: Request) -> R
             Err(e) => tracing::debug!(error = %e, server = %server_name, "agent upgrade failed"),
         }
     });
-    (
-        StatusCode::SWITCHING_PROTOCOLS,
-        [
-            (CONNECTION, "upgrade".to_string()),
-            (UPGRADE, "websocket".to_string()),
-            (SEC_WEBSOCKET_ACCEPT, accept),
-        ],
-    )
-        .into_response()
+    accept
 }

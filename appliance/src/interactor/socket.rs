@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use super::frames::{self, Inbound, Origin};
 use super::meter::{Meter, Metered};
@@ -118,26 +118,15 @@ async fn run(
             }
             message = stream.next() => {
                 last_seen = Instant::now();
-                // What a data message reserved is given back once it was handled (control
-                // frames may come between the fragments of one).
-                let data = matches!(message, Some(Ok(Message::Text(_) | Message::Binary(_))));
-                let text = match message {
-                    Some(Ok(Message::Text(text))) => Some(text),
-                    Some(Ok(Message::Binary(bytes))) => match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(bytes) {
-                        Ok(text) => Some(text),
-                        Err(_) => {
-                            app.ingest.count_malformed();
-                            None
-                        }
-                    },
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
-                    Some(Ok(Message::Close(_))) | None => break Ending::quiet("closed by agent"),
-                    Some(Err(e)) => break read_failed(&app, &e),
+                let handled = match read(&app, message) {
+                    Read::Data(text) => {
+                        let handled = text.map(|text| receive(&app, &session, socket_id, &tx, text.as_str()));
+                        meter.settle();
+                        handled
+                    }
+                    Read::Control => None,
+                    Read::End(ending) => break ending,
                 };
-                let handled = text.map(|text| receive(&app, &session, socket_id, &tx, text.as_str()));
-                if data {
-                    meter.settle();
-                }
                 match handled {
                     Some(Received::Status) if !admitted => {
                         admitted = true;
@@ -202,15 +191,43 @@ async fn drain(
     tx: &mpsc::Sender<String>,
 ) {
     let deadline = Instant::now() + DRAIN_LIMIT;
-    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(deadline, stream.next()).await {
-        match message {
-            Message::Text(text) => {
-                receive(app, session, socket_id, tx, text.as_str());
+    while let Ok(message) = tokio::time::timeout_at(deadline, stream.next()).await {
+        match read(app, message) {
+            Read::Data(text) => {
+                if let Some(text) = text {
+                    receive(app, session, socket_id, tx, text.as_str());
+                }
                 meter.settle();
             }
-            Message::Close(_) => break,
-            _ => {}
+            Read::Control => {}
+            Read::End(_) => break,
         }
+    }
+}
+
+/// What one read of an agent socket gave.
+enum Read {
+    /// A data message: its text, or `None` for binary that is not UTF-8 (counted). What
+    /// it reserved of the in-flight budget goes back once it was handled; control frames
+    /// may come between the fragments of one and give nothing back.
+    Data(Option<Utf8Bytes>),
+    Control,
+    End(Ending),
+}
+
+fn read(app: &AppState, message: Option<Result<Message, WsError>>) -> Read {
+    match message {
+        Some(Ok(Message::Text(text))) => Read::Data(Some(text)),
+        Some(Ok(Message::Binary(bytes))) => {
+            let text = Utf8Bytes::try_from(bytes).ok();
+            if text.is_none() {
+                app.ingest.count_malformed();
+            }
+            Read::Data(text)
+        }
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Control,
+        Some(Ok(Message::Close(_))) | None => Read::End(Ending::quiet("closed by agent")),
+        Some(Err(e)) => Read::End(read_failed(app, &e)),
     }
 }
 

@@ -40,13 +40,7 @@ fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
         return (token.to_string(), None);
     }
     let token = crate::ids::random_hex(16);
-    let secure = if app.public_url.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie =
-        format!("{FORM_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age=86400{secure}");
+    let cookie = cookie(app, FORM_COOKIE, &token, "Strict", 86_400);
     (token, Some(cookie))
 }
 
@@ -249,12 +243,17 @@ async fn sign_in(app: &AppState, user_id: &str, to: &str) -> Response {
 }
 
 fn session_cookie(app: &AppState, value: &str, max_age_s: i64) -> String {
+    cookie(app, SESSION_COOKIE, value, "Lax", max_age_s)
+}
+
+/// A `Set-Cookie` value: HttpOnly, for the whole site, Secure when the site is https.
+fn cookie(app: &AppState, name: &str, value: &str, same_site: &str, max_age_s: i64) -> String {
     let secure = if app.public_url.starts_with("https://") {
         "; Secure"
     } else {
         ""
     };
-    format!("{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}")
+    format!("{name}={value}; Path=/; HttpOnly; SameSite={same_site}; Max-Age={max_age_s}{secure}")
 }
 
 fn redirect_with_cookie(to: &str, cookie: &str) -> Response {
