@@ -1,27 +1,42 @@
 #!/usr/bin/env python3
 """The ingest benchmark: km (release) on a free loopback port, km-loadgen simulating
-SERVERS x PROCESSES agents, km's CPU and memory read from /proc.
+SERVERS x PROCESSES agents, km's CPU and memory read from /proc; then the same load
+against a Node.js peer (scripts/peer/ingest.js: npm ws + JSON.parse + npm fast-json-patch,
+no storage, the original backend's stack), measured the same way.
 
 Usage: scripts/bench.py [--servers 2000] [--processes 8] [--seconds 60] [--logs-per-s 1]
-                        [--stores embedded|scale-out]
+                        [--stores embedded|scale-out] [--bin-dir DIR] [--no-peer] [--no-micro]
+e.g.   scripts/bench.py --bin-dir target/release --servers 500 --seconds 15 --no-micro
+
+Two kinds of run: status:patch only, then with log lines and latency probes (send ->
+visible through GET /api/bucket/:id/data/status). Each kind runs against km, then the
+peer. Both are measured alike over the steady-state window after the ramp: CPU
+(utime + stime) per frame received, peak VmRSS and per server, p50/p99 from km-loadgen.
+--bin-dir DIR  takes km and km-loadgen from DIR instead of `cargo build --release`.
+--no-peer      skips the peer (needs node >= 18; its deps are installed with `npm ci`
+               into scripts/peer/node_modules when missing).
+--no-micro     skips the in-process micro benchmark (`cargo bench --bench ingest`).
 With --stores scale-out, km runs on SecantusDB (MongoDB), osmem-server (Elasticsearch) and
 redis-server, started here on free ports (tests/run.sh installs them), and the run also
-reports what the events store received.
-Prints one JSON line per run; the last line is the summary.
+reports what the events store received; the peer runs the same either way.
+Prints one JSON line per run (km and peer rows have the same fields, "target" tells
+which); the last line is the summary, with per kind the ratios km/peer of CPU per frame
+and RSS per server, and both p99s ("vs_peer").
 """
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_DIR = os.path.join(ROOT, "scripts", "peer")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,15 +71,24 @@ def memory_kb(pid):
     return values
 
 
-def wait_healthy(base, proc):
+def wait_healthy(base, proc, what):
     for _ in range(100):
         if proc.poll() is not None:
-            sys.exit(f"km exited with {proc.returncode} before answering /healthz")
+            sys.exit(f"{what} exited with {proc.returncode} before answering /healthz")
         try:
             return call(f"{base}/healthz")
         except OSError:
             time.sleep(0.1)
-    sys.exit("km did not answer /healthz within 10 s")
+    sys.exit(f"{what} did not answer /healthz within 10 s")
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_stores(data):
@@ -91,7 +115,68 @@ def start_stores(data):
     return [mongo, redis, search], env
 
 
-def run(args, km_bin, loadgen_bin, probe):
+def measure(args, target, proc, base, loadgen_bin, lg_env, probe):
+    """Runs km-loadgen against `base` and measures `proc` (km or the peer) in the steady
+    state, the same way for both. Returns (row, health at the window's start, health at
+    its end, health after the run, window seconds); health is the target's /healthz."""
+    cmd = [loadgen_bin, "--target", base, "--servers", str(args.servers), "--processes", str(args.processes),
+           "--seconds", str(args.seconds), "--logs-per-s", str(args.logs_per_s if probe else 0)]
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        loadgen = subprocess.Popen(cmd, env=dict(os.environ, **lg_env), stdout=subprocess.PIPE, stderr=errors,
+                                   text=True)
+        try:
+            # Steady state: after the ramp (connect rate 500/s) and a few seconds of settling.
+            time.sleep(args.servers / 500 + 4)
+            cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+            health0 = call(f"{base}/healthz")
+            peak_rss = 0
+            end = t0 + max(args.seconds - 6, 5)
+            while time.monotonic() < end:
+                time.sleep(1)
+                peak_rss = max(peak_rss, memory_kb(proc.pid).get("VmRSS", 0))
+            cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+            health1 = call(f"{base}/healthz")
+            out, _ = loadgen.communicate(timeout=args.seconds + 120)
+        finally:
+            if loadgen.poll() is None:
+                loadgen.kill()
+                loadgen.wait()
+        lines = out.strip().splitlines()
+        if not lines:
+            errors.seek(0)
+            sys.exit(f"km-loadgen against {target} gave no result (exit {loadgen.returncode}):\n"
+                     + "".join(errors.readlines()[-20:]))
+        result = json.loads(lines[-1])
+    health_end = call(f"{base}/healthz")
+    cpu = (cpu1 - cpu0) / (t1 - t0)
+    frames_per_s = result["frames_per_s"]
+    row = {
+        "target": target,
+        "run": RUN_KINDS[probe],
+        "servers": args.servers, "processes": args.processes,
+        "servers_connected": result["servers_connected"],
+        "frames_per_s": round(frames_per_s, 1),
+        "patch_frame_bytes_avg": result["patch_frame_bytes_avg"],
+        "p50_ms": result.get("p50_ms"), "p99_ms": result.get("p99_ms"),
+        "latency_samples": result.get("latency_samples"), "latency_timeouts": result.get("latency_timeouts"),
+        "probe_http_errors": result.get("probe_http_errors"),
+        "cpu_cores": round(cpu, 3),
+        "cpu_us_per_frame": round(cpu * 1e6 / frames_per_s, 2) if frames_per_s else None,
+        "rss_mb": round(peak_rss / 1024, 1),
+        "rss_per_server_kb": round(peak_rss / max(args.servers, 1), 1),
+        "patch_frames_sent": result["patch_frames"],
+        "resends": result.get("resends_received"),
+        "disconnects": result.get("disconnects"),
+    }
+    return row, health0, health1, health_end, t1 - t0
+
+
+RUN_KINDS = {False: "status:patch only", True: "with logs and latency probes"}
+
+
+def run_km(args, km_bin, loadgen_bin, probe):
+    """km with its own setup: a user and a bucket (real keys and token), its stores, and
+    its writer and ingest counters from /healthz."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     data = tempfile.mkdtemp(prefix="km-bench-")
@@ -100,67 +185,61 @@ def run(args, km_bin, loadgen_bin, probe):
     env.update(stores_env)
     km = subprocess.Popen([km_bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data], env=env)
     try:
-        wait_healthy(base, km)
+        wait_healthy(base, km, "km")
         user = call(f"{base}/api/oauth/register", {"username": "bench", "email": "bench@example.com",
                                                     "password": "bench-password", "accept_terms": 1})
         token = user["access_token"]
         bucket = call(f"{base}/api/bucket/create_classic", {"name": "bench"}, token)["bucket"]
-        cmd = [loadgen_bin, "--target", base, "--servers", str(args.servers), "--processes", str(args.processes),
-               "--seconds", str(args.seconds), "--logs-per-s", str(args.logs_per_s if probe else 0)]
-        lg_env = dict(os.environ, KM_PUBLIC=bucket["public_id"], KM_SECRET=bucket["secret_id"])
+        lg_env = {"KM_PUBLIC": bucket["public_id"], "KM_SECRET": bucket["secret_id"]}
         if probe:
             lg_env.update(KM_TOKEN=token, KM_BUCKET=bucket["_id"])
-        loadgen = subprocess.Popen(cmd, env=lg_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        # Steady state: after the ramp (connect rate 500/s) and a few seconds of settling.
-        ramp = args.servers / 500 + 4
-        time.sleep(ramp)
-        cpu0, t0 = cpu_seconds(km.pid), time.monotonic()
-        health0 = call(f"{base}/healthz")
-        window = max(args.seconds - 6, 5)
-        peak_rss = 0
-        end = t0 + window
-        while time.monotonic() < end:
-            time.sleep(1)
-            peak_rss = max(peak_rss, memory_kb(km.pid).get("VmRSS", 0))
-        cpu1, t1 = cpu_seconds(km.pid), time.monotonic()
-        writer1 = call(f"{base}/healthz")["writer"]
-        out, _ = loadgen.communicate(timeout=args.seconds + 120)
-        result = json.loads(out.strip().splitlines()[-1])
-        health = call(f"{base}/healthz")
-        km_cpu = (cpu1 - cpu0) / (t1 - t0)
-        writer0 = health0["writer"]
+        row, health0, health1, health, secs = measure(args, "km", km, base, loadgen_bin, lg_env, probe)
+        writer0, writer1 = health0["writer"], health1["writer"]
         items = lambda w: w["events_written"] + w["metric_points_written"]
         batches = writer1["batches_written"] - writer0["batches_written"]
-        frames_per_s = result["frames_per_s"]
-        return {
-            "run": "with logs and latency probes" if probe else "status:patch only",
-            "servers": args.servers, "processes": args.processes,
-            "servers_connected": result["servers_connected"],
-            "frames_per_s": round(frames_per_s, 1),
-            "patch_frame_bytes_avg": result["patch_frame_bytes_avg"],
-            "p50_ms": result.get("p50_ms"), "p99_ms": result.get("p99_ms"),
-            "latency_samples": result.get("latency_samples"), "latency_timeouts": result.get("latency_timeouts"),
-            "km_cpu_cores": round(km_cpu, 3),
-            "km_cpu_us_per_frame": round(km_cpu * 1e6 / frames_per_s, 2) if frames_per_s else None,
-            "km_rss_mb": round(peak_rss / 1024, 1),
-            "km_rss_per_server_kb": round(peak_rss / max(args.servers, 1), 1),
+        row.update({
             "stores": args.stores,
-            "store_docs_per_s": round((items(writer1) - items(writer0)) / (t1 - t0), 1),
+            "store_docs_per_s": round((items(writer1) - items(writer0)) / secs, 1),
             "store_batch_size_avg": round((items(writer1) - items(writer0)) / batches, 1) if batches else None,
-            "resends": result.get("resends_received"),
             "dropped_events": health["writer"]["dropped"],
+            "patches_applied": health["ingest"]["patches"] - health["ingest"]["patches_failed"]
+                               - health["ingest"]["patches_refused"],
             "patches_failed": health["ingest"]["patches_failed"],
-        }
+        })
+        return row
     finally:
-        km.send_signal(signal.SIGTERM)
-        try:
-            km.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            km.kill()
+        stop(km)
         for p in stores:
             p.kill()
             p.wait()
         subprocess.run(["rm", "-rf", data])
+
+
+def run_peer(args, loadgen_bin, probe):
+    """The Node.js peer (scripts/peer/ingest.js) under the same load; it takes any keys."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    peer = subprocess.Popen(["node", os.path.join(PEER_DIR, "ingest.js"), "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(base, peer, "the Node.js peer")
+        lg_env = {"KM_PUBLIC": "peer-public", "KM_SECRET": "peer-secret"}
+        if probe:
+            lg_env.update(KM_TOKEN="peer-token", KM_BUCKET="peer-bucket")
+        row, _, _, health, _ = measure(args, "peer", peer, base, loadgen_bin, lg_env, probe)
+        row.update({
+            "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip(),
+            "events_received": health["events"],
+            "patches_applied": health["patches"] - health["patches_failed"],
+            "patches_failed": health["patches_failed"],
+        })
+        return row
+    finally:
+        stop(peer)
+
+
+def ratio(a, b):
+    return round(a / b, 2) if a is not None and b else None
 
 
 def main():
@@ -170,16 +249,49 @@ def main():
     parser.add_argument("--seconds", type=int, default=60)
     parser.add_argument("--logs-per-s", type=float, default=1)
     parser.add_argument("--stores", choices=["embedded", "scale-out"], default="embedded")
+    parser.add_argument("--bin-dir", help="take km and km-loadgen from DIR instead of building them")
+    parser.add_argument("--no-peer", action="store_true", help="skip the Node.js peer's runs")
+    parser.add_argument("--no-micro", action="store_true", help="skip the in-process micro benchmark (cargo bench)")
     args = parser.parse_args()
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "km-appliance", "-p", "km-loadgen"], cwd=ROOT, check=True)
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    km_bin, loadgen_bin = (os.path.join(target, "release", b) for b in ("km", "km-loadgen"))
-    runs = [run(args, km_bin, loadgen_bin, probe) for probe in (False, True)]
-    for r in runs:
-        print(json.dumps(r), flush=True)
-    micro = subprocess.run(["cargo", "bench", "-q", "-p", "km-appliance", "--bench", "ingest"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    print(json.dumps({"summary": runs, "in_process": json.loads(micro)}))
+    if args.bin_dir:
+        bin_dir = args.bin_dir
+    else:
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "km-appliance", "-p", "km-loadgen"], cwd=ROOT,
+                       check=True)
+        bin_dir = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+    km_bin, loadgen_bin = (os.path.join(bin_dir, b) for b in ("km", "km-loadgen"))
+    for b in (km_bin, loadgen_bin):
+        if not os.access(b, os.X_OK):
+            sys.exit(f"{b} is missing or not executable")
+    if not args.no_peer:
+        if not shutil.which("node"):
+            sys.exit("node is not installed: install Node.js (18 or later) for the peer, or pass --no-peer")
+        if not os.path.isdir(os.path.join(PEER_DIR, "node_modules")):
+            subprocess.run(["npm", "ci", "--prefix", PEER_DIR, "--no-audit", "--no-fund"], check=True,
+                           stdout=subprocess.DEVNULL)
+    runs, vs_peer = [], {}
+    for probe in (False, True):
+        km = run_km(args, km_bin, loadgen_bin, probe)
+        runs.append(km)
+        print(json.dumps(km), flush=True)
+        if args.no_peer:
+            continue
+        peer = run_peer(args, loadgen_bin, probe)
+        runs.append(peer)
+        print(json.dumps(peer), flush=True)
+        vs_peer[RUN_KINDS[probe]] = {
+            "cpu_us_per_frame_km_over_peer": ratio(km["cpu_us_per_frame"], peer["cpu_us_per_frame"]),
+            "rss_per_server_km_over_peer": ratio(km["rss_per_server_kb"], peer["rss_per_server_kb"]),
+            "p99_ms_km": km["p99_ms"], "p99_ms_peer": peer["p99_ms"],
+        }
+    summary = {"summary": runs}
+    if vs_peer:
+        summary["vs_peer"] = vs_peer
+    if not args.no_micro:
+        micro = subprocess.run(["cargo", "bench", "-q", "-p", "km-appliance", "--bench", "ingest"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        summary["in_process"] = json.loads(micro)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
