@@ -10,10 +10,10 @@
 //! limited.
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::app::App;
 use crate::ids::now_ms;
+use crate::ingest::tree::Node;
 use crate::interactor::session::Session;
 use crate::stores::{ParkedServer, ServerProcesses, StoreResult};
 
@@ -23,15 +23,17 @@ pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];
 const RETRY_AFTER_MS: i64 = 55_000;
 
 /// The processes of an agent's status that count.
-pub fn counted_processes(status: &Value) -> u32 {
-    let processes = status["data"]["process"]
-        .as_array()
-        .map_or(&[][..], Vec::as_slice);
+pub fn counted_processes(status: &Node) -> u32 {
+    let processes = status
+        .get("data")
+        .and_then(|d| d.get("process"))
+        .and_then(Node::as_array)
+        .unwrap_or_default();
     let counted = processes
         .iter()
         .filter(|p| {
-            !p["name"]
-                .as_str()
+            !p.get("name")
+                .and_then(Node::as_str)
                 .is_some_and(|name| FREE_MODULES.contains(&name))
         })
         .count();
@@ -284,8 +286,8 @@ mod tests {
             {"name": "api"}, {"name": "api"}, {"name": "pm2-logrotate"},
             {"name": "pm2-auto-pull"}, {"name": "worker"}
         ]}});
-        assert_eq!(counted_processes(&status), 3);
-        assert_eq!(counted_processes(&json!({})), 0);
+        assert_eq!(counted_processes(&Node::from(status)), 3);
+        assert_eq!(counted_processes(&Node::from(json!({}))), 0);
     }
 
     #[test]

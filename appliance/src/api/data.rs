@@ -71,7 +71,7 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
     // since this one started, as last persisted; rendered only where they rank higher.
     let persisted = app
         .documents
-        .bucket_servers(bucket_id)
+        .bucket_servers(bucket_id, only)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "status: persisted servers not read");
@@ -82,7 +82,7 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
         let held = servers
             .get(&record.server_name)
             .is_some_and(|(held, _)| *held >= rank);
-        if only.is_none_or(|name| name == record.server_name) && !held {
+        if !held {
             let view = Session::offline(&record, Default::default()).to_json();
             servers.insert(record.server_name, (rank, view));
         }

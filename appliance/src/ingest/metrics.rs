@@ -13,6 +13,7 @@ use std::hash::BuildHasher;
 
 use serde_json::Value;
 
+use crate::ingest::tree::{Name, Names, Node};
 use crate::stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
@@ -32,11 +33,11 @@ pub type Scope<'a> = (&'a str, &'a str);
 /// One metric of one process.
 #[derive(Debug)]
 struct Series {
-    app_name: String,
+    app_name: Name,
     pm_id: i64,
-    name: String,
-    unit: Option<String>,
-    agg_type: Option<String>,
+    name: Name,
+    unit: Option<Name>,
+    agg_type: Option<Name>,
     /// The value holding since `since`.
     value: f64,
     since: i64,
@@ -95,11 +96,11 @@ impl Series {
         out.push(MetricPoint {
             bucket_id: bucket_id.to_string(),
             server_name: server_name.to_string(),
-            app_name: self.app_name.clone(),
+            app_name: self.app_name.to_string(),
             pm_id: self.pm_id,
-            name: self.name.clone(),
-            unit: self.unit.clone(),
-            agg_type: self.agg_type.clone(),
+            name: self.name.to_string(),
+            unit: self.unit.as_deref().map(str::to_string),
+            agg_type: self.agg_type.as_deref().map(str::to_string),
             at: self.minute,
             avg: self.weighted / self.covered_ms as f64,
             min: self.min,
@@ -115,7 +116,8 @@ impl Series {
 struct Slot {
     cpu: Option<usize>,
     memory: Option<usize>,
-    probes: Vec<(String, usize)>,
+    /// Series of its custom metrics (their names are the series').
+    probes: Vec<usize>,
 }
 
 /// What a patch path means for the metrics.
@@ -194,22 +196,22 @@ pub struct MetricSampler {
 impl MetricSampler {
     /// Takes every metric value from a full status (at link, after a resend, after a
     /// patch that changed the process list).
-    pub fn load(&mut self, status: &Value, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+    pub fn load(&mut self, status: &Node, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
         let processes = status
-            .pointer("/data/process")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
+            .get("data")
+            .and_then(|d| d.get("process"))
+            .and_then(Node::as_array)
             .unwrap_or_default();
         let mut slots = Vec::with_capacity(processes.len());
         let mut alive = vec![false; self.series.len()];
         self.cursor = 0;
         for process in processes {
             let mut slot = Slot::default();
-            let app = process.get("name").and_then(Value::as_str);
-            let pm_id = process.get("pm_id").and_then(Value::as_i64);
+            let app = process.get("name").and_then(Node::as_str);
+            let pm_id = process.get("pm_id").and_then(Node::as_i64);
             if let (Some(app), Some(pm_id)) = (app, pm_id) {
                 for key in ["cpu", "memory"] {
-                    let value = process.get(key).and_then(Value::as_f64);
+                    let value = process.get(key).and_then(Node::as_f64);
                     let found =
                         value.map(|v| self.upsert(app, pm_id, key, None, v, now, out, scope));
                     if key == "cpu" {
@@ -218,21 +220,16 @@ impl MetricSampler {
                         slot.memory = found
                     }
                 }
-                let monitor = process.get("axm_monitor").and_then(Value::as_object);
+                let monitor = process.get("axm_monitor").and_then(Node::as_object);
                 for (name, probe) in monitor.into_iter().flatten() {
-                    let unit = probe.get("unit").and_then(Value::as_str);
-                    if let Some(v) = probe.get("value").and_then(|v| numeric(v, unit)) {
+                    let unit = probe.get("unit").and_then(Node::as_str);
+                    if let Some(v) = probe.get("value").and_then(|v| numeric_node(v, unit)) {
                         let id = self.upsert(app, pm_id, name, Some(probe), v, now, out, scope);
-                        slot.probes.push((name.clone(), id));
+                        slot.probes.push(id);
                     }
                 }
             }
-            for id in slot
-                .cpu
-                .iter()
-                .chain(&slot.memory)
-                .chain(slot.probes.iter().map(|(_, id)| id))
-            {
+            for id in slot.cpu.iter().chain(&slot.memory).chain(&slot.probes) {
                 if let Some(a) = alive.get_mut(*id) {
                     *a = true;
                 }
@@ -250,13 +247,13 @@ impl MetricSampler {
         app: &str,
         pm_id: i64,
         name: &str,
-        probe: Option<&Value>,
+        probe: Option<&Node>,
         value: f64,
         now: i64,
         out: &mut Vec<MetricPoint>,
         scope: Scope,
     ) -> usize {
-        let is = |s: &Series| s.pm_id == pm_id && s.name == name && s.app_name == app;
+        let is = |s: &Series| s.pm_id == pm_id && *s.name == *name && *s.app_name == *app;
         let hash = self.hasher.hash_one((app, pm_id, name));
         let found = match self.series.get(self.cursor) {
             Some(s) if is(s) => Some(self.cursor),
@@ -271,12 +268,12 @@ impl MetricSampler {
             self.cursor = id + 1;
             return id;
         }
-        let text = |key: &str| probe?.get(key)?.as_str().map(str::to_string);
+        let text = |key: &str| probe?.get(key)?.as_str().map(Names::intern);
         self.index.entry(hash).or_insert(self.series.len());
         self.series.push(Series {
-            app_name: app.to_string(),
+            app_name: Names::intern(app),
             pm_id,
-            name: name.to_string(),
+            name: Names::intern(name),
             unit: text("unit"),
             agg_type: text("agg_type"),
             value,
@@ -313,7 +310,7 @@ impl MetricSampler {
         let hasher = &self.hasher;
         self.index.clear();
         for (id, s) in self.series.iter().enumerate() {
-            let hash = hasher.hash_one((s.app_name.as_str(), s.pm_id, s.name.as_str()));
+            let hash = hasher.hash_one((&*s.app_name, s.pm_id, &*s.name));
             self.index.entry(hash).or_insert(id);
         }
         for slot in &mut self.slots {
@@ -321,7 +318,7 @@ impl MetricSampler {
                 .cpu
                 .iter_mut()
                 .chain(slot.memory.iter_mut())
-                .chain(slot.probes.iter_mut().map(|(_, id)| id))
+                .chain(slot.probes.iter_mut())
             {
                 *id = renumber[*id];
             }
@@ -338,8 +335,8 @@ impl MetricSampler {
             (true, name) => slot
                 .probes
                 .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, id)| *id),
+                .copied()
+                .find(|id| self.series.get(*id).is_some_and(|s| *s.name == *name)),
         }
     }
 
@@ -384,13 +381,21 @@ impl MetricSampler {
 fn numeric(value: &Value, unit: Option<&str>) -> Option<f64> {
     match value {
         Value::Number(n) => n.as_f64(),
-        Value::String(s) => {
-            let s = s.trim();
-            let number = unit.and_then(|u| s.strip_suffix(u)).unwrap_or(s);
-            number.trim().parse::<f64>().ok().filter(|v| v.is_finite())
-        }
+        Value::String(s) => parse_number(s, unit),
         _ => None,
     }
+}
+
+fn numeric_node(value: &Node, unit: Option<&str>) -> Option<f64> {
+    value
+        .as_f64()
+        .or_else(|| parse_number(value.as_str()?, unit))
+}
+
+fn parse_number(s: &str, unit: Option<&str>) -> Option<f64> {
+    let s = s.trim();
+    let number = unit.and_then(|u| s.strip_suffix(u)).unwrap_or(s);
+    number.trim().parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
 #[cfg(test)]
@@ -419,7 +424,7 @@ mod tests {
     fn averages_are_weighted_by_how_long_each_value_held() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&status(10.0), 60_000, &mut out, SCOPE);
+        sampler.load(&Node::from(status(10.0)), 60_000, &mut out, SCOPE);
         // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
         let cpu = sampler.series_of(0, "cpu", false).unwrap();
         sampler.set(cpu, &json!(30.0), 75_000, &mut out, SCOPE);
@@ -462,7 +467,7 @@ mod tests {
     fn probe_strings_with_units_and_finish_emits_partial_minute() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&status(5.0), 0, &mut out, SCOPE);
+        sampler.load(&Node::from(status(5.0)), 0, &mut out, SCOPE);
         let meter = sampler.series_of(0, "req/sec", true).unwrap();
         sampler.set(meter, &json!("2.5req/s"), 10_000, &mut out, SCOPE);
         sampler.finish(20_000, &mut out, SCOPE);
@@ -478,9 +483,9 @@ mod tests {
     fn processes_that_vanish_are_retired() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&status(5.0), 0, &mut out, SCOPE);
+        sampler.load(&Node::from(status(5.0)), 0, &mut out, SCOPE);
         sampler.load(
-            &json!({"data": {"process": [], "server": {}}}),
+            &Node::from(json!({"data": {"process": [], "server": {}}})),
             30_000,
             &mut out,
             SCOPE,

@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod metrics;
+pub mod tree;
 pub mod writer;
 
 use std::sync::Arc;

@@ -25,7 +25,8 @@ use crate::ingest::budget::{
     self, MAX_METRICS, MAX_PATCH_OPS, MAX_PATCH_WORK, MAX_PROCESSES, MAX_STATUS_DEPTH, Over, Size,
     Work, measure, own_size,
 };
-use crate::ingest::metrics::{MetricPath, Scope, SeriesId, metric_path};
+use crate::ingest::metrics::{MetricPath, Scope, metric_path};
+use crate::ingest::tree::Node;
 use crate::stores::{
     AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord,
 };
@@ -43,12 +44,10 @@ struct SocketLink {
 /// What the API shows of a server.
 #[derive(Default)]
 pub struct Live {
-    /// The agent's latest full status payload; patches are applied, except the values
-    /// still in `leaves` (read it through [`Live::status`]).
-    status: Option<Value>,
+    /// The agent's latest full status payload with every patch applied.
+    status: Option<Node>,
     /// The status's size, kept within its budgets (see [`crate::ingest::budget`]).
     size: Size,
-    leaves: Leaves,
     last_update: i64,
     /// Its processes that count against the licence, from its latest status.
     counted: Option<u32>,
@@ -57,69 +56,15 @@ pub struct Live {
     dirty: bool,
 }
 
-/// The scalar leaves of the status that patches replaced before: each path known to
-/// exist, its metric series, and its newest value if not yet written into the status.
-///
-/// An agent replaces the same few dozen values every second. Walking the status tree for
-/// each (a cache miss per key compared, thousands of statuses in memory) costs far more
-/// than the rest of a frame; instead the value waits here, a later value of the same
-/// path supersedes it, and the tree is written when read or when its shape changes.
-#[derive(Default)]
-struct Leaves {
-    known: HashMap<Box<str>, Leaf, foldhash::fast::RandomState>,
-    waiting: bool,
-}
-
-struct Leaf {
-    value: Option<Value>,
-    series: Option<SeriesId>,
-    /// What the current value counts in the status's size.
-    bytes: usize,
-}
-
-impl Leaves {
-    /// Writes every waiting value into `status`.
-    fn flush(&mut self, status: &mut Value) {
-        if !std::mem::take(&mut self.waiting) {
-            return;
-        }
-        for (path, leaf) in &mut self.known {
-            let Some(value) = leaf.value.take() else {
-                continue;
-            };
-            // Paths were resolved before and the shape has not changed since.
-            if let Some(target) = Pointer::parse(&**path)
-                .ok()
-                .and_then(|p| p.resolve_mut(status).ok())
-            {
-                *target = value;
-            }
-        }
-    }
-
-    /// Writes waiting values and forgets every path (the shape may change, series ids
-    /// are renumbered).
-    fn forget(&mut self, status: Option<&mut Value>) {
-        if let Some(status) = status {
-            self.flush(status);
-        }
-        self.known.clear();
-        self.waiting = false;
-    }
-}
-
 impl Live {
     fn updated(&mut self, now: i64) {
         self.last_update = now;
         self.dirty = true;
     }
 
-    /// The status with every patch applied.
-    fn status(&mut self) -> Option<&Value> {
-        let Live { status, leaves, .. } = self;
-        let status = status.as_mut()?;
-        leaves.flush(status);
-        Some(status)
+    #[cfg(test)]
+    fn status_value(&self) -> Option<Value> {
+        self.status.as_ref().map(Node::to_value)
     }
 }
 
@@ -171,6 +116,7 @@ impl Session {
         let status = serde_json::from_str::<Value>(&record.status_json)
             .ok()
             .and_then(|status| Some((budget::check_status(&status).ok()?, status)));
+        let status = status.map(|(size, status)| (size, Node::from(status)));
         let live = Live {
             size: status.as_ref().map(|(size, _)| *size).unwrap_or_default(),
             counted: status
@@ -252,8 +198,8 @@ impl Session {
         points: &mut Vec<MetricPoint>,
     ) -> Result<(), Over> {
         let size = budget::check_status(&status)?;
+        let status = Node::from(status);
         let mut live = self.live.lock();
-        live.leaves.forget(None);
         live.sampler.load(&status, now, points, self.scope());
         live.counted = Some(crate::limits::counted_processes(&status));
         live.status = Some(status);
@@ -280,15 +226,15 @@ impl Session {
         let Live {
             status,
             size,
-            leaves,
             sampler,
+            counted,
             ..
         } = &mut *live;
         let status = status.as_mut().ok_or(PatchFailure::NoStatus)?;
         let mut target = PatchTarget {
             status,
+            tree: None,
             size,
-            leaves,
             sampler,
             now,
             points,
@@ -300,13 +246,9 @@ impl Session {
             .into_iter()
             .enumerate()
             .try_for_each(|(index, op)| target.apply(index, op));
-        let reload = target.reload;
+        let reload = target.finish();
         if reload {
-            target.leaves.forget(Some(&mut *target.status));
-            target
-                .sampler
-                .load(target.status, now, target.points, target.scope);
-            live.counted = live.status.as_ref().map(crate::limits::counted_processes);
+            *counted = Some(crate::limits::counted_processes(status));
         }
         if applied.is_ok() {
             live.updated(now);
@@ -330,14 +272,14 @@ impl Session {
 
     /// The latest status with every patch applied, as JSON text.
     pub fn status_text(&self) -> Option<String> {
-        Some(self.live.lock().status()?.to_string())
+        serde_json::to_string(self.live.lock().status.as_ref()?).ok()
     }
 
     /// The record persisted for this server, if it ever sent a status.
     pub fn record(&self) -> Option<ServerRecord> {
         let mut live = self.live.lock();
         live.dirty = false;
-        let status_json = live.status()?.to_string();
+        let status_json = serde_json::to_string(live.status.as_ref()?).ok()?;
         Some(ServerRecord {
             bucket_id: self.bucket_id.clone(),
             server_name: self.server_name.clone(),
@@ -350,17 +292,16 @@ impl Session {
     /// internal_ip, processes, server: {hostname, pm2_version, node_version, …}}`.
     pub fn meta(&self) -> Value {
         let online = self.online();
-        let mut live = self.live.lock();
-        let last_update = live.last_update;
-        let status = live.status();
+        let live = self.live.lock();
+        let status = live.status.as_ref();
         let data = status.and_then(|s| s.get("data"));
         serde_json::json!({
             "server_name": self.server_name,
             "online": online,
-            "last_update": last_update,
+            "last_update": live.last_update,
             "internal_ip": status.and_then(internal_ip),
-            "processes": data.and_then(|d| d.get("process")).and_then(Value::as_array).map_or(0, Vec::len),
-            "server": data.and_then(|d| d.get("server")).cloned().unwrap_or(Value::Null),
+            "processes": data.and_then(|d| d.get("process")).and_then(Node::as_array).map_or(0, <[Node]>::len),
+            "server": data.and_then(|d| d.get("server")).map_or(Value::Null, Node::to_value),
         })
     }
 
@@ -378,12 +319,11 @@ impl Session {
             internal_ip: Option<&'a str>,
             online: bool,
             last_update: i64,
-            data: &'a Value,
+            data: &'a Node,
         }
         let online = self.online();
-        let mut live = self.live.lock();
-        live.status();
-        let empty = Value::Object(Default::default());
+        let live = self.live.lock();
+        let empty = Node::default();
         let data = live
             .status
             .as_ref()
@@ -400,8 +340,8 @@ impl Session {
     }
 }
 
-fn internal_ip(status: &Value) -> Option<&str> {
-    status.get("internal_ip").and_then(Value::as_str)
+fn internal_ip(status: &Node) -> Option<&str> {
+    status.get("internal_ip").and_then(Node::as_str)
 }
 
 /// Every session of this node, by bucket then server name.
@@ -693,193 +633,159 @@ impl PatchOp<'_> {
     }
 }
 
-/// Everything one patch changes: the status, its size, its known leaves, the metric
-/// history.
+/// Everything one patch changes: the status, its size, the metric history.
 struct PatchTarget<'a> {
-    status: &'a mut Value,
+    status: &'a mut Node,
+    /// The status written out for json-patch, from the first operation that is not a
+    /// scalar replacing a scalar until the end of the patch.
+    tree: Option<Value>,
     size: &'a mut Size,
-    leaves: &'a mut Leaves,
     sampler: &'a mut MetricSampler,
     now: i64,
     points: &'a mut Vec<MetricPoint>,
     scope: Scope<'a>,
     work: Work,
-    /// The process list changed shape: reload every metric from the patched status.
+    /// Reload every metric from the patched status at the end.
     reload: bool,
 }
 
 impl PatchTarget<'_> {
     /// Applies one operation within the status's budgets. A scalar replacing a scalar
-    /// leaf only waits in `leaves` (see [`Leaves`]); anything else goes through
-    /// json-patch on the written-out tree, measured first.
+    /// (nearly all an agent sends) is written into the tree where it lands; anything
+    /// else goes through json-patch on the written-out status, measured first.
     fn apply(&mut self, index: usize, op: PatchOp) -> Result<(), PatchFailure> {
         self.work.spend(1)?;
         let scalar = op
             .value
             .as_ref()
             .is_some_and(|v| !v.is_object() && !v.is_array());
-        let op = if op.op == "replace" && scalar {
-            match self.replace_leaf(index, op)? {
-                None => return Ok(()),
-                Some(op) => op,
+        if self.tree.is_none()
+            && op.op == "replace"
+            && scalar
+            && let Some(at) = self.status.scalar_mut(&op.path)
+        {
+            let value = op.value.unwrap_or_default();
+            *self.size = resized(*self.size, at.own_size(), own_size(&value))?;
+            match metric_path(&op.path) {
+                MetricPath::Value {
+                    index,
+                    metric,
+                    probe,
+                } => {
+                    if let Some(id) = self.sampler.series_of(index, &metric, probe) {
+                        self.sampler
+                            .set(id, &value, self.now, self.points, self.scope);
+                    }
+                }
+                MetricPath::Structural => self.reload = true,
+                MetricPath::Other => {}
             }
-        } else {
-            op
-        };
-        self.leaves.flush(self.status);
+            *at = Node::from(value);
+            return Ok(());
+        }
         let operation = op.into_operation(index)?;
-        let size = self.budget(&operation).map_err(PatchFailure::Over)?;
-        // The shape may change: known paths are forgotten, metrics reloaded if processes
-        // may have moved.
-        self.leaves.forget(None);
-        let (path, from) = endpoints(&operation);
-        self.reload |= touches_processes(path) || from.is_some_and(touches_processes);
-        if let Err(e) = json_patch::patch_unsafe(self.status, std::slice::from_ref(&operation)) {
+        let tree = self.tree.get_or_insert_with(|| self.status.to_value());
+        let size =
+            budget(tree, *self.size, &mut self.work, &operation).map_err(PatchFailure::Over)?;
+        // Values may have moved anywhere: metrics are reloaded from the result.
+        self.reload = true;
+        if let Err(e) = json_patch::patch_unsafe(tree, std::slice::from_ref(&operation)) {
             // A move may have taken its value away before it failed: measure afresh (the
             // patch ends here, so once per patch at most).
-            *self.size = budget::check_status(self.status).unwrap_or(size);
+            *self.size = budget::check_status(tree).unwrap_or(size);
             return Err(e.into());
         }
         *self.size = size;
         Ok(())
     }
 
-    /// A scalar replacing a scalar leaf; the operation is handed back when its target is
-    /// not one.
-    fn replace_leaf<'o>(
-        &mut self,
-        index: usize,
-        op: PatchOp<'o>,
-    ) -> Result<Option<PatchOp<'o>>, PatchFailure> {
-        let invalid = |reason: String| PatchFailure::Invalid { index, reason };
-        if let Some(leaf) = self.leaves.known.get_mut(&*op.path) {
-            let value = op.value.unwrap_or_default();
-            let bytes = own_size(&value);
-            *self.size = resized(*self.size, leaf.bytes, bytes)?;
-            leaf.bytes = bytes;
-            if let Some(series) = leaf.series {
-                self.sampler
-                    .set(series, &value, self.now, self.points, self.scope);
-            }
-            leaf.value = Some(value);
-            self.leaves.waiting = true;
-            return Ok(None);
+    /// Writes the patched status back; whether metrics were reloaded (processes may have
+    /// changed).
+    fn finish(self) -> bool {
+        if let Some(tree) = self.tree {
+            *self.status = Node::from(tree);
         }
-        let pointer = Pointer::parse(&*op.path).map_err(|e| invalid(e.to_string()))?;
-        let Some(target) = pointer
-            .resolve_mut(&mut *self.status)
-            .ok()
-            .filter(|t| !t.is_object() && !t.is_array())
-        else {
-            return Ok(Some(op));
-        };
-        let value = op.value.unwrap_or_default();
-        let bytes = own_size(&value);
-        *self.size = resized(*self.size, own_size(target), bytes)?;
-        let series = match metric_path(&op.path) {
-            MetricPath::Structural => None,
-            MetricPath::Value {
-                index,
-                metric,
-                probe,
-            } => Some(self.sampler.series_of(index, &metric, probe)),
-            MetricPath::Other => Some(None),
-        };
-        if let Some(Some(id)) = series {
+        if self.reload {
             self.sampler
-                .set(id, &value, self.now, self.points, self.scope);
+                .load(self.status, self.now, self.points, self.scope);
         }
-        *target = value;
-        match series {
-            Some(series) => {
-                self.leaves.known.insert(
-                    op.path.into(),
-                    Leaf {
-                        value: None,
-                        series,
-                        bytes,
-                    },
-                );
-            }
-            None => {
-                self.leaves.forget(None);
-                self.reload = true;
-            }
-        }
-        Ok(None)
+        self.reload
     }
+}
 
-    /// The status's size once `operation` applies, if that is within every budget.
-    fn budget(&mut self, operation: &PatchOperation) -> Result<Size, Over> {
-        let status = &*self.status;
-        let work = &mut self.work;
-        // What lands at `path`, measured against the depth left below it.
-        let mut placed = |path: &Pointer, value: &Value| -> Result<Size, Over> {
-            let depth = path.count();
-            let room = MAX_STATUS_DEPTH
-                .checked_sub(depth)
-                .ok_or(Over::Depth(depth))?;
-            let shape = measure(value, room, work).map_err(|over| match over {
-                Over::Depth(d) => Over::Depth(depth + d),
-                other => other,
-            })?;
-            check_shape(status, path, value, operation)?;
-            Ok(shape.size)
-        };
-        // What lands, what it replaces, and the member names it adds and takes away.
-        let (added, replaced, new_key, gone_key) = match operation {
-            PatchOperation::Add(AddOperation { path, value }) => {
-                let at = Spot::of(status, path);
-                (placed(path, value)?, at.added_over(), at.new_key(), 0)
+/// The status's size once `operation` applies to `status` of `size`, if that is within
+/// every budget.
+fn budget(
+    status: &Value,
+    size: Size,
+    work: &mut Work,
+    operation: &PatchOperation,
+) -> Result<Size, Over> {
+    // What lands at `path`, measured against the depth left below it.
+    let mut placed = |path: &Pointer, value: &Value| -> Result<Size, Over> {
+        let depth = path.count();
+        let room = MAX_STATUS_DEPTH
+            .checked_sub(depth)
+            .ok_or(Over::Depth(depth))?;
+        let shape = measure(value, room, work).map_err(|over| match over {
+            Over::Depth(d) => Over::Depth(depth + d),
+            other => other,
+        })?;
+        check_shape(status, path, value, operation)?;
+        Ok(shape.size)
+    };
+    // What lands, what it replaces, and the member names it adds and takes away.
+    let (added, replaced, new_key, gone_key) = match operation {
+        PatchOperation::Add(AddOperation { path, value }) => {
+            let at = Spot::of(status, path);
+            (placed(path, value)?, at.added_over(), at.new_key(), 0)
+        }
+        PatchOperation::Replace(ReplaceOperation { path, value }) => {
+            (placed(path, value)?, Spot::of(status, path).target, 0, 0)
+        }
+        PatchOperation::Remove(RemoveOperation { path }) => {
+            let at = Spot::of(status, path);
+            (Size::default(), at.target, 0, at.member_key())
+        }
+        PatchOperation::Copy(CopyOperation { from, path }) => {
+            refuse_into_itself(from, path)?;
+            let Some(source) = Spot::of(status, from).target else {
+                // json-patch refuses it.
+                return Ok(size);
+            };
+            let at = Spot::of(status, path);
+            (placed(path, source)?, at.added_over(), at.new_key(), 0)
+        }
+        PatchOperation::Move(MoveOperation { from, path }) => {
+            refuse_into_itself(from, path)?;
+            let source_spot = Spot::of(status, from);
+            let Some(source) = source_spot.target else {
+                return Ok(size);
+            };
+            let moved = placed(path, source)?;
+            let at = Spot::of(status, path);
+            if from.starts_with(path) {
+                // Moved over one of its ancestors: it stays while the rest goes.
+                (moved, at.target, 0, 0)
+            } else {
+                let gone = source_spot.member_key();
+                (Size::default(), at.added_over(), at.new_key(), gone)
             }
-            PatchOperation::Replace(ReplaceOperation { path, value }) => {
-                (placed(path, value)?, Spot::of(status, path).target, 0, 0)
-            }
-            PatchOperation::Remove(RemoveOperation { path }) => {
-                let at = Spot::of(status, path);
-                (Size::default(), at.target, 0, at.member_key())
-            }
-            PatchOperation::Copy(CopyOperation { from, path }) => {
-                refuse_into_itself(from, path)?;
-                let Some(source) = Spot::of(status, from).target else {
-                    // json-patch refuses it.
-                    return Ok(*self.size);
-                };
-                let at = Spot::of(status, path);
-                (placed(path, source)?, at.added_over(), at.new_key(), 0)
-            }
-            PatchOperation::Move(MoveOperation { from, path }) => {
-                refuse_into_itself(from, path)?;
-                let source_spot = Spot::of(status, from);
-                let Some(source) = source_spot.target else {
-                    return Ok(*self.size);
-                };
-                let moved = placed(path, source)?;
-                let at = Spot::of(status, path);
-                if from.starts_with(path) {
-                    // Moved over one of its ancestors: it stays while the rest goes.
-                    (moved, at.target, 0, 0)
-                } else {
-                    let gone = source_spot.member_key();
-                    (Size::default(), at.added_over(), at.new_key(), gone)
-                }
-            }
-            PatchOperation::Test(_) => return Ok(*self.size),
-        };
-        let replaced = match replaced {
-            Some(value) => measure(value, usize::MAX, &mut self.work)?.size,
-            None => Size::default(),
-        };
-        let keys = |bytes| Size { nodes: 0, bytes };
-        let size = self
-            .size
-            .minus(replaced)
-            .minus(keys(gone_key))
-            .plus(added)
-            .plus(keys(new_key));
-        size.check()?;
-        Ok(size)
-    }
+        }
+        PatchOperation::Test(_) => return Ok(size),
+    };
+    let replaced = match replaced {
+        Some(value) => measure(value, usize::MAX, work)?.size,
+        None => Size::default(),
+    };
+    let keys = |bytes| Size { nodes: 0, bytes };
+    let size = size
+        .minus(replaced)
+        .minus(keys(gone_key))
+        .plus(added)
+        .plus(keys(new_key));
+    size.check()?;
+    Ok(size)
 }
 
 /// Where a pointer lands in the status, resolved once (jsonptr: no allocation per
@@ -969,23 +875,6 @@ fn refuse_into_itself(from: &Pointer, path: &Pointer) -> Result<(), Over> {
         return Err(Over::IntoItself);
     }
     Ok(())
-}
-
-fn endpoints(operation: &PatchOperation) -> (&Pointer, Option<&Pointer>) {
-    match operation {
-        PatchOperation::Add(AddOperation { path, .. })
-        | PatchOperation::Replace(ReplaceOperation { path, .. })
-        | PatchOperation::Remove(RemoveOperation { path })
-        | PatchOperation::Test(TestOperation { path, .. }) => (path, None),
-        PatchOperation::Copy(CopyOperation { from, path })
-        | PatchOperation::Move(MoveOperation { from, path }) => (path, Some(from)),
-    }
-}
-
-/// The path holds processes, or is inside one.
-fn touches_processes(path: &Pointer) -> bool {
-    let processes = Pointer::from_static("/data/process");
-    processes.starts_with(path) || path.starts_with(processes)
 }
 
 /// The processes and metrics budgets after `value` lands at `path` (`operation` says
@@ -1100,7 +989,7 @@ mod tests {
             let ops: json_patch::Patch = serde_json::from_str(p).unwrap();
             json_patch::patch(&mut expected, &ops).unwrap();
         }
-        assert_eq!(session.live.lock().status(), Some(&expected));
+        assert_eq!(session.live.lock().status_value().as_ref(), Some(&expected));
         // Metric values followed the patches: same as loading the final document afresh.
         let mut followed = Vec::new();
         session
@@ -1110,7 +999,12 @@ mod tests {
             .finish(60_000, &mut followed, ("b", "box"));
         let mut fresh = MetricSampler::default();
         let mut loaded = Vec::new();
-        fresh.load(&expected, 1_000, &mut loaded, ("b", "box"));
+        fresh.load(
+            &Node::from(expected.clone()),
+            1_000,
+            &mut loaded,
+            ("b", "box"),
+        );
         fresh.finish(60_000, &mut loaded, ("b", "box"));
         assert!(last_values(&followed).len() > 20);
         assert_eq!(last_values(&followed), last_values(&loaded));
@@ -1132,7 +1026,7 @@ mod tests {
         assert!(session.apply_patch(patch(bad), 1, &mut points).is_err());
         let unknown = r#"[{"op":"frobnicate","path":"/data","value":1}]"#;
         assert!(session.apply_patch(patch(unknown), 1, &mut points).is_err());
-        assert_eq!(session.live.lock().status(), Some(&status));
+        assert_eq!(session.live.lock().status_value().as_ref(), Some(&status));
     }
 
     #[test]
@@ -1152,7 +1046,7 @@ mod tests {
         let then = session
             .live
             .lock()
-            .status()
+            .status_value()
             .unwrap()
             .pointer("/data/process/0/pm_id")
             .cloned();
@@ -1209,7 +1103,7 @@ mod tests {
             over(session.apply_patch(patch(&text), 1, &mut Vec::new())),
             Over::IntoItself
         );
-        assert_eq!(session.live.lock().status(), Some(&status));
+        assert_eq!(session.live.lock().status_value().as_ref(), Some(&status));
         let onto_itself = r#"[{"op":"move","from":"/data","path":"/data"}]"#;
         assert_eq!(
             over(session.apply_patch(patch(onto_itself), 1, &mut Vec::new())),

@@ -320,8 +320,16 @@ async fn bucket_management_contract(docs: &dyn Documents) {
         by_bucket(vec![server(&prod, "web-1"), server(&staging, "web-1")])
     );
     assert_eq!(
-        docs.bucket_servers(&staging.id).await.unwrap(),
+        docs.bucket_servers(&staging.id, None).await.unwrap(),
         vec![server(&staging, "web-1")]
+    );
+    assert_eq!(
+        docs.bucket_servers(&prod.id, Some("web-1")).await.unwrap(),
+        vec![server(&prod, "web-1")]
+    );
+    assert_eq!(
+        docs.bucket_servers(&prod.id, Some("web-2")).await.unwrap(),
+        vec![]
     );
 
     // Notification choices: by role until a member chooses; only members can.

@@ -87,7 +87,12 @@ pub trait Documents: Send + Sync {
 
     async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()>;
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>>;
-    async fn bucket_servers(&self, bucket_id: &str) -> StoreResult<Vec<ServerRecord>>;
+    /// The server records of a bucket (only `only`'s, found by key, if given).
+    async fn bucket_servers(
+        &self,
+        bucket_id: &str,
+        only: Option<&str>,
+    ) -> StoreResult<Vec<ServerRecord>>;
     /// Forgets a server's record; false if there was none.
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;
 

@@ -549,8 +549,16 @@ impl Documents for MongoDocuments {
         self.find_servers(doc! {}).await
     }
 
-    async fn bucket_servers(&self, bucket_id: &str) -> StoreResult<Vec<ServerRecord>> {
-        self.find_servers(doc! {"bucket_id": bucket_id}).await
+    async fn bucket_servers(
+        &self,
+        bucket_id: &str,
+        only: Option<&str>,
+    ) -> StoreResult<Vec<ServerRecord>> {
+        let mut filter = doc! {"bucket_id": bucket_id};
+        if let Some(name) = only {
+            filter.insert("server_name", name);
+        }
+        self.find_servers(filter).await
     }
 
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {

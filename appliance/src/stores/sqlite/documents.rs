@@ -104,15 +104,19 @@ impl SqliteDocuments {
             .collect())
     }
 
-    /// Server records, of one bucket or all.
-    async fn servers(&self, bucket_id: Option<String>) -> StoreResult<Vec<ServerRecord>> {
+    /// Server records, of one bucket or all, of one name or all.
+    async fn servers(
+        &self,
+        bucket_id: Option<String>,
+        server_name: Option<String>,
+    ) -> StoreResult<Vec<ServerRecord>> {
         self.db
             .call(move |c| {
                 let mut stmt = c.prepare_cached(
                     "SELECT bucket_id, server_name, last_update, status_json FROM servers
-                     WHERE ?1 IS NULL OR bucket_id = ?1",
+                     WHERE (?1 IS NULL OR bucket_id = ?1) AND (?2 IS NULL OR server_name = ?2)",
                 )?;
-                stmt.query_map([bucket_id], |r| {
+                stmt.query_map([bucket_id, server_name], |r| {
                     Ok(ServerRecord {
                         bucket_id: r.get(0)?,
                         server_name: r.get(1)?,
@@ -544,11 +548,16 @@ impl Documents for SqliteDocuments {
     }
 
     async fn all_servers(&self) -> StoreResult<Vec<ServerRecord>> {
-        self.servers(None).await
+        self.servers(None, None).await
     }
 
-    async fn bucket_servers(&self, bucket_id: &str) -> StoreResult<Vec<ServerRecord>> {
-        self.servers(Some(bucket_id.to_string())).await
+    async fn bucket_servers(
+        &self,
+        bucket_id: &str,
+        only: Option<&str>,
+    ) -> StoreResult<Vec<ServerRecord>> {
+        self.servers(Some(bucket_id.to_string()), only.map(str::to_string))
+            .await
     }
 
     async fn delete_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool> {
