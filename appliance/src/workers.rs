@@ -36,7 +36,7 @@ pub async fn persist(app: AppState) {
         let sessions = app.sessions.clone();
         let points = tokio::task::spawn_blocking(move || sessions.drain_metrics(now_ms(), false));
         app.ingest.writer.metrics(points.await.unwrap_or_default());
-        save_servers(&app).await;
+        save_servers(&app, false).await;
         evict_disabled(&app).await;
     }
 }
@@ -57,16 +57,34 @@ async fn evict_disabled(app: &AppState) {
     }
 }
 
-async fn save_servers(app: &AppState) {
-    let sessions = app.sessions.clone();
-    let records = tokio::task::spawn_blocking(move || sessions.dirty_records())
-        .await
-        .unwrap_or_default();
-    if records.is_empty() {
-        return;
-    }
-    if let Err(e) = app.documents.upsert_servers(&records).await {
-        tracing::error!(error = %e, servers = records.len(), "saving server state failed");
+/// Servers written per store call: a batch's statuses are rendered at once (those of
+/// 18,000 servers would hold ~200 MB), and one call stays short for the store.
+const SAVE_BATCH: usize = 256;
+
+/// Writes the servers that changed (their metric values at most every
+/// `VALUES_SAVED_EVERY`; with `finish` every change), in batches; a failed batch is tried again next round.
+async fn save_servers(app: &AppState, finish: bool) {
+    let due = app.sessions.unsaved(now_ms(), finish);
+    for batch in due.chunks(SAVE_BATCH) {
+        let batch = batch.to_vec();
+        let rendered = tokio::task::spawn_blocking(move || {
+            let now = now_ms();
+            let records: Vec<_> = batch.iter().filter_map(|s| s.record(now)).collect();
+            (batch, records)
+        })
+        .await;
+        let Ok((batch, records)) = rendered else {
+            return;
+        };
+        if records.is_empty() {
+            continue;
+        }
+        if let Err(e) = app.documents.upsert_servers(&records).await {
+            // The batches after this one were not rendered: still unsaved.
+            tracing::error!(error = %e, servers = records.len(), "saving server state failed");
+            batch.iter().for_each(|s| s.unsave());
+            return;
+        }
     }
 }
 
@@ -109,5 +127,5 @@ pub async fn flush(app: &AppState) {
         .writer
         .metrics(app.sessions.drain_metrics(now_ms(), true));
     app.ingest.writer.flush().await;
-    save_servers(app).await;
+    save_servers(app, true).await;
 }

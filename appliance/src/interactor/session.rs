@@ -52,14 +52,39 @@ pub struct Live {
     /// Its processes that count against the licence, from its latest status.
     counted: Option<u32>,
     sampler: MetricSampler,
-    /// Changed since last persisted.
-    dirty: bool,
+    /// What changed since it was last saved, and when that was (epoch ms).
+    unsaved: Unsaved,
+    saved_at: i64,
 }
 
+/// What changed in a server since it was last saved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Unsaved {
+    #[default]
+    Nothing,
+    /// Only metric values and the host's figures: saved every [`VALUES_SAVED_EVERY`].
+    Values,
+    /// Anything else (processes, their state, the connection): saved at the next round.
+    More,
+}
+
+/// How stale the saved metric values of a connected server may get (what the API shows
+/// of it once it is offline or after a restart comes from there).
+pub const VALUES_SAVED_EVERY: i64 = 5 * 60_000;
+
 impl Live {
-    fn updated(&mut self, now: i64) {
+    fn updated(&mut self, now: i64, unsaved: Unsaved) {
         self.last_update = now;
-        self.dirty = true;
+        self.unsaved = self.unsaved.max(unsaved);
+    }
+
+    /// Whether a save round at `now` writes it (with `finish`, whatever changed).
+    fn due(&self, now: i64, finish: bool) -> bool {
+        match self.unsaved {
+            Unsaved::Nothing => false,
+            Unsaved::Values => finish || now.saturating_sub(self.saved_at) >= VALUES_SAVED_EVERY,
+            Unsaved::More => true,
+        }
     }
 
     #[cfg(test)]
@@ -204,7 +229,7 @@ impl Session {
         live.counted = Some(crate::limits::counted_processes(&status));
         live.status = Some(status);
         live.size = size;
-        live.updated(now);
+        live.updated(now, Unsaved::More);
         drop(live);
         self.retally();
         Ok(())
@@ -241,17 +266,20 @@ impl Session {
             scope: self.scope(),
             work: Work::new(MAX_PATCH_WORK),
             reload: false,
+            more: false,
         };
         let applied = patch
             .into_iter()
             .enumerate()
             .try_for_each(|(index, op)| target.apply(index, op));
+        let more = target.more;
         let reload = target.finish();
         if reload {
             *counted = Some(crate::limits::counted_processes(status));
         }
         if applied.is_ok() {
-            live.updated(now);
+            let unsaved = if more { Unsaved::More } else { Unsaved::Values };
+            live.updated(now, unsaved);
         }
         drop(live);
         if reload {
@@ -265,6 +293,11 @@ impl Session {
         self.live.lock().size
     }
 
+    /// Its record was not written after all: the next round tries again.
+    pub fn unsave(&self) {
+        self.live.lock().unsaved = Unsaved::More;
+    }
+
     /// Scope of metric points and events from this server.
     pub fn scope(&self) -> Scope<'_> {
         (&self.bucket_id, &self.server_name)
@@ -275,10 +308,12 @@ impl Session {
         serde_json::to_string(self.live.lock().status.as_ref()?).ok()
     }
 
-    /// The record persisted for this server, if it ever sent a status.
-    pub fn record(&self) -> Option<ServerRecord> {
+    /// The record persisted for this server, if it ever sent a status; it counts as saved
+    /// at `now` from here (see [`Session::unsave`] if the write fails).
+    pub fn record(&self, now: i64) -> Option<ServerRecord> {
         let mut live = self.live.lock();
-        live.dirty = false;
+        live.unsaved = Unsaved::Nothing;
+        live.saved_at = now;
         let status_json = serde_json::to_string(live.status.as_ref()?).ok()?;
         Some(ServerRecord {
             bucket_id: self.bucket_id.clone(),
@@ -414,7 +449,7 @@ impl Sessions {
         let offline = sockets.is_empty();
         drop(sockets);
         let mut live = session.live.lock();
-        live.dirty = true;
+        live.unsaved = Unsaved::More;
         if offline {
             live.sampler.finish(now, points, session.scope());
         }
@@ -507,12 +542,12 @@ impl Sessions {
         self.all().iter().map(|s| s.sockets.lock().len()).sum()
     }
 
-    /// Records of servers changed since last asked.
-    pub fn dirty_records(&self) -> Vec<ServerRecord> {
+    /// The servers a save round at `now` writes (with `finish`, at shutdown, every one
+    /// that changed).
+    pub fn unsaved(&self, now: i64, finish: bool) -> Vec<Arc<Session>> {
         self.all()
-            .iter()
-            .filter(|s| s.live.lock().dirty)
-            .filter_map(|s| s.record())
+            .into_iter()
+            .filter(|s| s.live.lock().due(now, finish))
             .collect()
     }
 
@@ -647,6 +682,8 @@ struct PatchTarget<'a> {
     work: Work,
     /// Reload every metric from the patched status at the end.
     reload: bool,
+    /// Something other than metric values and the host's figures changed.
+    more: bool,
 }
 
 impl PatchTarget<'_> {
@@ -677,8 +714,8 @@ impl PatchTarget<'_> {
                             .set(id, &value, self.now, self.points, self.scope);
                     }
                 }
-                MetricPath::Structural => self.reload = true,
-                MetricPath::Other => {}
+                MetricPath::Structural => (self.reload, self.more) = (true, true),
+                MetricPath::Other => self.more |= !op.path.starts_with("/data/server/"),
             }
             *at = Node::from(value);
             return Ok(());
@@ -688,7 +725,7 @@ impl PatchTarget<'_> {
         let size =
             budget(tree, *self.size, &mut self.work, &operation).map_err(PatchFailure::Over)?;
         // Values may have moved anywhere: metrics are reloaded from the result.
-        self.reload = true;
+        (self.reload, self.more) = (true, true);
         if let Err(e) = json_patch::patch_unsafe(tree, std::slice::from_ref(&operation)) {
             // A move may have taken its value away before it failed: measure afresh (the
             // patch ends here, so once per patch at most).
@@ -1212,6 +1249,36 @@ mod tests {
         }
         assert!(matches!(refused, Some(PatchFailure::Over(Over::Bytes(_)))));
         size_is_true(&session);
+    }
+
+    #[test]
+    fn metric_values_are_saved_less_often_than_the_rest() {
+        let (session, _) = linked();
+        let due = |now, finish| session.live.lock().due(now, finish);
+        assert!(due(0, false), "a new status is saved at the next round");
+        assert!(session.record(1_000).is_some());
+        assert!(!due(1_000, false));
+        let mut points = Vec::new();
+        for (path, value) in [
+            ("/data/process/0/axm_monitor/Heap Usage/value", "91.5"),
+            ("/data/process/0/cpu", "3"),
+            ("/data/server/uptime", "500"),
+        ] {
+            let op = format!(r#"[{{"op":"replace","path":"{path}","value":{value}}}]"#);
+            session.apply_patch(patch(&op), 2_000, &mut points).unwrap();
+        }
+        assert!(!due(2_000, false), "values wait");
+        assert!(due(2_000, true), "until shutdown");
+        assert!(due(1_000 + VALUES_SAVED_EVERY, false), "or their period");
+        let op = r#"[{"op":"replace","path":"/data/process/0/status","value":"errored"}]"#;
+        session.apply_patch(patch(op), 3_000, &mut points).unwrap();
+        assert!(
+            due(3_000, false),
+            "a process's state is saved at the next round"
+        );
+        session.unsave();
+        assert!(session.record(4_000).is_some());
+        assert!(!due(4_000, false));
     }
 
     #[test]

@@ -171,7 +171,7 @@ async fn run(
     app.ingest.writer.metrics(points);
     // Offline now: its last state is saved at once (other processes show it from there).
     if !session.online()
-        && let Some(record) = session.record()
+        && let Some(record) = session.record(now_ms())
         && let Err(e) = app.documents.upsert_servers(&[record]).await
     {
         tracing::warn!(error = %e, server = %server_name, "cannot save the server's last state");
