@@ -13,7 +13,11 @@ use std::hash::BuildHasher;
 
 use serde_json::Value;
 
-use crate::ingest::tree::{Name, Names, Node};
+use std::sync::{Arc, LazyLock};
+
+use parking_lot::Mutex;
+
+use crate::ingest::tree::{Name, Names, Node, Shared};
 use crate::stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
@@ -30,14 +34,44 @@ pub type SeriesId = usize;
 /// Where a metric point belongs: (bucket id, server name).
 pub type Scope<'a> = (&'a str, &'a str);
 
-/// One metric of one process.
+/// What names a series: shared by the series of every server with the same app and
+/// metric (a server holds ~15 series per process).
 #[derive(Debug)]
-struct Series {
+struct Label {
     app_name: Name,
-    pm_id: i64,
     name: Name,
     unit: Option<Name>,
     agg_type: Option<Name>,
+}
+
+/// Labels by the addresses of their shared names (a label holds its names: an address
+/// is not reused while its label is in the table).
+static LABELS: LazyLock<Mutex<Shared<[usize; 4], Label>>> = LazyLock::new(Default::default);
+
+impl Label {
+    fn shared(app: &str, name: &str, unit: Option<&str>, agg_type: Option<&str>) -> Arc<Label> {
+        let label = Label {
+            app_name: Names::intern(app),
+            name: Names::intern(name),
+            unit: unit.map(Names::intern),
+            agg_type: agg_type.map(Names::intern),
+        };
+        let at = |n: Option<&Name>| n.map_or(0, |n| Arc::as_ptr(n).cast::<u8>() as usize);
+        let key = [
+            at(Some(&label.app_name)),
+            at(Some(&label.name)),
+            at(label.unit.as_ref()),
+            at(label.agg_type.as_ref()),
+        ];
+        LABELS.lock().get_or_make(&key, || (key, Arc::new(label)))
+    }
+}
+
+/// One metric of one process.
+#[derive(Debug)]
+struct Series {
+    label: Arc<Label>,
+    pm_id: i64,
     /// The value holding since `since`.
     value: f64,
     since: i64,
@@ -96,11 +130,11 @@ impl Series {
         out.push(MetricPoint {
             bucket_id: bucket_id.to_string(),
             server_name: server_name.to_string(),
-            app_name: self.app_name.to_string(),
+            app_name: self.label.app_name.to_string(),
             pm_id: self.pm_id,
-            name: self.name.to_string(),
-            unit: self.unit.as_deref().map(str::to_string),
-            agg_type: self.agg_type.as_deref().map(str::to_string),
+            name: self.label.name.to_string(),
+            unit: self.label.unit.as_deref().map(str::to_string),
+            agg_type: self.label.agg_type.as_deref().map(str::to_string),
             at: self.minute,
             avg: self.weighted / self.covered_ms as f64,
             min: self.min,
@@ -253,7 +287,8 @@ impl MetricSampler {
         out: &mut Vec<MetricPoint>,
         scope: Scope,
     ) -> usize {
-        let is = |s: &Series| s.pm_id == pm_id && *s.name == *name && *s.app_name == *app;
+        let is =
+            |s: &Series| s.pm_id == pm_id && *s.label.name == *name && *s.label.app_name == *app;
         let hash = self.hasher.hash_one((app, pm_id, name));
         let found = match self.series.get(self.cursor) {
             Some(s) if is(s) => Some(self.cursor),
@@ -268,14 +303,11 @@ impl MetricSampler {
             self.cursor = id + 1;
             return id;
         }
-        let text = |key: &str| probe?.get(key)?.as_str().map(Names::intern);
+        let text = |key: &str| probe?.get(key)?.as_str();
         self.index.entry(hash).or_insert(self.series.len());
         self.series.push(Series {
-            app_name: Names::intern(app),
+            label: Label::shared(app, name, text("unit"), text("agg_type")),
             pm_id,
-            name: Names::intern(name),
-            unit: text("unit"),
-            agg_type: text("agg_type"),
             value,
             since: now,
             minute: minute_of(now),
@@ -310,7 +342,7 @@ impl MetricSampler {
         let hasher = &self.hasher;
         self.index.clear();
         for (id, s) in self.series.iter().enumerate() {
-            let hash = hasher.hash_one((&*s.app_name, s.pm_id, &*s.name));
+            let hash = hasher.hash_one((&*s.label.app_name, s.pm_id, &*s.label.name));
             self.index.entry(hash).or_insert(id);
         }
         for slot in &mut self.slots {
@@ -336,7 +368,7 @@ impl MetricSampler {
                 .probes
                 .iter()
                 .copied()
-                .find(|id| self.series.get(*id).is_some_and(|s| *s.name == *name)),
+                .find(|id| self.series.get(*id).is_some_and(|s| *s.label.name == *name)),
         }
     }
 
@@ -352,7 +384,7 @@ impl MetricSampler {
         let Some(series) = self.series.get_mut(id) else {
             return;
         };
-        if let Some(v) = numeric(value, series.unit.as_deref()) {
+        if let Some(v) = numeric(value, series.label.unit.as_deref()) {
             series.set(v, now, out, scope);
         }
     }

@@ -9,7 +9,9 @@
 //! The tree is written and read as JSON exactly as `Value` is (members sorted by name,
 //! numbers kept as integer or float), so the API's answers do not change.
 
-use std::collections::HashSet;
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
@@ -211,40 +213,67 @@ impl Serialize for Node {
     }
 }
 
-/// Every member name some status holds, once.
-pub struct Names;
+/// Values shared between statuses (names, metric labels), each once. When the table has
+/// doubled since it was last swept (and holds at least [`SWEEP_FROM`]), those no status
+/// holds any more are dropped: a status of 200,000 new names a second cannot pile them
+/// up, and the cost stays linear in what was added.
+pub struct Shared<K, V: ?Sized> {
+    table: HashMap<K, Arc<V>, foldhash::fast::RandomState>,
+    swept: usize,
+}
 
-/// The table, and its size after the last sweep.
-static NAMES: LazyLock<Mutex<(HashSet<Name, foldhash::fast::RandomState>, usize)>> =
-    LazyLock::new(Default::default);
-
-/// Names are swept (those no status holds any more dropped) whenever the table has
-/// doubled since the last sweep and holds at least this many.
 const SWEEP_FROM: usize = 16_384;
+
+impl<K: Hash + Eq, V: ?Sized> Default for Shared<K, V> {
+    fn default() -> Self {
+        Shared {
+            table: HashMap::default(),
+            swept: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq, V: ?Sized> Shared<K, V> {
+    /// The value under `key`, made (with its owned key) if there is none.
+    pub fn get_or_make<Q>(&mut self, key: &Q, make: impl FnOnce() -> (K, Arc<V>)) -> Arc<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(found) = self.table.get(key) {
+            return found.clone();
+        }
+        if self.table.len() >= SWEEP_FROM.max(self.swept * 2) {
+            self.table.retain(|_, v| Arc::strong_count(v) > 1);
+            self.swept = self.table.len();
+        }
+        let (key, value) = make();
+        self.table.insert(key, value.clone());
+        value
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
+/// Every member name some status holds.
+static NAMES: LazyLock<Mutex<Shared<Box<str>, str>>> = LazyLock::new(Default::default);
+
+/// Member names, shared.
+pub struct Names;
 
 impl Names {
     /// The shared name `name`.
     pub fn intern(name: &str) -> Name {
-        let mut guard = NAMES.lock();
-        let (names, swept) = &mut *guard;
-        if let Some(found) = names.get(name) {
-            return found.clone();
-        }
-        // A status of 200,000 new names a second must not pile them up: the table is
-        // kept within twice what statuses hold (plus `SWEEP_FROM`), at a cost linear in
-        // what was added.
-        if names.len() >= SWEEP_FROM.max(*swept * 2) {
-            names.retain(|n| Arc::strong_count(n) > 1);
-            *swept = names.len();
-        }
-        let new: Name = name.into();
-        names.insert(new.clone());
-        new
+        NAMES
+            .lock()
+            .get_or_make(name, || (name.into(), Name::from(name)))
     }
 
     /// Names held now (those no longer held included until the next sweep).
     pub fn count() -> usize {
-        NAMES.lock().0.len()
+        NAMES.lock().len()
     }
 }
 
