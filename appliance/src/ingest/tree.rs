@@ -23,6 +23,13 @@ pub type Name = Arc<str>;
 
 /// The longest text kept inside its node.
 const SHORT_TEXT: usize = 22;
+/// The longest text shared between statuses (metric types, paths, versions repeat across
+/// processes and servers); longer text is rare and kept by its node alone.
+const SHARED_TEXT: usize = 256;
+/// Members whose value is shared whole between the statuses that hold the same: a
+/// process's list of actions and its options are the same in every instance of an app,
+/// and agents replace them whole.
+const SHARED_MEMBERS: [&str; 2] = ["axm_actions", "axm_options"];
 
 pub enum Node {
     Null,
@@ -34,10 +41,14 @@ pub enum Node {
         len: u8,
         bytes: [u8; SHORT_TEXT],
     },
+    /// Text up to [`SHARED_TEXT`] bytes.
+    Shared(Name),
     Text(Box<str>),
     Array(Box<[Node]>),
     /// Members sorted by name, each name once.
     Object(Box<[(Name, Node)]>),
+    /// An array or object held by every status that has the same (see [`SHARED_MEMBERS`]).
+    Same(Arc<Node>),
 }
 
 impl Default for Node {
@@ -61,7 +72,11 @@ impl From<Value> for Node {
             // A `Map` iterates in name order: the slice comes out sorted.
             Value::Object(map) => Node::Object(
                 map.into_iter()
-                    .map(|(k, v)| (Names::intern(&k), Node::from(v)))
+                    .map(|(k, v)| {
+                        let shared = SHARED_MEMBERS.contains(&k.as_str());
+                        let v = if shared { Node::same(v) } else { Node::from(v) };
+                        (Names::intern(&k), v)
+                    })
                     .collect(),
             ),
         }
@@ -77,8 +92,30 @@ impl Node {
                 len: s.len() as u8,
                 bytes,
             }
+        } else if s.len() <= SHARED_TEXT {
+            Node::Shared(Names::intern(s))
         } else {
             Node::Text(s.into())
+        }
+    }
+
+    /// `value` as the tree every status with the same value holds.
+    fn same(value: Value) -> Node {
+        if !(value.is_array() || value.is_object()) {
+            return Node::from(value);
+        }
+        let key = value.to_string();
+        let shared = SAME.lock().get_or_make(key.as_str(), || {
+            (key.clone().into(), Arc::new(Node::from(value)))
+        });
+        Node::Same(shared)
+    }
+
+    /// What this node stands for (a shared tree is looked through).
+    fn seen(&self) -> &Node {
+        match self {
+            Node::Same(node) => node,
+            node => node,
         }
     }
 
@@ -90,9 +127,10 @@ impl Node {
             Node::Int(i) => Value::Number((*i).into()),
             Node::UInt(u) => Value::Number((*u).into()),
             Node::Float(f) => Number::from_f64(*f).map_or(Value::Null, Value::Number),
-            Node::Short { .. } | Node::Text(_) => {
+            Node::Short { .. } | Node::Shared(_) | Node::Text(_) => {
                 Value::String(self.as_str().unwrap_or_default().into())
             }
+            Node::Same(node) => node.to_value(),
             Node::Array(items) => Value::Array(items.iter().map(Node::to_value).collect()),
             Node::Object(members) => Value::Object(
                 members
@@ -118,14 +156,14 @@ impl Node {
     }
 
     pub fn as_object(&self) -> Option<&[(Name, Node)]> {
-        match self {
+        match self.seen() {
             Node::Object(members) => Some(members),
             _ => None,
         }
     }
 
     pub fn as_array(&self) -> Option<&[Node]> {
-        match self {
+        match self.seen() {
             Node::Array(items) => Some(items),
             _ => None,
         }
@@ -135,6 +173,7 @@ impl Node {
         match self {
             // Built from a `&str` cut at `len`: always UTF-8.
             Node::Short { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).ok(),
+            Node::Shared(s) => Some(s),
             Node::Text(s) => Some(s),
             _ => None,
         }
@@ -158,7 +197,7 @@ impl Node {
     }
 
     fn is_container(&self) -> bool {
-        matches!(self, Node::Array(_) | Node::Object(_))
+        matches!(self, Node::Array(_) | Node::Object(_) | Node::Same(_))
     }
 
     /// What this scalar counts in a status's size (as [`crate::ingest::budget::own_size`]).
@@ -192,9 +231,10 @@ impl Serialize for Node {
             Node::Int(i) => s.serialize_i64(*i),
             Node::UInt(u) => s.serialize_u64(*u),
             Node::Float(f) => s.serialize_f64(*f),
-            Node::Short { .. } | Node::Text(_) => {
+            Node::Short { .. } | Node::Shared(_) | Node::Text(_) => {
                 s.serialize_str(self.as_str().unwrap_or_default())
             }
+            Node::Same(node) => node.serialize(s),
             Node::Array(items) => {
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for item in items.iter() {
@@ -220,20 +260,28 @@ impl Serialize for Node {
 pub struct Shared<K, V: ?Sized> {
     table: HashMap<K, Arc<V>, foldhash::fast::RandomState>,
     swept: usize,
+    /// References to a value the table holds itself.
+    own: usize,
 }
 
 const SWEEP_FROM: usize = 16_384;
 
 impl<K: Hash + Eq, V: ?Sized> Default for Shared<K, V> {
     fn default() -> Self {
-        Shared {
-            table: HashMap::default(),
-            swept: 0,
-        }
+        Shared::holding(1)
     }
 }
 
 impl<K: Hash + Eq, V: ?Sized> Shared<K, V> {
+    /// A table holding `own` references to each value (2 when the key is the value).
+    pub fn holding(own: usize) -> Self {
+        Shared {
+            table: HashMap::default(),
+            swept: 0,
+            own,
+        }
+    }
+
     /// The value under `key`, made (with its owned key) if there is none.
     pub fn get_or_make<Q>(&mut self, key: &Q, make: impl FnOnce() -> (K, Arc<V>)) -> Arc<V>
     where
@@ -244,7 +292,8 @@ impl<K: Hash + Eq, V: ?Sized> Shared<K, V> {
             return found.clone();
         }
         if self.table.len() >= SWEEP_FROM.max(self.swept * 2) {
-            self.table.retain(|_, v| Arc::strong_count(v) > 1);
+            let own = self.own;
+            self.table.retain(|_, v| Arc::strong_count(v) > own);
             self.swept = self.table.len();
         }
         let (key, value) = make();
@@ -257,8 +306,11 @@ impl<K: Hash + Eq, V: ?Sized> Shared<K, V> {
     }
 }
 
-/// Every member name some status holds.
-static NAMES: LazyLock<Mutex<Shared<Box<str>, str>>> = LazyLock::new(Default::default);
+/// Every member name and shared text some status holds (the key is the value).
+static NAMES: LazyLock<Mutex<Shared<Name, str>>> = LazyLock::new(|| Mutex::new(Shared::holding(2)));
+
+/// The shared trees of [`SHARED_MEMBERS`], by their JSON text.
+static SAME: LazyLock<Mutex<Shared<Box<str>, Node>>> = LazyLock::new(Default::default);
 
 /// Member names, shared.
 pub struct Names;
@@ -266,9 +318,10 @@ pub struct Names;
 impl Names {
     /// The shared name `name`.
     pub fn intern(name: &str) -> Name {
-        NAMES
-            .lock()
-            .get_or_make(name, || (name.into(), Name::from(name)))
+        NAMES.lock().get_or_make(name, || {
+            let name = Name::from(name);
+            (name.clone(), name)
+        })
     }
 
     /// Names held now (those no longer held included until the next sweep).
@@ -293,6 +346,8 @@ mod tests {
             "z": [1, -2, 3.5, 18446744073709551615u64, null, true, "short", "a text longer than twenty-two bytes"],
             "a": {"b": {}, "": [], "é~/": "ü"},
             "m": 1e300, "n": -0.0, "o": 0.1,
+            "axm_actions": [{"action_name": "a", "arity": 1}], "axm_options": {"x": [1]},
+            "t": "a text of more than two hundred and fifty-six bytes ".repeat(6),
         });
         let node = Node::from(value.clone());
         assert_eq!(serde_json::to_string(&node).unwrap(), value.to_string());
@@ -321,6 +376,33 @@ mod tests {
             node.to_value(),
             json!({"data": {"process": [{"a/b": 3, "x": {"y": [2]}}]}})
         );
+    }
+
+    #[test]
+    fn actions_and_long_text_are_shared_and_looked_through() {
+        let status = |pid: u32| {
+            json!({"axm_actions": [{"action_name": "km:heapdump"}], "pid": pid,
+                   "type": "internal/libuv/latency/p95"})
+        };
+        let (a, b) = (Node::from(status(1)), Node::from(status(2)));
+        let actions = |n: &Node| match n.get("axm_actions") {
+            Some(Node::Same(tree)) => tree.clone(),
+            _ => panic!("not shared"),
+        };
+        assert!(Arc::ptr_eq(&actions(&a), &actions(&b)));
+        fn first(n: &Node) -> Option<&str> {
+            n.get("axm_actions")?.as_array()?[0]
+                .get("action_name")?
+                .as_str()
+        }
+        assert_eq!(first(&a), Some("km:heapdump"));
+        let mut a = a;
+        assert!(
+            a.scalar_mut("/axm_actions/0/action_name").is_none(),
+            "replaced whole only"
+        );
+        assert!(matches!(a.get("type"), Some(Node::Shared(_))));
+        assert_eq!(a.to_value(), status(1));
     }
 
     #[test]
