@@ -313,6 +313,7 @@ async fn health(
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,
         "in_flight_bytes": app.ingest.in_flight.used(),
+        "shared_names": crate::ingest::tree::Names::count(),
         "tls": app.gateway.health(),
         "writer": {
             "events_written": writer.events_written,

@@ -301,7 +301,8 @@ impl<K: Hash + Eq, V: ?Sized> Shared<K, V> {
         value
     }
 
-    pub fn len(&self) -> usize {
+    /// Values in the table (those no longer held included until the next sweep).
+    pub fn count(&self) -> usize {
         self.table.len()
     }
 }
@@ -324,9 +325,10 @@ impl Names {
         })
     }
 
-    /// Names held now (those no longer held included until the next sweep).
+    /// Names and texts in the table, shown in `/healthz` (those no status holds any more
+    /// included until the next sweep).
     pub fn count() -> usize {
-        NAMES.lock().len()
+        NAMES.lock().count()
     }
 }
 
