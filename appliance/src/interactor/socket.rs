@@ -32,6 +32,8 @@ const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// At shutdown, how long the frames the agent sent before it saw km's close are still
 /// read (they would be lost otherwise).
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
+/// Frames larger than this are handled on the blocking pool.
+const INLINE_FRAME_BYTES: usize = 1 << 20;
 /// Commands queued for one socket.
 const OUTBOX: usize = 64;
 /// Read buffer per agent socket: status patches are ~2 KB; larger frames still arrive
@@ -125,7 +127,10 @@ async fn run(
                 last_seen = Instant::now();
                 let handled = match read(&app, message) {
                     Read::Data(text) => {
-                        let handled = text.map(|text| receive(&app, &session, socket_id, &tx, text.as_str()));
+                        let handled = match text {
+                            Some(text) => Some(handle(&app, &session, socket_id, &tx, text).await),
+                            None => None,
+                        };
                         meter.settle();
                         handled
                     }
@@ -183,6 +188,25 @@ async fn run(
     }
     crate::realtime::presence::socket_ended(&app, &session);
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
+}
+
+/// Handles one frame: a large one off the async workers (parsing 100 MB takes a worker
+/// for a second in release, several in debug builds), so that other agents and the API
+/// are served meanwhile.
+async fn handle(
+    app: &AppState,
+    session: &Arc<Session>,
+    socket_id: u64,
+    tx: &mpsc::Sender<String>,
+    text: Utf8Bytes,
+) -> Received {
+    if text.len() <= INLINE_FRAME_BYTES {
+        return receive(app, session, socket_id, tx, text.as_str());
+    }
+    let (app, session, tx) = (app.clone(), session.clone(), tx.clone());
+    tokio::task::spawn_blocking(move || receive(&app, &session, socket_id, &tx, text.as_str()))
+        .await
+        .unwrap_or(Received::Other)
 }
 
 /// After km's close at shutdown: handles what the agent sent until it answers the close,
