@@ -24,11 +24,7 @@ const RETRY_AFTER_MS: i64 = 55_000;
 
 /// The processes of an agent's status that count.
 pub fn counted_processes(status: &Node) -> u32 {
-    let processes = status
-        .get("data")
-        .and_then(|d| d.get("process"))
-        .and_then(Node::as_array)
-        .unwrap_or_default();
+    let processes = status.processes().unwrap_or_default();
     let counted = processes
         .iter()
         .filter(|p| {

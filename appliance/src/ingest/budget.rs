@@ -75,10 +75,12 @@ impl Size {
 
 /// The size of a scalar or of one node of a container (its own text, not its children's).
 pub fn own_size(value: &Value) -> usize {
-    8 + match value {
-        Value::String(s) => s.len(),
-        _ => 0,
-    }
+    scalar_size(value.as_str())
+}
+
+/// What a value of text `text` (none for other values) counts.
+pub fn scalar_size(text: Option<&str>) -> usize {
+    8 + text.map_or(0, str::len)
 }
 
 /// A value's size and height (a scalar is 0 high).

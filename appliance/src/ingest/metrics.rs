@@ -11,8 +11,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use serde_json::Value;
-
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
@@ -231,11 +229,7 @@ impl MetricSampler {
     /// Takes every metric value from a full status (at link, after a resend, after a
     /// patch that changed the process list).
     pub fn load(&mut self, status: &Node, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
-        let processes = status
-            .get("data")
-            .and_then(|d| d.get("process"))
-            .and_then(Node::as_array)
-            .unwrap_or_default();
+        let processes = status.processes().unwrap_or_default();
         let mut slots = Vec::with_capacity(processes.len());
         let mut alive = vec![false; self.series.len()];
         self.cursor = 0;
@@ -257,7 +251,7 @@ impl MetricSampler {
                 let monitor = process.get("axm_monitor").and_then(Node::as_object);
                 for (name, probe) in monitor.into_iter().flatten() {
                     let unit = probe.get("unit").and_then(Node::as_str);
-                    if let Some(v) = probe.get("value").and_then(|v| numeric_node(v, unit)) {
+                    if let Some(v) = probe.get("value").and_then(|v| numeric(v, unit)) {
                         let id = self.upsert(app, pm_id, name, Some(probe), v, now, out, scope);
                         slot.probes.push(id);
                     }
@@ -376,7 +370,7 @@ impl MetricSampler {
     pub fn set(
         &mut self,
         id: SeriesId,
-        value: &Value,
+        value: &Node,
         now: i64,
         out: &mut Vec<MetricPoint>,
         scope: Scope,
@@ -410,22 +404,11 @@ impl MetricSampler {
 }
 
 /// A number, or a string holding one (tx2 meters put their unit after it: `"0.5req/s"`).
-fn numeric(value: &Value, unit: Option<&str>) -> Option<f64> {
-    match value {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => parse_number(s, unit),
-        _ => None,
+fn numeric(value: &Node, unit: Option<&str>) -> Option<f64> {
+    if let Some(n) = value.as_f64() {
+        return Some(n);
     }
-}
-
-fn numeric_node(value: &Node, unit: Option<&str>) -> Option<f64> {
-    value
-        .as_f64()
-        .or_else(|| parse_number(value.as_str()?, unit))
-}
-
-fn parse_number(s: &str, unit: Option<&str>) -> Option<f64> {
-    let s = s.trim();
+    let s = value.as_str()?.trim();
     let number = unit.and_then(|u| s.strip_suffix(u)).unwrap_or(s);
     number.trim().parse::<f64>().ok().filter(|v| v.is_finite())
 }
@@ -437,7 +420,7 @@ mod tests {
 
     const SCOPE: Scope = ("b", "web-1");
 
-    fn status(cpu: f64) -> Value {
+    fn status(cpu: f64) -> serde_json::Value {
         json!({"data": {"process": [{
             "name": "api", "pm_id": 0, "cpu": cpu, "memory": 1000,
             "axm_monitor": {
@@ -459,8 +442,8 @@ mod tests {
         sampler.load(&Node::from(status(10.0)), 60_000, &mut out, SCOPE);
         // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
         let cpu = sampler.series_of(0, "cpu", false).unwrap();
-        sampler.set(cpu, &json!(30.0), 75_000, &mut out, SCOPE);
-        sampler.set(cpu, &json!(20.0), 105_000, &mut out, SCOPE);
+        sampler.set(cpu, &Node::from(json!(30.0)), 75_000, &mut out, SCOPE);
+        sampler.set(cpu, &Node::from(json!(20.0)), 105_000, &mut out, SCOPE);
         assert!(out.is_empty(), "no minute has ended yet");
         sampler.tick(120_000, &mut out, SCOPE);
         let cpu = out.iter().find(|p| p.name == "cpu").unwrap();
@@ -501,7 +484,13 @@ mod tests {
         let mut out = Vec::new();
         sampler.load(&Node::from(status(5.0)), 0, &mut out, SCOPE);
         let meter = sampler.series_of(0, "req/sec", true).unwrap();
-        sampler.set(meter, &json!("2.5req/s"), 10_000, &mut out, SCOPE);
+        sampler.set(
+            meter,
+            &Node::from(json!("2.5req/s")),
+            10_000,
+            &mut out,
+            SCOPE,
+        );
         sampler.finish(20_000, &mut out, SCOPE);
         let meter = out.iter().find(|p| p.name == "req/sec").unwrap();
         assert_eq!(

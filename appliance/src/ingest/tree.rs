@@ -18,6 +18,8 @@ use parking_lot::Mutex;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Number, Value};
 
+use crate::ingest::budget;
+
 /// A member name, shared between every node that holds it.
 pub type Name = Arc<str>;
 
@@ -200,9 +202,14 @@ impl Node {
         matches!(self, Node::Array(_) | Node::Object(_) | Node::Same(_))
     }
 
-    /// What this scalar counts in a status's size (as [`crate::ingest::budget::own_size`]).
+    /// What this scalar counts in a status's size.
     pub fn own_size(&self) -> usize {
-        8 + self.as_str().map_or(0, str::len)
+        budget::scalar_size(self.as_str())
+    }
+
+    /// The processes of a status (`data.process`).
+    pub fn processes(&self) -> Option<&[Node]> {
+        self.get("data")?.get("process")?.as_array()
     }
 
     /// The scalar at the JSON pointer `path`; `None` when `path` leads to an array or

@@ -335,7 +335,7 @@ impl Session {
             "online": online,
             "last_update": live.last_update,
             "internal_ip": status.and_then(internal_ip),
-            "processes": data.and_then(|d| d.get("process")).and_then(Node::as_array).map_or(0, <[Node]>::len),
+            "processes": status.and_then(Node::processes).map_or(0, <[Node]>::len),
             "server": data.and_then(|d| d.get("server")).map_or(Value::Null, Node::to_value),
         })
     }
@@ -703,6 +703,7 @@ impl PatchTarget<'_> {
         {
             let value = op.value.unwrap_or_default();
             *self.size = resized(*self.size, at.own_size(), own_size(&value))?;
+            let value = Node::from(value);
             match metric_path(&op.path) {
                 MetricPath::Value {
                     index,
@@ -717,7 +718,7 @@ impl PatchTarget<'_> {
                 MetricPath::Structural => (self.reload, self.more) = (true, true),
                 MetricPath::Other => self.more |= !op.path.starts_with("/data/server/"),
             }
-            *at = Node::from(value);
+            *at = value;
             return Ok(());
         }
         let operation = op.into_operation(index)?;
