@@ -358,7 +358,7 @@ async fn evaluate(
     let start = end - rule.minutes() * MINUTE_MS;
     let mut windows: BTreeMap<(&str, &str), Vec<&MetricPoint>> = BTreeMap::new();
     for p in points {
-        if p.name == rule.initiator
+        if *p.name == *rule.initiator
             && (start..end).contains(&p.at)
             && rule.in_scope(&p.server_name, &p.app_name)
         {

@@ -173,7 +173,7 @@ pub async fn usage(app: &App, bucket_id: Option<&str>) -> StoreResult<Usage> {
 /// On a server's first status after it connected: `Err(reason)` when it does not fit
 /// (it is then parked), else it is let in (and no longer parked).
 pub async fn admit(app: &App, session: &Session) -> Result<(), String> {
-    let (bucket, server) = (session.bucket_id.as_str(), session.server_name.as_str());
+    let (bucket, server) = (&*session.bucket_id, &*session.server_name);
     let limit = Limit::of(app);
     let Some(max) = limit.max() else {
         unpark(app, bucket, server).await;

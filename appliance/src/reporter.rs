@@ -142,8 +142,8 @@ pub async fn build(app: &App, bucket: &Bucket, period: Period, end: i64) -> Stor
         .into_iter()
         .filter(|p| p.at < end)
         .collect();
-    let top = |name: &str| top_processes(points.iter().filter(|p| p.name == name));
-    let cpu_per_step = mean_per_step(points.iter().filter(|p| p.name == "cpu"));
+    let top = |name: &str| top_processes(points.iter().filter(|p| &*p.name == name));
+    let cpu_per_step = mean_per_step(points.iter().filter(|p| &*p.name == "cpu"));
     let total = |steps: &[(i64, u64)]| steps.iter().map(|(_, n)| n).sum::<u64>();
     let bars = |steps: &[(i64, u64)]| steps.iter().map(|&(at, n)| (at, n as f64)).collect();
     Ok(Report {

@@ -2,6 +2,7 @@
 //! the events store.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -277,7 +278,7 @@ pub async fn metrics_histogram(
     let query = filter.query(&access.bucket.id)?;
     let mut out = json!({});
     for p in app.events.metric_histogram(&query, step_ms).await? {
-        let series = &mut out[&p.server_name][&p.app_name][&p.name];
+        let series = &mut out[&*p.server_name][&*p.app_name][&*p.name];
         if series.is_null() {
             *series = json!({ "agg_type": p.agg_type, "unit": p.unit, "timestamps_and_stats": [] });
         }
@@ -383,10 +384,10 @@ pub async fn metrics_aggregations(
     Body(filter): Body<HistogramFilter>,
 ) -> ApiResult<Json<Value>> {
     let query = filter.query(&access.bucket.id)?;
-    let mut merged: BTreeMap<(String, String, String), MetricPoint> = BTreeMap::new();
+    let mut merged: BTreeMap<(Arc<str>, Arc<str>, Arc<str>), MetricPoint> = BTreeMap::new();
     // Hour steps, merged here: the window rarely starts on a step boundary.
     for p in app.events.metric_histogram(&query, 3_600_000).await? {
-        if !filter.metrics.is_empty() && !filter.metrics.contains(&p.name) {
+        if !filter.metrics.is_empty() && !filter.metrics.iter().any(|m| **m == *p.name) {
             continue;
         }
         let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());
@@ -412,7 +413,7 @@ pub async fn metrics_aggregations(
     }
     let mut out = json!({});
     for ((server, app_name, metric), p) in merged {
-        out[&server][&app_name][&metric] =
+        out[&*server][&*app_name][&*metric] =
             json!({"avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count});
     }
     Ok(Json(out))

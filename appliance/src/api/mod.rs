@@ -320,6 +320,7 @@ async fn health(
             "metric_points_written": writer.metric_points_written,
             "batches_written": writer.batches_written,
             "dropped": writer.dropped,
+            "queued_points": writer.queued_points(),
             "write_retries": writer.write_retries,
             "write_errors": writer.write_errors,
         },

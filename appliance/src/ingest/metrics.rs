@@ -30,7 +30,7 @@ fn minute_of(t: i64) -> i64 {
 pub type SeriesId = usize;
 
 /// Where a metric point belongs: (bucket id, server name).
-pub type Scope<'a> = (&'a str, &'a str);
+pub type Scope<'a> = (&'a Arc<str>, &'a Arc<str>);
 
 /// What names a series: shared by the series of every server with the same app and
 /// metric (a server holds ~15 series per process).
@@ -126,13 +126,13 @@ impl Series {
             return;
         }
         out.push(MetricPoint {
-            bucket_id: bucket_id.to_string(),
-            server_name: server_name.to_string(),
-            app_name: self.label.app_name.to_string(),
+            bucket_id: bucket_id.clone(),
+            server_name: server_name.clone(),
+            app_name: self.label.app_name.clone(),
             pm_id: self.pm_id,
-            name: self.label.name.to_string(),
-            unit: self.label.unit.as_deref().map(str::to_string),
-            agg_type: self.label.agg_type.as_deref().map(str::to_string),
+            name: self.label.name.clone(),
+            unit: self.label.unit.clone(),
+            agg_type: self.label.agg_type.clone(),
             at: self.minute,
             avg: self.weighted / self.covered_ms as f64,
             min: self.min,
@@ -418,7 +418,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const SCOPE: Scope = ("b", "web-1");
+    static BUCKET: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("b"));
+    static SERVER: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("web-1"));
+    fn scope() -> Scope<'static> {
+        (&BUCKET, &SERVER)
+    }
 
     fn status(cpu: f64) -> serde_json::Value {
         json!({"data": {"process": [{
@@ -439,26 +443,29 @@ mod tests {
     fn averages_are_weighted_by_how_long_each_value_held() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(10.0)), 60_000, &mut out, SCOPE);
+        sampler.load(&Node::from(status(10.0)), 60_000, &mut out, scope());
         // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
         let cpu = sampler.series_of(0, "cpu", false).unwrap();
-        sampler.set(cpu, &Node::from(json!(30.0)), 75_000, &mut out, SCOPE);
-        sampler.set(cpu, &Node::from(json!(20.0)), 105_000, &mut out, SCOPE);
+        sampler.set(cpu, &Node::from(json!(30.0)), 75_000, &mut out, scope());
+        sampler.set(cpu, &Node::from(json!(20.0)), 105_000, &mut out, scope());
         assert!(out.is_empty(), "no minute has ended yet");
-        sampler.tick(120_000, &mut out, SCOPE);
-        let cpu = out.iter().find(|p| p.name == "cpu").unwrap();
+        sampler.tick(120_000, &mut out, scope());
+        let cpu = out.iter().find(|p| &*p.name == "cpu").unwrap();
         assert_eq!(
             (cpu.at, cpu.min, cpu.max, cpu.last, cpu.count),
             (60_000, 10.0, 30.0, 20.0, 60)
         );
         assert!((cpu.avg - 22.5).abs() < 1e-9, "avg {}", cpu.avg);
-        let memory = out.iter().find(|p| p.name == "memory").unwrap();
+        let memory = out.iter().find(|p| &*p.name == "memory").unwrap();
         assert_eq!(
             (memory.avg, memory.min, memory.max),
             (1000.0, 1000.0, 1000.0),
             "unchanged values still count"
         );
-        let latency = out.iter().find(|p| p.name == "Event Loop Latency").unwrap();
+        let latency = out
+            .iter()
+            .find(|p| &*p.name == "Event Loop Latency")
+            .unwrap();
         assert_eq!(
             (
                 latency.avg,
@@ -468,11 +475,11 @@ mod tests {
             (1.5, Some("ms"), Some("avg"))
         );
         assert_eq!(
-            out.iter().find(|p| p.name == "req/sec").map(|p| p.last),
+            out.iter().find(|p| &*p.name == "req/sec").map(|p| p.last),
             Some(0.5)
         );
         assert!(
-            out.iter().all(|p| p.name != "status"),
+            out.iter().all(|p| &*p.name != "status"),
             "non-numeric probes are skipped"
         );
         assert_eq!(out.len(), 4);
@@ -482,17 +489,17 @@ mod tests {
     fn probe_strings_with_units_and_finish_emits_partial_minute() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(5.0)), 0, &mut out, SCOPE);
+        sampler.load(&Node::from(status(5.0)), 0, &mut out, scope());
         let meter = sampler.series_of(0, "req/sec", true).unwrap();
         sampler.set(
             meter,
             &Node::from(json!("2.5req/s")),
             10_000,
             &mut out,
-            SCOPE,
+            scope(),
         );
-        sampler.finish(20_000, &mut out, SCOPE);
-        let meter = out.iter().find(|p| p.name == "req/sec").unwrap();
+        sampler.finish(20_000, &mut out, scope());
+        let meter = out.iter().find(|p| &*p.name == "req/sec").unwrap();
         assert_eq!(
             (meter.at, meter.min, meter.max, meter.last, meter.count),
             (0, 0.5, 2.5, 2.5, 20)
@@ -504,16 +511,16 @@ mod tests {
     fn processes_that_vanish_are_retired() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(5.0)), 0, &mut out, SCOPE);
+        sampler.load(&Node::from(status(5.0)), 0, &mut out, scope());
         sampler.load(
             &Node::from(json!({"data": {"process": [], "server": {}}})),
             30_000,
             &mut out,
-            SCOPE,
+            scope(),
         );
-        assert_eq!(out.iter().filter(|p| p.name == "cpu").count(), 1);
+        assert_eq!(out.iter().filter(|p| &*p.name == "cpu").count(), 1);
         out.clear();
-        sampler.tick(200_000, &mut out, SCOPE);
+        sampler.tick(200_000, &mut out, scope());
         assert!(out.is_empty());
     }
 

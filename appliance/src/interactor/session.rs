@@ -105,8 +105,8 @@ impl Tally {
 }
 
 pub struct Session {
-    pub bucket_id: String,
-    pub server_name: String,
+    pub bucket_id: Arc<str>,
+    pub server_name: Arc<str>,
     pub live: Mutex<Live>,
     sockets: Mutex<Vec<SocketLink>>,
     tally: Arc<Tally>,
@@ -123,8 +123,8 @@ pub struct Session {
 impl Session {
     fn new(bucket_id: &str, server_name: &str, live: Live, tally: Arc<Tally>) -> Self {
         Session {
-            bucket_id: bucket_id.to_string(),
-            server_name: server_name.to_string(),
+            bucket_id: Arc::from(bucket_id),
+            server_name: Arc::from(server_name),
             live: Mutex::new(live),
             sockets: Mutex::new(Vec::new()),
             tally,
@@ -316,8 +316,8 @@ impl Session {
         live.saved_at = now;
         let status_json = serde_json::to_string(live.status.as_ref()?).ok()?;
         Some(ServerRecord {
-            bucket_id: self.bucket_id.clone(),
-            server_name: self.server_name.clone(),
+            bucket_id: self.bucket_id.to_string(),
+            server_name: self.server_name.to_string(),
             last_update: live.last_update,
             status_json,
         })
@@ -597,8 +597,8 @@ impl CommandSink for Sessions {
             .filter(|s| s.online())
             .filter_map(|s| {
                 Some(ServerProcesses {
-                    bucket_id: s.bucket_id.clone(),
-                    server_name: s.server_name.clone(),
+                    bucket_id: s.bucket_id.to_string(),
+                    server_name: s.server_name.to_string(),
                     processes: s.counted_processes()?,
                 })
             })
@@ -1001,7 +1001,7 @@ mod tests {
         serde_json::from_str(text).unwrap()
     }
 
-    fn last_values(points: &[MetricPoint]) -> BTreeMap<(i64, String), f64> {
+    fn last_values(points: &[MetricPoint]) -> BTreeMap<(i64, Arc<str>), f64> {
         points
             .iter()
             .map(|p| ((p.pm_id, p.name.clone()), p.last))
@@ -1034,16 +1034,16 @@ mod tests {
             .live
             .lock()
             .sampler
-            .finish(60_000, &mut followed, ("b", "box"));
+            .finish(60_000, &mut followed, session.scope());
         let mut fresh = MetricSampler::default();
         let mut loaded = Vec::new();
         fresh.load(
             &Node::from(expected.clone()),
             1_000,
             &mut loaded,
-            ("b", "box"),
+            session.scope(),
         );
-        fresh.finish(60_000, &mut loaded, ("b", "box"));
+        fresh.finish(60_000, &mut loaded, session.scope());
         assert!(last_values(&followed).len() > 20);
         assert_eq!(last_values(&followed), last_values(&loaded));
     }
@@ -1097,10 +1097,10 @@ mod tests {
             .live
             .lock()
             .sampler
-            .finish(50_000, &mut out, ("b", "box"));
+            .finish(50_000, &mut out, session.scope());
         let moved = out
             .iter()
-            .find(|p| p.name == "cpu" && Some(Value::from(p.pm_id)) == then)
+            .find(|p| &*p.name == "cpu" && Some(Value::from(p.pm_id)) == then)
             .unwrap();
         assert_eq!(moved.last, 77.0, "index 0 now means the next process");
     }

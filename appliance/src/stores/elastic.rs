@@ -565,9 +565,9 @@ impl Events for ElasticEvents {
                 for metric in buckets(&app["by"]) {
                     for step in buckets(&metric["by"]) {
                         let latest = &step["latest"]["hits"]["hits"][0]["_source"];
-                        let text = |v: &Value| v.as_str().map(str::to_string);
+                        let text = |v: &Value| v.as_str().map(Arc::from);
                         points.push(MetricPoint {
-                            bucket_id: q.bucket_id.clone(),
+                            bucket_id: Arc::from(q.bucket_id.as_str()),
                             server_name: text(&server["key"]).unwrap_or_default(),
                             app_name: text(&app["key"]).unwrap_or_default(),
                             pm_id: 0,

@@ -1,5 +1,7 @@
 //! What the stores hold: plain records shared by every implementation.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -289,23 +291,24 @@ pub struct EventQuery {
     pub offset: u32,
 }
 
-/// One minute of one metric of one process.
+/// One minute of one metric of one process. Its names are shared with the live series
+/// (a minute boundary emits one point per series of every server at once: no copies).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MetricPoint {
     #[serde(skip)]
-    pub bucket_id: String,
+    pub bucket_id: Arc<str>,
     #[serde(skip)]
-    pub server_name: String,
+    pub server_name: Arc<str>,
     #[serde(skip)]
-    pub app_name: String,
+    pub app_name: Arc<str>,
     #[serde(skip)]
     pub pm_id: i64,
     #[serde(skip)]
-    pub name: String,
+    pub name: Arc<str>,
     #[serde(skip)]
-    pub unit: Option<String>,
+    pub unit: Option<Arc<str>>,
     #[serde(skip)]
-    pub agg_type: Option<String>,
+    pub agg_type: Option<Arc<str>>,
     /// Start of the minute, epoch ms.
     pub at: i64,
     pub avg: f64,
