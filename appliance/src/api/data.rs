@@ -377,6 +377,9 @@ pub async fn profiling_delete(
 }
 
 /// `POST /api/bucket/:id/data/metrics/aggregations`: each metric over the whole window,
+/// (server, app, metric).
+type SeriesKey = (Arc<str>, Arc<str>, Arc<str>);
+
 /// `{server: {app: {metric: {avg, min, max, last, count}}}}` (`metrics` picks some).
 pub async fn metrics_aggregations(
     State(app): State<AppState>,
@@ -384,7 +387,7 @@ pub async fn metrics_aggregations(
     Body(filter): Body<HistogramFilter>,
 ) -> ApiResult<Json<Value>> {
     let query = filter.query(&access.bucket.id)?;
-    let mut merged: BTreeMap<(Arc<str>, Arc<str>, Arc<str>), MetricPoint> = BTreeMap::new();
+    let mut merged: BTreeMap<SeriesKey, MetricPoint> = BTreeMap::new();
     // Hour steps, merged here: the window rarely starts on a step boundary.
     for p in app.events.metric_histogram(&query, 3_600_000).await? {
         if !filter.metrics.is_empty() && !filter.metrics.iter().any(|m| **m == *p.name) {
