@@ -6,6 +6,7 @@ no storage, the original backend's stack), measured the same way.
 
 Usage: scripts/bench.py [--servers 2000] [--processes 8] [--seconds 60] [--logs-per-s 1]
                         [--stores embedded|scale-out] [--bin-dir DIR] [--no-peer] [--no-micro]
+                        [--watch patches|statuses] [--only patches|logs]
 e.g.   scripts/bench.py --bin-dir target/release --servers 500 --seconds 15 --no-micro
 
 Two kinds of run: status:patch only, then with log lines and latency probes (send ->
@@ -16,6 +17,11 @@ peer. Both are measured alike over the steady-state window after the ramp: CPU
 --no-peer      skips the peer (needs node >= 18; its deps are installed with `npm ci`
                into scripts/peer/node_modules when missing).
 --no-micro     skips the in-process micro benchmark (`cargo bench --bench ingest`).
+--watch MODE   km's runs have a browser watching the bucket over /primus (km-loadgen
+               --watch): `patches` subscribes as the dashboard does (status patches as the
+               agents sent them), `statuses` as a @pm2/js-api `status` listener (a whole
+               status rendered after every patch). Compare with a run without it.
+--only KIND    runs one kind: `patches` (status:patch only) or `logs` (with logs and probes).
 With --stores scale-out, km runs on SecantusDB (MongoDB), osmem-server (Elasticsearch) and
 redis-server, started here on free ports (tests/run.sh installs them), and the run also
 reports what the events store received; the peer runs the same either way.
@@ -115,12 +121,14 @@ def start_stores(data):
     return [mongo, redis, search], env
 
 
-def measure(args, target, proc, base, loadgen_bin, lg_env, probe):
+def measure(args, target, proc, base, loadgen_bin, lg_env, probe, watch=None):
     """Runs km-loadgen against `base` and measures `proc` (km or the peer) in the steady
     state, the same way for both. Returns (row, health at the window's start, health at
     its end, health after the run, window seconds); health is the target's /healthz."""
     cmd = [loadgen_bin, "--target", base, "--servers", str(args.servers), "--processes", str(args.processes),
            "--seconds", str(args.seconds), "--logs-per-s", str(args.logs_per_s if probe else 0)]
+    if watch:
+        cmd += ["--watch", watch]
     with tempfile.TemporaryFile(mode="w+") as errors:
         loadgen = subprocess.Popen(cmd, env=dict(os.environ, **lg_env), stdout=subprocess.PIPE, stderr=errors,
                                    text=True)
@@ -168,6 +176,10 @@ def measure(args, target, proc, base, loadgen_bin, lg_env, probe):
         "resends": result.get("resends_received"),
         "disconnects": result.get("disconnects"),
     }
+    if watch:
+        row.update(watch=watch, watch_messages=result.get("watch_messages"),
+                   watch_kb_per_s=round(result.get("watch_bytes", 0) / 1024
+                                          / max(result["ramp_seconds"] + result["seconds"], 1), 1))
     return row, health0, health1, health_end, t1 - t0
 
 
@@ -191,9 +203,11 @@ def run_km(args, km_bin, loadgen_bin, probe):
         token = user["access_token"]
         bucket = call(f"{base}/api/bucket/create_classic", {"name": "bench"}, token)["bucket"]
         lg_env = {"KM_PUBLIC": bucket["public_id"], "KM_SECRET": bucket["secret_id"]}
+        if probe or args.watch:
+            lg_env.update(KM_TOKEN=token)
         if probe:
-            lg_env.update(KM_TOKEN=token, KM_BUCKET=bucket["_id"])
-        row, health0, health1, health, secs = measure(args, "km", km, base, loadgen_bin, lg_env, probe)
+            lg_env.update(KM_BUCKET=bucket["_id"])
+        row, health0, health1, health, secs = measure(args, "km", km, base, loadgen_bin, lg_env, probe, args.watch)
         writer0, writer1 = health0["writer"], health1["writer"]
         items = lambda w: w["events_written"] + w["metric_points_written"]
         batches = writer1["batches_written"] - writer0["batches_written"]
@@ -252,6 +266,8 @@ def main():
     parser.add_argument("--bin-dir", help="take km and km-loadgen from DIR instead of building them")
     parser.add_argument("--no-peer", action="store_true", help="skip the Node.js peer's runs")
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process micro benchmark (cargo bench)")
+    parser.add_argument("--watch", choices=["patches", "statuses"], help="a browser watches km's bucket")
+    parser.add_argument("--only", choices=["patches", "logs"], help="run one kind only")
     args = parser.parse_args()
     if args.bin_dir:
         bin_dir = args.bin_dir
@@ -270,7 +286,8 @@ def main():
             subprocess.run(["npm", "ci", "--prefix", PEER_DIR, "--no-audit", "--no-fund"], check=True,
                            stdout=subprocess.DEVNULL)
     runs, vs_peer = [], {}
-    for probe in (False, True):
+    kinds = {"patches": (False,), "logs": (True,)}.get(args.only, (False, True))
+    for probe in kinds:
         km = run_km(args, km_bin, loadgen_bin, probe)
         runs.append(km)
         print(json.dumps(km), flush=True)

@@ -47,17 +47,81 @@ function duration(ms) {
   return Math.floor(s / 86400) + 'd ' + Math.floor(s % 86400 / 3600) + 'h';
 }
 
+// The tokens of an RFC 6901 pointer.
+const pointer = (path) => String(path).split('/').slice(1).map((t) => t.replace(/~1/g, '/').replace(/~0/g, '~'));
+
+// Applies an agent's `status:patch` (RFC 6902 add/remove/replace, what agents send) to
+// `doc` in place; false when an operation does not fit it (the status is fetched again).
+function applyPatch(doc, ops) {
+  for (const op of Array.isArray(ops) ? ops : []) {
+    const path = pointer(op.path || '');
+    const key = path.pop();
+    let parent = doc;
+    for (const t of path) parent = parent !== null && typeof parent === 'object' ? parent[t] : undefined;
+    if (key === undefined || parent === null || typeof parent !== 'object') return false;
+    if (Array.isArray(parent)) {
+      const i = key === '-' ? parent.length : Number(key);
+      const inside = Number.isInteger(i) && i >= 0 && i < parent.length;
+      if (op.op === 'add' && Number.isInteger(i) && i >= 0 && i <= parent.length) parent.splice(i, 0, op.value);
+      else if (op.op === 'replace' && inside) parent[i] = op.value;
+      else if (op.op === 'remove' && inside) parent.splice(i, 1);
+      else return false;
+    } else if (op.op === 'add' || op.op === 'replace') {
+      parent[key] = op.value;
+    } else if (op.op === 'remove') {
+      delete parent[key];
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The latest status of each server of the bucket, kept by applying its patches: the
+// socket gets an agent's patches (~2 KB), not the whole status after each (~13 KB).
+// A server whose status is not known yet, or a patch that does not fit, is fetched.
+function statuses(bucket, deliver) {
+  const known = new Map();
+  const fetching = new Set();
+  const fetchOne = (server) => {
+    if (fetching.has(server)) return;
+    fetching.add(server);
+    fetch(`/api/bucket/${bucket}/data/status?server_name=` + encodeURIComponent(server), { credentials: 'same-origin' })
+      .then((r) => (r.ok ? r.json() : []))
+      .then((servers) => {
+        const view = servers.find((s) => s.server_name === server);
+        if (!view) return;
+        const status = { data: view.data || {} };
+        known.set(server, status);
+        deliver(server, status);
+      })
+      .catch(() => {})
+      .finally(() => setTimeout(() => fetching.delete(server), 2000));
+  };
+  return {
+    whole: (server, status) => known.set(server, status),
+    patch: (server, ops) => {
+      const status = known.get(server);
+      if (status && applyPatch(status, ops)) deliver(server, status);
+      else { known.delete(server); fetchOne(server); }
+    },
+    forget: () => known.clear(),
+  };
+}
+
 // One socket to /primus (the session cookie authenticates it), reconnecting by itself;
 // `page.verify` runs after each reconnection (events sent meanwhile are lost).
-function watch(publicId, page, onState) {
+function watch(live, page, onState) {
   let delay = 500;
   let opened = false;
+  const servers = statuses(live.dataset.bucket, (server, status) => page.onEvent(server, 'status', status));
   const open = () => {
     const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/primus');
     ws.onopen = () => {
       delay = 500;
       onState('live');
-      ws.send(JSON.stringify({ action: 'sub', public_id: publicId, filters: [] }));
+      // Everything, with status patches instead of whole statuses after each patch.
+      ws.send(JSON.stringify({ action: 'sub', public_id: live.dataset.public, filters: ['*', 'status:patch'] }));
       if (opened) page.verify();
       opened = true;
     };
@@ -65,10 +129,17 @@ function watch(publicId, page, onState) {
       let packet;
       try { packet = JSON.parse(msg.data).data[1]; } catch (_) { return; }
       for (const [event, payload] of Object.entries(packet)) {
-        if (event !== 'server_name') page.onEvent(packet.server_name, event, payload);
+        if (event === 'server_name') continue;
+        if (event === 'status:patch') {
+          servers.patch(packet.server_name, payload);
+          continue;
+        }
+        if (event === 'status') servers.whole(packet.server_name, payload);
+        page.onEvent(packet.server_name, event, payload);
       }
     };
     ws.onclose = () => {
+      servers.forget();
       onState('reconnecting…');
       setTimeout(open, delay);
       delay = Math.min(delay * 2, 10000);
@@ -349,5 +420,5 @@ document.addEventListener('DOMContentLoaded', () => {
   if (!live) return;
   const state = $('#live-state');
   const page = live.dataset.page === 'process' ? processPage(live) : overviewPage(live);
-  watch(live.dataset.public, page, (text) => { state.textContent = text; state.dataset.state = text; });
+  watch(live, page, (text) => { state.textContent = text; state.dataset.state = text; });
 });

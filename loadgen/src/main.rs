@@ -1,6 +1,7 @@
 //! `km-loadgen`: N simulated PM2 agents with M processes each, speaking the real agent
 //! protocol (verifyPM2, websocket, `status` then `status:patch` every second, logs,
-//! pings), with optional send→visible latency probes through the status API.
+//! pings), with optional send→visible latency probes through the status API and an
+//! optional browser watching the bucket over `/primus`.
 //!
 //! Progress goes to stderr once a second; the last line on stdout is one JSON object
 //! with the results.
@@ -9,6 +10,7 @@ mod agent;
 mod frames;
 mod probe;
 mod stats;
+mod watcher;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use crate::agent::{Ctx, Slot, run_server};
 use crate::frames::Templates;
 use crate::probe::{ProbeCfg, probe_loop};
 use crate::stats::{ErrorLog, Stats};
+use crate::watcher::{Received, watch_bucket};
 
 /// Load generator speaking the PM2 agent protocol to a KM appliance.
 #[derive(Parser, Debug)]
@@ -46,10 +49,10 @@ struct Args {
     /// Seconds to run once every server has been started.
     #[arg(long, default_value_t = 30)]
     seconds: u64,
-    /// Access token for the latency probes (with --bucket).
+    /// Access token for the latency probes (with --bucket) and the watcher.
     #[arg(long, env = "KM_TOKEN")]
     token: Option<String>,
-    /// Bucket id for the latency probes (with --token).
+    /// Bucket id for latency probes (with --token).
     #[arg(long, env = "KM_BUCKET")]
     bucket: Option<String>,
     /// Log lines per second per server (fractions allowed, 0 for none).
@@ -74,6 +77,9 @@ struct Args {
     /// one that cannot apply (a server should answer `status:resend`). 0: never.
     #[arg(long, default_value_t = 0)]
     bad_patch_every: u64,
+    /// Watch the bucket over `/primus` as a browser would (needs --token).
+    #[arg(long, value_enum)]
+    watch: Option<watcher::Mode>,
     /// Worker threads of the (single) tokio runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -126,8 +132,11 @@ fn check_args(a: &Args) -> anyhow::Result<()> {
     if !(a.connect_rate > 0.0 && a.connect_rate.is_finite()) {
         bail!("--connect-rate must be more than 0");
     }
-    if a.token.is_some() != a.bucket.is_some() {
-        bail!("--token and --bucket go together (both for latency probes, or neither)");
+    if a.watch.is_some() && a.token.is_none() {
+        bail!("--watch needs --token (the watcher signs in with it)");
+    }
+    if a.bucket.is_some() && a.token.is_none() {
+        bail!("--bucket needs --token (the latency probes read the status API with it)");
     }
     Ok(())
 }
@@ -223,7 +232,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.servers as f64 / args.connect_rate,
         args.connect_rate,
         args.logs_per_s,
-        if args.token.is_some() { "on" } else { "off" }
+        if args.bucket.is_some() { "on" } else { "off" }
     );
 
     // ramp: start servers at --connect-rate per second
@@ -257,6 +266,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
+    let watched = Arc::new(Received::default());
+    let watcher = match (args.watch, &args.token) {
+        (Some(mode), Some(token)) => {
+            let (target, token, public) = (ctx.target.clone(), token.clone(), args.public.clone());
+            let (got, stop) = (watched.clone(), stop_rx.clone());
+            Some(tokio::spawn(async move {
+                watch_bucket(&target, &token, &public, mode, &got, stop).await
+            }))
+        }
+        _ => None,
+    };
+
     // progress once a second; the measured window starts when the ramp is done
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
@@ -287,7 +308,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 " | latency p50 {a:.1} ms p99 {b:.1} ms (n={n}, timeouts {})",
                 Stats::get(&stats.latency_timeouts)
             ),
-            _ if args.token.is_some() => format!(
+            _ if args.bucket.is_some() => format!(
                 " | latency: no sample yet (timeouts {})",
                 Stats::get(&stats.latency_timeouts)
             ),
@@ -350,6 +371,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(p) = prober {
         let _ = p.await;
     }
+    if let Some(w) = watcher
+        && let Ok(Err(e)) = w.await
+    {
+        eprintln!("km-loadgen: {e}");
+    }
     if let Ok(tasks) = spawner.await {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             for t in tasks {
@@ -390,10 +416,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "p90_ms": pc.p90.map(round2),
         "p99_ms": pc.p99.map(round2),
         "max_ms": pc.max.map(round2),
-        "latency_samples": args.token.as_ref().map(|_| pc.n),
-        "latency_timeouts": args.token.as_ref().map(|_| Stats::get(&stats.latency_timeouts)),
-        "latency_aborted": args.token.as_ref().map(|_| Stats::get(&stats.latency_aborted)),
-        "probe_http_errors": args.token.as_ref().map(|_| Stats::get(&stats.probe_http_errors)),
+        "latency_samples": args.bucket.as_ref().map(|_| pc.n),
+        "latency_timeouts": args.bucket.as_ref().map(|_| Stats::get(&stats.latency_timeouts)),
+        "latency_aborted": args.bucket.as_ref().map(|_| Stats::get(&stats.latency_aborted)),
+        "probe_http_errors": args.bucket.as_ref().map(|_| Stats::get(&stats.probe_http_errors)),
         "resends_received": Stats::get(&stats.resends),
         "bad_patches_sent": Stats::get(&stats.bad_patches),
         "frames_received": Stats::get(&stats.frames_received),
@@ -406,6 +432,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         "loadgen_cpu_s": round2(end.cpu - start_cpu),
         "loadgen_cpu_pct_window": round2(if secs > 0.0 { (end.cpu - window.cpu) / secs * 100.0 } else { 0.0 }),
         "interrupted": interrupted,
+        "watch_messages": args.watch.map(|_| Stats::get(&watched.messages)),
+        "watch_bytes": args.watch.map(|_| Stats::get(&watched.bytes)),
     });
     println!("{out}");
     Ok(

@@ -328,8 +328,8 @@ pub fn receive(
         },
         Inbound::StatusPatch(payload) => match app.ingest.apply_patch(session, payload, now) {
             Ok(()) => {
-                if watched && let Some(status) = session.status_text() {
-                    publish(app, session, "status", &status);
+                if watched {
+                    publish_patch(app, session, payload);
                 }
             }
             Err(failure) => {
@@ -360,10 +360,22 @@ pub fn receive(
 
 /// Hands an agent's event to the browsers watching its bucket.
 fn publish(app: &AppState, session: &Session, event: &str, payload: &str) {
-    app.bus.publish_live(LiveEvent::new(
-        &session.bucket_id,
-        &session.server_name,
-        event,
-        payload,
-    ));
+    app.bus.publish_live(live_event(session, event, payload));
+}
+
+fn live_event(session: &Session, event: &str, payload: &str) -> LiveEvent {
+    LiveEvent::new(&session.bucket_id, &session.server_name, event, payload)
+}
+
+/// Hands an applied patch to the browsers watching its bucket: as is, and rendered into
+/// the whole status for the watchers that want that.
+fn publish_patch(app: &AppState, session: &Session, patch: &str) {
+    publish(app, session, "status:patch", patch);
+    if app.bus.rendering(&session.bucket_id)
+        && let Some(status) = session.status_text()
+    {
+        let mut event = live_event(session, "status", &status);
+        event.rendered = true;
+        app.bus.publish_live(event);
+    }
 }

@@ -1,8 +1,10 @@
 //! The in-process fan-out of live events to the browsers watching a bucket. Nothing is
-//! rendered for a bucket nobody watches.
+//! rendered for a bucket nobody watches, and a status patch is rendered into a whole
+//! status only while a watcher wants whole statuses.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -19,6 +21,10 @@ pub struct LiveEvent {
     pub event: String,
     /// `{"server_name":…,"<event>":payload}` as JSON text, what `@pm2/js-api` expects.
     pub packet: String,
+    /// A `status` rendered after a patch (the agent sent `status:patch`): watchers that
+    /// take the patches do not get it.
+    #[serde(default)]
+    pub rendered: bool,
 }
 
 impl LiveEvent {
@@ -30,13 +36,21 @@ impl LiveEvent {
             bucket_id: bucket_id.to_string(),
             event: event.to_string(),
             packet: format!("{{\"server_name\":{name},{key}:{payload}}}"),
+            rendered: false,
         }
     }
 }
 
+/// The watchers of one bucket on this node.
+struct Channel {
+    tx: broadcast::Sender<Arc<LiveEvent>>,
+    /// Watchers that want a whole status after each patch (not the patches).
+    renders: AtomicUsize,
+}
+
 #[derive(Default)]
 pub struct LiveHub {
-    buckets: RwLock<HashMap<String, broadcast::Sender<Arc<LiveEvent>>>>,
+    buckets: RwLock<HashMap<String, Channel>>,
 }
 
 impl LiveHub {
@@ -44,8 +58,32 @@ impl LiveHub {
         self.buckets
             .write()
             .entry(bucket_id.to_string())
-            .or_insert_with(|| broadcast::channel(BACKLOG).0)
+            .or_insert_with(|| Channel {
+                tx: broadcast::channel(BACKLOG).0,
+                renders: AtomicUsize::new(0),
+            })
+            .tx
             .subscribe()
+    }
+
+    /// A watcher of the bucket starts (`true`) or stops wanting whole statuses after
+    /// patches.
+    pub fn renders(&self, bucket_id: &str, wanted: bool) {
+        if let Some(channel) = self.buckets.read().get(bucket_id) {
+            if wanted {
+                channel.renders.fetch_add(1, Ordering::AcqRel);
+            } else {
+                channel.renders.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Whether a watcher on this node wants whole statuses after patches.
+    pub fn rendering(&self, bucket_id: &str) -> bool {
+        self.buckets
+            .read()
+            .get(bucket_id)
+            .is_some_and(|c| c.renders.load(Ordering::Acquire) > 0)
     }
 
     /// Forgets the bucket if its last watcher left.
@@ -53,7 +91,7 @@ impl LiveHub {
         let mut buckets = self.buckets.write();
         if buckets
             .get(bucket_id)
-            .is_some_and(|tx| tx.receiver_count() == 0)
+            .is_some_and(|c| c.tx.receiver_count() == 0)
         {
             buckets.remove(bucket_id);
         }
@@ -61,8 +99,8 @@ impl LiveHub {
 
     /// Hands the event to this node's watchers of its bucket.
     pub fn publish(&self, event: Arc<LiveEvent>) {
-        if let Some(tx) = self.buckets.read().get(&event.bucket_id) {
-            let _ = tx.send(event);
+        if let Some(channel) = self.buckets.read().get(&event.bucket_id) {
+            let _ = channel.tx.send(event);
         }
     }
 
@@ -71,14 +109,14 @@ impl LiveHub {
         self.buckets
             .read()
             .get(bucket_id)
-            .is_some_and(|tx| tx.receiver_count() > 0)
+            .is_some_and(|c| c.tx.receiver_count() > 0)
     }
 
     pub fn watched_buckets(&self) -> Vec<String> {
         self.buckets
             .read()
             .iter()
-            .filter(|(_, tx)| tx.receiver_count() > 0)
+            .filter(|(_, c)| c.tx.receiver_count() > 0)
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -106,6 +144,11 @@ mod tests {
         assert_eq!(packet["server_name"], "wéb-\"1");
         assert_eq!(packet["status"]["a"], 1);
         assert!(rx.try_recv().is_err());
+        assert!(!hub.rendering("b1"));
+        hub.renders("b1", true);
+        assert!(hub.rendering("b1") && !hub.rendering("b2"));
+        hub.renders("b1", false);
+        assert!(!hub.rendering("b1"));
         drop(rx);
         hub.release("b1");
         assert!(hub.watched_buckets().is_empty());

@@ -4,6 +4,11 @@
 //! session cookie from a page of this site), then sends
 //! `{"action":"sub","public_id":…,"filters":[…]}` for each bucket it watches. Every event
 //! of those buckets' agents comes back as `{"data":[<event>, {"server_name":…,<event>:payload}]}`.
+//!
+//! An agent's `status:patch` goes out as is. A client whose filters name `status:patch`
+//! applies the patches itself (the dashboard): it gets `status` only when an agent sends a
+//! whole one. Every other client that wants `status` (what `@pm2/js-api` users listen
+//! to) gets the whole status after each patch, rendered once for all of them.
 //! The token and the memberships are checked again every few seconds while the socket
 //! lives.
 
@@ -106,6 +111,16 @@ struct Subscribe {
 struct Filters(Vec<String>);
 
 impl Filters {
+    /// Whether the client applies `status:patch` itself.
+    fn takes_patches(&self) -> bool {
+        self.0.iter().any(|f| f == "status:patch")
+    }
+
+    /// Whether the client wants a whole status after each patch.
+    fn renders(&self) -> bool {
+        self.wants("status") && !self.takes_patches()
+    }
+
     fn wants(&self, event: &str) -> bool {
         self.0.is_empty()
             || self.0.iter().any(|f| match f.trim_end_matches('*') {
@@ -162,6 +177,9 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
 async fn stop(app: &AppState, bucket_id: &str, watch: Watch) {
     watch.forward.abort();
     let _ = watch.forward.await;
+    if watch.filters.read().renders() {
+        app.live.renders(bucket_id, false);
+    }
     app.live.release(bucket_id);
 }
 
@@ -213,8 +231,12 @@ async fn subscribe(
             .filter(|f| !f.is_empty() && f != "**")
             .collect(),
     );
-    if let Some((_, watch)) = watches.get(&sub.public_id) {
-        *watch.filters.write() = filters;
+    if let Some((bucket_id, watch)) = watches.get(&sub.public_id) {
+        let mut held = watch.filters.write();
+        if held.renders() != filters.renders() {
+            app.live.renders(bucket_id, filters.renders());
+        }
+        *held = filters;
         return;
     }
     if watches.len() >= MAX_BUCKETS {
@@ -230,8 +252,12 @@ async fn subscribe(
         tracing::debug!(user = %user.username, bucket = %bucket.id, "realtime: not a member; nothing sent");
         return;
     }
+    let renders = filters.renders();
     let filters = Arc::new(RwLock::new(filters));
     let events = app.live.subscribe(&bucket.id);
+    if renders {
+        app.live.renders(&bucket.id, true);
+    }
     app.bus.watch(&bucket.id).await;
     let forward = tokio::spawn(forward(events, filters.clone(), tx.clone()));
     watches.insert(sub.public_id, (bucket.id, Watch { filters, forward }));
@@ -249,7 +275,11 @@ async fn forward(
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        if !filters.read().wants(&event.event) {
+        let wanted = {
+            let filters = filters.read();
+            filters.wants(&event.event) && !(event.rendered && filters.takes_patches())
+        };
+        if !wanted {
             continue;
         }
         let name = serde_json::to_string(&event.event).unwrap_or_default();
@@ -273,5 +303,9 @@ mod tests {
         assert!(some.wants("process:exception"));
         assert!(!some.wants("logs"));
         assert!(Filters(vec!["*".into()]).wants("logs"));
+        assert!(all.renders() && !all.takes_patches());
+        let dashboard = Filters(vec!["*".into(), "status:patch".into()]);
+        assert!(dashboard.takes_patches() && !dashboard.renders());
+        assert!(!Filters(vec!["logs".into()]).renders());
     }
 }

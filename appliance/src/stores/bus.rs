@@ -77,6 +77,9 @@ pub trait Bus: Send + Sync {
     async fn claim(&self, bucket_id: &str, server_name: &str) -> StoreResult<()>;
     /// Whether a browser on any node watches the bucket (live events are built only then).
     fn watched(&self, bucket_id: &str) -> bool;
+    /// Whether a browser on any node wants a whole status after each patch of the
+    /// bucket's agents (rendered only then).
+    fn rendering(&self, bucket_id: &str) -> bool;
     /// Hands a live event to the bucket's watchers on every node; never waits.
     fn publish_live(&self, event: LiveEvent);
     /// A browser on this node started watching the bucket: the other nodes hear it now,
@@ -147,6 +150,10 @@ impl Bus for LocalBus {
 
     fn watched(&self, bucket_id: &str) -> bool {
         self.hub.watched(bucket_id)
+    }
+
+    fn rendering(&self, bucket_id: &str) -> bool {
+        self.hub.rendering(bucket_id)
     }
 
     fn publish_live(&self, event: LiveEvent) {

@@ -522,6 +522,12 @@ impl Bus for RedisBus {
         self.hub.watched(bucket_id) || self.watched_elsewhere(bucket_id)
     }
 
+    /// Other nodes announce only that they watch a bucket, not what their watchers
+    /// want: a watcher elsewhere counts as one that wants whole statuses.
+    fn rendering(&self, bucket_id: &str) -> bool {
+        self.hub.rendering(bucket_id) || self.watched_elsewhere(bucket_id)
+    }
+
     fn publish_live(&self, event: LiveEvent) {
         if self.watched_elsewhere(&event.bucket_id) {
             let _ = self.live_out.try_send(event.clone());
