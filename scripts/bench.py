@@ -7,6 +7,7 @@ no storage, the original backend's stack), measured the same way.
 Usage: scripts/bench.py [--servers 2000] [--processes 8] [--seconds 60] [--logs-per-s 1]
                         [--stores embedded|scale-out] [--bin-dir DIR] [--no-peer] [--no-micro]
                         [--watch patches|statuses] [--only patches|logs]
+                        [--restart [--licence-key FILE]]
 e.g.   scripts/bench.py --bin-dir target/release --servers 500 --seconds 15 --no-micro
 
 Two kinds of run: status:patch only, then with log lines and latency probes (send ->
@@ -22,6 +23,11 @@ peer. Both are measured alike over the steady-state window after the ramp: CPU
                agents sent them), `statuses` as a @pm2/js-api `status` listener (a whole
                status rendered after every patch). Compare with a run without it.
 --only KIND    runs one kind: `patches` (status:patch only) or `logs` (with logs and probes).
+--restart      instead: km is stopped (SIGTERM) and started again on the same port and data
+               while every agent is linked; prints how long stopping, starting and linking
+               every agent again took. With --licence-key FILE km runs with a licence
+               signed by that key (`km licence sign`; km must trust the key, e.g. a build
+               with the feature test-licence and tests/keys/test-licence.key).
 With --stores scale-out, km runs on SecantusDB (MongoDB), osmem-server (Elasticsearch) and
 redis-server, started here on free ports (tests/run.sh installs them), and the run also
 reports what the events store received; the peer runs the same either way.
@@ -252,6 +258,74 @@ def run_peer(args, loadgen_bin, probe):
         stop(peer)
 
 
+def wait_linked(base, servers, deadline):
+    """Seconds until /healthz counts `servers` agent sockets (None if not by `deadline`)."""
+    start = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            if call(f"{base}/healthz")["agents"]["sockets"] >= servers:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def run_restart(args, km_bin, loadgen_bin):
+    """Every agent linked, km restarted: how long until every agent is linked again."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    data = tempfile.mkdtemp(prefix="km-bench-")
+    env = dict(os.environ, KM_LOG="warn")
+    if args.licence_key:
+        licence = subprocess.run([km_bin, "licence", "sign", "--key", args.licence_key, "--customer", "bench",
+                                  "--process-limit", str(args.servers * args.processes * 2), "--days", "30"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        env["KM_DEDICATED_KEY"] = licence
+    serve = [km_bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data]
+    km = subprocess.Popen(serve, env=env)
+    loadgen = None
+    try:
+        wait_healthy(base, km, "km")
+        user = call(f"{base}/api/oauth/register", {"username": "bench", "email": "bench@example.com",
+                                                    "password": "bench-password", "accept_terms": 1})
+        bucket = call(f"{base}/api/bucket/create_classic", {"name": "bench"}, user["access_token"])["bucket"]
+        lg_env = {"KM_PUBLIC": bucket["public_id"], "KM_SECRET": bucket["secret_id"]}
+        cmd = [loadgen_bin, "--target", base, "--servers", str(args.servers), "--processes", str(args.processes),
+               "--seconds", "3600", "--logs-per-s", "0"]
+        loadgen = subprocess.Popen(cmd, env=dict(os.environ, **lg_env), stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+        linked = wait_linked(base, args.servers, time.monotonic() + args.servers / 500 + 120)
+        if linked is None:
+            sys.exit("not every agent linked before the restart")
+        time.sleep(10)
+        t0 = time.monotonic()
+        stop(km)
+        t1 = time.monotonic()
+        km = subprocess.Popen(serve, env=env)
+        wait_healthy(base, km, "km (restarted)")
+        t2 = time.monotonic()
+        relinked = wait_linked(base, args.servers, t1 + 120)
+        health = call(f"{base}/healthz")
+        usage = call(f"{base}/api/bucket/{bucket['_id']}/usage", token=user["access_token"])
+        loadgen.send_signal(signal.SIGINT)
+        result = json.loads(loadgen.communicate(timeout=60)[0].strip().splitlines()[-1])
+        return {
+            "target": "km", "run": "restart", "servers": args.servers, "processes": args.processes,
+            "licence": bool(args.licence_key), "usage": usage,
+            "stop_s": round(t1 - t0, 2), "start_s": round(t2 - t1, 2),
+            "relinked_s": round(relinked, 2) if relinked is not None else None,
+            "sockets_after": health["agents"]["sockets"],
+            "reconnect_failures": result.get("reconnect_failures"), "disconnects": result.get("disconnects"),
+        }
+    finally:
+        if loadgen and loadgen.poll() is None:
+            loadgen.kill()
+            loadgen.wait()
+        stop(km)
+        subprocess.run(["rm", "-rf", data])
+
+
 def ratio(a, b):
     return round(a / b, 2) if a is not None and b else None
 
@@ -268,6 +342,8 @@ def main():
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process micro benchmark (cargo bench)")
     parser.add_argument("--watch", choices=["patches", "statuses"], help="a browser watches km's bucket")
     parser.add_argument("--only", choices=["patches", "logs"], help="run one kind only")
+    parser.add_argument("--restart", action="store_true", help="measure linking again after km restarts")
+    parser.add_argument("--licence-key", help="with --restart: run km with a licence signed by this key")
     args = parser.parse_args()
     if args.bin_dir:
         bin_dir = args.bin_dir
@@ -285,6 +361,9 @@ def main():
         if not os.path.isdir(os.path.join(PEER_DIR, "node_modules")):
             subprocess.run(["npm", "ci", "--prefix", PEER_DIR, "--no-audit", "--no-fund"], check=True,
                            stdout=subprocess.DEVNULL)
+    if args.restart:
+        print(json.dumps(run_restart(args, km_bin, loadgen_bin)))
+        return
     runs, vs_peer = [], {}
     kinds = {"patches": (False,), "logs": (True,)}.get(args.only, (False, True))
     for probe in kinds:

@@ -43,6 +43,9 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 const RECHECK_EVERY: Duration = Duration::from_secs(10);
 /// Frames queued for one browser; beyond this a slow one misses events.
 const OUTBOX: usize = 1024;
+/// How long a frame waits for others to go out with it: one write for a burst of events
+/// (a bucket of 2,000 servers sends ~2,000 patches a second), not one per event.
+const LINGER: Duration = Duration::from_millis(25);
 /// Subscriptions one socket may hold.
 const MAX_BUCKETS: usize = 64;
 
@@ -142,6 +145,8 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut recheck =
         tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
+    // When the frames fed since the last write go out.
+    let mut write_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = app.shutdown.cancelled() => break,
@@ -154,8 +159,15 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
                 drop_lost_buckets(&app, &user, &mut watches).await;
             },
             frame = outbox.recv() => match frame {
-                Some(frame) => if sink.send(Message::Text(frame.into())).await.is_err() { break },
+                Some(frame) => {
+                    if sink.feed(Message::Text(frame.into())).await.is_err() { break }
+                    write_at.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
+                }
                 None => break,
+            },
+            () = sleep_until(write_at), if write_at.is_some() => {
+                write_at = None;
+                if sink.flush().await.is_err() { break }
             },
             _ = ping.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
             message = stream.next() => match message {
@@ -171,6 +183,14 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
     }
     for (_, (bucket_id, watch)) in watches {
         stop(&app, &bucket_id, watch).await;
+    }
+}
+
+/// Sleeps until `at` (forever without one).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
