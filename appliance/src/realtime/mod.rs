@@ -41,11 +41,14 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 /// How often a socket's token and memberships are checked again: a member removed, or a
 /// token revoked or expired, stops receiving within this time.
 const RECHECK_EVERY: Duration = Duration::from_secs(10);
-/// Frames queued for one browser; beyond this a slow one misses events.
-const OUTBOX: usize = 1024;
-/// How long a frame waits for others to go out with it: one write for a burst of events
-/// (a bucket of 2,000 servers sends ~2,000 patches a second), not one per event.
+/// Bursts of frames queued for one browser; beyond this a slow one misses events.
+const OUTBOX: usize = 64;
+/// How long an event waits for others to go out with it: a bucket of 2,000 servers sends
+/// ~2,000 patches a second, and one wake-up and one write per burst cost far less than
+/// one per event.
 const LINGER: Duration = Duration::from_millis(25);
+/// Frames in one burst at most.
+const BURST_MAX: usize = 4096;
 /// Subscriptions one socket may hold.
 const MAX_BUCKETS: usize = 64;
 
@@ -140,13 +143,11 @@ struct Watch {
 
 async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
     let (mut sink, mut stream) = socket.split();
-    let (tx, mut outbox) = mpsc::channel::<String>(OUTBOX);
+    let (tx, mut outbox) = mpsc::channel::<Vec<String>>(OUTBOX);
     let mut watches: HashMap<String, (String, Watch)> = HashMap::new();
     let mut ping = tokio::time::interval(PING_EVERY);
     let mut recheck =
         tokio::time::interval_at(tokio::time::Instant::now() + RECHECK_EVERY, RECHECK_EVERY);
-    // When the frames fed since the last write go out.
-    let mut write_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = app.shutdown.cancelled() => break,
@@ -158,16 +159,9 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
                 }
                 drop_lost_buckets(&app, &user, &mut watches).await;
             },
-            frame = outbox.recv() => match frame {
-                Some(frame) => {
-                    if sink.feed(Message::Text(frame.into())).await.is_err() { break }
-                    write_at.get_or_insert_with(|| tokio::time::Instant::now() + LINGER);
-                }
+            burst = outbox.recv() => match burst {
+                Some(burst) => if send_burst(&mut sink, burst).await.is_err() { break },
                 None => break,
-            },
-            () = sleep_until(write_at), if write_at.is_some() => {
-                write_at = None;
-                if sink.flush().await.is_err() { break }
             },
             _ = ping.tick() => if sink.send(Message::Ping(Default::default())).await.is_err() { break },
             message = stream.next() => match message {
@@ -186,12 +180,15 @@ async fn run(socket: WebSocket, app: AppState, user: User, token: String) {
     }
 }
 
-/// Sleeps until `at` (forever without one).
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
+/// Writes a burst of frames at once.
+async fn send_burst(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    burst: Vec<String>,
+) -> Result<(), axum::Error> {
+    for frame in burst {
+        sink.feed(Message::Text(frame.into())).await?;
     }
+    sink.flush().await
 }
 
 async fn stop(app: &AppState, bucket_id: &str, watch: Watch) {
@@ -239,7 +236,7 @@ async fn subscribe(
     app: &AppState,
     user: &User,
     sub: Subscribe,
-    tx: &mpsc::Sender<String>,
+    tx: &mpsc::Sender<Vec<String>>,
     watches: &mut HashMap<String, (String, Watch)>,
 ) {
     if sub.action != "sub" {
@@ -283,31 +280,47 @@ async fn subscribe(
     watches.insert(sub.public_id, (bucket.id, Watch { filters, forward }));
 }
 
-/// Copies a bucket's events to the socket's outbox as `@pm2/js-api` frames.
+/// Copies a bucket's events to the socket's outbox as `@pm2/js-api` frames, in bursts:
+/// the first event waits `LINGER` for the others.
 async fn forward(
     mut events: broadcast::Receiver<Arc<LiveEvent>>,
     filters: Arc<RwLock<Filters>>,
-    tx: mpsc::Sender<String>,
+    tx: mpsc::Sender<Vec<String>>,
 ) {
     loop {
-        let event = match events.recv().await {
+        let first = match events.recv().await {
             Ok(event) => event,
             Err(broadcast::error::RecvError::Lagged(_)) => continue,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let wanted = {
-            let filters = filters.read();
-            filters.wants(&event.event) && !(event.rendered && filters.takes_patches())
-        };
-        if !wanted {
-            continue;
+        tokio::time::sleep(LINGER).await;
+        let mut burst = Vec::new();
+        let mut next = Ok(first);
+        loop {
+            match next {
+                Ok(event) => burst.extend(frame_for(&filters.read(), &event)),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => break,
+            }
+            if burst.len() >= BURST_MAX {
+                break;
+            }
+            next = events.try_recv();
         }
-        let name = serde_json::to_string(&event.event).unwrap_or_default();
-        let frame = format!("{{\"data\":[{name},{}]}}", event.packet);
-        if tx.try_send(frame).is_err() && tx.is_closed() {
+        if !burst.is_empty() && tx.try_send(burst).is_err() && tx.is_closed() {
             return;
         }
     }
+}
+
+/// The event as the client's frame, if its filters want it.
+fn frame_for(filters: &Filters, event: &LiveEvent) -> Option<String> {
+    let wanted =
+        filters.wants(&event.event) && !(event.rendered && filters.takes_patches());
+    wanted.then(|| {
+        let name = serde_json::to_string(&event.event).unwrap_or_default();
+        format!("{{\"data\":[{name},{}]}}", event.packet)
+    })
 }
 
 #[cfg(test)]
