@@ -120,12 +120,24 @@ async fn delete_old_events(app: &AppState) {
     }
 }
 
+/// How long the final flush waits for room for metric minutes in the writer's queue.
+const FLUSH_POINTS_WAIT: Duration = Duration::from_secs(60);
+
 /// After sockets closed: every metric minute (even unfinished), every event, every
 /// server's state written before the process exits.
 pub async fn flush(app: &AppState) {
-    app.ingest
-        .writer
-        .metrics(app.sessions.drain_metrics(now_ms(), true));
-    app.ingest.writer.flush().await;
+    let started = std::time::Instant::now();
+    let points = app.sessions.drain_metrics(now_ms(), true);
+    let minutes = points.len();
+    let writer = &app.ingest.writer;
+    writer.metrics_waiting(points, FLUSH_POINTS_WAIT).await;
+    writer.flush().await;
+    let written = started.elapsed();
     save_servers(app, true).await;
+    tracing::info!(
+        metric_points = minutes,
+        events_and_minutes_ms = written.as_millis() as u64,
+        servers_ms = (started.elapsed() - written).as_millis() as u64,
+        "flushed"
+    );
 }

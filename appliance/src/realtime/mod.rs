@@ -315,8 +315,7 @@ async fn forward(
 
 /// The event as the client's frame, if its filters want it.
 fn frame_for(filters: &Filters, event: &LiveEvent) -> Option<String> {
-    let wanted =
-        filters.wants(&event.event) && !(event.rendered && filters.takes_patches());
+    let wanted = filters.wants(&event.event) && !(event.rendered && filters.takes_patches());
     wanted.then(|| {
         let name = serde_json::to_string(&event.event).unwrap_or_default();
         format!("{{\"data\":[{name},{}]}}", event.packet)
