@@ -77,33 +77,37 @@ function applyPatch(doc, ops) {
   return true;
 }
 
-// The latest status of each server of the bucket, kept by applying its patches: the
-// socket gets an agent's patches (~2 KB), not the whole status after each (~13 KB).
-// A server whose status is not known yet, or a patch that does not fit, is fetched.
-function statuses(bucket, deliver) {
+// The latest status of each server of the bucket (only of `only`, if given), kept by
+// applying its patches: the socket gets an agent's patches (~2 KB), not the whole status
+// after each (~13 KB). Servers whose status is not known yet, or whose patch does not
+// fit, are fetched: one request for all of them (at most every 2 s), not one each.
+function statuses(bucket, only, deliver) {
   const known = new Map();
-  const fetching = new Set();
-  const fetchOne = (server) => {
-    if (fetching.has(server)) return;
-    fetching.add(server);
-    fetch(`/api/bucket/${bucket}/data/status?server_name=` + encodeURIComponent(server), { credentials: 'same-origin' })
+  let fetching = false;
+  const url = `/api/bucket/${bucket}/data/status` + (only ? '?server_name=' + encodeURIComponent(only) : '');
+  const fetchAll = () => {
+    if (fetching) return;
+    fetching = true;
+    fetch(url, { credentials: 'same-origin' })
       .then((r) => (r.ok ? r.json() : []))
       .then((servers) => {
-        const view = servers.find((s) => s.server_name === server);
-        if (!view) return;
-        const status = { data: view.data || {} };
-        known.set(server, status);
-        deliver(server, status);
+        for (const view of servers) {
+          if (known.has(view.server_name) || !view.online) continue;
+          const status = { data: view.data || {} };
+          known.set(view.server_name, status);
+          deliver(view.server_name, status);
+        }
       })
       .catch(() => {})
-      .finally(() => setTimeout(() => fetching.delete(server), 2000));
+      .finally(() => setTimeout(() => { fetching = false; }, 2000));
   };
   return {
     whole: (server, status) => known.set(server, status),
     patch: (server, ops) => {
+      if (only && server !== only) return;
       const status = known.get(server);
       if (status && applyPatch(status, ops)) deliver(server, status);
-      else { known.delete(server); fetchOne(server); }
+      else { known.delete(server); fetchAll(); }
     },
     forget: () => known.clear(),
   };
@@ -114,7 +118,7 @@ function statuses(bucket, deliver) {
 function watch(live, page, onState) {
   let delay = 500;
   let opened = false;
-  const servers = statuses(live.dataset.bucket, (server, status) => page.onEvent(server, 'status', status));
+  const servers = statuses(live.dataset.bucket, live.dataset.server, (server, status) => page.onEvent(server, 'status', status));
   const open = () => {
     const ws = new WebSocket((location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/primus');
     ws.onopen = () => {

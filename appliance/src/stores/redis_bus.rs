@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,9 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const NODE_TTL_MS: i64 = 6_000;
 const COMMAND_WAIT: Duration = Duration::from_secs(2);
 const SERVERS_WAIT: Duration = Duration::from_millis(500);
+/// How long one Redis command may take before it fails. The client's default (0.5 s) is
+/// passed while thousands of agents link at once on a small VM; /healthz gives 2 s.
+const RESPONSE_WAIT: Duration = Duration::from_secs(2);
 const OWNER_TTL_S: u64 = 24 * 3600;
 
 fn unavailable(e: redis::RedisError) -> StoreError {
@@ -126,7 +129,11 @@ impl RedisBus {
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let (client, host) = open(url)?;
-        let connect = tokio::time::timeout(Duration::from_secs(5), client.get_connection_manager());
+        let config = ConnectionManagerConfig::new().set_response_timeout(Some(RESPONSE_WAIT));
+        let connect = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.get_connection_manager_with_config(config),
+        );
         let mut conn = connect
             .await
             .map_err(|_| {
