@@ -192,11 +192,12 @@ async fn send_burst(
 }
 
 async fn stop(app: &AppState, bucket_id: &str, watch: Watch) {
-    watch.forward.abort();
-    let _ = watch.forward.await;
+    // Counted out while its receiver still holds the bucket's channel in the hub.
     if watch.filters.read().renders() {
         app.live.renders(bucket_id, false);
     }
+    watch.forward.abort();
+    let _ = watch.forward.await;
     app.live.release(bucket_id);
 }
 
