@@ -192,6 +192,14 @@ def measure(args, target, proc, base, loadgen_bin, lg_env, probe, watch=None):
 RUN_KINDS = {False: "status:patch only", True: "with logs and latency probes"}
 
 
+def setup_bucket(base):
+    """A user and a bucket on a fresh km: (access token, bucket)."""
+    user = call(f"{base}/api/oauth/register", {"username": "bench", "email": "bench@example.com",
+                                                "password": "bench-password", "accept_terms": 1})
+    token = user["access_token"]
+    return token, call(f"{base}/api/bucket/create_classic", {"name": "bench"}, token)["bucket"]
+
+
 def run_km(args, km_bin, loadgen_bin, probe):
     """km with its own setup: a user and a bucket (real keys and token), its stores, and
     its writer and ingest counters from /healthz."""
@@ -204,10 +212,7 @@ def run_km(args, km_bin, loadgen_bin, probe):
     km = subprocess.Popen([km_bin, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data], env=env)
     try:
         wait_healthy(base, km, "km")
-        user = call(f"{base}/api/oauth/register", {"username": "bench", "email": "bench@example.com",
-                                                    "password": "bench-password", "accept_terms": 1})
-        token = user["access_token"]
-        bucket = call(f"{base}/api/bucket/create_classic", {"name": "bench"}, token)["bucket"]
+        token, bucket = setup_bucket(base)
         lg_env = {"KM_PUBLIC": bucket["public_id"], "KM_SECRET": bucket["secret_id"]}
         if probe or args.watch:
             lg_env.update(KM_TOKEN=token)
@@ -287,9 +292,7 @@ def run_restart(args, km_bin, loadgen_bin):
     loadgen = None
     try:
         wait_healthy(base, km, "km")
-        user = call(f"{base}/api/oauth/register", {"username": "bench", "email": "bench@example.com",
-                                                    "password": "bench-password", "accept_terms": 1})
-        bucket = call(f"{base}/api/bucket/create_classic", {"name": "bench"}, user["access_token"])["bucket"]
+        token, bucket = setup_bucket(base)
         lg_env = {"KM_PUBLIC": bucket["public_id"], "KM_SECRET": bucket["secret_id"]}
         cmd = [loadgen_bin, "--target", base, "--servers", str(args.servers), "--processes", str(args.processes),
                "--seconds", "3600", "--logs-per-s", "0"]
@@ -307,7 +310,7 @@ def run_restart(args, km_bin, loadgen_bin):
         t2 = time.monotonic()
         relinked = wait_linked(base, args.servers, t1 + 120)
         health = call(f"{base}/healthz")
-        usage = call(f"{base}/api/bucket/{bucket['_id']}/usage", token=user["access_token"])
+        usage = call(f"{base}/api/bucket/{bucket['_id']}/usage", token=token)
         loadgen.send_signal(signal.SIGINT)
         result = json.loads(loadgen.communicate(timeout=60)[0].strip().splitlines()[-1])
         return {

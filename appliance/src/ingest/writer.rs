@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::budget::MAX_QUEUED_EVENT_BYTES;
@@ -39,29 +39,66 @@ enum Item {
 }
 
 /// Metric points in the order they came, as the sessions handed them over.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Points {
     chunks: parking_lot::Mutex<VecDeque<Vec<MetricPoint>>>,
-    /// Points in `chunks`.
-    queued: AtomicUsize,
+    /// One permit per point that may still be queued: a chunk takes its points' permits
+    /// and the writer gives them back when it takes the chunk.
+    room: Semaphore,
     /// Told when points arrive while the writer waits.
     arrived: Notify,
+}
+
+impl Default for Points {
+    fn default() -> Self {
+        Points {
+            chunks: Default::default(),
+            room: Semaphore::new(MAX_QUEUED_POINTS),
+            arrived: Notify::new(),
+        }
+    }
 }
 
 impl Points {
     /// Queues `points`; gives them back when that would pass `MAX_QUEUED_POINTS`.
     fn offer(&self, points: Vec<MetricPoint>) -> Result<(), Vec<MetricPoint>> {
-        let n = points.len();
-        if self.queued.fetch_add(n, Ordering::AcqRel) + n > MAX_QUEUED_POINTS {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
-            return Err(points);
+        match permits(points.len()).and_then(|n| self.room.try_acquire_many(n).ok()) {
+            Some(room) => room.forget(),
+            None => return Err(points),
         }
-        self.chunks.lock().push_back(points);
-        self.arrived.notify_one();
+        self.push(points);
         Ok(())
     }
 
-    /// Whether no chunk waits (not the count: it is raised before a chunk is pushed).
+    /// Queues `points` once there is room for them; gives them back if there is none by
+    /// `deadline`.
+    async fn offer_by(
+        &self,
+        points: Vec<MetricPoint>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Vec<MetricPoint>> {
+        let Some(n) = permits(points.len()) else {
+            return Err(points);
+        };
+        match tokio::time::timeout_at(deadline, self.room.acquire_many(n)).await {
+            Ok(Ok(room)) => room.forget(),
+            _ => return Err(points),
+        }
+        self.push(points);
+        Ok(())
+    }
+
+    fn push(&self, points: Vec<MetricPoint>) {
+        self.chunks.lock().push_back(points);
+        self.arrived.notify_one();
+    }
+
+    /// Points queued now.
+    fn queued(&self) -> usize {
+        MAX_QUEUED_POINTS - self.room.available_permits()
+    }
+
+    /// Whether no chunk waits (not the count: room is taken before a chunk is pushed).
     fn is_empty(&self) -> bool {
         self.chunks.lock().is_empty()
     }
@@ -73,10 +110,15 @@ impl Points {
         while into.len() < at_least
             && let Some(chunk) = chunks.pop_front()
         {
-            self.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+            self.room.add_permits(chunk.len());
             into.extend(chunk);
         }
     }
+}
+
+/// Permits for `n` points (none for more than one semaphore call can take).
+fn permits(n: usize) -> Option<u32> {
+    u32::try_from(n).ok()
 }
 
 /// Counters visible in `/healthz`.
@@ -106,7 +148,7 @@ impl WriterStats {
 
     /// Metric points waiting for the store now.
     pub fn queued_points(&self) -> usize {
-        self.points.queued.load(Ordering::Acquire)
+        self.points.queued()
     }
 }
 
@@ -152,14 +194,10 @@ impl EventWriter {
     pub async fn metrics_waiting(&self, mut points: Vec<MetricPoint>, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
         while !points.is_empty() {
-            let mut chunk = points.split_off(points.len().saturating_sub(POINTS_PER_BATCH));
-            while let Err(refused) = self.stats.points.offer(chunk) {
-                if tokio::time::Instant::now() >= deadline {
-                    self.dropped(refused.len() + points.len());
-                    return;
-                }
-                chunk = refused;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let chunk = points.split_off(points.len().saturating_sub(POINTS_PER_BATCH));
+            if let Err(refused) = self.stats.points.offer_by(chunk, deadline).await {
+                self.dropped(refused.len() + points.len());
+                return;
             }
         }
     }
@@ -499,12 +537,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SqliteEvents::open(&dir.path().join("e.sqlite")).unwrap());
         let (writer, _task) = EventWriter::start(store);
-        let queued = &writer.stats.points.queued;
+        let room = &writer.stats.points.room;
+        let all = permits(MAX_QUEUED_POINTS).unwrap();
         // A full queue that empties: everything waits, then goes in.
-        queued.store(MAX_QUEUED_POINTS, Ordering::Release);
+        room.try_acquire_many(all).unwrap().forget();
         let emptied = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            queued.fetch_sub(MAX_QUEUED_POINTS, Ordering::AcqRel);
+            room.add_permits(MAX_QUEUED_POINTS);
         };
         let wait = Duration::from_secs(10);
         tokio::join!(writer.metrics_waiting(points(20_000, 0), wait), emptied);
@@ -512,7 +551,8 @@ mod tests {
         let stats = &writer.stats;
         assert_eq!(stats.metric_points_written.load(Ordering::Relaxed), 20_000);
         // A queue that stays full: dropped and counted after the wait.
-        queued.store(MAX_QUEUED_POINTS, Ordering::Release);
+        let left = permits(room.available_permits()).unwrap();
+        room.try_acquire_many(left).unwrap().forget();
         let wait = Duration::from_millis(100);
         writer.metrics_waiting(points(20_000, 0), wait).await;
         assert_eq!(stats.dropped.load(Ordering::Relaxed), 20_000);
@@ -522,9 +562,10 @@ mod tests {
     fn points_over_the_budget_are_refused_and_counted() {
         let queue = Points::default();
         assert!(queue.offer(points(10, 0)).is_ok());
-        queue.queued.store(MAX_QUEUED_POINTS - 5, Ordering::Release);
+        let fill = permits(MAX_QUEUED_POINTS - 15).unwrap();
+        queue.room.try_acquire_many(fill).unwrap().forget();
         assert!(queue.offer(points(10, 0)).is_err(), "over the budget");
-        assert_eq!(queue.queued.load(Ordering::Acquire), MAX_QUEUED_POINTS - 5);
+        assert_eq!(queue.queued(), MAX_QUEUED_POINTS - 5);
     }
 
     #[tokio::test]
