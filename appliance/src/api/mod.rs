@@ -314,6 +314,7 @@ async fn health(
         "ingest": app.ingest.counters,
         "in_flight_bytes": app.ingest.in_flight.used(),
         "shared_names": crate::ingest::tree::Names::count(),
+        "metric_shapes": crate::ingest::process::Shape::count(),
         "tls": app.gateway.health(),
         "writer": {
             "events_written": writer.events_written,

@@ -7,7 +7,6 @@
 //! and `max` are the extremes held, `last` the value at the end, `count` the seconds of
 //! data. Only changed values cost anything on the hot path.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
@@ -15,6 +14,7 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
+use crate::ingest::process::{Metric, Sampled};
 use crate::ingest::tree::{Name, Names, Node, Shared};
 use crate::stores::MetricPoint;
 
@@ -26,8 +26,8 @@ fn minute_of(t: i64) -> i64 {
     t - t.rem_euclid(MINUTE_MS)
 }
 
-/// A series of a [`MetricSampler`].
-pub type SeriesId = usize;
+/// A series of a [`MetricSampler`] (the status holds them: see [`crate::ingest::process`]).
+pub type SeriesId = u32;
 
 /// Where a metric point belongs: (bucket id, server name).
 pub type Scope<'a> = (&'a Arc<str>, &'a Arc<str>);
@@ -143,72 +143,6 @@ impl Series {
     }
 }
 
-/// The series of the process at one index of `data.process`.
-#[derive(Debug, Default)]
-struct Slot {
-    cpu: Option<usize>,
-    memory: Option<usize>,
-    /// Series of its custom metrics (their names are the series').
-    probes: Vec<usize>,
-}
-
-/// What a patch path means for the metrics.
-pub enum MetricPath<'a> {
-    /// The value of a metric of the process at `index`.
-    Value {
-        index: usize,
-        metric: Cow<'a, str>,
-        probe: bool,
-    },
-    /// Processes or probes appear, vanish or are replaced whole: reload from the status.
-    Structural,
-    /// Nothing metrics care about.
-    Other,
-}
-
-/// One RFC 6901 reference token, unescaped (borrowed unless it holds `~`).
-fn unescape(token: &str) -> Cow<'_, str> {
-    if token.contains('~') {
-        Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
-    } else {
-        Cow::Borrowed(token)
-    }
-}
-
-/// Classifies the JSON pointer of a status patch operation (already validated).
-pub fn metric_path(pointer: &str) -> MetricPath<'_> {
-    let mut tokens = pointer.split('/').skip(1);
-    let mut next = || tokens.next();
-    let head = [next(), next(), next(), next(), next(), next()];
-    if next().is_some() {
-        return MetricPath::Other;
-    }
-    match head {
-        [Some("data"), None | Some("process"), None, ..] => MetricPath::Structural,
-        [Some("data"), Some("process"), Some(index), rest @ ..] => {
-            let Ok(index) = index.parse::<usize>() else {
-                return MetricPath::Structural;
-            };
-            match rest {
-                [None, ..] | [Some("name" | "pm_id"), ..] => MetricPath::Structural,
-                [Some(key @ ("cpu" | "memory")), None, None] => MetricPath::Value {
-                    index,
-                    metric: Cow::Borrowed(key),
-                    probe: false,
-                },
-                [Some("axm_monitor"), Some(name), Some("value")] => MetricPath::Value {
-                    index,
-                    metric: unescape(name),
-                    probe: true,
-                },
-                [Some("axm_monitor"), _, None] => MetricPath::Structural,
-                _ => MetricPath::Other,
-            }
-        }
-        _ => MetricPath::Other,
-    }
-}
-
 /// The metric history of one server.
 #[derive(Debug, Default)]
 pub struct MetricSampler {
@@ -218,7 +152,6 @@ pub struct MetricSampler {
     /// of one hash (the seed is random per process) fall back to a scan.
     index: HashMap<u64, usize, foldhash::fast::RandomState>,
     hasher: foldhash::fast::RandomState,
-    slots: Vec<Slot>,
     /// Where `load` expects the next series: a full status lists metrics in the order it
     /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
     /// full status every second).
@@ -227,45 +160,50 @@ pub struct MetricSampler {
 
 impl MetricSampler {
     /// Takes every metric value from a full status (at link, after a resend, after a
-    /// patch that changed the process list).
-    pub fn load(&mut self, status: &Node, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
-        let processes = status.processes().unwrap_or_default();
-        let mut slots = Vec::with_capacity(processes.len());
+    /// patch that changed the process list), and writes into it the series each value
+    /// feeds.
+    pub fn load(&mut self, status: &mut Node, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
         let mut alive = vec![false; self.series.len()];
         self.cursor = 0;
-        for process in processes {
-            let mut slot = Slot::default();
-            let app = process.get("name").and_then(Node::as_str);
-            let pm_id = process.get("pm_id").and_then(Node::as_i64);
-            if let (Some(app), Some(pm_id)) = (app, pm_id) {
-                for key in ["cpu", "memory"] {
-                    let value = process.get(key).and_then(Node::as_f64);
-                    let found =
-                        value.map(|v| self.upsert(app, pm_id, key, None, v, now, out, scope));
-                    if key == "cpu" {
-                        slot.cpu = found
-                    } else {
-                        slot.memory = found
-                    }
-                }
-                let monitor = process.get("axm_monitor").and_then(Node::as_object);
-                for (name, probe) in monitor.into_iter().flatten() {
-                    let unit = probe.get("unit").and_then(Node::as_str);
-                    if let Some(v) = probe.get("value").and_then(|v| numeric(v, unit)) {
-                        let id = self.upsert(app, pm_id, name, Some(probe), v, now, out, scope);
-                        slot.probes.push(id);
-                    }
-                }
+        for process in status.processes_mut() {
+            let Sampled {
+                app,
+                pm_id,
+                cpu,
+                memory,
+                metrics,
+            } = process.sampled();
+            let (Some(app), Some(pm_id)) = (app, pm_id) else {
+                *cpu.1 = None;
+                *memory.1 = None;
+                metrics.iter_mut().for_each(|(_, m)| m.series = None);
+                continue;
+            };
+            for (key, (value, slot)) in [("cpu", cpu), ("memory", memory)] {
+                *slot = value.map(|v| self.upsert(app, pm_id, key, None, v, now, out, scope));
             }
-            for id in slot.cpu.iter().chain(&slot.memory).chain(&slot.probes) {
-                if let Some(a) = alive.get_mut(*id) {
+            for (name, metric) in metrics.iter_mut() {
+                let unit = metric.text("unit");
+                let value = metric.value().and_then(|v| numeric(v, unit));
+                let id =
+                    value.map(|v| self.upsert(app, pm_id, name, Some(metric), v, now, out, scope));
+                metric.series = id;
+            }
+        }
+        for process in status.processes_mut() {
+            for id in process.series_mut().flatten() {
+                if let Some(a) = alive.get_mut(*id as usize) {
                     *a = true;
                 }
             }
-            slots.push(slot);
         }
-        self.slots = slots;
-        self.retire(&alive, now, out, scope);
+        if let Some(renumber) = self.retire(&alive, now, out, scope) {
+            for process in status.processes_mut() {
+                for id in process.series_mut().flatten() {
+                    *id = renumber.get(*id as usize).copied().unwrap_or(*id);
+                }
+            }
+        }
     }
 
     /// Finds or creates the series and sets its value; returns its index.
@@ -275,12 +213,12 @@ impl MetricSampler {
         app: &str,
         pm_id: i64,
         name: &str,
-        probe: Option<&Node>,
+        metric: Option<&Metric>,
         value: f64,
         now: i64,
         out: &mut Vec<MetricPoint>,
         scope: Scope,
-    ) -> usize {
+    ) -> SeriesId {
         let is =
             |s: &Series| s.pm_id == pm_id && *s.label.name == *name && *s.label.app_name == *app;
         let hash = self.hasher.hash_one((app, pm_id, name));
@@ -295,9 +233,9 @@ impl MetricSampler {
         if let Some(id) = found {
             self.series[id].set(value, now, out, scope);
             self.cursor = id + 1;
-            return id;
+            return id as SeriesId;
         }
-        let text = |key: &str| probe?.get(key)?.as_str();
+        let text = |key: &str| metric?.text(key);
         self.index.entry(hash).or_insert(self.series.len());
         self.series.push(Series {
             label: Label::shared(app, name, text("unit"), text("agg_type")),
@@ -311,13 +249,20 @@ impl MetricSampler {
             max: value,
         });
         self.cursor = self.series.len();
-        self.series.len() - 1
+        (self.series.len() - 1) as SeriesId
     }
 
-    /// Ends the series no process reports any more (their last minute is emitted).
-    fn retire(&mut self, alive: &[bool], now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+    /// Ends the series no process reports any more (their last minute is emitted);
+    /// the new number of each series if any ended.
+    fn retire(
+        &mut self,
+        alive: &[bool],
+        now: i64,
+        out: &mut Vec<MetricPoint>,
+        scope: Scope,
+    ) -> Option<Vec<SeriesId>> {
         if alive.iter().all(|a| *a) {
-            return;
+            return None;
         }
         let mut renumber = Vec::with_capacity(self.series.len());
         let mut kept = 0;
@@ -330,7 +275,7 @@ impl MetricSampler {
                 s.emit(out, scope);
             }
             renumber.push(kept);
-            kept += usize::from(keep);
+            kept += SeriesId::from(keep);
             keep
         });
         let hasher = &self.hasher;
@@ -339,31 +284,7 @@ impl MetricSampler {
             let hash = hasher.hash_one((&*s.label.app_name, s.pm_id, &*s.label.name));
             self.index.entry(hash).or_insert(id);
         }
-        for slot in &mut self.slots {
-            for id in slot
-                .cpu
-                .iter_mut()
-                .chain(slot.memory.iter_mut())
-                .chain(slot.probes.iter_mut())
-            {
-                *id = renumber[*id];
-            }
-        }
-    }
-
-    /// The series of the metric `metric` of the process at `index` (valid until the
-    /// next `load` or `finish`).
-    pub fn series_of(&self, index: usize, metric: &str, probe: bool) -> Option<SeriesId> {
-        let slot = self.slots.get(index)?;
-        match (probe, metric) {
-            (false, "cpu") => slot.cpu,
-            (false, _) => slot.memory,
-            (true, name) => slot
-                .probes
-                .iter()
-                .copied()
-                .find(|id| self.series.get(*id).is_some_and(|s| *s.label.name == *name)),
-        }
+        Some(renumber)
     }
 
     /// A new value of a series; ignored unless it is numeric.
@@ -375,7 +296,7 @@ impl MetricSampler {
         out: &mut Vec<MetricPoint>,
         scope: Scope,
     ) {
-        let Some(series) = self.series.get_mut(id) else {
+        let Some(series) = self.series.get_mut(id as usize) else {
             return;
         };
         if let Some(v) = numeric(value, series.label.unit.as_deref()) {
@@ -397,9 +318,9 @@ impl MetricSampler {
             series.advance(now, out, scope);
             series.emit(out, scope);
         }
+        // The ids the status holds point nowhere until the next `load`.
         self.series.clear();
         self.index.clear();
-        self.slots.clear();
     }
 }
 
@@ -435,17 +356,31 @@ mod tests {
         }], "server": {}}})
     }
 
-    fn path(p: &str) -> MetricPath<'_> {
-        metric_path(p)
+    /// The series of the metric `name` of the first process.
+    fn series(status: &mut Node, name: &str) -> SeriesId {
+        let process = status.processes_mut().next().unwrap();
+        let sampled = process.sampled();
+        match name {
+            "cpu" => sampled.cpu.1.unwrap(),
+            _ => sampled
+                .metrics
+                .iter()
+                .find(|(k, _)| &**k == name)
+                .unwrap()
+                .1
+                .series
+                .unwrap(),
+        }
     }
 
     #[test]
     fn averages_are_weighted_by_how_long_each_value_held() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(10.0)), 60_000, &mut out, scope());
+        let mut live = Node::status(status(10.0));
+        sampler.load(&mut live, 60_000, &mut out, scope());
         // cpu 10 for 15 s, 30 for 30 s, 20 for the last 15 s of the minute.
-        let cpu = sampler.series_of(0, "cpu", false).unwrap();
+        let cpu = series(&mut live, "cpu");
         sampler.set(cpu, &Node::from(json!(30.0)), 75_000, &mut out, scope());
         sampler.set(cpu, &Node::from(json!(20.0)), 105_000, &mut out, scope());
         assert!(out.is_empty(), "no minute has ended yet");
@@ -489,8 +424,9 @@ mod tests {
     fn probe_strings_with_units_and_finish_emits_partial_minute() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(5.0)), 0, &mut out, scope());
-        let meter = sampler.series_of(0, "req/sec", true).unwrap();
+        let mut live = Node::status(status(5.0));
+        sampler.load(&mut live, 0, &mut out, scope());
+        let meter = series(&mut live, "req/sec");
         sampler.set(
             meter,
             &Node::from(json!("2.5req/s")),
@@ -511,9 +447,9 @@ mod tests {
     fn processes_that_vanish_are_retired() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
-        sampler.load(&Node::from(status(5.0)), 0, &mut out, scope());
+        sampler.load(&mut Node::status(status(5.0)), 0, &mut out, scope());
         sampler.load(
-            &Node::from(json!({"data": {"process": [], "server": {}}})),
+            &mut Node::status(json!({"data": {"process": [], "server": {}}})),
             30_000,
             &mut out,
             scope(),
@@ -522,45 +458,5 @@ mod tests {
         out.clear();
         sampler.tick(200_000, &mut out, scope());
         assert!(out.is_empty());
-    }
-
-    #[test]
-    fn patch_paths_are_classified() {
-        assert!(matches!(
-            path("/data/process/3/cpu"),
-            MetricPath::Value {
-                index: 3,
-                probe: false,
-                ..
-            }
-        ));
-        match path("/data/process/1/axm_monitor/req~1sec/value") {
-            MetricPath::Value {
-                index: 1,
-                metric,
-                probe: true,
-            } => assert_eq!(metric, "req/sec"),
-            _ => panic!("probe value not recognised"),
-        }
-        for structural in [
-            "/data/process/2",
-            "/data/process/-",
-            "/data/process",
-            "/data/process/0/axm_monitor/x",
-            "/data/process/0/name",
-        ] {
-            assert!(
-                matches!(path(structural), MetricPath::Structural),
-                "{structural}"
-            );
-        }
-        for other in [
-            "/data/server/uptime",
-            "/data/process/0/restart_time",
-            "/data/process/0/axm_monitor/x/unit",
-            "/internal_ip",
-        ] {
-            assert!(matches!(path(other), MetricPath::Other), "{other}");
-        }
     }
 }

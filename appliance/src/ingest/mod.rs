@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod metrics;
+pub mod process;
 pub mod tree;
 pub mod writer;
 

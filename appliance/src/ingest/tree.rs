@@ -9,7 +9,7 @@
 //! The tree is written and read as JSON exactly as `Value` is (members sorted by name,
 //! numbers kept as integer or float), so the API's answers do not change.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, LazyLock};
@@ -19,6 +19,7 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Number, Value};
 
 use crate::ingest::budget;
+use crate::ingest::process::{Effect, Process};
 
 /// A member name, shared between every node that holds it.
 pub type Name = Arc<str>;
@@ -51,6 +52,8 @@ pub enum Node {
     Object(Box<[(Name, Node)]>),
     /// An array or object held by every status that has the same (see [`SHARED_MEMBERS`]).
     Same(Arc<Node>),
+    /// An object of `data.process` (see [`Node::status`]).
+    Process(Box<Process>),
 }
 
 impl Default for Node {
@@ -72,20 +75,42 @@ impl From<Value> for Node {
             Value::String(s) => Node::text(&s),
             Value::Array(items) => Node::Array(items.into_iter().map(Node::from).collect()),
             // A `Map` iterates in name order: the slice comes out sorted.
-            Value::Object(map) => Node::Object(
-                map.into_iter()
-                    .map(|(k, v)| {
-                        let shared = SHARED_MEMBERS.contains(&k.as_str());
-                        let v = if shared { Node::same(v) } else { Node::from(v) };
-                        (Names::intern(&k), v)
-                    })
-                    .collect(),
-            ),
+            Value::Object(map) => {
+                Node::Object(map.into_iter().map(|(k, v)| Node::member(&k, v)).collect())
+            }
         }
     }
 }
 
 impl Node {
+    /// A server's status: the generic tree, with each object of `data.process` a typed
+    /// [`Process`].
+    pub fn status(mut value: Value) -> Node {
+        let processes = match value.pointer_mut("/data/process") {
+            Some(Value::Array(items)) => std::mem::take(items),
+            _ => return Node::from(value),
+        };
+        let mut status = Node::from(value);
+        let processes = processes.into_iter().map(|p| match p {
+            Value::Object(map) => Node::Process(Box::new(Process::from(map))),
+            other => Node::from(other),
+        });
+        if let Some(slot) = status.get_mut("data").and_then(|d| d.get_mut("process")) {
+            *slot = Node::Array(processes.collect());
+        }
+        status
+    }
+
+    /// An object's member `(k, v)`, its name shared.
+    pub fn member(k: &str, v: Value) -> (Name, Node) {
+        let v = if SHARED_MEMBERS.contains(&k) {
+            Node::same(v)
+        } else {
+            Node::from(v)
+        };
+        (Names::intern(k), v)
+    }
+
     fn text(s: &str) -> Node {
         if s.len() <= SHORT_TEXT {
             let mut bytes = [0; SHORT_TEXT];
@@ -133,6 +158,7 @@ impl Node {
                 Value::String(self.as_str().unwrap_or_default().into())
             }
             Node::Same(node) => node.to_value(),
+            Node::Process(process) => process.to_value(),
             Node::Array(items) => Value::Array(items.iter().map(Node::to_value).collect()),
             Node::Object(members) => Value::Object(
                 members
@@ -143,7 +169,11 @@ impl Node {
         }
     }
 
+    /// The member `name` of an object or a process.
     pub fn get(&self, name: &str) -> Option<&Node> {
+        if let Node::Process(process) = self {
+            return process.get(name);
+        }
         let members = self.as_object()?;
         let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
         Some(&members[at].1)
@@ -199,7 +229,10 @@ impl Node {
     }
 
     fn is_container(&self) -> bool {
-        matches!(self, Node::Array(_) | Node::Object(_) | Node::Same(_))
+        matches!(
+            self,
+            Node::Array(_) | Node::Object(_) | Node::Same(_) | Node::Process(_)
+        )
     }
 
     /// What this scalar counts in a status's size.
@@ -212,22 +245,81 @@ impl Node {
         self.get("data")?.get("process")?.as_array()
     }
 
-    /// The scalar at the JSON pointer `path`; `None` when `path` leads to an array or
-    /// object, nowhere, or is not a valid pointer.
-    pub fn scalar_mut(&mut self, path: &str) -> Option<&mut Node> {
-        let pointer = jsonptr::Pointer::parse(path).ok()?;
+    /// The processes of a status, to set their series.
+    pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
+        let list = self.get_mut("data").and_then(|d| d.get_mut("process"));
+        let items = match list {
+            Some(Node::Array(items)) => &mut items[..],
+            _ => &mut [],
+        };
+        items.iter_mut().filter_map(|p| match p {
+            Node::Process(process) => Some(&mut **process),
+            _ => None,
+        })
+    }
+
+    /// The scalar at the JSON pointer `path`, and what writing it changes; `None` when
+    /// `path` leads to an array or object, nowhere, inside what is shared, or is not a
+    /// valid pointer.
+    pub fn land(&mut self, path: &str) -> Option<(&mut Node, Effect)> {
+        let host = path.starts_with("/data/server/");
+        let mut tokens = tokens(path)?;
         let mut at = self;
-        for token in pointer.tokens() {
+        while let Some(token) = tokens.next() {
             at = match at {
-                Node::Array(items) => match token.to_index().ok()? {
-                    jsonptr::index::Index::Num(i) => items.get_mut(i)?,
-                    jsonptr::index::Index::Next => return None,
-                },
-                _ => at.get_mut(&token.decoded())?,
+                Node::Process(process) => {
+                    let (slot, effect) = process.land(std::iter::once(token).chain(tokens))?;
+                    return (!slot.is_container()).then_some((slot, effect));
+                }
+                Node::Array(items) => items.get_mut(index(&token)?)?,
+                _ => at.get_mut(&token)?,
             };
         }
-        (!at.is_container()).then_some(at)
+        let effect = if host { Effect::Host } else { Effect::Other };
+        (!at.is_container()).then_some((at, effect))
     }
+
+    /// The scalar at `tokens` below `at` in a generic tree.
+    pub fn descend<'a, 't>(
+        mut at: &'a mut Node,
+        tokens: impl Iterator<Item = Cow<'t, str>>,
+    ) -> Option<&'a mut Node> {
+        for token in tokens {
+            at = match at {
+                Node::Array(items) => items.get_mut(index(&token)?)?,
+                _ => at.get_mut(&token)?,
+            };
+        }
+        Some(at)
+    }
+}
+
+/// The reference tokens of the JSON pointer `path`, unescaped; `None` if it is not one.
+fn tokens(path: &str) -> Option<impl Iterator<Item = Cow<'_, str>>> {
+    let rest = path.strip_prefix('/')?;
+    let bytes = rest.as_bytes();
+    let escapes_valid = bytes
+        .iter()
+        .enumerate()
+        .all(|(i, b)| *b != b'~' || matches!(bytes.get(i + 1), Some(b'0' | b'1')));
+    escapes_valid.then(|| {
+        rest.split('/').map(|token| {
+            if token.contains('~') {
+                Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+            } else {
+                Cow::Borrowed(token)
+            }
+        })
+    })
+}
+
+/// An array index as RFC 6901 writes it (digits, no leading zero).
+fn index(token: &str) -> Option<usize> {
+    let digits = token.bytes().all(|b| b.is_ascii_digit());
+    let leading_zero = token.len() > 1 && token.starts_with('0');
+    (digits && !leading_zero)
+        .then(|| token.parse().ok())
+        .flatten()
 }
 
 impl Serialize for Node {
@@ -242,6 +334,7 @@ impl Serialize for Node {
                 s.serialize_str(self.as_str().unwrap_or_default())
             }
             Node::Same(node) => node.serialize(s),
+            Node::Process(process) => process.serialize(s),
             Node::Array(items) => {
                 let mut seq = s.serialize_seq(Some(items.len()))?;
                 for item in items.iter() {
@@ -366,7 +459,7 @@ mod tests {
     #[test]
     fn finds_scalars_only() {
         let mut node = Node::from(json!({"data": {"process": [{"a/b": "v", "x": {"y": [2]}}]}}));
-        let mut at = |path: &str| node.scalar_mut(path).map(|n| n.to_value());
+        let mut at = |path: &str| node.land(path).map(|(n, _)| n.to_value());
         assert_eq!(at("/data/process/0/a~1b"), Some(json!("v")));
         assert_eq!(at("/data/process/0/x/y/0"), Some(json!(2)));
         for path in [
@@ -378,7 +471,7 @@ mod tests {
         ] {
             assert_eq!(at(path), None, "{path}");
         }
-        let at = node.scalar_mut("/data/process/0/a~1b").unwrap();
+        let (at, _) = node.land("/data/process/0/a~1b").unwrap();
         assert_eq!(at.own_size(), 9);
         *at = Node::from(json!(3));
         assert_eq!(
@@ -407,7 +500,7 @@ mod tests {
         assert_eq!(first(&a), Some("km:heapdump"));
         let mut a = a;
         assert!(
-            a.scalar_mut("/axm_actions/0/action_name").is_none(),
+            a.land("/axm_actions/0/action_name").is_none(),
             "replaced whole only"
         );
         assert!(matches!(a.get("type"), Some(Node::Shared(_))));

@@ -25,7 +25,8 @@ use crate::ingest::budget::{
     self, MAX_METRICS, MAX_PATCH_OPS, MAX_PATCH_WORK, MAX_PROCESSES, MAX_STATUS_DEPTH, Over, Size,
     Work, measure, own_size,
 };
-use crate::ingest::metrics::{MetricPath, Scope, metric_path};
+use crate::ingest::metrics::Scope;
+use crate::ingest::process::Effect;
 use crate::ingest::tree::Node;
 use crate::stores::{
     AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord,
@@ -141,7 +142,7 @@ impl Session {
         let status = serde_json::from_str::<Value>(&record.status_json)
             .ok()
             .and_then(|status| Some((budget::check_status(&status).ok()?, status)));
-        let status = status.map(|(size, status)| (size, Node::from(status)));
+        let status = status.map(|(size, status)| (size, Node::status(status)));
         let live = Live {
             size: status.as_ref().map(|(size, _)| *size).unwrap_or_default(),
             counted: status
@@ -223,9 +224,9 @@ impl Session {
         points: &mut Vec<MetricPoint>,
     ) -> Result<(), Over> {
         let size = budget::check_status(&status)?;
-        let status = Node::from(status);
+        let mut status = Node::status(status);
         let mut live = self.live.lock();
-        live.sampler.load(&status, now, points, self.scope());
+        live.sampler.load(&mut status, now, points, self.scope());
         live.counted = Some(crate::limits::counted_processes(&status));
         live.status = Some(status);
         live.size = size;
@@ -699,24 +700,19 @@ impl PatchTarget<'_> {
         if self.tree.is_none()
             && op.op == "replace"
             && scalar
-            && let Some(at) = self.status.scalar_mut(&op.path)
+            && let Some((at, effect)) = self.status.land(&op.path)
         {
             let value = op.value.unwrap_or_default();
             *self.size = resized(*self.size, at.own_size(), own_size(&value))?;
             let value = Node::from(value);
-            match metric_path(&op.path) {
-                MetricPath::Value {
-                    index,
-                    metric,
-                    probe,
-                } => {
-                    if let Some(id) = self.sampler.series_of(index, &metric, probe) {
-                        self.sampler
-                            .set(id, &value, self.now, self.points, self.scope);
-                    }
+            match effect {
+                Effect::Metric(Some(id)) => {
+                    self.sampler
+                        .set(id, &value, self.now, self.points, self.scope);
                 }
-                MetricPath::Structural => (self.reload, self.more) = (true, true),
-                MetricPath::Other => self.more |= !op.path.starts_with("/data/server/"),
+                Effect::Metric(None) | Effect::Host => {}
+                Effect::Structural => (self.reload, self.more) = (true, true),
+                Effect::Other => self.more = true,
             }
             *at = value;
             return Ok(());
@@ -741,7 +737,7 @@ impl PatchTarget<'_> {
     /// changed).
     fn finish(self) -> bool {
         if let Some(tree) = self.tree {
-            *self.status = Node::from(tree);
+            *self.status = Node::status(tree);
         }
         if self.reload {
             self.sampler
@@ -1038,7 +1034,7 @@ mod tests {
         let mut fresh = MetricSampler::default();
         let mut loaded = Vec::new();
         fresh.load(
-            &Node::from(expected.clone()),
+            &mut Node::status(expected.clone()),
             1_000,
             &mut loaded,
             session.scope(),
