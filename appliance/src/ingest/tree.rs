@@ -298,19 +298,22 @@ impl Node {
 fn tokens(path: &str) -> Option<impl Iterator<Item = Cow<'_, str>>> {
     let rest = path.strip_prefix('/')?;
     let bytes = rest.as_bytes();
-    let escapes_valid = bytes
-        .iter()
-        .enumerate()
-        .all(|(i, b)| *b != b'~' || matches!(bytes.get(i + 1), Some(b'0' | b'1')));
-    escapes_valid.then(|| {
-        rest.split('/').map(|token| {
-            if token.contains('~') {
-                Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
-            } else {
-                Cow::Borrowed(token)
+    let mut escaped = false;
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'~' {
+            escaped = true;
+            if !matches!(bytes.get(i + 1), Some(b'0' | b'1')) {
+                return None;
             }
-        })
-    })
+        }
+    }
+    Some(rest.split('/').map(move |token| {
+        if escaped && token.contains('~') {
+            Cow::Owned(token.replace("~1", "/").replace("~0", "~"))
+        } else {
+            Cow::Borrowed(token)
+        }
+    }))
 }
 
 /// An array index as RFC 6901 writes it (digits, no leading zero).
