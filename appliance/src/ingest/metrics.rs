@@ -147,10 +147,12 @@ impl Series {
 #[derive(Debug, Default)]
 pub struct MetricSampler {
     series: Vec<Series>,
-    /// Each series by the hash of (app, pm_id, metric): a status with thousands of
-    /// processes is loaded in linear time. A hit is checked against the series; two keys
-    /// of one hash (the seed is random per process) fall back to a scan.
-    index: HashMap<u64, usize, foldhash::fast::RandomState>,
+    /// Each series by the hash of (app, pm_id, metric), made by `load` at the first
+    /// metric that is not where the cursor expects it (a status with thousands of
+    /// processes still loads in linear time) and dropped at its end: held by every
+    /// server, it cost more than its series. A hit is checked against the series; two
+    /// keys of one hash (the seed is random per process) fall back to a scan.
+    index: Option<HashMap<u64, usize, foldhash::fast::RandomState>>,
     hasher: foldhash::fast::RandomState,
     /// Where `load` expects the next series: a full status lists metrics in the order it
     /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
@@ -197,6 +199,7 @@ impl MetricSampler {
                 }
             }
         }
+        self.index = None;
         if let Some(renumber) = self.retire(&alive, now, out, scope) {
             for process in status.processes_mut() {
                 for id in process.series_mut().flatten() {
@@ -224,8 +227,8 @@ impl MetricSampler {
         let hash = self.hasher.hash_one((app, pm_id, name));
         let found = match self.series.get(self.cursor) {
             Some(s) if is(s) => Some(self.cursor),
-            _ => match self.index.get(&hash) {
-                Some(&id) if self.series.get(id).is_some_and(is) => Some(id),
+            _ => match self.index().get(&hash).copied() {
+                Some(id) if self.series.get(id).is_some_and(is) => Some(id),
                 Some(_) => self.series.iter().position(is),
                 None => None,
             },
@@ -236,7 +239,9 @@ impl MetricSampler {
             return id as SeriesId;
         }
         let text = |key: &str| metric?.text(key);
-        self.index.entry(hash).or_insert(self.series.len());
+        if let Some(index) = &mut self.index {
+            index.entry(hash).or_insert(self.series.len());
+        }
         self.series.push(Series {
             label: Label::shared(app, name, text("unit"), text("agg_type")),
             pm_id,
@@ -278,13 +283,20 @@ impl MetricSampler {
             kept += SeriesId::from(keep);
             keep
         });
-        let hasher = &self.hasher;
-        self.index.clear();
-        for (id, s) in self.series.iter().enumerate() {
-            let hash = hasher.hash_one((&*s.label.app_name, s.pm_id, &*s.label.name));
-            self.index.entry(hash).or_insert(id);
-        }
         Some(renumber)
+    }
+
+    /// The index of the series, made now if there is none.
+    fn index(&mut self) -> &HashMap<u64, usize, foldhash::fast::RandomState> {
+        let (series, hasher) = (&self.series, &self.hasher);
+        self.index.get_or_insert_with(|| {
+            let mut index = HashMap::with_capacity_and_hasher(series.len(), hasher.clone());
+            for (id, s) in series.iter().enumerate() {
+                let hash = hasher.hash_one((&*s.label.app_name, s.pm_id, &*s.label.name));
+                index.entry(hash).or_insert(id);
+            }
+            index
+        })
     }
 
     /// A new value of a series; ignored unless it is numeric.
@@ -320,7 +332,7 @@ impl MetricSampler {
         }
         // The ids the status holds point nowhere until the next `load`.
         self.series.clear();
-        self.index.clear();
+        self.index = None;
     }
 }
 
@@ -458,5 +470,29 @@ mod tests {
         out.clear();
         sampler.tick(200_000, &mut out, scope());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_status_in_another_order_keeps_its_series() {
+        let process = |pm_id: i64, cpu: f64| json!({"name": "api", "pm_id": pm_id, "cpu": cpu});
+        let status =
+            |list: Vec<serde_json::Value>| Node::status(json!({"data": {"process": list}}));
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        let mut live = status(vec![process(0, 1.0), process(1, 2.0)]);
+        sampler.load(&mut live, 0, &mut out, scope());
+        let mut live = status(vec![process(1, 2.0), process(0, 1.0)]);
+        sampler.load(&mut live, 1_000, &mut out, scope());
+        assert_eq!(sampler.series.len(), 2, "no series made or ended");
+        assert!(
+            sampler.index.is_none(),
+            "the index lives only while loading"
+        );
+        // The first process is pm_id 1 now: its id leads to its own series.
+        let id = series(&mut live, "cpu");
+        sampler.set(id, &Node::from(json!(9.0)), 30_000, &mut out, scope());
+        sampler.finish(60_000, &mut out, scope());
+        let max = |pm_id| out.iter().find(|p| p.pm_id == pm_id).map(|p| p.max);
+        assert_eq!((max(0), max(1)), (Some(1.0), Some(9.0)));
     }
 }
