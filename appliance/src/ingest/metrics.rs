@@ -207,6 +207,8 @@ impl MetricSampler {
                 }
             }
         }
+        // Pushed one by one, the series would keep room for up to twice as many.
+        self.series.shrink_to_fit();
     }
 
     /// Finds or creates the series and sets its value; returns its index.
