@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 
-use crate::ingest::tree::{Name, Names, Node, Shared};
+use crate::ingest::tree::{Name, Names, Node, Shared, find};
 
 /// The member that holds a process's metrics.
 const MONITOR: &str = "axm_monitor";
@@ -99,7 +99,7 @@ impl Metric {
     /// The text of its member `name` (not its value).
     pub fn text(&self, name: &str) -> Option<&str> {
         let members = &self.shape.as_ref()?.members;
-        let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
+        let at = find(members, name)?;
         members[at].1.as_str()
     }
 
@@ -167,10 +167,7 @@ impl From<Map<String, Value>> for Process {
                 v => Some(Node::member(&k, v)),
             })
             .collect();
-        let at = |name: &str| {
-            let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
-            u32::try_from(at).ok()
-        };
+        let at = |name: &str| u32::try_from(find(&members, name)?).ok();
         Process {
             monitor_at: members.partition_point(|(k, _)| &**k < MONITOR),
             cpu_at: at("cpu"),
@@ -208,10 +205,7 @@ pub enum Effect {
 impl Process {
     /// Its member `name` (`axm_monitor` is read through [`Process::metrics`]).
     pub fn get(&self, name: &str) -> Option<&Node> {
-        let at = self
-            .members
-            .binary_search_by(|(k, _)| (**k).cmp(name))
-            .ok()?;
+        let at = find(&self.members, name)?;
         Some(&self.members[at].1)
     }
 
@@ -227,7 +221,7 @@ impl Process {
             ..
         } = self;
         let get = |name: &str| {
-            let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
+            let at = find(members, name)?;
             Some(&members[at].1)
         };
         let at = |at: &Option<u32>| Some(&members.get(usize::try_from((*at)?).ok()?)?.1);
@@ -258,7 +252,7 @@ impl Process {
             && let Some(monitor) = self.monitor.as_deref_mut()
         {
             let name = tokens.next()?;
-            let at = monitor.binary_search_by(|(k, _)| (**k).cmp(&name)).ok()?;
+            let at = find(monitor, &name)?;
             let metric = &mut monitor[at].1;
             let effect = match (tokens.next(), &metric.shape) {
                 (None, None) => Effect::Structural,
@@ -272,10 +266,7 @@ impl Process {
                 .is_none()
                 .then_some((&mut metric.value, effect));
         }
-        let at = self
-            .members
-            .binary_search_by(|(k, _)| (**k).cmp(&field))
-            .ok()?;
+        let at = find(&self.members, &field)?;
         let effect = match u32::try_from(at).ok() {
             _ if field == "name" || field == "pm_id" => Effect::Structural,
             Some(at) if Some(at) == self.cpu_at => Effect::Metric(self.cpu_series),

@@ -175,7 +175,7 @@ impl Node {
             return process.get(name);
         }
         let members = self.as_object()?;
-        let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
+        let at = find(members, name)?;
         Some(&members[at].1)
     }
 
@@ -183,7 +183,7 @@ impl Node {
         let Node::Object(members) = self else {
             return None;
         };
-        let at = members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()?;
+        let at = find(members, name)?;
         Some(&mut members[at].1)
     }
 
@@ -292,6 +292,11 @@ impl Node {
         }
         Some(at)
     }
+}
+
+/// Where the member `name` sits among `members` (sorted by name).
+pub fn find<T>(members: &[(Name, T)], name: &str) -> Option<usize> {
+    members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()
 }
 
 /// The reference tokens of the JSON pointer `path`, unescaped; `None` if it is not one.
