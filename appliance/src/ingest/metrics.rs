@@ -181,22 +181,20 @@ impl MetricSampler {
                 metrics.iter_mut().for_each(|(_, m)| m.series = None);
                 continue;
             };
+            let mut seen = |id: SeriesId| {
+                if let Some(a) = alive.get_mut(id as usize) {
+                    *a = true;
+                }
+                id
+            };
             for (key, (value, slot)) in [("cpu", cpu), ("memory", memory)] {
-                *slot = value.map(|v| self.upsert(app, pm_id, key, None, v, now, out, scope));
+                *slot = value.map(|v| seen(self.upsert(app, pm_id, key, None, v, now, out, scope)));
             }
             for (name, metric) in metrics.iter_mut() {
                 let unit = metric.text("unit");
                 let value = metric.value().and_then(|v| numeric(v, unit));
-                let id =
-                    value.map(|v| self.upsert(app, pm_id, name, Some(metric), v, now, out, scope));
-                metric.series = id;
-            }
-        }
-        for process in status.processes_mut() {
-            for id in process.series_mut().flatten() {
-                if let Some(a) = alive.get_mut(*id as usize) {
-                    *a = true;
-                }
+                metric.series = value
+                    .map(|v| seen(self.upsert(app, pm_id, name, Some(metric), v, now, out, scope)));
             }
         }
         self.index = None;
@@ -226,19 +224,17 @@ impl MetricSampler {
     ) -> SeriesId {
         let is =
             |s: &Series| s.pm_id == pm_id && *s.label.name == *name && *s.label.app_name == *app;
+        if self.series.get(self.cursor).is_some_and(is) {
+            return self.set_found(self.cursor, value, now, out, scope);
+        }
         let hash = self.hasher.hash_one((app, pm_id, name));
-        let found = match self.series.get(self.cursor) {
-            Some(s) if is(s) => Some(self.cursor),
-            _ => match self.index().get(&hash).copied() {
-                Some(id) if self.series.get(id).is_some_and(is) => Some(id),
-                Some(_) => self.series.iter().position(is),
-                None => None,
-            },
+        let found = match self.index().get(&hash).copied() {
+            Some(id) if self.series.get(id).is_some_and(is) => Some(id),
+            Some(_) => self.series.iter().position(is),
+            None => None,
         };
         if let Some(id) = found {
-            self.series[id].set(value, now, out, scope);
-            self.cursor = id + 1;
-            return id as SeriesId;
+            return self.set_found(id, value, now, out, scope);
         }
         let text = |key: &str| metric?.text(key);
         if let Some(index) = &mut self.index {
@@ -257,6 +253,20 @@ impl MetricSampler {
         });
         self.cursor = self.series.len();
         (self.series.len() - 1) as SeriesId
+    }
+
+    /// Sets the value of the series `id` that `upsert` found; the cursor moves past it.
+    fn set_found(
+        &mut self,
+        id: usize,
+        value: f64,
+        now: i64,
+        out: &mut Vec<MetricPoint>,
+        scope: Scope,
+    ) -> SeriesId {
+        self.series[id].set(value, now, out, scope);
+        self.cursor = id + 1;
+        id as SeriesId
     }
 
     /// Ends the series no process reports any more (their last minute is emitted);

@@ -13,10 +13,12 @@ use std::borrow::Cow;
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
-use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde::ser::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use crate::ingest::tree::{Name, Names, Node, Shared, find};
+use crate::ingest::tree::{
+    Name, Names, Node, Shared, find, member, members_value, serialize_members,
+};
 
 /// The member that holds a process's metrics.
 const MONITOR: &str = "axm_monitor";
@@ -26,8 +28,6 @@ pub struct Process {
     members: Box<[(Name, Node)]>,
     /// `axm_monitor` when it is an object: its metrics, sorted by name.
     monitor: Option<Box<[(Name, Metric)]>>,
-    /// Where `axm_monitor` goes among `members` when written out.
-    monitor_at: usize,
     /// Where `cpu` and `memory` sit in `members`.
     cpu_at: Option<u32>,
     memory_at: Option<u32>,
@@ -50,8 +50,8 @@ pub struct Metric {
 /// an app, on every server.
 pub struct Shape {
     members: Box<[(Name, Node)]>,
-    /// Where `value` goes among `members`; `None` if the metric has no value.
-    value_at: Option<usize>,
+    /// Whether the metric has a `value`.
+    has_value: bool,
 }
 
 /// Shapes by their JSON text (and whether a value goes with them).
@@ -66,8 +66,8 @@ impl Shape {
                 Node::Object(members) => members,
                 _ => Box::default(),
             };
-            let value_at = has_value.then(|| members.partition_point(|(k, _)| &**k < "value"));
-            (key.clone().into(), Arc::new(Shape { members, value_at }))
+            let shape = Shape { members, has_value };
+            (key.clone().into(), Arc::new(shape))
         })
     }
 
@@ -98,53 +98,37 @@ impl From<Value> for Metric {
 impl Metric {
     /// The text of its member `name` (not its value).
     pub fn text(&self, name: &str) -> Option<&str> {
-        let members = &self.shape.as_ref()?.members;
-        let at = find(members, name)?;
-        members[at].1.as_str()
+        member(&self.shape.as_ref()?.members, name)?.as_str()
     }
 
     /// Its value, if it has one.
     pub fn value(&self) -> Option<&Node> {
         match &self.shape {
-            Some(shape) => shape.value_at.map(|_| &self.value),
+            Some(shape) => shape.has_value.then_some(&self.value),
             None => Some(&self.value),
         }
     }
 
     fn to_value(&self) -> Value {
-        let Some(shape) = &self.shape else {
-            return self.value.to_value();
-        };
-        let mut map: Map<String, Value> = shape
-            .members
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_value()))
-            .collect();
-        if shape.value_at.is_some() {
-            map.insert("value".into(), self.value.to_value());
+        match &self.shape {
+            Some(shape) => {
+                let value = shape.has_value.then(|| ("value", self.value.to_value()));
+                members_value(&shape.members, Node::to_value, value)
+            }
+            None => self.value.to_value(),
         }
-        Value::Object(map)
     }
 }
 
 impl Serialize for Metric {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let Some(shape) = &self.shape else {
-            return self.value.serialize(s);
-        };
-        let value_at = shape.value_at;
-        let mut map =
-            s.serialize_map(Some(shape.members.len() + usize::from(value_at.is_some())))?;
-        for (at, (k, v)) in shape.members.iter().enumerate() {
-            if value_at == Some(at) {
-                map.serialize_entry("value", &self.value)?;
+        match &self.shape {
+            Some(shape) => {
+                let value = shape.has_value.then_some(("value", &self.value));
+                serialize_members(s, &shape.members, value)
             }
-            map.serialize_entry(&**k, v)?;
+            None => self.value.serialize(s),
         }
-        if value_at == Some(shape.members.len()) {
-            map.serialize_entry("value", &self.value)?;
-        }
-        map.end()
     }
 }
 
@@ -169,7 +153,6 @@ impl From<Map<String, Value>> for Process {
             .collect();
         let at = |name: &str| u32::try_from(find(&members, name)?).ok();
         Process {
-            monitor_at: members.partition_point(|(k, _)| &**k < MONITOR),
             cpu_at: at("cpu"),
             memory_at: at("memory"),
             members,
@@ -203,10 +186,9 @@ pub enum Effect {
 }
 
 impl Process {
-    /// Its member `name` (`axm_monitor` is read through [`Process::metrics`]).
+    /// Its member `name` (a typed `axm_monitor` is read through [`Process::sampled`]).
     pub fn get(&self, name: &str) -> Option<&Node> {
-        let at = find(&self.members, name)?;
-        Some(&self.members[at].1)
+        member(&self.members, name)
     }
 
     /// What its series are made of, with the slots that keep them.
@@ -220,14 +202,10 @@ impl Process {
             memory_series,
             ..
         } = self;
-        let get = |name: &str| {
-            let at = find(members, name)?;
-            Some(&members[at].1)
-        };
         let at = |at: &Option<u32>| Some(&members.get(usize::try_from((*at)?).ok()?)?.1);
         Sampled {
-            app: get("name").and_then(Node::as_str),
-            pm_id: get("pm_id").and_then(Node::as_i64),
+            app: member(members, "name").and_then(Node::as_str),
+            pm_id: member(members, "pm_id").and_then(Node::as_i64),
             cpu: (at(cpu_at).and_then(Node::as_f64), cpu_series),
             memory: (at(memory_at).and_then(Node::as_f64), memory_series),
             metrics: monitor.as_deref_mut().unwrap_or_default(),
@@ -256,7 +234,7 @@ impl Process {
             let metric = &mut monitor[at].1;
             let effect = match (tokens.next(), &metric.shape) {
                 (None, None) => Effect::Structural,
-                (Some(v), Some(shape)) if v == "value" && shape.value_at.is_some() => {
+                (Some(v), Some(shape)) if v == "value" && shape.has_value => {
                     Effect::Metric(metric.series)
                 }
                 _ => return None,
@@ -267,33 +245,29 @@ impl Process {
                 .then_some((&mut metric.value, effect));
         }
         let at = find(&self.members, &field)?;
-        let effect = match u32::try_from(at).ok() {
-            _ if field == "name" || field == "pm_id" => Effect::Structural,
-            Some(at) if Some(at) == self.cpu_at => Effect::Metric(self.cpu_series),
-            Some(at) if Some(at) == self.memory_at => Effect::Metric(self.memory_series),
-            _ if field == MONITOR => Effect::Structural,
-            _ => Effect::Other,
-        };
         let mut tokens = tokens.peekable();
-        let effect = match (effect, tokens.peek()) {
-            (Effect::Metric(_), Some(_)) => Effect::Other,
-            (effect, _) => effect,
+        let is = |place: Option<u32>| place.is_some_and(|p| usize::try_from(p) == Ok(at));
+        let effect = if field == "name" || field == "pm_id" || field == MONITOR {
+            Effect::Structural
+        } else if tokens.peek().is_some() {
+            Effect::Other
+        } else if is(self.cpu_at) {
+            Effect::Metric(self.cpu_series)
+        } else if is(self.memory_at) {
+            Effect::Metric(self.memory_series)
+        } else {
+            Effect::Other
         };
         let slot = Node::descend(&mut self.members[at].1, tokens)?;
         Some((slot, effect))
     }
 
     pub fn to_value(&self) -> Value {
-        let mut map: Map<String, Value> = self
-            .members
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_value()))
-            .collect();
-        if let Some(monitor) = &self.monitor {
-            let metrics = monitor.iter().map(|(k, m)| (k.to_string(), m.to_value()));
-            map.insert(MONITOR.into(), Value::Object(metrics.collect()));
-        }
-        Value::Object(map)
+        let monitor = self
+            .monitor
+            .as_deref()
+            .map(|metrics| (MONITOR, members_value(metrics, Metric::to_value, None)));
+        members_value(&self.members, Node::to_value, monitor)
     }
 }
 
@@ -302,33 +276,14 @@ struct Monitor<'a>(&'a [(Name, Metric)]);
 
 impl Serialize for Monitor<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (k, m) in self.0 {
-            map.serialize_entry(&**k, m)?;
-        }
-        map.end()
+        serialize_members(s, self.0, None::<(&str, &Node)>)
     }
 }
 
 impl Serialize for Process {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let monitor = self.monitor.as_deref().map(Monitor);
-        let len = self.members.len() + usize::from(monitor.is_some());
-        let mut map = s.serialize_map(Some(len))?;
-        for (at, (k, v)) in self.members.iter().enumerate() {
-            if at == self.monitor_at
-                && let Some(monitor) = &monitor
-            {
-                map.serialize_entry(MONITOR, monitor)?;
-            }
-            map.serialize_entry(&**k, v)?;
-        }
-        if self.monitor_at == self.members.len()
-            && let Some(monitor) = &monitor
-        {
-            map.serialize_entry(MONITOR, monitor)?;
-        }
-        map.end()
+        serialize_members(s, &self.members, monitor.as_ref().map(|m| (MONITOR, m)))
     }
 }
 

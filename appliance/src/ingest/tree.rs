@@ -160,12 +160,7 @@ impl Node {
             Node::Same(node) => node.to_value(),
             Node::Process(process) => process.to_value(),
             Node::Array(items) => Value::Array(items.iter().map(Node::to_value).collect()),
-            Node::Object(members) => Value::Object(
-                members
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_value()))
-                    .collect::<Map<_, _>>(),
-            ),
+            Node::Object(members) => members_value(members, Node::to_value, None),
         }
     }
 
@@ -174,9 +169,7 @@ impl Node {
         if let Node::Process(process) = self {
             return process.get(name);
         }
-        let members = self.as_object()?;
-        let at = find(members, name)?;
-        Some(&members[at].1)
+        member(self.as_object()?, name)
     }
 
     fn get_mut(&mut self, name: &str) -> Option<&mut Node> {
@@ -299,6 +292,51 @@ pub fn find<T>(members: &[(Name, T)], name: &str) -> Option<usize> {
     members.binary_search_by(|(k, _)| (**k).cmp(name)).ok()
 }
 
+/// The member `name` of `members` (sorted by name).
+pub fn member<'a, T>(members: &'a [(Name, T)], name: &str) -> Option<&'a T> {
+    Some(&members[find(members, name)?].1)
+}
+
+/// Writes `members` (sorted by name) as one JSON object, with `extra` in its place by
+/// name (a typed member kept apart from the others).
+pub fn serialize_members<S: Serializer, T: Serialize, E: Serialize>(
+    s: S,
+    members: &[(Name, T)],
+    extra: Option<(&str, &E)>,
+) -> Result<S::Ok, S::Error> {
+    let at = extra.map_or(members.len(), |(name, _)| {
+        members.partition_point(|(k, _)| &**k < name)
+    });
+    let (before, after) = members.split_at(at);
+    let mut map = s.serialize_map(Some(members.len() + usize::from(extra.is_some())))?;
+    for (k, v) in before {
+        map.serialize_entry(&**k, v)?;
+    }
+    if let Some((name, value)) = extra {
+        map.serialize_entry(name, value)?;
+    }
+    for (k, v) in after {
+        map.serialize_entry(&**k, v)?;
+    }
+    map.end()
+}
+
+/// `members` (and `extra`) as a `Value` object.
+pub fn members_value<T>(
+    members: &[(Name, T)],
+    value: impl Fn(&T) -> Value,
+    extra: Option<(&str, Value)>,
+) -> Value {
+    let mut map: Map<String, Value> = members
+        .iter()
+        .map(|(k, v)| (k.to_string(), value(v)))
+        .collect();
+    if let Some((name, v)) = extra {
+        map.insert(name.into(), v);
+    }
+    Value::Object(map)
+}
+
 /// The reference tokens of the JSON pointer `path`, unescaped; `None` if it is not one.
 fn tokens(path: &str) -> Option<impl Iterator<Item = Cow<'_, str>>> {
     let rest = path.strip_prefix('/')?;
@@ -350,13 +388,7 @@ impl Serialize for Node {
                 }
                 seq.end()
             }
-            Node::Object(members) => {
-                let mut map = s.serialize_map(Some(members.len()))?;
-                for (k, v) in members.iter() {
-                    map.serialize_entry(&**k, v)?;
-                }
-                map.end()
-            }
+            Node::Object(members) => serialize_members(s, members, None::<(&str, &Node)>),
         }
     }
 }
