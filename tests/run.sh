@@ -128,7 +128,7 @@ rc=0
 cargo test --workspace "${FEATURES[@]}" --no-fail-fast -- --test-threads=2 "$@" || rc=$?
 # The agent and API end-to-end tests once more, km on MongoDB, Elasticsearch and Redis.
 section "end-to-end tests again on the scale-out stores (KM_E2E_STORES=scale-out)"
-KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web -- --test-threads=2 "$@" || rc=$?
+KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test backup -- --test-threads=2 "$@" || rc=$?
 # The same suites with every role in its own process behind the gateway, as the
 # appliance's units run them.
 section "end-to-end tests again with the roles apart (KM_E2E_ROLES=apart)"

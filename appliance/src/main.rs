@@ -24,12 +24,68 @@ enum Command {
     /// Run every role in one process on one port (embedded storage by default), or only
     /// the roles given with --role, each on its own port.
     Serve(Box<ServeArgs>),
-    /// Sign a licence, or show what one grants.
+    /// Make a licence signing key, sign a licence, or show what one grants.
     #[command(subcommand)]
     Licence(LicenceCommand),
     /// Check a configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Back the appliance up into one archive, check one, or restore one.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Write a backup of the stores, settings, TLS files and wizard state (km may run).
+    Create {
+        #[command(flatten)]
+        paths: AppliancePaths,
+        /// A directory (the file is named after the host and time) or a new file.
+        #[arg(long, default_value = "/var/backups/km")]
+        out: PathBuf,
+    },
+    /// Read a backup through and check every file against its manifest.
+    Verify { file: PathBuf },
+    /// Restore a backup onto this appliance (km stopped); what it replaces is kept aside.
+    Restore {
+        file: PathBuf,
+        #[command(flatten)]
+        paths: AppliancePaths,
+    },
+}
+
+#[derive(Args)]
+struct AppliancePaths {
+    /// The settings (skipped by `create` when absent).
+    #[arg(long, default_value = "/etc/km/km.env")]
+    env_file: PathBuf,
+    /// The data dir; by default KM_DATA_DIR of the env file, else km's default.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The setup wizard's state directory.
+    #[arg(long, default_value = "/var/lib/km-wizard")]
+    wizard_state: PathBuf,
+}
+
+impl AppliancePaths {
+    /// The settings of the env file (none when it does not exist) with `--data-dir` applied.
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let mut map = std::collections::BTreeMap::new();
+        match std::fs::read_to_string(&self.env_file) {
+            Ok(text) => map.extend(
+                setup::envfile::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", self.env_file.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("{}: {e}", self.env_file.display()),
+        }
+        if let Some(dir) = &self.data_dir {
+            map.insert("KM_DATA_DIR".into(), dir.display().to_string());
+        }
+        Settings::from_env_map(&map)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.env_file.display()))
+    }
 }
 
 #[derive(Args)]
@@ -43,12 +99,20 @@ struct ServeArgs {
 
 #[derive(Subcommand)]
 enum LicenceCommand {
+    /// Make a signing key: the private key goes to a new file (mode 0600), its public
+    /// half is printed (give it to the build as KM_LICENCE_PUBLIC_KEYS).
+    Keygen {
+        /// The private key file to create (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Sign a licence with a private key file and print it.
     Sign(SignArgs),
-    /// Verify a licence and print what it grants, or why it is refused.
+    /// The keys this km trusts; with a licence, what it grants and which key verifies it,
+    /// or why it is refused.
     Show {
         #[arg(long, env = "KM_DEDICATED_KEY", hide_env_values = true)]
-        licence: String,
+        licence: Option<String>,
     },
 }
 
@@ -90,12 +154,14 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|settings| run_serve(settings, &args.role))
             .map(|()| ExitCode::SUCCESS),
+        Command::Licence(LicenceCommand::Keygen { out }) => keygen(&out),
         Command::Licence(LicenceCommand::Sign(args)) => sign_licence(&args),
-        Command::Licence(LicenceCommand::Show { licence }) => show_licence(&licence),
+        Command::Licence(LicenceCommand::Show { licence }) => show_licence(licence.as_deref()),
         Command::Config(ConfigCommand::Check {
             env_file,
             test_mail_to,
         }) => check_config(&env_file, test_mail_to),
+        Command::Backup(command) => runtime().and_then(|rt| rt.block_on(backup(command))),
     };
     match result {
         Ok(code) => code,
@@ -149,11 +215,45 @@ fn sign_licence(args: &SignArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn show_licence(text: &str) -> anyhow::Result<ExitCode> {
-    if licence::TEST_KEY_TRUSTED {
-        eprintln!("km: built with the feature test-licence: the test key is trusted");
+fn keygen(out: &Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (file, public) = licence::keygen(now_s());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
+    f.write_all(file.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| anyhow::anyhow!("--out {}: {e}", out.display()))?;
+    eprintln!(
+        "km: private key written to {} (mode 0600): keep it offline; \
+         build km with KM_LICENCE_PUBLIC_KEYS set to the public half:",
+        out.display()
+    );
+    println!("{public}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_licence(text: Option<&str>) -> anyhow::Result<ExitCode> {
+    let keys = licence::trusted_keys();
+    if keys.is_empty() {
+        println!("trusted keys:  none (built without KM_LICENCE_PUBLIC_KEYS)");
     }
-    let l = licence::verify(text, now_s()).map_err(|e| anyhow::anyhow!("licence refused: {e}"))?;
+    for key in &keys {
+        println!("trusted key:   {key}");
+    }
+    for bad in licence::invalid_production_keys() {
+        println!("ignored key:   {bad} (not an Ed25519 public key)");
+    }
+    let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
+        println!("licence:       {}", licence::UNLICENSED);
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (l, key) = licence::verify_naming_key(text, now_s())
+        .map_err(|e| anyhow::anyhow!("licence refused: {e}"))?;
     println!("customer:      {}", l.customer);
     match l.max_processes() {
         Some(n) => println!("process limit: {n}"),
@@ -161,6 +261,69 @@ fn show_licence(text: &str) -> anyhow::Result<ExitCode> {
     }
     println!("issued:        {}", licence::date(l.issued_at));
     println!("expires:       {}", licence::date(l.expires_at));
+    println!("verified by:   {key}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "km".into())
+}
+
+async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
+    use km::backup;
+    match command {
+        BackupCommand::Create { paths, out } => {
+            let sources = backup::Sources {
+                settings: paths.settings()?,
+                env_file: Some(paths.env_file.clone()),
+                wizard_state: Some(paths.wizard_state.clone()),
+            };
+            let started = std::time::Instant::now();
+            let created = backup::create(&sources, &out, &host_name()).await?;
+            let size = std::fs::metadata(&created.path).map_or(0, |m| m.len());
+            print!("{}", created.manifest.summary());
+            println!(
+                "written: {} ({size} bytes, {} bytes before compression) in {:.1?}",
+                created.path.display(),
+                created.manifest.total_bytes(),
+                started.elapsed()
+            );
+        }
+        BackupCommand::Verify { file } => {
+            let manifest = tokio::task::spawn_blocking(move || backup::verify(&file)).await??;
+            print!("{}", manifest.summary());
+            println!("every file matches its checksum");
+        }
+        BackupCommand::Restore { file, paths } => {
+            let targets = backup::Targets {
+                data_dir: paths.settings()?.data_dir,
+                env_file: paths.env_file.clone(),
+                wizard_state: Some(paths.wizard_state.clone()),
+            };
+            let restored = backup::restore(&file, &targets).await?;
+            print!("{}", restored.manifest.summary());
+            for (collection, count) in &restored.collections {
+                println!("  MongoDB {collection}: {count} documents");
+            }
+            if let Some(aside) = &restored.set_aside {
+                println!("the files it replaced are in {}", aside.display());
+            }
+            println!(
+                "restored into {}; start km (on the appliance: systemctl start km.target)",
+                targets.data_dir.display()
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -178,10 +341,7 @@ fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result
         test_mail_to,
         ..setup::validate::Options::default()
     };
-    let checks = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(setup::validate::live_only(&settings, &options));
+    let checks = runtime()?.block_on(setup::validate::live_only(&settings, &options));
     println!("live checks:");
     for check in &checks {
         println!("  {:<8} {check}", check.status.as_str());
@@ -198,8 +358,5 @@ fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result
 
 fn run_serve(settings: Settings, roles: &[Role]) -> anyhow::Result<()> {
     raise_open_file_limit();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(km::server::serve(settings, roles))
+    runtime()?.block_on(km::server::serve(settings, roles))
 }

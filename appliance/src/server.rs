@@ -299,6 +299,7 @@ pub async fn build_app(
     gateway: Arc<Gateway>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
+    let data_lock = stores::sqlite::lock_data_dir_shared(&settings.data_dir)?;
     let documents: Arc<dyn stores::Documents> = match &settings.mongo_url {
         Some(url) => Arc::new(MongoDocuments::connect(url).await?),
         None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
@@ -337,6 +338,7 @@ pub async fn build_app(
         gateway,
         limit: Default::default(),
         shutdown,
+        _data_lock: data_lock,
     });
     Ok((app, writer_task))
 }

@@ -699,6 +699,18 @@ impl Km {
         self.root.join("data")
     }
 
+    /// This km's settings as the appliance keeps them (`km.env` in its temp dir: the
+    /// data dir and the extra environment), for the `km` commands that read one.
+    pub fn write_env_file(&self) -> Result<PathBuf> {
+        let path = self.root.join("km.env");
+        let mut text = format!("KM_DATA_DIR={}\n", self.data_dir().display());
+        for (k, v) in &self.env {
+            text.push_str(&format!("{k}={v}\n"));
+        }
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.root.join("km.log")
     }

@@ -1,9 +1,11 @@
 //! The licence (`KM_DEDICATED_KEY`), verifiable offline:
 //! `km1.<base64url(payload JSON)>.<base64url(Ed25519 signature of the payload bytes)>`.
 //!
-//! Only the public halves of the signing keys are compiled in. The test key is trusted
-//! only with the crate feature `test-licence`, so no configuration of a release build
-//! can make it accept a test licence.
+//! Only the public halves of the signing keys are compiled in, given at build time in
+//! `KM_LICENCE_PUBLIC_KEYS` (hex, separated by spaces or commas; `km licence keygen`
+//! prints one). A build without them verifies no licence. The test key is trusted only
+//! with the crate feature `test-licence`, so no configuration of a release build can make
+//! it accept a test licence.
 
 use std::fmt;
 
@@ -14,14 +16,48 @@ use serde::{Deserialize, Serialize};
 
 const PREFIX: &str = "km1.";
 
-/// Public keys whose licences this build accepts (hex). Several, so a key can be
-/// rotated without refusing the licences already issued.
-const PRODUCTION_KEYS: &[&str] =
-    &["b3eb562e2446cb44908598c3806a5d9b67b9406c1a51a7004926a80d73da662a"];
+/// Public keys whose licences this build accepts, as given to the build. Several, so a
+/// key can be rotated without refusing the licences already issued.
+const PRODUCTION_KEYS: &str = match option_env!("KM_LICENCE_PUBLIC_KEYS") {
+    Some(keys) => keys,
+    None => "",
+};
+
+// A malformed key list stops the build rather than a licence later.
+const _: () = assert!(
+    keys_are_hex(PRODUCTION_KEYS),
+    "KM_LICENCE_PUBLIC_KEYS: expected public keys of 64 hex digits, separated by spaces or commas"
+);
+
+/// Whether `list` is words of exactly 64 hex digits separated by spaces or commas.
+const fn keys_are_hex(list: &str) -> bool {
+    let bytes = list.as_bytes();
+    let (mut i, mut run) = (0, 0);
+    while i <= bytes.len() {
+        let b = if i < bytes.len() { bytes[i] } else { b' ' };
+        if b.is_ascii_hexdigit() {
+            run += 1;
+        } else if matches!(b, b' ' | b',' | b'\n' | b'\t') {
+            if run != 0 && run != 64 {
+                return false;
+            }
+            run = 0;
+        } else {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
 
 /// Public half of `tests/keys/test-licence.key`.
 #[cfg(feature = "test-licence")]
 const TEST_KEY: &str = "fe9319210c7f05f7de71b5d7629a0076fa657b252db3a38625e613056409c64e";
+
+/// What an appliance without a licence does, said the same way by `km config check`, the
+/// wizard, headless apply and `km licence show` (the dashboard says "unlicensed").
+pub const UNLICENSED: &str =
+    "not set: km runs unlicensed, every process is monitored and no limit applies";
 
 /// What a licence grants, exactly as signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +104,10 @@ pub enum LicenceError {
     Malformed(&'static str),
     #[error("signature does not match: the licence was altered or not issued for this product")]
     BadSignature,
+    #[error(
+        "this km was built without licence keys (KM_LICENCE_PUBLIC_KEYS at build time): it verifies no licence"
+    )]
+    NoKeys,
     /// Signed by a trusted key, but not understood (a licence for a newer km).
     #[error("the licence contents are not understood by this version of km: {0}")]
     Contents(String),
@@ -82,20 +122,64 @@ pub struct KeyError(&'static str);
 
 /// Checks the format, the signature against the keys compiled in, and the expiry.
 pub fn verify(text: &str, now_s: i64) -> Result<Licence, LicenceError> {
-    verify_with(text, now_s, &trusted_keys())
+    verify_with(text, now_s, &trusted_keys()).map(|(licence, _)| licence)
+}
+
+/// As [`verify`], also naming the key that verified the licence.
+pub fn verify_naming_key(text: &str, now_s: i64) -> Result<(Licence, TrustedKey), LicenceError> {
+    let keys = trusted_keys();
+    verify_with(text, now_s, &keys).map(|(licence, i)| (licence, keys[i].clone()))
 }
 
 /// Whether this build trusts the test key (built with the feature `test-licence`).
 pub const TEST_KEY_TRUSTED: bool = cfg!(feature = "test-licence");
 
-/// The keys compiled in; an entry that is not a valid key is skipped (a unit test
-/// makes sure there is none).
-fn trusted_keys() -> Vec<VerifyingKey> {
+/// A public key this build trusts, and where it comes from.
+#[derive(Debug, Clone)]
+pub struct TrustedKey {
+    pub key: VerifyingKey,
+    /// `production key N` (in build order) or `the test key`.
+    pub name: String,
+}
+
+impl fmt::Display for TrustedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.name, hex::encode(self.key.as_bytes()))
+    }
+}
+
+/// The keys compiled in. One that is not a point of the curve is reported by
+/// [`invalid_production_keys`] and trusted by nothing.
+pub fn trusted_keys() -> Vec<TrustedKey> {
+    let production = production_key_texts()
+        .enumerate()
+        .filter_map(|(i, hex_key)| {
+            Some(TrustedKey {
+                key: verifying_key(hex_key)?,
+                name: format!("production key {}", i + 1),
+            })
+        });
     #[cfg(feature = "test-licence")]
-    let hexes = PRODUCTION_KEYS.iter().chain([&TEST_KEY]);
+    let test = verifying_key(TEST_KEY).map(|key| TrustedKey {
+        key,
+        name: "the test key".into(),
+    });
     #[cfg(not(feature = "test-licence"))]
-    let hexes = PRODUCTION_KEYS.iter();
-    hexes.filter_map(|h| verifying_key(h)).collect()
+    let test = None;
+    production.chain(test).collect()
+}
+
+fn production_key_texts() -> impl Iterator<Item = &'static str> {
+    PRODUCTION_KEYS
+        .split([' ', ',', '\n', '\t'])
+        .filter(|k| !k.is_empty())
+}
+
+/// Production keys given to the build that are not Ed25519 public keys.
+pub fn invalid_production_keys() -> Vec<&'static str> {
+    production_key_texts()
+        .filter(|k| verifying_key(k).is_none())
+        .collect()
 }
 
 fn verifying_key(hex_key: &str) -> Option<VerifyingKey> {
@@ -104,7 +188,26 @@ fn verifying_key(hex_key: &str) -> Option<VerifyingKey> {
     VerifyingKey::from_bytes(&bytes).ok()
 }
 
-fn verify_with(text: &str, now_s: i64, keys: &[VerifyingKey]) -> Result<Licence, LicenceError> {
+/// A new signing key: the key file's text (secret, with its public half in a comment)
+/// and the public half in hex.
+pub fn keygen(now_s: i64) -> (String, String) {
+    let key = SigningKey::from_bytes(&rand::random());
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let file = format!(
+        "# KM licence signing key, made {}. Keep it secret: whoever holds it issues licences.\n\
+         # Public half (KM_LICENCE_PUBLIC_KEYS when building km): {public}\n{}\n",
+        date(now_s),
+        hex::encode(key.to_bytes())
+    );
+    (file, public)
+}
+
+/// The licence and the index in `keys` of the key that verified it.
+fn verify_with(
+    text: &str,
+    now_s: i64,
+    keys: &[TrustedKey],
+) -> Result<(Licence, usize), LicenceError> {
     let body = text
         .trim()
         .strip_prefix(PREFIX)
@@ -123,13 +226,14 @@ fn verify_with(text: &str, now_s: i64, keys: &[VerifyingKey]) -> Result<Licence,
         .map_err(|_| LicenceError::Malformed("the signature is not base64url"))?;
     let signature = Signature::from_slice(&signature)
         .map_err(|_| LicenceError::Malformed("the signature is not 64 bytes"))?;
-    // Strict verification: no malleable signatures, no weak keys.
-    if !keys
-        .iter()
-        .any(|k| k.verify_strict(&payload, &signature).is_ok())
-    {
-        return Err(LicenceError::BadSignature);
+    if keys.is_empty() {
+        return Err(LicenceError::NoKeys);
     }
+    // Strict verification: no malleable signatures, no weak keys.
+    let index = keys
+        .iter()
+        .position(|k| k.key.verify_strict(&payload, &signature).is_ok())
+        .ok_or(LicenceError::BadSignature)?;
     let licence: Licence =
         serde_json::from_slice(&payload).map_err(|e| LicenceError::Contents(e.to_string()))?;
     if now_s >= licence.expires_at {
@@ -137,7 +241,7 @@ fn verify_with(text: &str, now_s: i64, keys: &[VerifyingKey]) -> Result<Licence,
             expires_at: licence.expires_at,
         });
     }
-    Ok(licence)
+    Ok((licence, index))
 }
 
 /// The licence text of `licence` signed with `key`.
@@ -195,6 +299,13 @@ mod tests {
         SigningKey::from_bytes(&rand::random())
     }
 
+    fn trusting(key: &SigningKey) -> [TrustedKey; 1] {
+        [TrustedKey {
+            key: key.verifying_key(),
+            name: "production key 1".into(),
+        }]
+    }
+
     fn licence(expires_at: i64) -> Licence {
         Licence {
             customer: "Acme".into(),
@@ -209,7 +320,8 @@ mod tests {
         let key = random_key();
         let text = sign(&licence(NOW + DAY), &key);
         assert!(text.starts_with("km1."));
-        let got = verify_with(&format!(" {text}\n"), NOW, &[key.verifying_key()]).unwrap();
+        let (got, index) = verify_with(&format!(" {text}\n"), NOW, &trusting(&key)).unwrap();
+        assert_eq!(index, 0);
         assert_eq!(got, licence(NOW + DAY));
         assert_eq!(got.max_processes(), Some(20));
     }
@@ -219,7 +331,7 @@ mod tests {
         let key = random_key();
         let expires_at = 1_769_817_600; // 2026-01-31T00:00:00Z
         let text = sign(&licence(expires_at), &key);
-        let err = verify_with(&text, expires_at, &[key.verifying_key()]).unwrap_err();
+        let err = verify_with(&text, expires_at, &trusting(&key)).unwrap_err();
         assert_eq!(err, LicenceError::Expired { expires_at });
         assert_eq!(err.to_string(), "expired on 2026-01-31");
     }
@@ -235,7 +347,7 @@ mod tests {
         })
         .unwrap();
         let forged = format!("km1.{}.{signature}", URL_SAFE_NO_PAD.encode(forged));
-        let err = verify_with(&forged, NOW, &[key.verifying_key()]).unwrap_err();
+        let err = verify_with(&forged, NOW, &trusting(&key)).unwrap_err();
         assert_eq!(err, LicenceError::BadSignature);
         assert!(
             err.to_string()
@@ -246,17 +358,24 @@ mod tests {
     #[test]
     fn wrong_key_is_refused() {
         let text = sign(&licence(NOW + DAY), &random_key());
-        let trusted = random_key().verifying_key();
         assert_eq!(
-            verify_with(&text, NOW, &[trusted]),
+            verify_with(&text, NOW, &trusting(&random_key())),
             Err(LicenceError::BadSignature)
         );
-        assert_eq!(verify(&text, NOW), Err(LicenceError::BadSignature));
+        assert_eq!(
+            verify_with(&text, NOW, &[]),
+            Err(LicenceError::NoKeys),
+            "a build without keys says so"
+        );
+        assert!(matches!(
+            verify(&text, NOW),
+            Err(LicenceError::BadSignature | LicenceError::NoKeys)
+        ));
     }
 
     #[test]
     fn malformed_licences_say_why() {
-        let keys = [random_key().verifying_key()];
+        let keys = trusting(&random_key());
         let cases = [
             ("", LicenceError::NotKm),
             ("hello", LicenceError::NotKm),
@@ -301,7 +420,7 @@ mod tests {
             URL_SAFE_NO_PAD.encode(payload),
             URL_SAFE_NO_PAD.encode(key.sign(payload).to_bytes())
         );
-        let err = verify_with(&text, NOW, &[key.verifying_key()]).unwrap_err();
+        let err = verify_with(&text, NOW, &trusting(&key)).unwrap_err();
         assert!(
             matches!(err, LicenceError::Contents(ref e) if e.contains("seats")),
             "{err}"
@@ -310,9 +429,9 @@ mod tests {
 
     #[test]
     fn compiled_keys_are_valid_and_the_test_key_file_is_not_production() {
-        assert!(PRODUCTION_KEYS.iter().all(|k| verifying_key(k).is_some()));
+        assert_eq!(invalid_production_keys(), Vec::<&str>::new());
         let test_public = hex::encode(test_key().verifying_key().as_bytes());
-        assert!(!PRODUCTION_KEYS.contains(&test_public.as_str()));
+        assert!(production_key_texts().all(|k| !k.eq_ignore_ascii_case(&test_public)));
         #[cfg(feature = "test-licence")]
         assert_eq!(test_public, TEST_KEY);
     }
@@ -327,12 +446,44 @@ mod tests {
         assert!(parse_signing_key(&format!("{file}{file}")).is_err());
     }
 
+    #[test]
+    fn key_lists_given_to_the_build() {
+        let key = "ab".repeat(32);
+        assert!(keys_are_hex(""));
+        assert!(keys_are_hex(&key));
+        assert!(keys_are_hex(&format!(" {key}, {key}\n")));
+        assert!(!keys_are_hex(&key[1..]));
+        assert!(!keys_are_hex(&format!("{key}0")));
+        assert!(!keys_are_hex(&format!("{key};{key}")));
+    }
+
+    #[test]
+    fn keygen_makes_a_key_file_sign_reads_and_its_public_half() {
+        let (file, public) = keygen(NOW);
+        assert!(file.contains(&public), "{file}");
+        let key = parse_signing_key(&file).unwrap();
+        assert_eq!(hex::encode(key.verifying_key().as_bytes()), public);
+        let text = sign(&licence(NOW + DAY), &key);
+        let trusted = [TrustedKey {
+            key: verifying_key(&public).unwrap(),
+            name: "production key 1".into(),
+        }];
+        assert_eq!(
+            verify_with(&text, NOW, &trusted),
+            Ok((licence(NOW + DAY), 0))
+        );
+        assert_ne!(keygen(NOW).1, public, "every key is new");
+    }
+
     #[cfg(not(feature = "test-licence"))]
     #[test]
     fn test_key_refused_without_the_feature() {
         const { assert!(!TEST_KEY_TRUSTED) };
         let text = sign(&licence(NOW + DAY), &test_key());
-        assert_eq!(verify(&text, NOW), Err(LicenceError::BadSignature));
+        assert!(matches!(
+            verify(&text, NOW),
+            Err(LicenceError::BadSignature | LicenceError::NoKeys)
+        ));
     }
 
     #[cfg(feature = "test-licence")]
@@ -341,6 +492,8 @@ mod tests {
         const { assert!(TEST_KEY_TRUSTED) };
         let text = sign(&licence(NOW + DAY), &test_key());
         assert_eq!(verify(&text, NOW), Ok(licence(NOW + DAY)));
+        let (_, key) = verify_naming_key(&text, NOW).unwrap();
+        assert_eq!(key.name, "the test key");
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub fn check_settings(map: &BTreeMap<String, String>, now_s: i64) -> StaticCheck
                 licence
                     .as_ref()
                     .and_then(|l| l.as_ref().ok())
-                    .map_or_else(|| "not set".to_string(), |l| l.to_string()),
+                    .map_or_else(|| licence::UNLICENSED.to_string(), |l| l.to_string()),
             ),
             _ => settings.as_ref().and_then(|s| note(group, s)),
         };
@@ -243,7 +243,10 @@ mod tests {
             text.contains("site URL   ok: https://km.example.com\n"),
             "{text}"
         );
-        assert!(text.contains("licence    ok: not set\n"), "{text}");
+        assert!(
+            text.contains(&format!("licence    ok: {}\n", licence::UNLICENSED)),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::stores::{
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE users (
   id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,

@@ -13,7 +13,7 @@ use crate::stores::{
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE events (
   id INTEGER PRIMARY KEY, kind TEXT NOT NULL, bucket_id TEXT NOT NULL, server_name TEXT NOT NULL,

@@ -88,6 +88,51 @@ fn data_dir(dir: &Path) -> anyhow::Result<&Path> {
     Ok(dir)
 }
 
+/// The file every `km serve` holds a shared lock on, and a restore an exclusive one.
+pub const LOCK_FILE: &str = "km.lock";
+
+/// The data dir's lock, shared: held while km serves, so a restore waits for km to stop.
+pub fn lock_data_dir_shared(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let file = lock_file(dir)?;
+    file.lock_shared()
+        .map_err(|e| anyhow::anyhow!("KM_DATA_DIR: cannot lock {}: {e}", dir.display()))?;
+    Ok(file)
+}
+
+/// The data dir's lock, alone: refused while any km serves from it.
+pub fn lock_data_dir_exclusive(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let file = lock_file(dir)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "km is running on {}: stop it first (on the appliance: systemctl stop km.target)",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            anyhow::bail!("KM_DATA_DIR: cannot lock {}: {e}", dir.display())
+        }
+    }
+}
+
+fn lock_file(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data_dir(dir)?.join(LOCK_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("KM_DATA_DIR: cannot open {}: {e}", path.display()))
+}
+
+/// The newest schema version this km knows of an embedded store (`documents`, `events`).
+pub fn schema_version(store: &str) -> Option<usize> {
+    match store {
+        "documents" => Some(documents::MIGRATIONS.len()),
+        "events" => Some(events::MIGRATIONS.len()),
+        _ => None,
+    }
+}
+
 /// The embedded documents store in `dir`.
 pub fn open_documents(dir: &Path) -> anyhow::Result<SqliteDocuments> {
     SqliteDocuments::open(&data_dir(dir)?.join("documents.sqlite"))
