@@ -1,5 +1,5 @@
-# The KM appliance image: Debian 12 (bookworm) with the `km` and `km-wizard` release
-# binaries, their systemd units and the configuration done by provision.sh.
+# The KM appliance image: Debian 12 (bookworm) with the appliance's Debian package
+# (packaging/build-deb.sh), installed by provision.sh.
 #
 # Three sources, all provisioned by the one build block below:
 #   amazon-ebs.km     an AMI in your AWS account
@@ -14,7 +14,7 @@ locals {
   image_name = "km-appliance-${local.timestamp}"
 
   # Variable defaults cannot refer to path.root, so the empty defaults are resolved here.
-  artifacts_dir   = var.artifacts_dir != "" ? var.artifacts_dir : "${path.root}/../target/release"
+  artifacts_dir   = var.artifacts_dir != "" ? var.artifacts_dir : "${path.root}/../target/deb"
   manifest_output = var.manifest_output != "" ? var.manifest_output : "${path.root}/packer-manifest.json"
 
   # The `version` of [workspace.package] in Cargo.toml (the whole file if it has none:
@@ -24,6 +24,8 @@ locals {
   version       = var.version != "" ? var.version : (length(local.cargo_version) <= 40 ? local.cargo_version : "unknown")
   commit        = var.commit != "" ? var.commit : "unknown"
   description   = "KM appliance ${local.version} (${local.commit}) on Debian 12"
+  # What packaging/build-deb.sh names the package (the images are amd64).
+  package = "km_${local.version}_amd64.deb"
 
   # Where the files go on the build machine before provision.sh installs them.
   staging = "/tmp/km-image"
@@ -134,41 +136,20 @@ build {
     inline          = ["rm -rf ${local.staging}"]
   }
   provisioner "shell" {
-    inline = ["mkdir -m 0700 ${local.staging} ${local.staging}/bin"]
+    inline = ["mkdir -m 0700 ${local.staging}"]
   }
 
-  # The release binaries (checked to exist before anything is launched).
+  # The package (checked to exist before anything is launched) and its installer.
   provisioner "file" {
-    source      = "${local.artifacts_dir}/km"
-    destination = "${local.staging}/bin/"
-  }
-  provisioner "file" {
-    source      = "${local.artifacts_dir}/km-wizard"
-    destination = "${local.staging}/bin/"
-  }
-
-  # No trailing slash on the source: the directory itself lands as <staging>/systemd.
-  provisioner "file" {
-    source      = "${path.root}/../systemd"
+    source      = "${local.artifacts_dir}/${local.package}"
     destination = "${local.staging}/"
   }
-
-  # The helper scripts (setup URL, login message) land as <staging>/files.
-  provisioner "file" {
-    source      = "${path.root}/files"
-    destination = "${local.staging}/"
-  }
-  provisioner "file" {
-    source      = "${path.root}/../README.md"
-    destination = "${local.staging}/README.md"
-  }
-
   provisioner "file" {
     source      = "${path.root}/provision.sh"
     destination = "${local.staging}/provision.sh"
   }
 
-  # Installs and configures everything from the staging directory, as root.
+  # Installs the package from the staging directory, as root.
   # KM_IMAGE_BUILD is 0 on the null source: an existing host, not an image to generalise.
   provisioner "shell" {
     execute_command   = local.as_root

@@ -8,7 +8,7 @@
 variable "artifacts_dir" {
   type        = string
   default     = ""
-  description = "Directory holding the release binaries `km` and `km-wizard` to install. Empty means target/release at the repository root (what `cargo build --release -p km-appliance -p km-wizard` writes)."
+  description = "Directory holding the package km_<version>_amd64.deb to install. Empty means target/deb at the repository root (where `packaging/build-deb.sh` writes it)."
 }
 
 variable "version" {

@@ -121,6 +121,19 @@ FEATURES=(--features km-appliance/test-licence)
 section "cargo build --workspace --all-targets ${FEATURES[*]}"
 cargo build --workspace --all-targets "${FEATURES[@]}"
 
+# The appliance's next version, for the image's upgrade test (tests/tests/appliance_boot.rs):
+# a release build with one documents migration more (feature test-migration) and, given
+# at build time, the public half of a licence key made here by `km licence keygen`.
+NEXT_DIR="$TARGET_DIR/upgrade-next"
+section "the next version for the upgrade test ($NEXT_DIR)"
+mkdir -p "$NEXT_DIR"
+[ -e "$NEXT_DIR/vendor.key" ] || "$TARGET_DIR/debug/km" licence keygen --out "$NEXT_DIR/vendor.key" >/dev/null
+PUBLIC=$(sed -n 's/^# Public half.*: \([0-9a-f]\{64\}\)$/\1/p' "$NEXT_DIR/vendor.key")
+KM_LICENCE_PUBLIC_KEYS="$PUBLIC" cargo build --release -p km-appliance -p km-wizard \
+    --features km-appliance/test-licence,km-appliance/test-migration
+cp "$TARGET_DIR/release/km" "$TARGET_DIR/release/km-wizard" "$NEXT_DIR/"
+export KM_E2E_NEXT_DIR="$NEXT_DIR"
+
 # --no-fail-fast: a failing test binary does not hide the results of the others.
 section "cargo test --workspace ${FEATURES[*]} --no-fail-fast -- --test-threads=2 $*"
 start=$(date +%s)

@@ -20,6 +20,7 @@ pub mod schedule;
 pub mod server;
 pub mod setup;
 pub mod stores;
+pub mod support;
 pub mod throttle;
 pub mod web;
 pub mod workers;

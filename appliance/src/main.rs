@@ -33,6 +33,15 @@ enum Command {
     /// Back the appliance up into one archive, check one, or restore one.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Gather versions, settings (secrets masked), checks, journals, store health and
+    /// disk space into one archive to attach to a support ticket.
+    SupportBundle {
+        #[arg(long, default_value = "/etc/km/km.env")]
+        env_file: PathBuf,
+        /// Where the archive goes.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,6 +171,14 @@ fn main() -> ExitCode {
             test_mail_to,
         }) => check_config(&env_file, test_mail_to),
         Command::Backup(command) => runtime().and_then(|rt| rt.block_on(backup(command))),
+        Command::SupportBundle { env_file, out } => runtime().and_then(|rt| {
+            let path = rt.block_on(km::support::bundle(&env_file, &out, &host_name()))?;
+            println!(
+                "written: {} (secrets masked: look it over before sending)",
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
     };
     match result {
         Ok(code) => code,

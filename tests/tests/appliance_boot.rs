@@ -1,8 +1,17 @@
 //! The appliance image, booted for real: a Debian bookworm root filesystem
-//! (debootstrap, cached), provisioned by `packer/provision.sh` exactly as the image
-//! build does, booted under systemd with `systemd-nspawn` in a network namespace of its
-//! own. From this host: the setup URL, the headless apply, every unit active, `/healthz`
-//! through the gateway on port 80, a real `pm2 link`, a role restart, the wizard gone.
+//! (debootstrap, cached) with the appliance's package of this tree installed by
+//! `packer/provision.sh` exactly as the image build does, booted under systemd with
+//! `systemd-nspawn` in a network namespace of its own. From this host: the setup URL,
+//! the headless apply, every unit active, `/healthz` through the gateway on port 80, a
+//! real `pm2 link`, a role restart, the wizard gone. Then day 2: a backup, an upgrade to
+//! the next version whose migration fails (rolled back by itself: the previous package
+//! and the data back), the upgrade done (data intact, the agent back, the downtime
+//! measured), the next version's licence key, and the backup restored onto a fresh image
+//! of the next version (the same users, buckets, servers, events; the agent back).
+//!
+//! The next version is built by tests/run.sh into `target/upgrade-next` (release, one
+//! documents migration more with the feature `test-migration`, a licence key made by
+//! `km licence keygen` given at build time); `KM_E2E_NEXT_DIR` names another place.
 //! And the units' lint: `systemd-analyze verify` silent, every service scored at most
 //! 2.0 by `systemd-analyze security --offline=yes`.
 //!
@@ -16,15 +25,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use km_e2e::{
-    Api, Pm2, e2e, km_bin, loadgen_bin, tail_file, target_dir, wizard_bin, workspace_dir,
+    Api, Pm2, e2e, km_bin, loadgen_bin, post_visitor_form, tail_file, target_dir, workspace_dir,
 };
 use serde_json::{Value, json};
 
 /// What debootstrap adds to minbase: systemd as PID 1, and the packages provision.sh
 /// would otherwise download (it installs only what is missing).
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2,redis-server,ca-certificates,curl";
-const UNITS: [&str; 8] = [
+const UNITS: [&str; 10] = [
     "km.target",
+    "km-wizard-start.path",
+    "km-wizard-start.service",
     "km-gateway.service",
     "km-api.service",
     "km-auth.service",
@@ -100,38 +111,53 @@ fn rootfs_tarball() -> Result<PathBuf> {
     Ok(tarball)
 }
 
-/// A fresh root filesystem, provisioned like the image: the staging directory packer
-/// uploads (binaries without debug info, units, helper files, README), then
-/// `provision.sh` in a chroot with KM_IMAGE_BUILD=1.
-fn provisioned_root(root: &Path) -> Result<()> {
+/// The appliance's package of the binaries in `bin_dir` (packaging/build-deb.sh), as
+/// `version`, in `out`.
+fn package(bin_dir: &Path, version: &str, out: &Path) -> Result<PathBuf> {
+    let printed = run(Command::new(workspace_dir().join("packaging/build-deb.sh"))
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .args(["--version", version])
+        .arg("--out")
+        .arg(out))?;
+    let deb = printed
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .context("build-deb.sh named no package")?;
+    ensure!(deb.exists(), "build-deb.sh printed {}", deb.display());
+    Ok(deb)
+}
+
+/// A fresh root filesystem, provisioned like the image: `provision.sh` with the package
+/// in its staging directory, in a chroot with KM_IMAGE_BUILD=1.
+fn provisioned_root(root: &Path, deb: &Path) -> Result<()> {
     run(Command::new("tar")
         .arg("-C")
         .arg(root)
         .arg("-xf")
         .arg(rootfs_tarball()?))?;
     let stage = root.join("tmp/km-image");
-    std::fs::create_dir_all(stage.join("bin"))?;
-    for (bin, name) in [(km_bin(), "km"), (wizard_bin(), "km-wizard")] {
-        run(Command::new("objcopy")
-            .arg("--strip-debug")
-            .arg(&bin)
-            .arg(stage.join("bin").join(name)))?;
-    }
-    let repo = workspace_dir();
-    run(Command::new("cp")
-        .arg("-r")
-        .arg(repo.join("systemd"))
-        .arg(repo.join("packer/files"))
-        .arg(repo.join("packer/provision.sh"))
-        .arg(repo.join("README.md"))
-        .arg(&stage))?;
+    std::fs::create_dir_all(&stage)?;
+    std::fs::copy(deb, stage.join(deb.file_name().context("package name")?))?;
+    std::fs::copy(
+        workspace_dir().join("packer/provision.sh"),
+        stage.join("provision.sh"),
+    )?;
+    // As on a build machine, /proc is there (systemd-tmpfiles needs it).
+    let proc = root.join("proc");
+    run(Command::new("mount")
+        .args(["-t", "proc", "proc"])
+        .arg(&proc))?;
     let out = run(Command::new("chroot").arg(root).args([
         "env",
         "KM_IMAGE_BUILD=1",
         "bash",
         "/tmp/km-image/provision.sh",
         "/tmp/km-image",
-    ]))?;
+    ]));
+    run(Command::new("umount").arg(&proc))?;
+    let out = out?;
     ensure!(
         out.contains("provision: done"),
         "provision.sh did not finish:\n{out}"
@@ -371,7 +397,9 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         let root = dir.path().join("root");
         std::fs::create_dir(&root)?;
         let t = Instant::now();
-        provisioned_root(&root)?;
+        let bin_dir = km_bin().parent().context("km's directory")?.to_path_buf();
+        let this = package(&bin_dir, env!("CARGO_PKG_VERSION"), &dir.path().join("this"))?;
+        provisioned_root(&root, &this)?;
         eprintln!("boot: root filesystem provisioned in {:.1?}", t.elapsed());
         for unit in UNITS {
             let out = run(Command::new("systemd-analyze").arg("verify").arg(format!("--root={}", root.display())).arg(unit))?;
@@ -497,6 +525,23 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
             "/wizard/ once applied: HTTP {status}: {text}"
         );
 
+        // Day 2 on the configured appliance: a backup, a failed upgrade, an upgrade.
+        let day2 = upgrades(&booted, &root, dir.path(), &api, &bucket.id).await?;
+
+        // The dashboard's button: km asks for the wizard (a file root's path unit
+        // watches), root starts it, the admin's session opens it with a new token.
+        let asked = Instant::now();
+        match dashboard_opens_the_wizard(&site).await {
+            Ok(url) => ensure!(url.starts_with("/wizard/?token="), "{url}"),
+            Err(e) => {
+                let status = booted.exec(&["systemctl", "status", "--no-pager", "km-wizard-start.path", "km-wizard-start.service", "km-wizard.service"]);
+                let status = status.unwrap_or_else(|e| format!("{e:#}"));
+                bail!("{e:#}\n--- the wizard's units ---\n{status}\n{}", booted.journal("km-wizard-start.service"));
+            }
+        }
+        let dashboard_took = asked.elapsed();
+        ensure!(booted.is_active("km-wizard.service") == "active", "the wizard unit after the dashboard asked");
+
         // `km-wizard reopen` starts it again with a new URL.
         let reopened = booted.exec(&["km-wizard", "reopen"])?;
         let new_url = reopened
@@ -519,17 +564,373 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
             "the reopened setup URL answers {}",
             first.status()
         );
+        drop(booted);
+        let restore_took = restored_on_a_fresh_image(dir.path(), &netns, &day2, &bucket.id).await?;
         eprintln!(
             "boot: boot to setup URL {boot_to_url:.1?}; apply to healthy {apply_to_healthy:.1?}; \
+             the dashboard opened the wizard in {dashboard_took:.1?}; \
              pm2 link to status {link_to_status:.1?}; {FLEET} simulated agents linked through the gateway in {fleet_linked:.1?}; \
-             km-api restart to answering {api_restart:.1?}"
+             km-api restart to answering {api_restart:.1?}; failed upgrade rolled back in {:.1?}; \
+             upgrade downtime {:.1} s (until healthy; the agent back in {:.1?}); backup restored onto a fresh image in {restore_took:.1?}",
+            day2.rolled_back_in, day2.downtime_s, day2.agent_back_in
         );
         let _ = pm2.run(&["kill"]).await;
-        drop(booted);
         drop(netns);
         Ok(())
     })
     .await;
+}
+
+/// What day 2 left for the fresh image, and its numbers.
+struct DayTwo {
+    /// The backup, on this host.
+    backup: PathBuf,
+    /// The next version's package.
+    next: PathBuf,
+    rolled_back_in: Duration,
+    /// As `km-wizard upgrade` measured it: from the restart until healthy.
+    downtime_s: f64,
+    /// From the upgrade's end until the agent's server was online again.
+    agent_back_in: Duration,
+}
+
+/// The directory of the next version's binaries and licence key (tests/run.sh).
+fn next_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("KM_E2E_NEXT_DIR")
+        .map_or_else(|| target_dir().join("upgrade-next"), PathBuf::from);
+    ensure!(
+        dir.join("km").exists()
+            && dir.join("km-wizard").exists()
+            && dir.join("vendor.key").exists(),
+        "the next version is not built in {}: tests/run.sh builds it (KM_E2E_NEXT_DIR names another place)",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Runs one SQL statement on a database of the appliance from this host.
+fn sqlite(db: &Path, sql: &str) -> Result<()> {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()")
+        .arg(db)
+        .arg(sql))
+    .map(|_| ())
+}
+
+/// The server `web-1` online again (its agent relinked), and how long that took.
+async fn agent_back(api: &Api, bucket: &str, after: &str) -> Result<Duration> {
+    let t = Instant::now();
+    api.wait_server(
+        bucket,
+        "web-1",
+        &format!("web-1 online after {after}"),
+        Duration::from_secs(90),
+        |s| (s["online"] == true).then_some(()),
+    )
+    .await?;
+    Ok(t.elapsed())
+}
+
+/// A restart's process event (so the backup holds an event), a backup while km serves,
+/// an upgrade whose migration fails, the upgrade, the next version's licence key.
+async fn upgrades(
+    booted: &Booted,
+    root: &Path,
+    work: &Path,
+    api: &Api,
+    bucket: &str,
+) -> Result<DayTwo> {
+    let next_dir = next_dir()?;
+    let next = package(
+        &next_dir,
+        &format!("{}+next1", env!("CARGO_PKG_VERSION")),
+        &work.join("next"),
+    )?;
+    std::fs::copy(&next, root.join("root/km_next.deb"))?;
+    let restart = json!({"server_name": "web-1", "method_name": "restart", "app_name": "ticker"});
+    let r = api.trigger_pm2(bucket, &restart).await?;
+    ensure!(r.status == 200, "triggerPM2 restart: {}", r.body);
+    api.wait_data(
+        bucket,
+        "processEvents",
+        &json!({"app_name": "ticker"}),
+        "the restart's process event",
+        Duration::from_secs(30),
+        |e| (e["server_name"] == "web-1").then_some(()),
+    )
+    .await?;
+
+    let created = booted.exec(&["km", "backup", "create"])?;
+    let archive = created
+        .lines()
+        .find_map(|l| l.strip_prefix("written: "))
+        .and_then(|l| l.split(" (").next())
+        .with_context(|| format!("km backup create named no archive:\n{created}"))?
+        .to_string();
+    let verified = booted.exec(&["km", "backup", "verify", &archive])?;
+    ensure!(verified.contains("every file matches"), "{verified}");
+    let backup = root.join(archive.trim_start_matches('/'));
+
+    // The next version's migration fails: its table is there already.
+    let db = root.join("var/lib/km/documents.sqlite");
+    sqlite(&db, "CREATE TABLE upgrade_probe (id INTEGER PRIMARY KEY)")?;
+    let upgrading = Instant::now();
+    let failed = booted.exec(&["km-wizard", "upgrade", "/root/km_next.deb"]);
+    let rolled_back_in = upgrading.elapsed();
+    let why = format!(
+        "{:#}",
+        failed
+            .err()
+            .context("the upgrade whose migration fails succeeded")?
+    );
+    ensure!(
+        why.contains("failed") && why.contains("are back"),
+        "the failed upgrade says:\n{why}"
+    );
+    let version = booted.exec(&["dpkg-query", "-W", "-f=${Version}", "km"])?;
+    ensure!(
+        version.trim() == env!("CARGO_PKG_VERSION"),
+        "after the rollback km {version} is installed"
+    );
+    agent_back(api, bucket, "the rollback").await?;
+    ensure!(
+        api.status(bucket).await?.to_string().contains("ticker"),
+        "the data after the rollback"
+    );
+
+    sqlite(&db, "DROP TABLE upgrade_probe")?;
+    let upgraded = booted.exec(&["km-wizard", "upgrade", "/root/km_next.deb"])?;
+    let downtime_s = upgraded
+        .split("answered healthy ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|t| t.parse::<f64>().ok())
+        .with_context(|| format!("km-wizard upgrade printed:\n{upgraded}"))?;
+    ensure!(
+        downtime_s < 30.0,
+        "the upgrade's downtime was {downtime_s} s"
+    );
+    let version = booted.exec(&["dpkg-query", "-W", "-f=${Version}", "km"])?;
+    ensure!(
+        version.trim().ends_with("+next1"),
+        "after the upgrade km {version} is installed"
+    );
+    let agent_back_in = agent_back(api, bucket, "the upgrade").await?;
+    let status = api.status(bucket).await?;
+    ensure!(
+        status.to_string().contains("ticker"),
+        "the data after the upgrade: {status}"
+    );
+
+    // The next version trusts the licence key given to its build; this build does not.
+    let signed = run(Command::new(km_bin())
+        .args([
+            "licence",
+            "sign",
+            "--customer",
+            "vendor-test",
+            "--process-limit",
+            "0",
+            "--days",
+            "30",
+            "--key",
+        ])
+        .arg(next_dir.join("vendor.key")))?;
+    let licence = signed
+        .lines()
+        .find(|l| l.starts_with("km1."))
+        .context("no licence printed")?;
+    let shown = booted.exec(&["km", "licence", "show", "--licence", licence])?;
+    ensure!(
+        shown.contains("verified by:   production key 1"),
+        "the next version's km licence show:\n{shown}"
+    );
+    ensure!(
+        run(Command::new(km_bin()).args(["licence", "show", "--licence", licence])).is_err(),
+        "a build without that key accepts the licence"
+    );
+    Ok(DayTwo {
+        backup,
+        next,
+        rolled_back_in,
+        downtime_s,
+        agent_back_in,
+    })
+}
+
+/// A fresh image of the next version, the backup restored onto it by `km-wizard restore`:
+/// the admin signs in, the bucket, its server and events are there, the agent relinks.
+async fn restored_on_a_fresh_image(
+    work: &Path,
+    netns: &Netns,
+    day2: &DayTwo,
+    bucket: &str,
+) -> Result<Duration> {
+    let root = work.join("fresh");
+    let run_dir = work.join("fresh-run");
+    std::fs::create_dir(&root)?;
+    std::fs::create_dir(&run_dir)?;
+    provisioned_root(&root, &day2.next)?;
+    std::fs::copy(&day2.backup, root.join("root/backup.tar.gz"))?;
+    let booted = Booted::start(&root, netns, &run_dir)?;
+    wait_for(
+        "the fresh image's wizard",
+        Duration::from_secs(60),
+        async || (booted.is_active("km-wizard.service") == "active").then_some(()),
+    )
+    .await?;
+    let restoring = Instant::now();
+    let out = booted.exec(&["km-wizard", "restore", "/root/backup.tar.gz"])?;
+    let took = restoring.elapsed();
+    ensure!(out.contains("restored in"), "km-wizard restore:\n{out}");
+    ensure!(
+        booted.is_active("km-wizard.service") == "inactive",
+        "the wizard after restoring a configured appliance"
+    );
+    for unit in ROLE_UNITS {
+        ensure!(
+            booted.is_active(unit) == "active",
+            "{unit} is {} after the restore",
+            booted.is_active(unit)
+        );
+    }
+    let site = format!("http://{}", netns.appliance_ip);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let token = http
+        .post(format!("{site}/api/oauth/token"))
+        .json(&json!({"grant_type": "password", "username": "admin", "password": "a-long-password-1", "client_id": "boot"}))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?["access_token"]
+        .as_str()
+        .context("the admin cannot sign in on the restored image")?
+        .to_string();
+    let api = Api::new(&site).with_token(&token);
+    let buckets = api.get_ok("/api/bucket/").await?.to_string();
+    ensure!(
+        buckets.contains("production") && buckets.contains("fleet"),
+        "buckets restored: {buckets}"
+    );
+    let servers = api
+        .get_ok(&format!("/api/bucket/{bucket}/meta_servers"))
+        .await?;
+    ensure!(
+        servers.to_string().contains("web-1"),
+        "servers restored: {servers}"
+    );
+    let events = api
+        .data(bucket, "processEvents", &json!({"app_name": "ticker"}))
+        .await?;
+    ensure!(
+        events.as_array().is_some_and(|e| !e.is_empty()),
+        "process events restored: {events}"
+    );
+    agent_back(&api, bucket, "the restore onto a fresh image").await?;
+    drop(booted);
+    Ok(took)
+}
+
+/// The admin signs in to the dashboard and presses "Change the appliance's settings" on
+/// the account page, the wizard being stopped; the setup URL it ends at.
+async fn dashboard_opens_the_wizard(site: &str) -> Result<String> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(40))
+        .build()?;
+    let signed_in = post_visitor_form(
+        &http,
+        site,
+        "/login",
+        &[("login", "admin"), ("password", "a-long-password-1")],
+    )
+    .await?;
+    ensure!(
+        signed_in.status() == 303,
+        "the admin's sign-in answered {}",
+        signed_in.status()
+    );
+    let session = signed_in
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("km_session="))
+        .and_then(|c| c.split(';').next())
+        .context("no session cookie")?
+        .to_string();
+    let account = http
+        .get(format!("{site}/account"))
+        .header("cookie", &session)
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        account.contains("Change the appliance's settings"),
+        "the account page has no button:\n{account}"
+    );
+    let marker = "name=\"csrf\" value=\"";
+    let csrf = account
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .context("no csrf on the account page")?
+        .to_string();
+    let asked = http
+        .post(format!("{site}/account/wizard"))
+        .header("cookie", &session)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await?;
+    let (status, location) = (
+        asked.status(),
+        asked
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_string),
+    );
+    ensure!(
+        status == 307 && location.as_deref() == Some("/wizard/reopen"),
+        "POST /account/wizard answered {status} to {location:?}: {}",
+        asked.text().await.unwrap_or_default()
+    );
+    let reopened = http
+        .post(format!("{site}/wizard/reopen"))
+        .header("cookie", &session)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await?;
+    let url = reopened
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .filter(|l| l.starts_with("/wizard/?token="))
+        .with_context(|| format!("POST /wizard/reopen answered {}", reopened.status()))?
+        .to_string();
+    let entry = http.get(format!("{site}{url}")).send().await?;
+    let cookie = entry
+        .headers()
+        .get("set-cookie")
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .context("the new setup URL sets no cookie")?
+        .to_string();
+    let page = http
+        .get(format!("{site}/wizard/"))
+        .header("cookie", cookie)
+        .send()
+        .await?;
+    ensure!(
+        page.status() == 200,
+        "the wizard opened from the dashboard answers {}",
+        page.status()
+    );
+    Ok(url)
 }
 
 /// Simulated agents linked at once through the gateway (two descriptors each there, one in

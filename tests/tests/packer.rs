@@ -2,16 +2,15 @@
 //! (Debian 12's Packer 1.6.6, which tests/run.sh installs; it has every builder built in):
 //!
 //! - `packer validate` of all three sources (amazon-ebs, googlecompute, null) as a person
-//!   would run it, with stand-in binaries for `target/release/km` and `km-wizard` (the
-//!   tests build no release binaries). It is a full validate, not `-syntax-only`: every
+//!   would run it, with a stand-in for the package `target/deb/km_<version>_amd64.deb`
+//!   (the appliance's boot test builds and installs the real one). It is a full validate, not `-syntax-only`: every
 //!   builder and provisioner checks its settings and every uploaded file must exist. It
 //!   is offline: Packer 1.6.6 contacts neither AWS nor Google Cloud there and needs no
 //!   credentials (it opens no network connection at all); only the variables without a
 //!   usable default are given (`gcp_project_id`, `host_address`; nothing connects to
 //!   that host).
 //! - `packer fmt -check` of `packer/` and `packer/plugins/`.
-//! - the files the template uploads from the repository (`systemd/`,
-//!   `packer/provision.sh`) exist, named one by one.
+//! - the files the template uploads from the repository (`packer/provision.sh`) exist.
 //! - the checks bite: on a copy of the template, a builder setting removed, an uploaded
 //!   file missing and a misaligned line each make validate or fmt fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -58,12 +57,22 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A directory with stand-ins for the release binaries the template uploads.
+/// A directory with a stand-in for the package the template uploads (named with
+/// Cargo.toml's version, as packaging/build-deb.sh names it).
 fn stand_in_artifacts() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    for name in ["km", "km-wizard"] {
-        fs::write(dir.path().join(name), "stand-in\n").unwrap();
-    }
+    let cargo = fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    let version = cargo
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("version = ")))
+        .map(|v| v.trim_matches('"').to_string())
+        .expect("a version in [workspace.package]");
+    fs::write(
+        dir.path().join(format!("km_{version}_amd64.deb")),
+        "stand-in\n",
+    )
+    .unwrap();
     dir
 }
 
@@ -141,7 +150,7 @@ fn uploaded_repository_files_exist() {
     let mut checked = Vec::new();
     let mut missing = Vec::new();
     for source in &sources {
-        // The release binaries are build output, given by artifacts_dir.
+        // The package is build output, given by artifacts_dir.
         if source.starts_with("${local.artifacts_dir}/") {
             continue;
         }
@@ -156,12 +165,10 @@ fn uploaded_repository_files_exist() {
         }
         checked.push(path);
     }
-    for expected in ["systemd", "packer/provision.sh"] {
-        assert!(
-            checked.iter().any(|p| p == expected),
-            "km.pkr.hcl no longer uploads {expected}; uploads: {sources:?}"
-        );
-    }
+    assert!(
+        checked.iter().any(|p| p == "packer/provision.sh"),
+        "km.pkr.hcl no longer uploads packer/provision.sh; uploads: {sources:?}"
+    );
     assert!(
         missing.is_empty(),
         "files km.pkr.hcl uploads are missing from the repository: {missing:?}"
@@ -169,12 +176,11 @@ fn uploaded_repository_files_exist() {
 }
 
 /// A copy of the template in a tree of its own: packer/*.pkr.hcl, packer/plugins/,
-/// Cargo.toml, and stand-ins for provision.sh and systemd/.
+/// Cargo.toml, and a stand-in for provision.sh.
 fn template_copy() -> tempfile::TempDir {
     let root = repo_root();
     let copy = tempfile::tempdir().unwrap();
     fs::create_dir_all(copy.path().join("packer/plugins")).unwrap();
-    fs::create_dir_all(copy.path().join("systemd")).unwrap();
     for entry in fs::read_dir(root.join("packer")).unwrap() {
         let path = entry.unwrap().path();
         if path.to_string_lossy().ends_with(".pkr.hcl") {
@@ -192,9 +198,6 @@ fn template_copy() -> tempfile::TempDir {
     .unwrap();
     fs::copy(root.join("Cargo.toml"), copy.path().join("Cargo.toml")).unwrap();
     fs::write(copy.path().join("packer/provision.sh"), "#!/bin/bash\n").unwrap();
-    fs::create_dir_all(copy.path().join("packer/files")).unwrap();
-    fs::write(copy.path().join("README.md"), "# KM\n").unwrap();
-    fs::write(copy.path().join("systemd/km.service"), "[Unit]\n").unwrap();
     copy
 }
 

@@ -147,7 +147,10 @@ async fn run(
     progress: &SharedProgress,
 ) -> Result<(), String> {
     set(progress, 0, StepState::Running);
-    let found = validate::all(&plan.env, options).await;
+    let mut found = validate::all(&plan.env, options).await;
+    if let Err(why) = check_admin(&target.state, plan.admin.as_ref()) {
+        found.push(Check::failed("admin account", why));
+    }
     let failed: Vec<String> = found
         .iter()
         .filter(|c| c.status == Status::Failed)
@@ -216,6 +219,21 @@ async fn run(
         StepState::Done("the wizard is locked: reopen it with `km-wizard reopen`".into()),
     );
     Ok(())
+}
+
+/// The first apply needs its admin: without one no one could sign in (sign-up is closed
+/// to other addresses, and a reopened wizard no longer asks). An admin given must be
+/// one km accepts, checked before anything is written.
+fn check_admin(state: &StateDir, admin: Option<&Admin>) -> Result<(), String> {
+    match admin {
+        Some(a) => km::api::oauth::check_account(&a.username, &a.email, &a.password)
+            .map_err(|e| format!("admin {e}")),
+        None if !state.was_applied() => Err(
+            "the first admin account is required (username, email and password): without it no one could sign in"
+                .into(),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Puts the previous env file back and restarts on it.

@@ -125,6 +125,27 @@ impl SettingsForm {
     }
 }
 
+impl SettingsForm {
+    /// What was typed, to show again after a failed apply: no secret goes back to the
+    /// browser (passwords, the licence, the private key; URL passwords masked), and the
+    /// notes say what the settings in use (`current`) hold.
+    pub fn draft(&self, current: &BTreeMap<String, String>) -> SettingsForm {
+        let in_use = SettingsForm::from_env(current);
+        SettingsForm {
+            dedicated_key: String::new(),
+            smtp_password: String::new(),
+            admin_password: String::new(),
+            tls_key_pem: String::new(),
+            mongo_url: mask_url(&self.mongo_url),
+            elasticsearch_url: mask_url(&self.elasticsearch_url),
+            redis_url: mask_url(&self.redis_url),
+            has_licence: in_use.has_licence,
+            has_smtp_password: in_use.has_smtp_password,
+            ..self.clone()
+        }
+    }
+}
+
 /// Sets `key` to `value`, or removes it when empty.
 fn put(env: &mut BTreeMap<String, String>, key: &str, value: &str) {
     match value.trim() {
@@ -147,6 +168,24 @@ fn save_pem(dir: &Path, kind: &str, pem: &str) -> Result<String, String> {
         .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path.display().to_string())
+}
+
+/// Removes the PEMs `tried` names in `pem_dir` that the settings in use (`current`) do
+/// not: a check, or an apply that did not stick, leaves no uploaded key behind.
+pub fn discard_uploads(
+    tried: &BTreeMap<String, String>,
+    current: &BTreeMap<String, String>,
+    pem_dir: &Path,
+) {
+    for var in ["KM_TLS_CERT", "KM_TLS_KEY"] {
+        let Some(path) = tried.get(var) else {
+            continue;
+        };
+        let in_use = current.values().any(|v| v == path);
+        if !in_use && Path::new(path).parent() == Some(pem_dir) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// The new env file (the current one with the form's changes) and the admin account.

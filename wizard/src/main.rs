@@ -8,6 +8,7 @@ mod form;
 mod server;
 mod services;
 mod token;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,10 +68,60 @@ enum Command {
         /// /run/km-wizard/url.env, else http://127.0.0.1:8090).
         #[arg(long, env = "KM_WIZARD_PUBLIC_URL")]
         url: Option<String>,
+        /// Only if this request file (written by km when an admin asks from the
+        /// dashboard) was written in the last two minutes.
+        #[arg(long)]
+        request: Option<PathBuf>,
+    },
+    /// Upgrade to a km package (root): a backup, the package, the roles restarted and
+    /// awaited healthy; if they are not, the previous package and the backup go back.
+    Upgrade {
+        /// The package, km_<version>_<arch>.deb.
+        file: PathBuf,
+        #[command(flatten)]
+        day2: Day2,
+    },
+    /// Restore a backup (root): the roles stopped, the backup restored, started again.
+    Restore {
+        /// The archive `km backup create` wrote.
+        file: PathBuf,
+        #[command(flatten)]
+        day2: Day2,
+    },
+    /// Wait until the appliance answers healthy; names a role unit that failed.
+    Health {
+        #[command(flatten)]
+        day2: Day2,
     },
 }
 
-/// Written by the wizard unit's `ExecStartPre` (packer/files/wizard-url).
+#[derive(Args)]
+struct Day2 {
+    #[arg(
+        long,
+        env = "KM_WIZARD_STATE_DIR",
+        default_value = "/var/lib/km-wizard"
+    )]
+    state_dir: PathBuf,
+    /// The appliance's env file.
+    #[arg(long, env = "KM_ENV_FILE", default_value = "/etc/km/km.env")]
+    env_file: PathBuf,
+    /// Seconds the appliance has to answer healthy.
+    #[arg(long, default_value_t = 60)]
+    wait: u64,
+}
+
+impl Day2 {
+    fn appliance(&self) -> upgrade::Appliance {
+        upgrade::Appliance {
+            env_file: self.env_file.clone(),
+            wizard_state: self.state_dir.clone(),
+            healthy_within: Duration::from_secs(self.wait),
+        }
+    }
+}
+
+/// Written by the wizard unit's `ExecStartPre` (packaging/files/wizard-url).
 const UNIT_URL_FILE: &str = "/run/km-wizard/url.env";
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -157,8 +208,54 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} must run as root");
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Upgrade { file, day2 } => {
+            require_root("upgrade")?;
+            match upgrade::upgrade(&day2.appliance(), &file).await? {
+                upgrade::Upgraded::Done {
+                    from,
+                    to,
+                    downtime,
+                    backup,
+                } => println!(
+                    "km-wizard: upgraded from {from} to {to}; the appliance answered healthy {:.1} s after the restart (backup: {})",
+                    downtime.as_secs_f64(),
+                    backup.display()
+                ),
+                upgrade::Upgraded::Installed { from, to } => println!(
+                    "km-wizard: upgraded from {from} to {to} (not configured yet: nothing to restart)"
+                ),
+            }
+            Ok(())
+        }
+        Command::Restore { file, day2 } => {
+            require_root("restore")?;
+            let started = std::time::Instant::now();
+            let restored = upgrade::restore(&day2.appliance(), &file).await?;
+            print!("{}", restored.manifest.summary());
+            if let Some(aside) = &restored.set_aside {
+                println!("km-wizard: the data it replaced is in {}", aside.display());
+            }
+            println!(
+                "km-wizard: restored in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Health { day2 } => {
+            upgrade::wait_healthy(&day2.appliance()).await?;
+            println!("km-wizard: healthy");
+            Ok(())
+        }
         Command::Serve {
             listen,
             url,
@@ -166,13 +263,26 @@ async fn run(command: Command) -> anyhow::Result<()> {
             common,
         } => serve(listen, url, &console, common).await,
         Command::Apply { settings, common } => apply_headless(&settings, common).await,
-        Command::Reopen { state_dir, url } => {
+        Command::Reopen {
+            state_dir,
+            url,
+            request,
+        } => {
             // SAFETY: geteuid has no preconditions.
             if unsafe { libc::geteuid() } != 0 {
                 bail!(
                     "reopen must run as root (it writes the setup token under {})",
                     state_dir.display()
                 );
+            }
+            if let Some(request) = request
+                && !fresh_request(&request)
+            {
+                println!(
+                    "km-wizard: no fresh request in {}: nothing to do",
+                    request.display()
+                );
+                return Ok(());
             }
             let token = StateDir::open(&state_dir)?.issue()?;
             if Path::new("/run/systemd/system").exists() {
@@ -188,6 +298,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A request older than this is not acted on (left over from before a restart).
+const REQUEST_TTL: Duration = Duration::from_secs(120);
+
+/// Whether `path` was written in the last [`REQUEST_TTL`] (its time is all it says: the
+/// unit reading it only traverses km's directory, as group km).
+fn fresh_request(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|at| at.elapsed().ok())
+        .is_some_and(|age| age < REQUEST_TTL)
 }
 
 /// The public URL the wizard unit announces, if it runs.

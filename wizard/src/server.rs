@@ -25,6 +25,7 @@ use crate::form::{self, SettingsForm};
 use crate::token::{Attempts, StateDir};
 use km::gateway::challenge::Challenges;
 use km::gateway::proxy::client_ip;
+use km::setup::checks::Status;
 use km::setup::{envfile, validate};
 
 const COOKIE_NAME: &str = "km_wizard";
@@ -43,6 +44,11 @@ pub struct Wizard {
     probe_nonce: String,
     /// HTTP-01 answers for the ACME trial order.
     challenges: Challenges,
+    /// The SMTP settings and recipient a Check already sent a test mail with: the apply
+    /// of the same does not send another.
+    mailed: Mutex<Option<String>>,
+    /// The form of an apply that failed (secrets out): "Back to the settings" shows it.
+    draft: Mutex<Option<SettingsForm>>,
 }
 
 /// Where the site URL check looks for this wizard.
@@ -60,13 +66,17 @@ impl Wizard {
             applied_with: Mutex::new(None),
             probe_nonce: crate::token::random_hex(16),
             challenges: Challenges::default(),
+            mailed: Mutex::new(None),
+            draft: Mutex::new(None),
         })
     }
 
     /// The live checks' options: the probe and ACME answers this wizard serves.
     fn options(&self, plan: &Plan, only: Option<String>) -> validate::Options {
+        let mailed = self.mailed.lock().clone();
+        let already_mailed = only.is_none() && mailed.is_some() && mailed == mail_key(plan);
         validate::Options {
-            test_mail_to: plan.test_mail_to.clone(),
+            test_mail_to: plan.test_mail_to.clone().filter(|_| !already_mailed),
             only,
             probe: Some((PROBE_PATH.to_string(), self.probe_nonce.clone())),
             challenges: Some(self.challenges.clone()),
@@ -103,8 +113,13 @@ pub fn router(wizard: WizardState) -> Router {
     open.merge(guarded).fallback(|| async { forbidden() })
 }
 
+/// The answer without the current token: what to do, nothing about the wizard itself.
+pub const FORBIDDEN: &str = "This page needs the setup link with its one-time token. The link is printed on \
+the appliance's serial console and by `sudo journalctl -u km-wizard`; `sudo km-wizard reopen` \
+makes a new one (links expire after 24 hours).\n";
+
 fn forbidden() -> Response {
-    (StatusCode::FORBIDDEN, "forbidden\n").into_response()
+    (StatusCode::FORBIDDEN, FORBIDDEN).into_response()
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
@@ -158,7 +173,9 @@ async fn guard(
     if let Some(token) = query.token
         && from_cookie.as_deref() != Some(token.as_str())
     {
-        let cookie = format!("{COOKIE_NAME}={token}; Path=/wizard; HttpOnly; SameSite=Strict");
+        // Lax: a setup link followed from another site (a mail, a chat) keeps its cookie
+        // through this redirect; other sites' forms still cannot post with it.
+        let cookie = format!("{COOKIE_NAME}={token}; Path=/wizard; HttpOnly; SameSite=Lax");
         let mut response = Redirect::to(request.uri().path()).into_response();
         if let Ok(cookie) = HeaderValue::from_str(&cookie) {
             response.headers_mut().insert(SET_COOKIE, cookie);
@@ -256,13 +273,17 @@ struct WizardPage {
     form: SettingsForm,
     env_file: String,
     reconfigure: bool,
+    /// The form shows what a failed apply was given, not the settings in use.
+    draft: bool,
 }
 
 async fn page(State(wizard): State<WizardState>) -> Response {
     let current = current_env(&wizard);
+    let draft = wizard.draft.lock().clone();
     html(&WizardPage {
         reconfigure: wizard.state().was_applied(),
-        form: SettingsForm::from_env(&current),
+        draft: draft.is_some(),
+        form: draft.unwrap_or_else(|| SettingsForm::from_env(&current)),
         env_file: wizard.target.env_file.display().to_string(),
     })
 }
@@ -284,7 +305,27 @@ async fn check(
         }
     };
     let options = wizard.options(&plan, Some(section));
-    Json(validate::all(&plan.env, &options).await).into_response()
+    let found = validate::all(&plan.env, &options).await;
+    let mailed = found
+        .iter()
+        .any(|c| c.setting.starts_with("SMTP") && c.status == Status::Ok);
+    if mailed && options.test_mail_to.is_some() {
+        *wizard.mailed.lock() = mail_key(&plan);
+    }
+    form::discard_uploads(&plan.env, &current_env(&wizard), &wizard.target.pem_dir);
+    Json(found).into_response()
+}
+
+/// What identifies a test mail: the SMTP settings and the recipient.
+fn mail_key(plan: &Plan) -> Option<String> {
+    use sha2::Digest;
+    let to = plan.test_mail_to.as_deref()?;
+    let mut hasher = sha2::Sha256::new();
+    for (k, v) in plan.env.iter().filter(|(k, _)| k.starts_with("SMTP_")) {
+        hasher.update(format!("{k}={v}\n"));
+    }
+    hasher.update(to);
+    Some(hex::encode(hasher.finalize()))
 }
 
 /// `POST /wizard/apply`: starts the apply and shows its progress.
@@ -301,14 +342,23 @@ async fn start_apply(
         return (StatusCode::CONFLICT, "an apply is already running\n").into_response();
     }
     *wizard.applied_with.lock() = cookie_token(&headers);
+    *wizard.draft.lock() = None;
     apply::reset(&wizard.progress);
     let job = wizard.clone();
     tokio::spawn(async move {
         let options = job.options(&plan, None);
+        let env = plan.env.clone();
         let outcome = apply::apply(&job.target, plan, options, &job.progress).await;
         match &outcome {
             Ok(()) => tracing::info!("wizard: settings applied, wizard locked"),
-            Err(why) => tracing::warn!(%why, "wizard: apply failed"),
+            Err(why) => {
+                tracing::warn!(%why, "wizard: apply failed");
+                let current = current_env(&job);
+                form::discard_uploads(&env, &current, &job.target.pem_dir);
+                if !job.progress.lock().applied() {
+                    *job.draft.lock() = Some(submitted.draft(&current));
+                }
+            }
         }
         job.running.store(false, Ordering::SeqCst);
     });

@@ -47,16 +47,8 @@ impl Services {
                 for unit in units {
                     systemctl(&["restart", unit]).await?;
                 }
-                for unit in units {
-                    systemctl(&["is-active", "--quiet", unit])
-                        .await
-                        .map_err(|_| {
-                            format!(
-                                "{unit} is not active after its restart (see journalctl -u {unit})"
-                            )
-                        })?;
-                }
-                wait_healthy(&url, || None).await
+                // A unit that fails ends the wait at once, named with its last lines.
+                wait_healthy(&url, HEALTHY_WITHIN, Watch::Units(units)).await
             }
             Services::Process { km_bin, child } => {
                 let mut child = child.lock().await;
@@ -73,13 +65,7 @@ impl Services {
                 *child = Some(spawned);
                 // A km that exits (a port taken, a store refused) fails the restart at
                 // once instead of after HEALTHY_WITHIN.
-                wait_healthy(&url, || {
-                    let status = child.as_mut()?.try_wait().ok()??;
-                    Some(format!(
-                        "km exited ({status}) before it answered healthy at {url}; its output is in the wizard's log"
-                    ))
-                })
-                .await
+                wait_healthy(&url, HEALTHY_WITHIN, Watch::Child(&mut child)).await
             }
         }
     }
@@ -178,17 +164,40 @@ pub fn api_client() -> Result<reqwest::Client, String> {
         .map_err(|e| format!("HTTP client: {e}"))
 }
 
-/// Polls `/healthz` until it answers `status: ok`, or says why not; `exited` tells when
-/// the service died meanwhile (and why), which ends the wait.
-async fn wait_healthy(url: &str, mut exited: impl FnMut() -> Option<String>) -> Result<(), String> {
+/// What a health wait watches, to stop waiting for a service that died.
+pub enum Watch<'a> {
+    /// systemd units (a target stands for the units it wants).
+    Units(&'a [String]),
+    /// A `km serve` child.
+    Child(&'a mut Option<Child>),
+}
+
+impl Watch<'_> {
+    /// Why the service cannot become healthy any more, if it died.
+    async fn failed(&mut self, url: &str) -> Option<String> {
+        match self {
+            Watch::Units(units) => failed_unit(units).await,
+            Watch::Child(child) => {
+                let status = child.as_mut()?.try_wait().ok()??;
+                Some(format!(
+                    "km exited ({status}) before it answered healthy at {url}; its output is in the wizard's log"
+                ))
+            }
+        }
+    }
+}
+
+/// Polls `/healthz` until it answers `status: ok` within `within`, or says why not;
+/// a watched service that dies meanwhile ends the wait.
+pub async fn wait_healthy(url: &str, within: Duration, mut watch: Watch<'_>) -> Result<(), String> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()
         .map_err(|e| e.to_string())?;
-    let deadline = tokio::time::Instant::now() + HEALTHY_WITHIN;
+    let deadline = tokio::time::Instant::now() + within;
     let mut last = String::from("no answer");
     while tokio::time::Instant::now() < deadline {
-        if let Some(why) = exited() {
+        if let Some(why) = watch.failed(url).await {
             return Err(why);
         }
         match http.get(url).send().await {
@@ -201,12 +210,61 @@ async fn wait_healthy(url: &str, mut exited: impl FnMut() -> Option<String>) -> 
             }
             Err(e) => last = e.to_string(),
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Err(format!(
         "the appliance did not report healthy at {url} within {} s (last: {last})",
-        HEALTHY_WITHIN.as_secs()
+        within.as_secs()
     ))
+}
+
+/// A unit among `units` (a target stands for the units it wants) that failed, or waits
+/// to be restarted after failing: named, with the last lines of its journal.
+pub async fn failed_unit(units: &[String]) -> Option<String> {
+    let mut all = Vec::new();
+    for unit in units {
+        all.push(unit.clone());
+        if unit.ends_with(".target") {
+            let wants = output("systemctl", &["show", "-p", "Wants", "--value", unit]).await?;
+            all.extend(wants.split_whitespace().map(str::to_string));
+        }
+    }
+    for unit in &all {
+        let state = output(
+            "systemctl",
+            &[
+                "show",
+                "-p",
+                "ActiveState",
+                "-p",
+                "SubState",
+                "--value",
+                unit,
+            ],
+        )
+        .await?;
+        if state.lines().any(|l| l == "failed" || l == "auto-restart") {
+            let journal = output(
+                "journalctl",
+                &["-u", unit, "-n", "5", "-o", "cat", "--no-pager"],
+            )
+            .await
+            .unwrap_or_default();
+            return Some(format!(
+                "{unit} failed: {} (journalctl -u {unit})",
+                journal.trim().replace('\n', " / ")
+            ));
+        }
+    }
+    None
+}
+
+/// A command's standard output, if it ran and succeeded.
+async fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().await.ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

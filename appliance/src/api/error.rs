@@ -47,6 +47,10 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg.into())
     }
 
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg.into())
+    }
+
     pub fn forbidden(msg: impl Into<String>) -> Self {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg.into())
     }

@@ -42,21 +42,23 @@ fn truthy(v: &Value) -> bool {
     }
 }
 
-fn check_registration(form: &RegisterForm) -> ApiResult<()> {
-    let username_ok = (1..=64).contains(&form.username.len())
-        && form
-            .username
+/// What a new account must be (the setup wizard checks its first admin with it too).
+pub fn check_account(username: &str, email: &str, password: &str) -> Result<(), String> {
+    let username_ok = (1..=64).contains(&username.len())
+        && username
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !username_ok {
-        return Err(ApiError::bad_request(
-            "username: 1 to 64 letters, digits, '_', '.' or '-'",
-        ));
+        return Err("username: 1 to 64 letters, digits, '_', '.' or '-'".into());
     }
-    if !crate::config::looks_like_email(&form.email) {
-        return Err(ApiError::bad_request("email: not a valid address"));
+    if !crate::config::looks_like_email(email) {
+        return Err("email: not a valid address".into());
     }
-    check_new_password(&form.password)?;
+    password_long_enough(password)
+}
+
+fn check_registration(form: &RegisterForm) -> ApiResult<()> {
+    check_account(&form.username, &form.email, &form.password).map_err(ApiError::bad_request)?;
     if !truthy(&form.accept_terms) {
         return Err(ApiError::bad_request(
             "accept_terms: the terms must be accepted",
@@ -83,10 +85,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 }
 
 pub fn check_new_password(password: &str) -> ApiResult<()> {
+    password_long_enough(password).map_err(ApiError::bad_request)
+}
+
+fn password_long_enough(password: &str) -> Result<(), String> {
     if password.chars().count() < MIN_PASSWORD {
-        return Err(ApiError::bad_request(format!(
-            "password: at least {MIN_PASSWORD} characters"
-        )));
+        return Err(format!("password: at least {MIN_PASSWORD} characters"));
     }
     Ok(())
 }

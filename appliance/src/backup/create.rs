@@ -103,7 +103,12 @@ pub async fn create(sources: &Sources, out: &Path, host: &str) -> anyhow::Result
 }
 
 /// `km-<host>-<YYYYMMDDTHHMMSSZ>.tar.gz`.
-pub(super) fn file_name(host: &str, at_ms: i64) -> String {
+fn file_name(host: &str, at_ms: i64) -> String {
+    format!("km-{}.tar.gz", stamp(host, at_ms))
+}
+
+/// `<host>-<YYYYMMDDTHHMMSSZ>`: what names an archive of this host made at `at_ms`.
+pub fn stamp(host: &str, at_ms: i64) -> String {
     let stamp = bson::DateTime::from_millis(at_ms)
         .try_to_rfc3339_string()
         .unwrap_or_default()
@@ -121,7 +126,7 @@ pub(super) fn file_name(host: &str, at_ms: i64) -> String {
             }
         })
         .collect();
-    format!("km-{host}-{stamp}Z.tar.gz")
+    format!("{host}-{stamp}Z")
 }
 
 /// The data dir: each embedded store through SQLite's backup API, every other file as
@@ -148,13 +153,16 @@ fn stage_data_dir(
             schema.insert(store.to_string(), version);
         }
     }
+    // Not data: the stores (copied above) and their WAL, the lock, hidden temporary and
+    // staging files, what restores set aside, the dashboard's request for the wizard.
     copy_tree(data_dir, &to, &|rel: &Path| {
         let name = rel.to_string_lossy();
         !(name.ends_with(".sqlite")
             || name.ends_with(".sqlite-wal")
             || name.ends_with(".sqlite-shm")
             || name == crate::stores::sqlite::LOCK_FILE
-            || name.starts_with(".km-")
+            || name == crate::stores::sqlite::WIZARD_START_REQUEST
+            || name.starts_with('.')
             || name.starts_with("before-restore-"))
     })?;
     Ok(schema)

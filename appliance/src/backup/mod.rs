@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use archive::verify;
-pub use create::{Created, Sources, create};
+pub use create::{Created, Sources, create, stamp};
 pub use restore::{Restored, Targets, restore};
 
 /// The archive layout this km writes and reads.

@@ -180,7 +180,7 @@ fn url_userinfo(url: &str) -> Option<&str> {
 }
 
 /// The password in a URL, if it has one (as written, maybe percent-encoded).
-fn url_password(url: &str) -> Option<&str> {
+pub(crate) fn url_password(url: &str) -> Option<&str> {
     url_userinfo(url)?
         .split_once(':')
         .map(|(_, password)| password)

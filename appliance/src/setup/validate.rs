@@ -91,8 +91,19 @@ pub async fn all(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check
             ));
         }
     }
-    if let Some(settings) = &judged.settings {
-        found.extend(live_sections(settings, options, &broken_sections).await);
+    match &judged.settings {
+        Some(settings) => found.extend(live_sections(settings, options, &broken_sections).await),
+        // A part that is fine itself cannot be tried while another is wrong: said, not
+        // passed over as if there were nothing to check.
+        None if found.is_empty() => {
+            if let Some(problem) = judged.report.groups.iter().flat_map(|g| &g.problems).next() {
+                found.push(Check::warning(
+                    "live checks",
+                    format!("not tried until the other parts are valid: {problem}"),
+                ));
+            }
+        }
+        None => {}
     }
     found
 }
@@ -261,5 +272,28 @@ mod tests {
         ] {
             assert_eq!(cut(whole, variable_of(whole).unwrap_or("x")), whole);
         }
+    }
+
+    #[tokio::test]
+    async fn a_part_that_cannot_be_tried_says_why() {
+        let env: BTreeMap<String, String> = [
+            ("KM_SITE_URL", "not a url"),
+            ("SMTP_HOST", "127.0.0.1:1"),
+            ("SMTP_SENDER", "km@example.com"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let options = Options {
+            only: Some("smtp".into()),
+            ..Options::default()
+        };
+        let found = all(&env, &options).await;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].status, checks::Status::Warning);
+        assert!(
+            found[0].detail.contains("not tried until") && found[0].detail.contains("KM_SITE_URL"),
+            "{found:?}"
+        );
     }
 }

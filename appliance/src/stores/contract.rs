@@ -165,6 +165,44 @@ async fn documents_contract_on_mongodb() {
     assert_eq!(again.count_users().await.unwrap(), 1);
 }
 
+#[tokio::test]
+async fn a_database_laid_out_by_a_newer_km_is_refused() {
+    let server = km_e2e::SecantusDb::start().unwrap();
+    let url = server.url("km_newer");
+    MongoDocuments::connect(&url).await.unwrap();
+    let (db, _) = crate::stores::mongo::open(&url, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    let meta = db.collection::<bson::Document>("km_meta");
+    let stored = meta
+        .find_one(bson::doc! {"_id": "schema"})
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        stored.get_i64("version").unwrap(),
+        crate::stores::mongo::SCHEMA_VERSION
+    );
+    let newer = crate::stores::mongo::SCHEMA_VERSION + 1;
+    meta.replace_one(
+        bson::doc! {"_id": "schema"},
+        bson::doc! {"_id": "schema", "version": newer},
+    )
+    .await
+    .unwrap();
+    let err = MongoDocuments::connect(&url)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("KM_MONGO_URL:")
+            && err.contains(&format!("laid out by a newer km (schema version {newer}"))
+            && err.contains("run a newer km"),
+        "{err}"
+    );
+}
+
 fn member(user: &User, role: MemberRole) -> Member {
     Member {
         user_id: user.id.clone(),
@@ -1199,6 +1237,43 @@ async fn event_search_contract_on_elasticsearch() {
     let urls = parse_urls(server.url()).unwrap();
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
     event_search_contract(&events).await;
+}
+
+#[tokio::test]
+async fn templates_of_a_newer_km_are_refused() {
+    let server = km_e2e::OsMem::start().unwrap();
+    let urls = parse_urls(server.url()).unwrap();
+    ElasticEvents::connect(&urls, "kmnewer").await.unwrap();
+    let http = reqwest::Client::new();
+    let template = format!("{}/_index_template/kmnewer-metrics", server.url());
+    let got: serde_json::Value = http
+        .get(&template)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut body = got["index_templates"][0]["index_template"].clone();
+    assert_eq!(
+        body["version"],
+        crate::stores::elastic::TEMPLATE_VERSION,
+        "{got}"
+    );
+    body["version"] = serde_json::json!(crate::stores::elastic::TEMPLATE_VERSION + 1);
+    let put = http.put(&template).json(&body).send().await.unwrap();
+    assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+    let err = ElasticEvents::connect(&urls, "kmnewer")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.starts_with("KM_ELASTICSEARCH_URL:")
+            && err.contains("installed by a newer km")
+            && err.contains("run a newer km"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -15,7 +15,9 @@ use elasticsearch::http::transport::{
     MultiNodeConnectionPool, SingleNodeConnectionPool, TransportBuilder,
 };
 use elasticsearch::http::{Method, StatusCode, Url};
-use elasticsearch::indices::{IndicesDeleteParts, IndicesPutIndexTemplateParts};
+use elasticsearch::indices::{
+    IndicesDeleteParts, IndicesGetIndexTemplateParts, IndicesPutIndexTemplateParts,
+};
 use elasticsearch::params::Conflicts;
 use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, SearchParts};
 use serde_json::{Value, json};
@@ -26,6 +28,9 @@ use super::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The version of km's index templates (their `version`): a km refuses templates a
+/// newer km installed rather than put older mappings back.
+pub const TEMPLATE_VERSION: i64 = 1;
 const DAY_MS: i64 = 86_400_000;
 /// Most servers, apps per server and metrics per app one histogram query returns.
 const MAX_TERMS: u32 = 10_000;
@@ -199,6 +204,7 @@ impl ElasticEvents {
             .map(|k| self.index(k.as_str(), "*"))
             .collect();
         let events = json!({
+            "version": TEMPLATE_VERSION,
             "index_patterns": events_patterns,
             "template": {
                 "settings": {"number_of_replicas": 0, "analysis": {"normalizer": {
@@ -214,6 +220,7 @@ impl ElasticEvents {
         });
         let double = json!({"type": "double"});
         let metrics = json!({
+            "version": TEMPLATE_VERSION,
             "index_patterns": [self.index(METRICS, "*")],
             "template": {
                 "settings": {"number_of_replicas": 0},
@@ -228,6 +235,13 @@ impl ElasticEvents {
             (format!("{}-events", self.prefix), events),
             (format!("{}-metrics", self.prefix), metrics),
         ] {
+            let installed = self.template_version(&name).await?;
+            if installed > TEMPLATE_VERSION {
+                return Err(format!(
+                    "template {name} was installed by a newer km (version {installed}, this km \
+                     knows {TEMPLATE_VERSION}): run a newer km"
+                ));
+            }
             let response = self
                 .client
                 .indices()
@@ -244,6 +258,28 @@ impl ElasticEvents {
             }
         }
         Ok(())
+    }
+
+    /// The `version` of the index template `name`; 0 when there is none or it has none.
+    async fn template_version(&self, name: &str) -> Result<i64, String> {
+        let response = self
+            .client
+            .indices()
+            .get_index_template(IndicesGetIndexTemplateParts::Name(name))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response.status_code() == StatusCode::NOT_FOUND {
+            return Ok(0);
+        }
+        let body: Value = response.json().await.unwrap_or_default();
+        Ok(body["index_templates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["index_template"]["version"].as_i64())
+            .max()
+            .unwrap_or(0))
     }
 
     /// Sends `lines` (action, document, ...) to `_bulk`, in requests of `BULK_DOCS`.

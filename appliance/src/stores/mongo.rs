@@ -20,6 +20,9 @@ use super::{
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_DATABASE: &str = "km";
+/// The layout of the collections and indexes, kept in `km_meta` (`_id: "schema"`): a km
+/// refuses a database a newer km laid out, and raises it after its own indexes.
+pub const SCHEMA_VERSION: i64 = 1;
 /// Oldest MongoDB version supported (the driver needs 4.4).
 const MIN_VERSION: (u32, u32) = (4, 4);
 
@@ -117,12 +120,36 @@ impl MongoDocuments {
         supported_version(info.get_str("version").unwrap_or("0"))
             .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: {where_} {e}"))?;
         let store = MongoDocuments { db };
+        let meta = store.db.collection::<Document>("km_meta");
+        let found = meta
+            .find_one(doc! { "_id": "schema" })
+            .await
+            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot read {where_}/{name}: {}", e.kind))?
+            .and_then(|d| d.get_i64("version").ok())
+            .unwrap_or(0);
+        if found > SCHEMA_VERSION {
+            anyhow::bail!(
+                "KM_MONGO_URL: {where_}/{name} was laid out by a newer km (schema version {found}, \
+                 this km knows {SCHEMA_VERSION}): run a newer km"
+            );
+        }
         store.create_indexes().await.map_err(|e| {
             anyhow::anyhow!(
                 "KM_MONGO_URL: cannot create indexes in {where_}/{name}: {}",
                 e.kind
             )
         })?;
+        if found < SCHEMA_VERSION {
+            meta.replace_one(
+                doc! { "_id": "schema" },
+                doc! { "_id": "schema", "version": SCHEMA_VERSION },
+            )
+            .upsert(true)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("KM_MONGO_URL: cannot write {where_}/{name}: {}", e.kind)
+            })?;
+        }
         Ok(store)
     }
 

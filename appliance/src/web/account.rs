@@ -315,6 +315,71 @@ pub async fn account_page(
     })
 }
 
+/// How long the dashboard waits for the wizard it asked for.
+const WIZARD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `POST /account/wizard` (admins): the setup wizard, started if it is not running, then
+/// the same form posted on to it (307 keeps the method and the CSRF token), where the
+/// wizard checks the admin's session and opens with a new token.
+pub async fn open_wizard(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
+        return refused;
+    }
+    if session.auth.user.role != "admin" {
+        return error_page(&ApiError::forbidden(
+            "only an admin changes the appliance's settings",
+        ));
+    }
+    let Some(wizard) = app.settings.wizard_url.clone() else {
+        return error_page(&ApiError::not_found("no setup wizard on this appliance"));
+    };
+    if !wizard_answers(&wizard).await {
+        tracing::info!(admin = %session.auth.user.username, "setup wizard asked for from the dashboard");
+        if let Err(e) = ask_for_wizard(&app.settings.data_dir) {
+            return error_page(&ApiError::unavailable(format!(
+                "cannot ask for the setup wizard ({e}): run `sudo km-wizard reopen` on the appliance"
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + WIZARD_START_WAIT;
+        while !wizard_answers(&wizard).await {
+            if tokio::time::Instant::now() > deadline {
+                return error_page(&ApiError::unavailable(
+                    "the setup wizard did not start: run `sudo km-wizard reopen` on the appliance",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+    Redirect::temporary("/wizard/reopen").into_response()
+}
+
+/// Whether the wizard answers at all (without its token it answers 403).
+async fn wizard_answers(base: &str) -> bool {
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return false;
+    };
+    http.get(format!("{}/wizard/", base.trim_end_matches('/')))
+        .send()
+        .await
+        .is_ok()
+}
+
+/// Writes the request file (its time inside: root acts only on a fresh one).
+fn ask_for_wizard(data_dir: &std::path::Path) -> std::io::Result<()> {
+    use crate::stores::sqlite::WIZARD_START_REQUEST;
+    let path = data_dir.join(WIZARD_START_REQUEST);
+    let tmp = data_dir.join(format!(".{WIZARD_START_REQUEST}.tmp"));
+    std::fs::write(&tmp, crate::ids::now_ms().to_string())?;
+    std::fs::rename(&tmp, &path)
+}
+
 #[derive(Deserialize)]
 pub struct PasswordForm {
     #[serde(default)]

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/logout", post(account::logout))
         .route("/account", get(account::account_page))
         .route("/account/password", post(account::change_password))
+        .route("/account/wizard", post(account::open_wizard))
         .route("/buckets", get(buckets::list).post(buckets::create))
         .route("/buckets/{id}", get(buckets::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))

@@ -69,6 +69,12 @@ CREATE TABLE bucket_docs (
   bucket_id TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
   PRIMARY KEY (bucket_id, kind, id));
 ",
+    // A version after this km's, for the upgrade tests only (the feature
+    // test-migration): it fails where the table is already there.
+    #[cfg(feature = "test-migration")]
+    "
+CREATE TABLE upgrade_probe (id INTEGER PRIMARY KEY);
+",
 ];
 
 /// Claimed periods kept per job.

@@ -90,6 +90,10 @@ fn data_dir(dir: &Path) -> anyhow::Result<&Path> {
 
 /// The file every `km serve` holds a shared lock on, and a restore an exclusive one.
 pub const LOCK_FILE: &str = "km.lock";
+/// The file in the data dir km writes to ask for the setup wizard; on the appliance a
+/// systemd path unit (`km-wizard-start.path`) sees it and root starts the wizard, so the
+/// roles never hold root.
+pub const WIZARD_START_REQUEST: &str = "wizard-start";
 
 /// The data dir's lock, shared: held while km serves, so a restore waits for km to stop.
 pub fn lock_data_dir_shared(dir: &Path) -> anyhow::Result<std::fs::File> {
@@ -122,6 +126,12 @@ fn lock_file(dir: &Path) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("KM_DATA_DIR: cannot open {}: {e}", path.display()))
+}
+
+/// The schema version of the database at `path` (read only).
+pub fn schema_of(path: &Path) -> rusqlite::Result<i64> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
 }
 
 /// The newest schema version this km knows of an embedded store (`documents`, `events`).
