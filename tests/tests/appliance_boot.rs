@@ -478,17 +478,7 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         ensure!(env_file.contains(&format!("KM_SITE_URL={site}")), "km.env:\n{env_file}");
 
         // A real pm2 on this host links through the gateway on port 80.
-        let token = http
-            .post(format!("{site}/api/oauth/token"))
-            .json(&json!({"grant_type": "password", "username": "admin", "password": "a-long-password-1", "client_id": "boot"}))
-            .send()
-            .await?
-            .json::<Value>()
-            .await?["access_token"]
-            .as_str()
-            .context("the admin cannot sign in")?
-            .to_string();
-        let api = Api::new(&site).with_token(&token);
+        let api = admin_api(&site, "the admin cannot sign in").await?;
         let bucket = api.create_bucket("production").await?;
         let pm2 = Pm2::new(&site)?;
         pm2.start_app("ticker", "setInterval(() => console.log('tick'), 500);").await?;
@@ -579,6 +569,24 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         Ok(())
     })
     .await;
+}
+
+/// The API as the admin the headless apply made (`what` says where it failed).
+async fn admin_api(site: &str, what: &str) -> Result<Api> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let token = http
+        .post(format!("{site}/api/oauth/token"))
+        .json(&json!({"grant_type": "password", "username": "admin", "password": "a-long-password-1", "client_id": "boot"}))
+        .send()
+        .await?
+        .json::<Value>()
+        .await?["access_token"]
+        .as_str()
+        .context(what.to_string())?
+        .to_string();
+    Ok(Api::new(site).with_token(&token))
 }
 
 /// What day 2 left for the fresh image, and its numbers.
@@ -796,20 +804,7 @@ async fn restored_on_a_fresh_image(
         );
     }
     let site = format!("http://{}", netns.appliance_ip);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()?;
-    let token = http
-        .post(format!("{site}/api/oauth/token"))
-        .json(&json!({"grant_type": "password", "username": "admin", "password": "a-long-password-1", "client_id": "boot"}))
-        .send()
-        .await?
-        .json::<Value>()
-        .await?["access_token"]
-        .as_str()
-        .context("the admin cannot sign in on the restored image")?
-        .to_string();
-    let api = Api::new(&site).with_token(&token);
+    let api = admin_api(&site, "the admin cannot sign in on the restored image").await?;
     let buckets = api.get_ok("/api/bucket/").await?.to_string();
     ensure!(
         buckets.contains("production") && buckets.contains("fleet"),
