@@ -117,6 +117,16 @@ pub struct RawSettings {
     /// Address of the interactor role; the gateway forwards `/interaction` there.
     #[arg(long, env = "KM_INTERACTOR_LISTEN", default_value = "127.0.0.1:3900")]
     pub interactor_listen: String,
+    /// Where the workers write a backup every KM_BACKUP_HOURS (unset: no scheduled
+    /// backups).
+    #[arg(long, env = "KM_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Hours between scheduled backups.
+    #[arg(long, env = "KM_BACKUP_HOURS", default_value = "24")]
+    pub backup_hours: String,
+    /// Backups kept in KM_BACKUP_DIR (the oldest go).
+    #[arg(long, env = "KM_BACKUP_KEEP", default_value = "7")]
+    pub backup_keep: String,
 }
 
 impl RawSettings {
@@ -154,6 +164,9 @@ impl RawSettings {
             auth_listen: "127.0.0.1:3100".into(),
             realtime_listen: "127.0.0.1:4010".into(),
             interactor_listen: "127.0.0.1:3900".into(),
+            backup_dir: None,
+            backup_hours: "24".into(),
+            backup_keep: "7".into(),
         }
     }
 }
@@ -283,6 +296,17 @@ pub struct Settings {
     pub wizard_url: Option<String>,
     /// Where each role listens when it runs on its own (`km serve --role ...`).
     pub roles: RoleAddresses,
+    /// Scheduled backups (`KM_BACKUP_DIR`), if any.
+    pub backups: Option<BackupSchedule>,
+}
+
+/// Backups the workers make by themselves.
+#[derive(Debug, Clone)]
+pub struct BackupSchedule {
+    pub dir: PathBuf,
+    pub every: std::time::Duration,
+    /// Archives kept in `dir`.
+    pub keep: usize,
 }
 
 /// The addresses of the roles that have a port of their own when run apart; the gateway
@@ -482,6 +506,7 @@ impl Settings {
                 }
             });
         let tls = tls_mode(&raw, site_url.as_deref(), &mut errors);
+        let backups = backup_schedule(&raw, &mut errors);
         match (listen, retention_days, logs_retention_days, allow_signup) {
             (Some(listen), Some(retention_days), Some(logs_retention_days), Some(allow_signup))
                 if errors.is_empty()
@@ -505,6 +530,7 @@ impl Settings {
                     https_listen,
                     wizard_url,
                     roles,
+                    backups,
                 })
             }
             _ => Err(ConfigErrors(errors)),
@@ -610,6 +636,45 @@ pub fn looks_like_email(address: &str) -> bool {
         && address.split_once('@').is_some_and(|(local, domain)| {
             !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
         })
+}
+
+/// `KM_BACKUP_DIR` with its period and how many are kept; `None` when unset.
+fn backup_schedule(raw: &RawSettings, errors: &mut Vec<String>) -> Option<BackupSchedule> {
+    let mut whole = |value: &str, var: &str, what: &str| match value.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            errors.push(format!(
+                "{var}: {value:?} is not a whole number of {what} above 0"
+            ));
+            None
+        }
+    };
+    let hours = whole(
+        &raw.backup_hours,
+        "KM_BACKUP_HOURS (--backup-hours)",
+        "hours",
+    );
+    let keep = whole(
+        &raw.backup_keep,
+        "KM_BACKUP_KEEP (--backup-keep)",
+        "backups",
+    );
+    let dir = raw
+        .backup_dir
+        .clone()
+        .filter(|d| !d.as_os_str().is_empty())?;
+    if dir.is_relative() {
+        errors.push(format!(
+            "KM_BACKUP_DIR (--backup-dir): {} must be an absolute path",
+            dir.display()
+        ));
+        return None;
+    }
+    Some(BackupSchedule {
+        dir,
+        every: std::time::Duration::from_secs(u64::from(hours?) * 3600),
+        keep: usize::try_from(keep?).unwrap_or(usize::MAX),
+    })
 }
 
 /// The HTTPS mode; `acme` needs an https `KM_SITE_URL` (its host gets the certificate).

@@ -302,7 +302,7 @@ async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
         BackupCommand::Create { paths, out } => {
             let sources = backup::Sources {
                 settings: paths.settings()?,
-                env_file: Some(paths.env_file.clone()),
+                settings_text: std::fs::read_to_string(&paths.env_file).ok(),
                 wizard_state: Some(paths.wizard_state.clone()),
             };
             let started = std::time::Instant::now();

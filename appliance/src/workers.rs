@@ -15,7 +15,66 @@ pub fn spawn_role(app: &AppState) -> Vec<tokio::task::JoinHandle<()>> {
         tokio::spawn(retention(app.clone())),
         tokio::spawn(crate::notify::run(app.clone())),
         tokio::spawn(crate::reporter::run(app.clone())),
+        tokio::spawn(backups(app.clone())),
     ]
+}
+
+/// Scheduled backups (`KM_BACKUP_DIR`): once per period across the nodes, the oldest
+/// beyond `KM_BACKUP_KEEP` deleted, the outcome kept next to them for `/healthz` and the
+/// admins' account page; a failure is logged as an error.
+async fn backups(app: AppState) {
+    let Some(schedule) = app.settings.backups.clone() else {
+        return;
+    };
+    let (documents, shutdown) = (app.documents.clone(), app.shutdown.clone());
+    crate::schedule::every(documents, shutdown, "backup", schedule.every, |_| {
+        let (app, schedule) = (app.clone(), schedule.clone());
+        async move { backup_once(&app, &schedule).await }
+    })
+    .await;
+}
+
+async fn backup_once(app: &AppState, schedule: &crate::config::BackupSchedule) {
+    let started = std::time::Instant::now();
+    let sources = crate::backup::Sources {
+        settings: app.settings.clone(),
+        settings_text: Some(crate::backup::settings_of_process()),
+        wizard_state: None,
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let made = crate::backup::create(&sources, &schedule.dir, host.trim()).await;
+    let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let outcome = match &made {
+        Ok(created) => {
+            let bytes = std::fs::metadata(&created.path).map_or(0, |m| m.len());
+            tracing::info!(file = %created.path.display(), bytes, took_ms, "scheduled backup written");
+            if let Err(e) = crate::backup::prune(&schedule.dir, schedule.keep) {
+                tracing::warn!(error = %e, dir = %schedule.dir.display(), "cannot delete old backups");
+            }
+            crate::backup::Outcome {
+                at: now_ms(),
+                ok: true,
+                file: Some(created.path.display().to_string()),
+                bytes,
+                took_ms,
+                error: None,
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), dir = %schedule.dir.display(), "scheduled backup failed");
+            crate::backup::Outcome {
+                at: now_ms(),
+                ok: false,
+                file: None,
+                bytes: 0,
+                took_ms,
+                error: Some(format!("{e:#}")),
+            }
+        }
+    };
+    if let Err(e) = outcome.write(&schedule.dir) {
+        tracing::warn!(error = %e, dir = %schedule.dir.display(), "cannot record the backup's outcome");
+    }
 }
 
 const PERSIST_EVERY: Duration = Duration::from_secs(30);

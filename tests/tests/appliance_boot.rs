@@ -649,6 +649,14 @@ async fn upgrades(
     api: &Api,
     bucket: &str,
 ) -> Result<DayTwo> {
+    // The workers' scheduled backup (KM_BACKUP_DIR in the package's first km.env).
+    api.poll_get(
+        "/healthz",
+        "the scheduled backup in /healthz",
+        Duration::from_secs(60),
+        |h| (h["roles"]["api"]["backup"]["ok"] == true).then_some(()),
+    )
+    .await?;
     let next_dir = next_dir()?;
     let next = package(
         &next_dir,

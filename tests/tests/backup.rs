@@ -320,3 +320,45 @@ async fn damaged_archives_and_newer_stores_are_refused() {
     })
     .await;
 }
+
+/// `KM_BACKUP_DIR`: the workers write a backup as the period starts (at once on a fresh
+/// appliance), `/healthz` tells how it went, the archive verifies and holds the settings
+/// km was given.
+#[tokio::test]
+async fn the_workers_back_up_on_schedule() {
+    e2e(async {
+        let work = tempfile::tempdir()?;
+        let dir = work.path().join("scheduled");
+        let km = Km::start_with(vec![
+            ("KM_BACKUP_DIR".into(), dir.display().to_string()),
+            ("KM_BACKUP_KEEP".into(), "2".into()),
+        ])
+        .await?;
+        km.api().register_random().await?;
+        let outcome = km
+            .api()
+            .poll_get(
+                "/healthz",
+                "a scheduled backup in /healthz",
+                Duration::from_secs(30),
+                |h| (h["backup"]["ok"] == true).then(|| h["backup"].clone()),
+            )
+            .await?;
+        let file = outcome["file"].as_str().context("no file in the outcome")?;
+        ensure!(outcome["bytes"].as_u64() > Some(0), "{outcome}");
+        let verified = km_ok(&["backup", "verify", file])?;
+        ensure!(verified.contains("every file matches"), "{verified}");
+        let listing = Command::new("tar")
+            .arg("xzOf")
+            .arg(file)
+            .arg("settings/km.env")
+            .output()?;
+        let settings = String::from_utf8_lossy(&listing.stdout);
+        ensure!(
+            settings.contains(&format!("KM_BACKUP_DIR={}", dir.display())),
+            "the settings in the scheduled backup:\n{settings}"
+        );
+        Ok(())
+    })
+    .await;
+}

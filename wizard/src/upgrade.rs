@@ -173,6 +173,14 @@ pub async fn restore(appliance: &Appliance, file: &Path) -> anyhow::Result<km::b
         stop_roles().await?;
     }
     let restored = restore_stopped(appliance, file).await?;
+    // A scheduled backup (made by km, which cannot read the wizard's state) holds the
+    // settings only: an appliance with settings is a configured one.
+    let files = &restored.manifest.files;
+    if files.iter().any(|f| f.path == "settings/km.env")
+        && !files.iter().any(|f| f.path.starts_with("wizard/"))
+    {
+        crate::token::StateDir::open(&appliance.wizard_state)?.lock()?;
+    }
     if under_systemd && configured(appliance) {
         // The backup's wizard was locked: it stops, the roles start.
         let _ = systemctl(&["stop", "km-wizard.service"]).await;
@@ -257,7 +265,7 @@ async fn backup(appliance: &Appliance) -> anyhow::Result<PathBuf> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", appliance.env_file.display()))?;
     let sources = km::backup::Sources {
         settings,
-        env_file: Some(appliance.env_file.clone()),
+        settings_text: Some(text),
         wizard_state: Some(appliance.wizard_state.clone()),
     };
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

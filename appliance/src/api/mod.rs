@@ -316,6 +316,7 @@ async fn health(
         "shared_names": crate::ingest::tree::Names::count(),
         "metric_shapes": crate::ingest::process::Shape::count(),
         "tls": app.gateway.health(),
+        "backup": app.settings.backups.as_ref().map(|b| crate::backup::Outcome::read(&b.dir)),
         "writer": {
             "events_written": writer.events_written,
             "metric_points_written": writer.metric_points_written,

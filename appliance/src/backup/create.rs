@@ -19,10 +19,20 @@ use crate::config::{Settings, TlsMode};
 /// What to back up.
 pub struct Sources {
     pub settings: Settings,
-    /// The env file the settings came from, copied as is.
-    pub env_file: Option<PathBuf>,
+    /// The env file's text the settings came from (see [`settings_of_process`]).
+    pub settings_text: Option<String>,
     /// The wizard's state directory.
     pub wizard_state: Option<PathBuf>,
+}
+
+/// The settings this process was given, as env-file text: its `KM_*` and `SMTP_*`
+/// variables (a role of the appliance gets them from km.env, which only root reads).
+pub fn settings_of_process() -> String {
+    let mut entries: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("KM_") || k.starts_with("SMTP_"))
+        .collect();
+    entries.sort();
+    crate::setup::envfile::render(&entries)
 }
 
 /// A backup written.
@@ -270,8 +280,13 @@ pub(super) fn is_plain_name(name: &str) -> bool {
 
 /// The env file, the TLS files it names, the wizard's state.
 fn stage_settings(sources: &Sources, stage: &Path) -> anyhow::Result<()> {
-    if let Some(env) = sources.env_file.as_ref().filter(|p| p.exists()) {
-        copy_file(env, &stage.join(SETTINGS))?;
+    if let Some(text) = &sources.settings_text {
+        let path = stage.join(SETTINGS);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::write(&path, text)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
     }
     for file in tls_files(&sources.settings.tls) {
         if let Some(rel) = file.strip_prefix("/").ok().filter(|_| file.exists()) {

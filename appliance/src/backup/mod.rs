@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use archive::verify;
-pub use create::{Created, Sources, create, stamp};
+pub use create::{Created, Sources, create, settings_of_process, stamp};
 pub use restore::{Restored, Targets, restore};
 
 /// The archive layout this km writes and reads.
@@ -103,6 +103,56 @@ impl Manifest {
     }
 }
 
+/// How the last scheduled backup went, kept next to the backups (`last-backup.json`)
+/// for `/healthz` and the admins' account page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Epoch milliseconds.
+    pub at: i64,
+    pub ok: bool,
+    pub file: Option<String>,
+    pub bytes: u64,
+    pub took_ms: u64,
+    pub error: Option<String>,
+}
+
+const OUTCOME_FILE: &str = "last-backup.json";
+
+impl Outcome {
+    pub fn read(dir: &std::path::Path) -> Option<Outcome> {
+        let text = std::fs::read(dir.join(OUTCOME_FILE)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn write(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{OUTCOME_FILE}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec(self).unwrap_or_default())?;
+        std::fs::rename(tmp, dir.join(OUTCOME_FILE))
+    }
+}
+
+/// Deletes the oldest archives (`km-*.tar.gz`, by time written) in `dir` beyond `keep`;
+/// the names deleted.
+pub fn prune(dir: &std::path::Path, keep: usize) -> std::io::Result<Vec<String>> {
+    let mut archives: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("km-") && name.ends_with(".tar.gz") && !name.starts_with("km-support-")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    archives.sort();
+    let excess = archives.len().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for (_, path) in archives.into_iter().take(excess) {
+        std::fs::remove_file(&path)?;
+        deleted.push(path.display().to_string());
+    }
+    Ok(deleted)
+}
+
 /// Whether `path` is a relative path of plain names under one of [`PARTS`].
 fn safe_path(path: &str) -> bool {
     let mut segments = path.split('/');
@@ -117,6 +167,36 @@ fn safe_path(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        for (i, name) in [
+            "km-a-1.tar.gz",
+            "km-a-2.tar.gz",
+            "km-a-3.tar.gz",
+            "other.txt",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "x").unwrap();
+            let at = now - std::time::Duration::from_secs(3600 * (10 - i as u64));
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(at)
+                .unwrap();
+        }
+        let deleted = prune(dir.path(), 2).unwrap();
+        assert_eq!(deleted.len(), 1);
+        assert!(deleted[0].ends_with("km-a-1.tar.gz"), "{deleted:?}");
+        assert!(dir.path().join("km-a-3.tar.gz").exists() && dir.path().join("other.txt").exists());
+        assert_eq!(prune(dir.path(), 2).unwrap(), Vec::<String>::new());
+    }
 
     #[test]
     fn only_plain_paths_under_known_parts() {

@@ -51,6 +51,10 @@ pub const GROUPS: &[(&str, &[&str])] = &[
         "retention",
         &["KM_RETENTION_DAYS", "KM_LOGS_RETENTION_DAYS"],
     ),
+    (
+        "backups",
+        &["KM_BACKUP_DIR", "KM_BACKUP_HOURS", "KM_BACKUP_KEEP"],
+    ),
     ("sign-up", &["KM_ALLOW_SIGNUP"]),
     (
         "SMTP",
@@ -207,6 +211,15 @@ fn note(group: &str, s: &Settings) -> Option<String> {
         "events" => embedded(),
         "bus" if s.redis_url.is_some() => "Redis".into(),
         "bus" => "in process (one node)".into(),
+        "backups" => match &s.backups {
+            Some(b) => format!(
+                "every {} h into {}, the last {} kept",
+                b.every.as_secs() / 3600,
+                b.dir.display(),
+                b.keep
+            ),
+            None => "off (KM_BACKUP_DIR not set)".into(),
+        },
         "SMTP" => match &s.smtp {
             Some(SmtpSettings { host, port, .. }) => format!("{host}:{port}"),
             None => "not set: no email".into(),

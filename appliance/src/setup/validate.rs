@@ -15,7 +15,14 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
     ("licence", &["licence"]),
     (
         "stores",
-        &["documents", "events", "bus", "data dir", "retention"],
+        &[
+            "documents",
+            "events",
+            "bus",
+            "data dir",
+            "retention",
+            "backups",
+        ],
     ),
     ("site", &["site URL", "listen"]),
     ("smtp", &["SMTP"]),

@@ -297,7 +297,39 @@ struct AccountPage {
     role: String,
     /// The setup wizard is reachable under `/wizard/`.
     wizard: bool,
+    /// Admins: how the last scheduled backup went.
+    backup: Option<String>,
     flash: Flash,
+}
+
+/// The last scheduled backup in a sentence, for admins.
+fn backup_line(app: &AppState) -> Option<String> {
+    let schedule = app.settings.backups.as_ref()?;
+    let when = |at: i64| {
+        bson::DateTime::from_millis(at)
+            .try_to_rfc3339_string()
+            .unwrap_or_default()
+    };
+    let every = format!(
+        "every {} h into {}, the last {} kept",
+        schedule.every.as_secs() / 3600,
+        schedule.dir.display(),
+        schedule.keep
+    );
+    Some(match crate::backup::Outcome::read(&schedule.dir) {
+        None => format!("Backups: none yet ({every})."),
+        Some(o) if o.ok => format!(
+            "Last backup: {} ({:.1} MB, {:.1} s; {every}).",
+            when(o.at),
+            o.bytes as f64 / 1e6,
+            o.took_ms as f64 / 1e3
+        ),
+        Some(o) => format!(
+            "The last backup FAILED at {}: {} ({every}).",
+            when(o.at),
+            o.error.unwrap_or_default()
+        ),
+    })
 }
 
 pub async fn account_page(
@@ -306,8 +338,10 @@ pub async fn account_page(
     flash: Flashes,
 ) -> Response {
     let flash = flash.0;
+    let admin = session.auth.user.role == "admin";
     render(&AccountPage {
         nav: Some(Nav::from(&session)),
+        backup: admin.then(|| backup_line(&app)).flatten(),
         wizard: app.settings.wizard_url.is_some(),
         email: session.auth.user.email.clone(),
         role: session.auth.user.role.clone(),
