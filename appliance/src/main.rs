@@ -77,26 +77,6 @@ struct AppliancePaths {
     wizard_state: PathBuf,
 }
 
-impl AppliancePaths {
-    /// The settings of the env file (none when it does not exist) with `--data-dir` applied.
-    fn settings(&self) -> anyhow::Result<Settings> {
-        let mut map = std::collections::BTreeMap::new();
-        match std::fs::read_to_string(&self.env_file) {
-            Ok(text) => map.extend(
-                setup::envfile::parse(&text)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", self.env_file.display()))?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => anyhow::bail!("{}: {e}", self.env_file.display()),
-        }
-        if let Some(dir) = &self.data_dir {
-            map.insert("KM_DATA_DIR".into(), dir.display().to_string());
-        }
-        Settings::from_env_map(&map)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", self.env_file.display()))
-    }
-}
-
 #[derive(Args)]
 struct ServeArgs {
     /// Run only this role (repeat for several); the gateway forwards to the others.
@@ -172,7 +152,7 @@ fn main() -> ExitCode {
         }) => check_config(&env_file, test_mail_to),
         Command::Backup(command) => runtime().and_then(|rt| rt.block_on(backup(command))),
         Command::SupportBundle { env_file, out } => runtime().and_then(|rt| {
-            let path = rt.block_on(km::support::bundle(&env_file, &out, &host_name()))?;
+            let path = rt.block_on(km::support::bundle(&env_file, &out))?;
             println!(
                 "written: {} (secrets masked: look it over before sending)",
                 path.display()
@@ -288,25 +268,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "km".into())
-}
-
 async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
     use km::backup;
     match command {
         BackupCommand::Create { paths, out } => {
+            let (settings, settings_text) =
+                backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?;
             let sources = backup::Sources {
-                settings: paths.settings()?,
-                settings_text: std::fs::read_to_string(&paths.env_file).ok(),
+                settings,
+                settings_text,
                 wizard_state: Some(paths.wizard_state.clone()),
             };
             let started = std::time::Instant::now();
-            let created = backup::create(&sources, &out, &host_name()).await?;
+            let created = backup::create(&sources, &out).await?;
             let size = std::fs::metadata(&created.path).map_or(0, |m| m.len());
             print!("{}", created.manifest.summary());
             println!(
@@ -323,7 +297,9 @@ async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
         }
         BackupCommand::Restore { file, paths } => {
             let targets = backup::Targets {
-                data_dir: paths.settings()?.data_dir,
+                data_dir: backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?
+                    .0
+                    .data_dir,
                 env_file: paths.env_file.clone(),
                 wizard_state: Some(paths.wizard_state.clone()),
             };

@@ -53,7 +53,7 @@ pub fn masked(entries: &[(String, String)]) -> Vec<(String, String)> {
 }
 
 /// Writes the bundle into `out` (a directory); its path.
-pub async fn bundle(env_file: &Path, out: &Path, host: &str) -> anyhow::Result<PathBuf> {
+pub async fn bundle(env_file: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let stage = tempfile::Builder::new().prefix(".km-support-").tempdir()?;
     let dir = stage.path();
     let text = fs::read_to_string(env_file).unwrap_or_default();
@@ -87,7 +87,7 @@ pub async fn bundle(env_file: &Path, out: &Path, host: &str) -> anyhow::Result<P
     }
     let name = format!(
         "km-support-{}.tar.gz",
-        crate::backup::stamp(host, crate::ids::now_ms())
+        crate::backup::stamp(crate::ids::now_ms())
     );
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join(name);
@@ -163,13 +163,7 @@ fn stores(data_dir: &Path) -> String {
 }
 
 async fn health(entries: &[(String, String)]) -> String {
-    let listen = entries
-        .iter()
-        .rev()
-        .find_map(|(k, v)| (k == "KM_LISTEN").then_some(v.as_str()))
-        .unwrap_or("127.0.0.1:8080");
-    let listen = listen.replace("0.0.0.0:", "127.0.0.1:");
-    let url = format!("http://{listen}/healthz");
+    let url = envfile::health_url(entries);
     let answer = async {
         reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(5))

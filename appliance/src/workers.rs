@@ -41,8 +41,7 @@ async fn backup_once(app: &AppState, schedule: &crate::config::BackupSchedule) {
         settings_text: Some(crate::backup::settings_of_process()),
         wizard_state: None,
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let made = crate::backup::create(&sources, &schedule.dir, host.trim()).await;
+    let made = crate::backup::create(&sources, &schedule.dir).await;
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = match &made {
         Ok(created) => {

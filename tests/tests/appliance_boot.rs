@@ -522,7 +522,7 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         // watches), root starts it, the admin's session opens it with a new token.
         let asked = Instant::now();
         match dashboard_opens_the_wizard(&site).await {
-            Ok(url) => ensure!(url.starts_with("/wizard/?token="), "{url}"),
+            Ok(()) => {}
             Err(e) => {
                 let status = booted.exec(&["systemctl", "status", "--no-pager", "km-wizard-start.path", "km-wizard-start.service", "km-wizard.service"]);
                 let status = status.unwrap_or_else(|e| format!("{e:#}"));
@@ -838,8 +838,8 @@ async fn restored_on_a_fresh_image(
 }
 
 /// The admin signs in to the dashboard and presses "Change the appliance's settings" on
-/// the account page, the wizard being stopped; the setup URL it ends at.
-async fn dashboard_opens_the_wizard(site: &str) -> Result<String> {
+/// the account page, the wizard being stopped: it ends on the wizard's page.
+async fn dashboard_opens_the_wizard(site: &str) -> Result<()> {
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(40))
@@ -933,7 +933,7 @@ async fn dashboard_opens_the_wizard(site: &str) -> Result<String> {
         "the wizard opened from the dashboard answers {}",
         page.status()
     );
-    Ok(url)
+    Ok(())
 }
 
 /// Simulated agents linked at once through the gateway (two descriptors each there, one in

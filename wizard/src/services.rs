@@ -81,20 +81,7 @@ impl Services {
 }
 
 pub async fn systemctl(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("systemctl")
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run systemctl: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "systemctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run(Command::new("systemctl").args(args)).await.map(drop)
 }
 
 /// SIGTERM (km flushes and exits), then SIGKILL after 15 s.
@@ -111,30 +98,8 @@ async fn stop(child: &mut Child) {
     }
 }
 
-/// The last value of `key` in `entries` (systemd keeps the last of repeated keys).
-fn variable<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    entries
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
-
-/// A listen address as this machine reaches it: through loopback when it listens on
-/// every address.
-fn local(listen: &str) -> String {
-    listen
-        .strip_prefix("0.0.0.0:")
-        .or_else(|| listen.strip_prefix("[::]:"))
-        .map_or_else(|| listen.to_string(), |port| format!("127.0.0.1:{port}"))
-}
-
-/// `/healthz` on the appliance's plain port (`KM_LISTEN`; it answers there even when
-/// HTTPS is on), through loopback when it listens on every address.
-pub fn health_url(entries: &[(String, String)]) -> String {
-    let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
-    format!("http://{}/healthz", local(listen))
-}
+pub use km::setup::envfile::health_url;
+use km::setup::envfile::{local, variable};
 
 /// Where the wizard calls km's API on this machine: `KM_LISTEN` with HTTPS off, else
 /// `KM_HTTPS_LISTEN` (the plain port then redirects every API call to the site URL).
@@ -219,52 +184,59 @@ pub async fn wait_healthy(url: &str, within: Duration, mut watch: Watch<'_>) -> 
 }
 
 /// A unit among `units` (a target stands for the units it wants) that failed, or waits
-/// to be restarted after failing: named, with the last lines of its journal.
+/// to be restarted after failing: named, with the last lines of its journal. Two
+/// `systemctl show` calls whatever the number of units (it runs at every health poll).
 pub async fn failed_unit(units: &[String]) -> Option<String> {
-    let mut all = Vec::new();
-    for unit in units {
-        all.push(unit.clone());
-        if unit.ends_with(".target") {
-            let wants = output("systemctl", &["show", "-p", "Wants", "--value", unit]).await?;
-            all.extend(wants.split_whitespace().map(str::to_string));
-        }
+    let mut all = units.to_vec();
+    let targets: Vec<&str> = units
+        .iter()
+        .filter(|u| u.ends_with(".target"))
+        .map(String::as_str)
+        .collect();
+    if !targets.is_empty() {
+        let mut args = vec!["show", "-p", "Wants", "--value"];
+        args.extend(targets);
+        let wants = run(Command::new("systemctl").args(&args)).await.ok()?;
+        all.extend(wants.split_whitespace().map(str::to_string));
     }
-    for unit in &all {
-        let state = output(
-            "systemctl",
-            &[
-                "show",
-                "-p",
-                "ActiveState",
-                "-p",
-                "SubState",
-                "--value",
-                unit,
-            ],
-        )
-        .await?;
-        if state.lines().any(|l| l == "failed" || l == "auto-restart") {
-            let journal = output(
-                "journalctl",
-                &["-u", unit, "-n", "5", "-o", "cat", "--no-pager"],
-            )
+    let mut args = vec!["show", "-p", "Id", "-p", "ActiveState", "-p", "SubState"];
+    args.extend(all.iter().map(String::as_str));
+    let states = run(Command::new("systemctl").args(&args)).await.ok()?;
+    // One block per unit, blank-line separated: Id=…, ActiveState=…, SubState=….
+    let unit = states.split("\n\n").find_map(|block| {
+        let failed = block
+            .lines()
+            .any(|l| l == "ActiveState=failed" || l == "SubState=auto-restart");
+        let id = block.lines().find_map(|l| l.strip_prefix("Id="))?;
+        failed.then(|| id.to_string())
+    })?;
+    let journal =
+        run(Command::new("journalctl").args(["-u", &unit, "-n", "5", "-o", "cat", "--no-pager"]))
             .await
             .unwrap_or_default();
-            return Some(format!(
-                "{unit} failed: {} (journalctl -u {unit})",
-                journal.trim().replace('\n', " / ")
-            ));
-        }
-    }
-    None
+    Some(format!(
+        "{unit} failed: {} (journalctl -u {unit})",
+        journal.trim().replace('\n', " / ")
+    ))
 }
 
-/// A command's standard output, if it ran and succeeded.
-async fn output(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().await.ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+/// Runs `command`: its standard output, or why it did not run or failed (with its
+/// standard error).
+pub async fn run(command: &mut Command) -> Result<String, String> {
+    let out = command
+        .output()
+        .await
+        .map_err(|e| format!("cannot run {:?}: {e}", command.as_std()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{:?} failed ({}): {}",
+            command.as_std(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -196,7 +196,9 @@ async fn restore_stopped(
     appliance: &Appliance,
     file: &Path,
 ) -> anyhow::Result<km::backup::Restored> {
-    let data_dir = data_dir(&appliance.env_file);
+    let data_dir = km::backup::settings_of(&appliance.env_file, None)?
+        .0
+        .data_dir;
     prepare_data_dir(&data_dir).await?;
     let targets = km::backup::Targets {
         data_dir,
@@ -237,39 +239,20 @@ async fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `KM_DATA_DIR` of the env file (`/var/lib/km` on the appliance).
-fn data_dir(env_file: &Path) -> PathBuf {
-    std::fs::read_to_string(env_file)
-        .ok()
-        .and_then(|text| envfile::parse(&text).ok())
-        .and_then(|entries| {
-            entries
-                .into_iter()
-                .rev()
-                .find_map(|(k, v)| (k == "KM_DATA_DIR").then_some(v))
-        })
-        .map_or_else(|| PathBuf::from("/var/lib/km"), PathBuf::from)
-}
-
 /// Settings applied (the wizard locked): the roles run.
 fn configured(appliance: &Appliance) -> bool {
-    appliance.wizard_state.join("locked").exists()
+    crate::token::StateDir::open(&appliance.wizard_state).is_ok_and(|s| s.is_locked())
 }
 
 /// A backup into [`BACKUPS_DIR`] by this (the installed) version.
 async fn backup(appliance: &Appliance) -> anyhow::Result<PathBuf> {
-    let text = std::fs::read_to_string(&appliance.env_file)
-        .with_context(|| format!("cannot read {}", appliance.env_file.display()))?;
-    let map = envfile::parse(&text)?.into_iter().collect();
-    let settings = km::config::Settings::from_env_map(&map)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", appliance.env_file.display()))?;
+    let (settings, settings_text) = km::backup::settings_of(&appliance.env_file, None)?;
     let sources = km::backup::Sources {
         settings,
-        settings_text: Some(text),
+        settings_text,
         wizard_state: Some(appliance.wizard_state.clone()),
     };
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let created = km::backup::create(&sources, Path::new(BACKUPS_DIR), host.trim()).await?;
+    let created = km::backup::create(&sources, Path::new(BACKUPS_DIR)).await?;
     println!("km-wizard: backup {}", created.path.display());
     Ok(created.path)
 }
@@ -324,22 +307,9 @@ pub async fn wait_healthy(appliance: &Appliance) -> anyhow::Result<()> {
 }
 
 async fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut command = Command::new(program);
-    command.args(args);
-    run_command(&mut command).await
+    run_command(Command::new(program).args(args)).await
 }
 
 async fn run_command(command: &mut Command) -> anyhow::Result<String> {
-    let out = command
-        .output()
-        .await
-        .with_context(|| format!("cannot run {command:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{:?} failed ({}): {}",
-        command.as_std(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    services::run(command).await.map_err(anyhow::Error::msg)
 }

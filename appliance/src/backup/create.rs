@@ -25,6 +25,32 @@ pub struct Sources {
     pub wizard_state: Option<PathBuf>,
 }
 
+/// The settings of the env file `path` (none when it does not exist) with `data_dir`
+/// instead of its `KM_DATA_DIR` if given, and the file's text.
+pub fn settings_of(
+    path: &Path,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<(Settings, Option<String>)> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    let mut map: BTreeMap<String, String> = match &text {
+        Some(text) => crate::setup::envfile::parse(text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            .into_iter()
+            .collect(),
+        None => BTreeMap::new(),
+    };
+    if let Some(dir) = data_dir {
+        map.insert("KM_DATA_DIR".into(), dir.display().to_string());
+    }
+    let settings =
+        Settings::from_env_map(&map).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((settings, text))
+}
+
 /// The settings this process was given, as env-file text: its `KM_*` and `SMTP_*`
 /// variables (a role of the appliance gets them from km.env, which only root reads).
 pub fn settings_of_process() -> String {
@@ -49,12 +75,13 @@ const SQLITE_STORES: [(&str, &str); 2] = [
 
 /// Backs `sources` up into `out`: a new file when it ends with `.tar.gz`, else a new
 /// file named after the host and the time in the directory `out` (made if needed).
-pub async fn create(sources: &Sources, out: &Path, host: &str) -> anyhow::Result<Created> {
+pub async fn create(sources: &Sources, out: &Path) -> anyhow::Result<Created> {
     let created_at = crate::ids::now_ms();
+    let host = host_name();
     let path = if out.to_string_lossy().ends_with(".tar.gz") {
         out.to_path_buf()
     } else {
-        out.join(file_name(host, created_at))
+        out.join(format!("km-{}.tar.gz", stamp(created_at)))
     };
     let dir = path
         .parent()
@@ -87,7 +114,7 @@ pub async fn create(sources: &Sources, out: &Path, host: &str) -> anyhow::Result
         product: "km".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         created_at,
-        host: host.into(),
+        host,
         documents: if embedded_documents {
             "sqlite"
         } else {
@@ -112,13 +139,18 @@ pub async fn create(sources: &Sources, out: &Path, host: &str) -> anyhow::Result
     Ok(Created { path, manifest })
 }
 
-/// `km-<host>-<YYYYMMDDTHHMMSSZ>.tar.gz`.
-fn file_name(host: &str, at_ms: i64) -> String {
-    format!("km-{}.tar.gz", stamp(host, at_ms))
+/// This machine's name (`km` when it has none).
+pub fn host_name() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "km".into())
 }
 
-/// `<host>-<YYYYMMDDTHHMMSSZ>`: what names an archive of this host made at `at_ms`.
-pub fn stamp(host: &str, at_ms: i64) -> String {
+/// `<host>-<YYYYMMDDTHHMMSSZ>`: what names an archive of this machine made at `at_ms`.
+pub fn stamp(at_ms: i64) -> String {
+    let host = host_name();
     let stamp = bson::DateTime::from_millis(at_ms)
         .try_to_rfc3339_string()
         .unwrap_or_default()

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use archive::verify;
-pub use create::{Created, Sources, create, settings_of_process, stamp};
+pub use create::{Created, Sources, create, host_name, settings_of, settings_of_process, stamp};
 pub use restore::{Restored, Targets, restore};
 
 /// The archive layout this km writes and reads.

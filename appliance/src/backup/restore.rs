@@ -54,13 +54,15 @@ pub async fn restore(archive_path: &Path, targets: &Targets) -> anyhow::Result<R
     let manifest =
         tokio::task::spawn_blocking(move || archive::read(&from, Some(&stage))).await??;
     check_schema(&manifest)?;
-    let settings = read_settings(staging.path())?;
+    // Read once: written to the env file below, and naming MongoDB and the TLS files.
+    let entries = settings_entries(staging.path())?;
+    let settings: BTreeMap<String, String> = entries.iter().flatten().cloned().collect();
     let collections = match staging.path().join("mongodb") {
         dir if dir.is_dir() => restore_mongo(&dir, settings.get("KM_MONGO_URL")).await?,
         _ => Vec::new(),
     };
     let set_aside = replace_data(&staging.path().join("data"), &targets.data_dir)?;
-    if let Some(entries) = &settings_entries(staging.path())? {
+    if let Some(entries) = &entries {
         envfile::write_atomic(&targets.env_file, entries, 0o600)
             .with_context(|| format!("cannot write {}", targets.env_file.display()))?;
     }
@@ -97,13 +99,6 @@ fn settings_entries(stage: &Path) -> anyhow::Result<Option<Vec<(String, String)>
     }
     let text = fs::read_to_string(&path).context("the backup's km.env")?;
     Ok(Some(envfile::parse(&text).context("the backup's km.env")?))
-}
-
-fn read_settings(stage: &Path) -> anyhow::Result<BTreeMap<String, String>> {
-    Ok(settings_entries(stage)?
-        .unwrap_or_default()
-        .into_iter()
-        .collect())
 }
 
 /// Moves the data dir's files aside (into `before-restore-<time>/`), then the restored

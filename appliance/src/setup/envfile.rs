@@ -342,6 +342,31 @@ impl Cursor<'_> {
     }
 }
 
+/// The last value of `key` in `entries` (systemd keeps the last of repeated keys).
+pub fn variable<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// A listen address as this machine reaches it: through loopback when it listens on
+/// every address.
+pub fn local(listen: &str) -> String {
+    listen
+        .strip_prefix("0.0.0.0:")
+        .or_else(|| listen.strip_prefix("[::]:"))
+        .map_or_else(|| listen.to_string(), |port| format!("127.0.0.1:{port}"))
+}
+
+/// `/healthz` on the appliance's plain port (`KM_LISTEN`; it answers there even when
+/// HTTPS is on), through loopback when it listens on every address.
+pub fn health_url(entries: &[(String, String)]) -> String {
+    let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
+    format!("http://{}/healthz", local(listen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

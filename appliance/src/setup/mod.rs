@@ -80,6 +80,9 @@ pub struct GroupReport {
     pub problems: Vec<String>,
     /// What the settings mean, for a group without problems (e.g. "embedded").
     pub note: Option<String>,
+    /// The note deserves a look though nothing is wrong (no licence): a warning in the
+    /// wizard and headless apply.
+    pub warn: bool,
 }
 
 /// A verdict per group, in the order of [`GROUPS`] after [`FILE_GROUP`].
@@ -126,6 +129,7 @@ pub fn check_env_file(text: &str, now_s: i64) -> StaticCheck {
                     group: FILE_GROUP,
                     problems: vec![e.to_string()],
                     note: None,
+                    warn: false,
                 }],
             },
             settings: None,
@@ -158,7 +162,9 @@ pub fn check_settings(map: &BTreeMap<String, String>, now_s: i64) -> StaticCheck
             ),
             _ => settings.as_ref().and_then(|s| note(group, s)),
         };
-        groups.push(group_report(group, &errors, note));
+        let mut report = group_report(group, &errors, note);
+        report.warn = *group == "licence" && licence.is_none();
+        groups.push(report);
     }
     StaticCheck {
         report: Report { groups },
@@ -177,6 +183,7 @@ fn group_report(group: &'static str, errors: &[String], note: Option<String>) ->
         group,
         problems,
         note,
+        warn: false,
     }
 }
 

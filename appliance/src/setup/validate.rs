@@ -73,14 +73,14 @@ pub async fn all(env: &BTreeMap<String, String>, options: &Options) -> Vec<Check
                 let setting = variable_of(problem).unwrap_or(setting);
                 found.push(Check::failed(setting, without_variable(problem, setting)));
             }
-            match &group.note {
-                Some(note) if group.problems.is_empty() && note == super::licence::UNLICENSED => {
-                    found.push(Check::warning(setting, note.clone()));
-                }
-                Some(note) if group.problems.is_empty() => {
-                    found.push(Check::ok(setting, note.clone()));
-                }
-                _ => {}
+            if group.problems.is_empty()
+                && let Some(note) = &group.note
+            {
+                found.push(if group.warn {
+                    Check::warning(setting, note.clone())
+                } else {
+                    Check::ok(setting, note.clone())
+                });
             }
         }
     }

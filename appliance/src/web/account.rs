@@ -371,7 +371,13 @@ pub async fn open_wizard(
     let Some(wizard) = app.settings.wizard_url.clone() else {
         return error_page(&ApiError::not_found("no setup wizard on this appliance"));
     };
-    if !wizard_answers(&wizard).await {
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return error_page(&ApiError::unavailable("no HTTP client"));
+    };
+    if !wizard_answers(&http, &wizard).await {
         tracing::info!(admin = %session.auth.user.username, "setup wizard asked for from the dashboard");
         if let Err(e) = ask_for_wizard(&app.settings.data_dir) {
             return error_page(&ApiError::unavailable(format!(
@@ -379,7 +385,7 @@ pub async fn open_wizard(
             )));
         }
         let deadline = tokio::time::Instant::now() + WIZARD_START_WAIT;
-        while !wizard_answers(&wizard).await {
+        while !wizard_answers(&http, &wizard).await {
             if tokio::time::Instant::now() > deadline {
                 return error_page(&ApiError::unavailable(
                     "the setup wizard did not start: run `sudo km-wizard reopen` on the appliance",
@@ -392,13 +398,7 @@ pub async fn open_wizard(
 }
 
 /// Whether the wizard answers at all (without its token it answers 403).
-async fn wizard_answers(base: &str) -> bool {
-    let Ok(http) = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(2))
-        .build()
-    else {
-        return false;
-    };
+async fn wizard_answers(http: &reqwest::Client, base: &str) -> bool {
     http.get(format!("{}/wizard/", base.trim_end_matches('/')))
         .send()
         .await
