@@ -798,8 +798,9 @@ fn budget(
             };
             let moved = placed(path, source)?;
             let at = Spot::of(status, path);
-            if from.starts_with(path) {
-                // Moved over one of its ancestors: it stays while the rest goes.
+            if from.starts_with(path) && at.added_over().is_some() {
+                // Moved over one of its ancestors: it stays while the rest goes. (Onto an
+                // array's element it is inserted before it instead, as any move.)
                 (moved, at.target, 0, 0)
             } else {
                 let gone = source_spot.member_key();
@@ -1143,6 +1144,22 @@ mod tests {
             over(session.apply_patch(patch(onto_itself), 1, &mut Vec::new())),
             Over::IntoItself
         );
+    }
+
+    #[test]
+    fn moves_onto_an_ancestor_are_counted() {
+        for (from, path) in [
+            ("/data/process/0/axm_monitor", "/data/process/0"),
+            ("/data/process/0/axm_monitor", "/data"),
+            ("/data/process", ""),
+        ] {
+            let (session, _) = linked();
+            let op = serde_json::json!([{"op": "move", "from": from, "path": path}]);
+            session
+                .apply_patch(patch(&op.to_string()), 1, &mut Vec::new())
+                .unwrap_or_else(|e| panic!("{from} → {path:?}: {e}"));
+            size_is_true(&session);
+        }
     }
 
     #[test]
