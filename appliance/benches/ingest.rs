@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use km::config::{RawSettings, Settings};
-use km::ids::now_ms;
 use km::interactor::receive;
+use km_stores::ids::now_ms;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 

@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use km::alerts::{self, AlertForm};
 use km::config::{RawSettings, Settings};
-use km::ids::{new_object_id, now_ms};
 use km::notify::watch;
-use km::stores::{Bucket, MemberRole, MetricPoint, ServerRecord, User};
+use km_stores::ids::{new_object_id, now_ms};
+use km_stores::{Bucket, MemberRole, MetricPoint, ServerRecord, User};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -18,11 +18,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::api::actions::command_agent;
-use crate::ids::{new_object_id, now_ms};
 use crate::notify::watch::{process_link, servers_of};
 use crate::notify::{Event, Line, Lines, Outbox};
 use crate::schedule::Episodes;
-use crate::stores::{Documents, EventKind, EventRecord, MetricPoint, MetricQuery, StoreResult};
+use km_stores::ids::{new_object_id, now_ms};
+use km_stores::{Documents, EventKind, EventRecord, MetricPoint, MetricQuery, StoreResult};
 
 const KIND: &str = "alert";
 const MINUTE_MS: i64 = 60_000;
@@ -459,7 +459,7 @@ fn record(outbox: &Outbox<'_>, rule: &Alert, change: &Change, kind: &str, at: i6
         "threshold": rule.options.threshold,
     });
     outbox.app.ingest.event(EventRecord {
-        id: crate::ids::new_object_id(),
+        id: km_stores::ids::new_object_id(),
         kind: EventKind::Event,
         bucket_id: outbox.bucket.id.clone(),
         server_name: change.server.clone(),
@@ -534,7 +534,7 @@ async fn custom_action(
 }
 
 /// `POST /alerts/:alert/sample`: a test notification of the rule through every channel.
-pub async fn sample(outbox: &Outbox<'_>, rule: &Alert) -> StoreResult<Vec<crate::stores::Channel>> {
+pub async fn sample(outbox: &Outbox<'_>, rule: &Alert) -> StoreResult<Vec<km_stores::Channel>> {
     let bucket = &outbox.bucket.name;
     let mail = Lines {
         bucket: bucket.clone(),

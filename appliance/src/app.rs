@@ -9,8 +9,8 @@ use crate::gateway::Gateway;
 use crate::ingest::Ingest;
 use crate::interactor::Sessions;
 use crate::limits::LimitCache;
-use crate::realtime::LiveHub;
-use crate::stores::{Bus, Documents, Events};
+use km_stores::LiveHub;
+use km_stores::{Bus, Documents, Events};
 
 pub struct App {
     pub settings: Settings,

@@ -15,8 +15,8 @@ use subtle::ConstantTimeEq;
 
 use crate::api::error::ApiError;
 use crate::app::AppState;
-use crate::ids::{now_ms, random_hex};
-use crate::stores::{TokenRecord, User};
+use km_stores::ids::{now_ms, random_hex};
+use km_stores::{TokenRecord, User};
 
 pub const ACCESS_TTL_MS: i64 = 3600 * 1000;
 pub const REFRESH_TTL_MS: i64 = 30 * 24 * 3600 * 1000;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use clap::{Args, FromArgMatches};
 
 use crate::setup::licence::{self, Licence, LicenceError};
-use crate::stores::elastic::parse_urls;
 use elasticsearch::http::Url;
+use km_stores::elastic::parse_urls;
 
 /// Raw settings as given by flags or environment (strings, validated by [`Settings::from_raw`]).
 #[derive(Debug, Clone, Args)]
@@ -247,26 +247,10 @@ impl RawSettings {
 fn closest<'a>(name: &str, known: &'a [String]) -> Option<&'a str> {
     known
         .iter()
-        .map(|k| (edit_distance(name, k), k))
+        .map(|k| (strsim::levenshtein(name, k), k))
         .filter(|(d, _)| *d <= 3)
         .min_by_key(|(d, _)| *d)
         .map(|(_, k)| k.as_str())
-}
-
-/// Levenshtein distance (insertions, deletions, substitutions), on bytes.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b = b.as_bytes();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.bytes().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = diagonal + usize::from(ca != *cb);
-            diagonal = row[j + 1];
-            row[j + 1] = substitution.min(row[j] + 1).min(diagonal + 1);
-        }
-    }
-    row[b.len()]
 }
 
 /// Validated settings.
@@ -884,11 +868,11 @@ mod tests {
     }
 
     #[test]
-    fn edit_distances() {
-        assert_eq!(edit_distance("KM_SITEURL", "KM_SITE_URL"), 1);
-        assert_eq!(edit_distance("SMTP_HOTS", "SMTP_HOST"), 2);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("same", "same"), 0);
+    fn a_mistyped_name_finds_the_nearest_setting() {
+        let known = ["KM_SITE_URL".to_string(), "SMTP_HOST".to_string()];
+        assert_eq!(closest("KM_SITEURL", &known), Some("KM_SITE_URL"));
+        assert_eq!(closest("SMTP_HOTS", &known), Some("SMTP_HOST"));
+        assert_eq!(closest("KM_NOTHING_LIKE_IT", &known), None);
     }
 
     #[test]

@@ -12,10 +12,10 @@
 use serde::Serialize;
 
 use crate::app::App;
-use crate::ids::now_ms;
 use crate::ingest::tree::Node;
 use crate::interactor::session::Session;
-use crate::stores::{ParkedServer, ServerProcesses, StoreResult};
+use km_stores::ids::now_ms;
+use km_stores::{ParkedServer, ServerProcesses, StoreResult};
 
 /// Modules that are free: not counted.
 pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];

@@ -184,7 +184,7 @@ fn raise_open_file_limit() {
 }
 
 fn now_s() -> i64 {
-    km::ids::now_ms() / 1000
+    km_stores::ids::now_ms() / 1000
 }
 
 fn sign_licence(args: &SignArgs) -> anyhow::Result<ExitCode> {

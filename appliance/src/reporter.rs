@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{App, AppState};
-use crate::ids::utc_text;
 use crate::notify::watch::{issues_new_in, servers_of};
 use crate::notify::{Outbox, choices};
 use crate::schedule;
-use crate::stores::{Bucket, EventKind, EventQuery, MetricQuery, StoreResult};
+use km_stores::ids::utc_text;
+use km_stores::{Bucket, EventKind, EventQuery, MetricQuery, StoreResult};
 
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
@@ -179,7 +179,7 @@ pub async fn build(app: &App, bucket: &Bucket, period: Period, end: i64) -> Stor
 }
 
 /// The processes (app on a server) with the highest count-weighted average.
-fn top_processes<'a>(points: impl Iterator<Item = &'a crate::stores::MetricPoint>) -> Vec<Top> {
+fn top_processes<'a>(points: impl Iterator<Item = &'a km_stores::MetricPoint>) -> Vec<Top> {
     let mut sums: BTreeMap<(&str, &str), (f64, f64)> = BTreeMap::new();
     for p in points {
         let w = f64::from(p.count.max(1));
@@ -201,9 +201,7 @@ fn top_processes<'a>(points: impl Iterator<Item = &'a crate::stores::MetricPoint
 }
 
 /// The mean over processes of each step's value.
-fn mean_per_step<'a>(
-    points: impl Iterator<Item = &'a crate::stores::MetricPoint>,
-) -> Vec<(i64, f64)> {
+fn mean_per_step<'a>(points: impl Iterator<Item = &'a km_stores::MetricPoint>) -> Vec<(i64, f64)> {
     let mut steps: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     for p in points {
         let e = steps.entry(p.at).or_default();

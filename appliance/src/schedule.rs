@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::ids::now_ms;
-use crate::stores::{Documents, StoreResult};
+use km_stores::ids::now_ms;
+use km_stores::{Documents, StoreResult};
 
 /// Runs `job` once per `period` across the cluster until `shutdown`; `name` identifies
 /// the job in the store and the logs.
@@ -65,7 +65,7 @@ impl<'a> Episodes<'a> {
         let (open_prefix, close_prefix) = (format!("{prefix}open:"), format!("{prefix}close:"));
         let latest = |prefix: String| async move {
             let slots = documents.latest_slots(&prefix).await?;
-            Ok::<_, crate::stores::StoreError>(
+            Ok::<_, km_stores::StoreError>(
                 slots
                     .into_iter()
                     .map(|(job, slot)| (job[prefix.len()..].to_string(), slot))
@@ -127,7 +127,7 @@ mod tests {
     use parking_lot::Mutex;
 
     use super::*;
-    use crate::stores::sqlite::open_documents;
+    use km_stores::sqlite::open_documents;
 
     /// Two nodes see the same changes: each opening and closing is theirs once, and an
     /// episode that begins again later opens again.

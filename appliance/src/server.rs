@@ -19,12 +19,12 @@ use crate::config::{Settings, TlsMode};
 use crate::gateway::{self, Front, Gateway, HttpsBase};
 use crate::ingest::{EventWriter, Ingest};
 use crate::interactor::Sessions;
-use crate::realtime::LiveHub;
-use crate::stores::elastic::ElasticEvents;
-use crate::stores::mongo::MongoDocuments;
-use crate::stores::redis_bus::RedisBus;
-use crate::stores::{self, LocalBus};
 use crate::workers;
+use km_stores::LiveHub;
+use km_stores::LocalBus;
+use km_stores::elastic::ElasticEvents;
+use km_stores::mongo::MongoDocuments;
+use km_stores::redis_bus::RedisBus;
 
 /// A part of km that can run on its own: `km serve --role ROLE` (one systemd unit each
 /// in the appliance). Roles apart share state only through the stores and the bus.
@@ -299,13 +299,13 @@ pub async fn build_app(
     gateway: Arc<Gateway>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
-    let data_lock = stores::sqlite::lock_data_dir_shared(&settings.data_dir)?;
-    let documents: Arc<dyn stores::Documents> = match &settings.mongo_url {
+    let data_lock = km_stores::sqlite::lock_data_dir_shared(&settings.data_dir)?;
+    let documents: Arc<dyn km_stores::Documents> = match &settings.mongo_url {
         Some(url) => Arc::new(MongoDocuments::connect(url).await?),
-        None => Arc::new(stores::sqlite::open_documents(&settings.data_dir)?),
+        None => Arc::new(km_stores::sqlite::open_documents(&settings.data_dir)?),
     };
-    let events: Arc<dyn stores::Events> = if settings.elasticsearch.is_empty() {
-        Arc::new(stores::sqlite::open_events(&settings.data_dir)?)
+    let events: Arc<dyn km_stores::Events> = if settings.elasticsearch.is_empty() {
+        Arc::new(km_stores::sqlite::open_events(&settings.data_dir)?)
     } else {
         Arc::new(
             ElasticEvents::connect(&settings.elasticsearch, &settings.elasticsearch_prefix).await?,
@@ -319,7 +319,7 @@ pub async fn build_app(
             .context("documents store: cannot load servers")?,
     );
     let live = Arc::new(LiveHub::default());
-    let bus: Arc<dyn stores::Bus> = match &settings.redis_url {
+    let bus: Arc<dyn km_stores::Bus> = match &settings.redis_url {
         Some(url) => {
             RedisBus::connect(url, sessions.clone(), live.clone(), shutdown.clone()).await?
         }

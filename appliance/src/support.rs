@@ -87,7 +87,7 @@ pub async fn bundle(env_file: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     }
     let name = format!(
         "km-support-{}.tar.gz",
-        crate::backup::stamp(crate::ids::now_ms())
+        crate::backup::stamp(km_stores::ids::now_ms())
     );
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join(name);
@@ -124,7 +124,7 @@ fn versions() -> String {
 /// The static report and the live checks, as `km config check` prints them (no mail).
 async fn config_check(map: &BTreeMap<String, String>) -> String {
     let mut out = String::new();
-    let checked = setup::check_settings(map, crate::ids::now_ms() / 1000);
+    let checked = setup::check_settings(map, km_stores::ids::now_ms() / 1000);
     out.push_str(&checked.report.to_string());
     if let Some(settings) = checked.settings.filter(|_| checked.report.is_ok()) {
         out.push_str("live checks:\n");
@@ -152,10 +152,10 @@ fn stores(data_dir: &Path) -> String {
     }
     for store in ["documents", "events"] {
         let path = data_dir.join(format!("{store}.sqlite"));
-        if let Ok(version) = crate::stores::sqlite::schema_of(&path) {
+        if let Ok(version) = km_stores::sqlite::schema_of(&path) {
             out.push_str(&format!(
                 "schema {store}: version {version} (this km knows {})\n",
-                crate::stores::sqlite::schema_version(store).unwrap_or(0)
+                km_stores::sqlite::schema_version(store).unwrap_or(0)
             ));
         }
     }

@@ -1,56 +1,11 @@
 //! Failed attempts counted per key (an account, a client address) in fixed windows: after
 //! too many within one, every attempt of that key waits until the window ends, the right
-//! one too. Sign-ins count through the bus, so that every role and node shares the count;
-//! [`Counters`] hold them in memory (the in-process bus, the setup wizard).
+//! one too. Sign-ins count through the bus, so that every role and node shares the count.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::Mutex;
-
-use crate::stores::Bus;
-
-/// Keys counted at once in memory; beyond it (after forgetting the ended windows) a new
-/// key is not counted, so a flood of made-up names cannot exhaust memory.
-const MAX_KEYS: usize = 100_000;
-
-/// Failure counters in memory: per key, the failures of its window and when it ends.
-#[derive(Default)]
-pub struct Counters {
-    windows: Mutex<HashMap<String, (u64, Instant)>>,
-}
-
-impl Counters {
-    /// Counts a failure of `key`, opening a window of `window` if none is open; returns
-    /// the failures of the window.
-    pub fn hit(&self, key: &str, window: Duration, now: Instant) -> u64 {
-        let mut windows = self.windows.lock();
-        if windows.len() >= MAX_KEYS && !windows.contains_key(key) {
-            windows.retain(|_, (_, ends)| *ends > now);
-            if windows.len() >= MAX_KEYS {
-                return 0;
-            }
-        }
-        let entry = windows.entry(key.to_string()).or_insert((0, now + window));
-        if entry.1 <= now {
-            *entry = (0, now + window);
-        }
-        entry.0 += 1;
-        entry.0
-    }
-
-    /// The failures of `key`'s open window and the time left in it.
-    pub fn get(&self, key: &str, now: Instant) -> Option<(u64, Duration)> {
-        let windows = self.windows.lock();
-        let (count, ends) = windows.get(key)?;
-        (*ends > now).then(|| (*count, *ends - now))
-    }
-
-    pub fn forget(&self, key: &str) {
-        self.windows.lock().remove(key);
-    }
-}
+use km_stores::Bus;
 
 /// Failed sign-ins allowed per account within [`SIGN_IN_WINDOW`].
 pub const ACCOUNT_FAILURES: u64 = 5;
@@ -99,31 +54,5 @@ pub async fn record_sign_in(bus: &dyn Bus, account: &str, ip: Option<IpAddr>, su
     };
     if let Err(e) = recorded {
         tracing::warn!(error = %e, "sign-in throttle: outcome not recorded");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_count_until_they_end() {
-        let counters = Counters::default();
-        let start = Instant::now();
-        let minute = Duration::from_secs(60);
-        assert_eq!(counters.hit("a", minute, start), 1);
-        assert_eq!(
-            counters.hit("a", minute, start + Duration::from_secs(10)),
-            2
-        );
-        assert_eq!(
-            counters.get("a", start + Duration::from_secs(20)),
-            Some((2, Duration::from_secs(40)))
-        );
-        assert_eq!(counters.get("b", start), None);
-        assert_eq!(counters.get("a", start + minute), None, "the window ended");
-        assert_eq!(counters.hit("a", minute, start + minute), 1, "a new window");
-        counters.forget("a");
-        assert_eq!(counters.get("a", start), None);
     }
 }

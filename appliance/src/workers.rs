@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use crate::app::AppState;
-use crate::ids::now_ms;
 use crate::schedule;
-use crate::stores::Cutoffs;
+use km_stores::Cutoffs;
+use km_stores::ids::now_ms;
 
 /// The workers role's jobs, each run once per period across the cluster: retention,
 /// notifications (with alerts), reports.

@@ -1006,6 +1006,9 @@ async fn fleet_links(api: &Api, site: &str, http: &reqwest::Client) -> Result<Du
 /// Every service of `systemd/` scores at most 2.0 ("OK") offline, with nothing on stderr.
 #[test]
 fn units_are_hardened() {
+    if !km_e2e::enabled("systemd-analyze") {
+        return;
+    }
     let dir = workspace_dir().join("systemd");
     let mut scores = Vec::new();
     for unit in UNITS.iter().filter(|u| u.ends_with(".service")) {

@@ -205,6 +205,9 @@ async fn elasticsearch_outage_is_reported_and_buffered_logs_are_written_after() 
 
 #[test]
 fn unreachable_mongodb_stops_km_naming_the_variable() {
+    if !km_e2e::enabled("the km binary") {
+        return;
+    }
     let closed = free_port().unwrap();
     let url = format!("mongodb://km:s3cret-pw@127.0.0.1:{closed}/km");
     let (status, stderr) = km_start_failure(&[("KM_MONGO_URL", &url)]).unwrap();

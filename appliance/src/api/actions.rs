@@ -10,9 +10,9 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::{App, AppState};
-use crate::ids::now_ms;
 use crate::interactor::frames;
-use crate::stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
+use km_stores::ids::now_ms;
+use km_stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
 
 /// PM2 methods an agent accepts from the dashboard.
 const PM2_METHODS: [&str; 7] = [
@@ -91,7 +91,7 @@ pub async fn command_agent(
         "data": { "channel": channel, "payload": payload },
     });
     app.ingest.event(EventRecord {
-        id: crate::ids::new_object_id(),
+        id: km_stores::ids::new_object_id(),
         kind: EventKind::Event,
         bucket_id: bucket_id.to_string(),
         server_name: server_name.to_string(),

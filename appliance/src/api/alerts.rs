@@ -14,12 +14,12 @@ use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::alerts::{self, Alert, AlertForm};
 use crate::app::AppState;
-use crate::ids::now_ms;
 use crate::notify::Outbox;
 use crate::notify::channels::{HookForm, Hooks, Settings};
 use crate::notify::choices;
 use crate::reporter::{self, Period};
-use crate::stores::MemberRole;
+use km_stores::MemberRole;
+use km_stores::ids::now_ms;
 
 async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
     let mut v = json!(alert);

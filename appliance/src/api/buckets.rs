@@ -11,11 +11,11 @@ use super::Body;
 use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::auth::UserAuth;
-use crate::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use crate::interactor::ws_url;
 use crate::limits;
 use crate::notify::choices;
-use crate::stores::{Bucket, Member, MemberRole, StoreError, User};
+use km_stores::ids::{is_object_id, new_object_id, now_ms, random_hex};
+use km_stores::{Bucket, Member, MemberRole, StoreError, User};
 
 /// A bucket the signed-in user is a member of, with their role.
 #[derive(Clone)]

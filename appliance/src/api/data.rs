@@ -15,9 +15,9 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::{App, AppState};
-use crate::ids::now_ms;
 use crate::interactor::session::Session;
-use crate::stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
+use km_stores::ids::now_ms;
+use km_stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 
 const DEFAULT_SIZE: u32 = 100;
 const MAX_SIZE: u32 = 1_000;

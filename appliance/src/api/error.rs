@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::stores::StoreError;
+use km_stores::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -15,7 +15,7 @@ use super::buckets::BucketAccess;
 use super::data::{EventFilter, json_array, step_of};
 use super::error::ApiResult;
 use crate::app::AppState;
-use crate::stores::{EventKind, EventQuery, Events, MemberRole, StoreResult};
+use km_stores::{EventKind, EventQuery, Events, MemberRole, StoreResult};
 
 /// Exceptions read to group issues: the newest this many in the window.
 pub const ISSUE_WINDOW: u32 = 1_000;

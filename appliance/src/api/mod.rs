@@ -21,7 +21,7 @@ use serde_json::json;
 use std::time::Duration;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::stores::StoreError;
+use km_stores::StoreError;
 
 use crate::app::AppState;
 use crate::gateway;

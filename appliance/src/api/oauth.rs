@@ -15,9 +15,9 @@ use super::Body;
 use super::error::{ApiError, ApiResult};
 use crate::app::AppState;
 use crate::auth::{self, IssuedTokens, UserAuth};
-use crate::ids::{new_object_id, now_ms};
-use crate::stores::User;
 use crate::throttle;
+use km_stores::User;
+use km_stores::ids::{new_object_id, now_ms};
 
 const MIN_PASSWORD: usize = 8;
 
@@ -261,7 +261,7 @@ pub async fn token(
                     ApiError::unauthorized("invalid or expired refresh token: sign in again")
                 })?;
             let tokens = IssuedTokens {
-                access_token: crate::ids::random_hex(32),
+                access_token: km_stores::ids::random_hex(32),
                 refresh_token: refresh,
                 access_expires_at: now_ms() + auth::ACCESS_TTL_MS,
             };

@@ -76,7 +76,7 @@ const SQLITE_STORES: [(&str, &str); 2] = [
 /// Backs `sources` up into `out`: a new file when it ends with `.tar.gz`, else a new
 /// file named after the host and the time in the directory `out` (made if needed).
 pub async fn create(sources: &Sources, out: &Path) -> anyhow::Result<Created> {
-    let created_at = crate::ids::now_ms();
+    let created_at = km_stores::ids::now_ms();
     let host = host_name();
     let path = if out.to_string_lossy().ends_with(".tar.gz") {
         out.to_path_buf()
@@ -202,8 +202,8 @@ fn stage_data_dir(
         !(name.ends_with(".sqlite")
             || name.ends_with(".sqlite-wal")
             || name.ends_with(".sqlite-shm")
-            || name == crate::stores::sqlite::LOCK_FILE
-            || name == crate::stores::sqlite::WIZARD_START_REQUEST
+            || name == km_stores::sqlite::LOCK_FILE
+            || name == km_stores::sqlite::WIZARD_START_REQUEST
             || name.starts_with('.')
             || name.starts_with("before-restore-"))
     })?;
@@ -272,7 +272,7 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 
 /// Every collection of the documents database, one BSON document after another.
 async fn stage_mongo(url: &str, to: &Path) -> anyhow::Result<()> {
-    let (db, where_) = crate::stores::mongo::open(url, Duration::from_secs(10)).await?;
+    let (db, where_) = km_stores::mongo::open(url, Duration::from_secs(10)).await?;
     fs::create_dir_all(to)?;
     let names = db.list_collection_names().await.map_err(|e| {
         anyhow::anyhow!(

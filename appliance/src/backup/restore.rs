@@ -14,7 +14,7 @@ use anyhow::{Context, bail, ensure};
 use super::create::is_plain_name;
 use super::{Manifest, SETTINGS, archive};
 use crate::setup::envfile;
-use crate::stores::sqlite;
+use km_stores::sqlite;
 
 /// Where a restore puts things.
 pub struct Targets {
@@ -105,7 +105,7 @@ fn settings_entries(stage: &Path) -> anyhow::Result<Option<Vec<(String, String)>
 /// ones in; keeps the data dir's owner on what it puts there.
 fn replace_data(restored: &Path, data_dir: &Path) -> anyhow::Result<Option<PathBuf>> {
     let owner = fs::metadata(data_dir)?;
-    let aside = data_dir.join(format!("before-restore-{}", crate::ids::now_ms()));
+    let aside = data_dir.join(format!("before-restore-{}", km_stores::ids::now_ms()));
     let mut moved = false;
     for entry in fs::read_dir(data_dir)? {
         let entry = entry?;
@@ -191,7 +191,7 @@ async fn restore_mongo(dir: &Path, url: Option<&String>) -> anyhow::Result<Vec<(
     let Some(url) = url else {
         bail!("the backup holds MongoDB collections but its km.env names no KM_MONGO_URL");
     };
-    let (db, where_) = crate::stores::mongo::open(url, Duration::from_secs(10)).await?;
+    let (db, where_) = km_stores::mongo::open(url, Duration::from_secs(10)).await?;
     let mut written = Vec::new();
     let mut files: Vec<PathBuf> = fs::read_dir(dir)?
         .map(|e| e.map(|e| e.path()))

@@ -1,6 +1,6 @@
 //! Certificates the HTTPS port serves: PEM parsing, the swappable slot rustls reads on
 //! every handshake, temporary self-signed certificates, and the expiry date of a
-//! certificate (read from its DER, so no X.509 library is needed for one field).
+//! certificate.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use time::format_description::well_known::Rfc3339;
 
 /// A certificate chain with its key, ready for rustls, and when it expires.
 #[derive(Debug, Clone)]
@@ -131,105 +132,19 @@ pub fn server_config(slot: Arc<Slot>) -> Result<Arc<rustls::ServerConfig>, Strin
     Ok(Arc::new(config))
 }
 
-/// `notAfter` of a DER certificate (RFC 5280: Certificate > TBSCertificate > Validity).
+/// `notAfter` of a DER certificate; `None` if it does not parse.
 pub fn not_after(der: &[u8]) -> Option<NotAfter> {
-    const SEQUENCE: u8 = 0x30;
-    let (_, certificate, _) = expect(der, SEQUENCE)?;
-    let (_, mut tbs, _) = expect(certificate, SEQUENCE)?;
-    // The version is an optional explicit [0] field.
-    if let Some((0xA0, _, rest)) = tlv(tbs) {
-        tbs = rest;
-    }
-    // serialNumber, signature, issuer: skipped.
-    for tag in [0x02, SEQUENCE, SEQUENCE] {
-        tbs = expect(tbs, tag)?.2;
-    }
-    let (_, validity, _) = expect(tbs, SEQUENCE)?;
-    let (_, _, after_not_before) = tlv(validity)?;
-    let (tag, time, _) = tlv(after_not_before)?;
-    parse_time(tag, time)
-}
-
-/// One DER element: (tag, contents, what follows).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        // Long form: the low bits count the length bytes that follow.
-        let count = usize::from(first & 0x7f);
-        if count == 0 || count > 4 {
-            return None;
-        }
-        let (bytes, rest) = rest.split_at_checked(count)?;
-        let len = bytes
-            .iter()
-            .fold(0usize, |len, b| (len << 8) | usize::from(*b));
-        (len, rest)
-    };
-    let (contents, rest) = rest.split_at_checked(len)?;
-    Some((tag, contents, rest))
-}
-
-fn expect(input: &[u8], tag: u8) -> Option<(u8, &[u8], &[u8])> {
-    tlv(input).filter(|(t, _, _)| *t == tag)
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950-2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn parse_time(tag: u8, text: &[u8]) -> Option<NotAfter> {
-    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
-    let full = match (tag, text.len()) {
-        (0x17, 12) => {
-            let century = if text.get(..2)? < "50" { "20" } else { "19" };
-            format!("{century}{text}")
-        }
-        (0x18, 14) => text.to_string(),
-        _ => return None,
-    };
-    if !full.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let field = |from: usize, to: usize| full.get(from..to)?.parse::<i64>().ok();
-    let (year, month, day) = (field(0, 4)?, field(4, 6)?, field(6, 8)?);
-    let (hour, minute, second) = (field(8, 10)?, field(10, 12)?, field(12, 14)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let unix = days_since_epoch(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+    let at = certificate.validity().not_after.to_datetime();
     Some(NotAfter {
-        unix,
-        rfc3339: format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-            hour, minute, second
-        ),
+        unix: at.unix_timestamp(),
+        rfc3339: at.format(&Rfc3339).ok()?,
     })
-}
-
-/// Days from 1970-01-01 to a proleptic Gregorian date. Years are counted from March so
-/// that February, with its leap day, ends each year; 400 years are exactly 146097 days.
-fn days_since_epoch(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    // 719468 days separate 0000-03-01 from 1970-01-01.
-    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn days_since_epoch_matches_known_dates() {
-        assert_eq!(days_since_epoch(1970, 1, 1), 0);
-        assert_eq!(days_since_epoch(2000, 3, 1), 11_017);
-        assert_eq!(days_since_epoch(2024, 2, 29), 19_782);
-        assert_eq!(days_since_epoch(1969, 12, 31), -1);
-    }
 
     fn cert_until(year: i32, month: u8, day: u8) -> CertificateDer<'static> {
         let key = rcgen::KeyPair::generate().unwrap();

@@ -16,7 +16,7 @@ use parking_lot::Mutex;
 
 use crate::ingest::process::{Metric, Sampled};
 use crate::ingest::tree::{Name, Names, Node, Shared};
-use crate::stores::MetricPoint;
+use km_stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
 /// A gap longer than this (a suspended host, a clock jump) is not filled with points.

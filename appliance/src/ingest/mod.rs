@@ -19,8 +19,8 @@ pub use writer::EventWriter;
 use crate::interactor::Session;
 use crate::interactor::meter::InFlight;
 use crate::interactor::session::{PatchFailure, PatchOp};
-use crate::stores::EventRecord;
 use budget::Over;
+use km_stores::EventRecord;
 
 /// Counters of the ingest path, shown in `/healthz`.
 #[derive(Debug, Default, Serialize)]

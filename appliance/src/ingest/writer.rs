@@ -15,7 +15,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::budget::MAX_QUEUED_EVENT_BYTES;
-use crate::stores::{EventRecord, Events, MetricPoint, StoreError};
+use km_stores::{EventRecord, Events, MetricPoint, StoreError};
 
 const QUEUE_CAPACITY: usize = 65_536;
 const BATCH_MAX: usize = 1_024;
@@ -380,8 +380,8 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::stores::sqlite::SqliteEvents;
-    use crate::stores::{Cutoffs, EventKind, EventQuery, MetricQuery, StoreResult};
+    use km_stores::sqlite::SqliteEvents;
+    use km_stores::{Cutoffs, EventKind, EventQuery, MetricQuery, StoreResult};
 
     /// The real embedded store behind a switch that refuses the first `refusals` writes.
     struct Refusing {
@@ -443,7 +443,7 @@ mod tests {
 
     fn log(at: i64) -> EventRecord {
         EventRecord {
-            id: crate::ids::new_object_id(),
+            id: km_stores::ids::new_object_id(),
             kind: EventKind::Log,
             bucket_id: "b".into(),
             server_name: "s".into(),

@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::stores::{EventKind, EventRecord};
+use km_stores::{EventKind, EventRecord};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -154,7 +154,7 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         }
     };
     EventRecord {
-        id: crate::ids::new_object_id(),
+        id: km_stores::ids::new_object_id(),
         kind,
         bucket_id: origin.bucket_id.to_string(),
         server_name: origin.server_name.to_string(),

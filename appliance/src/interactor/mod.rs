@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::auth;
 use crate::limits;
-use crate::stores::Bucket;
+use km_stores::Bucket;
 
 pub use session::{Session, Sessions};
 pub use socket::{Received, receive};

@@ -28,9 +28,7 @@ use crate::ingest::budget::{
 use crate::ingest::metrics::Scope;
 use crate::ingest::process::Effect;
 use crate::ingest::tree::Node;
-use crate::stores::{
-    AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord,
-};
+use km_stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord};
 
 /// A queue of text frames to one socket.
 pub type SocketTx = mpsc::Sender<String>;

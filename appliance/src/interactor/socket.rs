@@ -20,11 +20,11 @@ use super::frames::{self, Inbound, Origin};
 use super::meter::{Meter, Metered};
 use super::session::{PatchFailure, Session};
 use crate::app::AppState;
-use crate::ids::now_ms;
 use crate::ingest::StatusRefusal;
 use crate::ingest::budget::MAX_FRAME_BYTES;
 use crate::limits;
-use crate::realtime::LiveEvent;
+use km_stores::LiveEvent;
+use km_stores::ids::now_ms;
 
 /// A socket silent this long is dead (the agent pings every 5 s). Its deadline is moved
 /// only when it passes, so a socket's timer fires about every 30 s, not at each frame.

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::ids::{now_ms, random_hex};
-use crate::stores::{Documents, StoreResult};
+use km_stores::ids::{now_ms, random_hex};
+use km_stores::{Documents, StoreResult};
 
 const KIND: &str = "channels";
 const HOOKS: &str = "hooks";

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::reporter::Period;
-use crate::stores::{Documents, StoreResult};
+use km_stores::{Documents, StoreResult};
 
 const KIND: &str = "member";
 

@@ -31,11 +31,11 @@ use lettre::{AsyncTransport, Message};
 use serde_json::{Value, json};
 
 use crate::app::{App, AppState};
-use crate::ids::{new_object_id, now_ms};
 use crate::schedule;
 use crate::setup::checks::smtp_transport;
-use crate::stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
 use channels::{Hooks, Poster, Settings};
+use km_stores::ids::{new_object_id, now_ms};
+use km_stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
 
 const PERIOD: Duration = Duration::from_secs(10);
 pub const PERIOD_MS: i64 = 10_000;

@@ -21,10 +21,10 @@ use crate::alerts;
 use crate::api::data;
 use crate::api::insights::{self, Issue};
 use crate::app::App;
-use crate::ids::{now_ms, utc_text};
 use crate::schedule::Episodes;
-use crate::stores::{Bucket, EventKind, EventQuery, StoreResult};
 use crate::web::process::page_path;
+use km_stores::ids::{now_ms, utc_text};
+use km_stores::{Bucket, EventKind, EventQuery, StoreResult};
 
 /// A server silent this long is offline.
 const OFFLINE_AFTER_MS: i64 = 90_000;

@@ -12,7 +12,6 @@
 //! The token and the memberships are checked again every few seconds while the socket
 //! lives.
 
-pub mod hub;
 pub mod presence;
 
 use std::collections::HashMap;
@@ -30,12 +29,12 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
-pub use hub::{LiveEvent, LiveHub};
+use km_stores::LiveEvent;
 
 use crate::api::error::ApiError;
 use crate::app::AppState;
 use crate::auth::{self, UserAuth};
-use crate::stores::User;
+use km_stores::User;
 
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// How often a socket's token and memberships are checked again: a member removed, or a

@@ -2,9 +2,9 @@
 //! sends nothing: its socket just ends, and without a word from km a page would show the
 //! server online until reloaded while the API already says offline.
 
-use super::LiveEvent;
 use crate::app::App;
 use crate::interactor::session::Session;
+use km_stores::LiveEvent;
 
 /// The live event of a server whose last agent socket ended. Its payload is the server's
 /// `{server_name, online: false, last_update, internal_ip, processes, server}`.

@@ -29,7 +29,7 @@ use tokio::net::{TcpStream, lookup_host};
 
 use crate::config::{SmtpSettings, SmtpTls};
 use crate::gateway::certs;
-use crate::stores::{elastic, mongo, redis_bus};
+use km_stores::{elastic, mongo, redis_bus};
 
 /// How long one step (connecting, a command, a fetch) may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -1205,6 +1205,9 @@ mod tests {
 
     #[tokio::test]
     async fn mongo_good_url_passes_and_leaves_nothing_behind() {
+        if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+            return;
+        }
         let server = km_e2e::SecantusDb::start().unwrap();
         let url = server.url("km_check");
         let check = check_mongo(&url).await;
@@ -1281,6 +1284,9 @@ mod tests {
 
     #[tokio::test]
     async fn mongo_credentials_and_rights_are_told_apart() {
+        if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+            return;
+        }
         let (server, _dir) = secantus_with_user().await;
         let url = |user: &str, db: &str| {
             format!(
@@ -1322,6 +1328,9 @@ mod tests {
 
     #[tokio::test]
     async fn elasticsearch_good_url_passes_and_removes_its_template() {
+        if !km_e2e::enabled("an Elasticsearch-API server (osmem-server)") {
+            return;
+        }
         let server = km_e2e::OsMem::start().unwrap();
         let urls = elastic::parse_urls(server.url()).unwrap();
         let check = check_elasticsearch(&urls).await;
@@ -1362,6 +1371,9 @@ mod tests {
 
     #[tokio::test]
     async fn redis_good_url_passes() {
+        if !km_e2e::enabled("redis-server") {
+            return;
+        }
         let server = km_e2e::Redis::start().unwrap();
         let check = check_redis(&server.url()).await;
         assert_status(&check, Status::Ok, "set, get and delete work");
@@ -1385,6 +1397,9 @@ mod tests {
 
     #[tokio::test]
     async fn redis_password_refused_or_missing() {
+        if !km_e2e::enabled("redis-server") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let port = closed_port();
         let server = Process::start(
@@ -1414,6 +1429,9 @@ mod tests {
 
     #[tokio::test]
     async fn redis_over_tls_refuses_an_untrusted_certificate() {
+        if !km_e2e::enabled("redis-server") {
+            return;
+        }
         crypto();
         let dir = tempfile::tempdir().unwrap();
         let pki = private_pki();
@@ -1556,6 +1574,9 @@ mod tests {
 
     #[tokio::test]
     async fn smtp_starttls_with_login_sends_the_test_mail() {
+        if !km_e2e::enabled("an SMTP server (aiosmtpd)") {
+            return;
+        }
         let server = smtp_server("starttls");
         let settings = server.settings(SmtpTls::Starttls, "right-pw");
         let connected = check_smtp_with(&settings, None, &server.trusting()).await;
@@ -1585,6 +1606,9 @@ mod tests {
 
     #[tokio::test]
     async fn smtp_wrong_password_is_named() {
+        if !km_e2e::enabled("an SMTP server (aiosmtpd)") {
+            return;
+        }
         let server = smtp_server("starttls");
         let settings = server.settings(SmtpTls::Starttls, "wrong-pw");
         let check = check_smtp_with(&settings, Some("ops@example.com"), &server.trusting()).await;
@@ -1597,6 +1621,9 @@ mod tests {
 
     #[tokio::test]
     async fn smtp_untrusted_certificate_is_named() {
+        if !km_e2e::enabled("an SMTP server (aiosmtpd)") {
+            return;
+        }
         let server = smtp_server("starttls");
         let settings = server.settings(SmtpTls::Starttls, "right-pw");
         let check = check_smtp(&settings, Some("ops@example.com")).await;
@@ -1610,6 +1637,9 @@ mod tests {
 
     #[tokio::test]
     async fn smtp_implicit_tls_and_mismatched_modes() {
+        if !km_e2e::enabled("an SMTP server (aiosmtpd)") {
+            return;
+        }
         let smtps = smtp_server("tls");
         let settings = smtps.settings(SmtpTls::Tls, "right-pw");
         let sent = check_smtp_with(&settings, Some("ops@example.com"), &smtps.trusting()).await;

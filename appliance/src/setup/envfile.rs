@@ -146,7 +146,7 @@ fn replace(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
-        crate::ids::random_hex(8)
+        km_stores::ids::random_hex(8)
     ));
     let written = write_synced(&tmp, bytes, mode).and_then(|()| fs::rename(&tmp, target));
     if written.is_err() {

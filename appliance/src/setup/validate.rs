@@ -52,7 +52,7 @@ impl Options {
 }
 
 fn now_s() -> i64 {
-    crate::ids::now_ms() / 1000
+    km_stores::ids::now_ms() / 1000
 }
 
 /// Every check of `env` (the variables of an env file), static ones first.

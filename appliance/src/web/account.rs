@@ -39,7 +39,7 @@ fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
     if let Some(token) = auth::cookie(headers, FORM_COOKIE).filter(|t| t.len() == 32) {
         return (token.to_string(), None);
     }
-    let token = crate::ids::random_hex(16);
+    let token = km_stores::ids::random_hex(16);
     let cookie = cookie(app, FORM_COOKIE, &token, "Strict", 86_400);
     (token, Some(cookie))
 }
@@ -407,10 +407,10 @@ async fn wizard_answers(http: &reqwest::Client, base: &str) -> bool {
 
 /// Writes the request file (its time inside: root acts only on a fresh one).
 fn ask_for_wizard(data_dir: &std::path::Path) -> std::io::Result<()> {
-    use crate::stores::sqlite::WIZARD_START_REQUEST;
+    use km_stores::sqlite::WIZARD_START_REQUEST;
     let path = data_dir.join(WIZARD_START_REQUEST);
     let tmp = data_dir.join(format!(".{WIZARD_START_REQUEST}.tmp"));
-    std::fs::write(&tmp, crate::ids::now_ms().to_string())?;
+    std::fs::write(&tmp, km_stores::ids::now_ms().to_string())?;
     std::fs::rename(&tmp, &path)
 }
 

@@ -18,11 +18,11 @@ use crate::api::alerts as api;
 use crate::api::buckets::{self as buckets_api, BucketAccess};
 use crate::api::error::ApiError;
 use crate::app::AppState;
-use crate::ids::now_ms;
 use crate::notify::channels::Settings;
 use crate::notify::choices::{self, Choices, KINDS};
 use crate::reporter::{self, Period};
-use crate::stores::{Bucket, MemberRole, Notification, StoreError};
+use km_stores::ids::now_ms;
+use km_stores::{Bucket, MemberRole, Notification, StoreError};
 
 #[derive(Template)]
 #[template(path = "alerts.html")]

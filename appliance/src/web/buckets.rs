@@ -15,7 +15,7 @@ use crate::api::data::servers_status;
 use crate::api::error::ApiError;
 use crate::app::AppState;
 use crate::limits::{self, Limit};
-use crate::stores::{Bucket, Member, MemberRole};
+use km_stores::{Bucket, Member, MemberRole};
 
 /// A bucket the signed-in user belongs to, or the error page (404 for anyone else).
 pub async fn access(
@@ -160,7 +160,7 @@ fn process_row(server: &str, server_online: bool, p: &Value, now: i64) -> Proces
 
 /// Every server of the bucket with its processes, by name.
 pub async fn server_views(app: &AppState, bucket_id: &str, only: Option<&str>) -> Vec<ServerView> {
-    let now = crate::ids::now_ms();
+    let now = km_stores::ids::now_ms();
     servers_status(app, bucket_id, only)
         .await
         .iter()

@@ -8,6 +8,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -18,8 +19,8 @@ use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::insights::{self, Issue, Route};
 use crate::app::AppState;
-use crate::ids::now_ms;
-use crate::stores::{Bucket, EventKind, EventQuery, MemberRole};
+use km_stores::ids::now_ms;
+use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 
 /// Rows of each stored list the page shows.
 const LIST: u32 = 50;
@@ -344,17 +345,16 @@ pub fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
     )
 }
 
+/// Bytes a path segment keeps as they are: RFC 3986's unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// One path segment, percent-encoded.
 pub fn urlencode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[cfg(test)]

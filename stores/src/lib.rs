@@ -1,10 +1,12 @@
-//! The three narrow interfaces every role works through (documents, events, bus), and
-//! the embedded implementations selected by default.
+//! The bottom layer: the three narrow interfaces every role works through (documents,
+//! events, bus), their records, the embedded implementations selected by default and the
+//! scale-out ones (MongoDB, Elasticsearch, Redis); identifiers and time.
 
 pub mod bus;
 #[cfg(test)]
 mod contract;
 pub mod elastic;
+pub mod ids;
 pub mod model;
 pub mod mongo;
 pub mod redis_bus;
@@ -14,7 +16,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use bus::{AgentCommand, Bus, CommandSink, Delivery, LocalBus, ServerProcesses};
+pub use bus::{
+    AgentCommand, Bus, CommandSink, Delivery, LiveEvent, LiveHub, LocalBus, ServerProcesses,
+};
 pub use model::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +110,7 @@ pub trait Documents: Send + Sync {
     async fn due_notifications(&self, now: i64, limit: u32) -> StoreResult<Vec<Notification>>;
 
     /// Claims the run of `job` for the period `slot`: true for the first caller of every
-    /// node, false for all others (see [`crate::schedule`]).
+    /// node, false for all others (scheduled jobs).
     async fn claim_slot(&self, job: &str, slot: i64) -> StoreResult<bool>;
     /// The newest period claimed for each job whose name starts with `prefix`.
     async fn latest_slots(&self, prefix: &str) -> StoreResult<Vec<(String, i64)>>;

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use rusqlite::{OptionalExtension, Row, params};
 
 use super::Db;
-use crate::stores::{
+use crate::{
     Bucket, Documents, Member, MemberRole, Notification, ParkedServer, ServerRecord, StoreError,
     StoreResult, TokenRecord, User,
 };

@@ -8,7 +8,7 @@ use rusqlite::params;
 use rusqlite::types::Value as SqlValue;
 
 use super::Db;
-use crate::stores::{
+use crate::{
     Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
 };
 

@@ -152,6 +152,9 @@ async fn documents_contract_on_sqlite() {
 
 #[tokio::test]
 async fn documents_contract_on_mongodb() {
+    if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+        return;
+    }
     let server = km_e2e::SecantusDb::start().unwrap();
     let docs = MongoDocuments::connect(&server.url("km_contract"))
         .await
@@ -167,10 +170,13 @@ async fn documents_contract_on_mongodb() {
 
 #[tokio::test]
 async fn a_database_laid_out_by_a_newer_km_is_refused() {
+    if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+        return;
+    }
     let server = km_e2e::SecantusDb::start().unwrap();
     let url = server.url("km_newer");
     MongoDocuments::connect(&url).await.unwrap();
-    let (db, _) = crate::stores::mongo::open(&url, std::time::Duration::from_secs(5))
+    let (db, _) = crate::mongo::open(&url, std::time::Duration::from_secs(5))
         .await
         .unwrap();
     let meta = db.collection::<bson::Document>("km_meta");
@@ -181,9 +187,9 @@ async fn a_database_laid_out_by_a_newer_km_is_refused() {
         .unwrap();
     assert_eq!(
         stored.get_i64("version").unwrap(),
-        crate::stores::mongo::SCHEMA_VERSION
+        crate::mongo::SCHEMA_VERSION
     );
-    let newer = crate::stores::mongo::SCHEMA_VERSION + 1;
+    let newer = crate::mongo::SCHEMA_VERSION + 1;
     meta.replace_one(
         bson::doc! {"_id": "schema"},
         bson::doc! {"_id": "schema", "version": newer},
@@ -633,6 +639,9 @@ async fn bucket_management_contract_on_sqlite() {
 
 #[tokio::test]
 async fn bucket_management_contract_on_mongodb() {
+    if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+        return;
+    }
     let server = km_e2e::SecantusDb::start().unwrap();
     let docs = MongoDocuments::connect(&server.url("km_contract"))
         .await
@@ -681,6 +690,9 @@ async fn job_slot_contract_on_sqlite() {
 
 #[tokio::test]
 async fn job_slot_contract_on_mongodb() {
+    if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+        return;
+    }
     let server = km_e2e::SecantusDb::start().unwrap();
     let url = server.url("km_contract");
     let a = MongoDocuments::connect(&url).await.unwrap();
@@ -943,6 +955,9 @@ async fn events_contract_on_sqlite() {
 
 #[tokio::test]
 async fn events_contract_on_elasticsearch() {
+    if !km_e2e::enabled("an Elasticsearch-API server (osmem-server)") {
+        return;
+    }
     let server = km_e2e::OsMem::start().unwrap();
     let urls = parse_urls(server.url()).unwrap();
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
@@ -1233,6 +1248,9 @@ async fn event_search_contract_on_sqlite() {
 
 #[tokio::test]
 async fn event_search_contract_on_elasticsearch() {
+    if !km_e2e::enabled("an Elasticsearch-API server (osmem-server)") {
+        return;
+    }
     let server = km_e2e::OsMem::start().unwrap();
     let urls = parse_urls(server.url()).unwrap();
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
@@ -1241,6 +1259,9 @@ async fn event_search_contract_on_elasticsearch() {
 
 #[tokio::test]
 async fn templates_of_a_newer_km_are_refused() {
+    if !km_e2e::enabled("an Elasticsearch-API server (osmem-server)") {
+        return;
+    }
     let server = km_e2e::OsMem::start().unwrap();
     let urls = parse_urls(server.url()).unwrap();
     ElasticEvents::connect(&urls, "kmnewer").await.unwrap();
@@ -1255,12 +1276,8 @@ async fn templates_of_a_newer_km_are_refused() {
         .await
         .unwrap();
     let mut body = got["index_templates"][0]["index_template"].clone();
-    assert_eq!(
-        body["version"],
-        crate::stores::elastic::TEMPLATE_VERSION,
-        "{got}"
-    );
-    body["version"] = serde_json::json!(crate::stores::elastic::TEMPLATE_VERSION + 1);
+    assert_eq!(body["version"], crate::elastic::TEMPLATE_VERSION, "{got}");
+    body["version"] = serde_json::json!(crate::elastic::TEMPLATE_VERSION + 1);
     let put = http.put(&template).json(&body).send().await.unwrap();
     assert!(put.status().is_success(), "{}", put.text().await.unwrap());
     let err = ElasticEvents::connect(&urls, "kmnewer")
@@ -1381,6 +1398,9 @@ async fn bus_contract_in_process() {
 
 #[tokio::test]
 async fn bus_contract_on_redis_across_nodes() {
+    if !km_e2e::enabled("redis-server") {
+        return;
+    }
     let redis = km_e2e::Redis::start().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let here_sockets = NodeSockets::holding(&["web-1", "both"]);

@@ -134,7 +134,7 @@ pub struct Notification {
     #[serde(rename = "_id")]
     pub id: String,
     pub bucket_id: String,
-    /// `new_issue`, `server_offline`, `alert_fired`, … (see [`crate::notify`]).
+    /// `new_issue`, `server_offline`, `alert_fired`, … (the notifier's kinds).
     pub kind: String,
     /// How it is delivered.
     #[serde(default)]
@@ -200,7 +200,7 @@ impl NotificationState {
 }
 
 /// A server refused by the licence's process limit: its agent is told `active:false` and
-/// retries (see [`crate::limits`]).
+/// retries (the licence limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParkedServer {
     pub bucket_id: String,

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentCommand, Bus, CommandSink, Delivery, ServerProcesses, StoreError, StoreResult};
+use crate::bus::{LiveEvent, LiveHub};
 use crate::ids::{new_object_id, now_ms};
-use crate::realtime::{LiveEvent, LiveHub};
+use crate::{AgentCommand, Bus, CommandSink, Delivery, ServerProcesses, StoreError, StoreResult};
 
 const REQUESTS: &str = "km:bus";
 const LIVE: &str = "km:live";

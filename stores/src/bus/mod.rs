@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::StoreResult;
-use crate::realtime::{LiveEvent, LiveHub};
-use crate::throttle::Counters;
+mod counters;
+mod hub;
+
+pub use counters::Counters;
+pub use hub::{LiveEvent, LiveHub};
+
+use crate::StoreResult;
 
 /// A frame for the agent linked as `server_name` in `bucket_id`.
 #[derive(Debug, Clone)]
@@ -36,7 +40,7 @@ pub trait CommandSink: Send + Sync {
     fn online_servers(&self, bucket_id: &str, server_name: Option<&str>) -> Vec<String>;
     /// Closes the agents of a disabled bucket connected here; true if there were any.
     fn evict(&self, bucket_id: &str) -> bool;
-    /// The monitored processes of each server connected here (see [`crate::limits`]).
+    /// The monitored processes of each server connected here (the licence limit counts them).
     fn processes(&self) -> Vec<ServerProcesses>;
     /// Their sum, kept as servers change.
     fn tally(&self) -> u64;
