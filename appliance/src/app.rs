@@ -6,9 +6,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::gateway::Gateway;
-use crate::ingest::Ingest;
-use crate::interactor::Sessions;
 use crate::limits::LimitCache;
+use km_ingest::Ingest;
+use km_ingest::session::Sessions;
 use km_stores::LiveHub;
 use km_stores::{Bus, Documents, Events};
 

@@ -8,7 +8,6 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod gateway;
-pub mod ingest;
 pub mod interactor;
 pub mod limits;
 pub mod logging;

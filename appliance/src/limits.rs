@@ -12,29 +12,12 @@
 use serde::Serialize;
 
 use crate::app::App;
-use crate::ingest::tree::Node;
-use crate::interactor::session::Session;
+use km_ingest::session::Session;
 use km_stores::ids::now_ms;
 use km_stores::{ParkedServer, ServerProcesses, StoreResult};
 
-/// Modules that are free: not counted.
-pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];
 /// A parked server whose processes did not fit may try again this long after.
 const RETRY_AFTER_MS: i64 = 55_000;
-
-/// The processes of an agent's status that count.
-pub fn counted_processes(status: &Node) -> u32 {
-    let processes = status.processes().unwrap_or_default();
-    let counted = processes
-        .iter()
-        .filter(|p| {
-            !p.get("name")
-                .and_then(Node::as_str)
-                .is_some_and(|name| FREE_MODULES.contains(&name))
-        })
-        .count();
-    u32::try_from(counted).unwrap_or(u32::MAX)
-}
 
 /// What the licence allows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -274,17 +257,6 @@ async fn unpark(app: &App, bucket_id: &str, server_name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn free_modules_are_not_counted() {
-        let status = json!({"data": {"process": [
-            {"name": "api"}, {"name": "api"}, {"name": "pm2-logrotate"},
-            {"name": "pm2-auto-pull"}, {"name": "worker"}
-        ]}});
-        assert_eq!(counted_processes(&Node::from(status)), 3);
-        assert_eq!(counted_processes(&Node::from(json!({}))), 0);
-    }
 
     #[test]
     fn an_invalid_licence_lets_nothing_new_in() {

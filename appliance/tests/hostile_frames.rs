@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use km::app::AppState;
 use km::config::{RawSettings, Settings};
-use km::ingest::budget;
 use km::interactor::receive;
+use km_ingest::budget;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

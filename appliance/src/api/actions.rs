@@ -10,7 +10,7 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::{App, AppState};
-use crate::interactor::frames;
+use km_ingest::frames;
 use km_stores::ids::now_ms;
 use km_stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
 

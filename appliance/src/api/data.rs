@@ -15,7 +15,7 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::app::{App, AppState};
-use crate::interactor::session::Session;
+use km_ingest::session::Session;
 use km_stores::ids::now_ms;
 use km_stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 

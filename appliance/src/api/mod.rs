@@ -313,8 +313,8 @@ async fn health(
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,
         "in_flight_bytes": app.ingest.in_flight.used(),
-        "shared_names": crate::ingest::tree::Names::count(),
-        "metric_shapes": crate::ingest::process::Shape::count(),
+        "shared_names": km_ingest::tree::Names::count(),
+        "metric_shapes": km_ingest::process::Shape::count(),
         "tls": app.gateway.health(),
         "backup": app.settings.backups.as_ref().map(|b| crate::backup::Outcome::read(&b.dir)),
         "writer": {

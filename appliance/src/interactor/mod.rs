@@ -2,9 +2,6 @@
 //! from the socket into the session (live status, metric samples) and the event writer;
 //! commands come back through the bus.
 
-pub mod frames;
-pub mod meter;
-pub mod session;
 mod socket;
 
 use axum::Json;
@@ -21,7 +18,6 @@ use crate::auth;
 use crate::limits;
 use km_stores::Bucket;
 
-pub use session::{Session, Sessions};
 pub use socket::{Received, receive};
 
 /// Longest machine name accepted.

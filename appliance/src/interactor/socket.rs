@@ -16,13 +16,13 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use super::frames::{self, Inbound, Origin};
-use super::meter::{Meter, Metered};
-use super::session::{PatchFailure, Session};
 use crate::app::AppState;
-use crate::ingest::StatusRefusal;
-use crate::ingest::budget::MAX_FRAME_BYTES;
 use crate::limits;
+use km_ingest::StatusRefusal;
+use km_ingest::budget::MAX_FRAME_BYTES;
+use km_ingest::frames::{self, Inbound, Origin};
+use km_ingest::meter::{BudgetSpent, Meter, Metered};
+use km_ingest::session::{PatchFailure, Session};
 use km_stores::LiveEvent;
 use km_stores::ids::now_ms;
 
@@ -272,10 +272,7 @@ fn read_failed(app: &AppState, error: &WsError) -> Ending {
                 format!("frame refused: {e} (at most {MAX_FRAME_BYTES} bytes)"),
             )
         }
-        WsError::Io(e)
-            if e.get_ref()
-                .is_some_and(|inner| inner.is::<super::meter::BudgetSpent>()) =>
-        {
+        WsError::Io(e) if e.get_ref().is_some_and(|inner| inner.is::<BudgetSpent>()) => {
             counters.frames_refused_busy.fetch_add(1, Relaxed);
             Ending::closing(1013, format!("frame refused: {e}; try again later"))
         }

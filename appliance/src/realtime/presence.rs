@@ -3,7 +3,7 @@
 //! server online until reloaded while the API already says offline.
 
 use crate::app::App;
-use crate::interactor::session::Session;
+use km_ingest::session::Session;
 use km_stores::LiveEvent;
 
 /// The live event of a server whose last agent socket ended. Its payload is the server's

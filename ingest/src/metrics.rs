@@ -14,8 +14,8 @@ use std::sync::{Arc, LazyLock};
 
 use parking_lot::Mutex;
 
-use crate::ingest::process::{Metric, Sampled};
-use crate::ingest::tree::{Name, Names, Node, Shared};
+use crate::process::{Metric, Sampled};
+use crate::tree::{Name, Names, Node, Shared};
 use km_stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
@@ -26,7 +26,7 @@ fn minute_of(t: i64) -> i64 {
     t - t.rem_euclid(MINUTE_MS)
 }
 
-/// A series of a [`MetricSampler`] (the status holds them: see [`crate::ingest::process`]).
+/// A series of a [`MetricSampler`] (the status holds them: see [`crate::process`]).
 pub type SeriesId = u32;
 
 /// Where a metric point belongs: (bucket id, server name).

@@ -16,9 +16,7 @@ use parking_lot::Mutex;
 use serde::ser::{Serialize, Serializer};
 use serde_json::{Map, Value};
 
-use crate::ingest::tree::{
-    Name, Names, Node, Shared, find, member, members_value, serialize_members,
-};
+use crate::tree::{Name, Names, Node, Shared, find, member, members_value, serialize_members};
 
 /// The member that holds a process's metrics.
 const MONITOR: &str = "axm_monitor";
@@ -31,7 +29,7 @@ pub struct Process {
     /// Where `cpu` and `memory` sit in `members`.
     cpu_at: Option<u32>,
     memory_at: Option<u32>,
-    /// The series their values feed (see [`crate::ingest::MetricSampler`]).
+    /// The series their values feed (see [`crate::MetricSampler`]).
     pub cpu_series: Option<u32>,
     pub memory_series: Option<u32>,
 }

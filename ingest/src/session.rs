@@ -20,14 +20,14 @@ use json_patch::{
 use jsonptr::{Pointer, PointerBuf};
 use serde::Deserialize;
 
-use crate::ingest::MetricSampler;
-use crate::ingest::budget::{
+use crate::MetricSampler;
+use crate::budget::{
     self, MAX_METRICS, MAX_PATCH_OPS, MAX_PATCH_WORK, MAX_PROCESSES, MAX_STATUS_DEPTH, Over, Size,
     Work, measure, own_size,
 };
-use crate::ingest::metrics::Scope;
-use crate::ingest::process::Effect;
-use crate::ingest::tree::Node;
+use crate::metrics::Scope;
+use crate::process::Effect;
+use crate::tree::Node;
 use km_stores::{AgentCommand, CommandSink, Delivery, MetricPoint, ServerProcesses, ServerRecord};
 
 /// A queue of text frames to one socket.
@@ -45,7 +45,7 @@ struct SocketLink {
 pub struct Live {
     /// The agent's latest full status payload with every patch applied.
     status: Option<Node>,
-    /// The status's size, kept within its budgets (see [`crate::ingest::budget`]).
+    /// The status's size, kept within its budgets (see [`crate::budget`]).
     size: Size,
     last_update: i64,
     /// Its processes that count against the licence, from its latest status.
@@ -143,9 +143,7 @@ impl Session {
         let status = status.map(|(size, status)| (size, Node::status(status)));
         let live = Live {
             size: status.as_ref().map(|(size, _)| *size).unwrap_or_default(),
-            counted: status
-                .as_ref()
-                .map(|(_, status)| crate::limits::counted_processes(status)),
+            counted: status.as_ref().map(|(_, status)| counted_processes(status)),
             status: status.map(|(_, status)| status),
             last_update: record.last_update,
             ..Live::default()
@@ -225,7 +223,7 @@ impl Session {
         let mut status = Node::status(status);
         let mut live = self.live.lock();
         live.sampler.load(&mut status, now, points, self.scope());
-        live.counted = Some(crate::limits::counted_processes(&status));
+        live.counted = Some(counted_processes(&status));
         live.status = Some(status);
         live.size = size;
         live.updated(now, Unsaved::More);
@@ -274,7 +272,7 @@ impl Session {
         let more = target.more;
         let reload = target.finish();
         if reload {
-            *counted = Some(crate::limits::counted_processes(status));
+            *counted = Some(counted_processes(status));
         }
         if applied.is_ok() {
             let unsaved = if more { Unsaved::More } else { Unsaved::Values };
@@ -376,6 +374,22 @@ impl Session {
 
 fn internal_ip(status: &Node) -> Option<&str> {
     status.get("internal_ip").and_then(Node::as_str)
+}
+
+/// Modules that are free: not counted.
+pub const FREE_MODULES: [&str; 2] = ["pm2-logrotate", "pm2-auto-pull"];
+/// The processes of an agent's status that count.
+pub fn counted_processes(status: &Node) -> u32 {
+    let processes = status.processes().unwrap_or_default();
+    let counted = processes
+        .iter()
+        .filter(|p| {
+            !p.get("name")
+                .and_then(Node::as_str)
+                .is_some_and(|name| FREE_MODULES.contains(&name))
+        })
+        .count();
+    u32::try_from(counted).unwrap_or(u32::MAX)
 }
 
 /// Every session of this node, by bucket then server name.
@@ -976,12 +990,12 @@ pub enum PatchFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::budget::{MAX_STATUS_BYTES, MAX_STATUS_NODES};
+    use crate::budget::{MAX_STATUS_BYTES, MAX_STATUS_NODES};
     use std::collections::BTreeMap;
 
     /// The captured full status and the patches that follow it (up to the next status).
     fn sequence() -> (Value, Vec<String>) {
-        let mut frames = include_str!("../../../tests/fixtures/agent-status-sequence.jsonl")
+        let mut frames = include_str!("../../tests/fixtures/agent-status-sequence.jsonl")
             .lines()
             .map(|l| serde_json::from_str::<Value>(l).unwrap()["frame"].take());
         let status = frames.next().unwrap()["payload"].take();
@@ -1001,6 +1015,16 @@ mod tests {
             .iter()
             .map(|p| ((p.pm_id, p.name.clone()), p.last))
             .collect()
+    }
+
+    #[test]
+    fn free_modules_are_not_counted() {
+        let status = serde_json::json!({"data": {"process": [
+            {"name": "api"}, {"name": "api"}, {"name": "pm2-logrotate"},
+            {"name": "pm2-auto-pull"}, {"name": "worker"}
+        ]}});
+        assert_eq!(counted_processes(&Node::from(status)), 3);
+        assert_eq!(counted_processes(&Node::from(serde_json::json!({}))), 0);
     }
 
     #[test]

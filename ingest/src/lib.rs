@@ -1,9 +1,14 @@
-//! Persistence of what agents send: statuses applied to sessions with their metrics
-//! sampled per minute, and events handed to the batched writer.
+//! The agents' protocol below HTTP: frames decoded and mapped to events, each server's
+//! session (its live status as a compact tree within its budgets, patching, metric values
+//! sampled per minute), the node's in-flight byte budget, and the batched writer that
+//! hands events and metric minutes to the events store.
 
 pub mod budget;
+pub mod frames;
+pub mod meter;
 pub mod metrics;
 pub mod process;
+pub mod session;
 pub mod tree;
 pub mod writer;
 
@@ -16,9 +21,8 @@ use serde_json::Value;
 pub use metrics::MetricSampler;
 pub use writer::EventWriter;
 
-use crate::interactor::Session;
-use crate::interactor::meter::InFlight;
-use crate::interactor::session::{PatchFailure, PatchOp};
+use crate::meter::InFlight;
+use crate::session::{PatchFailure, PatchOp, Session};
 use budget::Over;
 use km_stores::EventRecord;
 

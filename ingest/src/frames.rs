@@ -196,7 +196,7 @@ mod tests {
     use super::*;
 
     fn fixture_frames() -> Vec<String> {
-        include_str!("../../../tests/fixtures/agent-frames-by-channel.jsonl")
+        include_str!("../../tests/fixtures/agent-frames-by-channel.jsonl")
             .lines()
             .map(str::to_string)
             .collect()

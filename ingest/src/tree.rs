@@ -18,8 +18,8 @@ use parking_lot::Mutex;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Number, Value};
 
-use crate::ingest::budget;
-use crate::ingest::process::{Effect, Process};
+use crate::budget;
+use crate::process::{Effect, Process};
 
 /// A member name, shared between every node that holds it.
 pub type Name = Arc<str>;

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::ingest::budget::{FREE_FRAME_BYTES, MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_WAIT};
+use crate::budget::{FREE_FRAME_BYTES, MAX_IN_FLIGHT_BYTES, MAX_IN_FLIGHT_WAIT};
 
 /// This node's budget of frame bytes being read or handled, in bytes.
 #[derive(Debug)]
