@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::api::actions::command_agent;
+use crate::fleet::{CommandError, command_agent};
 use crate::notify::watch::{process_link, servers_of};
 use crate::notify::{Event, Line, Lines, Outbox};
 use crate::schedule::Episodes;
@@ -495,7 +495,7 @@ async fn run_actions(outbox: &Outbox<'_>, rule: &Alert, change: &Change) {
             _ => continue,
         };
         if let Err(e) = outcome {
-            tracing::warn!(alert = %rule.id, server = %change.server, app = %change.app, error = %e.msg, "alert action not sent");
+            tracing::warn!(alert = %rule.id, server = %change.server, app = %change.app, error = %e, "alert action not sent");
         }
     }
 }
@@ -506,7 +506,7 @@ async fn custom_action(
     action: &Action,
     change: &Change,
     by: &str,
-) -> crate::api::error::ApiResult<()> {
+) -> Result<(), CommandError> {
     let name = action.params["name"].as_str().unwrap_or_default();
     let opts = match &action.params["opts"] {
         opts @ Value::Object(_) => opts.clone(),

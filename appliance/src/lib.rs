@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod backup;
 pub mod config;
+pub mod fleet;
 pub mod gateway;
 pub mod interactor;
 pub mod limits;

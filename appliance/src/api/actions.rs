@@ -9,10 +9,9 @@ use serde_json::{Map, Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::{App, AppState};
-use km_ingest::frames;
-use km_stores::ids::now_ms;
-use km_stores::{AgentCommand, Delivery, EventKind, EventRecord, MemberRole};
+use crate::app::AppState;
+use crate::fleet;
+use km_stores::MemberRole;
 
 /// PM2 methods an agent accepts from the dashboard.
 const PM2_METHODS: [&str; 7] = [
@@ -57,51 +56,7 @@ async fn send(
     access.require(MemberRole::Developer, "send commands to agents")?;
     let by = &access.auth.user.username;
     let target = (server_name, app_name);
-    command_agent(app, &access.bucket.id, target, channel, payload, by).await
-}
-
-/// Sends `channel`/`payload` to the agent of `(server, app)` in the bucket, wherever it
-/// is connected, and records the command as an event made `by` a user or an alert.
-pub async fn command_agent(
-    app: &App,
-    bucket_id: &str,
-    (server_name, app_name): (&str, Option<&str>),
-    channel: &str,
-    payload: Value,
-    by: &str,
-) -> ApiResult<()> {
-    let frame = frames::encode(channel, &payload);
-    let command = AgentCommand {
-        bucket_id: bucket_id.to_string(),
-        server_name: server_name.to_string(),
-        frame,
-    };
-    match app.bus.send_command(command).await? {
-        Delivery::Sent => {}
-        Delivery::NotConnected => {
-            return Err(ApiError::not_found(format!(
-                "server {server_name:?} is not connected to this bucket"
-            )));
-        }
-    }
-    let at = now_ms();
-    let doc = json!({
-        "at": at, "type": "command", "server_name": server_name, "app_name": app_name,
-        "pm_id": payload.get("process_id"), "user": by,
-        "data": { "channel": channel, "payload": payload },
-    });
-    app.ingest.event(EventRecord {
-        id: km_stores::ids::new_object_id(),
-        kind: EventKind::Event,
-        bucket_id: bucket_id.to_string(),
-        server_name: server_name.to_string(),
-        app_name: app_name.map(str::to_string),
-        event_type: "command".into(),
-        name: None,
-        at,
-        doc: doc.to_string(),
-    });
-    Ok(())
+    Ok(fleet::command_agent(app, &access.bucket.id, target, channel, payload, by).await?)
 }
 
 #[derive(Deserialize)]

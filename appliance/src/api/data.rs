@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::{App, AppState};
-use km_ingest::session::Session;
+use crate::app::AppState;
+use crate::fleet;
 use km_stores::ids::now_ms;
 use km_stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 
@@ -47,76 +47,7 @@ pub async fn status(
     access: BucketAccess,
     Query(filter): Query<StatusFilter>,
 ) -> Response {
-    json_array(servers_status(&app, &access.bucket.id, filter.server_name.as_deref()).await)
-}
-
-/// The API view (JSON text) of each server of the bucket (only `only` if given), by name.
-pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> Vec<String> {
-    let local = app
-        .sessions
-        .of_bucket(bucket_id, only)
-        .iter()
-        .map(|s| s.to_json())
-        .collect::<Vec<_>>();
-    // Without the bus this node still answers with what it holds.
-    let remote = app
-        .bus
-        .remote_servers(bucket_id, only)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "status: other nodes not asked");
-            Vec::new()
-        });
-    let mut servers = ranked(local.into_iter().chain(remote));
-    // Servers that went offline elsewhere (the interactor of another node or process)
-    // since this one started, as last persisted; rendered only where they rank higher.
-    let persisted = app
-        .documents
-        .bucket_servers(bucket_id, only)
-        .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "status: persisted servers not read");
-            Vec::new()
-        });
-    for record in persisted {
-        let rank = (false, record.last_update);
-        let held = servers
-            .get(&record.server_name)
-            .is_some_and(|(held, _)| *held >= rank);
-        if !held {
-            let view = Session::offline(&record, Default::default()).to_json();
-            servers.insert(record.server_name, (rank, view));
-        }
-    }
-    servers.into_values().map(|(_, json)| json).collect()
-}
-
-/// A view's rank: online over offline, then the latest.
-type Rank = (bool, i64);
-
-/// One view per server name, with its rank: an online one over an offline one, then the
-/// latest.
-fn ranked(views: impl IntoIterator<Item = String>) -> BTreeMap<String, (Rank, String)> {
-    #[derive(Deserialize)]
-    struct Head {
-        server_name: String,
-        online: bool,
-        last_update: i64,
-    }
-    let mut best: BTreeMap<String, (Rank, String)> = BTreeMap::new();
-    for json in views {
-        let Ok(head) = serde_json::from_str::<Head>(&json) else {
-            continue;
-        };
-        let rank = (head.online, head.last_update);
-        match best.get(&head.server_name) {
-            Some((held, _)) if *held >= rank => {}
-            _ => {
-                best.insert(head.server_name, (rank, json));
-            }
-        }
-    }
-    best
+    json_array(fleet::servers_status(&app, &access.bucket.id, filter.server_name.as_deref()).await)
 }
 
 /// Filters of the event routes. Times are epoch milliseconds (numbers or digit strings).
@@ -442,28 +373,4 @@ pub async fn notifications(
         })
         .collect();
     Ok(Json(Value::Array(list)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_view_per_server_online_then_latest() {
-        let view = |name: &str, online: bool, at: i64| {
-            format!(
-                r#"{{"server_name":"{name}","online":{online},"last_update":{at},"data":{{}}}}"#
-            )
-        };
-        let merged = ranked([
-            view("a", false, 9),
-            view("a", true, 5),
-            view("b", false, 1),
-            view("b", false, 3),
-            "not json".into(),
-        ]);
-        assert_eq!(merged.get("a").map(|v| &v.1), Some(&view("a", true, 5)));
-        assert_eq!(merged.get("b").map(|v| &v.1), Some(&view("b", false, 3)));
-        assert_eq!(merged.len(), 2);
-    }
 }

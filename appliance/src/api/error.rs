@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::fleet::CommandError;
 use km_stores::StoreError;
 
 #[derive(Debug)]
@@ -61,6 +62,15 @@ impl ApiError {
 
     pub fn conflict(msg: impl Into<String>) -> Self {
         ApiError::new(StatusCode::CONFLICT, "conflict", msg.into())
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::NotConnected(_) => ApiError::not_found(e.to_string()),
+            CommandError::Store(e) => e.into(),
+        }
     }
 }
 

@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 
 use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
-use crate::api::data;
 use crate::api::insights::{self, Issue};
 use crate::app::App;
+use crate::fleet;
 use crate::schedule::Episodes;
 use crate::web::process::page_path;
 use km_stores::ids::{now_ms, utc_text};
@@ -90,7 +90,7 @@ pub struct ProcessView {
 }
 
 pub async fn servers_of(app: &App, bucket_id: &str) -> Vec<ServerView> {
-    data::servers_status(app, bucket_id, None)
+    fleet::servers_status(app, bucket_id, None)
         .await
         .iter()
         .filter_map(|view| serde_json::from_str(view).ok())

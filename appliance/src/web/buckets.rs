@@ -11,9 +11,9 @@ use serde_json::Value;
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
-use crate::api::data::servers_status;
 use crate::api::error::ApiError;
 use crate::app::AppState;
+use crate::fleet::servers_status;
 use crate::limits::{self, Limit};
 use km_stores::{Bucket, Member, MemberRole};
 
