@@ -1,9 +1,11 @@
 //! The fleet as every role sees it (the API, the dashboard, the notifier and alerts):
 //! each server's status merged from this node's sessions, the other nodes and the stored
-//! records, and commands to agents wherever they are connected.
+//! records, commands to agents wherever they are connected, and where the dashboard
+//! shows a process.
 
 use std::collections::BTreeMap;
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -129,6 +131,27 @@ pub async fn command_agent(
         doc: doc.to_string(),
     });
     Ok(())
+}
+
+/// The process page of `app` on `server`.
+pub fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
+    format!(
+        "/buckets/{bucket_id}/servers/{}/apps/{}",
+        urlencode(server),
+        urlencode(app)
+    )
+}
+
+/// Bytes a path segment keeps as they are: RFC 3986's unreserved characters.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// One path segment, percent-encoded.
+fn urlencode(segment: &str) -> String {
+    utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[cfg(test)]

@@ -20,9 +20,8 @@ use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
 use crate::api::insights::{self, Issue};
 use crate::app::App;
-use crate::fleet;
+use crate::fleet::{self, page_path};
 use crate::schedule::Episodes;
-use crate::web::process::page_path;
 use km_stores::ids::{now_ms, utc_text};
 use km_stores::{Bucket, EventKind, EventQuery, StoreResult};
 

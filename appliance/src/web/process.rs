@@ -8,7 +8,6 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -19,6 +18,7 @@ use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::insights::{self, Issue, Route};
 use crate::app::AppState;
+use crate::fleet::page_path;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 
@@ -334,27 +334,6 @@ fn scale_number(text: &str) -> Value {
 /// A form built as JSON, read as the API route's body (a bad field is a 400).
 pub fn parse<T: serde::de::DeserializeOwned>(v: Value) -> ApiResult<T> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-/// The process page of `app` on `server`.
-pub fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
-    format!(
-        "/buckets/{bucket_id}/servers/{}/apps/{}",
-        urlencode(server),
-        urlencode(app)
-    )
-}
-
-/// Bytes a path segment keeps as they are: RFC 3986's unreserved characters.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-/// One path segment, percent-encoded.
-pub fn urlencode(segment: &str) -> String {
-    utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 #[cfg(test)]
