@@ -10,6 +10,7 @@ pub mod config;
 pub mod fleet;
 pub mod gateway;
 pub mod interactor;
+pub mod issues;
 pub mod limits;
 pub mod logging;
 pub mod notify;

@@ -18,9 +18,9 @@ use serde_json::{Value, json};
 
 use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
-use crate::api::insights::{self, Issue};
 use crate::app::App;
 use crate::fleet::{self, page_path};
+use crate::issues::{self, Issue};
 use crate::schedule::Episodes;
 use km_stores::ids::{now_ms, utc_text};
 use km_stores::{Bucket, EventKind, EventQuery, StoreResult};
@@ -116,7 +116,7 @@ pub async fn issues_new_in(
         ..EventQuery::default()
     };
     let mut new = Vec::new();
-    for issue in insights::issues(app.events.as_ref(), window).await? {
+    for issue in issues::issues(app.events.as_ref(), window).await? {
         let earlier = EventQuery {
             bucket_id: bucket.id.clone(),
             name: Some(issue.identifier.clone()),

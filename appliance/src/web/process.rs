@@ -16,9 +16,10 @@ use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
-use crate::api::insights::{self, Issue, Route};
+use crate::api::insights::{self, Route};
 use crate::app::AppState;
 use crate::fleet::page_path;
+use crate::issues::{self, Issue};
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 
@@ -173,7 +174,7 @@ pub async fn page(
         async { Ok(app.events.query(EventKind::Event, &scope).await?) },
         async { Ok(app.events.query(EventKind::ProcessEvent, &scope).await?) },
         async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
-        async { Ok(insights::issues(app.events.as_ref(), scope.clone()).await?) },
+        async { Ok(issues::issues(app.events.as_ref(), scope.clone()).await?) },
         insights::routes(&app, scope.clone()),
     );
     let (logs, events, process_events, profiles, issues, routes) = match stored {
