@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use km::config::{RawSettings, Settings};
 use km::interactor::receive;
+use km_config::{Settings, Values};
 use km_stores::ids::now_ms;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +41,7 @@ fn frames() -> (String, Vec<String>) {
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
-    let settings = Settings::from_raw(RawSettings::with_data_dir(dir.path()))?;
+    let settings = Settings::from_values(&Values::with_data_dir(dir.path()))?;
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,
         "http://127.0.0.1:8080".into(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use km::alerts::{self, AlertForm};
-use km::config::{RawSettings, Settings};
 use km::notify::watch;
+use km_config::{Settings, Values};
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{Bucket, MemberRole, MetricPoint, ServerRecord, User};
 use serde_json::{Value, json};
@@ -58,7 +58,7 @@ fn minutes(bucket: &str, now: i64) -> Vec<MetricPoint> {
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let dir = tempfile::tempdir()?;
-    let settings = Settings::from_raw(RawSettings::with_data_dir(dir.path()))?;
+    let settings = Settings::from_values(&Values::with_data_dir(dir.path()))?;
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,
         "http://127.0.0.1:8080".into(),

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
 use crate::gateway::Gateway;
 use crate::limits::LimitCache;
+use km_config::Settings;
 use km_ingest::Ingest;
 use km_ingest::session::Sessions;
 use km_stores::LiveHub;

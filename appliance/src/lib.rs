@@ -6,7 +6,6 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod backup;
-pub mod config;
 pub mod fleet;
 pub mod gateway;
 pub mod interactor;

@@ -57,7 +57,7 @@ impl Limit {
         }
     }
 
-    fn checked(settings: &crate::config::Settings, now_s: i64) -> Limit {
+    fn checked(settings: &km_config::Settings, now_s: i64) -> Limit {
         match settings.licence(now_s) {
             None => Limit::Unlicensed,
             Some(Ok(licence)) => match licence.max_processes() {

@@ -4,9 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use km::config::{RawSettings, Settings};
 use km::server::Role;
-use km::setup::{self, licence};
+use km::setup;
+use km_config::licence;
+use km_config::{Settings, Values};
 
 #[derive(Parser)]
 #[command(
@@ -83,7 +84,7 @@ struct ServeArgs {
     #[arg(long, value_enum)]
     role: Vec<Role>,
     #[command(flatten)]
-    settings: RawSettings,
+    settings: Values,
 }
 
 #[derive(Subcommand)]
@@ -131,6 +132,8 @@ enum ConfigCommand {
         #[arg(long)]
         test_mail_to: Option<String>,
     },
+    /// Print every setting (variable, flag, value, default, meaning) as a Markdown table.
+    Settings,
 }
 
 fn main() -> ExitCode {
@@ -139,7 +142,7 @@ fn main() -> ExitCode {
     // One TLS crypto provider for the whole process, before anything uses TLS.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
-        Command::Serve(args) => Settings::from_raw(args.settings)
+        Command::Serve(args) => Settings::from_values(&args.settings)
             .map_err(anyhow::Error::from)
             .and_then(|settings| run_serve(settings, &args.role))
             .map(|()| ExitCode::SUCCESS),
@@ -150,6 +153,10 @@ fn main() -> ExitCode {
             env_file,
             test_mail_to,
         }) => check_config(&env_file, test_mail_to),
+        Command::Config(ConfigCommand::Settings) => {
+            print!("{}", km_config::table::markdown());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backup(command) => runtime().and_then(|rt| rt.block_on(backup(command))),
         Command::SupportBundle { env_file, out } => runtime().and_then(|rt| {
             let path = rt.block_on(km::support::bundle(&env_file, &out))?;

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::app::{App, AppState};
-use crate::config::{Settings, TlsMode};
 use crate::gateway::{self, Front, Gateway, HttpsBase};
 use crate::workers;
+use km_config::{Settings, TlsMode, table};
 use km_ingest::session::Sessions;
 use km_ingest::{EventWriter, Ingest};
 use km_stores::LiveHub;
@@ -49,10 +49,10 @@ impl Role {
     fn address(self, settings: &Settings) -> Option<(SocketAddr, &'static str)> {
         let roles = &settings.roles;
         match self {
-            Role::Api => Some((roles.api, "KM_API_LISTEN")),
-            Role::Auth => Some((roles.auth, "KM_AUTH_LISTEN")),
-            Role::Realtime => Some((roles.realtime, "KM_REALTIME_LISTEN")),
-            Role::Interactor => Some((roles.interactor, "KM_INTERACTOR_LISTEN")),
+            Role::Api => Some((roles.api, table::API_LISTEN.var)),
+            Role::Auth => Some((roles.auth, table::AUTH_LISTEN.var)),
+            Role::Realtime => Some((roles.realtime, table::REALTIME_LISTEN.var)),
+            Role::Interactor => Some((roles.interactor, table::INTERACTOR_LISTEN.var)),
             Role::Gateway | Role::Workers => None,
         }
     }
@@ -64,7 +64,7 @@ pub async fn serve(settings: Settings, roles: &[Role]) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     if roles.is_empty() {
-        let listener = bind(settings.listen, "KM_LISTEN").await?;
+        let listener = bind(settings.listen, table::LISTEN.var).await?;
         serve_on(listener, settings, shutdown).await
     } else {
         serve_roles(settings, roles, shutdown).await
@@ -196,7 +196,7 @@ struct FrontDoor {
 impl FrontDoor {
     /// The gateway role's ports, forwarding to the other roles.
     async fn bind(settings: &Settings) -> anyhow::Result<FrontDoor> {
-        let listener = bind(settings.listen, "KM_LISTEN").await?;
+        let listener = bind(settings.listen, table::LISTEN.var).await?;
         let https = gateway::bind_https(settings)?;
         let tls = Gateway::new(settings)?;
         let routes = Front::forwarding(tls.clone(), settings).gateway_router();

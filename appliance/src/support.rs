@@ -12,7 +12,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::setup::{self, checks, envfile, validate};
+use crate::setup::{self, checks, validate};
+use km_config::{Secret, envfile, table};
 
 /// Units whose journal goes in.
 const UNITS: [&str; 8] = [
@@ -27,16 +28,14 @@ const UNITS: [&str; 8] = [
 ];
 /// Journal lines per unit.
 const JOURNAL_LINES: &str = "300";
-/// Variables whose whole value is secret.
-const SECRETS: [&str; 2] = ["KM_DEDICATED_KEY", "SMTP_PASSWORD"];
-
-/// The env file's variables with secrets masked: whole values of [`SECRETS`], the
-/// password of every URL.
+/// The env file's variables with secrets masked: the whole value of a secret setting,
+/// the password of every URL.
 pub fn masked(entries: &[(String, String)]) -> Vec<(String, String)> {
     entries
         .iter()
         .map(|(k, v)| {
-            let value = if SECRETS.contains(&k.as_str()) && !v.is_empty() {
+            let whole = table::by_var(k).is_some_and(|s| s.secret == Secret::Whole);
+            let value = if whole && !v.is_empty() {
                 "*** (set)".to_string()
             } else {
                 v.split_whitespace()
@@ -62,7 +61,9 @@ pub async fn bundle(env_file: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     fs::write(dir.join("versions.txt"), versions())?;
     fs::write(dir.join("settings.env"), envfile::render(&masked(&entries)))?;
     fs::write(dir.join("config-check.txt"), config_check(&map).await)?;
-    let data_dir = map.get("KM_DATA_DIR").map_or("./km-data", String::as_str);
+    let data_dir = (map.get(table::DATA_DIR.var).map(String::as_str))
+        .or(table::DATA_DIR.default)
+        .unwrap_or_default();
     fs::write(dir.join("stores.txt"), stores(Path::new(data_dir)))?;
     fs::write(
         dir.join("disk.txt"),

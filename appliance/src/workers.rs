@@ -34,7 +34,7 @@ async fn backups(app: AppState) {
     .await;
 }
 
-async fn backup_once(app: &AppState, schedule: &crate::config::BackupSchedule) {
+async fn backup_once(app: &AppState, schedule: &km_config::BackupSchedule) {
     let started = std::time::Instant::now();
     let sources = crate::backup::Sources {
         settings: app.settings.clone(),

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use km::app::AppState;
-use km::config::{RawSettings, Settings};
 use km::interactor::receive;
+use km_config::{Settings, Values};
 use km_ingest::budget;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -35,7 +35,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let dir = tempfile::tempdir().expect("a temp dir");
     let settings =
-        Settings::from_raw(RawSettings::with_data_dir(dir.path())).expect("default settings");
+        Settings::from_values(&Values::with_data_dir(dir.path())).expect("default settings");
     let (app, _writer) = runtime
         .block_on(km::server::build_app(
             settings,

@@ -81,7 +81,7 @@ fn test_key_path() -> PathBuf {
 /// A licence signed with the test key that expired three days ago (`km licence sign`
 /// takes no past dates: signed here with the same code).
 fn expired_licence() -> Result<String> {
-    use km::setup::licence::{Licence, parse_signing_key, sign};
+    use km_config::licence::{Licence, parse_signing_key, sign};
     let key = parse_signing_key(&std::fs::read_to_string(test_key_path())?)?;
     let now = km_e2e::now_ms() / 1000;
     let licence = Licence {
@@ -105,7 +105,7 @@ fn tampered(licence: &str) -> Result<String> {
 /// The variables of an env file, as km reads them.
 fn read_env(path: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let entries = km::setup::envfile::parse(&text).with_context(|| path.display().to_string())?;
+    let entries = km_config::envfile::parse(&text).with_context(|| path.display().to_string())?;
     Ok(entries.into_iter().collect())
 }
 
@@ -118,7 +118,7 @@ fn mode(path: &Path) -> Result<u32> {
 }
 
 fn prev_path(env_file: &Path) -> PathBuf {
-    km::setup::envfile::previous_path(env_file)
+    km_config::envfile::previous_path(env_file)
 }
 
 /// The checks as lines, for messages.
@@ -666,7 +666,7 @@ async fn wrong_settings_are_named_and_nothing_is_written() {
                 "smtp",
                 vec![("smtp_host", "127.0.0.1".into()), ("smtp_sender", "not-an-address".into())],
                 "SMTP_SENDER",
-                "\"not-an-address\" is not an email address (required with SMTP_HOST)".into(),
+                "\"not-an-address\" is not an email address".into(),
             ),
         ];
         for (what, section, form, setting, detail) in &cases {

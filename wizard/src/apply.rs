@@ -13,7 +13,8 @@ use serde::Serialize;
 use crate::services::{self, Services};
 use crate::token::StateDir;
 use km::setup::checks::{Check, Status};
-use km::setup::{envfile, validate};
+use km::setup::validate;
+use km_config::envfile;
 
 /// The first admin account, created on the restarted appliance.
 #[derive(Clone)]

@@ -8,6 +8,8 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::apply::{Admin, Plan};
+use km_config::Setting;
+use km_config::table as t;
 
 /// What a password looks like in a prefilled URL; sent back as is, it means "unchanged".
 const MASK: &str = "********";
@@ -88,34 +90,32 @@ fn unmask_url(submitted: &str, current: Option<&String>) -> String {
 
 impl SettingsForm {
     pub fn from_env(env: &BTreeMap<String, String>) -> SettingsForm {
-        let get = |k: &str| env.get(k).cloned().unwrap_or_default();
-        let external = ["KM_MONGO_URL", "KM_ELASTICSEARCH_URL", "KM_REDIS_URL"]
+        let get = |s: &Setting| {
+            (env.get(s.var).cloned())
+                .or_else(|| s.default.map(String::from))
+                .unwrap_or_default()
+        };
+        let external = [t::MONGO_URL.var, t::ELASTICSEARCH_URL.var, t::REDIS_URL.var]
             .iter()
             .any(|k| env.get(*k).is_some_and(|v| !v.is_empty()));
         SettingsForm {
-            has_licence: env.get("KM_DEDICATED_KEY").is_some_and(|k| !k.is_empty()),
+            has_licence: env.get(t::DEDICATED_KEY.var).is_some_and(|k| !k.is_empty()),
             stores: if external { "external" } else { "embedded" }.into(),
-            mongo_url: mask_url(&get("KM_MONGO_URL")),
-            elasticsearch_url: mask_url(&get("KM_ELASTICSEARCH_URL")),
-            redis_url: mask_url(&get("KM_REDIS_URL")),
-            site_url: get("KM_SITE_URL"),
-            smtp_host: get("SMTP_HOST"),
-            smtp_port: get("SMTP_PORT"),
-            smtp_user: get("SMTP_USER"),
-            has_smtp_password: env.get("SMTP_PASSWORD").is_some_and(|p| !p.is_empty()),
-            smtp_sender: get("SMTP_SENDER"),
-            smtp_tls: env
-                .get("SMTP_TLS")
-                .cloned()
-                .unwrap_or_else(|| "starttls".into()),
-            tls: env.get("KM_TLS").cloned().unwrap_or_else(|| "off".into()),
-            acme_directory: env
-                .get("KM_ACME_DIRECTORY")
-                .cloned()
-                .unwrap_or_else(|| "https://acme-v02.api.letsencrypt.org/directory".into()),
-            acme_email: get("KM_ACME_EMAIL"),
-            acme_ca: get("KM_ACME_CA"),
-            allow_signup: if env.get("KM_ALLOW_SIGNUP").is_some_and(|v| v == "true") {
+            mongo_url: mask_url(&get(&t::MONGO_URL)),
+            elasticsearch_url: mask_url(&get(&t::ELASTICSEARCH_URL)),
+            redis_url: mask_url(&get(&t::REDIS_URL)),
+            site_url: get(&t::SITE_URL),
+            smtp_host: get(&t::SMTP_HOST),
+            smtp_port: get(&t::SMTP_PORT),
+            smtp_user: get(&t::SMTP_USER),
+            has_smtp_password: env.get(t::SMTP_PASSWORD.var).is_some_and(|p| !p.is_empty()),
+            smtp_sender: get(&t::SMTP_SENDER),
+            smtp_tls: get(&t::SMTP_TLS),
+            tls: get(&t::TLS),
+            acme_directory: get(&t::ACME_DIRECTORY),
+            acme_email: get(&t::ACME_EMAIL),
+            acme_ca: get(&t::ACME_CA),
+            allow_signup: if get(&t::ALLOW_SIGNUP) == "true" {
                 "on".into()
             } else {
                 String::new()
@@ -177,7 +177,7 @@ pub fn discard_uploads(
     current: &BTreeMap<String, String>,
     pem_dir: &Path,
 ) {
-    for var in ["KM_TLS_CERT", "KM_TLS_KEY"] {
+    for var in [t::TLS_CERT.var, t::TLS_KEY.var] {
         let Some(path) = tried.get(var) else {
             continue;
         };
@@ -196,12 +196,12 @@ pub fn plan(
 ) -> Result<Plan, String> {
     let mut env = current.clone();
     if !form.dedicated_key.trim().is_empty() {
-        put(&mut env, "KM_DEDICATED_KEY", &form.dedicated_key);
+        put(&mut env, t::DEDICATED_KEY.var, &form.dedicated_key);
     }
     for (key, value) in [
-        ("KM_MONGO_URL", &form.mongo_url),
-        ("KM_ELASTICSEARCH_URL", &form.elasticsearch_url),
-        ("KM_REDIS_URL", &form.redis_url),
+        (t::MONGO_URL.var, &form.mongo_url),
+        (t::ELASTICSEARCH_URL.var, &form.elasticsearch_url),
+        (t::REDIS_URL.var, &form.redis_url),
     ] {
         let value = if form.stores == "external" {
             unmask_url(value, current.get(key))
@@ -210,30 +210,30 @@ pub fn plan(
         };
         put(&mut env, key, &value);
     }
-    put(&mut env, "KM_SITE_URL", &form.site_url);
-    put(&mut env, "SMTP_HOST", &form.smtp_host);
-    put(&mut env, "SMTP_PORT", &form.smtp_port);
-    put(&mut env, "SMTP_USER", &form.smtp_user);
-    put(&mut env, "SMTP_SENDER", &form.smtp_sender);
-    put(&mut env, "SMTP_TLS", &form.smtp_tls);
+    put(&mut env, t::SITE_URL.var, &form.site_url);
+    put(&mut env, t::SMTP_HOST.var, &form.smtp_host);
+    put(&mut env, t::SMTP_PORT.var, &form.smtp_port);
+    put(&mut env, t::SMTP_USER.var, &form.smtp_user);
+    put(&mut env, t::SMTP_SENDER.var, &form.smtp_sender);
+    put(&mut env, t::SMTP_TLS.var, &form.smtp_tls);
     if !form.smtp_password.is_empty() || form.smtp_user.trim().is_empty() {
-        put(&mut env, "SMTP_PASSWORD", &form.smtp_password);
+        put(&mut env, t::SMTP_PASSWORD.var, &form.smtp_password);
     }
     if form.smtp_host.trim().is_empty() {
         for key in [
-            "SMTP_PORT",
-            "SMTP_USER",
-            "SMTP_PASSWORD",
-            "SMTP_SENDER",
-            "SMTP_TLS",
+            t::SMTP_PORT.var,
+            t::SMTP_USER.var,
+            t::SMTP_PASSWORD.var,
+            t::SMTP_SENDER.var,
+            t::SMTP_TLS.var,
         ] {
             env.remove(key);
         }
     }
-    put(&mut env, "KM_TLS", &form.tls);
+    put(&mut env, t::TLS.var, &form.tls);
     put(
         &mut env,
-        "KM_ACME_DIRECTORY",
+        t::ACME_DIRECTORY.var,
         if form.tls == "acme" {
             &form.acme_directory
         } else {
@@ -242,7 +242,7 @@ pub fn plan(
     );
     put(
         &mut env,
-        "KM_ACME_EMAIL",
+        t::ACME_EMAIL.var,
         if form.tls == "acme" {
             &form.acme_email
         } else {
@@ -251,7 +251,7 @@ pub fn plan(
     );
     put(
         &mut env,
-        "KM_ACME_CA",
+        t::ACME_CA.var,
         if form.tls == "acme" {
             &form.acme_ca
         } else {
@@ -261,22 +261,22 @@ pub fn plan(
     if form.tls == "files" {
         if !form.tls_cert_pem.trim().is_empty() {
             env.insert(
-                "KM_TLS_CERT".into(),
+                t::TLS_CERT.var.into(),
                 save_pem(pem_dir, "cert", &form.tls_cert_pem)?,
             );
         }
         if !form.tls_key_pem.trim().is_empty() {
             env.insert(
-                "KM_TLS_KEY".into(),
+                t::TLS_KEY.var.into(),
                 save_pem(pem_dir, "key", &form.tls_key_pem)?,
             );
         }
     } else {
-        env.remove("KM_TLS_CERT");
-        env.remove("KM_TLS_KEY");
+        env.remove(t::TLS_CERT.var);
+        env.remove(t::TLS_KEY.var);
     }
     env.insert(
-        "KM_ALLOW_SIGNUP".into(),
+        t::ALLOW_SIGNUP.var.into(),
         if form.allow_signup == "on" {
             "true"
         } else {

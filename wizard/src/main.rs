@@ -316,7 +316,7 @@ fn fresh_request(path: &Path) -> bool {
 /// The public URL the wizard unit announces, if it runs.
 fn unit_url() -> Option<String> {
     let text = std::fs::read_to_string(UNIT_URL_FILE).ok()?;
-    km::setup::envfile::parse(&text)
+    km_config::envfile::parse(&text)
         .ok()?
         .into_iter()
         .find_map(|(k, v)| (k == "KM_WIZARD_PUBLIC_URL").then_some(v))
@@ -440,11 +440,11 @@ async fn apply_headless(settings: &Path, common: Common) -> anyhow::Result<()> {
     let target = common.target()?;
     let text = std::fs::read_to_string(settings)
         .with_context(|| format!("--settings {}", settings.display()))?;
-    let given = km::setup::envfile::parse(&text)
+    let given = km_config::envfile::parse(&text)
         .with_context(|| format!("--settings {}", settings.display()))?;
     let mut env: BTreeMap<String, String> = std::fs::read_to_string(&target.env_file)
         .ok()
-        .and_then(|t| km::setup::envfile::parse(&t).ok())
+        .and_then(|t| km_config::envfile::parse(&t).ok())
         .map(|e| e.into_iter().collect())
         .unwrap_or_default();
     let mut wizard_only = BTreeMap::new();

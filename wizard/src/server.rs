@@ -26,7 +26,8 @@ use crate::token::{Attempts, StateDir};
 use km::gateway::challenge::Challenges;
 use km::gateway::proxy::client_ip;
 use km::setup::checks::Status;
-use km::setup::{envfile, validate};
+use km::setup::validate;
+use km_config::envfile;
 
 const COOKIE_NAME: &str = "km_wizard";
 const CSP: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'";

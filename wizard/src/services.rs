@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
-use km::setup::envfile;
+use km_config::envfile;
 
 /// How long a restarted appliance has to answer `/healthz` with `ok`.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(60);
@@ -98,22 +98,19 @@ async fn stop(child: &mut Child) {
     }
 }
 
-pub use km::setup::envfile::health_url;
-use km::setup::envfile::{local, variable};
+pub use km_config::envfile::health_url;
+use km_config::envfile::{local, setting};
+use km_config::table;
 
 /// Where the wizard calls km's API on this machine: `KM_LISTEN` with HTTPS off, else
 /// `KM_HTTPS_LISTEN` (the plain port then redirects every API call to the site URL).
 pub fn api_base(entries: &[(String, String)]) -> String {
-    match variable(entries, "KM_TLS").map(str::trim) {
-        None | Some("" | "off") => {
-            let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
-            format!("http://{}", local(listen))
-        }
-        Some(_) => {
-            let listen = variable(entries, "KM_HTTPS_LISTEN").unwrap_or("0.0.0.0:443");
-            format!("https://{}", local(listen))
-        }
-    }
+    let (scheme, listen) = match setting(entries, &table::TLS) {
+        None | Some("off") => ("http", &table::LISTEN),
+        Some(_) => ("https", &table::HTTPS_LISTEN),
+    };
+    let listen = setting(entries, listen).unwrap_or_default();
+    format!("{scheme}://{}", local(listen))
 }
 
 /// The client for [`api_base`]. It accepts km's certificate as it is: the connection

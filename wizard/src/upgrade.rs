@@ -15,7 +15,7 @@ use anyhow::{Context, bail, ensure};
 use tokio::process::Command;
 
 use crate::services::{self, systemctl};
-use km::setup::envfile;
+use km_config::envfile;
 
 /// Where the installed packages are kept for a rollback.
 pub const PACKAGES_DIR: &str = "/var/cache/km/packages";

@@ -51,7 +51,7 @@ pub fn check_account(username: &str, email: &str, password: &str) -> Result<(), 
     if !username_ok {
         return Err("username: 1 to 64 letters, digits, '_', '.' or '-'".into());
     }
-    if !crate::config::looks_like_email(email) {
+    if !km_config::looks_like_email(email) {
         return Err("email: not a valid address".into());
     }
     password_long_enough(password)

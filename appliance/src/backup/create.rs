@@ -14,7 +14,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{Entry, FORMAT, Manifest, SETTINGS, WIZARD_TOKEN_PREFIX, archive};
-use crate::config::{Settings, TlsMode};
+use km_config::{Settings, TlsMode};
 
 /// What to back up.
 pub struct Sources {
@@ -37,7 +37,7 @@ pub fn settings_of(
         Err(e) => anyhow::bail!("{}: {e}", path.display()),
     };
     let mut map: BTreeMap<String, String> = match &text {
-        Some(text) => crate::setup::envfile::parse(text)
+        Some(text) => km_config::envfile::parse(text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             .into_iter()
             .collect(),
@@ -58,7 +58,7 @@ pub fn settings_of_process() -> String {
         .filter(|(k, _)| k.starts_with("KM_") || k.starts_with("SMTP_"))
         .collect();
     entries.sort();
-    crate::setup::envfile::render(&entries)
+    km_config::envfile::render(&entries)
 }
 
 /// A backup written.

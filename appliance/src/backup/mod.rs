@@ -83,7 +83,7 @@ impl Manifest {
             "km {} backup of {} made {} (format {}): documents on {}, events on {}{}\n",
             self.version,
             self.host,
-            crate::setup::licence::date(self.created_at / 1000),
+            km_config::licence::date(self.created_at / 1000),
             self.format,
             self.documents,
             self.events,

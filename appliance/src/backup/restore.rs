@@ -13,7 +13,7 @@ use anyhow::{Context, bail, ensure};
 
 use super::create::is_plain_name;
 use super::{Manifest, SETTINGS, archive};
-use crate::setup::envfile;
+use km_config::envfile;
 use km_stores::sqlite;
 
 /// Where a restore puts things.

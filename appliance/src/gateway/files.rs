@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::certs;
 use super::{Gateway, Source};
+use km_config::table;
 
 const CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors name the settings the operator fixes.
 pub fn load(cert: &Path, key: &Path) -> Result<certs::Loaded, String> {
-    certs::load_files(cert, key, "KM_TLS_CERT", "KM_TLS_KEY")
+    certs::load_files(cert, key, table::TLS_CERT.var, table::TLS_KEY.var)
 }
 
 /// Reloads `cert` and `key` when their modification times change or on SIGHUP; a pair

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use super::Gateway;
 use super::proxy::{Origin, Proxy, Upstream};
-use crate::config::{RoleAddresses, Settings};
+use km_config::{RoleAddresses, Settings};
 
 /// Marks requests that arrived over TLS (set by the HTTPS server).
 #[derive(Debug, Clone, Copy)]

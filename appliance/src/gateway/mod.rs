@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, TlsMode};
+use km_config::{Settings, TlsMode};
 
 pub use acme::{AcmeSettings, acme_dry_run};
 pub use challenge::{CHALLENGE_PREFIX, Challenges, Published};

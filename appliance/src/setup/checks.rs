@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpStream, lookup_host};
 
-use crate::config::{SmtpSettings, SmtpTls};
 use crate::gateway::certs;
+use km_config::{SmtpSettings, SmtpTls, table};
 use km_stores::{elastic, mongo, redis_bus};
 
 /// How long one step (connecting, a command, a fetch) may take.
@@ -36,17 +36,17 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a whole check may take (a few steps, each bounded by [`TIMEOUT`]).
 pub const LIMIT: Duration = Duration::from_secs(15);
 
-const MONGO: &str = "KM_MONGO_URL";
-const ELASTIC: &str = "KM_ELASTICSEARCH_URL";
-const REDIS: &str = "KM_REDIS_URL";
-const SITE: &str = "KM_SITE_URL";
-const TLS_CERT: &str = "KM_TLS_CERT";
-const TLS_KEY: &str = "KM_TLS_KEY";
-const SMTP_HOST: &str = "SMTP_HOST";
-const SMTP_TLS: &str = "SMTP_TLS";
-const SMTP_USER: &str = "SMTP_USER";
-const SMTP_PASSWORD: &str = "SMTP_PASSWORD";
-const SMTP_SENDER: &str = "SMTP_SENDER";
+const MONGO: &str = table::MONGO_URL.var;
+const ELASTIC: &str = table::ELASTICSEARCH_URL.var;
+const REDIS: &str = table::REDIS_URL.var;
+const SITE: &str = table::SITE_URL.var;
+const TLS_CERT: &str = table::TLS_CERT.var;
+const TLS_KEY: &str = table::TLS_KEY.var;
+const SMTP_HOST: &str = table::SMTP_HOST.var;
+const SMTP_TLS: &str = table::SMTP_TLS.var;
+const SMTP_USER: &str = table::SMTP_USER.var;
+const SMTP_PASSWORD: &str = table::SMTP_PASSWORD.var;
+const SMTP_SENDER: &str = table::SMTP_SENDER.var;
 
 /// Where the scratch records go (MongoDB collection, index template, Redis key prefix).
 const SCRATCH: &str = "km_setup_check";

@@ -3,72 +3,14 @@
 //! settings with the same code.
 
 pub mod checks;
-pub mod envfile;
-pub mod licence;
 pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::config::{Settings, SmtpSettings, TlsMode};
-
-/// The groups of settings a report has a line for, with their variables.
-pub const GROUPS: &[(&str, &[&str])] = &[
-    ("listen", &["KM_LISTEN", "KM_HTTPS_LISTEN", "KM_WIZARD_URL"]),
-    (
-        "roles",
-        &[
-            "KM_API_LISTEN",
-            "KM_AUTH_LISTEN",
-            "KM_REALTIME_LISTEN",
-            "KM_INTERACTOR_LISTEN",
-        ],
-    ),
-    ("site URL", &["KM_SITE_URL"]),
-    (
-        "TLS",
-        &[
-            "KM_TLS",
-            "KM_TLS_CERT",
-            "KM_TLS_KEY",
-            "KM_ACME_DIRECTORY",
-            "KM_ACME_EMAIL",
-            "KM_ACME_CA",
-        ],
-    ),
-    ("data dir", &["KM_DATA_DIR"]),
-    ("documents", &["KM_MONGO_URL"]),
-    (
-        "events",
-        &[
-            "KM_ELASTICSEARCH_URL",
-            "KM_ELASTICSEARCH_HOST",
-            "KM_ELASTICSEARCH_PREFIX",
-        ],
-    ),
-    ("bus", &["KM_REDIS_URL"]),
-    (
-        "retention",
-        &["KM_RETENTION_DAYS", "KM_LOGS_RETENTION_DAYS"],
-    ),
-    (
-        "backups",
-        &["KM_BACKUP_DIR", "KM_BACKUP_HOURS", "KM_BACKUP_KEEP"],
-    ),
-    ("sign-up", &["KM_ALLOW_SIGNUP"]),
-    (
-        "SMTP",
-        &[
-            "SMTP_HOST",
-            "SMTP_PORT",
-            "SMTP_USER",
-            "SMTP_PASSWORD",
-            "SMTP_SENDER",
-            "SMTP_TLS",
-        ],
-    ),
-    ("licence", &["KM_DEDICATED_KEY"]),
-];
+use km_config::envfile;
+use km_config::licence;
+use km_config::{Group, Settings, SmtpSettings, TlsMode, table};
 
 /// The group of problems not about one setting (syntax, unknown variables).
 pub const FILE_GROUP: &str = "env file";
@@ -85,7 +27,7 @@ pub struct GroupReport {
     pub warn: bool,
 }
 
-/// A verdict per group, in the order of [`GROUPS`] after [`FILE_GROUP`].
+/// A verdict per group, in the order of [`Group::ALL`] after [`FILE_GROUP`].
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub groups: Vec<GroupReport>,
@@ -144,17 +86,17 @@ pub fn check_settings(map: &BTreeMap<String, String>, now_s: i64) -> StaticCheck
         Err(e) => (None, e.0),
     };
     let licence = map
-        .get("KM_DEDICATED_KEY")
+        .get(table::DEDICATED_KEY.var)
         .map(|text| text.trim())
         .filter(|text| !text.is_empty())
         .map(|text| licence::verify(text, now_s));
     if let Some(Err(e)) = &licence {
-        errors.push(format!("KM_DEDICATED_KEY: {e}"));
+        errors.push(format!("{}: {e}", table::DEDICATED_KEY.var));
     }
     let mut groups = vec![group_report(FILE_GROUP, &errors, None)];
-    for (group, _) in GROUPS {
-        let note = match *group {
-            "licence" => Some(
+    for group in Group::ALL {
+        let note = match group {
+            Group::Licence => Some(
                 licence
                     .as_ref()
                     .and_then(|l| l.as_ref().ok())
@@ -162,8 +104,8 @@ pub fn check_settings(map: &BTreeMap<String, String>, now_s: i64) -> StaticCheck
             ),
             _ => settings.as_ref().and_then(|s| note(group, s)),
         };
-        let mut report = group_report(group, &errors, note);
-        report.warn = *group == "licence" && licence.is_none();
+        let mut report = group_report(group.name(), &errors, note);
+        report.warn = group == Group::Licence && licence.is_none();
         groups.push(report);
     }
     StaticCheck {
@@ -193,32 +135,29 @@ fn group_of(error: &str) -> &'static str {
         .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
         .next()
         .unwrap_or_default();
-    GROUPS
-        .iter()
-        .find(|(_, vars)| vars.contains(&var))
-        .map_or(FILE_GROUP, |(group, _)| group)
+    table::by_var(var).map_or(FILE_GROUP, |s| s.group.name())
 }
 
 /// What a valid group means, where it is worth saying.
-fn note(group: &str, s: &Settings) -> Option<String> {
+fn note(group: Group, s: &Settings) -> Option<String> {
     let embedded = || "embedded, in KM_DATA_DIR".to_string();
     Some(match group {
-        "site URL" => s
+        Group::SiteUrl => s
             .site_url
             .clone()
             .unwrap_or_else(|| "derived from KM_LISTEN".into()),
-        "TLS" => match &s.tls {
+        Group::Tls => match &s.tls {
             TlsMode::Off => "off (plain HTTP)".into(),
             TlsMode::Files { .. } => "certificate files".into(),
             TlsMode::Acme { directory, .. } => format!("ACME ({directory})"),
         },
-        "documents" if s.mongo_url.is_some() => "MongoDB".into(),
-        "documents" => embedded(),
-        "events" if !s.elasticsearch.is_empty() => "Elasticsearch".into(),
-        "events" => embedded(),
-        "bus" if s.redis_url.is_some() => "Redis".into(),
-        "bus" => "in process (one node)".into(),
-        "backups" => match &s.backups {
+        Group::Documents if s.mongo_url.is_some() => "MongoDB".into(),
+        Group::Documents => embedded(),
+        Group::Events if !s.elasticsearch.is_empty() => "Elasticsearch".into(),
+        Group::Events => embedded(),
+        Group::Bus if s.redis_url.is_some() => "Redis".into(),
+        Group::Bus => "in process (one node)".into(),
+        Group::Backups => match &s.backups {
             Some(b) => format!(
                 "every {} h into {}, the last {} kept",
                 b.every.as_secs() / 3600,
@@ -227,7 +166,7 @@ fn note(group: &str, s: &Settings) -> Option<String> {
             ),
             None => "off (KM_BACKUP_DIR not set)".into(),
         },
-        "SMTP" => match &s.smtp {
+        Group::Smtp => match &s.smtp {
             Some(SmtpSettings { host, port, .. }) => format!("{host}:{port}"),
             None => "not set: no email".into(),
         },
@@ -238,18 +177,6 @@ fn note(group: &str, s: &Settings) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RawSettings;
-
-    #[test]
-    fn every_setting_has_one_group() {
-        for (var, _) in RawSettings::variables() {
-            let n = GROUPS
-                .iter()
-                .filter(|(_, v)| v.contains(&var.as_str()))
-                .count();
-            assert_eq!(n, 1, "{var} is in {n} groups");
-        }
-    }
 
     #[test]
     fn valid_file_reports_ok_per_group() {
@@ -257,7 +184,7 @@ mod tests {
         assert!(check.report.is_ok(), "{}", check.report);
         assert!(check.settings.is_some());
         let text = check.report.to_string();
-        assert_eq!(text.lines().count(), GROUPS.len() + 1, "{text}");
+        assert_eq!(text.lines().count(), Group::ALL.len() + 1, "{text}");
         assert!(text.contains("env file   ok\n"), "{text}");
         assert!(
             text.contains("site URL   ok: https://km.example.com\n"),

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use super::check_settings;
 use super::checks::{self, Check};
-use super::{GROUPS, check_settings};
-use crate::config::{Settings, TlsMode};
 use crate::gateway::{self, challenge::Challenges};
+use km_config::{Group, Settings, TlsMode, table};
 
 /// The parts of the wizard's form, with the report groups each covers.
 pub const SECTIONS: &[(&str, &[&str])] = &[
@@ -179,18 +179,19 @@ async fn tls(s: &Settings, options: &Options) -> Option<Check> {
     let host = gateway::site_host(s.site_url.as_deref()).unwrap_or_default();
     match &s.tls {
         TlsMode::Off => Some(Check::warning(
-            "KM_TLS",
+            table::TLS.var,
             "plain HTTP: passwords and tokens cross the network in clear; use it only behind a TLS proxy",
         )),
         TlsMode::Files { cert, key } => Some(match (std::fs::read(cert), std::fs::read(key)) {
             (Ok(cert), Ok(key)) => checks::check_tls_files(&cert, &key, &host),
             (Err(e), _) => Check::failed(
-                "KM_TLS_CERT",
+                table::TLS_CERT.var,
                 format!("cannot read {}: {e}", cert.display()),
             ),
-            (_, Err(e)) => {
-                Check::failed("KM_TLS_KEY", format!("cannot read {}: {e}", key.display()))
-            }
+            (_, Err(e)) => Check::failed(
+                table::TLS_KEY.var,
+                format!("cannot read {}: {e}", key.display()),
+            ),
         }),
         TlsMode::Acme {
             directory,
@@ -198,7 +199,7 @@ async fn tls(s: &Settings, options: &Options) -> Option<Check> {
             ca,
         } => Some(match &options.challenges {
             None => Check::warning(
-                "KM_TLS",
+                table::TLS.var,
                 "ACME settings are well-formed; a trial order is only made from the wizard (it must answer on port 80)",
             ),
             Some(challenges) => match gateway::acme::acme_dry_run(
@@ -211,10 +212,10 @@ async fn tls(s: &Settings, options: &Options) -> Option<Check> {
             .await
             {
                 Ok(()) => Check::ok(
-                    "KM_ACME_DIRECTORY",
+                    table::ACME_DIRECTORY.var,
                     format!("the CA validated a trial order for {host} over HTTP-01"),
                 ),
-                Err(why) => Check::failed("KM_ACME_DIRECTORY", why),
+                Err(why) => Check::failed(table::ACME_DIRECTORY.var, why),
             },
         }),
     }
@@ -225,11 +226,7 @@ fn variable_of(problem: &str) -> Option<&'static str> {
     let var = problem
         .split(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
         .next()?;
-    GROUPS
-        .iter()
-        .flat_map(|(_, vars)| vars.iter())
-        .find(|v| **v == var)
-        .copied()
+    table::by_var(var).map(|s| s.var)
 }
 
 /// `problem` without its leading `VAR: ` or `VAR (--flag): `: the check names the
@@ -247,12 +244,11 @@ fn without_variable(problem: &str, var: &str) -> String {
 }
 
 fn first_variable(group: &str) -> &'static str {
-    GROUPS
-        .iter()
-        .find(|(g, _)| *g == group)
-        .and_then(|(_, vars)| vars.first())
-        .copied()
-        .unwrap_or("env file")
+    Group::ALL
+        .into_iter()
+        .find(|g| g.name() == group)
+        .and_then(|g| g.settings().next())
+        .map_or("env file", |s| s.var)
 }
 
 #[cfg(test)]

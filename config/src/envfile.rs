@@ -13,6 +13,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::Chars;
 
+use crate::table::{self, Setting};
+
 /// A problem in an env file, or an entry that cannot be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvFileError {
@@ -351,6 +353,15 @@ pub fn variable<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a st
         .map(|(_, v)| v.as_str())
 }
 
+/// The value `entries` give `setting` as `km serve` reads it: the last one, else the
+/// default (an empty value is unset).
+pub fn setting<'a>(entries: &'a [(String, String)], setting: &Setting) -> Option<&'a str> {
+    variable(entries, setting.var)
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .or(setting.default)
+}
+
 /// A listen address as this machine reaches it: through loopback when it listens on
 /// every address.
 pub fn local(listen: &str) -> String {
@@ -363,7 +374,7 @@ pub fn local(listen: &str) -> String {
 /// `/healthz` on the appliance's plain port (`KM_LISTEN`; it answers there even when
 /// HTTPS is on), through loopback when it listens on every address.
 pub fn health_url(entries: &[(String, String)]) -> String {
-    let listen = variable(entries, "KM_LISTEN").unwrap_or("127.0.0.1:8080");
+    let listen = setting(entries, &table::LISTEN).unwrap_or_default();
     format!("http://{}/healthz", local(listen))
 }
 
