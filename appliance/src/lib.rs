@@ -12,6 +12,7 @@ pub mod interactor;
 pub mod issues;
 pub mod limits;
 pub mod logging;
+pub mod mail;
 pub mod notify;
 pub mod realtime;
 pub mod reporter;

@@ -31,8 +31,8 @@ use lettre::{AsyncTransport, Message};
 use serde_json::{Value, json};
 
 use crate::app::{App, AppState};
+use crate::mail;
 use crate::schedule;
-use crate::setup::checks::smtp_transport;
 use channels::{Hooks, Poster, Settings};
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
@@ -362,7 +362,7 @@ async fn mail(app: &App, n: &Notification) -> Result<(), String> {
         .sender
         .parse()
         .map_err(|e| format!("SMTP_SENDER {:?}: {e}", smtp.sender))?;
-    let transport = smtp_transport(smtp, None)?;
+    let transport = mail::transport(smtp, None)?;
     for to in &n.recipients {
         let to: Mailbox = to.parse().map_err(|e| format!("recipient {to:?}: {e}"))?;
         let mail = Message::builder()
