@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::fleet::{CommandError, command_agent};
-use crate::notify::watch::{process_link, servers_of};
+use crate::fleet::{self, CommandError, command_agent};
+use crate::notify::watch::process_link;
 use crate::notify::{Event, Line, Lines, Outbox};
 use crate::schedule::Episodes;
 use km_stores::ids::{new_object_id, now_ms};
@@ -512,7 +512,7 @@ async fn custom_action(
         opts @ Value::Object(_) => opts.clone(),
         _ => json!({}),
     };
-    for server in servers_of(outbox.app, &outbox.bucket.id).await {
+    for server in fleet::servers(outbox.app, &outbox.bucket.id, None).await {
         if server.server_name != change.server {
             continue;
         }

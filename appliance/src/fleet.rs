@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, Deserializer};
 use serde_json::{Value, json};
 
 use crate::app::App;
@@ -63,6 +64,117 @@ pub async fn servers_status(app: &App, bucket_id: &str, only: Option<&str>) -> V
         }
     }
     servers.into_values().map(|(_, json)| json).collect()
+}
+
+/// A server's status as `data/status` shows it, typed for the roles that read more than
+/// its text (the dashboard, the notifier, alerts, reports). An agent wrote it: a member
+/// of the wrong type reads as empty, never as a missing server.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ServerStatus {
+    pub server_name: String,
+    /// An agent holds a socket for it (on some node).
+    #[serde(deserialize_with = "lenient")]
+    pub online: bool,
+    #[serde(deserialize_with = "lenient")]
+    pub last_update: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub data: StatusData,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StatusData {
+    #[serde(deserialize_with = "lenient")]
+    pub server: HostStatus,
+    #[serde(deserialize_with = "lenient_items")]
+    pub process: Vec<ProcessStatus>,
+}
+
+/// What the agent says of its host.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct HostStatus {
+    #[serde(deserialize_with = "lenient")]
+    pub hostname: String,
+    #[serde(deserialize_with = "lenient")]
+    pub pm2_version: String,
+    #[serde(deserialize_with = "lenient")]
+    pub node_version: String,
+}
+
+/// One process as pm2 reports it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ProcessStatus {
+    #[serde(deserialize_with = "lenient")]
+    pub name: String,
+    /// As sent (a number from pm2), for commands and texts.
+    pub pm_id: Value,
+    #[serde(deserialize_with = "lenient")]
+    pub status: String,
+    /// When it (re)started, epoch ms.
+    #[serde(deserialize_with = "lenient")]
+    pub pm_uptime: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub cpu: f64,
+    /// Bytes.
+    #[serde(deserialize_with = "lenient")]
+    pub memory: f64,
+    #[serde(deserialize_with = "lenient")]
+    pub restart_time: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub version: Option<String>,
+    /// pm2's view of the app's repository (`revision`, `branch`...).
+    pub versioning: Option<Value>,
+    /// Custom metrics by name.
+    #[serde(deserialize_with = "lenient")]
+    pub axm_monitor: BTreeMap<String, Value>,
+    #[serde(deserialize_with = "lenient_items")]
+    pub axm_actions: Vec<ActionStatus>,
+}
+
+/// An action the process offers (`@pm2/io` `action`/`scopedAction`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ActionStatus {
+    #[serde(deserialize_with = "lenient")]
+    pub action_name: String,
+    #[serde(deserialize_with = "lenient")]
+    pub action_type: String,
+}
+
+impl ProcessStatus {
+    /// The revision pm2 found in the app's repository, if any.
+    pub fn revision(&self) -> Option<&str> {
+        self.versioning.as_ref()?.get("revision")?.as_str()
+    }
+}
+
+/// A member read as `T`, or `T`'s default if the agent sent another type.
+fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> Result<T, D::Error> {
+    Ok(serde_json::from_value(Value::deserialize(d)?).unwrap_or_default())
+}
+
+/// A list of which each item of the wrong type is left out.
+fn lenient_items<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<Vec<T>, D::Error> {
+    let items = match Value::deserialize(d)? {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    };
+    Ok(items
+        .into_iter()
+        .filter_map(|item| serde_json::from_value(item).ok())
+        .collect())
+}
+
+/// Each server of the bucket (only `only` if given), typed, by name.
+pub async fn servers(app: &App, bucket_id: &str, only: Option<&str>) -> Vec<ServerStatus> {
+    servers_status(app, bucket_id, only)
+        .await
+        .iter()
+        .filter_map(|json| serde_json::from_str(json).ok())
+        .collect()
 }
 
 /// A view's rank: online over offline, then the latest.
@@ -157,6 +269,33 @@ fn urlencode(segment: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_of_wrong_types_reads_as_empty_members() {
+        let text = r#"{"server_name":"web-1","online":"yes","last_update":5,"data":{
+            "server":{"hostname":7,"pm2_version":"6.0.5"},
+            "process":[{"name":"api","pm_id":3,"cpu":"lots","memory":1024,
+                "versioning":{"revision":"abc"},"axm_monitor":[],
+                "axm_actions":[{"action_name":"gc"},5]},"not a process"]}}"#;
+        let status: ServerStatus = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            (
+                status.server_name.as_str(),
+                status.online,
+                status.last_update
+            ),
+            ("web-1", false, 5)
+        );
+        assert_eq!(status.data.server.hostname, "");
+        assert_eq!(status.data.server.pm2_version, "6.0.5");
+        let [p] = &status.data.process[..] else {
+            panic!("{:?}", status.data.process)
+        };
+        assert_eq!((p.name.as_str(), p.cpu, p.memory), ("api", 0.0, 1024.0));
+        assert_eq!((p.pm_id.as_i64(), p.revision()), (Some(3), Some("abc")));
+        assert!(p.axm_monitor.is_empty());
+        assert_eq!(p.axm_actions.len(), 1);
+    }
 
     #[test]
     fn one_view_per_server_online_then_latest() {

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{App, AppState};
-use crate::notify::watch::{issues_new_in, servers_of};
+use crate::fleet;
+use crate::notify::watch::issues_new_in;
 use crate::notify::{Outbox, choices};
 use crate::schedule;
 use km_stores::ids::utc_text;
@@ -125,7 +126,7 @@ pub async fn build(app: &App, bucket: &Bucket, period: Period, end: i64) -> Stor
     let exceptions = counts(EventKind::Exception, None).await?;
     let alerts = counts(EventKind::Event, Some("alert_fired")).await?;
     let issues = issues_new_in(app, bucket, start, end).await?;
-    let servers: Vec<_> = servers_of(app, &bucket.id)
+    let servers: Vec<_> = fleet::servers(app, &bucket.id, None)
         .await
         .into_iter()
         .filter(|s| s.last_update >= start)

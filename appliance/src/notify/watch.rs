@@ -13,13 +13,12 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use askama::Template;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
 use crate::app::App;
-use crate::fleet::{self, page_path};
+use crate::fleet::{self, ServerStatus, page_path};
 use crate::issues::{self, Issue};
 use crate::schedule::Episodes;
 use km_stores::ids::{now_ms, utc_text};
@@ -51,7 +50,7 @@ pub async fn bucket(
     new_issues(&outbox, window.start, end).await?;
     restart_loops(&outbox, end).await?;
     if settled {
-        let servers = servers_of(app, &bucket.id).await;
+        let servers = fleet::servers(app, &bucket.id, None).await;
         servers_offline(&outbox, &servers).await?;
         errored(&outbox, &servers).await?;
         deployments(&outbox, &servers).await?;
@@ -59,47 +58,9 @@ pub async fn bucket(
     alerts::check(&outbox, now).await
 }
 
-/// A server as `data/status` shows it, with what the notifier reads.
-#[derive(Deserialize)]
-pub struct ServerView {
-    pub server_name: String,
-    pub last_update: i64,
-    #[serde(default)]
-    pub data: ServerData,
-}
-
-#[derive(Default, Deserialize)]
-pub struct ServerData {
-    #[serde(default)]
-    pub process: Vec<ProcessView>,
-}
-
-#[derive(Deserialize)]
-pub struct ProcessView {
-    #[serde(default)]
-    pub name: String,
-    #[serde(default)]
-    pub pm_id: Value,
-    #[serde(default)]
-    pub status: String,
-    #[serde(default)]
-    pub pm_uptime: i64,
-    #[serde(default)]
-    pub versioning: Option<Value>,
-}
-
-pub async fn servers_of(app: &App, bucket_id: &str) -> Vec<ServerView> {
-    fleet::servers_status(app, bucket_id, None)
-        .await
-        .iter()
-        .filter_map(|view| serde_json::from_str(view).ok())
-        .collect()
-}
-
-impl ServerView {
-    fn silent(&self, now: i64) -> i64 {
-        now - self.last_update
-    }
+/// How long `server` has been silent at `now`.
+fn silent(server: &ServerStatus, now: i64) -> i64 {
+    now - server.last_update
 }
 
 /// The issues of `[start, end)` in `bucket` that had no occurrence before `start`.
@@ -228,13 +189,13 @@ fn counted(n: usize, one: &str, many: &str) -> String {
 }
 
 /// Servers gone silent for 90 s, and those back since, each told once.
-async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<()> {
     let documents = outbox.app.documents.as_ref();
     let mut episodes = Episodes::load(documents, &format!("offline:{}:", outbox.bucket.id)).await?;
     let now = now_ms();
     let (mut gone, mut back) = (Vec::new(), Vec::new());
     for server in servers {
-        let silent = server.silent(now);
+        let silent = silent(server, now);
         let name = &server.server_name;
         if silent > OFFLINE_AFTER_MS {
             if silent < RECENT_MS && episodes.open(name, server.last_update).await? {
@@ -287,12 +248,15 @@ async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreRe
 }
 
 /// Processes pm2 stopped restarting (`errored`), each told once per start.
-async fn errored(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+async fn errored(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<()> {
     let documents = outbox.app.documents.as_ref();
     let mut episodes = Episodes::load(documents, &format!("errored:{}:", outbox.bucket.id)).await?;
     let now = now_ms();
     let (mut lines, mut items) = (Vec::new(), Vec::new());
-    for server in servers.iter().filter(|s| s.silent(now) <= OFFLINE_AFTER_MS) {
+    for server in servers
+        .iter()
+        .filter(|s| silent(s, now) <= OFFLINE_AFTER_MS)
+    {
         for p in &server.data.process {
             let key = format!("{}/{}/{}", server.server_name, p.name, p.pm_id);
             if p.status != "errored" {
@@ -381,11 +345,11 @@ async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
 
 /// Apps whose revision (pm2's versioning) changed since the last pass; an app seen the
 /// first time is only remembered.
-async fn deployments(outbox: &Outbox<'_>, servers: &[ServerView]) -> StoreResult<()> {
+async fn deployments(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<()> {
     let mut current: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     for server in servers {
         for p in &server.data.process {
-            let revision = p.versioning.as_ref().and_then(|v| v["revision"].as_str());
+            let revision = p.revision();
             if let Some(revision) = revision {
                 let key = format!("{}/{}", server.server_name, p.name);
                 let value = (

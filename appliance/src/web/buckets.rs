@@ -13,7 +13,7 @@ use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
 use crate::api::error::ApiError;
 use crate::app::AppState;
-use crate::fleet::servers_status;
+use crate::fleet::{self, ProcessStatus, ServerStatus};
 use crate::limits::{self, Limit};
 use km_stores::{Bucket, Member, MemberRole};
 
@@ -96,7 +96,8 @@ pub struct ProcessRow {
     pub version: String,
 }
 
-pub struct ServerView {
+/// A server as the overview and servers pages show it: its processes as rows of text.
+pub struct ServerCard {
     pub name: String,
     pub online: bool,
     pub last_update: i64,
@@ -104,8 +105,6 @@ pub struct ServerView {
     pub node_version: String,
     pub hostname: String,
     pub processes: Vec<ProcessRow>,
-    /// The full status, for pages that need more than the rows.
-    pub status: Value,
 }
 
 pub fn memory_text(bytes: f64) -> String {
@@ -129,65 +128,54 @@ pub fn duration_text(ms: i64) -> String {
 
 /// A process as its server last reported it. The processes of an offline server are shown
 /// `offline`, without CPU, memory or uptime: the last status says nothing of them now.
-fn process_row(server: &str, server_online: bool, p: &Value, now: i64) -> ProcessRow {
-    let text = |v: &Value| v.as_str().map(str::to_string).unwrap_or_default();
-    let online = server_online && p["status"] == "online";
+fn process_row(server: &str, server_online: bool, p: &ProcessStatus, now: i64) -> ProcessRow {
+    let online = server_online && p.status == "online";
     let current = |shown: String| if server_online { shown } else { "-".into() };
     ProcessRow {
         server: server.to_string(),
-        name: text(&p["name"]),
-        pm_id: p["pm_id"].as_i64().unwrap_or(-1),
+        name: p.name.clone(),
+        pm_id: p.pm_id.as_i64().unwrap_or(-1),
         status: if server_online {
-            text(&p["status"])
+            p.status.clone()
         } else {
             "offline".into()
         },
-        cpu: current(format!("{}%", p["cpu"].as_f64().unwrap_or(0.0))),
-        memory: current(memory_text(p["memory"].as_f64().unwrap_or(0.0))),
-        restarts: p["restart_time"].as_i64().unwrap_or(0),
-        uptime: if online {
-            duration_text(now - p["pm_uptime"].as_i64().unwrap_or(now))
+        cpu: current(format!("{}%", p.cpu)),
+        memory: current(memory_text(p.memory)),
+        restarts: p.restart_time,
+        uptime: if online && p.pm_uptime > 0 {
+            duration_text(now - p.pm_uptime)
         } else {
             "-".into()
         },
-        version: p["version"]
-            .as_str()
-            .or(p["versioning"]["revision"].as_str())
+        version: (p.version.as_deref())
+            .or(p.revision())
             .map(|v| v.chars().take(12).collect())
             .unwrap_or_default(),
     }
 }
 
+/// A server's card from its status.
+pub fn card(server: &ServerStatus, now: i64) -> ServerCard {
+    let host = &server.data.server;
+    ServerCard {
+        name: server.server_name.clone(),
+        online: server.online,
+        last_update: server.last_update,
+        pm2_version: host.pm2_version.clone(),
+        node_version: host.node_version.clone(),
+        hostname: host.hostname.clone(),
+        processes: (server.data.process.iter())
+            .map(|p| process_row(&server.server_name, server.online, p, now))
+            .collect(),
+    }
+}
+
 /// Every server of the bucket with its processes, by name.
-pub async fn server_views(app: &AppState, bucket_id: &str, only: Option<&str>) -> Vec<ServerView> {
+pub async fn server_cards(app: &AppState, bucket_id: &str) -> Vec<ServerCard> {
     let now = km_stores::ids::now_ms();
-    servers_status(app, bucket_id, only)
-        .await
-        .iter()
-        .filter_map(|json| serde_json::from_str::<Value>(json).ok())
-        .map(|v| {
-            let name = v["server_name"].as_str().unwrap_or("").to_string();
-            let server = &v["data"]["server"];
-            let text = |f: &str| server[f].as_str().unwrap_or("").to_string();
-            // The API's flag: a server is online while its agent holds a socket.
-            let online = v["online"].as_bool().unwrap_or(false);
-            let processes = v["data"]["process"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| process_row(&name, online, p, now))
-                .collect();
-            ServerView {
-                online,
-                last_update: v["last_update"].as_i64().unwrap_or(0),
-                pm2_version: text("pm2_version"),
-                node_version: text("node_version"),
-                hostname: text("hostname"),
-                processes,
-                name,
-                status: v,
-            }
-        })
+    (fleet::servers(app, bucket_id, None).await.iter())
+        .map(|server| card(server, now))
         .collect()
 }
 
@@ -196,7 +184,7 @@ pub async fn server_views(app: &AppState, bucket_id: &str, only: Option<&str>) -
 struct OverviewPage {
     nav: Option<Nav>,
     bucket: Bucket,
-    servers: Vec<ServerView>,
+    servers: Vec<ServerCard>,
     link: String,
     flash: Flash,
     licence: LicenceBanner,
@@ -264,7 +252,7 @@ pub async fn overview(
     let flash = flash.0;
     render(&OverviewPage {
         nav: Some(Nav::from(&session)),
-        servers: server_views(&app, &access.bucket.id, None).await,
+        servers: server_cards(&app, &access.bucket.id).await,
         link: link_command(&app, &access.bucket),
         licence: LicenceBanner::of(&app, &access.bucket.id).await,
         bucket: access.bucket,
@@ -280,7 +268,7 @@ struct SettingsPage {
     role: MemberRole,
     link: String,
     members: Vec<Member>,
-    servers: Vec<ServerView>,
+    servers: Vec<ServerCard>,
     flash: Flash,
 }
 
@@ -301,7 +289,7 @@ pub async fn settings(
     let flash = flash.0;
     render(&SettingsPage {
         nav: Some(Nav::from(&session)),
-        servers: server_views(&app, &access.bucket.id, None).await,
+        servers: server_cards(&app, &access.bucket.id).await,
         link: link_command(&app, &access.bucket),
         members,
         role: access.role,
@@ -417,8 +405,9 @@ mod tests {
 
     #[test]
     fn an_offline_servers_processes_are_not_shown_online() {
-        let p = json!({"name": "api", "pm_id": 1, "status": "online", "cpu": 3,
-            "memory": 1048576, "restart_time": 2, "pm_uptime": 1_000});
+        let p: ProcessStatus = serde_json::from_value(json!({"name": "api", "pm_id": 1,
+            "status": "online", "cpu": 3, "memory": 1048576, "restart_time": 2, "pm_uptime": 1_000}))
+        .unwrap();
         let live = process_row("web-1", true, &p, 61_000);
         assert_eq!(
             (

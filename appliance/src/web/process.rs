@@ -11,14 +11,14 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::buckets::{ProcessRow, access, server_views};
+use super::buckets::{ProcessRow, access, card};
 use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::insights::{self, Route};
 use crate::app::AppState;
-use crate::fleet::page_path;
+use crate::fleet::{self, ProcessStatus, page_path};
 use crate::issues::{self, Issue};
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
@@ -121,38 +121,30 @@ pub async fn page(
         Ok(access) => access,
         Err(page) => return page,
     };
-    let views = server_views(&app, &access.bucket.id, Some(&server)).await;
-    let Some(view) = views.into_iter().next() else {
+    let servers = fleet::servers(&app, &access.bucket.id, Some(&server)).await;
+    let Some(status) = servers.first() else {
         return error_page(&ApiError::not_found(format!(
             "no server {server:?} in this bucket"
         )));
     };
-    let processes: Vec<&Value> = view.status["data"]["process"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == app_name.as_str())
+    let processes: Vec<&ProcessStatus> = (status.data.process.iter())
+        .filter(|p| p.name == app_name)
         .collect();
-    let first = processes.first().copied().cloned().unwrap_or(Value::Null);
     let mut metrics = vec!["cpu".to_string(), "memory".to_string()];
-    metrics.extend(
-        first["axm_monitor"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k.clone()),
-    );
-    let actions = first["axm_actions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|a| {
-            Some(ActionView {
-                name: a["action_name"].as_str()?.to_string(),
-                scoped: a["action_type"] == "scoped",
-            })
-        })
-        .collect();
+    let first_pm_id = processes.first().and_then(|p| p.pm_id.as_i64());
+    let actions = match processes.first() {
+        Some(first) => {
+            metrics.extend(first.axm_monitor.keys().cloned());
+            (first.axm_actions.iter())
+                .filter(|a| !a.action_name.is_empty())
+                .map(|a| ActionView {
+                    name: a.action_name.clone(),
+                    scoped: a.action_type == "scoped",
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
     let scope = EventQuery {
         bucket_id: access.bucket.id.clone(),
         app_name: Some(app_name.clone()),
@@ -203,13 +195,13 @@ pub async fn page(
     render(&ProcessPage {
         nav: Some(Nav::from(&session)),
         role: access.role,
-        server_online: view.online,
-        instances: view
+        server_online: status.online,
+        instances: card(status, now_ms())
             .processes
             .into_iter()
             .filter(|p| p.name == app_name)
             .collect(),
-        first_pm_id: first["pm_id"].as_i64().unwrap_or(0),
+        first_pm_id: first_pm_id.unwrap_or(0),
         metrics,
         actions,
         logs: docs(logs)
