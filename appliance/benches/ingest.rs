@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let (app, _writer) = runtime.block_on(km::server::build_app(
         settings,
         "http://127.0.0.1:8080".into(),
-        km::gateway::Gateway::off(),
+        km_tls::Tls::off(),
         CancellationToken::new(),
     ))?;
     let _guard = runtime.enter();

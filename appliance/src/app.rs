@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Gateway;
 use crate::limits::LimitCache;
 use km_config::Settings;
 use km_ingest::Ingest;
 use km_ingest::session::Sessions;
 use km_stores::LiveHub;
 use km_stores::{Bus, Documents, Events};
+use km_tls::Tls;
 
 pub struct App {
     pub settings: Settings,
@@ -24,7 +24,7 @@ pub struct App {
     pub sessions: Arc<Sessions>,
     pub ingest: Ingest,
     /// TLS of this node: the certificate served and its renewal (`/healthz` reports it).
-    pub gateway: Arc<Gateway>,
+    pub tls: Arc<Tls>,
     /// The licence's limit, checked at most once a minute.
     pub limit: LimitCache,
 

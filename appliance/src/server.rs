@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::app::{App, AppState};
-use crate::gateway::{self, Front, Gateway, HttpsBase};
+use crate::gateway::{self, Front, HttpsBase};
 use crate::workers;
 use km_config::{Settings, TlsMode, table};
 use km_ingest::session::Sessions;
@@ -25,6 +25,7 @@ use km_stores::LocalBus;
 use km_stores::elastic::ElasticEvents;
 use km_stores::mongo::MongoDocuments;
 use km_stores::redis_bus::RedisBus;
+use km_tls::Tls;
 
 /// A part of km that can run on its own: `km serve --role ROLE` (one systemd unit each
 /// in the appliance). Roles apart share state only through the stores and the bus.
@@ -85,8 +86,8 @@ pub async fn serve_on(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
-    let https_listener = gateway::bind_https(&settings)?;
-    let tls = Gateway::new(&settings)?;
+    let https_listener = km_tls::bind_https(&settings)?;
+    let tls = Tls::new(&settings)?;
     let public_url = settings.public_url(bound);
     let (app, writer_task) = build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
     let mut background = vec![tokio::spawn(workers::persist(app.clone()))];
@@ -143,12 +144,7 @@ async fn serve_roles(
     let app = if roles.iter().any(|r| *r != Role::Gateway) {
         // Agents and browsers are told the gateway's URL, not a role's port.
         let public_url = settings.public_url(settings.listen);
-        let built = build_app(
-            settings.clone(),
-            public_url,
-            Gateway::off(),
-            shutdown.clone(),
-        );
+        let built = build_app(settings.clone(), public_url, Tls::off(), shutdown.clone());
         Some(built.await?)
     } else {
         None
@@ -189,7 +185,7 @@ async fn serve_roles(
 struct FrontDoor {
     listener: TcpListener,
     https: Option<std::net::TcpListener>,
-    tls: Arc<Gateway>,
+    tls: Arc<Tls>,
     routes: axum::Router,
 }
 
@@ -197,8 +193,8 @@ impl FrontDoor {
     /// The gateway role's ports, forwarding to the other roles.
     async fn bind(settings: &Settings) -> anyhow::Result<FrontDoor> {
         let listener = bind(settings.listen, table::LISTEN.var).await?;
-        let https = gateway::bind_https(settings)?;
-        let tls = Gateway::new(settings)?;
+        let https = km_tls::bind_https(settings)?;
+        let tls = Tls::new(settings)?;
         let routes = Front::forwarding(tls.clone(), settings).gateway_router();
         Ok(FrontDoor {
             listener,
@@ -236,7 +232,7 @@ impl FrontDoor {
         };
         let secure = async {
             match self.https {
-                Some(https) => gateway::serve_https(self.tls, https, self.routes, shutdown).await,
+                Some(https) => km_tls::serve_https(self.tls, https, self.routes, shutdown).await,
                 None => Ok(()),
             }
         };
@@ -296,7 +292,7 @@ async fn join(tasks: Vec<JoinHandle<()>>) {
 pub async fn build_app(
     settings: Settings,
     public_url: String,
-    gateway: Arc<Gateway>,
+    tls: Arc<Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
     let data_lock = km_stores::sqlite::lock_data_dir_shared(&settings.data_dir)?;
@@ -335,7 +331,7 @@ pub async fn build_app(
         live,
         sessions,
         ingest: Ingest::new(writer),
-        gateway,
+        tls,
         limit: Default::default(),
         shutdown,
         _data_lock: data_lock,

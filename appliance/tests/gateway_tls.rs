@@ -433,14 +433,14 @@ async fn acme_dry_run_validates_the_name_without_issuing() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let pebble = Pebble::start(listener.local_addr().unwrap().port(), false).unwrap();
     let ca = pebble.https_ca_path();
-    let served = km::gateway::Challenges::default();
+    let served = km_tls::Challenges::default();
     tokio::spawn(axum::serve(listener, served.routes()).into_future());
 
     let started = Instant::now();
     let dry_run = |challenges| {
         let (directory, ca) = (pebble.directory(), ca.clone());
         async move {
-            km::gateway::acme_dry_run(
+            km_tls::acme_dry_run(
                 &directory,
                 Some(&ca),
                 Some("ops@example.com"),
@@ -458,16 +458,14 @@ async fn acme_dry_run_validates_the_name_without_issuing() {
     );
 
     // Answers published where the CA does not look: the CA's reason comes back.
-    let err = dry_run(km::gateway::Challenges::default())
-        .await
-        .unwrap_err();
+    let err = dry_run(km_tls::Challenges::default()).await.unwrap_err();
     assert!(
         err.contains("could not validate http://localhost/.well-known/acme-challenge/"),
         "{err}"
     );
     assert!(err.contains("404"), "the CA's reason is missing: {err}");
 
-    let err = km::gateway::acme_dry_run(&pebble.directory(), None, None, "localhost", &served)
+    let err = km_tls::acme_dry_run(&pebble.directory(), None, None, "localhost", &served)
         .await
         .unwrap_err();
     assert!(

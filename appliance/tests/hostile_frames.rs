@@ -40,7 +40,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
         .block_on(km::server::build_app(
             settings,
             "http://127.0.0.1:8080".into(),
-            km::gateway::Gateway::off(),
+            km_tls::Tls::off(),
             CancellationToken::new(),
         ))
         .expect("the app");

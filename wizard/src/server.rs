@@ -23,11 +23,11 @@ use serde::Deserialize;
 use crate::apply::{self, Plan, Progress, SharedProgress, Target};
 use crate::form::{self, SettingsForm};
 use crate::token::{Attempts, StateDir};
-use km::gateway::challenge::Challenges;
 use km::gateway::proxy::client_ip;
 use km::setup::checks::Status;
 use km::setup::validate;
 use km_config::envfile;
+use km_tls::challenge::Challenges;
 
 const COOKIE_NAME: &str = "km_wizard";
 const CSP: &str = "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'; object-src 'none'";

@@ -33,7 +33,7 @@ use error::ApiError;
 
 /// Every route of `km serve`: every role on one port.
 pub fn router(app: AppState) -> Router {
-    let front = gateway::Front::in_process(app.gateway.clone(), &app.settings);
+    let front = gateway::Front::in_process(app.tls.clone(), &app.settings);
     let routes = interactor_routes()
         .merge(realtime_routes())
         .merge(auth_routes())
@@ -315,7 +315,7 @@ async fn health(
         "in_flight_bytes": app.ingest.in_flight.used(),
         "shared_names": km_ingest::tree::Names::count(),
         "metric_shapes": km_ingest::process::Shape::count(),
-        "tls": app.gateway.health(),
+        "tls": app.tls.health(),
         "backup": app.settings.backups.as_ref().map(|b| crate::backup::Outcome::read(&b.dir)),
         "writer": {
             "events_written": writer.events_written,

@@ -16,18 +16,14 @@ use axum::routing::{any, get};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use super::Gateway;
 use super::proxy::{Origin, Proxy, Upstream};
 use km_config::{RoleAddresses, Settings};
-
-/// Marks requests that arrived over TLS (set by the HTTPS server).
-#[derive(Debug, Clone, Copy)]
-pub struct OverTls;
+use km_tls::{OverTls, Tls};
 
 /// What the front door needs: the TLS state (its ACME answers), where the wizard and
 /// the roles listen, and the connections to them.
 pub struct Front {
-    pub tls: Arc<Gateway>,
+    pub tls: Arc<Tls>,
     wizard: Option<Upstream>,
     /// The roles, when they run apart (`None` when this process serves every route).
     roles: Option<RoleUpstreams>,
@@ -78,7 +74,7 @@ impl RoleUpstreams {
 
 impl Front {
     /// The front door of a process that serves every route itself.
-    pub fn in_process(tls: Arc<Gateway>, settings: &Settings) -> Arc<Front> {
+    pub fn in_process(tls: Arc<Tls>, settings: &Settings) -> Arc<Front> {
         Arc::new(Front {
             tls,
             wizard: wizard_upstream(settings),
@@ -89,7 +85,7 @@ impl Front {
     }
 
     /// The front door of the roles running apart, at `settings.roles`.
-    pub fn forwarding(tls: Arc<Gateway>, settings: &Settings) -> Arc<Front> {
+    pub fn forwarding(tls: Arc<Tls>, settings: &Settings) -> Arc<Front> {
         Arc::new(Front {
             tls,
             wizard: wizard_upstream(settings),

@@ -10,7 +10,7 @@ use axum::http::{StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 
-use super::challenge::CHALLENGE_PREFIX;
+use km_tls::challenge::CHALLENGE_PREFIX;
 
 /// Where the HTTPS site is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use super::check_settings;
 use super::checks::{self, Check};
-use crate::gateway::{self, challenge::Challenges};
 use km_config::{Group, Settings, TlsMode, table};
+use km_tls::{self, challenge::Challenges};
 
 /// The parts of the wizard's form, with the report groups each covers.
 pub const SECTIONS: &[(&str, &[&str])] = &[
@@ -176,7 +176,7 @@ async fn live(section: &str, s: &Settings, options: &Options) -> Vec<Check> {
 }
 
 async fn tls(s: &Settings, options: &Options) -> Option<Check> {
-    let host = gateway::site_host(s.site_url.as_deref()).unwrap_or_default();
+    let host = km_tls::site_host(s.site_url.as_deref()).unwrap_or_default();
     match &s.tls {
         TlsMode::Off => Some(Check::warning(
             table::TLS.var,
@@ -202,7 +202,7 @@ async fn tls(s: &Settings, options: &Options) -> Option<Check> {
                 table::TLS.var,
                 "ACME settings are well-formed; a trial order is only made from the wizard (it must answer on port 80)",
             ),
-            Some(challenges) => match gateway::acme::acme_dry_run(
+            Some(challenges) => match km_tls::acme::acme_dry_run(
                 directory,
                 ca.as_deref(),
                 email.as_deref(),

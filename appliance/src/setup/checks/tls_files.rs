@@ -1,7 +1,7 @@
 //! `KM_TLS_CERT` and `KM_TLS_KEY`: the pair matches, covers the host, is valid now.
 
 use super::*;
-use crate::gateway::certs;
+use km_tls::certs;
 
 /// Checks a PEM certificate chain and private key (`KM_TLS=files`): both parse, the key
 /// belongs to the first certificate, the chain is in order, the certificate covers

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::certs;
-use super::{Gateway, Source};
+use super::{Source, Tls};
 use km_config::table;
 
 const CHECK_EVERY: Duration = Duration::from_secs(60);
@@ -21,12 +21,7 @@ pub fn load(cert: &Path, key: &Path) -> Result<certs::Loaded, String> {
 
 /// Reloads `cert` and `key` when their modification times change or on SIGHUP; a pair
 /// that does not load is reported and the previous certificate kept.
-pub async fn watch(
-    gateway: Arc<Gateway>,
-    cert: PathBuf,
-    key: PathBuf,
-    shutdown: CancellationToken,
-) {
+pub async fn watch(tls: Arc<Tls>, cert: PathBuf, key: PathBuf, shutdown: CancellationToken) {
     let mut hangup = Hangup::new();
     let mut seen = modified(&cert, &key);
     loop {
@@ -44,12 +39,12 @@ pub async fn watch(
         match load(&cert, &key) {
             Ok(loaded) => {
                 let not_after = loaded.not_after.as_ref().map(|t| t.rfc3339.clone());
-                gateway.install(loaded, Source::Files);
+                tls.install(loaded, Source::Files);
                 tracing::info!(not_after = ?not_after, "TLS: certificate reloaded from KM_TLS_CERT and KM_TLS_KEY");
             }
             Err(reason) => {
                 tracing::warn!("TLS: keeping the current certificate: {reason}");
-                gateway.record_error(reason);
+                tls.record_error(reason);
             }
         }
     }

@@ -29,7 +29,7 @@ pub struct NotAfter {
     pub rfc3339: String,
 }
 
-/// The provider every certificate of the gateway is loaded with: ring, like the rest of
+/// The provider every certificate km serves is loaded with: ring, like the rest of
 /// the process (never the process default, which tests may not have installed).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, Loaded};
 use super::challenge::Challenges;
-use super::{Gateway, Source};
+use super::{Source, Tls};
 
 const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
@@ -46,7 +46,7 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .backoff(1.5)
     .timeout(Duration::from_secs(90));
 
-/// What the gateway asks the CA for, and where it keeps what it got.
+/// What km asks the CA for, and where it keeps what it got.
 #[derive(Debug, Clone)]
 pub struct AcmeSettings {
     pub directory: String,
@@ -86,20 +86,16 @@ pub fn load_saved(settings: &AcmeSettings) -> Result<Loaded, String> {
     certs::load_files(&cert, &key, "saved certificate", "saved key")
 }
 
-/// Keeps a valid certificate in the gateway: orders one at once when there is none (or
+/// Keeps a valid certificate served: orders one at once when there is none (or
 /// it is for other settings), then checks every 12 h and renews when fewer than 30 days
 /// remain. Failures are recorded and retried with a doubling delay.
-pub async fn keep_certificate(
-    gateway: Arc<Gateway>,
-    settings: AcmeSettings,
-    shutdown: CancellationToken,
-) {
+pub async fn keep_certificate(tls: Arc<Tls>, settings: AcmeSettings, shutdown: CancellationToken) {
     let mut failures = 0u32;
     loop {
-        let wait = if renewal_due(gateway.acme_not_after(), unix_now()) {
+        let wait = if renewal_due(tls.acme_not_after(), unix_now()) {
             let attempt = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                attempt = renew(&gateway, &settings) => attempt,
+                attempt = renew(&tls, &settings) => attempt,
             };
             match attempt {
                 Ok(()) => {
@@ -115,7 +111,7 @@ pub async fn keep_certificate(
                         retry_in_s = wait.as_secs(),
                         "TLS: could not obtain a certificate: {reason}"
                     );
-                    gateway.record_error(reason);
+                    tls.record_error(reason);
                     wait
                 }
             }
@@ -144,9 +140,9 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 /// One attempt: obtain, install (new connections get it at once), save.
-async fn renew(gateway: &Gateway, settings: &AcmeSettings) -> Result<(), String> {
+async fn renew(tls: &Tls, settings: &AcmeSettings) -> Result<(), String> {
     tracing::info!(host = %settings.host, directory = %settings.directory, "TLS: ordering a certificate");
-    let issued = tokio::time::timeout(ATTEMPT_TIMEOUT, issue(settings, gateway.challenges()))
+    let issued = tokio::time::timeout(ATTEMPT_TIMEOUT, issue(settings, tls.challenges()))
         .await
         .map_err(|_| format!("no certificate within {} s", ATTEMPT_TIMEOUT.as_secs()))??;
     let loaded = certs::pair(
@@ -155,13 +151,13 @@ async fn renew(gateway: &Gateway, settings: &AcmeSettings) -> Result<(), String>
     )
     .map_err(|e| format!("the CA's certificate is unusable: {e}"))?;
     let not_after = loaded.not_after.as_ref().map(|t| t.rfc3339.clone());
-    gateway.install(loaded, Source::Acme);
+    tls.install(loaded, Source::Acme);
     tracing::info!(host = %settings.host, not_after = ?not_after, "TLS: certificate obtained and in use");
     if let Err(e) = save(settings, &issued) {
         // Served now; only a restart before the next renewal would order again.
         let reason = format!("certificate in use but not saved: {e}");
         tracing::error!("TLS: {reason}");
-        gateway.record_error(reason);
+        tls.record_error(reason);
     }
     Ok(())
 }
