@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::fleet::{self, CommandError, command_agent};
 use crate::notify::watch::process_link;
 use crate::notify::{Event, Line, Lines, Outbox};
-use crate::schedule::Episodes;
+use km_core::fleet::{self, CommandError, command_agent};
+use km_core::schedule::Episodes;
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{Documents, EventKind, EventRecord, MetricPoint, MetricQuery, StoreResult};
 

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::api::error::ApiError;
-use crate::app::AppState;
+use km_core::app::AppState;
 use km_stores::ids::{now_ms, random_hex};
 use km_stores::{TokenRecord, User};
 

@@ -3,23 +3,16 @@
 
 pub mod alerts;
 pub mod api;
-pub mod app;
 pub mod auth;
 pub mod backup;
-pub mod fleet;
 pub mod gateway;
 pub mod interactor;
-pub mod issues;
-pub mod limits;
 pub mod logging;
-pub mod mail;
 pub mod notify;
 pub mod realtime;
 pub mod reporter;
-pub mod schedule;
 pub mod server;
 pub mod setup;
 pub mod support;
-pub mod throttle;
 pub mod web;
 pub mod workers;

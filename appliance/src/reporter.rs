@@ -12,11 +12,11 @@ use askama::Template;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{App, AppState};
-use crate::fleet;
 use crate::notify::watch::issues_new_in;
 use crate::notify::{Outbox, choices};
-use crate::schedule;
+use km_core::app::{App, AppState};
+use km_core::fleet;
+use km_core::schedule;
 use km_stores::ids::utc_text;
 use km_stores::{Bucket, EventKind, EventQuery, MetricQuery, StoreResult};
 

@@ -14,10 +14,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
-use crate::app::{App, AppState};
 use crate::gateway::{self, Front, HttpsBase};
 use crate::workers;
 use km_config::{Settings, TlsMode, table};
+use km_core::app::{App, AppState};
 use km_ingest::session::Sessions;
 use km_ingest::{EventWriter, Ingest};
 use km_stores::LiveHub;
@@ -334,7 +334,7 @@ pub async fn build_app(
         tls,
         limit: Default::default(),
         shutdown,
-        _data_lock: data_lock,
+        data_lock,
     });
     Ok((app, writer_task))
 }

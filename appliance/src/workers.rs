@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use crate::app::AppState;
-use crate::schedule;
+use km_core::app::AppState;
+use km_core::schedule;
 use km_stores::Cutoffs;
 use km_stores::ids::now_ms;
 
@@ -27,7 +27,7 @@ async fn backups(app: AppState) {
         return;
     };
     let (documents, shutdown) = (app.documents.clone(), app.shutdown.clone());
-    crate::schedule::every(documents, shutdown, "backup", schedule.every, |_| {
+    km_core::schedule::every(documents, shutdown, "backup", schedule.every, |_| {
         let (app, schedule) = (app.clone(), schedule.clone());
         async move { backup_once(&app, &schedule).await }
     })

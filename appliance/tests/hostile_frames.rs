@@ -13,9 +13,9 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use km::app::AppState;
 use km::interactor::receive;
 use km_config::{Settings, Values};
+use km_core::app::AppState;
 use km_ingest::budget;
 use proptest::prelude::*;
 use serde_json::{Value, json};

@@ -10,7 +10,7 @@ use anyhow::{Context, ensure};
 use km_e2e::{Km, Pm2, ScaleOut, Smtp, e2e, strip_ansi, unique};
 use serde_json::json;
 
-/// `job -> slots` this node ran, from its log (`km::schedule` at debug).
+/// `job -> slots` this node ran, from its log (`km_core::schedule` at debug).
 fn runs(log: &str) -> BTreeMap<String, BTreeSet<i64>> {
     let mut out: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
     for line in strip_ansi(log)
@@ -37,7 +37,10 @@ async fn two_nodes_run_each_scheduled_period_once() {
         let smtp = Smtp::start("plain", "", "")?;
         let mut env = stores.env();
         env.extend([
-            ("KM_LOG".to_string(), "info,km::schedule=debug".to_string()),
+            (
+                "KM_LOG".to_string(),
+                "info,km_core::schedule=debug".to_string(),
+            ),
             ("SMTP_HOST".into(), format!("127.0.0.1:{}", smtp.port())),
             ("SMTP_TLS".into(), "none".into()),
             ("SMTP_SENDER".into(), "km@example.com".into()),

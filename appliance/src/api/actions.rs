@@ -9,8 +9,8 @@ use serde_json::{Map, Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
-use crate::fleet;
+use km_core::app::AppState;
+use km_core::fleet;
 use km_stores::MemberRole;
 
 /// PM2 methods an agent accepts from the dashboard.

@@ -13,11 +13,11 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
 use crate::alerts::{self, Alert, AlertForm};
-use crate::app::AppState;
 use crate::notify::Outbox;
 use crate::notify::channels::{HookForm, Hooks, Settings};
 use crate::notify::choices;
 use crate::reporter::{self, Period};
+use km_core::app::AppState;
 use km_stores::MemberRole;
 use km_stores::ids::now_ms;
 

@@ -9,11 +9,11 @@ use serde_json::{Value, json};
 
 use super::Body;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
 use crate::auth::UserAuth;
 use crate::interactor::ws_url;
-use crate::limits;
 use crate::notify::choices;
+use km_core::app::AppState;
+use km_core::limits;
 use km_stores::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use km_stores::{Bucket, Member, MemberRole, StoreError, User};
 

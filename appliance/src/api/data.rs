@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
-use crate::fleet;
+use km_core::app::AppState;
+use km_core::fleet;
 use km_stores::ids::now_ms;
 use km_stores::{EventKind, EventQuery, MemberRole, MetricPoint, MetricQuery};
 

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::fleet::CommandError;
+use km_core::fleet::CommandError;
 use km_stores::StoreError;
 
 #[derive(Debug)]

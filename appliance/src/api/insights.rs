@@ -14,8 +14,8 @@ use super::Body;
 use super::buckets::BucketAccess;
 use super::data::{EventFilter, json_array, step_of};
 use super::error::ApiResult;
-use crate::app::AppState;
-use crate::issues::{Issue, issues};
+use km_core::app::AppState;
+use km_core::issues::{Issue, issues};
 use km_stores::{EventKind, EventQuery, MemberRole};
 
 /// Transaction snapshots read for a summary (agents send one per app every few seconds).

@@ -23,13 +23,13 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use km_stores::StoreError;
 
-use crate::app::AppState;
 use crate::gateway;
 use crate::interactor;
 use crate::realtime;
 use crate::server::Role;
 use crate::web;
 use error::ApiError;
+use km_core::app::AppState;
 
 /// Every route of `km serve`: every role on one port.
 pub fn router(app: AppState) -> Router {

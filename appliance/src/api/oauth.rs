@@ -13,9 +13,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::Body;
 use super::error::{ApiError, ApiResult};
-use crate::app::AppState;
 use crate::auth::{self, IssuedTokens, UserAuth};
-use crate::throttle;
+use km_core::app::AppState;
+use km_core::throttle;
 use km_stores::User;
 use km_stores::ids::{new_object_id, now_ms};
 

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::auth;
-use crate::limits;
+use km_core::app::AppState;
+use km_core::limits;
 use km_stores::Bucket;
 
 pub use socket::{Received, receive};

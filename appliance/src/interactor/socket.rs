@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
-use crate::app::AppState;
-use crate::limits;
+use km_core::app::AppState;
+use km_core::limits;
 use km_ingest::StatusRefusal;
 use km_ingest::budget::MAX_FRAME_BYTES;
 use km_ingest::frames::{self, Inbound, Origin};

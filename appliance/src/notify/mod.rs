@@ -1,10 +1,10 @@
 //! Notifications (the seeds' notification service), run by the workers role. Every 10 s
-//! one node of the cluster (see [`crate::schedule`]) looks at each bucket ([`watch`]):
+//! one node of the cluster (see [`km_core::schedule`]) looks at each bucket ([`watch`]):
 //! new issues, servers offline and back, processes errored or restarting in a loop,
 //! deployments, and the bucket's alert rules ([`crate::alerts`]). Each is one
 //! notification per bucket and pass however many things it covers (a burst of 500
 //! exceptions says 500), and each change is claimed once in the documents store
-//! ([`crate::schedule::Episodes`]), so it is told once whichever node looks.
+//! ([`km_core::schedule::Episodes`]), so it is told once whichever node looks.
 //!
 //! A notification goes to every channel of the bucket ([`channels`]): mail (text and
 //! HTML, to the members who receive notifications and did not mute its kind:
@@ -30,10 +30,10 @@ use lettre::message::{Mailbox, MultiPart};
 use lettre::{AsyncTransport, Message};
 use serde_json::{Value, json};
 
-use crate::app::{App, AppState};
-use crate::mail;
-use crate::schedule;
 use channels::{Hooks, Poster, Settings};
+use km_core::app::{App, AppState};
+use km_core::mail;
+use km_core::schedule;
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{Bucket, Channel, Notification, NotificationState, StoreResult};
 

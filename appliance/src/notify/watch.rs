@@ -17,10 +17,10 @@ use serde_json::{Value, json};
 
 use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
-use crate::app::App;
-use crate::fleet::{self, ServerStatus, page_path};
-use crate::issues::{self, Issue};
-use crate::schedule::Episodes;
+use km_core::app::App;
+use km_core::fleet::{self, ServerStatus, page_path};
+use km_core::issues::{self, Issue};
+use km_core::schedule::Episodes;
 use km_stores::ids::{now_ms, utc_text};
 use km_stores::{Bucket, EventKind, EventQuery, StoreResult};
 

@@ -32,8 +32,8 @@ use tokio::task::JoinHandle;
 use km_stores::LiveEvent;
 
 use crate::api::error::ApiError;
-use crate::app::AppState;
 use crate::auth::{self, UserAuth};
+use km_core::app::AppState;
 use km_stores::User;
 
 const PING_EVERY: Duration = Duration::from_secs(20);

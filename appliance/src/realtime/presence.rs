@@ -2,7 +2,7 @@
 //! sends nothing: its socket just ends, and without a word from km a page would show the
 //! server online until reloaded while the API already says offline.
 
-use crate::app::App;
+use km_core::app::App;
 use km_ingest::session::Session;
 use km_stores::LiveEvent;
 

@@ -17,10 +17,10 @@ use crate::api::Body;
 use crate::api::alerts as api;
 use crate::api::buckets::{self as buckets_api, BucketAccess};
 use crate::api::error::ApiError;
-use crate::app::AppState;
 use crate::notify::channels::Settings;
 use crate::notify::choices::{self, Choices, KINDS};
 use crate::reporter::{self, Period};
+use km_core::app::AppState;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, MemberRole, Notification, StoreError};
 

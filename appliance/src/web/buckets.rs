@@ -12,9 +12,9 @@ use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
 use crate::api::error::ApiError;
-use crate::app::AppState;
-use crate::fleet::{self, ProcessStatus, ServerStatus};
-use crate::limits::{self, Limit};
+use km_core::app::AppState;
+use km_core::fleet::{self, ProcessStatus, ServerStatus};
+use km_core::limits::{self, Limit};
 use km_stores::{Bucket, Member, MemberRole};
 
 /// A bucket the signed-in user belongs to, or the error page (404 for anyone else).

@@ -22,8 +22,8 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 
 use crate::api::error::ApiError;
-use crate::app::AppState;
 use crate::auth::{self, UserAuth};
+use km_core::app::AppState;
 
 /// The dashboard's routes.
 pub fn routes() -> Router<AppState> {

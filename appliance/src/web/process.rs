@@ -17,9 +17,9 @@ use crate::api::Body;
 use crate::api::actions;
 use crate::api::error::{ApiError, ApiResult};
 use crate::api::insights::{self, Route};
-use crate::app::AppState;
-use crate::fleet::{self, ProcessStatus, page_path};
-use crate::issues::{self, Issue};
+use km_core::app::AppState;
+use km_core::fleet::{self, ProcessStatus, page_path};
+use km_core::issues::{self, Issue};
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 

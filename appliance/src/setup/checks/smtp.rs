@@ -1,7 +1,7 @@
 //! `SMTP_*`: TLS as `SMTP_TLS` says, login, a test mail; and the transport notifications go through.
 
 use super::*;
-use crate::mail;
+use km_core::mail;
 use lettre::message::Mailbox;
 use lettre::{AsyncTransport, Message};
 

@@ -31,7 +31,7 @@ pub struct App {
     /// Cancelled when the process is asked to stop.
     pub shutdown: CancellationToken,
     /// The data dir's shared lock: no restore while km serves.
-    pub(crate) _data_lock: std::fs::File,
+    pub data_lock: std::fs::File,
 }
 
 pub type AppState = Arc<App>;
