@@ -4,7 +4,6 @@
 pub mod alerts;
 pub mod api;
 pub mod auth;
-pub mod backup;
 pub mod gateway;
 pub mod interactor;
 pub mod logging;

@@ -276,18 +276,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
-    use km::backup;
     match command {
         BackupCommand::Create { paths, out } => {
             let (settings, settings_text) =
-                backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?;
-            let sources = backup::Sources {
+                km_backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?;
+            let sources = km_backup::Sources {
                 settings,
                 settings_text,
                 wizard_state: Some(paths.wizard_state.clone()),
             };
             let started = std::time::Instant::now();
-            let created = backup::create(&sources, &out).await?;
+            let created = km_backup::create(&sources, &out).await?;
             let size = std::fs::metadata(&created.path).map_or(0, |m| m.len());
             print!("{}", created.manifest.summary());
             println!(
@@ -298,19 +297,19 @@ async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
             );
         }
         BackupCommand::Verify { file } => {
-            let manifest = tokio::task::spawn_blocking(move || backup::verify(&file)).await??;
+            let manifest = tokio::task::spawn_blocking(move || km_backup::verify(&file)).await??;
             print!("{}", manifest.summary());
             println!("every file matches its checksum");
         }
         BackupCommand::Restore { file, paths } => {
-            let targets = backup::Targets {
-                data_dir: backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?
+            let targets = km_backup::Targets {
+                data_dir: km_backup::settings_of(&paths.env_file, paths.data_dir.as_deref())?
                     .0
                     .data_dir,
                 env_file: paths.env_file.clone(),
                 wizard_state: Some(paths.wizard_state.clone()),
             };
-            let restored = backup::restore(&file, &targets).await?;
+            let restored = km_backup::restore(&file, &targets).await?;
             print!("{}", restored.manifest.summary());
             for (collection, count) in &restored.collections {
                 println!("  MongoDB {collection}: {count} documents");

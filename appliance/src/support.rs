@@ -88,7 +88,7 @@ pub async fn bundle(env_file: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     }
     let name = format!(
         "km-support-{}.tar.gz",
-        crate::backup::stamp(km_stores::ids::now_ms())
+        km_backup::stamp(km_stores::ids::now_ms())
     );
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let path = out.join(name);

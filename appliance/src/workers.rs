@@ -36,21 +36,21 @@ async fn backups(app: AppState) {
 
 async fn backup_once(app: &AppState, schedule: &km_config::BackupSchedule) {
     let started = std::time::Instant::now();
-    let sources = crate::backup::Sources {
+    let sources = km_backup::Sources {
         settings: app.settings.clone(),
-        settings_text: Some(crate::backup::settings_of_process()),
+        settings_text: Some(km_backup::settings_of_process()),
         wizard_state: None,
     };
-    let made = crate::backup::create(&sources, &schedule.dir).await;
+    let made = km_backup::create(&sources, &schedule.dir).await;
     let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let outcome = match &made {
         Ok(created) => {
             let bytes = std::fs::metadata(&created.path).map_or(0, |m| m.len());
             tracing::info!(file = %created.path.display(), bytes, took_ms, "scheduled backup written");
-            if let Err(e) = crate::backup::prune(&schedule.dir, schedule.keep) {
+            if let Err(e) = km_backup::prune(&schedule.dir, schedule.keep) {
                 tracing::warn!(error = %e, dir = %schedule.dir.display(), "cannot delete old backups");
             }
-            crate::backup::Outcome {
+            km_backup::Outcome {
                 at: now_ms(),
                 ok: true,
                 file: Some(created.path.display().to_string()),
@@ -61,7 +61,7 @@ async fn backup_once(app: &AppState, schedule: &km_config::BackupSchedule) {
         }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), dir = %schedule.dir.display(), "scheduled backup failed");
-            crate::backup::Outcome {
+            km_backup::Outcome {
                 at: now_ms(),
                 ok: false,
                 file: None,

@@ -167,7 +167,7 @@ async fn rollback(appliance: &Appliance, previous: &Path, backup: &Path) -> anyh
 
 /// `km-wizard restore FILE`: stop, restore, start (when the backup was of a configured
 /// appliance), healthy.
-pub async fn restore(appliance: &Appliance, file: &Path) -> anyhow::Result<km::backup::Restored> {
+pub async fn restore(appliance: &Appliance, file: &Path) -> anyhow::Result<km_backup::Restored> {
     let under_systemd = Path::new("/run/systemd/system").exists();
     if under_systemd {
         stop_roles().await?;
@@ -195,17 +195,17 @@ pub async fn restore(appliance: &Appliance, file: &Path) -> anyhow::Result<km::b
 async fn restore_stopped(
     appliance: &Appliance,
     file: &Path,
-) -> anyhow::Result<km::backup::Restored> {
-    let data_dir = km::backup::settings_of(&appliance.env_file, None)?
+) -> anyhow::Result<km_backup::Restored> {
+    let data_dir = km_backup::settings_of(&appliance.env_file, None)?
         .0
         .data_dir;
     prepare_data_dir(&data_dir).await?;
-    let targets = km::backup::Targets {
+    let targets = km_backup::Targets {
         data_dir,
         env_file: appliance.env_file.clone(),
         wizard_state: Some(appliance.wizard_state.clone()),
     };
-    km::backup::restore(file, &targets).await
+    km_backup::restore(file, &targets).await
 }
 
 /// Stops the target and every unit it wants, waiting until each has stopped (stopping
@@ -246,13 +246,13 @@ fn configured(appliance: &Appliance) -> bool {
 
 /// A backup into [`BACKUPS_DIR`] by this (the installed) version.
 async fn backup(appliance: &Appliance) -> anyhow::Result<PathBuf> {
-    let (settings, settings_text) = km::backup::settings_of(&appliance.env_file, None)?;
-    let sources = km::backup::Sources {
+    let (settings, settings_text) = km_backup::settings_of(&appliance.env_file, None)?;
+    let sources = km_backup::Sources {
         settings,
         settings_text,
         wizard_state: Some(appliance.wizard_state.clone()),
     };
-    let created = km::backup::create(&sources, Path::new(BACKUPS_DIR)).await?;
+    let created = km_backup::create(&sources, Path::new(BACKUPS_DIR)).await?;
     println!("km-wizard: backup {}", created.path.display());
     Ok(created.path)
 }

@@ -316,7 +316,7 @@ async fn health(
         "shared_names": km_ingest::tree::Names::count(),
         "metric_shapes": km_ingest::process::Shape::count(),
         "tls": app.tls.health(),
-        "backup": app.settings.backups.as_ref().map(|b| crate::backup::Outcome::read(&b.dir)),
+        "backup": app.settings.backups.as_ref().map(|b| km_backup::Outcome::read(&b.dir)),
         "writer": {
             "events_written": writer.events_written,
             "metric_points_written": writer.metric_points_written,

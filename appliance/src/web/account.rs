@@ -316,7 +316,7 @@ fn backup_line(app: &AppState) -> Option<String> {
         schedule.dir.display(),
         schedule.keep
     );
-    Some(match crate::backup::Outcome::read(&schedule.dir) {
+    Some(match km_backup::Outcome::read(&schedule.dir) {
         None => format!("Backups: none yet ({every})."),
         Some(o) if o.ok => format!(
             "Last backup: {} ({:.1} MB, {:.1} s; {every}).",
