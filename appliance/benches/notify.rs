@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use km::alerts::{self, AlertForm};
-use km::notify::watch;
 use km_config::{Settings, Values};
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{Bucket, MemberRole, MetricPoint, ServerRecord, User};
+use km_workers::alerts::{self, AlertForm};
+use km_workers::notify::watch;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 

@@ -1,17 +1,13 @@
 //! The KM appliance: a PM2 Plus compatible monitoring backend. Every role (api, auth,
 //! interactor, realtime, workers) lives here; `km serve` runs them all in one process.
 
-pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod gateway;
 pub mod interactor;
 pub mod logging;
-pub mod notify;
 pub mod realtime;
-pub mod reporter;
 pub mod server;
 pub mod setup;
 pub mod support;
 pub mod web;
-pub mod workers;

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::gateway::{self, Front, HttpsBase};
-use crate::workers;
 use km_config::{Settings, TlsMode, table};
 use km_core::app::{App, AppState};
 use km_ingest::session::Sessions;
@@ -90,8 +89,8 @@ pub async fn serve_on(
     let tls = Tls::new(&settings)?;
     let public_url = settings.public_url(bound);
     let (app, writer_task) = build_app(settings, public_url, tls.clone(), shutdown.clone()).await?;
-    let mut background = vec![tokio::spawn(workers::persist(app.clone()))];
-    background.extend(workers::spawn_role(&app));
+    let mut background = vec![tokio::spawn(km_workers::persist(app.clone()))];
+    background.extend(km_workers::spawn_role(&app));
     background.extend(tls.spawn_tasks(shutdown.clone()));
     warn_about_site_url(&app.settings, &app.public_url, bound);
     tracing::info!(listen = %bound, url = %app.public_url, data_dir = %app.settings.data_dir.display(), "km ready");
@@ -164,10 +163,10 @@ async fn serve_roles(
             }));
         }
         if roles.contains(&Role::Interactor) {
-            background.push(tokio::spawn(workers::persist(app.clone())));
+            background.push(tokio::spawn(km_workers::persist(app.clone())));
         }
         if roles.contains(&Role::Workers) {
-            background.extend(workers::spawn_role(app));
+            background.extend(km_workers::spawn_role(app));
         }
     }
     tracing::info!(roles = ?roles, "km ready");
@@ -275,7 +274,7 @@ async fn finish(app: AppState, writer_task: JoinHandle<()>, background: Vec<Join
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     join(background).await;
-    workers::flush(&app).await;
+    km_workers::flush(&app).await;
     drop(app);
     let _ = writer_task.await;
     tracing::info!("km stopped; everything flushed");

@@ -1,8 +1,8 @@
-//! `/api/bucket/:id/alerts`: alert rules (see [`crate::alerts`]), a test notification
+//! `/api/bucket/:id/alerts`: alert rules (see [`km_workers::alerts`]), a test notification
 //! of one, and the bucket's channels: Slack, the signed webhook, and which kinds of
 //! notification are sent (`triggers`). Members read; developers manage rules (their
 //! actions command agents); admins set the channels. Also the reports
-//! ([`crate::reporter`]): read, sent now, and each member's choice.
+//! ([`km_workers::reporter`]): read, sent now, and each member's choice.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -12,14 +12,14 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::error::{ApiError, ApiResult};
-use crate::alerts::{self, Alert, AlertForm};
-use crate::notify::Outbox;
-use crate::notify::channels::{HookForm, Hooks, Settings};
-use crate::notify::choices;
-use crate::reporter::{self, Period};
 use km_core::app::AppState;
 use km_stores::MemberRole;
 use km_stores::ids::now_ms;
+use km_workers::alerts::{self, Alert, AlertForm};
+use km_workers::notify::Outbox;
+use km_workers::notify::channels::{HookForm, Hooks, Settings};
+use km_workers::notify::choices;
+use km_workers::reporter::{self, Period};
 
 async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
     let mut v = json!(alert);

@@ -11,11 +11,11 @@ use super::Body;
 use super::error::{ApiError, ApiResult};
 use crate::auth::UserAuth;
 use crate::interactor::ws_url;
-use crate::notify::choices;
 use km_core::app::AppState;
 use km_core::limits;
 use km_stores::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use km_stores::{Bucket, Member, MemberRole, StoreError, User};
+use km_workers::notify::choices;
 
 /// A bucket the signed-in user is a member of, with their role.
 #[derive(Clone)]

@@ -12,17 +12,17 @@ use serde_json::{Value, json};
 use super::buckets::access;
 use super::process::parse;
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
-use crate::alerts::{self, Alert};
 use crate::api::Body;
 use crate::api::alerts as api;
 use crate::api::buckets::{self as buckets_api, BucketAccess};
 use crate::api::error::ApiError;
-use crate::notify::channels::Settings;
-use crate::notify::choices::{self, Choices, KINDS};
-use crate::reporter::{self, Period};
 use km_core::app::AppState;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, MemberRole, Notification, StoreError};
+use km_workers::alerts::{self, Alert};
+use km_workers::notify::channels::Settings;
+use km_workers::notify::choices::{self, Choices, KINDS};
+use km_workers::reporter::{self, Period};
 
 #[derive(Template)]
 #[template(path = "alerts.html")]

@@ -1,5 +1,11 @@
-//! Background work: persisting server state and ended metric minutes, closing agents of
-//! disabled buckets, retention, and the final flush at shutdown.
+//! Background work, below HTTP and on `km-core`: notifications (`notify`) with alerts
+//! (`alerts`), daily and weekly reports (`reporter`); here the workers role's jobs
+//! (retention, scheduled backups), persisting server state and ended metric minutes,
+//! closing agents of disabled buckets, and the final flush at shutdown.
+
+pub mod alerts;
+pub mod notify;
+pub mod reporter;
 
 use std::time::Duration;
 
