@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, Method};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use km_core::app::AppState;
 use km_stores::ids::{now_ms, random_hex};
 use km_stores::{TokenRecord, User};

@@ -3,10 +3,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod error;
 pub mod gateway;
 pub mod interactor;
 pub mod logging;
 pub mod realtime;
+pub mod role;
+pub mod routes;
 pub mod server;
 pub mod setup;
 pub mod support;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use km::server::Role;
+use km::role::Role;
 use km::setup;
 use km_config::licence;
 use km_config::{Settings, Values};

@@ -13,8 +13,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api;
 use crate::gateway::{self, Front, HttpsBase};
+use crate::role::Role;
+use crate::routes;
 use km_config::{Settings, TlsMode, table};
 use km_core::app::{App, AppState};
 use km_ingest::session::Sessions;
@@ -25,38 +26,6 @@ use km_stores::elastic::ElasticEvents;
 use km_stores::mongo::MongoDocuments;
 use km_stores::redis_bus::RedisBus;
 use km_tls::Tls;
-
-/// A part of km that can run on its own: `km serve --role ROLE` (one systemd unit each
-/// in the appliance). Roles apart share state only through the stores and the bus.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// The front door: `KM_LISTEN` (and HTTPS), forwarding each path to its role.
-    Gateway,
-    /// HTTP API, `verifyPM2` and the dashboard (`KM_API_LISTEN`).
-    Api,
-    /// Accounts and tokens, `/api/oauth` (`KM_AUTH_LISTEN`).
-    Auth,
-    /// Browsers' websocket `/primus` (`KM_REALTIME_LISTEN`).
-    Realtime,
-    /// Agents' websocket `/interaction`: ingest and commands (`KM_INTERACTOR_LISTEN`).
-    Interactor,
-    /// Background jobs (notifications, retention); no port.
-    Workers,
-}
-
-impl Role {
-    /// Its own port's address and variable, for the roles the gateway forwards to.
-    fn address(self, settings: &Settings) -> Option<(SocketAddr, &'static str)> {
-        let roles = &settings.roles;
-        match self {
-            Role::Api => Some((roles.api, table::API_LISTEN.var)),
-            Role::Auth => Some((roles.auth, table::AUTH_LISTEN.var)),
-            Role::Realtime => Some((roles.realtime, table::REALTIME_LISTEN.var)),
-            Role::Interactor => Some((roles.interactor, table::INTERACTOR_LISTEN.var)),
-            Role::Gateway | Role::Workers => None,
-        }
-    }
-}
 
 /// Runs until a stop signal, then flushes: every role on one port when `roles` is empty,
 /// else the roles given, each on its own port.
@@ -98,7 +67,7 @@ pub async fn serve_on(
         listener,
         https: https_listener,
         tls,
-        routes: api::router(app.clone()),
+        routes: routes::router(app.clone()),
     };
     notify_ready();
     front.serve(&app.settings, shutdown).await?;
@@ -150,7 +119,7 @@ async fn serve_roles(
     };
     if let Some((app, _)) = &app {
         for (role, listener) in listeners {
-            let routes = api::role_router(app.clone(), role);
+            let routes = routes::role_router(app.clone(), role);
             let stopping = shutdown.clone();
             servers.push(Box::pin(async move {
                 axum::serve(

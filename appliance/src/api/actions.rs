@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::Body;
 use super::buckets::BucketAccess;
-use super::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_core::fleet;
 use km_stores::MemberRole;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::Body;
 use super::buckets::BucketAccess;
-use super::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_stores::MemberRole;
 use km_stores::ids::now_ms;

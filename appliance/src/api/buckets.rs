@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::Body;
-use super::error::{ApiError, ApiResult};
 use crate::auth::UserAuth;
+use crate::error::{ApiError, ApiResult};
 use crate::interactor::ws_url;
 use km_core::app::AppState;
 use km_core::limits;

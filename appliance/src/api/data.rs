@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::Body;
 use super::buckets::BucketAccess;
-use super::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_core::fleet;
 use km_stores::ids::now_ms;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::data::{EventFilter, json_array, step_of};
-use super::error::ApiResult;
+use crate::error::ApiResult;
 use km_core::app::AppState;
 use km_core::issues::{Issue, issues};
 use km_stores::{EventKind, EventQuery, MemberRole};

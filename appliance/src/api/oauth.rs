@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use std::net::{IpAddr, SocketAddr};
 
 use super::Body;
-use super::error::{ApiError, ApiResult};
 use crate::auth::{self, IssuedTokens, UserAuth};
+use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_core::throttle;
 use km_stores::User;

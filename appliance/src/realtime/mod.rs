@@ -31,8 +31,8 @@ use tokio::task::JoinHandle;
 
 use km_stores::LiveEvent;
 
-use crate::api::error::ApiError;
 use crate::auth::{self, UserAuth};
+use crate::error::ApiError;
 use km_core::app::AppState;
 use km_stores::User;
 

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
-use crate::api::error::ApiError;
 use crate::api::oauth::{self, RegisterForm};
 use crate::auth::{self, SESSION_COOKIE, SESSION_TTL_MS, UserAuth};
+use crate::error::ApiError;
 use km_core::app::AppState;
 
 /// `/`: the buckets when signed in, else sign-in (or sign-up before the first account).

@@ -15,7 +15,7 @@ use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::alerts as api;
 use crate::api::buckets::{self as buckets_api, BucketAccess};
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use km_core::app::AppState;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, MemberRole, Notification, StoreError};

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use km_core::app::AppState;
 use km_core::fleet::{self, ProcessStatus, ServerStatus};
 use km_core::limits::{self, Limit};

@@ -21,8 +21,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use crate::api::error::ApiError;
 use crate::auth::{self, UserAuth};
+use crate::error::ApiError;
 use km_core::app::AppState;
 
 /// The dashboard's routes.
