@@ -11,6 +11,5 @@ pub mod realtime;
 pub mod role;
 pub mod routes;
 pub mod server;
-pub mod setup;
 pub mod support;
 pub mod web;

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use km::role::Role;
-use km::setup;
 use km_config::licence;
 use km_config::{Settings, Values};
 
@@ -330,24 +329,24 @@ async fn backup(command: BackupCommand) -> anyhow::Result<ExitCode> {
 fn check_config(env_file: &Path, test_mail_to: Option<String>) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(env_file)
         .map_err(|e| anyhow::anyhow!("--env-file {}: {e}", env_file.display()))?;
-    let checked = setup::check_env_file(&text, now_s());
+    let checked = km_setup::check_env_file(&text, now_s());
     println!("{}", env_file.display());
     print!("{}", checked.report);
     let Some(settings) = checked.settings.filter(|_| checked.report.is_ok()) else {
         return Ok(ExitCode::FAILURE);
     };
-    let options = setup::validate::Options {
+    let options = km_setup::validate::Options {
         test_mail_to,
-        ..setup::validate::Options::default()
+        ..km_setup::validate::Options::default()
     };
-    let checks = runtime()?.block_on(setup::validate::live_only(&settings, &options));
+    let checks = runtime()?.block_on(km_setup::validate::live_only(&settings, &options));
     println!("live checks:");
     for check in &checks {
         println!("  {:<8} {check}", check.status.as_str());
     }
     let failed = checks
         .iter()
-        .any(|c| c.status == setup::checks::Status::Failed);
+        .any(|c| c.status == km_setup::checks::Status::Failed);
     Ok(if failed {
         ExitCode::FAILURE
     } else {

@@ -12,8 +12,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::setup::{self, checks, validate};
 use km_config::{Secret, envfile, table};
+use km_setup::validate;
 
 /// Units whose journal goes in.
 const UNITS: [&str; 8] = [
@@ -39,7 +39,7 @@ pub fn masked(entries: &[(String, String)]) -> Vec<(String, String)> {
                 "*** (set)".to_string()
             } else {
                 v.split_whitespace()
-                    .map(|word| match checks::url_password(word) {
+                    .map(|word| match table::url_password(word) {
                         Some(password) => word.replacen(&format!(":{password}@"), ":***@", 1),
                         None => word.to_string(),
                     })
@@ -125,7 +125,7 @@ fn versions() -> String {
 /// The static report and the live checks, as `km config check` prints them (no mail).
 async fn config_check(map: &BTreeMap<String, String>) -> String {
     let mut out = String::new();
-    let checked = setup::check_settings(map, km_stores::ids::now_ms() / 1000);
+    let checked = km_setup::check_settings(map, km_stores::ids::now_ms() / 1000);
     out.push_str(&checked.report.to_string());
     if let Some(settings) = checked.settings.filter(|_| checked.report.is_ok()) {
         out.push_str("live checks:\n");

@@ -76,6 +76,22 @@ pub enum Secret {
     InUrl,
 }
 
+/// The user info of a URL (`scheme://user:password@host...`), if it has one.
+pub fn url_userinfo(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    // The last '@' ends the user info: a raw '@' in a password is a common mistake.
+    authority.rfind('@').map(|at| &authority[..at])
+}
+
+/// The password in a URL, if it has one (as written, maybe percent-encoded).
+pub fn url_password(url: &str) -> Option<&str> {
+    url_userinfo(url)?
+        .split_once(':')
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty())
+}
+
 /// The line of `km config check`'s report (and the wizard's section) a setting is judged in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {

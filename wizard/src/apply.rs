@@ -12,9 +12,9 @@ use serde::Serialize;
 
 use crate::services::{self, Services};
 use crate::token::StateDir;
-use km::setup::checks::{Check, Status};
-use km::setup::validate;
 use km_config::envfile;
+use km_setup::checks::{Check, Status};
+use km_setup::validate;
 
 /// The first admin account, created on the restarted appliance.
 #[derive(Clone)]

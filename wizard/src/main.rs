@@ -468,9 +468,9 @@ async fn apply_headless(settings: &Path, common: Common) -> anyhow::Result<()> {
     };
     let progress = SharedProgress::default();
     // Headless: nothing answers HTTP-01 or the site probe here; those are warnings.
-    let options = km::setup::validate::Options {
+    let options = km_setup::validate::Options {
         test_mail_to: plan.test_mail_to.clone(),
-        ..km::setup::validate::Options::default()
+        ..km_setup::validate::Options::default()
     };
     let outcome = apply::apply(&target, plan, options, &progress).await;
     let report = progress.lock().clone();

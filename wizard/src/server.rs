@@ -24,9 +24,9 @@ use crate::apply::{self, Plan, Progress, SharedProgress, Target};
 use crate::form::{self, SettingsForm};
 use crate::token::{Attempts, StateDir};
 use km::gateway::proxy::client_ip;
-use km::setup::checks::Status;
-use km::setup::validate;
 use km_config::envfile;
+use km_setup::checks::Status;
+use km_setup::validate;
 use km_tls::challenge::Challenges;
 
 const COOKIE_NAME: &str = "km_wizard";

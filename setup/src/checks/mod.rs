@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpStream, lookup_host};
 
-use km_config::{SmtpSettings, SmtpTls, table};
+use km_config::table::{self, url_password, url_userinfo};
+use km_config::{SmtpSettings, SmtpTls};
 
 mod elastic;
 mod mongo;
@@ -176,22 +177,6 @@ fn without_setting(setting: &str, e: &anyhow::Error) -> String {
     text.strip_prefix(setting)
         .and_then(|t| t.strip_prefix(": "))
         .map_or_else(|| text.clone(), str::to_string)
-}
-
-/// The user info of a URL (`scheme://user:password@host...`), if it has one.
-fn url_userinfo(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
-    // The last '@' ends the user info: a raw '@' in a password is a common mistake.
-    authority.rfind('@').map(|at| &authority[..at])
-}
-
-/// The password in a URL, if it has one (as written, maybe percent-encoded).
-pub(crate) fn url_password(url: &str) -> Option<&str> {
-    url_userinfo(url)?
-        .split_once(':')
-        .map(|(_, password)| password)
-        .filter(|p| !p.is_empty())
 }
 
 /// `%40` → `@`: the form a driver may print a URL-encoded password in.

@@ -117,7 +117,7 @@ async fn elastic_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     #[tokio::test]
     async fn elasticsearch_good_url_passes_and_removes_its_template() {

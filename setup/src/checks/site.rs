@@ -99,7 +99,7 @@ async fn site_probe(target: &str, nonce: &str) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     /// A server answering `GET /probe` with `nonce`, as the wizard will.
     async fn probe_server(nonce: &'static str) -> u16 {

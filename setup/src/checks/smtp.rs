@@ -186,7 +186,7 @@ fn smtp_tls_failure(settings: &SmtpSettings, server: &str, e: &rustls::Error) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     /// A private CA and a certificate it signed for 127.0.0.1 and localhost.
     /// aiosmtpd requiring AUTH as `km@example.com` / `right-pw`, mail to a Maildir.

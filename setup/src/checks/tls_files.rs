@@ -147,7 +147,7 @@ fn date(at: UnixTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     /// A self-signed certificate for `names` valid until `not_after` (epoch seconds; by
     /// default far away), and its key.

@@ -87,7 +87,7 @@ fn mongo_failure(hosts: &str, doing: &str, e: &mongodb::error::Error, with_user:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     #[tokio::test]
     async fn mongo_good_url_passes_and_leaves_nothing_behind() {

@@ -1,6 +1,6 @@
-//! Setting the appliance up: the licence, the env file, and the report of a
-//! configuration's validity, shared by `km config check` and the wizard so both judge
-//! settings with the same code.
+//! Judging a configuration, shared by `km config check` and the wizard so both judge
+//! settings with the same code: the report per group of settings (here), the live checks
+//! of what the settings point at (`checks`), and both per wizard section (`validate`).
 
 pub mod checks;
 pub mod validate;

@@ -135,7 +135,7 @@ fn redis_failure(host: &str, doing: &str, e: &::redis::RedisError, with_password
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::setup::checks::testkit::*;
+    use crate::checks::testkit::*;
 
     #[tokio::test]
     async fn redis_good_url_passes() {
