@@ -265,14 +265,20 @@ pub async fn build_app(
 ) -> anyhow::Result<(AppState, JoinHandle<()>)> {
     let data_lock = km_stores::sqlite::lock_data_dir_shared(&settings.data_dir)?;
     let documents: Arc<dyn km_stores::Documents> = match &settings.mongo_url {
-        Some(url) => Arc::new(MongoDocuments::connect(url).await?),
+        Some(url) => Arc::new(
+            MongoDocuments::connect(url)
+                .await
+                .context(table::MONGO_URL.var)?,
+        ),
         None => Arc::new(km_stores::sqlite::open_documents(&settings.data_dir)?),
     };
     let events: Arc<dyn km_stores::Events> = if settings.elasticsearch.is_empty() {
         Arc::new(km_stores::sqlite::open_events(&settings.data_dir)?)
     } else {
         Arc::new(
-            ElasticEvents::connect(&settings.elasticsearch, &settings.elasticsearch_prefix).await?,
+            ElasticEvents::connect(&settings.elasticsearch, &settings.elasticsearch_prefix)
+                .await
+                .context(table::ELASTICSEARCH_URL.var)?,
         )
     };
     let sessions = Arc::new(Sessions::default());
@@ -284,9 +290,9 @@ pub async fn build_app(
     );
     let live = Arc::new(LiveHub::default());
     let bus: Arc<dyn km_stores::Bus> = match &settings.redis_url {
-        Some(url) => {
-            RedisBus::connect(url, sessions.clone(), live.clone(), shutdown.clone()).await?
-        }
+        Some(url) => RedisBus::connect(url, sessions.clone(), live.clone(), shutdown.clone())
+            .await
+            .context(table::REDIS_URL.var)?,
         None => Arc::new(LocalBus::new(sessions.clone(), live.clone())),
     };
     let (writer, writer_task) = EventWriter::start(events.clone());

@@ -14,7 +14,7 @@ use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
 use super::{Entry, FORMAT, Manifest, SETTINGS, WIZARD_TOKEN_PREFIX, archive};
-use km_config::{Settings, TlsMode};
+use km_config::{Settings, TlsMode, table};
 
 /// What to back up.
 pub struct Sources {
@@ -106,7 +106,9 @@ pub async fn create(sources: &Sources, out: &Path) -> anyhow::Result<Created> {
     })
     .await??;
     if let Some(url) = &s.mongo_url {
-        stage_mongo(url, &staging.path().join("mongodb")).await?;
+        stage_mongo(url, &staging.path().join("mongodb"))
+            .await
+            .context(table::MONGO_URL.var)?;
     }
     stage_settings(sources, staging.path())?;
     let manifest = Manifest {
@@ -274,12 +276,10 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 async fn stage_mongo(url: &str, to: &Path) -> anyhow::Result<()> {
     let (db, where_) = km_stores::mongo::open(url, Duration::from_secs(10)).await?;
     fs::create_dir_all(to)?;
-    let names = db.list_collection_names().await.map_err(|e| {
-        anyhow::anyhow!(
-            "KM_MONGO_URL: cannot list collections in {where_}: {}",
-            e.kind
-        )
-    })?;
+    let names = db
+        .list_collection_names()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot list collections in {where_}: {}", e.kind))?;
     for name in names {
         if !is_plain_name(&name) {
             continue;
@@ -290,13 +290,11 @@ async fn stage_mongo(url: &str, to: &Path) -> anyhow::Result<()> {
             .collection::<bson::RawDocumentBuf>(&name)
             .find(bson::doc! {})
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("KM_MONGO_URL: cannot read {name} in {where_}: {}", e.kind)
-            })?;
+            .map_err(|e| anyhow::anyhow!("cannot read {name} in {where_}: {}", e.kind))?;
         while let Some(doc) = cursor
             .try_next()
             .await
-            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: reading {name} in {where_}: {}", e.kind))?
+            .map_err(|e| anyhow::anyhow!("reading {name} in {where_}: {}", e.kind))?
         {
             out.write_all(doc.as_bytes())?;
         }

@@ -13,7 +13,7 @@ use anyhow::{Context, bail, ensure};
 
 use super::create::is_plain_name;
 use super::{Manifest, SETTINGS, archive};
-use km_config::envfile;
+use km_config::{envfile, table};
 use km_stores::sqlite;
 
 /// Where a restore puts things.
@@ -58,7 +58,9 @@ pub async fn restore(archive_path: &Path, targets: &Targets) -> anyhow::Result<R
     let entries = settings_entries(staging.path())?;
     let settings: BTreeMap<String, String> = entries.iter().flatten().cloned().collect();
     let collections = match staging.path().join("mongodb") {
-        dir if dir.is_dir() => restore_mongo(&dir, settings.get("KM_MONGO_URL")).await?,
+        dir if dir.is_dir() => restore_mongo(&dir, settings.get(table::MONGO_URL.var))
+            .await
+            .context(table::MONGO_URL.var)?,
         _ => Vec::new(),
     };
     let set_aside = replace_data(&staging.path().join("data"), &targets.data_dir)?;
@@ -189,7 +191,7 @@ fn restore_wizard(staged: &Path, dir: &Path) -> anyhow::Result<()> {
 /// Each collection of the archive replaces the one of the same name.
 async fn restore_mongo(dir: &Path, url: Option<&String>) -> anyhow::Result<Vec<(String, usize)>> {
     let Some(url) = url else {
-        bail!("the backup holds MongoDB collections but its km.env names no KM_MONGO_URL");
+        bail!("the backup holds MongoDB collections but its km.env does not name it");
     };
     let (db, where_) = km_stores::mongo::open(url, Duration::from_secs(10)).await?;
     let mut written = Vec::new();
@@ -206,10 +208,7 @@ async fn restore_mongo(dir: &Path, url: Option<&String>) -> anyhow::Result<Vec<(
         let docs = read_bson(&file)?;
         let collection = db.collection::<bson::RawDocumentBuf>(&name);
         let failed = |e: mongodb::error::Error| {
-            anyhow::anyhow!(
-                "KM_MONGO_URL: cannot restore {name} in {where_}: {}",
-                e.kind
-            )
+            anyhow::anyhow!("cannot restore {name} in {where_}: {}", e.kind)
         };
         collection.drop().await.map_err(failed)?;
         for batch in docs.chunks(INSERT_BATCH) {

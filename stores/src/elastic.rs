@@ -120,7 +120,7 @@ pub fn hosts(urls: &[Url]) -> String {
 }
 
 /// A client for `urls` (nothing sent yet) with a request timeout, and the hosts for
-/// messages. Errors name `KM_ELASTICSEARCH_URL`.
+/// messages (the caller names the setting in errors).
 pub fn open(urls: &[Url], timeout: Duration) -> anyhow::Result<(Elasticsearch, String)> {
     let hosts = hosts(urls);
     let builder = match urls {
@@ -130,7 +130,7 @@ pub fn open(urls: &[Url], timeout: Duration) -> anyhow::Result<(Elasticsearch, S
     let transport = builder
         .timeout(timeout)
         .build()
-        .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot use {hosts}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot use {hosts}: {e}"))?;
     Ok((Elasticsearch::new(transport), hosts))
 }
 
@@ -152,31 +152,33 @@ pub fn supported_version(info: &Value) -> Result<(), String> {
 }
 
 impl ElasticEvents {
-    /// Connects, checks the server and installs the index templates. Errors name
-    /// `KM_ELASTICSEARCH_URL` and the host.
+    /// Connects, checks the server and installs the index templates. Errors name the
+    /// host.
     pub async fn connect(urls: &[Url], prefix: &str) -> anyhow::Result<Self> {
         let (client, hosts) = open(urls, TIMEOUT)?;
         let store = ElasticEvents {
             client,
             prefix: prefix.to_string(),
         };
-        let info =
-            store.client.info().send().await.map_err(|e| {
-                anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot connect to {hosts}: {e}")
-            })?;
+        let info = store
+            .client
+            .info()
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {hosts}: {e}"))?;
         let status = info.status_code();
         let info: Value = info.json().await.unwrap_or_default();
         if !status.is_success() {
             anyhow::bail!(
-                "KM_ELASTICSEARCH_URL: {hosts} answered {status}: {}",
+                "{hosts} answered {status}: {}",
                 info["error"]["reason"].as_str().unwrap_or("unknown error")
             );
         }
-        supported_version(&info)
-            .map_err(|e| anyhow::anyhow!("KM_ELASTICSEARCH_URL: {hosts} {e}"))?;
-        store.install_templates().await.map_err(|e| {
-            anyhow::anyhow!("KM_ELASTICSEARCH_URL: cannot install index templates on {hosts}: {e}")
-        })?;
+        supported_version(&info).map_err(|e| anyhow::anyhow!("{hosts} {e}"))?;
+        store
+            .install_templates()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot install index templates on {hosts}: {e}"))?;
         Ok(store)
     }
 

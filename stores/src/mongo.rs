@@ -66,15 +66,12 @@ fn duplicate_field(e: &mongodb::error::Error) -> Option<&'static str> {
 }
 
 /// A client for `url` (nothing sent yet) with bounded timeouts, its database (`km`
-/// unless the URL names one) and its hosts for messages. Errors name `KM_MONGO_URL`,
-/// never the credentials.
+/// unless the URL names one) and its hosts for messages. Errors name the hosts, never
+/// the credentials (the caller names the setting).
 pub async fn open(url: &str, timeout: Duration) -> anyhow::Result<(Database, String)> {
-    let mut options = ClientOptions::parse(url).await.map_err(|e| {
-        anyhow::anyhow!(
-            "KM_MONGO_URL: not a usable MongoDB connection string: {}",
-            e.kind
-        )
-    })?;
+    let mut options = ClientOptions::parse(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("not a usable MongoDB connection string: {}", e.kind))?;
     options.server_selection_timeout = Some(timeout);
     options.connect_timeout = Some(timeout);
     options.app_name = Some("km".into());
@@ -84,7 +81,7 @@ pub async fn open(url: &str, timeout: Duration) -> anyhow::Result<(Database, Str
         .clone()
         .unwrap_or_else(|| DEFAULT_DATABASE.into());
     let client = Client::with_options(options)
-        .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot use {where_}: {}", e.kind))?;
+        .map_err(|e| anyhow::anyhow!("cannot use {where_}: {}", e.kind))?;
     Ok((client.database(&name), where_))
 }
 
@@ -103,42 +100,38 @@ pub fn supported_version(version: &str) -> Result<(), String> {
 }
 
 impl MongoDocuments {
-    /// Connects, checks the server answers, and creates the indexes. Errors name
-    /// `KM_MONGO_URL` and the hosts (never the credentials).
+    /// Connects, checks the server answers, and creates the indexes. Errors name the
+    /// hosts (never the credentials).
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let (db, where_) = open(url, CONNECT_TIMEOUT).await?;
         let name = db.name().to_string();
         db.run_command(doc! { "ping": 1 })
             .await
-            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot connect to {where_}: {}", e.kind))?;
-        let info = db.run_command(doc! { "buildInfo": 1 }).await.map_err(|e| {
-            anyhow::anyhow!(
-                "KM_MONGO_URL: {where_} does not tell its version: {}",
-                e.kind
-            )
-        })?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to {where_}: {}", e.kind))?;
+        let info = db
+            .run_command(doc! { "buildInfo": 1 })
+            .await
+            .map_err(|e| anyhow::anyhow!("{where_} does not tell its version: {}", e.kind))?;
         supported_version(info.get_str("version").unwrap_or("0"))
-            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: {where_} {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{where_} {e}"))?;
         let store = MongoDocuments { db };
         let meta = store.db.collection::<Document>("km_meta");
         let found = meta
             .find_one(doc! { "_id": "schema" })
             .await
-            .map_err(|e| anyhow::anyhow!("KM_MONGO_URL: cannot read {where_}/{name}: {}", e.kind))?
+            .map_err(|e| anyhow::anyhow!("cannot read {where_}/{name}: {}", e.kind))?
             .and_then(|d| d.get_i64("version").ok())
             .unwrap_or(0);
         if found > SCHEMA_VERSION {
             anyhow::bail!(
-                "KM_MONGO_URL: {where_}/{name} was laid out by a newer km (schema version {found}, \
+                "{where_}/{name} was laid out by a newer km (schema version {found}, \
                  this km knows {SCHEMA_VERSION}): run a newer km"
             );
         }
-        store.create_indexes().await.map_err(|e| {
-            anyhow::anyhow!(
-                "KM_MONGO_URL: cannot create indexes in {where_}/{name}: {}",
-                e.kind
-            )
-        })?;
+        store
+            .create_indexes()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create indexes in {where_}/{name}: {}", e.kind))?;
         if found < SCHEMA_VERSION {
             meta.replace_one(
                 doc! { "_id": "schema" },
@@ -146,9 +139,7 @@ impl MongoDocuments {
             )
             .upsert(true)
             .await
-            .map_err(|e| {
-                anyhow::anyhow!("KM_MONGO_URL: cannot write {where_}/{name}: {}", e.kind)
-            })?;
+            .map_err(|e| anyhow::anyhow!("cannot write {where_}/{name}: {}", e.kind))?;
         }
         Ok(store)
     }

@@ -110,17 +110,17 @@ pub struct RedisBus {
 }
 
 /// A client for `url` (nothing sent yet) and its `host:port` for messages. The error
-/// names `KM_REDIS_URL` and never repeats the URL (it may hold a password).
+/// never repeats the URL (it may hold a password).
 pub fn open(url: &str) -> anyhow::Result<(redis::Client, String)> {
     let client = redis::Client::open(url).map_err(|_| {
-        anyhow::anyhow!("KM_REDIS_URL: not a usable Redis URL (redis://[:password@]host:port[/db])")
+        anyhow::anyhow!("not a usable Redis URL (redis://[:password@]host:port[/db])")
     })?;
     let host = client.get_connection_info().addr().to_string();
     Ok((client, host))
 }
 
 impl RedisBus {
-    /// Connects (errors name `KM_REDIS_URL` and the host, never a password) and starts
+    /// Connects (errors name the host, never a password) and starts
     /// the listener and heartbeat tasks, which stop with `shutdown`.
     pub async fn connect(
         url: &str,
@@ -136,14 +136,12 @@ impl RedisBus {
         );
         let mut conn = connect
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("KM_REDIS_URL: cannot connect to {host}: no answer within 5 s")
-            })?
-            .map_err(|e| anyhow::anyhow!("KM_REDIS_URL: cannot connect to {host}: {e}"))?;
+            .map_err(|_| anyhow::anyhow!("cannot connect to {host}: no answer within 5 s"))?
+            .map_err(|e| anyhow::anyhow!("cannot connect to {host}: {e}"))?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
-            .map_err(|e| anyhow::anyhow!("KM_REDIS_URL: {host} does not answer PING: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{host} does not answer PING: {e}"))?;
         let (live_out, live_queue) = mpsc::channel(LIVE_QUEUE);
         let bus = Arc::new(RedisBus {
             node: new_object_id(),

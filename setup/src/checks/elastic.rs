@@ -17,8 +17,8 @@ async fn elastic_steps(urls: &[Url]) -> Step<Check> {
     if urls.is_empty() {
         return Err(Check::failed(ELASTIC, "no URL given"));
     }
-    let (client, hosts) = store::open(urls, TIMEOUT)
-        .map_err(|e| Check::failed(ELASTIC, without_setting(ELASTIC, &e)))?;
+    let (client, hosts) =
+        store::open(urls, TIMEOUT).map_err(|e| Check::failed(ELASTIC, e.to_string()))?;
     let unreachable = reach_any(ELASTIC, &hosts).await?;
     let info = elastic_info(&client, &hosts, urls).await?;
     store::supported_version(&info).map_err(|e| Check::failed(ELASTIC, format!("{hosts} {e}")))?;

@@ -170,15 +170,6 @@ fn with_causes(e: &(dyn StdError + 'static)) -> String {
     text
 }
 
-/// An error from the stores' shared `open` functions, without its `SETTING: ` prefix
-/// (the check names the setting itself).
-fn without_setting(setting: &str, e: &anyhow::Error) -> String {
-    let text = e.to_string();
-    text.strip_prefix(setting)
-        .and_then(|t| t.strip_prefix(": "))
-        .map_or_else(|| text.clone(), str::to_string)
-}
-
 /// `%40` → `@`: the form a driver may print a URL-encoded password in.
 fn percent_decoded(text: &str) -> String {
     percent_encoding::percent_decode_str(text)

@@ -15,7 +15,7 @@ pub async fn check_mongo(url: &str) -> Check {
 async fn mongo_steps(url: &str) -> Step<Check> {
     let (db, hosts) = store::open(url, TIMEOUT)
         .await
-        .map_err(|e| Check::failed(MONGO, without_setting(MONGO, &e)))?;
+        .map_err(|e| Check::failed(MONGO, e.to_string()))?;
     let unreachable = reach_any(MONGO, &hosts).await?;
     let failure = |doing: &str, e: mongodb::error::Error| {
         mongo_failure(&hosts, doing, &e, url_userinfo(url).is_some())

@@ -13,8 +13,7 @@ pub async fn check_redis(url: &str) -> Check {
 }
 
 async fn redis_steps(url: &str) -> Step<Check> {
-    let (client, host) =
-        redis_bus::open(url).map_err(|e| Check::failed(REDIS, without_setting(REDIS, &e)))?;
+    let (client, host) = redis_bus::open(url).map_err(|e| Check::failed(REDIS, e.to_string()))?;
     if let ::redis::ConnectionAddr::Tcp(name, port)
     | ::redis::ConnectionAddr::TcpTls {
         host: name, port, ..
