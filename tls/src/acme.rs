@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::certs::{self, Loaded};
 use super::challenge::Challenges;
-use super::{Source, Tls};
+use super::{Source, Tls, with_causes};
 
 const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
@@ -175,13 +175,13 @@ async fn issue(settings: &AcmeSettings, challenges: &Challenges) -> Result<Issue
     let key_pem = order.finalize().await.map_err(|e| {
         format!(
             "the CA refused to finalize the order for {host}: {}",
-            reason(&e)
+            with_causes(&e)
         )
     })?;
     let chain_pem = order.poll_certificate(&POLL).await.map_err(|e| {
         format!(
             "the CA did not deliver the certificate for {host}: {}",
-            reason(&e)
+            with_causes(&e)
         )
     })?;
     Ok(Issued { chain_pem, key_pem })
@@ -226,11 +226,11 @@ pub async fn acme_dry_run(
 /// the system's CAs.
 fn builder(ca: Option<&Path>) -> Result<AccountBuilder, String> {
     match ca {
-        None => Account::builder().map_err(|e| format!("ACME HTTP client: {}", reason(&e))),
+        None => Account::builder().map_err(|e| format!("ACME HTTP client: {}", with_causes(&e))),
         Some(path) => {
             check_ca(path)?;
             Account::builder_with_root(path)
-                .map_err(|e| format!("KM_ACME_CA: {}: {}", path.display(), reason(&e)))
+                .map_err(|e| format!("KM_ACME_CA: {}: {}", path.display(), with_causes(&e)))
         }
     }
 }
@@ -261,7 +261,7 @@ async fn create_account(
         .map_err(|e| {
             format!(
                 "KM_ACME_DIRECTORY {directory}: cannot register an account: {}",
-                reason(&e)
+                with_causes(&e)
             )
         })
 }
@@ -287,7 +287,13 @@ async fn saved_account(settings: &AcmeSettings) -> Result<Account, String> {
         let account = builder(settings.ca.as_deref())?
             .from_credentials(saved.credentials)
             .await
-            .map_err(|e| format!("KM_ACME_DIRECTORY {}: {}", settings.directory, reason(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "KM_ACME_DIRECTORY {}: {}",
+                    settings.directory,
+                    with_causes(&e)
+                )
+            })?;
         if email_changed {
             update_email(&account, settings).await;
         }
@@ -317,7 +323,7 @@ async fn update_email(account: &Account, settings: &AcmeSettings) {
         Ok(()) => tracing::info!("TLS: ACME account contact updated to KM_ACME_EMAIL"),
         Err(e) => tracing::warn!(
             "TLS: cannot update the ACME account's contact: {}",
-            reason(&e)
+            with_causes(&e)
         ),
     }
 }
@@ -333,12 +339,17 @@ async fn authorize(
     let mut order = account
         .new_order(&NewOrder::new(&identifiers))
         .await
-        .map_err(|e| format!("the ACME CA refused an order for {host}: {}", reason(&e)))?;
+        .map_err(|e| {
+            format!(
+                "the ACME CA refused an order for {host}: {}",
+                with_causes(&e)
+            )
+        })?;
     let mut published = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authorization) = authorizations.next().await {
-        let mut authorization =
-            authorization.map_err(|e| format!("ACME authorization for {host}: {}", reason(&e)))?;
+        let mut authorization = authorization
+            .map_err(|e| format!("ACME authorization for {host}: {}", with_causes(&e)))?;
         match authorization.status {
             AuthorizationStatus::Valid => continue,
             AuthorizationStatus::Pending => {}
@@ -352,14 +363,14 @@ async fn authorize(
         challenge
             .set_ready()
             .await
-            .map_err(|e| format!("ACME challenge for {host}: {}", reason(&e)))?;
+            .map_err(|e| format!("ACME challenge for {host}: {}", with_causes(&e)))?;
     }
     let polled = order.poll_ready(&POLL).await;
     drop(published);
     let mut failed = match polled {
         Ok(OrderStatus::Ready) => return Ok(order),
         Ok(status) => format!("order {status:?}"),
-        Err(e) => reason(&e),
+        Err(e) => with_causes(&e),
     };
     for problem in challenge_errors(&mut order).await {
         // The order's error often repeats its challenge's.
@@ -465,22 +476,6 @@ fn open_with_mode(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
 #[cfg(not(unix))]
 fn open_with_mode(path: &Path, _mode: u32) -> std::io::Result<std::fs::File> {
     std::fs::File::create(path)
-}
-
-/// An error with its causes (instant-acme wraps hyper wraps io: the io error is the
-/// part an operator can act on).
-fn reason(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 pub fn unix_now() -> i64 {

@@ -242,6 +242,22 @@ fn first_acme_certificate(acme: &AcmeSettings) -> Result<(certs::Loaded, Source)
     }
 }
 
+/// An error's message followed by its causes (instant-acme wraps hyper wraps io: the io
+/// error is the part an operator can act on), each said once.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The host of a site URL, without port or IPv6 brackets.
 pub fn site_host(site_url: Option<&str>) -> Option<String> {
     let uri = site_url?.parse::<Uri>().ok()?;

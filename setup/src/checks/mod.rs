@@ -22,6 +22,7 @@ use tokio::net::{TcpStream, lookup_host};
 
 use km_config::table::{self, url_password, url_userinfo};
 use km_config::{SmtpSettings, SmtpTls};
+use km_tls::with_causes;
 
 mod elastic;
 mod mongo;
@@ -153,21 +154,6 @@ async fn bounded(
             format!("no answer from {what} within {} s", LIMIT.as_secs()),
         ),
     }
-}
-
-/// An error's message followed by its causes (`error sending request: connection refused`).
-fn with_causes(e: &(dyn StdError + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 /// `%40` → `@`: the form a driver may print a URL-encoded password in.
