@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::certs::{self, Loaded};
 use super::challenge::Challenges;
 use super::{Source, Tls, with_causes};
+use km_config::table;
 
 const ACCOUNT_FILE: &str = "account.json";
 const CERT_FILE: &str = "cert.pem";
@@ -229,8 +230,14 @@ fn builder(ca: Option<&Path>) -> Result<AccountBuilder, String> {
         None => Account::builder().map_err(|e| format!("ACME HTTP client: {}", with_causes(&e))),
         Some(path) => {
             check_ca(path)?;
-            Account::builder_with_root(path)
-                .map_err(|e| format!("KM_ACME_CA: {}: {}", path.display(), with_causes(&e)))
+            Account::builder_with_root(path).map_err(|e| {
+                format!(
+                    "{}: {}: {}",
+                    table::ACME_CA.var,
+                    path.display(),
+                    with_causes(&e)
+                )
+            })
         }
     }
 }
@@ -238,9 +245,13 @@ fn builder(ca: Option<&Path>) -> Result<AccountBuilder, String> {
 /// `KM_ACME_CA` must hold a PEM certificate (checked first: instant-acme's error would
 /// not name the setting). Only the first certificate of the file is trusted.
 pub fn check_ca(path: &Path) -> Result<(), String> {
-    CertificateDer::from_pem_file(path)
-        .map(drop)
-        .map_err(|e| format!("KM_ACME_CA: no PEM certificate in {}: {e}", path.display()))
+    CertificateDer::from_pem_file(path).map(drop).map_err(|e| {
+        format!(
+            "{}: no PEM certificate in {}: {e}",
+            table::ACME_CA.var,
+            path.display()
+        )
+    })
 }
 
 async fn create_account(
@@ -260,7 +271,8 @@ async fn create_account(
         .await
         .map_err(|e| {
             format!(
-                "KM_ACME_DIRECTORY {directory}: cannot register an account: {}",
+                "{} {directory}: cannot register an account: {}",
+                table::ACME_DIRECTORY.var,
                 with_causes(&e)
             )
         })
@@ -289,7 +301,8 @@ async fn saved_account(settings: &AcmeSettings) -> Result<Account, String> {
             .await
             .map_err(|e| {
                 format!(
-                    "KM_ACME_DIRECTORY {}: {}",
+                    "{} {}: {}",
+                    table::ACME_DIRECTORY.var,
                     settings.directory,
                     with_causes(&e)
                 )

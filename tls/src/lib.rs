@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use km_config::{Settings, TlsMode};
+use km_config::{Settings, TlsMode, table};
 
 pub use acme::{AcmeSettings, acme_dry_run};
 pub use challenge::{CHALLENGE_PREFIX, Challenges, Published};
@@ -273,10 +273,10 @@ pub fn bind_https(settings: &Settings) -> anyhow::Result<Option<std::net::TcpLis
     }
     let addr = settings.https_listen;
     let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("KM_HTTPS_LISTEN: cannot listen on {addr}"))?;
+        .with_context(|| format!("{}: cannot listen on {addr}", table::HTTPS_LISTEN.var))?;
     listener
         .set_nonblocking(true)
-        .with_context(|| format!("KM_HTTPS_LISTEN: {addr}"))?;
+        .with_context(|| format!("{}: {addr}", table::HTTPS_LISTEN.var))?;
     Ok(Some(listener))
 }
 
@@ -303,7 +303,7 @@ pub async fn serve_https(
         listener,
         axum_server::tls_rustls::RustlsConfig::from_config(config),
     )
-    .context("KM_HTTPS_LISTEN: cannot use the listener")?
+    .with_context(|| format!("{}: cannot use the listener", table::HTTPS_LISTEN.var))?
     .handle(handle)
     .serve(
         router
