@@ -648,6 +648,30 @@ async fn alerts_page_forms_rules_channels_and_choices() {
             None,
         )
         .await?;
+        // No SMTP on this km: the mail channel is said to be off and not attempted.
+        let (_, html) = s.get(&page).await?;
+        ensure!(
+            html.contains(r#"id="mail-not-set-up""#)
+                && html.contains(r#"Mail <span class="badge off">not set up</span>"#),
+            "mail not said to be off:\n{html}"
+        );
+        let (_, rules) = s.get(&format!("/api/bucket/{b}/alerts")).await?;
+        let rules: Value = serde_json::from_str(&rules)?;
+        let id = rules[0]["_id"].as_str().context("no rule id")?;
+        let (status, sent) = s
+            .api(&format!("/api/bucket/{b}/alerts/{id}/sample"), &json!({}), true)
+            .await?;
+        ensure!(
+            status == 200 && sent.contains("webhook") && !sent.contains("email"),
+            "a sample without SMTP: {status} {sent}"
+        );
+        let (status, refused) = s
+            .api(&format!("/api/bucket/{b}/reports/daily/send"), &json!({}), true)
+            .await?;
+        ensure!(
+            status == 400 && refused.contains("mail is not set up"),
+            "a report without SMTP: {status} {refused}"
+        );
         let (status, location) = s
             .post(
                 &format!("{page}/mine"),

@@ -110,7 +110,7 @@ pub async fn sample(
     let channels = alerts::sample(&outbox, &alert).await?;
     if channels.is_empty() {
         return Err(ApiError::bad_request(
-            "no channel: no member receives mail, and Slack and the webhook are off (or alert_sample is turned off in triggers)",
+            "no channel: mail is not set up (SMTP_HOST) or no member receives it, and Slack and the webhook are off (or alert_sample is turned off in triggers)",
         ));
     }
     Ok(Json(json!({ "success": true, "channels": channels })))
@@ -251,6 +251,11 @@ pub async fn send_report(
     Body(q): Body<ReportQuery>,
 ) -> ApiResult<Json<Value>> {
     access.require(MemberRole::Admin, "send reports")?;
+    if app.settings.smtp.is_none() {
+        return Err(ApiError::bad_request(
+            "mail is not set up: SMTP_HOST is not set in the appliance's settings",
+        ));
+    }
     let period = period_of(&period)?;
     let end = q.at.unwrap_or_else(now_ms);
     let recipients = reporter::send(&app, &access.bucket, period, end).await?;

@@ -32,6 +32,8 @@ struct AlertsPage {
     role: MemberRole,
     rules: Vec<(Alert, usize)>,
     settings: Settings,
+    /// `SMTP_HOST` is set: mail is a channel.
+    mail_ready: bool,
     mailed: bool,
     /// The member's own choices, and every kind they can mute.
     mine: Choices,
@@ -64,6 +66,7 @@ async fn page_of(
         nav: Some(Nav::from(session)),
         rules,
         settings: Settings::load(documents, bucket_id).await?,
+        mail_ready: app.settings.smtp.is_some(),
         mailed,
         mine: choices::of(documents, bucket_id, user).await?,
         kinds: KINDS,
