@@ -668,11 +668,19 @@ impl Km {
     /// Starts km and waits until `GET /healthz` answers 200 (20 s at most). With
     /// `KM_E2E_STORES=scale-out` it runs on its own MongoDB, Elasticsearch and Redis.
     pub async fn start() -> Result<Km> {
+        Km::start_plus(Vec::new()).await
+    }
+
+    /// [`Km::start`] (on the stores `KM_E2E_STORES` says) with extra environment
+    /// variables, which win over the stores' own.
+    pub async fn start_plus(env: Vec<(String, String)>) -> Result<Km> {
         if std::env::var("KM_E2E_STORES").as_deref() != Ok("scale-out") {
-            return Km::start_with(Vec::new()).await;
+            return Km::start_with(env).await;
         }
         let stores = ScaleOut::start()?;
-        let mut km = Km::start_with(stores.env()).await?;
+        let mut all = stores.env();
+        all.extend(env);
+        let mut km = Km::start_with(all).await?;
         km._stores = Some(stores);
         Ok(km)
     }
@@ -1892,11 +1900,7 @@ pub async fn linked(machine: &str, apps: &[(&str, &str)]) -> Result<Linked> {
 }
 
 pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -> Result<Linked> {
-    let km = if opts.km_env.is_empty() {
-        Km::start().await?
-    } else {
-        Km::start_with(opts.km_env.clone()).await?
-    };
+    let km = Km::start_plus(opts.km_env.clone()).await?;
     let user = km.api().register_random().await?;
     let bucket = user.api.create_bucket(&unique("bucket-")).await?;
     let pm2 = if opts.dns_shim {
@@ -2102,6 +2106,15 @@ pub struct Smtp {
 }
 
 impl Smtp {
+    /// km's settings for this server when it runs `plain` without login.
+    pub fn km_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("SMTP_HOST".into(), format!("127.0.0.1:{}", self.port)),
+            ("SMTP_TLS".into(), "none".into()),
+            ("SMTP_SENDER".into(), "km@example.com".into()),
+        ]
+    }
+
     /// `mode`: `starttls` (required before anything else), `tls` (SMTPS) or `plain`.
     pub fn start(mode: &str, user: &str, password: &str) -> Result<Smtp> {
         let dir = temp_dir("km-smtp-")?;

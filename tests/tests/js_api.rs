@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context, ensure};
-use km_e2e::{e2e, linked, run_node_script};
+use km_e2e::{LinkOpts, Smtp, e2e, linked_with, run_node_script};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -26,7 +26,13 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(150);
 #[tokio::test]
 async fn js_api_signs_in_reads_restarts_and_subscribes() {
     e2e(async {
-        let l = linked(SERVER, &[(APP, APP_TICKER)]).await?;
+        // Mail set up, so that the alert's sample goes by mail as in PM2 Plus.
+        let smtp = Smtp::start("plain", "", "")?;
+        let opts = LinkOpts {
+            km_env: smtp.km_env(),
+            ..LinkOpts::default()
+        };
+        let l = linked_with(SERVER, &[(APP, APP_TICKER)], opts).await?;
         let api = l.api();
         let bucket = &l.bucket.id;
         l.wait_apps(&[APP], WAIT).await?;

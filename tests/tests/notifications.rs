@@ -29,15 +29,6 @@ fn decoded(mail: &str) -> String {
         .unwrap_or_else(|_| mail.to_string())
 }
 
-/// km's settings for the test SMTP server (plain, no login).
-fn smtp_env(smtp: &Smtp) -> Vec<(String, String)> {
-    vec![
-        ("SMTP_HOST".into(), format!("127.0.0.1:{}", smtp.port())),
-        ("SMTP_TLS".into(), "none".into()),
-        ("SMTP_SENDER".into(), "km@example.com".into()),
-    ]
-}
-
 async fn wait_mails(smtp: &Smtp, n: usize, within: Duration) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + within;
     loop {
@@ -59,7 +50,7 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
     e2e(async {
         let smtp = Smtp::start("plain", "", "")?;
         let opts = LinkOpts {
-            km_env: smtp_env(&smtp),
+            km_env: smtp.km_env(),
             ..LinkOpts::default()
         };
         let l = linked_with("web-1", &[("crasher", CRASHER)], opts).await?;
@@ -185,7 +176,7 @@ async fn a_server_offline_and_back_is_mailed_once_each() {
     e2e(async {
         let smtp = Smtp::start("plain", "", "")?;
         let opts = LinkOpts {
-            km_env: smtp_env(&smtp),
+            km_env: smtp.km_env(),
             ..LinkOpts::default()
         };
         let app = "setInterval(() => {}, 1000);";
@@ -256,7 +247,7 @@ async fn the_daily_report_is_mailed_with_the_buckets_numbers() {
     e2e(async {
         let smtp = Smtp::start("plain", "", "")?;
         let opts = LinkOpts {
-            km_env: smtp_env(&smtp),
+            km_env: smtp.km_env(),
             ..LinkOpts::default()
         };
         let steady = "setInterval(() => {}, 1000);";

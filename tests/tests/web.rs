@@ -659,14 +659,22 @@ async fn alerts_page_forms_rules_channels_and_choices() {
         let rules: Value = serde_json::from_str(&rules)?;
         let id = rules[0]["_id"].as_str().context("no rule id")?;
         let (status, sent) = s
-            .api(&format!("/api/bucket/{b}/alerts/{id}/sample"), &json!({}), true)
+            .api(
+                &format!("/api/bucket/{b}/alerts/{id}/sample"),
+                &json!({}),
+                true,
+            )
             .await?;
         ensure!(
             status == 200 && sent.contains("webhook") && !sent.contains("email"),
             "a sample without SMTP: {status} {sent}"
         );
         let (status, refused) = s
-            .api(&format!("/api/bucket/{b}/reports/daily/send"), &json!({}), true)
+            .api(
+                &format!("/api/bucket/{b}/reports/daily/send"),
+                &json!({}),
+                true,
+            )
             .await?;
         ensure!(
             status == 400 && refused.contains("mail is not set up"),
