@@ -61,9 +61,7 @@ pub async fn bundle(env_file: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     fs::write(dir.join("versions.txt"), versions())?;
     fs::write(dir.join("settings.env"), envfile::render(&masked(&entries)))?;
     fs::write(dir.join("config-check.txt"), config_check(&map).await)?;
-    let data_dir = (map.get(table::DATA_DIR.var).map(String::as_str))
-        .or(table::DATA_DIR.default)
-        .unwrap_or_default();
+    let data_dir = envfile::setting(&entries, &table::DATA_DIR).unwrap_or_default();
     fs::write(dir.join("stores.txt"), stores(Path::new(data_dir)))?;
     fs::write(
         dir.join("disk.txt"),

@@ -356,10 +356,7 @@ pub fn variable<'a>(entries: &'a [(String, String)], key: &str) -> Option<&'a st
 /// The value `entries` give `setting` as `km serve` reads it: the last one, else the
 /// default (an empty value is unset).
 pub fn setting<'a>(entries: &'a [(String, String)], setting: &Setting) -> Option<&'a str> {
-    variable(entries, setting.var)
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .or(setting.default)
+    setting.read(variable(entries, setting.var))
 }
 
 /// A listen address as this machine reaches it: through loopback when it listens on

@@ -175,6 +175,15 @@ impl Setting {
     pub fn named(&self) -> String {
         format!("{} (--{})", self.var, self.flag)
     }
+
+    /// The value km reads when `given` is what was set: trimmed, else the default (an
+    /// empty value is unset).
+    pub fn read<'a>(&self, given: Option<&'a str>) -> Option<&'a str> {
+        given
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .or(self.default)
+    }
 }
 
 /// A setting with its names, kind and group; each one below fills in the rest.

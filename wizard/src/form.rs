@@ -91,9 +91,9 @@ fn unmask_url(submitted: &str, current: Option<&String>) -> String {
 impl SettingsForm {
     pub fn from_env(env: &BTreeMap<String, String>) -> SettingsForm {
         let get = |s: &Setting| {
-            (env.get(s.var).cloned())
-                .or_else(|| s.default.map(String::from))
+            s.read(env.get(s.var).map(String::as_str))
                 .unwrap_or_default()
+                .to_string()
         };
         let external = [t::MONGO_URL.var, t::ELASTICSEARCH_URL.var, t::REDIS_URL.var]
             .iter()

@@ -150,7 +150,11 @@ impl<'a> Outbox<'a> {
             .collect();
         let hooks = &self.settings.hooks;
         let channels: Vec<Channel> = [
-            (Channel::Email, self.mail_ready() && !recipients.is_empty()),
+            // Without SMTP_HOST mail is not attempted, rather than failing every delivery.
+            (
+                Channel::Email,
+                self.app.settings.smtp.is_some() && !recipients.is_empty(),
+            ),
             (Channel::Slack, hooks.slack.active),
             (Channel::Webhook, hooks.webhooks.active),
         ]
@@ -183,19 +187,9 @@ impl<'a> Outbox<'a> {
         self.send(event).await.map(drop)
     }
 
-    /// Queues `event` as a mail to `recipients` only (reports); nothing while mail is not
-    /// set up.
+    /// Queues `event` as a mail to `recipients` only (reports).
     pub async fn mail(&self, event: Event, recipients: Vec<String>) -> StoreResult<()> {
-        if !self.mail_ready() {
-            return Ok(());
-        }
         self.queue(&event, &[Channel::Email], recipients).await
-    }
-
-    /// Whether mail can be sent (`SMTP_HOST` is set): without it the mail channel is not
-    /// attempted, rather than failing every delivery.
-    pub fn mail_ready(&self) -> bool {
-        self.app.settings.smtp.is_some()
     }
 
     /// One delivery record per channel, all carrying the same event id.
