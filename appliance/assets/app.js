@@ -261,18 +261,21 @@ function replyText(event, p) {
 const REPLIES = ['trigger:pm2:result', 'trigger:action:success', 'trigger:action:failure', 'axm:reply',
   'axm:scoped_action:stream', 'axm:scoped_action:end', 'axm:scoped_action:error', 'axm:scoped_action:success'];
 
-// Charts: history from the API, then the live values of each status.
-function charts(live) {
+// Charts: history from the API (the app's series, or the host's when the page has no
+// app), then the live values `valuesOf(status)` gives ({metric: number}) of each status.
+const CHART_NAMES = { cpu: 'cpu (%)', load: 'load (1 min)' };
+function charts(live, valuesOf) {
   const box = $('#charts');
   if (!box || !window.uPlot) return null;
   const names = box.dataset.metrics.split('|').filter(Boolean);
+  const app = live.dataset.app || '';
   const series = {};
   for (const name of names) {
     const fig = document.createElement('figure');
     fig.className = 'chart';
     fig.dataset.metric = name;
     fig.innerHTML = '<figcaption></figcaption>';
-    $('figcaption', fig).textContent = name === 'cpu' ? 'cpu (%)' : name;
+    $('figcaption', fig).textContent = CHART_NAMES[name] || name;
     box.append(fig);
     const data = [[], []];
     // As wide as its grid cell (the figure), following it when the window is resized.
@@ -301,9 +304,9 @@ function charts(live) {
   fetch(`/api/bucket/${live.dataset.bucket}/data/metrics/histogram`, {
     method: 'POST', credentials: 'same-origin',
     headers: { 'content-type': 'application/json', 'x-csrf-token': csrf() },
-    body: JSON.stringify({ server_name: live.dataset.server, app_name: live.dataset.app, before: 60 }),
+    body: JSON.stringify({ server_name: live.dataset.server, app_name: app, before: 60, metrics: names }),
   }).then((r) => r.json()).then((history) => {
-    const metrics = ((history[live.dataset.server] || {})[live.dataset.app]) || {};
+    const metrics = ((history[live.dataset.server] || {})[app]) || {};
     for (const [name, m] of Object.entries(metrics)) {
       const s = series[name];
       if (!s) continue;
@@ -316,22 +319,45 @@ function charts(live) {
       draw(s);
     }
   }).catch(() => {});
-  return (processes) => {
+  return (status) => {
     const now = Date.now() / 1000;
+    const values = valuesOf(status, names);
     for (const [name, s] of Object.entries(series)) {
-      const values = processes.map((p) => {
-        if (name === 'cpu' || name === 'memory') return Number(p[name]);
-        const probe = (p.axm_monitor || {})[name];
-        return probe ? parseFloat(probe.value) : NaN;
-      }).filter((v) => !Number.isNaN(v));
-      if (!values.length) continue;
+      const v = values[name];
+      if (typeof v !== 'number' || Number.isNaN(v)) continue;
       s.data[0].push(now);
-      s.data[1].push(values.reduce((a, b) => a + b, 0) / values.length);
+      s.data[1].push(v);
       if (s.data[0].length > 3600) { s.data[0].shift(); s.data[1].shift(); }
       draw(s);
     }
   };
 }
+
+// A metric of a process now: cpu and memory, or a custom metric's number.
+function metricOf(p, name) {
+  if (name === 'cpu' || name === 'memory') return Number(p[name]);
+  const probe = (p.axm_monitor || {})[name];
+  return probe ? parseFloat(probe.value) : NaN;
+}
+
+// The average over the app's instances of each metric they report.
+const appValues = (app) => (status, names) => {
+  const processes = ((status.data || {}).process || []).filter((p) => p.name === app);
+  const values = {};
+  for (const name of names) {
+    const known = processes.map((p) => metricOf(p, name)).filter((v) => !Number.isNaN(v));
+    if (known.length) values[name] = known.reduce((a, b) => a + b, 0) / known.length;
+  }
+  return values;
+};
+
+// The host's load and the sums of its processes' cpu and memory (the stored host series).
+const hostValues = (status) => {
+  const data = status.data || {};
+  const processes = data.process || [];
+  const sum = (name) => processes.reduce((total, p) => total + (Number(p[name]) || 0), 0);
+  return { load: Number(((data.server || {}).loadavg || [])[0]), cpu: sum('cpu'), memory: sum('memory') };
+};
 
 function postAction(fields) {
   const form = $('form.js-action');
@@ -350,7 +376,7 @@ function processPage(live) {
   const server = live.dataset.server, app = live.dataset.app;
   const replies = $('#replies');
   const events = $('#events');
-  const chartsUpdate = charts(live);
+  const chartsUpdate = charts(live, appValues(app));
   for (const form of $$('form.js-action')) {
     form.addEventListener('submit', (e) => {
       e.preventDefault();
@@ -374,11 +400,10 @@ function processPage(live) {
   const onEvent = (from, event, payload) => {
     if (from !== server) return;
     if (event === 'status') {
-      const processes = ((payload.data || {}).process || []).filter((p) => p.name === app);
       const changed = syncRows($('table.processes'), server, payload, app);
       // A status comes from a connected agent: a server shown offline is back.
       if (changed || $('#server-state').dataset.online !== 'true') refresh(parts);
-      if (chartsUpdate) chartsUpdate(processes);
+      if (chartsUpdate) chartsUpdate(payload);
     } else if (event === SERVER_OFFLINE) {
       refresh(parts);
     } else if (event === 'logs' && tailing && (payload.process || {}).name === app) {
@@ -401,9 +426,25 @@ function processPage(live) {
   return { onEvent, verify: verifier(live, parts) };
 }
 
+// How often at most the overview's fleet summary (sums, host figures, problems) is
+// re-read while statuses arrive; rows of processes follow each status.
+const FLEET_REFRESH_MS = 5000;
+
+// `fn` at most once per `ms`, the last call of a burst included.
+function throttled(fn, ms) {
+  let timer = null;
+  let last = 0;
+  return () => {
+    if (timer) return;
+    const wait = Math.max(0, last + ms - Date.now());
+    timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, wait);
+  };
+}
+
 function overviewPage(live) {
   // The servers and the licence's process count, rendered by the server.
-  const parts = ['#licence', '#servers'];
+  const parts = ['#licence', '#fleet', '#servers'];
+  const fleet = throttled(() => refresh(['#fleet']), FLEET_REFRESH_MS);
   const onEvent = (from, event, payload) => {
     if (event === SERVER_OFFLINE) {
       refresh(parts);
@@ -411,10 +452,35 @@ function overviewPage(live) {
       const section = $(`section.server[data-server="${CSS.escape(from)}"]`);
       // A status comes from a connected agent: a server shown offline is back.
       if (!section || syncRows(section, from, payload, null) || section.dataset.online !== 'true') refresh(parts);
+      else fleet();
+    } else if (event === 'process:event') {
+      fleet();
     }
   };
   return { onEvent, verify: verifier(live, parts) };
 }
+
+// A server's page: its host's figures and charts, and its processes' rows.
+function serverPage(live) {
+  const server = live.dataset.server;
+  const parts = ['#server-state', '#host dl', 'table.processes'];
+  const host = throttled(() => refresh(['#host dl']), FLEET_REFRESH_MS);
+  const chartsUpdate = charts(live, hostValues);
+  const onEvent = (from, event, payload) => {
+    if (from !== server) return;
+    if (event === 'status') {
+      const changed = syncRows($('table.processes'), server, payload, null);
+      if (changed || $('#server-state').dataset.online !== 'true') refresh(parts);
+      else host();
+      if (chartsUpdate) chartsUpdate(payload);
+    } else if (event === SERVER_OFFLINE) {
+      refresh(parts);
+    }
+  };
+  return { onEvent, verify: verifier(live, parts) };
+}
+
+const PAGES = { overview: overviewPage, process: processPage, server: serverPage };
 
 document.addEventListener('DOMContentLoaded', () => {
   formatTimes();
@@ -423,6 +489,6 @@ document.addEventListener('DOMContentLoaded', () => {
   const live = $('#live');
   if (!live) return;
   const state = $('#live-state');
-  const page = live.dataset.page === 'process' ? processPage(live) : overviewPage(live);
+  const page = PAGES[live.dataset.page](live);
   watch(live, page, (text) => { state.textContent = text; state.dataset.state = text; });
 });

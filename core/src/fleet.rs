@@ -101,6 +101,17 @@ pub struct HostStatus {
     pub pm2_version: String,
     #[serde(deserialize_with = "lenient")]
     pub node_version: String,
+    #[serde(deserialize_with = "lenient")]
+    pub platform: String,
+    /// Seconds since the host booted.
+    #[serde(deserialize_with = "lenient")]
+    pub uptime: f64,
+    /// 1, 5 and 15 minutes.
+    #[serde(deserialize_with = "lenient")]
+    pub loadavg: Vec<f64>,
+    /// Bytes.
+    #[serde(deserialize_with = "lenient")]
+    pub total_mem: f64,
 }
 
 /// One process as pm2 reports it.
@@ -245,13 +256,14 @@ pub async fn command_agent(
     Ok(())
 }
 
+/// The page of `server`.
+pub fn server_path(bucket_id: &str, server: &str) -> String {
+    format!("/buckets/{bucket_id}/servers/{}", urlencode(server))
+}
+
 /// The process page of `app` on `server`.
 pub fn page_path(bucket_id: &str, server: &str, app: &str) -> String {
-    format!(
-        "/buckets/{bucket_id}/servers/{}/apps/{}",
-        urlencode(server),
-        urlencode(app)
-    )
+    format!("{}/apps/{}", server_path(bucket_id, server), urlencode(app))
 }
 
 /// Bytes a path segment keeps as they are: RFC 3986's unreserved characters.

@@ -6,6 +6,10 @@
 //! point is therefore time-weighted: `avg` weighs every value by how long it held, `min`
 //! and `max` are the extremes held, `last` the value at the end, `count` the seconds of
 //! data. Only changed values cost anything on the hot path.
+//!
+//! Each server also has host series under the app name [`HOST`] (pm2 gives every app a
+//! name): its 1-minute load average (`load`), and the sums of its processes' `cpu` and
+//! `memory` each minute.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -19,6 +23,12 @@ use crate::tree::{Name, Names, Node, Shared};
 use km_stores::MetricPoint;
 
 const MINUTE_MS: i64 = 60_000;
+pub use km_stores::HOST_APP as HOST;
+/// The pm_id of a server's host series.
+pub const HOST_PM_ID: i64 = -1;
+/// The host's load series; its processes' sums of these each minute.
+pub const HOST_LOAD: &str = "load";
+const SUMMED: [&str; 2] = ["cpu", "memory"];
 /// A gap longer than this (a suspended host, a clock jump) is not filled with points.
 const MAX_CATCH_UP_MS: i64 = 10 * MINUTE_MS;
 
@@ -81,6 +91,20 @@ struct Series {
 }
 
 impl Series {
+    fn new(label: Arc<Label>, pm_id: i64, value: f64, now: i64) -> Series {
+        Series {
+            label,
+            pm_id,
+            value,
+            since: now,
+            minute: minute_of(now),
+            weighted: 0.0,
+            covered_ms: 0,
+            min: value,
+            max: value,
+        }
+    }
+
     /// Accounts the current value up to `now`, emitting every minute that ended.
     fn advance(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
         if now - self.since > MAX_CATCH_UP_MS {
@@ -158,6 +182,8 @@ pub struct MetricSampler {
     /// did last time, so the search is one comparison, not a scan (pm2-runtime sends a
     /// full status every second).
     cursor: usize,
+    /// The host's load average, once the agent sent one.
+    load: Option<Series>,
 }
 
 impl MetricSampler {
@@ -198,6 +224,10 @@ impl MetricSampler {
             }
         }
         self.index = None;
+        match status.host_load() {
+            Some(load) => self.set_load(load, now, out, scope),
+            None => self.end_load(now, out, scope),
+        }
         if let Some(renumber) = self.retire(&alive, now, out, scope) {
             for process in status.processes_mut() {
                 for id in process.series_mut().flatten() {
@@ -240,17 +270,8 @@ impl MetricSampler {
         if let Some(index) = &mut self.index {
             index.entry(hash).or_insert(self.series.len());
         }
-        self.series.push(Series {
-            label: Label::shared(app, name, text("unit"), text("agg_type")),
-            pm_id,
-            value,
-            since: now,
-            minute: minute_of(now),
-            weighted: 0.0,
-            covered_ms: 0,
-            min: value,
-            max: value,
-        });
+        let label = Label::shared(app, name, text("unit"), text("agg_type"));
+        self.series.push(Series::new(label, pm_id, value, now));
         self.cursor = self.series.len();
         (self.series.len() - 1) as SeriesId
     }
@@ -328,24 +349,83 @@ impl MetricSampler {
         }
     }
 
+    /// A new 1-minute load average of the host (a patch of `data.server.loadavg`).
+    pub fn set_load(&mut self, load: f64, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        match &mut self.load {
+            Some(series) => series.set(load, now, out, scope),
+            None => {
+                let label = Label::shared(HOST, HOST_LOAD, None, None);
+                self.load = Some(Series::new(label, HOST_PM_ID, load, now));
+            }
+        }
+    }
+
+    /// The host's load average is no longer sent: its last minute is emitted.
+    fn end_load(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        if let Some(mut series) = self.load.take() {
+            series.advance(now, out, scope);
+            series.emit(out, scope);
+        }
+    }
+
     /// Emits every minute that ended by `now`.
     pub fn tick(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
-        for series in &mut self.series {
+        let start = out.len();
+        for series in self.series.iter_mut().chain(&mut self.load) {
             series.advance(now, out, scope);
         }
+        host_sums(out, start, scope);
     }
 
     /// Emits everything up to `now`, the unfinished minute too, and forgets the series
     /// (the server went offline, or km stops).
     pub fn finish(&mut self, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        let start = out.len();
         for series in &mut self.series {
             series.advance(now, out, scope);
             series.emit(out, scope);
         }
+        self.end_load(now, out, scope);
+        host_sums(out, start, scope);
         // The ids the status holds point nowhere until the next `load`.
         self.series.clear();
         self.index = None;
     }
+}
+
+/// Adds to `out` the host's sums of the `cpu` and `memory` points its processes emitted
+/// from `start` on, one per minute: `avg` and `last` are exact sums, `min` and `max` the
+/// sums of the processes' extremes (bounds: they need not have held at once).
+fn host_sums(out: &mut Vec<MetricPoint>, start: usize, (bucket_id, server_name): Scope) {
+    let mut sums: Vec<MetricPoint> = Vec::new();
+    for p in out.get(start..).unwrap_or_default() {
+        let Some(name) = SUMMED.iter().find(|n| **n == &*p.name) else {
+            continue;
+        };
+        if p.pm_id == HOST_PM_ID {
+            continue;
+        }
+        match sums.iter_mut().find(|s| s.at == p.at && *s.name == **name) {
+            Some(sum) => {
+                sum.avg += p.avg;
+                sum.min += p.min;
+                sum.max += p.max;
+                sum.last += p.last;
+                sum.count = sum.count.max(p.count);
+            }
+            None => sums.push(MetricPoint {
+                bucket_id: bucket_id.clone(),
+                server_name: server_name.clone(),
+                app_name: Names::intern(HOST),
+                pm_id: HOST_PM_ID,
+                name: Names::intern(name),
+                unit: None,
+                agg_type: Some(Names::intern("sum")),
+                ..p.clone()
+            }),
+        }
+    }
+    out.extend(sums);
 }
 
 /// A number, or a string holding one (tx2 meters put their unit after it: `"0.5req/s"`).
@@ -441,7 +521,39 @@ mod tests {
             out.iter().all(|p| &*p.name != "status"),
             "non-numeric probes are skipped"
         );
-        assert_eq!(out.len(), 4);
+        assert_eq!(out.iter().filter(|p| p.pm_id != HOST_PM_ID).count(), 4);
+    }
+
+    #[test]
+    fn the_host_has_its_load_and_the_sums_of_its_processes() {
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        let two = json!({"data": {"server": {"loadavg": [1.0, 0.5, 0.25]}, "process": [
+            {"name": "api", "pm_id": 0, "cpu": 10, "memory": 100},
+            {"name": "api", "pm_id": 1, "cpu": 20, "memory": 300},
+            {"name": "cron", "pm_id": 2, "cpu": 5, "memory": 50}]}});
+        sampler.load(&mut Node::status(two), 60_000, &mut out, scope());
+        // The load goes from 1 to 3 half-way through the minute (a patch).
+        sampler.set_load(3.0, 90_000, &mut out, scope());
+        sampler.tick(120_000, &mut out, scope());
+        let host = |name: &str| {
+            out.iter()
+                .find(|p| p.pm_id == HOST_PM_ID && &*p.name == name && &*p.app_name == HOST)
+                .unwrap_or_else(|| panic!("no host {name} in {out:?}"))
+        };
+        let load = host(HOST_LOAD);
+        assert_eq!((load.at, load.avg, load.min, load.max, load.last), (60_000, 2.0, 1.0, 3.0, 3.0));
+        assert_eq!((host("cpu").avg, host("memory").avg), (35.0, 450.0));
+        assert_eq!(host("memory").agg_type.as_deref(), Some("sum"));
+
+        // A status without load ends the load series (its last minute is emitted).
+        out.clear();
+        let none = json!({"data": {"server": {}, "process": []}});
+        sampler.load(&mut Node::status(none), 150_000, &mut out, scope());
+        assert!(out.iter().any(|p| &*p.name == HOST_LOAD && p.at == 120_000));
+        out.clear();
+        sampler.tick(240_000, &mut out, scope());
+        assert!(out.is_empty(), "nothing is left to emit: {out:?}");
     }
 
     #[test]

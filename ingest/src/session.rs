@@ -71,6 +71,9 @@ pub enum Unsaved {
 /// of it once it is offline or after a restart comes from there).
 pub const VALUES_SAVED_EVERY: i64 = 5 * 60_000;
 
+/// Where a patch sets the host's 1-minute load average (its series: see [`crate::metrics`]).
+const HOST_LOAD_PATH: &str = "/data/server/loadavg/0";
+
 impl Live {
     fn updated(&mut self, now: i64, unsaved: Unsaved) {
         self.last_update = now;
@@ -722,6 +725,12 @@ impl PatchTarget<'_> {
                     self.sampler
                         .set(id, &value, self.now, self.points, self.scope);
                 }
+                Effect::Host if op.path == HOST_LOAD_PATH => {
+                    if let Some(load) = value.as_f64() {
+                        self.sampler
+                            .set_load(load, self.now, self.points, self.scope);
+                    }
+                }
                 Effect::Metric(None) | Effect::Host => {}
                 Effect::Structural => (self.reload, self.more) = (true, true),
                 Effect::Other => self.more = true,
@@ -1065,6 +1074,9 @@ mod tests {
         fresh.finish(60_000, &mut loaded, session.scope());
         assert!(last_values(&followed).len() > 20);
         assert_eq!(last_values(&followed), last_values(&loaded));
+        let load = (crate::metrics::HOST_PM_ID, Arc::from(crate::metrics::HOST_LOAD));
+        let expected_load = expected["data"]["server"]["loadavg"][0].as_f64();
+        assert_eq!(last_values(&followed).get(&load).copied(), expected_load, "the host's load followed its patches");
     }
 
     #[test]

@@ -238,6 +238,11 @@ impl Node {
         self.get("data")?.get("process")?.as_array()
     }
 
+    /// The host's 1-minute load average (`data.server.loadavg[0]`), if it is a number.
+    pub fn host_load(&self) -> Option<f64> {
+        self.get("data")?.get("server")?.get("loadavg")?.as_array()?.first()?.as_f64()
+    }
+
     /// The processes of a status, to set their series.
     pub fn processes_mut(&mut self) -> impl Iterator<Item = &mut Process> {
         let list = self.get_mut("data").and_then(|d| d.get_mut("process"));

@@ -324,7 +324,16 @@ pub struct MetricPoint {
     pub count: u32,
 }
 
+/// The app name of a server's host series (its load average, its processes' sums):
+/// pm2 gives every app a name.
+pub const HOST_APP: &str = "";
+
 impl MetricPoint {
+    /// One of a server's host series, not of an app.
+    pub fn of_host(&self) -> bool {
+        *self.app_name == *HOST_APP
+    }
+
     pub fn content_id(&self) -> String {
         let numbers: Vec<u8> = [self.pm_id, self.at, i64::from(self.count)]
             .iter()

@@ -9,6 +9,8 @@
 //   2. hand the command to the Rust test (file `link-command.txt` in KM_HANDSHAKE_DIR),
 //      which links a real pm2 with exactly that command, and wait for its `linked.json`;
 //   3. on the same overview page (never reloaded), wait for the app's process row;
+//   3b. the fleet summary lists the app (1/1 online) and the server with its host's load
+//      and memory; the server page shows the host and charts its load, cpu and memory;
 //   4. open the process page through the app link, wait for a chart of KM_METRIC with
 //      `data-points` >= 1, then for two more points (live statuses);
 //   5. press `restart`: the row's restarts cell goes up without a reload;
@@ -169,9 +171,46 @@ async function main () {
       Array.from(row.querySelectorAll('[data-field]')).map((c) => [c.dataset.field, c.textContent.trim()])))
     return `server ${server}, row ${found.key}: ${JSON.stringify(cells)}`
   })
+  await step('the fleet: the app across servers and the server\'s host', async () => {
+    // The summary follows statuses every few seconds (FLEET_REFRESH_MS): wait for it.
+    const fleet = await waitInPage(`#apps has ${APP} online and #hosts has its server with a load`, ROW_TIMEOUT_MS,
+      ([app, server]) => {
+        const row = document.querySelector(`#apps tr[data-app="${CSS.escape(app)}"]`)
+        const host = document.querySelector(`#hosts tr[data-host="${CSS.escape(server)}"]`)
+        if (!row || !host) return null
+        const instances = row.querySelector('[data-field=instances]').textContent.trim()
+        const load = host.querySelector('[data-field=load]').textContent.trim()
+        const memory = host.querySelector('[data-field=host-memory]').textContent.trim()
+        const ok = instances.startsWith('1/1 online') && /^\d+\.\d\d · \d+\.\d\d · \d+\.\d\d$/.test(load) && / of /.test(memory)
+        return ok ? { instances, load, memory } : null
+      }, [APP, server], () => `#apps: ${(document.querySelector('#apps') || { innerText: 'none' }).innerText.replace(/\s+/g, ' ').slice(0, 300)}; ` +
+        `#hosts: ${(document.querySelector('#hosts') || { innerText: 'none' }).innerText.replace(/\s+/g, ' ').slice(0, 300)}`)
+    await assertNotReloaded(token, 'the wait for the fleet')
+    assert(!(await page.$('#problems')), `a healthy fleet shows problems: ${await page.textContent('#problems').catch(() => '')}`)
+    return `${APP}: ${fleet.instances}; ${server}: load ${fleet.load}, memory ${fleet.memory}`
+  })
   await step('screenshot the overview', async () => {
     await sleep(1500) // a few live updates of the cells
     return shots('overview')
+  })
+  await step('the server page: host figures, charts of load, cpu and memory, its processes', async () => {
+    await Promise.all([
+      page.waitForURL((u) => /\/servers\/[^/]+$/.test(u.pathname)),
+      page.click(`#hosts tr[data-host="${server}"] th a`)
+    ])
+    const load = (await page.textContent('#host [data-field=load]')).trim()
+    assert(/^\d+\.\d\d/.test(load), `the host's load reads ${JSON.stringify(load)}`)
+    const rows = await page.$$eval('table.processes tr[data-key] td a', (as) => as.map((a) => a.textContent.trim()))
+    assert(rows.includes(APP), `the server's processes are ${JSON.stringify(rows)}, without ${APP}`)
+    const charts = await waitInPage('charts of load, cpu and memory with points', CHART_TIMEOUT_MS, () => {
+      const figs = Array.from(document.querySelectorAll('figure.chart'))
+      const points = Object.fromEntries(figs.map((f) => [f.dataset.metric, Number(f.dataset.points || 0)]))
+      return ['load', 'cpu', 'memory'].every((m) => points[m] >= 2) ? points : null
+    }, null, () => Array.from(document.querySelectorAll('figure.chart'))
+      .map((f) => `${f.dataset.metric}: points=${f.dataset.points}`).join('; ') || 'no figure.chart')
+    const shotsTaken = await shots('server')
+    await page.goBack()
+    return `load ${load}; processes ${JSON.stringify(rows)}; charts ${JSON.stringify(charts)}; ${shotsTaken}`
   })
 
   // 4. The process page and its charts.

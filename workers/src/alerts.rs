@@ -359,6 +359,7 @@ async fn evaluate(
     let mut windows: BTreeMap<(&str, &str), Vec<&MetricPoint>> = BTreeMap::new();
     for p in points {
         if *p.name == *rule.initiator
+            && !p.of_host()
             && (start..end).contains(&p.at)
             && rule.in_scope(&p.server_name, &p.app_name)
         {

@@ -141,7 +141,7 @@ pub async fn build(app: &App, bucket: &Bucket, period: Period, end: i64) -> Stor
         .metric_histogram(&metrics, step)
         .await?
         .into_iter()
-        .filter(|p| p.at < end)
+        .filter(|p| p.at < end && !p.of_host())
         .collect();
     let top = |name: &str| top_processes(points.iter().filter(|p| &*p.name == name));
     let cpu_per_step = mean_per_step(points.iter().filter(|p| &*p.name == "cpu"));

@@ -177,12 +177,17 @@ pub struct HistogramFilter {
     interval: Option<String>,
     /// How many minutes back (default 60).
     before: Option<Value>,
-    /// Only these metrics (aggregations).
+    /// Only these metrics.
     #[serde(default)]
     metrics: Vec<String>,
 }
 
 impl HistogramFilter {
+    /// The metric is one asked for (all when none is named).
+    fn wants(&self, name: &str) -> bool {
+        self.metrics.is_empty() || self.metrics.iter().any(|m| m == name)
+    }
+
     fn query(&self, bucket_id: &str) -> ApiResult<MetricQuery> {
         let minutes = number(&self.before, "before")?.unwrap_or(60);
         if minutes <= 0 {
@@ -199,7 +204,8 @@ impl HistogramFilter {
 
 /// `POST /api/bucket/:id/data/metrics/histogram`: `{server: {app: {metric: {agg_type,
 /// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`, merged by the
-/// events store (cluster instances of an app together).
+/// events store (cluster instances of an app together). A server's host series (`load`,
+/// and the sums of its processes' `cpu` and `memory`) are under the app name `""`.
 pub async fn metrics_histogram(
     State(app): State<AppState>,
     access: BucketAccess,
@@ -209,6 +215,9 @@ pub async fn metrics_histogram(
     let query = filter.query(&access.bucket.id)?;
     let mut out = json!({});
     for p in app.events.metric_histogram(&query, step_ms).await? {
+        if !filter.wants(&p.name) {
+            continue;
+        }
         let series = &mut out[&*p.server_name][&*p.app_name][&*p.name];
         if series.is_null() {
             *series = json!({ "agg_type": p.agg_type, "unit": p.unit, "timestamps_and_stats": [] });
@@ -321,7 +330,7 @@ pub async fn metrics_aggregations(
     let mut merged: BTreeMap<SeriesKey, MetricPoint> = BTreeMap::new();
     // Hour steps, merged here: the window rarely starts on a step boundary.
     for p in app.events.metric_histogram(&query, 3_600_000).await? {
-        if !filter.metrics.is_empty() && !filter.metrics.iter().any(|m| **m == *p.name) {
+        if !filter.wants(&p.name) {
             continue;
         }
         let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());

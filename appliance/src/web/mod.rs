@@ -9,6 +9,7 @@ mod account;
 mod alerts;
 mod assets;
 mod buckets;
+mod fleet;
 pub mod process;
 
 use askama::Template;
@@ -36,7 +37,7 @@ pub fn routes() -> Router<AppState> {
         .route("/account/password", post(account::change_password))
         .route("/account/wizard", post(account::open_wizard))
         .route("/buckets", get(buckets::list).post(buckets::create))
-        .route("/buckets/{id}", get(buckets::overview))
+        .route("/buckets/{id}", get(fleet::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
         .route("/buckets/{id}/alerts", get(alerts::page))
         .route("/buckets/{id}/alerts/{action}", post(alerts::action))
@@ -45,6 +46,7 @@ pub fn routes() -> Router<AppState> {
             "/buckets/{id}/settings/{action}",
             post(buckets::settings_action),
         )
+        .route("/buckets/{id}/servers/{server}", get(fleet::server_page))
         .route(
             "/buckets/{id}/servers/{server}/apps/{app}",
             get(process::page),

@@ -11,14 +11,15 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::buckets::{ProcessRow, access, card};
+use super::buckets::access;
+use super::fleet::{ProcessRow, card, one_server};
 use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::actions;
 use crate::api::insights::{self, Route};
 use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
-use km_core::fleet::{self, ProcessStatus, page_path};
+use km_core::fleet::{ProcessStatus, page_path};
 use km_core::issues::{self, Issue};
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
@@ -121,11 +122,9 @@ pub async fn page(
         Ok(access) => access,
         Err(page) => return page,
     };
-    let servers = fleet::servers(&app, &access.bucket.id, Some(&server)).await;
-    let Some(status) = servers.first() else {
-        return error_page(&ApiError::not_found(format!(
-            "no server {server:?} in this bucket"
-        )));
+    let status = match one_server(&app, &access.bucket.id, &server).await {
+        Ok(status) => status,
+        Err(page) => return page,
     };
     let processes: Vec<&ProcessStatus> = (status.data.process.iter())
         .filter(|p| p.name == app_name)
@@ -196,7 +195,7 @@ pub async fn page(
         nav: Some(Nav::from(&session)),
         role: access.role,
         server_online: status.online,
-        instances: card(status, now_ms())
+        instances: card(&status, now_ms())
             .processes
             .into_iter()
             .filter(|p| p.name == app_name)

@@ -19,6 +19,7 @@ use super::{Event, Line, Outbox, PERIOD_MS};
 use crate::alerts;
 use km_core::app::App;
 use km_core::fleet::{self, ServerStatus, page_path};
+use km_core::health::{self, counted};
 use km_core::issues::{self, Issue};
 use km_core::schedule::Episodes;
 use km_stores::ids::{now_ms, utc_text};
@@ -30,9 +31,6 @@ const OFFLINE_AFTER_MS: i64 = 90_000;
 const RECENT_MS: i64 = 600_000;
 /// Issues named in one mail; the count covers them all.
 const LISTED: usize = 20;
-/// Crashes of an app within [`LOOP_WINDOW_MS`] that make a restart loop.
-const LOOP_CRASHES: usize = 3;
-const LOOP_WINDOW_MS: i64 = 60_000;
 /// Where the last revision of each app is kept (bucket documents).
 const REVISIONS: &str = "revisions";
 
@@ -183,10 +181,6 @@ pub fn process_link(outbox: &Outbox, server: &str, app_name: &str) -> String {
     format!("{}{path}", outbox.app.public_url)
 }
 
-/// `n server(s)` etc.
-fn counted(n: usize, one: &str, many: &str) -> String {
-    format!("{n} {}", if n == 1 { one } else { many })
-}
 
 /// Servers gone silent for 90 s, and those back since, each told once.
 async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<()> {
@@ -282,36 +276,11 @@ async fn errored(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<(
         .await
 }
 
-/// Apps that crashed [`LOOP_CRASHES`] times within a minute, told once per loop (the
+/// Apps that crashed [`health::LOOP_CRASHES`] times within a minute, told once per loop (the
 /// loop ends after a minute without a crash).
 async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
     let bucket_id = &outbox.bucket.id;
-    let exits = EventQuery {
-        bucket_id: bucket_id.clone(),
-        event_type: Some("exit".into()),
-        after: Some(end - LOOP_WINDOW_MS - 1),
-        before: Some(end),
-        limit: 1000,
-        ..EventQuery::default()
-    };
-    let mut crashes: BTreeMap<(String, String), usize> = BTreeMap::new();
-    for doc in outbox
-        .app
-        .events
-        .query(EventKind::ProcessEvent, &exits)
-        .await?
-    {
-        let Ok(event) = serde_json::from_str::<Value>(&doc) else {
-            continue;
-        };
-        if event["manually"].as_bool() == Some(true) {
-            continue;
-        }
-        let field = |name: &str| event[name].as_str().unwrap_or_default().to_string();
-        *crashes
-            .entry((field("server_name"), field("app_name")))
-            .or_default() += 1;
-    }
+    let crashes = health::crashes(outbox.app.events.as_ref(), bucket_id, end).await?;
     let documents = outbox.app.documents.as_ref();
     let mut episodes = Episodes::load(documents, &format!("loop:{bucket_id}:")).await?;
     let open: Vec<String> = episodes.open_keys().map(str::to_string).collect();
@@ -322,8 +291,8 @@ async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
         }
     }
     let (mut lines, mut items) = (Vec::new(), Vec::new());
-    for ((server, app_name), n) in crashes {
-        if n >= LOOP_CRASHES && episodes.open(&format!("{server}/{app_name}"), end).await? {
+    for ((server, app_name), n) in health::loops(crashes) {
+        if episodes.open(&format!("{server}/{app_name}"), end).await? {
             lines.push(Line {
                 name: format!("{app_name} on {server}"),
                 detail: format!("{n} crashes in the last minute"),
