@@ -6,10 +6,16 @@ const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
 const csrf = () => ($('meta[name="csrf-token"]') || {}).content || '';
 
+// Every time shown: the viewer's local time, ISO 8601 (UTC) on hover.
+function showTime(t, at) {
+  t.textContent = new Date(at).toLocaleString();
+  t.dateTime = t.title = new Date(at).toISOString();
+}
+
 function formatTimes(root = document) {
   for (const t of $$('time[data-at]', root)) {
     const at = Number(t.dataset.at);
-    if (at) t.textContent = new Date(at).toLocaleString();
+    if (at) showTime(t, at);
   }
 }
 
@@ -31,6 +37,31 @@ function copyButtons() {
     });
   }
 }
+
+// The header's toggle between dark and light, remembered in this browser (theme.js
+// applies it on the next pages before they paint).
+function themeToggle() {
+  const button = $('#theme-toggle');
+  if (!button) return;
+  const root = document.documentElement;
+  const dark = () => (root.dataset.theme || (matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light')) === 'dark';
+  const label = () => { button.textContent = dark() ? 'Light mode' : 'Dark mode'; };
+  button.addEventListener('click', () => {
+    root.dataset.theme = dark() ? 'light' : 'dark';
+    try { localStorage.setItem('km-theme', root.dataset.theme); } catch (_) { /* not remembered */ }
+    label();
+    document.dispatchEvent(new Event('km-theme'));
+  });
+  matchMedia('(prefers-color-scheme: dark)').addEventListener('change', () => {
+    label();
+    document.dispatchEvent(new Event('km-theme'));
+  });
+  label();
+  button.hidden = false;
+}
+
+// A colour of the current scheme (a CSS variable of app.css).
+const color = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 
 function confirmForms() {
   for (const form of $$('form[data-confirm]')) {
@@ -236,7 +267,9 @@ function addLine(list, text, cls) {
   if (placeholder && list.children.length === 1) placeholder.remove();
   const li = document.createElement('li');
   if (cls) li.className = cls;
-  li.textContent = new Date().toLocaleTimeString() + ' ' + text;
+  const time = document.createElement('time');
+  showTime(time, Date.now());
+  li.append(time, ' ' + text);
   list.prepend(li);
   while (list.children.length > 100) list.lastChild.remove();
 }
@@ -280,11 +313,14 @@ function charts(live, valuesOf) {
     const data = [[], []];
     // As wide as its grid cell (the figure), following it when the window is resized.
     const width = () => Math.max(200, fig.clientWidth);
-    const yAxis = { size: 60 };
+    // Colours of the scheme at each draw (the toggle redraws).
+    const axis = () => ({ stroke: () => color('--muted'), grid: { stroke: () => color('--line') }, ticks: { stroke: () => color('--line') } });
+    const yAxis = { ...axis(), size: 60 };
     if (name === 'memory') Object.assign(yAxis, { size: 70, values: (u, splits) => splits.map(memory) });
     const plot = new uPlot({ width: width(), height: 160, legend: { show: false },
-      series: [{}, { label: name, stroke: '#2f6fde', width: 1.5, spanGaps: true }],
-      axes: [{}, yAxis] }, data, fig);
+      series: [{}, { label: name, stroke: () => color('--accent'), width: 1.5, spanGaps: true }],
+      axes: [axis(), yAxis] }, data, fig);
+    document.addEventListener('km-theme', () => plot.redraw(false));
     if (window.ResizeObserver) {
       new ResizeObserver(() => { if (plot.width !== width()) plot.setSize({ width: width(), height: 160 }); }).observe(fig);
     }
@@ -386,12 +422,15 @@ function processPage(live) {
     });
   }
   const tail = $('#tail'), start = $('#tail-start'), stop = $('#tail-stop');
+  // A bucket that collects logs gets them all the time: the tail only shows them.
+  const collecting = $('#logs').dataset.collecting === 'true';
+  const logging = (method) => (collecting ? Promise.resolve() : postAction({ kind: 'pm2', method_name: method }));
   let tailing = false;
   if (start) {
-    start.addEventListener('click', () => postAction({ kind: 'pm2', method_name: 'startLogging' }).then(() => {
+    start.addEventListener('click', () => logging('startLogging').then(() => {
       tailing = true; tail.hidden = false; start.hidden = true; stop.hidden = false;
     }, (err) => addLine(replies, err.message, 'error')));
-    stop.addEventListener('click', () => postAction({ kind: 'pm2', method_name: 'stopLogging' }).finally(() => {
+    stop.addEventListener('click', () => logging('stopLogging').finally(() => {
       tailing = false; start.hidden = false; stop.hidden = true;
     }));
   }
@@ -480,10 +519,61 @@ function serverPage(live) {
   return { onEvent, verify: verifier(live, parts) };
 }
 
-const PAGES = { overview: overviewPage, process: processPage, server: serverPage };
+// Lines the explorer keeps on the page while following.
+const EXPLORER_LINES = 1000;
+
+// The log explorer: "Follow live" adds the lines agents send that pass the filters.
+function logsPage(live) {
+  const list = $('#log-lines'), follow = $('#follow');
+  const filter = Object.fromEntries(new FormData($('#log-filters')));
+  let following = false;
+  follow.hidden = false;
+  follow.addEventListener('click', () => {
+    following = !following;
+    follow.setAttribute('aria-pressed', String(following));
+    follow.textContent = following ? 'Stop following' : 'Follow live';
+  });
+  const passes = (server, p) => {
+    const process = p.process || {};
+    const text = String(p.data || '');
+    return (!filter.app || process.name === filter.app) && (!filter.server || server === filter.server) &&
+      (!filter.pm_id || String(process.pm_id) === filter.pm_id.trim()) &&
+      (!filter.stream || (p.log_type === 'err' ? 'err' : 'out') === filter.stream) &&
+      (!filter.q || text.toLowerCase().includes(filter.q.toLowerCase()));
+  };
+  const line = (server, p) => {
+    const process = p.process || {};
+    const li = document.createElement('li');
+    li.className = p.log_type === 'err' ? 'err' : 'out';
+    const time = document.createElement('time');
+    showTime(time, Number(p.at) || Date.now());
+    const app = document.createElement('a');
+    app.href = `/buckets/${live.dataset.bucket}/servers/${encodeURIComponent(server)}/apps/${encodeURIComponent(process.name || '')}`;
+    app.textContent = process.name || '';
+    const where = document.createElement('span');
+    where.className = 'where';
+    where.textContent = `${server} [${process.pm_id}]`;
+    const text = document.createElement('span');
+    text.className = 'text';
+    text.textContent = String(p.data || '').replace(/[\r\n]+$/, '');
+    li.append(time, ' ', app, ' ', where, ' ', text);
+    return li;
+  };
+  const onEvent = (server, event, payload) => {
+    if (!following || event !== 'logs' || !passes(server, payload)) return;
+    const empty = $('#no-lines');
+    if (empty) empty.remove();
+    list.prepend(line(server, payload));
+    while (list.children.length > EXPLORER_LINES) list.lastChild.remove();
+  };
+  return { onEvent, verify: () => {} };
+}
+
+const PAGES = { overview: overviewPage, process: processPage, server: serverPage, logs: logsPage };
 
 document.addEventListener('DOMContentLoaded', () => {
   formatTimes();
+  themeToggle();
   copyButtons();
   confirmForms();
   const live = $('#live');

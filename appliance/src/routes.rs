@@ -14,7 +14,6 @@ use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::api::{actions, alerts, buckets, data, insights, oauth};
-use crate::error::ApiError;
 use crate::role::Role;
 use crate::{gateway, interactor, realtime, web};
 use km_core::app::AppState;
@@ -46,7 +45,7 @@ pub fn role_router(app: AppState, role: Role) -> Router {
 fn finish(routes: Router<AppState>, app: AppState) -> Router {
     let routes = routes
         .route("/healthz", get(health))
-        .fallback(|| async { ApiError::not_found("no such route") });
+        .fallback(web::not_found);
     with_security_headers(routes).with_state(app)
 }
 

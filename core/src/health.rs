@@ -290,7 +290,11 @@ mod tests {
         ]);
         let fleet = Fleet::of(&servers, crashes);
 
-        let kinds: Vec<_> = fleet.problems.iter().map(|p| (p.kind, &*p.server)).collect();
+        let kinds: Vec<_> = fleet
+            .problems
+            .iter()
+            .map(|p| (p.kind, &*p.server))
+            .collect();
         assert_eq!(
             kinds,
             [
@@ -306,7 +310,11 @@ mod tests {
         assert_eq!((api.cpu, api.memory, api.restarts), (16.0, 160.0, 6));
         assert_eq!(api.servers, ["a", "b"]);
         let cron = &fleet.apps[1];
-        assert_eq!((cron.online, cron.cpu), (0, 0.0), "an offline server's processes are not counted online");
+        assert_eq!(
+            (cron.online, cron.cpu),
+            (0, 0.0),
+            "an offline server's processes are not counted online"
+        );
 
         let hosts: Vec<_> = fleet.hosts.iter().map(|h| (&*h.name, h.online)).collect();
         assert_eq!(hosts, [("c", false), ("a", true), ("b", true)]);

@@ -1,11 +1,13 @@
 //! What every role of km shares, below HTTP and the workers: the state of one process
-//! (`app`), the fleet as the roles see it (`fleet`: statuses merged across nodes and the
-//! stored records, commands to agents), the fleet at a glance (`health`: apps across
-//! servers, hosts, problems first), exceptions grouped into issues (`issues`), the
-//! licence's process limit (`limits`), jobs once per period across nodes (`schedule`),
-//! the SMTP transport (`mail`) and the sign-in throttle (`throttle`).
+//! (`app`), a bucket's own settings (`bucket_settings`), the fleet as the roles see it
+//! (`fleet`: statuses merged across nodes and the stored records, commands to agents),
+//! the fleet at a glance (`health`: apps across servers, hosts, problems first),
+//! exceptions grouped into issues (`issues`), the licence's process limit (`limits`),
+//! jobs once per period across nodes (`schedule`), the SMTP transport (`mail`) and the
+//! sign-in throttle (`throttle`).
 
 pub mod app;
+pub mod bucket_settings;
 pub mod fleet;
 pub mod health;
 pub mod issues;

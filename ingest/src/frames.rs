@@ -161,7 +161,12 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         app_name,
         event_type,
         name: match kind {
-            // Exceptions are found by issue, profiles by uuid, custom events by name.
+            // Log lines are found by instance, exceptions by issue, profiles by uuid,
+            // custom events by name.
+            EventKind::Log => doc
+                .get("pm_id")
+                .filter(|id| !id.is_null())
+                .map(Value::to_string),
             EventKind::Exception => doc.get("issue").and_then(Value::as_str).map(str::to_string),
             EventKind::Profile => doc.get("uuid").and_then(Value::as_str).map(str::to_string),
             _ if channel == "human:event" => payload
@@ -247,6 +252,7 @@ mod tests {
         assert_eq!(doc["app_name"], "p2");
         assert_eq!(doc["pm_id"], 0);
         assert_eq!(doc["at"], 1795314739236i64);
+        assert_eq!(event.name.as_deref(), Some("0"), "found by instance");
     }
 
     #[test]

@@ -542,7 +542,10 @@ mod tests {
                 .unwrap_or_else(|| panic!("no host {name} in {out:?}"))
         };
         let load = host(HOST_LOAD);
-        assert_eq!((load.at, load.avg, load.min, load.max, load.last), (60_000, 2.0, 1.0, 3.0, 3.0));
+        assert_eq!(
+            (load.at, load.avg, load.min, load.max, load.last),
+            (60_000, 2.0, 1.0, 3.0, 3.0)
+        );
         assert_eq!((host("cpu").avg, host("memory").avg), (35.0, 450.0));
         assert_eq!(host("memory").agg_type.as_deref(), Some("sum"));
 

@@ -1074,9 +1074,16 @@ mod tests {
         fresh.finish(60_000, &mut loaded, session.scope());
         assert!(last_values(&followed).len() > 20);
         assert_eq!(last_values(&followed), last_values(&loaded));
-        let load = (crate::metrics::HOST_PM_ID, Arc::from(crate::metrics::HOST_LOAD));
+        let load = (
+            crate::metrics::HOST_PM_ID,
+            Arc::from(crate::metrics::HOST_LOAD),
+        );
         let expected_load = expected["data"]["server"]["loadavg"][0].as_f64();
-        assert_eq!(last_values(&followed).get(&load).copied(), expected_load, "the host's load followed its patches");
+        assert_eq!(
+            last_values(&followed).get(&load).copied(),
+            expected_load,
+            "the host's load followed its patches"
+        );
     }
 
     #[test]

@@ -240,7 +240,12 @@ impl Node {
 
     /// The host's 1-minute load average (`data.server.loadavg[0]`), if it is a number.
     pub fn host_load(&self) -> Option<f64> {
-        self.get("data")?.get("server")?.get("loadavg")?.as_array()?.first()?.as_f64()
+        self.get("data")?
+            .get("server")?
+            .get("loadavg")?
+            .as_array()?
+            .first()?
+            .as_f64()
     }
 
     /// The processes of a status, to set their series.

@@ -115,7 +115,6 @@ pub trait Documents: Send + Sync {
     /// The newest period claimed for each job whose name starts with `prefix`.
     async fn latest_slots(&self, prefix: &str) -> StoreResult<Vec<(String, i64)>>;
 
-    /// Parks a server, or updates its parking.
     /// Stores a small document of a bucket (JSON text) under `(kind, id)`, replacing
     /// the one there: alert rules, channel settings, members' report choices.
     async fn put_bucket_doc(
@@ -129,6 +128,7 @@ pub trait Documents: Send + Sync {
     async fn bucket_docs(&self, bucket_id: &str, kind: &str) -> StoreResult<Vec<(String, String)>>;
     /// Whether there was one to delete.
     async fn delete_bucket_doc(&self, bucket_id: &str, kind: &str, id: &str) -> StoreResult<bool>;
+    /// Parks a server, or updates its parking.
     async fn park_server(&self, parked: &ParkedServer) -> StoreResult<()>;
     /// Lets a parked server in; false if it was not parked.
     async fn unpark_server(&self, bucket_id: &str, server_name: &str) -> StoreResult<bool>;

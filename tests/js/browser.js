@@ -9,6 +9,8 @@ const { chromium } = require('playwright-core')
 
 class StepFailed extends Error {}
 
+let axeSource = null
+
 const CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-background-networking',
   '--disable-component-update', '--disable-sync', '--no-first-run']
 
@@ -21,6 +23,7 @@ function session ({ prefix, shotsDir, shotPrefix = '' }) {
     consoleErrors: [],
     pageErrors: [],
     screenshots: [],
+    axeResults: [],
     StepFailed,
     log: (msg) => console.log(`${prefix}: ${msg}`),
     assert: (cond, message) => { if (!cond) throw new StepFailed(message) },
@@ -71,6 +74,30 @@ function session ({ prefix, shotsDir, shotPrefix = '' }) {
     s.log(`page errors (${s.pageErrors.length}): ${s.pageErrors.length ? '\n  ' + s.pageErrors.join('\n  ') : 'none'}`)
     if (s.browser) await s.browser.close().catch(() => {})
     process.exit(1)
+  }
+
+  // Runs axe-core's rules on the current page: the violations (every impact) go to
+  // `<shotsDir>/<shotPrefix>axe-<name>.json` and into `axeResults`; a serious or critical
+  // one fails the step. Runs through the DevTools protocol: the page's CSP does not apply.
+  s.axe = async (name) => {
+    if (!axeSource) axeSource = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8')
+    await s.page.evaluate(axeSource)
+    const result = await s.page.evaluate(() => window.axe.run(document, { resultTypes: ['violations'] }))
+    const violations = result.violations.map((v) => ({
+      id: v.id,
+      impact: v.impact,
+      help: v.help,
+      nodes: v.nodes.length,
+      targets: v.nodes.slice(0, 5).map((n) => n.target.join(' '))
+    }))
+    fs.writeFileSync(path.join(shotsDir, `${shotPrefix}axe-${name}.json`), JSON.stringify(violations, null, 2))
+    s.axeResults.push({ page: name, violations })
+    const blocking = violations.filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    if (blocking.length) {
+      throw new StepFailed(`axe on ${name}: ` + blocking.map((v) =>
+        `${v.id} (${v.impact}, ${v.nodes} node(s): ${v.targets.join(', ')}): ${v.help}`).join('; '))
+    }
+    return `axe ${name}: ${violations.length ? violations.map((v) => `${v.id}/${v.impact}`).join(', ') : 'no violation'}`
   }
 
   // Starts Chromium with one context and page whose errors are recorded.

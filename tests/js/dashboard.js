@@ -11,6 +11,9 @@
 //   3. on the same overview page (never reloaded), wait for the app's process row;
 //   3b. the fleet summary lists the app (1/1 online) and the server with its host's load
 //      and memory; the server page shows the host and charts its load, cpu and memory;
+//   3c. the log explorer (filtered on the app) lists stored lines of KM_LOG_NEEDLE (the
+//      bucket collects logs: no live tail runs), a stderr filter leaves them out, and
+//      "Follow live" adds new lines;
 //   4. open the process page through the app link, wait for a chart of KM_METRIC with
 //      `data-points` >= 1, then for two more points (live statuses);
 //   5. press `restart`: the row's restarts cell goes up without a reload;
@@ -49,22 +52,29 @@ const CHART_TIMEOUT_MS = 20000
 const RESTART_TIMEOUT_MS = 20000
 const TAIL_TIMEOUT_MS = 15000
 const ISSUE_TIMEOUT_MS = 20000
+const LOGS_TIMEOUT_MS = 20000
 
 const DESKTOP = { width: 1280, height: 800 }
 const PHONE = { width: 390, height: 844 }
 
 const shot = (name, opts) => b.shot(name, opts)
 
-// Screenshots of the current page at both sizes; back to the desktop size afterwards.
+// Screenshots of the current page at both sizes and in the dark at the desktop size,
+// each checked by axe-core (no serious or critical violation); back to the light desktop.
 async function shots (name) {
   const files = []
-  for (const size of [DESKTOP, PHONE]) {
+  const checked = []
+  for (const [size, scheme] of [[DESKTOP, 'light'], [PHONE, 'light'], [DESKTOP, 'dark']]) {
     await page.setViewportSize(size)
+    await page.emulateMedia({ colorScheme: scheme })
     await sleep(300) // let the layout (and uPlot's canvases) settle
-    files.push(await shot(`${name}-${size.width}x${size.height}`))
+    const suffix = `${size.width}x${size.height}${scheme === 'dark' ? '-dark' : ''}`
+    files.push(await shot(`${name}-${suffix}`))
+    if (size === DESKTOP) checked.push(await b.axe(`${name}-${scheme}`))
   }
   await page.setViewportSize(DESKTOP)
-  return files.map((f) => path.basename(f)).join(', ')
+  await page.emulateMedia({ colorScheme: 'light' })
+  return `${files.map((f) => path.basename(f)).join(', ')}; ${checked.join('; ')}`
 }
 
 const handOver = (name, text) => b.handOver(HANDSHAKE_DIR, name, text)
@@ -186,7 +196,8 @@ async function main () {
       }, [APP, server], () => `#apps: ${(document.querySelector('#apps') || { innerText: 'none' }).innerText.replace(/\s+/g, ' ').slice(0, 300)}; ` +
         `#hosts: ${(document.querySelector('#hosts') || { innerText: 'none' }).innerText.replace(/\s+/g, ' ').slice(0, 300)}`)
     await assertNotReloaded(token, 'the wait for the fleet')
-    assert(!(await page.$('#problems')), `a healthy fleet shows problems: ${await page.textContent('#problems').catch(() => '')}`)
+    const problems = await page.$('#problems')
+    assert(!problems, `a healthy fleet shows problems: ${problems && await problems.textContent()}`)
     return `${APP}: ${fleet.instances}; ${server}: load ${fleet.load}, memory ${fleet.memory}`
   })
   await step('screenshot the overview', async () => {
@@ -211,6 +222,36 @@ async function main () {
     const shotsTaken = await shots('server')
     await page.goBack()
     return `load ${load}; processes ${JSON.stringify(rows)}; charts ${JSON.stringify(charts)}; ${shotsTaken}`
+  })
+
+  await step('the log explorer finds the app\'s lines, collected with no one watching', async () => {
+    const explorer = `${overviewUrl}/logs?${new URLSearchParams({ app: APP })}`
+    const deadline = Date.now() + LOGS_TIMEOUT_MS
+    let found = []
+    while (Date.now() < deadline) {
+      await page.goto(explorer)
+      found = await page.$$eval('#log-lines li', (lis) => lis.map((li) => li.innerText))
+      if (found.some((l) => l.includes(NEEDLE))) break
+      await sleep(1000)
+    }
+    assert(found.some((l) => l.includes(NEEDLE)), `no stored "${NEEDLE}" line in the explorer within ${LOGS_TIMEOUT_MS} ms: ${JSON.stringify(found.slice(0, 3))}`)
+    const first = found.find((l) => l.includes(NEEDLE))
+    assert(first.includes(server) && first.includes('[0]'), `a line does not say its server and instance: ${JSON.stringify(first)}`)
+    await page.selectOption('select[name=stream]', 'err')
+    await Promise.all([page.waitForURL((u) => u.searchParams.get('stream') === 'err'), page.click('#log-filters button')])
+    const errs = await page.$$eval('#log-lines li', (lis) => lis.map((li) => li.innerText))
+    assert(!errs.some((l) => l.includes(NEEDLE)), `"${NEEDLE}" (stdout) listed among stderr lines: ${JSON.stringify(errs.slice(0, 3))}`)
+    await page.goto(explorer)
+    await page.click('#follow')
+    const before = await page.$$eval('#log-lines li', (lis) => lis.length)
+    const after = await waitInPage('a new line while following', TAIL_TIMEOUT_MS,
+      (n) => document.querySelectorAll('#log-lines li').length > n ? document.querySelectorAll('#log-lines li').length : 0, before,
+      () => `${document.querySelectorAll('#log-lines li').length} lines; live-state ${document.querySelector('#live-state').textContent}`)
+    const top = await page.$eval('#log-lines li', (li) => ({ text: li.innerText, href: li.querySelector('a').getAttribute('href') }))
+    assert(top.href.endsWith(`/servers/${encodeURIComponent(server)}/apps/${encodeURIComponent(APP)}`), `the line links to ${top.href}`)
+    const shotsTaken = await shots('logs')
+    await page.goto(overviewUrl)
+    return `${found.length} stored line(s), first ${JSON.stringify(first.slice(0, 80))}; following: ${before} -> ${after} lines, newest ${JSON.stringify(top.text.slice(0, 60))}; ${shotsTaken}`
   })
 
   // 4. The process page and its charts.

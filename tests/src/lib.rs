@@ -9,7 +9,7 @@
 //!   tests need both built with the test licence key trusted (`cargo build --workspace
 //!   --features km-appliance/test-licence`, as `tests/run.sh` does).
 //! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`,
-//!   `@pm2/js-api`, playwright-core) are installed (default `<target>/e2e-node`); installed
+//!   `@pm2/js-api`, playwright-core, axe-core) are installed (default `<target>/e2e-node`); installed
 //!   there on first use, under a file lock.
 //! - `KM_E2E_KEEP=1`: keep the temporary dirs (km data and log, `PM2_HOME`) for inspection.
 //! - `KM_E2E=1`: run the tests that need real servers, clients or tools; without it they
@@ -36,12 +36,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`. playwright-core
 /// drives Debian's `/usr/bin/chromium` (it downloads no browser of its own).
-pub const NPM_PACKAGES: [&str; 5] = [
+pub const NPM_PACKAGES: [&str; 6] = [
     "pm2@7.0.4",
     "@pm2/io@6.1.0",
     "tx2@1.0.5",
     "@pm2/js-api@0.8.1",
     "playwright-core@1.65.1",
+    "axe-core@4.14.1",
 ];
 
 /// The workspace root (parent of this crate).

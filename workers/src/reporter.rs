@@ -294,6 +294,18 @@ pub struct ReportHtml<'a> {
     pub mailed: bool,
 }
 
+impl ReportHtml<'_> {
+    /// ` style="…"` in the mail (mail clients need inline styles), nothing on the page
+    /// (its stylesheet applies, and its CSP refuses inline styles).
+    fn style(&self, css: &str) -> String {
+        if self.mailed {
+            format!(" style=\"{css}\"")
+        } else {
+            String::new()
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "mail/report.txt")]
 struct ReportText<'a> {

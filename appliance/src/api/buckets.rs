@@ -12,6 +12,8 @@ use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiResult};
 use crate::interactor::ws_url;
 use km_core::app::AppState;
+use km_core::bucket_settings::{BucketSettings, logging_command};
+use km_core::fleet;
 use km_core::limits;
 use km_stores::ids::{is_object_id, new_object_id, now_ms, random_hex};
 use km_stores::{Bucket, Member, MemberRole, StoreError, User};
@@ -156,9 +158,12 @@ pub async fn update(
     Body(form): Body<UpdateForm>,
 ) -> ApiResult<Json<Value>> {
     access.require(MemberRole::Admin, "change it")?;
-    let disabled = form.disabled()?;
-    if form.name.is_none() && disabled.is_none() {
-        return Err(ApiError::bad_request("name or disabled: nothing to change"));
+    let disabled = flag("disabled", &form.disabled)?;
+    let collect_logs = flag("collect_logs", &form.collect_logs)?;
+    if form.name.is_none() && disabled.is_none() && collect_logs.is_none() {
+        return Err(ApiError::bad_request(
+            "name, disabled or collect_logs: nothing to change",
+        ));
     }
     let mut bucket = access.bucket;
     if let Some(name) = &form.name {
@@ -182,10 +187,36 @@ pub async fn update(
         }
         tracing::info!(bucket = %bucket.id, user = %access.auth.user.username, disabled, "bucket agents {}", if disabled { "refused" } else { "admitted" });
     }
-    Ok(Json(bucket_json(&app, &bucket)))
+    let mut settings = BucketSettings::load(app.documents.as_ref(), &bucket.id).await?;
+    if let Some(collect_logs) = collect_logs {
+        settings.collect_logs = collect_logs;
+        settings.save(app.documents.as_ref(), &bucket.id).await?;
+        tell_agents_to_log(&app, &bucket.id, collect_logs, &access.auth.user.username).await;
+    }
+    let mut json = bucket_json(&app, &bucket);
+    json["settings"] = json!(settings);
+    Ok(Json(json))
 }
 
-/// `PUT /api/bucket/:id`: a new name, and/or `disabled` to refuse the bucket's agents.
+/// Starts (or stops) the log sending of every agent of the bucket connected now; the
+/// others are asked when they link.
+async fn tell_agents_to_log(app: &AppState, bucket_id: &str, on: bool, by: &str) {
+    let (channel, payload) = logging_command(on);
+    for server in fleet::servers(app, bucket_id, None).await {
+        if !server.online {
+            continue;
+        }
+        let name = &server.server_name;
+        let command =
+            fleet::command_agent(app, bucket_id, (name, None), channel, payload.clone(), by);
+        if let Err(e) = command.await {
+            tracing::warn!(error = %e, server = %name, "log sending not changed");
+        }
+    }
+}
+
+/// `PUT /api/bucket/:id`: a new name, `disabled` to refuse the bucket's agents, and/or
+/// `collect_logs` (agents send their logs all the time, or only while someone watches).
 #[derive(Deserialize, Default)]
 pub struct UpdateForm {
     #[serde(default)]
@@ -193,19 +224,21 @@ pub struct UpdateForm {
     /// `true`/`false` (JSON or form).
     #[serde(default)]
     pub disabled: Option<Value>,
+    /// `true`/`false` (JSON or form).
+    #[serde(default)]
+    pub collect_logs: Option<Value>,
 }
 
-impl UpdateForm {
-    fn disabled(&self) -> ApiResult<Option<bool>> {
-        match &self.disabled {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
-            Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
-            Some(other) => Err(ApiError::bad_request(format!(
-                "disabled: {other} is not true or false"
-            ))),
-        }
+/// A true/false field of a JSON body or a form.
+fn flag(name: &str, value: &Option<Value>) -> ApiResult<Option<bool>> {
+    match value {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
+        Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{name}: {other} is not true or false"
+        ))),
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use km_core::app::AppState;
+use km_core::bucket_settings::{BucketSettings, logging_command};
 use km_core::limits;
 use km_ingest::StatusRefusal;
 use km_ingest::budget::MAX_FRAME_BYTES;
@@ -143,6 +144,7 @@ async fn run(
                         if let Err(reason) = limits::admit(&app, &session).await {
                             break Ending::closing(4003, reason);
                         }
+                        ask_for_logs(&app, &bucket_id, &tx).await;
                     }
                     Some(Received::Refused(reason)) => break Ending::closing(1008, reason),
                     _ => {}
@@ -188,6 +190,23 @@ async fn run(
     }
     crate::realtime::presence::socket_ended(&app, &session);
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
+}
+
+/// Asks a newly admitted agent to send its logs when its bucket collects them (agents
+/// send logs only when asked, and forget it when they reconnect).
+async fn ask_for_logs(app: &AppState, bucket_id: &str, tx: &mpsc::Sender<String>) {
+    match BucketSettings::load(app.documents.as_ref(), bucket_id).await {
+        Ok(settings) if settings.collect_logs => {
+            let (channel, payload) = logging_command(true);
+            if tx.try_send(frames::encode(channel, &payload)).is_err() {
+                tracing::debug!(bucket = %bucket_id, "logs not asked for: the agent's outbox is full");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, bucket = %bucket_id, "logs not asked for: the bucket's settings do not read")
+        }
+    }
 }
 
 /// Handles one frame: a large one off the async workers (parsing 100 MB takes a worker

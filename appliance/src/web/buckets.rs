@@ -8,13 +8,14 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::fleet::{ServerCard, server_cards};
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
 use crate::error::ApiError;
-use km_core::app::AppState;
-use super::fleet::{ServerCard, server_cards};
 use futures_util::future::join_all;
+use km_core::app::AppState;
+use km_core::bucket_settings::BucketSettings;
 use km_core::health::{Fleet, counted};
 use km_stores::{Bucket, Member, MemberRole};
 
@@ -128,6 +129,7 @@ struct SettingsPage {
     link: String,
     members: Vec<Member>,
     servers: Vec<ServerCard>,
+    settings: BucketSettings,
     flash: Flash,
 }
 
@@ -141,13 +143,19 @@ pub async fn settings(
         Ok(access) => access,
         Err(page) => return page,
     };
-    let members = match app.documents.bucket_members(&access.bucket.id).await {
-        Ok(members) => members,
+    let documents = app.documents.as_ref();
+    let stored = tokio::try_join!(
+        documents.bucket_members(&access.bucket.id),
+        BucketSettings::load(documents, &access.bucket.id),
+    );
+    let (members, settings) = match stored {
+        Ok(stored) => stored,
         Err(e) => return error_page(&e.into()),
     };
     let flash = flash.0;
     render(&SettingsPage {
         nav: Some(Nav::from(&session)),
+        settings,
         servers: server_cards(&app, &access.bucket.id).await,
         link: link_command(&app, &access.bucket),
         members,
@@ -172,6 +180,9 @@ pub struct SettingsForm {
     /// `true` to refuse the bucket's agents, `false` to admit them again.
     #[serde(default)]
     disabled: String,
+    /// `true` to have every agent send its logs, `false` only while someone watches.
+    #[serde(default)]
+    collect_logs: String,
 }
 
 /// The settings forms: each runs the API route of the same purpose, with its checks.
@@ -204,7 +215,7 @@ pub async fn settings_action(
             access,
             Body(api::UpdateForm {
                 name: Some(form.name.clone()),
-                disabled: None,
+                ..Default::default()
             }),
         )
         .await
@@ -215,8 +226,8 @@ pub async fn settings_action(
                 state,
                 access,
                 Body(api::UpdateForm {
-                    name: None,
                     disabled: Some(Value::Bool(disabled)),
+                    ..Default::default()
                 }),
             )
             .await
@@ -225,6 +236,21 @@ pub async fn settings_action(
                     "agents refused: the bucket is disabled"
                 } else {
                     "agents admitted again"
+                }
+                .into()
+            })
+        }
+        "logs" => {
+            let on = form.collect_logs == "true";
+            let body = api::UpdateForm {
+                collect_logs: Some(Value::Bool(on)),
+                ..Default::default()
+            };
+            api::update(state, access, Body(body)).await.map(|_| {
+                if on {
+                    "logs collected: every agent sends its logs"
+                } else {
+                    "logs sent only while someone watches a live tail"
                 }
                 .into()
             })

@@ -179,7 +179,11 @@ impl HostRow {
                 None => "-".into(),
             }),
             memory: current(if host.total_mem > 0.0 {
-                format!("{} of {}", memory_text(host.memory), memory_text(host.total_mem))
+                format!(
+                    "{} of {}",
+                    memory_text(host.memory),
+                    memory_text(host.total_mem)
+                )
             } else {
                 memory_text(host.memory)
             }),
@@ -241,8 +245,16 @@ impl FleetView {
             problems: (fleet.problems.iter())
                 .map(|p| ProblemRow::of(p, bucket_id))
                 .collect(),
-            apps: fleet.apps.iter().map(|a| AppRow::of(a, bucket_id)).collect(),
-            hosts: fleet.hosts.iter().map(|h| HostRow::of(h, bucket_id)).collect(),
+            apps: fleet
+                .apps
+                .iter()
+                .map(|a| AppRow::of(a, bucket_id))
+                .collect(),
+            hosts: fleet
+                .hosts
+                .iter()
+                .map(|h| HostRow::of(h, bucket_id))
+                .collect(),
         }
     }
 }
@@ -338,7 +350,11 @@ pub async fn overview(
 }
 
 /// The server `name` of the bucket, or the error page (404).
-pub async fn one_server(app: &AppState, bucket_id: &str, name: &str) -> Result<ServerStatus, Response> {
+pub async fn one_server(
+    app: &AppState,
+    bucket_id: &str,
+    name: &str,
+) -> Result<ServerStatus, Response> {
     let servers = fleet::servers(app, bucket_id, Some(name)).await;
     servers.into_iter().next().ok_or_else(|| {
         error_page(&ApiError::not_found(format!(

@@ -10,12 +10,13 @@ mod alerts;
 mod assets;
 mod buckets;
 mod fleet;
+mod logs;
 pub mod process;
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{FromRequestParts, Query};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use axum::extract::{FromRequestParts, Query, Request, State};
+use axum::http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE, LOCATION};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -39,6 +40,7 @@ pub fn routes() -> Router<AppState> {
         .route("/buckets", get(buckets::list).post(buckets::create))
         .route("/buckets/{id}", get(fleet::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
+        .route("/buckets/{id}/logs", get(logs::page))
         .route("/buckets/{id}/alerts", get(alerts::page))
         .route("/buckets/{id}/alerts/{action}", post(alerts::action))
         .route("/buckets/{id}/reports", get(alerts::report))
@@ -156,17 +158,39 @@ pub fn render(page: &impl Template) -> Response {
 #[derive(Template)]
 #[template(path = "error.html")]
 struct ErrorPage<'a> {
+    nav: Option<Nav>,
+    flash: Flash,
     status: u16,
     msg: &'a str,
 }
 
 pub fn error_page(e: &ApiError) -> Response {
+    error_page_for(None, e)
+}
+
+/// The error page, with the navigation when someone is signed in.
+fn error_page_for(session: Option<&WebSession>, e: &ApiError) -> Response {
     let mut response = render(&ErrorPage {
+        nav: session.map(Nav::from),
+        flash: Flash::default(),
         status: e.status.as_u16(),
         msg: &e.msg,
     });
     *response.status_mut() = e.status;
     response
+}
+
+/// A path nothing answers: the error page for a browser (with the navigation when signed
+/// in), JSON for the API and scripts.
+pub async fn not_found(State(app): State<AppState>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let html = (parts.headers.get(ACCEPT).and_then(|v| v.to_str().ok()))
+        .is_some_and(|accept| accept.contains("text/html"));
+    if !html || parts.uri.path().starts_with("/api/") {
+        return ApiError::not_found("no such route").into_response();
+    }
+    let session = WebSession::from_request_parts(&mut parts, &app).await.ok();
+    error_page_for(session.as_ref(), &ApiError::not_found("no such page"))
 }
 
 /// Back to `path` with a message (`Ok`) or an error (`Err`) to show.

@@ -19,6 +19,7 @@ use crate::api::actions;
 use crate::api::insights::{self, Route};
 use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
+use km_core::bucket_settings::BucketSettings;
 use km_core::fleet::{ProcessStatus, page_path};
 use km_core::issues::{self, Issue};
 use km_stores::ids::now_ms;
@@ -42,7 +43,32 @@ pub struct LogLine {
 pub struct EventLine {
     pub at: i64,
     pub kind: String,
+    /// The text, cut to [`EVENT_SUMMARY`] characters.
     pub text: String,
+    /// The whole text when it was cut (a dependency list, a large payload).
+    pub detail: Option<String>,
+}
+
+/// Characters of an event shown in the feed; the rest is behind a "details" toggle.
+const EVENT_SUMMARY: usize = 120;
+
+impl EventLine {
+    fn new(at: i64, kind: String, text: String) -> EventLine {
+        match text.char_indices().nth(EVENT_SUMMARY) {
+            Some((cut, _)) => EventLine {
+                at,
+                kind,
+                text: format!("{}…", &text[..cut]),
+                detail: Some(text),
+            },
+            None => EventLine {
+                at,
+                kind,
+                text,
+                detail: None,
+            },
+        }
+    }
 }
 
 pub struct ProfileLine {
@@ -68,9 +94,10 @@ struct ProcessPage {
     metrics: Vec<String>,
     actions: Vec<ActionView>,
     logs: Vec<LogLine>,
-    q: String,
-    since: i64,
-    windows: [(i64, &'static str); 5],
+    /// The bucket's agents send their logs all the time: the live tail only shows them.
+    collect_logs: bool,
+    /// The log explorer on this app and server.
+    explorer: String,
     issues: Vec<Issue>,
     events: Vec<EventLine>,
     routes: Vec<Route>,
@@ -78,22 +105,8 @@ struct ProcessPage {
     flash: Flash,
 }
 
-/// The time windows of the stored log search: (minutes, label); 0 is everything kept.
-pub const LOG_WINDOWS: [(i64, &str); 5] = [
-    (15, "last 15 minutes"),
-    (60, "last hour"),
-    (1440, "last 24 hours"),
-    (10080, "last 7 days"),
-    (0, "everything kept"),
-];
-
 #[derive(Deserialize, Default)]
 pub struct PageQuery {
-    #[serde(default)]
-    q: String,
-    /// Minutes back of the log search (0 or absent: everything kept).
-    #[serde(default)]
-    since: Option<i64>,
     #[serde(flatten)]
     flash: Flash,
 }
@@ -151,41 +164,33 @@ pub async fn page(
         limit: LIST,
         ..EventQuery::default()
     };
-    let since = query.since;
-    let log_query = EventQuery {
-        text: Some(query.q.trim().to_string()).filter(|q| !q.is_empty()),
-        after: since
-            .filter(|m| *m > 0)
-            .map(|m| now_ms() - m.saturating_mul(60_000)),
-        ..scope.clone()
-    };
     // The page's lists are independent reads: asked at once, not one after another.
     let stored = tokio::try_join!(
-        async { Ok(app.events.query(EventKind::Log, &log_query).await?) },
+        async { Ok(app.events.query(EventKind::Log, &scope).await?) },
         async { Ok(app.events.query(EventKind::Event, &scope).await?) },
         async { Ok(app.events.query(EventKind::ProcessEvent, &scope).await?) },
         async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
         async { Ok(issues::issues(app.events.as_ref(), scope.clone()).await?) },
         insights::routes(&app, scope.clone()),
+        async { Ok(BucketSettings::load(app.documents.as_ref(), &access.bucket.id).await?) },
     );
-    let (logs, events, process_events, profiles, issues, routes) = match stored {
+    let (logs, events, process_events, profiles, issues, routes, settings) = match stored {
         Ok(stored) => stored,
         Err(e) => return error_page(&e),
     };
     let mut event_lines: Vec<EventLine> = docs(events)
         .iter()
-        .map(|d| EventLine {
-            at: d["at"].as_i64().unwrap_or(0),
-            kind: text_of(&d["type"]),
-            text: match &d["name"] {
+        .map(|d| {
+            let text = match &d["name"] {
                 Value::String(name) => format!("{name} {}", text_of(&d["data"])),
                 _ => text_of(&d["data"]),
-            },
+            };
+            EventLine::new(d["at"].as_i64().unwrap_or(0), text_of(&d["type"]), text)
         })
-        .chain(docs(process_events).iter().map(|d| EventLine {
-            at: d["at"].as_i64().unwrap_or(0),
-            kind: format!("process {}", text_of(&d["event"])),
-            text: format!("pm_id {}", text_of(&d["pm_id"])),
+        .chain(docs(process_events).iter().map(|d| {
+            let kind = format!("process {}", text_of(&d["event"]));
+            let text = format!("pm_id {}", text_of(&d["pm_id"]));
+            EventLine::new(d["at"].as_i64().unwrap_or(0), kind, text)
         }))
         .collect();
     event_lines.sort_by_key(|e| std::cmp::Reverse(e.at));
@@ -209,12 +214,19 @@ pub async fn page(
                 at: d["at"].as_i64().unwrap_or(0),
                 log_type: text_of(&d["log_type"]),
                 pm_id: text_of(&d["pm_id"]),
-                text: text_of(&d["data"]),
+                // The line's own newline: the page ends each line.
+                text: text_of(&d["data"])
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
             })
             .collect(),
-        q: query.q,
-        since: since.unwrap_or(0),
-        windows: LOG_WINDOWS,
+        collect_logs: settings.collect_logs,
+        explorer: format!(
+            "/buckets/{}/logs?{}",
+            access.bucket.id,
+            serde_urlencoded::to_string([("server", &server), ("app", &app_name)])
+                .unwrap_or_default()
+        ),
         issues,
         events: event_lines,
         routes,

@@ -181,7 +181,6 @@ pub fn process_link(outbox: &Outbox, server: &str, app_name: &str) -> String {
     format!("{}{path}", outbox.app.public_url)
 }
 
-
 /// Servers gone silent for 90 s, and those back since, each told once.
 async fn servers_offline(outbox: &Outbox<'_>, servers: &[ServerStatus]) -> StoreResult<()> {
     let documents = outbox.app.documents.as_ref();
