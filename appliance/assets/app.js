@@ -294,15 +294,57 @@ function replyText(event, p) {
 const REPLIES = ['trigger:pm2:result', 'trigger:action:success', 'trigger:action:failure', 'axm:reply',
   'axm:scoped_action:stream', 'axm:scoped_action:end', 'axm:scoped_action:error', 'axm:scoped_action:success'];
 
-// Charts: history from the API (the app's series, or the host's when the page has no
-// app), then the live values `valuesOf(status)` gives ({metric: number}) of each status.
+// Charts: the stored history of a time range (the app's series per instance, or the
+// host's when the page has no app), then, while the range ends now, the live values of
+// each status. `valuesOf(status, names)` gives {metric: {line: number}}; a line is an
+// instance's pm_id or `all` (the instances summed or averaged).
 const CHART_NAMES = { cpu: 'cpu (%)', load: 'load (1 min)' };
+// The range picker (minutes back); a custom range takes two dates.
+const RANGES = [[60, '1 h'], [360, '6 h'], [1440, '24 h'], [10080, '7 d'], [43200, '30 d']];
+// Steps a chart asks the server for at most: it picks a step that fits the range.
+const CHART_POINTS = 360;
+// Live points kept per chart.
+const LIVE_POINTS = 3600;
+
+// How an app's instances combine into one line: cpu, memory and `sum` metrics add up.
+const summed = (name, aggType) => name === 'cpu' || name === 'memory' || aggType === 'sum';
+
+function rangePicker(box, onPick) {
+  const tools = document.createElement('div');
+  tools.className = 'chart-tools';
+  tools.setAttribute('role', 'group');
+  tools.setAttribute('aria-label', 'Time range of the charts');
+  const press = (button) => {
+    for (const b of $$('button[data-minutes], #range-apply', tools)) b.setAttribute('aria-pressed', String(b === button));
+  };
+  for (const [minutes, label] of RANGES) {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'range';
+    b.dataset.minutes = String(minutes);
+    b.textContent = label;
+    b.addEventListener('click', () => { press(b); onPick({ minutes, until: null }); });
+    tools.append(b);
+  }
+  tools.insertAdjacentHTML('beforeend', '<label>From <input type="datetime-local" id="range-from"></label>' +
+    '<label>To <input type="datetime-local" id="range-to"></label><button type="button" class="range" id="range-apply">Show</button>');
+  $('#range-apply', tools).addEventListener('click', () => {
+    const from = Date.parse($('#range-from', tools).value), to = Date.parse($('#range-to', tools).value);
+    if (!(from < to)) return;
+    press($('#range-apply', tools));
+    onPick({ minutes: Math.ceil((to - from) / 60000), until: to });
+  });
+  box.before(tools);
+  press($('button[data-minutes]', tools));
+}
+
 function charts(live, valuesOf) {
   const box = $('#charts');
   if (!box || !window.uPlot) return null;
   const names = box.dataset.metrics.split('|').filter(Boolean);
   const app = live.dataset.app || '';
-  const series = {};
+  let range = { minutes: RANGES[0][0], until: null };
+  const charts = {};
   for (const name of names) {
     const fig = document.createElement('figure');
     fig.className = 'chart';
@@ -310,61 +352,102 @@ function charts(live, valuesOf) {
     fig.innerHTML = '<figcaption></figcaption>';
     $('figcaption', fig).textContent = CHART_NAMES[name] || name;
     box.append(fig);
-    const data = [[], []];
-    // As wide as its grid cell (the figure), following it when the window is resized.
-    const width = () => Math.max(200, fig.clientWidth);
-    // Colours of the scheme at each draw (the toggle redraws).
-    const axis = () => ({ stroke: () => color('--muted'), grid: { stroke: () => color('--line') }, ticks: { stroke: () => color('--line') } });
-    const yAxis = { ...axis(), size: 60 };
-    if (name === 'memory') Object.assign(yAxis, { size: 70, values: (u, splits) => splits.map(memory) });
-    const plot = new uPlot({ width: width(), height: 160, legend: { show: false },
-      series: [{}, { label: name, stroke: () => color('--accent'), width: 1.5, spanGaps: true }],
-      axes: [axis(), yAxis] }, data, fig);
-    document.addEventListener('km-theme', () => plot.redraw(false));
-    if (window.ResizeObserver) {
-      new ResizeObserver(() => { if (plot.width !== width()) plot.setSize({ width: width(), height: 160 }); }).observe(fig);
-    }
-    series[name] = { data, plot, fig };
+    // xs (seconds) and one array of values per line, aligned on xs.
+    charts[name] = { fig, xs: [], lines: new Map(), plot: null, shape: '' };
   }
-  // One point alone would stretch the time axis over years: show a minute around it.
-  const draw = (s) => {
-    const xs = s.data[0];
-    if (xs.length === 1) {
-      s.plot.setData(s.data, false);
-      s.plot.setScale('x', { min: xs[0] - 30, max: xs[0] + 30 });
+  const width = (fig) => Math.max(200, fig.clientWidth);
+  // (Re)makes the plot when its lines changed, then gives it the data.
+  const draw = (name) => {
+    const c = charts[name];
+    const keys = Array.from(c.lines.keys()).sort((a, b) => (a === 'all') - (b === 'all') || Number(a) - Number(b));
+    const shape = keys.join(',');
+    if (!c.plot || shape !== c.shape) {
+      if (c.plot) c.plot.destroy();
+      const axis = () => ({ stroke: () => color('--muted'), grid: { stroke: () => color('--line') }, ticks: { stroke: () => color('--line') } });
+      const yAxis = { ...axis(), size: name === 'memory' ? 70 : 60 };
+      const value = (u, v) => (v == null ? '-' : name === 'memory' ? memory(v) : Number(v.toFixed(2)));
+      if (name === 'memory') yAxis.values = (u, splits) => splits.map(memory);
+      const series = keys.map((key) => ({
+        label: key === 'all' ? (c.combine || name) : `pm_id ${key}`,
+        stroke: key === 'all' ? () => color('--accent') : () => color('--muted'),
+        width: key === 'all' ? 2 : 1, spanGaps: true, value,
+      }));
+      c.plot = new uPlot({ width: width(c.fig), height: 160, legend: { live: true },
+        series: [{ value: (u, v) => (v == null ? '' : new Date(v * 1000).toLocaleString()) }, ...series],
+        axes: [axis(), yAxis] }, [[]], c.fig);
+      c.shape = shape;
+      c.keys = keys;
+      if (window.ResizeObserver && !c.observed) {
+        c.observed = true;
+        new ResizeObserver(() => { if (c.plot.width !== width(c.fig)) c.plot.setSize({ width: width(c.fig), height: 160 }); }).observe(c.fig);
+      }
+    }
+    const data = [c.xs, ...c.keys.map((key) => c.lines.get(key))];
+    // One point alone would stretch the time axis over years: show a minute around it.
+    if (c.xs.length === 1) {
+      c.plot.setData(data, false);
+      c.plot.setScale('x', { min: c.xs[0] - 30, max: c.xs[0] + 30 });
     } else {
-      s.plot.setData(s.data);
+      c.plot.setData(data);
     }
-    s.fig.dataset.points = String(xs.length);
+    c.fig.dataset.points = String(c.xs.length);
+    c.fig.dataset.lines = shape;
   };
-  fetch(`/api/bucket/${live.dataset.bucket}/data/metrics/histogram`, {
-    method: 'POST', credentials: 'same-origin',
-    headers: { 'content-type': 'application/json', 'x-csrf-token': csrf() },
-    body: JSON.stringify({ server_name: live.dataset.server, app_name: app, before: 60, metrics: names }),
-  }).then((r) => r.json()).then((history) => {
-    const metrics = ((history[live.dataset.server] || {})[app]) || {};
-    for (const [name, m] of Object.entries(metrics)) {
-      const s = series[name];
-      if (!s) continue;
-      if (m.unit) $('figcaption', s.fig).textContent = `${name} (${m.unit})`;
-      // Older than the live points already plotted, oldest first (uPlot needs sorted x).
-      const first = s.data[0].length ? s.data[0][0] : Infinity;
-      const points = (m.timestamps_and_stats || []).filter((p) => p.at / 1000 < first).sort((a, b) => a.at - b.at);
-      s.data[0].unshift(...points.map((p) => p.at / 1000));
-      s.data[1].unshift(...points.map((p) => p.avg));
-      draw(s);
+  document.addEventListener('km-theme', () => { for (const c of Object.values(charts)) if (c.plot) c.plot.redraw(false); });
+  // Adds a point at `x` with {line: value}; lines first seen get nulls before it.
+  const add = (c, x, values) => {
+    for (const key of Object.keys(values)) {
+      if (!c.lines.has(key)) c.lines.set(key, new Array(c.xs.length).fill(null));
     }
-  }).catch(() => {});
+    c.xs.push(x);
+    for (const [key, list] of c.lines) list.push(key in values ? values[key] : null);
+  };
+  const load = () => {
+    const body = { server_name: live.dataset.server, app_name: app, before: range.minutes, max_points: CHART_POINTS,
+      metrics: names, instances: app !== '' };
+    if (range.until) body.until = range.until;
+    return fetch(`/api/bucket/${live.dataset.bucket}/data/metrics/histogram`, {
+      method: 'POST', credentials: 'same-origin',
+      headers: { 'content-type': 'application/json', 'x-csrf-token': csrf() },
+      body: JSON.stringify(body),
+    }).then((r) => r.json()).then((history) => {
+      const metrics = ((history[live.dataset.server] || {})[app]) || {};
+      for (const name of names) {
+        const c = charts[name];
+        const m = metrics[name] || {};
+        c.xs = []; c.lines = new Map();
+        c.combine = app === '' ? null : summed(name, m.agg_type) ? 'sum' : 'average';
+        if (m.unit) $('figcaption', c.fig).textContent = `${name} (${m.unit})`;
+        // Every step of any instance, oldest first; the combined line sums the instances'
+        // averages or takes the merged average.
+        const steps = new Map();
+        for (const [pmId, list] of Object.entries(m.instances || {})) {
+          for (const p of list) (steps.get(p.at) || steps.set(p.at, {}).get(p.at))[pmId] = p.avg;
+        }
+        for (const p of m.timestamps_and_stats || []) {
+          const step = steps.get(p.at) || steps.set(p.at, {}).get(p.at);
+          step.all = c.combine === 'sum' ? Object.values(step).reduce((a, b) => a + b, 0) : p.avg;
+        }
+        for (const at of Array.from(steps.keys()).sort((a, b) => a - b)) add(c, at / 1000, steps.get(at));
+        c.fig.dataset.stored = String(steps.size);
+        if (c.xs.length || c.plot) draw(name);
+      }
+    }).catch(() => {});
+  };
+  rangePicker(box, (picked) => { range = picked; load(); });
+  load();
   return (status) => {
+    if (range.until) return;
     const now = Date.now() / 1000;
     const values = valuesOf(status, names);
-    for (const [name, s] of Object.entries(series)) {
+    for (const name of names) {
       const v = values[name];
-      if (typeof v !== 'number' || Number.isNaN(v)) continue;
-      s.data[0].push(now);
-      s.data[1].push(v);
-      if (s.data[0].length > 3600) { s.data[0].shift(); s.data[1].shift(); }
-      draw(s);
+      if (!v || !Object.keys(v).length) continue;
+      const c = charts[name];
+      if (c.combine === undefined) c.combine = app === '' ? null : summed(name) ? 'sum' : 'average';
+      add(c, now, v);
+      if (c.xs.length > LIVE_POINTS) { c.xs.shift(); for (const list of c.lines.values()) list.shift(); }
+      draw(name);
     }
   };
 }
@@ -376,13 +459,24 @@ function metricOf(p, name) {
   return probe ? parseFloat(probe.value) : NaN;
 }
 
-// The average over the app's instances of each metric they report.
+// Each instance's value of each metric, and their sum (cpu, memory, `sum` metrics) or
+// average as `all`.
 const appValues = (app) => (status, names) => {
   const processes = ((status.data || {}).process || []).filter((p) => p.name === app);
   const values = {};
   for (const name of names) {
-    const known = processes.map((p) => metricOf(p, name)).filter((v) => !Number.isNaN(v));
-    if (known.length) values[name] = known.reduce((a, b) => a + b, 0) / known.length;
+    const lines = {};
+    let aggType;
+    for (const p of processes) {
+      const v = metricOf(p, name);
+      if (!Number.isNaN(v)) lines[p.pm_id] = v;
+      aggType = aggType || ((p.axm_monitor || {})[name] || {}).agg_type;
+    }
+    const known = Object.values(lines);
+    if (!known.length) continue;
+    const sum = known.reduce((a, b) => a + b, 0);
+    lines.all = summed(name, aggType) ? sum : sum / known.length;
+    values[name] = lines;
   }
   return values;
 };
@@ -392,7 +486,8 @@ const hostValues = (status) => {
   const data = status.data || {};
   const processes = data.process || [];
   const sum = (name) => processes.reduce((total, p) => total + (Number(p[name]) || 0), 0);
-  return { load: Number(((data.server || {}).loadavg || [])[0]), cpu: sum('cpu'), memory: sum('memory') };
+  const load = Number(((data.server || {}).loadavg || [])[0]);
+  return { load: Number.isNaN(load) ? {} : { all: load }, cpu: { all: sum('cpu') }, memory: { all: sum('memory') } };
 };
 
 function postAction(fields) {

@@ -890,7 +890,7 @@ async fn events_contract(events: &dyn Events) {
         ..point(0)
     };
     events
-        .append_metrics(Arc::from(vec![point(hour), other]))
+        .append_metrics(Arc::from(vec![point(hour), other.clone()]))
         .await
         .unwrap();
     let merged = MetricPoint {
@@ -915,6 +915,41 @@ async fn events_contract(events: &dyn Events) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The same minutes one series per instance, up to a time, of some metrics only.
+    let instances = histogram(
+        MetricQuery {
+            by_instance: true,
+            ..earlier.clone()
+        },
+        3_600_000,
+    )
+    .await;
+    let hourly = |p: MetricPoint| MetricPoint { at: hour, ..p };
+    assert_eq!(
+        instances
+            .iter()
+            .filter(|p| p.at == hour)
+            .cloned()
+            .collect::<Vec<_>>(),
+        vec![hourly(point(hour)), hourly(other.clone())],
+        "one series per pm_id"
+    );
+    let until = MetricQuery {
+        until: Some(hour + 60_000),
+        ..earlier.clone()
+    };
+    assert_eq!(histogram(until, 3_600_000).await, vec![point(hour)]);
+    let names = |names: &[&str]| MetricQuery {
+        names: names.iter().map(|n| n.to_string()).collect(),
+        until: Some(hour + 3_600_000),
+        ..earlier.clone()
+    };
+    assert_eq!(histogram(names(&["memory"]), 3_600_000).await, vec![]);
+    assert_eq!(
+        histogram(names(&["cpu", "memory"]), 3_600_000).await,
+        vec![merged.clone()]
+    );
 
     // Retention: logs kept 50 days keep their 40-day-old line while the metric minute of
     // the same day goes (30 days); then logs kept 30 days lose it too.

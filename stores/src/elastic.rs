@@ -581,7 +581,13 @@ impl Events for ElasticEvents {
         step_ms: i64,
     ) -> StoreResult<Vec<MetricPoint>> {
         let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
-        filter.push(json!({"range": {"at": {"gte": q.since}}}));
+        filter.push(match q.until {
+            Some(until) => json!({"range": {"at": {"gte": q.since, "lt": until}}}),
+            None => json!({"range": {"at": {"gte": q.since}}}),
+        });
+        if !q.names.is_empty() {
+            filter.push(json!({"terms": {"name": q.names}}));
+        }
         let stats = json!({
             "avg": {"weighted_avg": {"value": {"field": "avg"}, "weight": {"field": "count"}}},
             "min": {"min": {"field": "min"}},
@@ -591,43 +597,59 @@ impl Events for ElasticEvents {
         });
         let steps = json!({"date_histogram": {"field": "at", "fixed_interval": format!("{}ms", step_ms.max(1)), "min_doc_count": 1}, "aggs": stats});
         let by = |field: &str, size: u32, inner: Value| json!({"terms": {"field": field, "size": size}, "aggs": {"by": inner}});
+        // One series per instance: a level of pm_ids between the app and its metrics.
+        let metrics = by("name", MAX_TERMS, steps);
+        let below_app = if q.by_instance {
+            by("pm_id", MAX_TERMS, metrics)
+        } else {
+            json!({"filter": {"match_all": {}}, "aggs": {"by": metrics}})
+        };
         let body = json!({
             "size": 0,
             "query": {"bool": {"filter": filter}},
-            "aggs": {"by": by("server_name", MAX_TERMS, by("app_name", MAX_TERMS, by("name", MAX_TERMS, steps)))},
+            "aggs": {"by": by("server_name", MAX_TERMS, by("app_name", MAX_TERMS, below_app))},
         });
         let answer = self.search_raw(&self.index(METRICS, "*"), body).await?;
         let mut points = Vec::new();
         for server in buckets(&answer["aggregations"]["by"]) {
             for app in buckets(&server["by"]) {
-                for metric in buckets(&app["by"]) {
-                    for step in buckets(&metric["by"]) {
-                        let latest = &step["latest"]["hits"]["hits"][0]["_source"];
-                        let text = |v: &Value| v.as_str().map(Arc::from);
-                        points.push(MetricPoint {
-                            bucket_id: Arc::from(q.bucket_id.as_str()),
-                            server_name: text(&server["key"]).unwrap_or_default(),
-                            app_name: text(&app["key"]).unwrap_or_default(),
-                            pm_id: 0,
-                            name: text(&metric["key"]).unwrap_or_default(),
-                            unit: text(&latest["unit"]),
-                            agg_type: text(&latest["agg_type"]),
-                            at: step["key"].as_i64().unwrap_or_default(),
-                            avg: step["avg"]["value"].as_f64().unwrap_or_default(),
-                            min: step["min"]["value"].as_f64().unwrap_or_default(),
-                            max: step["max"]["value"].as_f64().unwrap_or_default(),
-                            last: latest["last"].as_f64().unwrap_or_default(),
-                            count: step["count"]["value"].as_f64().unwrap_or_default() as u32,
-                        });
+                // Without instances, the level is one bucket (`filter`) holding them all.
+                let instances = match app["by"]["buckets"].as_array() {
+                    Some(list) => list.clone(),
+                    None => vec![app["by"].clone()],
+                };
+                for instance in &instances {
+                    let pm_id = instance["key"].as_i64().unwrap_or(0);
+                    for metric in buckets(&instance["by"]) {
+                        for step in buckets(&metric["by"]) {
+                            let latest = &step["latest"]["hits"]["hits"][0]["_source"];
+                            let text = |v: &Value| v.as_str().map(Arc::from);
+                            points.push(MetricPoint {
+                                bucket_id: Arc::from(q.bucket_id.as_str()),
+                                server_name: text(&server["key"]).unwrap_or_default(),
+                                app_name: text(&app["key"]).unwrap_or_default(),
+                                pm_id,
+                                name: text(&metric["key"]).unwrap_or_default(),
+                                unit: text(&latest["unit"]),
+                                agg_type: text(&latest["agg_type"]),
+                                at: step["key"].as_i64().unwrap_or_default(),
+                                avg: step["avg"]["value"].as_f64().unwrap_or_default(),
+                                min: step["min"]["value"].as_f64().unwrap_or_default(),
+                                max: step["max"]["value"].as_f64().unwrap_or_default(),
+                                last: latest["last"].as_f64().unwrap_or_default(),
+                                count: step["count"]["value"].as_f64().unwrap_or_default() as u32,
+                            });
+                        }
                     }
                 }
             }
         }
         points.sort_by(|a, b| {
-            (a.at, &a.server_name, &a.app_name, &a.name).cmp(&(
+            (a.at, &a.server_name, &a.app_name, a.pm_id, &a.name).cmp(&(
                 b.at,
                 &b.server_name,
                 &b.app_name,
+                b.pm_id,
                 &b.name,
             ))
         });

@@ -383,4 +383,10 @@ pub struct MetricQuery {
     pub server_name: Option<String>,
     /// Points with `at >= since` (epoch ms).
     pub since: i64,
+    /// Only points with `at < until` (epoch ms).
+    pub until: Option<i64>,
+    /// Only these metrics (all when empty).
+    pub names: Vec<String>,
+    /// One series per instance (its `pm_id`) instead of an app's instances merged.
+    pub by_instance: bool,
 }

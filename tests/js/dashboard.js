@@ -20,7 +20,8 @@
 //   6. press "Start live tail": KM_LOG_NEEDLE shows in `pre#tail`;
 //   7. run the custom action KM_BOOM_ACTION (the app throws KM_EXCEPTION_MESSAGE shortly
 //      after): a `details.issue` with that message appears without a reload;
-//   8. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
+//   8. the 7 d range shows the stored minutes (waits for the first one to be stored);
+//   9. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
 // Each step prints one line; on the first failure the script prints what failed, the
 // page's console errors and a screenshot of the moment, and exits 1.
 //
@@ -53,6 +54,7 @@ const RESTART_TIMEOUT_MS = 20000
 const TAIL_TIMEOUT_MS = 15000
 const ISSUE_TIMEOUT_MS = 20000
 const LOGS_TIMEOUT_MS = 20000
+const STORED_MINUTE_TIMEOUT_MS = 100000
 
 const DESKTOP = { width: 1280, height: 800 }
 const PHONE = { width: 390, height: 844 }
@@ -345,6 +347,26 @@ async function main () {
     // Open the issue so that its stack and last logs are in the picture.
     await page.click('#issues details.issue summary')
     return shots('process')
+  })
+
+  await step('a 7-day range charts the stored minutes (one step per 30 min, from the server)', async () => {
+    // The first minute is stored once it ends (the test links pm2 less than a minute ago).
+    const deadline = Date.now() + STORED_MINUTE_TIMEOUT_MS
+    let points = 0
+    while (Date.now() < deadline) {
+      await page.click('button[data-minutes="10080"]')
+      await sleep(1500)
+      points = await page.$eval('figure.chart[data-metric="cpu"]', (f) => Number(f.dataset.stored || 0))
+      if (points >= 1) break
+      await sleep(3500)
+    }
+    assert(points >= 1, `no stored minute on the cpu chart at 7 days within ${STORED_MINUTE_TIMEOUT_MS} ms`)
+    const pressed = await page.$eval('button[data-minutes="10080"]', (b) => b.getAttribute('aria-pressed'))
+    assert(pressed === 'true', `the 7 d button is not pressed (${pressed})`)
+    const lines = await page.$eval('figure.chart[data-metric="cpu"]', (f) => f.dataset.lines)
+    await shot('process-7d-1280x800')
+    await page.click('button[data-minutes="60"]')
+    return `${points} stored step(s) at 7 days, lines ${lines}`
   })
 
   if (b.pageErrors.length) {

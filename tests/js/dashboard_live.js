@@ -218,7 +218,28 @@ async function main () {
       () => document.querySelector('#live-state').textContent === 'live', null,
       () => document.querySelector('#live-state').textContent)
     const { view } = await waitView(proc, 'two online rows', ROWS_TIMEOUT_MS, onlineRows(2))
-    return `${href}: ${keys(view)}`
+    // The cpu chart: one line per instance and their sum, values shown on hover.
+    const lines = await b.waitIn(proc, 'the cpu chart with a line per instance and the sum', ROWS_TIMEOUT_MS, () => {
+      const fig = document.querySelector('figure.chart[data-metric="cpu"]')
+      return fig && fig.dataset.lines && fig.dataset.lines.split(',').length === 3 ? fig.dataset.lines : null
+    }, null, () => { const fig = document.querySelector('figure.chart[data-metric="cpu"]'); return fig ? `lines ${fig.dataset.lines}` : 'no cpu chart' })
+    const labels = await proc.$$eval('figure.chart[data-metric="cpu"] .u-legend .u-label', (ls) => ls.map((l) => l.textContent.trim()))
+    assert(labels.includes('sum') && labels.filter((l) => l.startsWith('pm_id ')).length === 2, `the cpu chart's legend: ${JSON.stringify(labels)}`)
+    // Values under the pointer (the legend follows it; a live point may redraw meanwhile).
+    // The legend is drawn in animation frames: only a tab in front has them.
+    await proc.bringToFront()
+    let hover = []
+    for (let attempt = 0; attempt < 10 && !hover.some((v) => /\d/.test(v)); attempt++) {
+      const over = await proc.$('figure.chart[data-metric="cpu"] .u-over')
+      await over.scrollIntoViewIfNeeded()
+      const at = await over.boundingBox()
+      await proc.mouse.move(at.x + at.width * (0.5 + attempt / 25), at.y + at.height / 2, { steps: 5 })
+      await sleep(200)
+      hover = await proc.$$eval('figure.chart[data-metric="cpu"] .u-legend .u-value', (vs) => vs.map((v) => v.textContent.trim()))
+    }
+    assert(hover.some((v) => /\d/.test(v)), `no value under the pointer: ${JSON.stringify(hover)}`)
+    await b.shot('process-cluster')
+    return `${href}: ${keys(view)}; cpu lines ${lines}, legend ${JSON.stringify(labels)}, hover ${JSON.stringify(hover)}`
   })
 
   const marks = [[overview, await mark(overview)], [proc, await mark(proc)]]

@@ -169,62 +169,138 @@ pub fn step_of(interval: Option<&str>) -> ApiResult<i64> {
     }
 }
 
+/// The steps (minutes) a histogram with `max_points` picks from: the smallest that fits.
+const STEPS_MINUTES: [i64; 11] = [1, 2, 5, 10, 15, 30, 60, 120, 360, 720, 1440];
+
 #[derive(Deserialize, Default)]
 pub struct HistogramFilter {
     app_name: Option<String>,
     server_name: Option<String>,
     /// `minute` (default), `hour` or `day`.
     interval: Option<String>,
-    /// How many minutes back (default 60).
+    /// How many minutes back from `until` (default 60).
     before: Option<Value>,
+    /// The end of the window, epoch ms (default now).
+    until: Option<Value>,
+    /// At most this many steps: the step is the smallest of [`STEPS_MINUTES`] that fits
+    /// (instead of `interval`).
+    max_points: Option<Value>,
+    /// Each instance's series too, under `instances` by pm_id.
+    #[serde(default)]
+    instances: bool,
     /// Only these metrics.
     #[serde(default)]
     metrics: Vec<String>,
 }
 
 impl HistogramFilter {
-    /// The metric is one asked for (all when none is named).
-    fn wants(&self, name: &str) -> bool {
-        self.metrics.is_empty() || self.metrics.iter().any(|m| m == name)
-    }
-
-    fn query(&self, bucket_id: &str) -> ApiResult<MetricQuery> {
+    /// The store's query and the step (ms).
+    fn query(&self, bucket_id: &str) -> ApiResult<(MetricQuery, i64)> {
         let minutes = number(&self.before, "before")?.unwrap_or(60);
         if minutes <= 0 {
             return Err(ApiError::bad_request("before: a number of minutes above 0"));
         }
-        Ok(MetricQuery {
+        let until = number(&self.until, "until")?;
+        let end = until.unwrap_or_else(now_ms);
+        let step_ms = match number(&self.max_points, "max_points")? {
+            Some(n) if n > 0 => {
+                let fits = STEPS_MINUTES
+                    .iter()
+                    .find(|step| (minutes + **step - 1) / **step <= n);
+                fits.copied()
+                    .unwrap_or(STEPS_MINUTES[STEPS_MINUTES.len() - 1])
+                    * 60_000
+            }
+            Some(_) => return Err(ApiError::bad_request("max_points: a number above 0")),
+            None => step_of(self.interval.as_deref())?,
+        };
+        let query = MetricQuery {
             bucket_id: bucket_id.to_string(),
             app_name: self.app_name.clone().filter(|s| !s.is_empty()),
             server_name: self.server_name.clone().filter(|s| !s.is_empty()),
-            since: now_ms() - minutes.saturating_mul(60_000),
-        })
+            since: end - minutes.saturating_mul(60_000),
+            until,
+            names: self.metrics.clone(),
+            by_instance: self.instances,
+        };
+        Ok((query, step_ms))
+    }
+}
+
+/// The series of `p` in the histogram `out`, made when it is the first step.
+fn series<'a>(out: &'a mut Value, p: &MetricPoint) -> &'a mut Value {
+    let series = &mut out[&*p.server_name][&*p.app_name][&*p.name];
+    if series.is_null() {
+        *series = json!({ "agg_type": p.agg_type, "unit": p.unit, "timestamps_and_stats": [] });
+    }
+    series
+}
+
+/// A step of a series as the API shows it.
+fn stats(p: &MetricPoint) -> Value {
+    json!({"at": p.at, "avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count})
+}
+
+/// Adds the minutes of `p` to `into` (same series, later or same step): the average
+/// weighted by count, the extremes, the latest `last`.
+fn merge(into: &mut MetricPoint, p: &MetricPoint) {
+    let count = into.count + p.count;
+    if count > 0 {
+        into.avg =
+            (into.avg * f64::from(into.count) + p.avg * f64::from(p.count)) / f64::from(count);
+    }
+    into.count = count;
+    into.min = into.min.min(p.min);
+    into.max = into.max.max(p.max);
+    if p.at >= into.at {
+        into.last = p.last;
+        into.at = p.at;
     }
 }
 
 /// `POST /api/bucket/:id/data/metrics/histogram`: `{server: {app: {metric: {agg_type,
-/// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`, merged by the
-/// events store (cluster instances of an app together). A server's host series (`load`,
-/// and the sums of its processes' `cpu` and `memory`) are under the app name `""`.
+/// unit, timestamps_and_stats: [{at, avg, min, max, last, count}]}}}}`, an app's
+/// instances merged (with `instances: true`, each one's steps too, under `instances` by
+/// pm_id). A server's host series (`load`, and the sums of its processes' `cpu` and
+/// `memory`) are under the app name `""`.
 pub async fn metrics_histogram(
     State(app): State<AppState>,
     access: BucketAccess,
     Body(filter): Body<HistogramFilter>,
 ) -> ApiResult<Json<Value>> {
-    let step_ms = step_of(filter.interval.as_deref())?;
-    let query = filter.query(&access.bucket.id)?;
+    let (query, step_ms) = filter.query(&access.bucket.id)?;
     let mut out = json!({});
+    let push = |list: &mut Value, p: &MetricPoint| {
+        if let Some(list) = list.as_array_mut() {
+            list.push(stats(p));
+        }
+    };
+    let mut merged: BTreeMap<(Arc<str>, Arc<str>, Arc<str>, i64), MetricPoint> = BTreeMap::new();
     for p in app.events.metric_histogram(&query, step_ms).await? {
-        if !filter.wants(&p.name) {
+        if !filter.instances {
+            push(&mut series(&mut out, &p)["timestamps_and_stats"], &p);
             continue;
         }
-        let series = &mut out[&*p.server_name][&*p.app_name][&*p.name];
-        if series.is_null() {
-            *series = json!({ "agg_type": p.agg_type, "unit": p.unit, "timestamps_and_stats": [] });
+        let instance = &mut series(&mut out, &p)["instances"][p.pm_id.to_string()];
+        if instance.is_null() {
+            *instance = json!([]);
         }
-        if let Some(stats) = series["timestamps_and_stats"].as_array_mut() {
-            stats.push(json!({"at": p.at, "avg": p.avg, "min": p.min, "max": p.max, "last": p.last, "count": p.count}));
+        push(instance, &p);
+        let key = (
+            p.server_name.clone(),
+            p.app_name.clone(),
+            p.name.clone(),
+            p.at,
+        );
+        match merged.get_mut(&key) {
+            Some(m) => merge(m, &p),
+            None => {
+                merged.insert(key, p);
+            }
         }
+    }
+    for m in merged.values() {
+        push(&mut series(&mut out, m)["timestamps_and_stats"], m);
     }
     Ok(Json(out))
 }
@@ -326,31 +402,15 @@ pub async fn metrics_aggregations(
     access: BucketAccess,
     Body(filter): Body<HistogramFilter>,
 ) -> ApiResult<Json<Value>> {
-    let query = filter.query(&access.bucket.id)?;
+    let (query, _) = filter.query(&access.bucket.id)?;
     let mut merged: BTreeMap<SeriesKey, MetricPoint> = BTreeMap::new();
     // Hour steps, merged here: the window rarely starts on a step boundary.
     for p in app.events.metric_histogram(&query, 3_600_000).await? {
-        if !filter.wants(&p.name) {
-            continue;
-        }
         let key = (p.server_name.clone(), p.app_name.clone(), p.name.clone());
         match merged.get_mut(&key) {
+            Some(m) => merge(m, &p),
             None => {
                 merged.insert(key, p);
-            }
-            Some(m) => {
-                let count = m.count + p.count;
-                if count > 0 {
-                    m.avg = (m.avg * f64::from(m.count) + p.avg * f64::from(p.count))
-                        / f64::from(count);
-                }
-                m.count = count;
-                m.min = m.min.min(p.min);
-                m.max = m.max.max(p.max);
-                if p.at >= m.at {
-                    m.last = p.last;
-                    m.at = p.at;
-                }
             }
         }
     }
@@ -382,4 +442,35 @@ pub async fn notifications(
         })
         .collect();
     Ok(Json(Value::Array(list)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step_of_window(minutes: i64) -> i64 {
+        let filter = HistogramFilter {
+            before: Some(json!(minutes)),
+            max_points: Some(json!(360)),
+            ..HistogramFilter::default()
+        };
+        filter
+            .query("b")
+            .map(|(_, step)| step / 60_000)
+            .unwrap_or(-1)
+    }
+
+    #[test]
+    fn a_range_gets_the_smallest_step_that_fits_its_points() {
+        let steps: Vec<i64> = [60, 360, 1440, 10080, 43200, 10_000_000]
+            .into_iter()
+            .map(step_of_window)
+            .collect();
+        assert_eq!(steps, [1, 1, 5, 30, 120, 1440]);
+        let zero = HistogramFilter {
+            max_points: Some(json!(0)),
+            ..HistogramFilter::default()
+        };
+        assert!(zero.query("b").is_err());
+    }
 }

@@ -230,18 +230,34 @@ impl Events for SqliteEvents {
         q: &MetricQuery,
         step_ms: i64,
     ) -> StoreResult<Vec<MetricPoint>> {
-        let (filter, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+        let (mut filter, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+        filter.push_str(" AND at >= ?");
         args.push(SqlValue::Integer(q.since));
+        if let Some(until) = q.until {
+            filter.push_str(" AND at < ?");
+            args.push(SqlValue::Integer(until));
+        }
+        if !q.names.is_empty() {
+            let marks = vec!["?"; q.names.len()].join(", ");
+            filter.push_str(&format!(" AND name IN ({marks})"));
+            args.extend(q.names.iter().map(|n| SqlValue::Text(n.clone())));
+        }
         let step = step_ms.max(1);
+        // An app's instances merged, or one series each.
+        let (instance, by) = if q.by_instance {
+            ("pm_id", "server_name, app_name, pm_id, name")
+        } else {
+            ("0", "server_name, app_name, name")
+        };
         // The latest minute of each step gives `last` (row_number over the step).
         let sql = format!(
             "WITH m AS (
                SELECT *, (at / {step}) * {step} AS t,
-                 ROW_NUMBER() OVER (PARTITION BY server_name, app_name, name, (at / {step}) ORDER BY at DESC) AS rn
-               FROM metrics WHERE {filter} AND at >= ?)
+                 ROW_NUMBER() OVER (PARTITION BY {by}, (at / {step}) ORDER BY at DESC) AS rn
+               FROM metrics WHERE {filter})
              SELECT bucket_id, server_name, app_name, name, MAX(unit), MAX(agg_type), t,
-               SUM(avg * count) / SUM(count), MIN(min), MAX(max), MAX(CASE WHEN rn = 1 THEN last END), SUM(count)
-             FROM m GROUP BY server_name, app_name, name, t ORDER BY t, server_name, app_name, name"
+               SUM(avg * count) / SUM(count), MIN(min), MAX(max), MAX(CASE WHEN rn = 1 THEN last END), SUM(count), {instance}
+             FROM m GROUP BY {by}, t ORDER BY t, {by}"
         );
         self.db
             .call(move |c| {
@@ -251,7 +267,7 @@ impl Events for SqliteEvents {
                         bucket_id: r.get(0)?,
                         server_name: r.get(1)?,
                         app_name: r.get(2)?,
-                        pm_id: 0,
+                        pm_id: r.get(12)?,
                         name: r.get(3)?,
                         unit: r.get(4)?,
                         agg_type: r.get(5)?,
