@@ -227,6 +227,9 @@ impl HistogramFilter {
     }
 }
 
+/// A series: (server, app, metric).
+type SeriesKey = (Arc<str>, Arc<str>, Arc<str>);
+
 /// The series of `p` in the histogram `out`, made when it is the first step.
 fn series<'a>(out: &'a mut Value, p: &MetricPoint) -> &'a mut Value {
     let series = &mut out[&*p.server_name][&*p.app_name][&*p.name];
@@ -275,7 +278,8 @@ pub async fn metrics_histogram(
             list.push(stats(p));
         }
     };
-    let mut merged: BTreeMap<(Arc<str>, Arc<str>, Arc<str>, i64), MetricPoint> = BTreeMap::new();
+    // An app's instances merged, by series and step.
+    let mut merged: BTreeMap<(SeriesKey, i64), MetricPoint> = BTreeMap::new();
     for p in app.events.metric_histogram(&query, step_ms).await? {
         if !filter.instances {
             push(&mut series(&mut out, &p)["timestamps_and_stats"], &p);
@@ -287,9 +291,7 @@ pub async fn metrics_histogram(
         }
         push(instance, &p);
         let key = (
-            p.server_name.clone(),
-            p.app_name.clone(),
-            p.name.clone(),
+            (p.server_name.clone(), p.app_name.clone(), p.name.clone()),
             p.at,
         );
         match merged.get_mut(&key) {
@@ -393,9 +395,6 @@ pub async fn profiling_delete(
 }
 
 /// `POST /api/bucket/:id/data/metrics/aggregations`: each metric over the whole window,
-/// (server, app, metric).
-type SeriesKey = (Arc<str>, Arc<str>, Arc<str>);
-
 /// `{server: {app: {metric: {avg, min, max, last, count}}}}` (`metrics` picks some).
 pub async fn metrics_aggregations(
     State(app): State<AppState>,
