@@ -180,7 +180,7 @@ fn api_routes() -> Router<AppState> {
         )
         .route(
             "/api/bucket/{id}/data/issues/{identifier}",
-            delete(insights::issue_delete),
+            delete(insights::issue_delete).put(insights::issue_set_state),
         )
         .route(
             "/api/bucket/{id}/data/processEvents/deployments",

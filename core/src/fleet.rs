@@ -274,7 +274,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// One path segment, percent-encoded.
-fn urlencode(segment: &str) -> String {
+pub fn urlencode(segment: &str) -> String {
     utf8_percent_encode(segment, SEGMENT).to_string()
 }
 

@@ -1,12 +1,16 @@
 //! Issues: the exceptions of a window grouped by app, message and callsite, as the API,
-//! the dashboard, the notifier and the reports show them.
+//! the dashboard, the notifier and the reports show them; and what the team decided of
+//! each (resolved, ignored), kept among the bucket's documents.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use km_stores::{EventKind, EventQuery, Events, StoreResult};
+use km_stores::{Documents, EventKind, EventQuery, Events, StoreResult};
+
+/// Where decisions are kept: bucket documents of this kind, by issue identifier.
+const TRIAGE: &str = "issue_triage";
 
 /// Exceptions read to group issues: the newest this many in the window.
 pub const ISSUE_WINDOW: u32 = 1_000;
@@ -23,6 +27,103 @@ pub struct Issue {
     pub servers: Vec<String>,
     /// The newest occurrence (with stack, context and last logs).
     pub last: Value,
+    /// Open unless someone resolved it (and it did not happen since) or ignores it.
+    pub state: IssueState,
+}
+
+/// What the team decided of an issue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueState {
+    #[default]
+    Open,
+    /// Fixed: it reopens when it happens again.
+    Resolved,
+    /// Known and left alone: not listed among the open ones, not told.
+    Ignored,
+}
+
+impl IssueState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueState::Open => "open",
+            IssueState::Resolved => "resolved",
+            IssueState::Ignored => "ignored",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<IssueState> {
+        [IssueState::Open, IssueState::Resolved, IssueState::Ignored]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+/// A decision: the state, when and by whom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Triage {
+    pub state: IssueState,
+    pub at: i64,
+    pub by: String,
+}
+
+impl Triage {
+    /// The bucket's decisions by issue identifier.
+    pub async fn all(
+        documents: &dyn Documents,
+        bucket_id: &str,
+    ) -> StoreResult<HashMap<String, Triage>> {
+        let docs = documents.bucket_docs(bucket_id, TRIAGE).await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|(id, doc)| Some((id, serde_json::from_str(&doc).ok()?)))
+            .collect())
+    }
+
+    /// Records a decision (`Open` forgets the last one).
+    pub async fn set(
+        documents: &dyn Documents,
+        bucket_id: &str,
+        identifier: &str,
+        triage: &Triage,
+    ) -> StoreResult<()> {
+        if triage.state == IssueState::Open {
+            documents
+                .delete_bucket_doc(bucket_id, TRIAGE, identifier)
+                .await?;
+            return Ok(());
+        }
+        let doc = serde_json::to_string(triage).unwrap_or_default();
+        documents
+            .put_bucket_doc(bucket_id, TRIAGE, identifier, &doc)
+            .await
+    }
+
+    /// The state of an issue last seen at `last_seen` under this decision: a resolved
+    /// issue that happened since is open again.
+    pub fn state_at(&self, last_seen: i64) -> IssueState {
+        match self.state {
+            IssueState::Resolved if last_seen > self.at => IssueState::Open,
+            state => state,
+        }
+    }
+}
+
+/// The dashboard's page of an issue.
+pub fn issue_path(bucket_id: &str, identifier: &str) -> String {
+    format!(
+        "/buckets/{bucket_id}/issues/{}",
+        crate::fleet::urlencode(identifier)
+    )
+}
+
+/// Sets each issue's state from the bucket's decisions.
+pub fn triaged(issues: &mut [Issue], decisions: &HashMap<String, Triage>) {
+    for issue in issues {
+        issue.state = decisions
+            .get(&issue.identifier)
+            .map_or(IssueState::Open, |t| t.state_at(issue.last_seen));
+    }
 }
 
 /// The issues among the newest exceptions matching `query`, most recent first.
@@ -53,6 +154,7 @@ pub async fn issues(events: &dyn Events, query: EventQuery) -> StoreResult<Vec<I
             last_seen: at,
             servers: Vec::new(),
             last: doc.clone(),
+            state: IssueState::Open,
         });
         issue.count += 1;
         issue.first_seen = issue.first_seen.min(at);
@@ -100,6 +202,24 @@ fn message_of(data: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resolved_issue_that_happens_again_is_open() {
+        let resolved = Triage {
+            state: IssueState::Resolved,
+            at: 1_000,
+            by: "ann".into(),
+        };
+        assert_eq!(resolved.state_at(999), IssueState::Resolved);
+        assert_eq!(resolved.state_at(1_001), IssueState::Open);
+        let ignored = Triage {
+            state: IssueState::Ignored,
+            ..resolved
+        };
+        assert_eq!(ignored.state_at(5_000), IssueState::Ignored);
+        assert_eq!(IssueState::parse("ignored"), Some(IssueState::Ignored));
+        assert_eq!(IssueState::parse("later"), None);
+    }
 
     #[test]
     fn messages_come_from_the_data_or_the_string() {

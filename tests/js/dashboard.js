@@ -20,6 +20,8 @@
 //   6. press "Start live tail": KM_LOG_NEEDLE shows in `pre#tail`;
 //   7. run the custom action KM_BOOM_ACTION (the app throws KM_EXCEPTION_MESSAGE shortly
 //      after): a `details.issue` with that message appears without a reload;
+//   7b. the issue's page (stack, where, occurrences): Resolve, listed as resolved; the
+//      action again: open again, listed in the inbox;
 //   8. the 7 d range shows the stored minutes (waits for the first one to be stored);
 //   9. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
 // Each step prints one line; on the first failure the script prints what failed, the
@@ -103,6 +105,7 @@ async function main () {
     await page.goto(`${KM_URL}/`)
     assert(new URL(page.url()).pathname === '/signup', `/ should send a fresh KM to /signup, went to ${page.url()}`)
     const heading = await page.textContent('h1')
+    await shots('signup')
     await page.fill('input[name=username]', username)
     await page.fill('input[name=email]', `${username}@example.com`)
     await page.fill('input[name=password]', 'correct horse battery')
@@ -349,6 +352,51 @@ async function main () {
     return shots('process')
   })
 
+  await step('the issue\'s page, resolved, then reopened when it happens again; the inbox lists it', async () => {
+    const processUrl = page.url()
+    await Promise.all([
+      page.waitForURL((u) => u.pathname.includes('/issues/')),
+      page.click('#issues details.issue a[href*="/issues/"]')
+    ])
+    const issueUrl = page.url()
+    const stack = await page.textContent('#stack-title + pre')
+    assert(stack.includes(EXCEPTION), `the stack does not hold "${EXCEPTION}": ${JSON.stringify(stack.slice(0, 200))}`)
+    const where = await page.$$eval('#where-title + ul li', (lis) => lis.map((li) => li.innerText))
+    assert(where.some((w) => w.includes(server)), `"Where" does not name ${server}: ${JSON.stringify(where)}`)
+    assert(await page.$('section.report svg rect'), 'no occurrence chart')
+    await shots('issue')
+    // By keyboard: Tab to "Resolve", then Enter.
+    let tabs = 0
+    while (tabs++ < 60 && !(await page.evaluate(() => document.activeElement && document.activeElement.dataset.state === 'resolved'))) {
+      await page.keyboard.press('Tab')
+    }
+    assert(tabs <= 60, '"Resolve" is not reachable with Tab')
+    await Promise.all([page.waitForURL((u) => u.searchParams.has('msg')), page.keyboard.press('Enter')])
+    const resolved = (await page.textContent('#issue-state')).trim()
+    assert(resolved === 'resolved', `after Resolve the state reads ${JSON.stringify(resolved)}`)
+    await page.goto(`${overviewUrl}/issues?state=resolved`)
+    const listed = await page.$$eval('table.issues tr[data-issue] th a', (as) => as.map((a) => a.textContent))
+    assert(listed.some((m) => m.includes(EXCEPTION)), `the resolved tab lists ${JSON.stringify(listed)}`)
+    // It happens again: open again.
+    await page.goto(processUrl)
+    const row = page.locator('#actions tr', { has: page.locator(`code:text-is("${BOOM}")`) })
+    await row.locator('button:has-text("Run")').click()
+    const deadline = Date.now() + ISSUE_TIMEOUT_MS
+    let state = resolved
+    while (Date.now() < deadline && state !== 'open') {
+      await sleep(1000)
+      await page.goto(issueUrl)
+      state = (await page.textContent('#issue-state')).trim()
+    }
+    assert(state === 'open', `after it happened again the state reads ${JSON.stringify(state)}`)
+    await page.goto(`${overviewUrl}/issues`)
+    const open = await page.$$eval('table.issues tr[data-issue] th a', (as) => as.map((a) => a.textContent))
+    assert(open.some((m) => m.includes(EXCEPTION)), `the open tab lists ${JSON.stringify(open)}`)
+    const inbox = await shots('issues')
+    await page.goto(processUrl)
+    return `${new URL(issueUrl).pathname}: resolved by keyboard (${tabs} tabs), reopened; where ${JSON.stringify(where)}; ${inbox}`
+  })
+
   await step('a 7-day range charts the stored minutes (one step per 30 min, from the server)', async () => {
     // The first minute is stored once it ends (the test links pm2 less than a minute ago).
     const deadline = Date.now() + STORED_MINUTE_TIMEOUT_MS
@@ -367,6 +415,26 @@ async function main () {
     await shot('process-7d-1280x800')
     await page.click('button[data-minutes="60"]')
     return `${points} stored step(s) at 7 days, lines ${lines}`
+  })
+
+  await step('every other page: screenshots and axe (buckets, settings, alerts, report, account, 404, sign-in)', async () => {
+    const pages = [['buckets', `${KM_URL}/buckets`], ['settings', `${overviewUrl}/settings`],
+      ['alerts', `${overviewUrl}/alerts`], ['report', `${overviewUrl}/reports`], ['account', `${KM_URL}/account`],
+      ['not-found', `${KM_URL}/no/such/page`]]
+    const done = []
+    for (const [name, url] of pages) {
+      const response = await page.goto(url)
+      if (name === 'not-found') {
+        assert(response.status() === 404, `${url} answered ${response.status()}`)
+        assert(await page.isVisible('header button:has-text("Sign out")'), 'the 404 page has no navigation')
+      }
+      done.push(await shots(name))
+    }
+    const health = await page.goto(`${KM_URL}/buckets`).then(() => page.textContent('li[data-bucket]'))
+    assert(/1 server \(1 online\)/.test(health) && /healthy|problem/.test(health), `the bucket list says ${JSON.stringify(health)}`)
+    await Promise.all([page.waitForURL((u) => u.pathname === '/login'), page.click('header button:has-text("Sign out")')])
+    done.push(await shots('login'))
+    return done.join(' | ')
   })
 
   if (b.pageErrors.length) {

@@ -107,14 +107,51 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
             "no error message:\n{first}"
         );
         ensure!(
-            first.contains(&format!("/buckets/{b}/servers/web-1/apps/crasher")),
-            "no dashboard link:\n{first}"
+            first.contains(&format!("/buckets/{b}/issues/")),
+            "no link to the issue's page:\n{first}"
         );
         ensure!(first.contains("text/html"), "no HTML part:\n{first}");
 
         // The issue goes on repeating: no second mail for it.
         tokio::time::sleep(Duration::from_secs(25)).await;
         ensure!(smtp.mails()?.len() == 2, "the same issue was mailed again");
+
+        // Resolved, it happens again: it reopens, and both are told once.
+        let issues = api
+            .post_ok(&format!("/api/bucket/{b}/data/issues/list"), &json!({}))
+            .await?;
+        let id = issues[0]["identifier"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let path = format!("/api/bucket/{b}/data/issues/{id}");
+        let body = json!({"state": "resolved"});
+        let resolved = api
+            .request(reqwest::Method::PUT, &path, Some(&body))
+            .await?
+            .into_ok(&format!("PUT {path}"))?;
+        ensure!(resolved["state"] == "resolved", "{resolved}");
+        let mails = wait_mails(&smtp, 4, Duration::from_secs(45)).await?;
+        ensure!(
+            mails[2..]
+                .iter()
+                .all(|m| m.contains("Issue reopened") && m.contains("notify-me-boom")),
+            "the reopened issue's mails:\n{}",
+            mails[2]
+        );
+        let issues = api
+            .post_ok(&format!("/api/bucket/{b}/data/issues/list"), &json!({}))
+            .await?;
+        ensure!(
+            issues[0]["state"] == "open",
+            "after it happened again: {}",
+            issues[0]
+        );
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        ensure!(
+            smtp.mails()?.len() == 4,
+            "the reopened issue was mailed again"
+        );
 
         // The developer mutes new issues: the next goes to the owner only.
         let states = dev
@@ -134,16 +171,16 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
         // 100 distinct errors at once: one more mail, saying 100.
         l.pm2.run_ok(&["delete", "crasher"]).await?;
         l.pm2.start_app("burst", BURST).await?;
-        let mails = wait_mails(&smtp, 3, Duration::from_secs(45)).await?;
+        let mails = wait_mails(&smtp, 5, Duration::from_secs(45)).await?;
         ensure!(
-            mails[2].contains("100 new issues")
-                && mails[2].contains(&format!("To: {}", l.user.email)),
+            mails[4].contains("100 new issues")
+                && mails[4].contains(&format!("To: {}", l.user.email)),
             "the burst's mail:\n{}",
-            mails[2]
+            mails[4]
         );
         tokio::time::sleep(Duration::from_secs(12)).await;
         ensure!(
-            smtp.mails()?.len() == 3,
+            smtp.mails()?.len() == 5,
             "the burst was mailed more than once, or to the muted member"
         );
 
@@ -151,7 +188,7 @@ async fn new_issues_are_mailed_once_and_bursts_grouped() {
             .post_ok(&format!("/api/bucket/{b}/data/notifications"), &Value::Null)
             .await?;
         let listed = listed.as_array().cloned().unwrap_or_default();
-        ensure!(listed.len() == 2, "listed: {listed:?}");
+        ensure!(listed.len() == 3, "listed: {listed:?}");
         ensure!(
             listed
                 .iter()

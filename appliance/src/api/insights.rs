@@ -13,9 +13,10 @@ use serde_json::{Value, json};
 use super::Body;
 use super::buckets::BucketAccess;
 use super::data::{EventFilter, json_array, step_of};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
-use km_core::issues::{Issue, issues};
+use km_core::issues::{Issue, IssueState, Triage, issues, triaged};
+use km_stores::ids::now_ms;
 use km_stores::{EventKind, EventQuery, MemberRole};
 
 /// Transaction snapshots read for a summary (agents send one per app every few seconds).
@@ -212,7 +213,55 @@ pub async fn issues_list(
     Body(filter): Body<EventFilter>,
 ) -> ApiResult<Json<Vec<Issue>>> {
     let query = filter.query(&access.bucket.id)?;
-    Ok(Json(issues(app.events.as_ref(), query).await?))
+    Ok(Json(triaged_issues(&app, query).await?))
+}
+
+/// The issues of `query` with the team's decisions (`state`).
+pub async fn triaged_issues(app: &AppState, query: EventQuery) -> ApiResult<Vec<Issue>> {
+    let (mut found, decisions) = tokio::try_join!(
+        issues(app.events.as_ref(), query.clone()),
+        Triage::all(app.documents.as_ref(), &query.bucket_id),
+    )?;
+    triaged(&mut found, &decisions);
+    Ok(found)
+}
+
+#[derive(Deserialize, Default)]
+pub struct StateForm {
+    #[serde(default)]
+    pub state: String,
+}
+
+/// `PUT /api/bucket/:id/data/issues/:identifier`: `{state: open|resolved|ignored}`
+/// (developers). A resolved issue reopens when it happens again.
+pub async fn issue_set_state(
+    State(app): State<AppState>,
+    access: BucketAccess,
+    Path((_, identifier)): Path<(String, String)>,
+    Body(form): Body<StateForm>,
+) -> ApiResult<Json<Value>> {
+    access.require(MemberRole::Developer, "resolve or ignore issues")?;
+    let state = IssueState::parse(&form.state).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "state: {:?} is not open, resolved or ignored",
+            form.state
+        ))
+    })?;
+    let triage = Triage {
+        state,
+        at: now_ms(),
+        by: access.auth.user.username.clone(),
+    };
+    Triage::set(
+        app.documents.as_ref(),
+        &access.bucket.id,
+        &identifier,
+        &triage,
+    )
+    .await?;
+    Ok(Json(
+        json!({ "identifier": identifier, "state": state, "at": triage.at, "by": triage.by }),
+    ))
 }
 
 /// `GET /api/bucket/:id/data/exceptions/summary`: every issue of the bucket.

@@ -10,6 +10,7 @@ mod alerts;
 mod assets;
 mod buckets;
 mod fleet;
+mod issues;
 mod logs;
 pub mod process;
 
@@ -41,6 +42,11 @@ pub fn routes() -> Router<AppState> {
         .route("/buckets/{id}", get(fleet::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
         .route("/buckets/{id}/logs", get(logs::page))
+        .route("/buckets/{id}/issues", get(issues::inbox))
+        .route(
+            "/buckets/{id}/issues/{identifier}",
+            get(issues::page).post(issues::set_state),
+        )
         .route("/buckets/{id}/alerts", get(alerts::page))
         .route("/buckets/{id}/alerts/{action}", post(alerts::action))
         .route("/buckets/{id}/reports", get(alerts::report))

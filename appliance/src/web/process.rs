@@ -21,7 +21,7 @@ use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_core::bucket_settings::BucketSettings;
 use km_core::fleet::{ProcessStatus, page_path};
-use km_core::issues::{self, Issue};
+use km_core::issues::Issue;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 
@@ -170,7 +170,7 @@ pub async fn page(
         async { Ok(app.events.query(EventKind::Event, &scope).await?) },
         async { Ok(app.events.query(EventKind::ProcessEvent, &scope).await?) },
         async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
-        async { Ok(issues::issues(app.events.as_ref(), scope.clone()).await?) },
+        insights::triaged_issues(&app, scope.clone()),
         insights::routes(&app, scope.clone()),
         async { Ok(BucketSettings::load(app.documents.as_ref(), &access.bucket.id).await?) },
     );

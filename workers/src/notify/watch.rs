@@ -9,7 +9,7 @@
 //! | `restart_loop` | 3 or more crashes of an app in a minute | `{server, app, restarts}` |
 //! | `deployment` | an app's revision changed | `{server, app, from, to}` |
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 use askama::Template;
@@ -20,7 +20,7 @@ use crate::alerts;
 use km_core::app::App;
 use km_core::fleet::{self, ServerStatus, page_path};
 use km_core::health::{self, counted};
-use km_core::issues::{self, Issue};
+use km_core::issues::{self, Issue, IssueState, Triage, issue_path};
 use km_core::schedule::Episodes;
 use km_stores::ids::{now_ms, utc_text};
 use km_stores::{Bucket, EventKind, EventQuery, StoreResult};
@@ -68,14 +68,38 @@ pub async fn issues_new_in(
     start: i64,
     end: i64,
 ) -> StoreResult<Vec<Issue>> {
+    Ok(issues_of(app, bucket, start, end, &HashMap::new())
+        .await?
+        .into_iter()
+        .filter_map(|(issue, new)| new.then_some(issue))
+        .collect())
+}
+
+/// The issues of `[start, end)` that are new (no occurrence before `start`) or that
+/// someone resolved before this window's occurrence (they reopen), each with whether it
+/// is new.
+async fn issues_of(
+    app: &App,
+    bucket: &Bucket,
+    start: i64,
+    end: i64,
+    decisions: &HashMap<String, Triage>,
+) -> StoreResult<Vec<(Issue, bool)>> {
     let window = EventQuery {
         bucket_id: bucket.id.clone(),
         after: Some(start - 1),
         before: Some(end),
         ..EventQuery::default()
     };
-    let mut new = Vec::new();
+    let mut found = Vec::new();
     for issue in issues::issues(app.events.as_ref(), window).await? {
+        let reopened = decisions.get(&issue.identifier).is_some_and(|t| {
+            t.state == IssueState::Resolved && t.state_at(issue.last_seen) == IssueState::Open
+        });
+        if reopened {
+            found.push((issue, false));
+            continue;
+        }
         let earlier = EventQuery {
             bucket_id: bucket.id.clone(),
             name: Some(issue.identifier.clone()),
@@ -85,33 +109,56 @@ pub async fn issues_new_in(
         };
         let seen = app.events.query(EventKind::Exception, &earlier).await?;
         if seen.is_empty() {
-            new.push(issue);
+            found.push((issue, true));
         }
     }
-    Ok(new)
+    Ok(found)
 }
 
+/// Tells the issues new in the window and those that reopened (resolved, then seen
+/// again: open from now on).
 async fn new_issues(outbox: &Outbox<'_>, start: i64, end: i64) -> StoreResult<()> {
-    let issues = issues_new_in(outbox.app, outbox.bucket, start, end).await?;
+    let documents = outbox.app.documents.as_ref();
+    let decisions = Triage::all(documents, &outbox.bucket.id).await?;
+    let issues = issues_of(outbox.app, outbox.bucket, start, end, &decisions).await?;
     if issues.is_empty() {
         return Ok(());
     }
+    for (issue, _) in issues.iter().filter(|(_, new)| !new) {
+        let open = Triage {
+            state: IssueState::Open,
+            at: end,
+            by: "km".into(),
+        };
+        Triage::set(documents, &outbox.bucket.id, &issue.identifier, &open).await?;
+    }
     let bucket = &outbox.bucket.name;
+    let reopened = issues.iter().filter(|(_, new)| !new).count();
+    let headline = match (issues.len(), reopened) {
+        (1, 0) => "A new issue".to_string(),
+        (1, _) => "An issue reopened".to_string(),
+        (n, 0) => format!("{n} new issues"),
+        (n, r) if r == n => format!("{n} issues reopened"),
+        (n, _) => format!("{n} new or reopened issues"),
+    };
     let subject = match issues.as_slice() {
-        [one] => format!("[{bucket}] New issue: {}", one.message),
-        many => format!("[{bucket}] {} new issues", many.len()),
+        [(one, true)] => format!("[{bucket}] New issue: {}", one.message),
+        [(one, false)] => format!("[{bucket}] Issue reopened: {}", one.message),
+        _ => format!("[{bucket}] {headline}"),
     };
     let lines: Vec<IssueLine> = issues
         .iter()
         .take(LISTED)
-        .map(|i| IssueLine::of(outbox, i))
+        .map(|(i, new)| IssueLine::of(outbox, i, !new))
         .collect();
     let mail = NewIssues {
         bucket: bucket.clone(),
+        headline: headline.clone(),
         issues: lines,
     };
     let html = NewIssuesHtml {
         bucket,
+        headline: &headline,
         issues: &mail.issues,
     }
     .render()
@@ -123,7 +170,7 @@ async fn new_issues(outbox: &Outbox<'_>, start: i64, end: i64) -> StoreResult<()
             subject,
             text: mail.render().unwrap_or_default(),
             html,
-            count: issues.iter().map(|i| i.count).sum(),
+            count: issues.iter().map(|(i, _)| i.count).sum(),
             items,
             link: outbox.link("/issues"),
         })
@@ -135,6 +182,8 @@ async fn new_issues(outbox: &Outbox<'_>, start: i64, end: i64) -> StoreResult<()
 #[template(path = "mail/new_issues.txt")]
 struct NewIssues {
     bucket: String,
+    /// `A new issue`, `3 issues reopened`…
+    headline: String,
     issues: Vec<IssueLine>,
 }
 
@@ -142,10 +191,13 @@ struct NewIssues {
 #[template(path = "mail/new_issues.html")]
 struct NewIssuesHtml<'a> {
     bucket: &'a str,
+    headline: &'a str,
     issues: &'a [IssueLine],
 }
 
 struct IssueLine {
+    /// Resolved before, seen again.
+    reopened: bool,
     app: String,
     message: String,
     count: u64,
@@ -155,12 +207,15 @@ struct IssueLine {
 }
 
 impl IssueLine {
-    fn of(outbox: &Outbox, i: &Issue) -> IssueLine {
-        let app_name = i.app_name.clone().unwrap_or_default();
-        let server = i.servers.first().cloned().unwrap_or_default();
+    fn of(outbox: &Outbox, i: &Issue, reopened: bool) -> IssueLine {
         IssueLine {
-            link: process_link(outbox, &server, &app_name),
-            app: app_name,
+            reopened,
+            link: format!(
+                "{}{}",
+                outbox.app.public_url,
+                issue_path(&outbox.bucket.id, &i.identifier)
+            ),
+            app: i.app_name.clone().unwrap_or_default(),
             message: i.message.chars().take(300).collect(),
             count: i.count,
             servers: i.servers.join(", "),
@@ -170,7 +225,7 @@ impl IssueLine {
 
     fn item(&self) -> Value {
         json!({
-            "app": self.app, "message": self.message, "count": self.count,
+            "app": self.app, "message": self.message, "count": self.count, "reopened": self.reopened,
             "servers": self.servers, "callsite": self.callsite, "link": self.link,
         })
     }
