@@ -9,7 +9,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::buckets::access;
+use super::buckets::{access, form_access};
 use super::process::parse;
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
@@ -193,10 +193,7 @@ pub async fn action(
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
     let form = AlertsForm::of(fields);
-    if let Some(refused) = session.refuse_forged(&form.csrf) {
-        return refused;
-    }
-    let access = match access(&app, &session, &id).await {
+    let access = match form_access(&app, &session, &id, &form.csrf).await {
         Ok(access) => access,
         Err(page) => return page,
     };

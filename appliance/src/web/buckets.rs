@@ -30,6 +30,20 @@ pub async fn access(
         .map_err(|e| error_page(&e))
 }
 
+/// The bucket of a form: refused when the form's CSRF token is not the session's, else
+/// as [`access`] has it.
+pub async fn form_access(
+    app: &AppState,
+    session: &WebSession,
+    id: &str,
+    csrf: &str,
+) -> Result<BucketAccess, Response> {
+    match session.refuse_forged(csrf) {
+        Some(refused) => Err(refused),
+        None => access(app, session, id).await,
+    }
+}
+
 /// The command that links a server to the bucket.
 pub fn link_command(app: &AppState, bucket: &Bucket) -> String {
     format!(
@@ -192,10 +206,7 @@ pub async fn settings_action(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<SettingsForm>,
 ) -> Response {
-    if let Some(refused) = session.refuse_forged(&form.csrf) {
-        return refused;
-    }
-    let access = match access(&app, &session, &id).await {
+    let access = match form_access(&app, &session, &id, &form.csrf).await {
         Ok(access) => access,
         Err(page) => return page,
     };

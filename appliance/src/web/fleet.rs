@@ -8,6 +8,7 @@ use axum::response::Response;
 
 use super::buckets::{access, link_command};
 use super::{Flash, Flashes, Nav, WebSession, error_page, render};
+use crate::api::buckets::BucketAccess;
 use crate::error::ApiError;
 use km_core::app::AppState;
 use km_core::fleet::{self, ProcessStatus, ServerStatus, page_path, server_path};
@@ -349,18 +350,22 @@ pub async fn overview(
     })
 }
 
-/// The server `name` of the bucket, or the error page (404).
+/// A bucket the signed-in user belongs to and its server `name`, or the error page
+/// (404 for a bucket of others or a server it does not have).
 pub async fn one_server(
     app: &AppState,
-    bucket_id: &str,
+    session: &WebSession,
+    id: &str,
     name: &str,
-) -> Result<ServerStatus, Response> {
-    let servers = fleet::servers(app, bucket_id, Some(name)).await;
-    servers.into_iter().next().ok_or_else(|| {
-        error_page(&ApiError::not_found(format!(
+) -> Result<(BucketAccess, ServerStatus), Response> {
+    let access = access(app, session, id).await?;
+    let servers = fleet::servers(app, &access.bucket.id, Some(name)).await;
+    match servers.into_iter().next() {
+        Some(status) => Ok((access, status)),
+        None => Err(error_page(&ApiError::not_found(format!(
             "no server {name:?} in this bucket"
-        )))
-    })
+        )))),
+    }
 }
 
 #[derive(Template)]
@@ -381,12 +386,8 @@ pub async fn server_page(
     Path((id, server)): Path<(String, String)>,
     flash: Flashes,
 ) -> Response {
-    let access = match access(&app, &session, &id).await {
-        Ok(access) => access,
-        Err(page) => return page,
-    };
-    let status = match one_server(&app, &access.bucket.id, &server).await {
-        Ok(status) => status,
+    let (access, status) = match one_server(&app, &session, &id, &server).await {
+        Ok(found) => found,
         Err(page) => return page,
     };
     // One host per server: the default is never shown.

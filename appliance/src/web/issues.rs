@@ -11,7 +11,7 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::buckets::access;
+use super::buckets::{access, form_access};
 use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::insights::{self, StateForm};
@@ -257,10 +257,7 @@ pub async fn set_state(
     Path((id, identifier)): Path<(String, String)>,
     Form(form): Form<TriageForm>,
 ) -> Response {
-    if let Some(refused) = session.refuse_forged(&form.csrf) {
-        return refused;
-    }
-    let access = match access(&app, &session, &id).await {
+    let access = match form_access(&app, &session, &id, &form.csrf).await {
         Ok(access) => access,
         Err(page) => return page,
     };

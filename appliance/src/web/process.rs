@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::buckets::access;
 use super::fleet::{ProcessRow, card, one_server};
 use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
@@ -131,12 +130,8 @@ pub async fn page(
     Path((id, server, app_name)): Path<(String, String, String)>,
     Query(query): Query<PageQuery>,
 ) -> Response {
-    let access = match access(&app, &session, &id).await {
-        Ok(access) => access,
-        Err(page) => return page,
-    };
-    let status = match one_server(&app, &access.bucket.id, &server).await {
-        Ok(status) => status,
+    let (access, status) = match one_server(&app, &session, &id, &server).await {
+        Ok(found) => found,
         Err(page) => return page,
     };
     let processes: Vec<&ProcessStatus> = (status.data.process.iter())
