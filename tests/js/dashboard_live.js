@@ -299,7 +299,24 @@ async function main () {
     await b.shot('overview-offline')
     b.page = proc // the failure screenshot (if any) and this one show the process page
     await b.shot('process-offline')
+    b.page = overview
     return shown.join('; ')
+  })
+
+  await step('a second server with the app: the fleet shows it across both, the offline one first among problems', async () => {
+    await ask('second-server')
+    await overview.bringToFront()
+    const fleet = await b.waitIn(overview, 'two servers in #hosts and the app on both in #apps', ROWS_TIMEOUT_MS, (app) => {
+      const hosts = Array.from(document.querySelectorAll('#hosts tr[data-host]')).map((r) => r.dataset.host)
+      const row = document.querySelector(`#apps tr[data-app="${CSS.escape(app)}"]`)
+      const servers = row ? Array.from(row.querySelectorAll('.servers-cell a')).map((a) => a.textContent) : []
+      const problems = Array.from(document.querySelectorAll('#problems li')).map((li) => li.dataset.kind + ' ' + li.querySelector('a').textContent)
+      return hosts.length === 2 && servers.length === 2 && problems.length ? { hosts, servers, instances: row.querySelector('[data-field=instances]').textContent.trim(), problems } : null
+    }, APP, () => `${(document.querySelector('#fleet') || { innerText: 'no #fleet' }).innerText.replace(/\s+/g, ' ').slice(0, 400)}`)
+    assert(fleet.problems[0] === `offline ${server}`, `the first problem is ${JSON.stringify(fleet.problems[0])}, not ${server} offline`)
+    assert(fleet.instances.startsWith('1/3 online'), `the app's instances read ${JSON.stringify(fleet.instances)}`)
+    await b.shot('overview-two-servers')
+    return `hosts ${JSON.stringify(fleet.hosts)}; ${APP} on ${JSON.stringify(fleet.servers)}: ${fleet.instances}; problems ${JSON.stringify(fleet.problems)}`
   })
 
   if (b.pageErrors.length) {

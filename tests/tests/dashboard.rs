@@ -281,9 +281,18 @@ async fn file_text(path: &Path) -> String {
 
 /// One request of the live script: `{"do": "instances"}` (the app's instances by `pm2
 /// jlist`) or `{"do": "kill-agent"}` (SIGKILL to the agent alone).
-async fn answer(pm2: &Pm2, request: &str) -> Result<Value> {
+async fn answer(pm2: &Pm2, more: &mut Vec<Pm2>, dir: &Path, request: &str) -> Result<Value> {
     let request: Value = serde_json::from_str(request).context("request is not JSON")?;
     match request["do"].as_str() {
+        Some("second-server") => {
+            let app = App {
+                name: LIVE_APP,
+                source: LIVE_APP_SRC,
+                args: &["-i", "1"],
+            };
+            more.push(link_from_page(dir, &app).await?);
+            Ok(json!({"linked": more.len() + 1}))
+        }
         Some("instances") => {
             let list = pm2.jlist().await?;
             let ids: Vec<Value> = list
@@ -301,7 +310,8 @@ async fn answer(pm2: &Pm2, request: &str) -> Result<Value> {
 }
 
 /// Links a fresh pm2 running LIVE_APP on two cluster instances with the page's command,
-/// then answers the script's requests in order until dropped. Returns only when linking
+/// then answers the script's requests in order until dropped (counting instances,
+/// killing the agent, linking a second server running LIVE_APP once). Returns only when linking
 /// failed (after telling the script) or a reply could not be written.
 async fn drive_live(dir: &Path) -> Result<Infallible> {
     let app = App {
@@ -317,11 +327,13 @@ async fn drive_live(dir: &Path) -> Result<Infallible> {
             return Err(e);
         }
     };
+    // Servers linked later, at the script's request (killed on drop with the first).
+    let mut more = Vec::new();
     let mut n = 0u64;
     loop {
         n += 1;
         let request = file_text(&dir.join(format!("request-{n}.json"))).await;
-        let reply = match answer(&pm2, &request).await {
+        let reply = match answer(&pm2, &mut more, dir, &request).await {
             Ok(reply) => reply,
             Err(e) => json!({"error": format!("{e:#}")}),
         };

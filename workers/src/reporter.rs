@@ -242,22 +242,20 @@ struct Bar {
     height: f64,
 }
 
-/// A bar chart of `series` over `[start, end)` in steps of `step` (steps without a
-/// point are empty bars), scaled to the largest value.
+/// A bar chart of `series` over `[start, end)` in steps of `step` (steps start at
+/// multiples of `step`; those without a point are empty bars; the steps `start` and `end`
+/// fall in are drawn too), scaled to the largest value.
 pub fn svg(series: &Series, start: i64, end: i64, step: i64) -> String {
     const W: f64 = 480.0;
     const H: f64 = 96.0;
-    let n = ((end - start) / step).max(1);
+    let first = start - start.rem_euclid(step);
+    let n = ((end - first + step - 1) / step).max(1);
     let values: BTreeMap<i64, f64> = series.points.iter().copied().collect();
     let max = values.values().copied().fold(0.0_f64, f64::max);
     let bar = W / n as f64;
     let bars = (0..n)
         .map(|i| {
-            let at = start + i * step;
-            let v = values
-                .get(&(at - at.rem_euclid(step)))
-                .copied()
-                .unwrap_or(0.0);
+            let v = values.get(&(first + i * step)).copied().unwrap_or(0.0);
             let height = if max > 0.0 { v / max * (H - 4.0) } else { 0.0 };
             Bar {
                 x: i as f64 * bar + 1.0,
@@ -456,10 +454,19 @@ mod tests {
     #[test]
     fn charts_have_a_bar_per_step_scaled_to_the_largest() {
         let series = Series::of("Restarts <x>", "", vec![(0, 2.0), (2 * HOUR_MS, 4.0)]);
-        let svg = svg(&series, 0, DAY_MS, HOUR_MS);
-        assert_eq!(svg.matches("<rect ").count(), 1 + 24);
-        assert!(svg.contains("height=\"92.0\""), "{svg}");
-        assert!(svg.contains("height=\"46.0\""), "{svg}");
-        assert!(svg.contains("Restarts &#60;x&#62;") && svg.contains("max 4.0"));
+        let day = svg(&series, 0, DAY_MS, HOUR_MS);
+        assert_eq!(day.matches("<rect ").count(), 1 + 24);
+        assert!(day.contains("height=\"92.0\""), "{day}");
+        assert!(day.contains("height=\"46.0\""), "{day}");
+        assert!(day.contains("Restarts &#60;x&#62;") && day.contains("max 4.0"));
+        // A window off the steps: the step of now has its bar.
+        let now = DAY_MS + HOUR_MS / 2;
+        let recent = Series::of("Restarts", "", vec![(DAY_MS, 1.0)]);
+        let svg = svg(&recent, now - DAY_MS, now, HOUR_MS);
+        assert_eq!(svg.matches("<rect ").count(), 1 + 25);
+        assert!(
+            svg.contains("height=\"92.0\""),
+            "the last step is drawn: {svg}"
+        );
     }
 }

@@ -192,12 +192,9 @@ pub async fn page(
         unit: String::new(),
         points: steps.into_iter().map(|(at, n)| (at, n as f64)).collect(),
     };
-    // Whole steps, the one of now included.
-    let first_step = start - start.rem_euclid(CHART_STEP_MS);
-    let last_step_end = end - end.rem_euclid(CHART_STEP_MS) + CHART_STEP_MS;
     render(&IssuePage {
         nav: Some(Nav::from(&session)),
-        chart: reporter::svg(&series, first_step, last_step_end, CHART_STEP_MS),
+        chart: reporter::svg(&series, start, end, CHART_STEP_MS),
         chart_title: format!(
             "Occurrences of the last {CHART_DAYS} days, per {} hours",
             CHART_STEP_MS / 3_600_000
