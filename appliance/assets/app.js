@@ -383,8 +383,13 @@ function charts(live, valuesOf) {
       }
     }
     const data = [c.xs, ...c.keys.map((key) => c.lines.get(key))];
-    // One point alone would stretch the time axis over years: show a minute around it.
-    if (c.xs.length === 1) {
+    if (range.until || range.minutes !== RANGES[0][0]) {
+      // A range picked: its whole window, whatever the points cover.
+      const end = (range.until || Date.now()) / 1000;
+      c.plot.setData(data, false);
+      c.plot.setScale('x', { min: end - range.minutes * 60, max: end });
+    } else if (c.xs.length === 1) {
+      // The live hour fits its points; one point alone would stretch the axis over years.
       c.plot.setData(data, false);
       c.plot.setScale('x', { min: c.xs[0] - 30, max: c.xs[0] + 30 });
     } else {
