@@ -508,6 +508,9 @@ function postAction(fields) {
   });
 }
 
+// How often a live tail asks the agent again for logs (it stops after 120 s).
+const LOGS_RENEWED_MS = 60000;
+
 function processPage(live) {
   const server = live.dataset.server, app = live.dataset.app;
   const replies = $('#replies');
@@ -526,11 +529,15 @@ function processPage(live) {
   const collecting = $('#logs').dataset.collecting === 'true';
   const logging = (method) => (collecting ? Promise.resolve() : postAction({ kind: 'pm2', method_name: method }));
   let tailing = false;
+  // The agent stops sending logs 120 s after a startLogging: asked again while tailing.
+  let renew = null;
   if (start) {
     start.addEventListener('click', () => logging('startLogging').then(() => {
       tailing = true; tail.hidden = false; start.hidden = true; stop.hidden = false;
+      if (!collecting) renew = setInterval(() => logging('startLogging').catch(() => {}), LOGS_RENEWED_MS);
     }, (err) => addLine(replies, err.message, 'error')));
     stop.addEventListener('click', () => logging('stopLogging').finally(() => {
+      clearInterval(renew);
       tailing = false; start.hidden = false; stop.hidden = true;
     }));
   }

@@ -87,7 +87,9 @@ impl SimAgent {
             .with_context(|| format!("agent {}: send failed", self.server))
     }
 
-    /// The next text frame or the close, within `timeout`.
+    /// The next text frame or the close, within `timeout`; km's requests for logs (it
+    /// asks every agent of a bucket that collects them, at admission and every minute)
+    /// are skipped, as an agent that is not logging anything would let them pass.
     pub async fn next(&mut self, timeout: Duration) -> Result<Incoming> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -97,6 +99,7 @@ impl SimAgent {
                     anyhow!("agent {}: nothing from km within {timeout:?}", self.server)
                 })?;
             match message {
+                Some(Ok(Message::Text(text))) if is_log_request(&text) => {}
                 Some(Ok(Message::Text(text))) => return Ok(Incoming::Text(text.to_string())),
                 Some(Ok(Message::Close(frame))) => {
                     return Ok(Incoming::Closed(
@@ -285,4 +288,15 @@ pub async fn numbered_lines(
     }
     numbers.sort_unstable();
     Ok(numbers)
+}
+
+/// A `trigger:pm2:action` asking for logs (`startLogging` or `stopLogging`).
+fn is_log_request(text: &str) -> bool {
+    serde_json::from_str::<Value>(text).is_ok_and(|frame| {
+        frame["channel"] == "trigger:pm2:action"
+            && matches!(
+                frame["payload"]["method_name"].as_str(),
+                Some("startLogging" | "stopLogging")
+            )
+    })
 }

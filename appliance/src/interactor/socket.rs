@@ -24,12 +24,19 @@ use km_ingest::budget::MAX_FRAME_BYTES;
 use km_ingest::frames::{self, Inbound, Origin};
 use km_ingest::meter::{BudgetSpent, Meter, Metered};
 use km_ingest::session::{PatchFailure, Session};
-use km_stores::LiveEvent;
 use km_stores::ids::now_ms;
+use km_stores::{Delivery, LiveEvent};
 
 /// A socket silent this long is dead (the agent pings every 5 s). Its deadline is moved
 /// only when it passes, so a socket's timer fires about every 30 s, not at each frame.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// pm2's agent stops sending logs 120 s after a `startLogging`: a bucket that collects
+/// logs asks again this often.
+const LOGS_RENEWED_EVERY: Duration = Duration::from_secs(60);
+/// The first request for logs waits this long after the socket opens: an agent that
+/// reconnects opens several sockets at once, and a frame reaching it then makes it start
+/// over and drop lines it was sending.
+const LOGS_FIRST_ASKED_AFTER: Duration = Duration::from_secs(5);
 /// At shutdown, how long the frames the agent sent before it saw km's close are still
 /// read (they would be lost otherwise).
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
@@ -98,6 +105,8 @@ async fn run(
     let (mut sink, mut stream) = socket.split();
     let mut last_seen = Instant::now();
     let idle = tokio::time::sleep(IDLE_LIMIT);
+    let mut renew_logs =
+        tokio::time::interval_at(Instant::now() + LOGS_FIRST_ASKED_AFTER, LOGS_RENEWED_EVERY);
     // Made once, not at every wake-up: each registers with a lock shared by every socket.
     let shutdown = app.shutdown.cancelled();
     let eviction = session.eviction.notified();
@@ -115,6 +124,7 @@ async fn run(
                 None => break Ending::quiet("outbox closed"),
             },
             () = &mut eviction => break disabled(),
+            _ = renew_logs.tick(), if admitted => ask_for_logs(&app, &session).await,
             () = &mut idle => {
                 if last_seen.elapsed() >= IDLE_LIMIT {
                     break Ending::quiet("silent for 30 s");
@@ -144,7 +154,6 @@ async fn run(
                         if let Err(reason) = limits::admit(&app, &session).await {
                             break Ending::closing(4003, reason);
                         }
-                        ask_for_logs(&app, &bucket_id, &tx).await;
                     }
                     Some(Received::Refused(reason)) => break Ending::closing(1008, reason),
                     _ => {}
@@ -192,13 +201,16 @@ async fn run(
     tracing::info!(bucket = %bucket_id, server = %server_name, socket = socket_id, reason = %ending.reason, "agent disconnected");
 }
 
-/// Asks a newly admitted agent to send its logs when its bucket collects them (agents
-/// send logs only when asked, and forget it when they reconnect).
-async fn ask_for_logs(app: &AppState, bucket_id: &str, tx: &mpsc::Sender<String>) {
+/// Asks an agent to send its logs when its bucket collects them: agents send logs only
+/// when asked, for 120 s, and forget it when they restart ([`LOGS_FIRST_ASKED_AFTER`] an
+/// admitted socket opened, then every [`LOGS_RENEWED_EVERY`]). The request goes on the
+/// socket the agent sends on, as commands do.
+async fn ask_for_logs(app: &AppState, session: &Session) {
+    let bucket_id = &*session.bucket_id;
     match BucketSettings::load(app.documents.as_ref(), bucket_id).await {
         Ok(settings) if settings.collect_logs => {
             let (channel, payload) = logging_command(true);
-            if tx.try_send(frames::encode(channel, &payload)).is_err() {
+            if session.send(frames::encode(channel, &payload)) != Delivery::Sent {
                 tracing::debug!(bucket = %bucket_id, "logs not asked for: the agent's outbox is full");
             }
         }
