@@ -12,8 +12,9 @@ const DOC: (&str, &str) = ("settings", "bucket");
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BucketSettings {
-    /// Each agent is asked to send its logs when it links and after every reconnect, so
-    /// that they are stored with no one watching (agents send logs only when asked).
+    /// Each agent is asked to send its logs (soon after it links or reconnects, then
+    /// every minute), so that they are stored with no one watching: agents send logs
+    /// only when asked, for 120 s.
     pub collect_logs: bool,
 }
 

@@ -134,6 +134,11 @@ pub async fn issues(events: &dyn Events, query: EventQuery) -> StoreResult<Vec<I
         ..query
     };
     let docs = events.query(EventKind::Exception, &query).await?;
+    Ok(grouped(&docs))
+}
+
+/// Exceptions (stored documents, newest first) grouped into issues, most recent first.
+pub fn grouped(docs: &[String]) -> Vec<Issue> {
     let mut by_id: BTreeMap<String, Issue> = BTreeMap::new();
     for doc in docs
         .iter()
@@ -164,7 +169,7 @@ pub async fn issues(events: &dyn Events, query: EventQuery) -> StoreResult<Vec<I
     }
     let mut issues: Vec<Issue> = by_id.into_values().collect();
     issues.sort_by_key(|i| std::cmp::Reverse(i.last_seen));
-    Ok(issues)
+    issues
 }
 
 impl Issue {

@@ -17,7 +17,7 @@ use crate::api::Body;
 use crate::api::insights::{self, StateForm};
 use km_core::app::AppState;
 use km_core::fleet::page_path;
-use km_core::issues::{Issue, IssueState, issue_path};
+use km_core::issues::{Issue, IssueState, Triage, grouped, issue_path, triaged};
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
 use km_workers::reporter::{self, Series};
@@ -75,11 +75,9 @@ pub async fn inbox(
         Err(e) => return error_page(&e),
     };
     let apps: BTreeSet<String> = all.iter().filter_map(|i| i.app_name.clone()).collect();
-    let state = IssueState::parse(&query.state).map_or("all", IssueState::as_str);
-    let state = if query.state.is_empty() {
-        "open"
-    } else {
-        state
+    let state = match query.state.as_str() {
+        "" => "open",
+        given => IssueState::parse(given).map_or("all", IssueState::as_str),
     };
     let count = |s: IssueState| all.iter().filter(|i| i.state == s).count();
     let tabs = vec![
@@ -138,8 +136,6 @@ struct IssuePage {
 /// Days and step of an issue's occurrence chart.
 const CHART_DAYS: i64 = 7;
 const CHART_STEP_MS: i64 = 3 * 3_600_000;
-/// Occurrences read to say where it happened.
-const PLACES_READ: u32 = 1_000;
 
 /// `/buckets/:id/issues/:identifier`.
 pub async fn page(
@@ -164,24 +160,27 @@ pub async fn page(
         after: Some(start),
         ..scope.clone()
     };
+    // One read of its newest occurrences: the issue and where it happened.
     let occurrences = EventQuery {
-        limit: PLACES_READ,
+        limit: WINDOW,
         ..scope.clone()
     };
     let read = tokio::try_join!(
-        insights::triaged_issues(&app, scope.clone()),
+        async { Ok(app.events.query(EventKind::Exception, &occurrences).await?) },
         async {
             Ok(app
                 .events
                 .count_histogram(EventKind::Exception, &since, CHART_STEP_MS)
                 .await?)
         },
-        async { Ok(app.events.query(EventKind::Exception, &occurrences).await?) },
+        async { Ok(Triage::all(app.documents.as_ref(), &bucket_id).await?) },
     );
-    let (issues, steps, docs) = match read {
+    let (docs, steps, decisions): (_, _, _) = match read {
         Ok(read) => read,
         Err(e) => return error_page(&e),
     };
+    let mut issues = grouped(&docs);
+    triaged(&mut issues, &decisions);
     let Some(issue) = issues.into_iter().next() else {
         return error_page(&crate::error::ApiError::not_found(format!(
             "no issue {identifier:?} in this bucket (its exceptions may have aged out)"

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::buckets::access;
+use super::process::text_of;
 use super::{Flash, Nav, WebSession, error_page, render};
 use km_core::app::AppState;
 use km_core::fleet::{self, page_path};
@@ -83,11 +84,7 @@ pub struct ExplorerLine {
 
 impl ExplorerLine {
     fn of(doc: &Value, bucket_id: &str) -> ExplorerLine {
-        let text = |field: &str| match &doc[field] {
-            Value::String(s) => s.clone(),
-            Value::Null => String::new(),
-            other => other.to_string(),
-        };
+        let text = |field: &str| text_of(&doc[field]);
         let (server, app) = (text("server_name"), text("app_name"));
         ExplorerLine {
             at: doc["at"].as_i64().unwrap_or(0),

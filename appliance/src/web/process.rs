@@ -116,7 +116,8 @@ fn docs(list: Vec<String>) -> Vec<Value> {
         .collect()
 }
 
-fn text_of(v: &Value) -> String {
+/// A stored document's field as text (a string as is, nothing for null, else its JSON).
+pub(super) fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
