@@ -77,6 +77,8 @@ fn main() -> anyhow::Result<()> {
                 password_hash: "x".into(),
                 role: "user".into(),
                 created_at: now,
+                disabled: false,
+                reset: None,
             };
             app.documents.insert_user(&owner).await?;
             let bucket = Bucket {

@@ -24,6 +24,9 @@ pub const REFRESH_TTL_MS: i64 = 30 * 24 * 3600 * 1000;
 pub const SESSION_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
 pub const SESSION_COOKIE: &str = "km_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
+/// The client of personal tokens: one secret that is both a bearer token and a refresh
+/// token (what `@pm2/js-api`'s standalone strategy is given).
+pub const PERSONAL_CLIENT: &str = "personal";
 
 /// Hashes a password (on a blocking thread: argon2 is slow on purpose).
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
@@ -94,9 +97,37 @@ pub async fn issue_tokens(
             client_id: client_id.to_string(),
             access_expires_at: issued.access_expires_at,
             refresh_expires_at: now + REFRESH_TTL_MS,
+            name: String::new(),
+            created_at: now,
         })
         .await?;
     Ok(issued)
+}
+
+/// Issues and stores a personal token named `name`, valid `ttl_ms`; the token is
+/// returned this once.
+pub async fn issue_personal(
+    app: &AppState,
+    user_id: &str,
+    name: &str,
+    ttl_ms: i64,
+) -> Result<String, ApiError> {
+    let now = now_ms();
+    let token = random_hex(32);
+    app.documents
+        .insert_token(&TokenRecord {
+            // No access token until the token is used as a refresh token.
+            access_digest: digest(&random_hex(32)),
+            refresh_digest: digest(&token),
+            user_id: user_id.to_string(),
+            client_id: PERSONAL_CLIENT.to_string(),
+            access_expires_at: 0,
+            refresh_expires_at: now + ttl_ms,
+            name: name.to_string(),
+            created_at: now,
+        })
+        .await?;
+    Ok(token)
 }
 
 /// The signed-in user of a request: `Authorization: Bearer <access_token>`, or the
@@ -110,26 +141,40 @@ pub struct UserAuth {
 }
 
 impl UserAuth {
-    /// The user holding `token`, if it is a live access token.
+    /// The user holding `token`, if it is a live access token (or, as a bearer, a live
+    /// personal token) and the account is not disabled.
     pub async fn from_token(
         app: &AppState,
         token: &str,
         by_cookie: bool,
     ) -> Result<Self, ApiError> {
         let access_digest = digest(token);
-        let record = app
+        let now = now_ms();
+        let mut record = app
             .documents
             .token_by_access(&access_digest)
             .await?
-            .filter(|t| t.access_expires_at > now_ms())
-            .ok_or_else(|| {
-                ApiError::unauthorized("invalid or expired access token: refresh it or sign in")
-            })?;
+            .filter(|t| t.access_expires_at > now);
+        if record.is_none() && !by_cookie {
+            record = app
+                .documents
+                .token_by_refresh(&access_digest)
+                .await?
+                .filter(|t| t.client_id == PERSONAL_CLIENT && t.refresh_expires_at > now);
+        }
+        let record = record.ok_or_else(|| {
+            ApiError::unauthorized("invalid or expired access token: refresh it or sign in")
+        })?;
         let user = app
             .documents
             .user_by_id(&record.user_id)
             .await?
             .ok_or_else(|| ApiError::unauthorized("the token's user no longer exists"))?;
+        if user.disabled {
+            return Err(ApiError::unauthorized(
+                "this account is disabled: ask an admin of the appliance",
+            ));
+        }
         Ok(UserAuth {
             user,
             access_digest,

@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use km_config::{SmtpSettings, SmtpTls};
+use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 /// How long one SMTP command (connect, TLS, AUTH, a mail) may take.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,4 +44,43 @@ pub fn transport(
         builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
     }
     Ok(builder.build())
+}
+
+/// A mail's subject and its text and HTML parts.
+pub struct Letter {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// Mails `letter` to each of `recipients` through the SMTP server of the settings; the
+/// error says what to fix (no server set, a bad address, the server's answer).
+pub async fn send(
+    smtp: Option<&SmtpSettings>,
+    recipients: &[String],
+    letter: &Letter,
+) -> Result<(), String> {
+    let smtp = smtp.ok_or("SMTP_HOST is not set: no mail can be sent")?;
+    let from: Mailbox = smtp
+        .sender
+        .parse()
+        .map_err(|e| format!("SMTP_SENDER {:?}: {e}", smtp.sender))?;
+    let transport = transport(smtp, None)?;
+    for to in recipients {
+        let to: Mailbox = to.parse().map_err(|e| format!("recipient {to:?}: {e}"))?;
+        let mail = Message::builder()
+            .from(from.clone())
+            .to(to)
+            .subject(&letter.subject)
+            .multipart(MultiPart::alternative_plain_html(
+                letter.text.clone(),
+                letter.html.clone(),
+            ))
+            .map_err(|e| format!("cannot build the mail: {e}"))?;
+        transport
+            .send(mail)
+            .await
+            .map_err(|e| format!("{}:{}: {e}", smtp.host, smtp.port))?;
+    }
+    Ok(())
 }

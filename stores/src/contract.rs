@@ -13,8 +13,8 @@ use super::sqlite::{open_documents, open_events};
 use super::{
     AgentCommand, Bucket, Bus, Channel, CommandSink, Cutoffs, Delivery, Documents, EventKind,
     EventQuery, EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery,
-    Notification, NotificationState, ParkedServer, ServerProcesses, ServerRecord, StoreError,
-    TokenRecord, User,
+    Notification, NotificationState, ParkedServer, PasswordReset, ServerProcesses, ServerRecord,
+    StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -26,6 +26,8 @@ fn user(name: &str) -> User {
         password_hash: "h".into(),
         role: "user".into(),
         created_at: 1,
+        disabled: false,
+        reset: None,
     }
 }
 
@@ -112,6 +114,8 @@ async fn documents_contract(docs: &dyn Documents) {
         client_id: "c".into(),
         access_expires_at: 10,
         refresh_expires_at: 4_000_000_000_000,
+        name: String::new(),
+        created_at: 1,
     };
     docs.insert_token(&token).await.unwrap();
     assert_eq!(
@@ -226,6 +230,8 @@ fn token_of(user: &User, n: u32) -> TokenRecord {
         client_id: "c".into(),
         access_expires_at: 4_000_000_000_000,
         refresh_expires_at: 4_000_000_000_000,
+        name: format!("token {n}"),
+        created_at: i64::from(n),
     }
 }
 
@@ -646,6 +652,119 @@ async fn bucket_management_contract_on_mongodb() {
         .await
         .unwrap();
     bucket_management_contract(&docs).await;
+}
+
+/// What every documents store must do for an appliance's admins and a bucket's owner:
+/// accounts listed and disabled, password resets, personal tokens, ownership transfers.
+async fn account_contract(docs: &dyn Documents) {
+    let (zoe, ann, max) = (user("zoe"), user("ann"), user("max"));
+    for u in [&zoe, &ann, &max] {
+        docs.insert_user(u).await.unwrap();
+    }
+    let names = |users: Vec<User>| users.into_iter().map(|u| u.username).collect::<Vec<_>>();
+    assert_eq!(names(docs.all_users().await.unwrap()), ["ann", "max", "zoe"]);
+
+    // Disabling revokes the account's tokens (only theirs); enabling keeps the flag off.
+    for t in [token_of(&ann, 1), token_of(&max, 1)] {
+        docs.insert_token(&t).await.unwrap();
+    }
+    assert!(docs.set_user_disabled(&ann.id, true).await.unwrap());
+    assert!(!docs.set_user_disabled("nobody", true).await.unwrap());
+    let stored = docs.user_by_id(&ann.id).await.unwrap().unwrap();
+    assert!(stored.disabled);
+    assert!(docs.tokens_of_user(&ann.id).await.unwrap().is_empty());
+    assert_eq!(
+        docs.tokens_of_user(&max.id).await.unwrap(),
+        vec![token_of(&max, 1)]
+    );
+    assert!(docs.set_user_disabled(&ann.id, false).await.unwrap());
+    assert!(!docs.user_by_login("ann").await.unwrap().unwrap().disabled);
+
+    // A reset replaces the pending one, is cancelled, and ends when the password is set.
+    let reset = |digest: &str| PasswordReset {
+        digest: digest.into(),
+        expires_at: 4_000_000_000_000,
+    };
+    assert!(docs.set_password_reset(&ann.id, Some(&reset("d1"))).await.unwrap());
+    assert!(docs.set_password_reset(&ann.id, Some(&reset("d2"))).await.unwrap());
+    assert_eq!(
+        docs.user_by_id(&ann.id).await.unwrap().unwrap().reset,
+        Some(reset("d2"))
+    );
+    assert!(docs.set_password_reset(&ann.id, None).await.unwrap());
+    assert_eq!(docs.user_by_id(&ann.id).await.unwrap().unwrap().reset, None);
+    assert!(!docs.set_password_reset("nobody", None).await.unwrap());
+    docs.set_password_reset(&ann.id, Some(&reset("d3")))
+        .await
+        .unwrap();
+    docs.set_password(&ann.id, "h2").await.unwrap();
+    assert_eq!(docs.user_by_id(&ann.id).await.unwrap().unwrap().reset, None);
+
+    // A user's token pairs, oldest first, with their names; one revoked by its refresh
+    // digest, and only by its holder.
+    for n in [3, 1, 2] {
+        docs.insert_token(&token_of(&zoe, n)).await.unwrap();
+    }
+    assert_eq!(
+        docs.tokens_of_user(&zoe.id).await.unwrap(),
+        vec![token_of(&zoe, 1), token_of(&zoe, 2), token_of(&zoe, 3)]
+    );
+    assert!(!docs.delete_token_pair(&max.id, "r-zoe-2").await.unwrap());
+    assert!(docs.delete_token_pair(&zoe.id, "r-zoe-2").await.unwrap());
+    assert!(!docs.delete_token_pair(&zoe.id, "r-zoe-2").await.unwrap());
+    assert_eq!(
+        docs.tokens_of_user(&zoe.id).await.unwrap(),
+        vec![token_of(&zoe, 1), token_of(&zoe, 3)]
+    );
+
+    // A transfer makes a member the owner and the owner until now an admin.
+    let bucket = Bucket {
+        id: new_object_id(),
+        name: "team".into(),
+        public_id: "pub-team".into(),
+        secret_id: "sec-team".into(),
+        owner: zoe.id.clone(),
+        created_at: 5,
+        disabled: false,
+    };
+    docs.insert_bucket(&bucket).await.unwrap();
+    docs.set_member(&bucket.id, &ann.id, MemberRole::Developer)
+        .await
+        .unwrap();
+    assert!(!docs.transfer_bucket(&bucket.id, &max.id).await.unwrap());
+    assert!(!docs.transfer_bucket("nobucket", &ann.id).await.unwrap());
+    assert_eq!(
+        docs.bucket_by_id(&bucket.id).await.unwrap().map(|b| b.owner),
+        Some(zoe.id.clone()),
+        "a refused transfer changes nothing"
+    );
+    assert!(docs.transfer_bucket(&bucket.id, &ann.id).await.unwrap());
+    assert_eq!(
+        docs.bucket_by_id(&bucket.id).await.unwrap().map(|b| b.owner),
+        Some(ann.id.clone())
+    );
+    assert_eq!(
+        docs.bucket_members(&bucket.id).await.unwrap(),
+        vec![member(&ann, MemberRole::Owner), member(&zoe, MemberRole::Admin)]
+    );
+}
+
+#[tokio::test]
+async fn account_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    account_contract(&open_documents(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn account_contract_on_mongodb() {
+    if !km_e2e::enabled("a MongoDB-wire server (secantusd-py)") {
+        return;
+    }
+    let server = km_e2e::SecantusDb::start().unwrap();
+    let docs = MongoDocuments::connect(&server.url("km_contract"))
+        .await
+        .unwrap();
+    account_contract(&docs).await;
 }
 
 /// Scheduled jobs: of many claims of one period from two nodes, exactly one wins;

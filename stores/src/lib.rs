@@ -46,11 +46,27 @@ pub trait Documents: Send + Sync {
     /// Finds a user by username or email.
     async fn user_by_login(&self, login: &str) -> StoreResult<Option<User>>;
     async fn user_by_id(&self, id: &str) -> StoreResult<Option<User>>;
+    /// Every account, by username.
+    async fn all_users(&self) -> StoreResult<Vec<User>>;
+    /// Refuses or admits an account again; disabling revokes every token it holds.
+    /// False if there is no such user.
+    async fn set_user_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<bool>;
+    /// Starts (replacing any pending one) or cancels a password reset; false if there is
+    /// no such user.
+    async fn set_password_reset(
+        &self,
+        user_id: &str,
+        reset: Option<&PasswordReset>,
+    ) -> StoreResult<bool>;
 
     async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()>;
     async fn token_by_access(&self, access_digest: &str) -> StoreResult<Option<TokenRecord>>;
     async fn token_by_refresh(&self, refresh_digest: &str) -> StoreResult<Option<TokenRecord>>;
     async fn delete_token(&self, access_digest: &str) -> StoreResult<()>;
+    /// The token pairs a user holds (sign-ins and personal tokens), oldest first.
+    async fn tokens_of_user(&self, user_id: &str) -> StoreResult<Vec<TokenRecord>>;
+    /// Revokes one of a user's token pairs; false if they hold no such pair.
+    async fn delete_token_pair(&self, user_id: &str, refresh_digest: &str) -> StoreResult<bool>;
     /// Gives the token pair of `refresh_digest` a new access token; false if unknown.
     async fn rotate_access(
         &self,
@@ -84,9 +100,13 @@ pub trait Documents: Send + Sync {
     async fn set_bucket_disabled(&self, bucket_id: &str, disabled: bool) -> StoreResult<bool>;
     /// Renames a bucket; false if it is gone.
     async fn rename_bucket(&self, bucket_id: &str, name: &str) -> StoreResult<bool>;
+    /// Makes a member the bucket's owner, the owner until now an admin; false if the
+    /// bucket is gone or `user_id` is not a member.
+    async fn transfer_bucket(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool>;
     /// Deletes a bucket with its memberships and server records.
     async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()>;
-    /// Sets a user's password hash and revokes every token they hold.
+    /// Sets a user's password hash, ends a pending reset and revokes every token they
+    /// hold.
     async fn set_password(&self, user_id: &str, password_hash: &str) -> StoreResult<()>;
 
     async fn upsert_servers(&self, servers: &[ServerRecord]) -> StoreResult<()>;

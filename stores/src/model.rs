@@ -30,6 +30,19 @@ pub struct User {
     /// `admin` for the first user, `user` for the others.
     pub role: String,
     pub created_at: i64,
+    /// Refused at sign-in and on every token (an appliance admin's decision).
+    #[serde(default)]
+    pub disabled: bool,
+    /// A pending password reset; cleared when the password is set.
+    #[serde(skip)]
+    pub reset: Option<PasswordReset>,
+}
+
+/// A password reset link's secret (its SHA-256 digest) and when it expires (epoch ms).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PasswordReset {
+    pub digest: String,
+    pub expires_at: i64,
 }
 
 /// An issued token pair; only SHA-256 digests of the tokens are stored.
@@ -41,6 +54,9 @@ pub struct TokenRecord {
     pub client_id: String,
     pub access_expires_at: i64,
     pub refresh_expires_at: i64,
+    /// A personal token's name ("" for sign-ins).
+    pub name: String,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, ServerRecord, StoreError,
-    StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, PasswordReset, ServerRecord,
+    StoreError, StoreResult, TokenRecord, User,
 };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -156,7 +156,11 @@ impl MongoDocuments {
             .create_indexes([unique(doc! {"username": 1}), unique(doc! {"email": 1})])
             .await?;
         self.tokens()
-            .create_index(unique(doc! {"refresh_digest": 1}))
+            .create_indexes([
+                unique(doc! {"refresh_digest": 1}),
+                unique(doc! {"access_digest": 1}),
+                plain(doc! {"user_id": 1}),
+            ])
             .await?;
         let ttl = IndexOptions::builder().expire_after(Duration::ZERO).build();
         self.tokens()
@@ -315,6 +319,50 @@ impl Documents for MongoDocuments {
         find_one(self.users(), doc! {"_id": id}, User::from).await
     }
 
+    async fn all_users(&self) -> StoreResult<Vec<User>> {
+        let mut users: Vec<User> = find_all(self.users(), doc! {})
+            .await?
+            .into_iter()
+            .map(User::from)
+            .collect();
+        users.sort_by(|a, b| a.username.cmp(&b.username));
+        Ok(users)
+    }
+
+    async fn set_user_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<bool> {
+        // The flag first: once it is set no token is accepted, so a failed revocation
+        // below leaves nothing usable and can be retried.
+        let result = self
+            .users()
+            .update_one(doc! {"_id": user_id}, doc! {"$set": {"disabled": disabled}})
+            .await
+            .map_err(unavailable)?;
+        if disabled {
+            self.tokens()
+                .delete_many(doc! {"user_id": user_id})
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(result.matched_count == 1)
+    }
+
+    async fn set_password_reset(
+        &self,
+        user_id: &str,
+        reset: Option<&PasswordReset>,
+    ) -> StoreResult<bool> {
+        let update = match reset {
+            Some(r) => doc! {"$set": {"reset_digest": &r.digest, "reset_expires_at": r.expires_at}},
+            None => doc! {"$unset": {"reset_digest": "", "reset_expires_at": ""}},
+        };
+        let result = self
+            .users()
+            .update_one(doc! {"_id": user_id}, update)
+            .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
+    }
+
     async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()> {
         inserted(self.tokens().insert_one(TokenDoc::from(token)).await)
     }
@@ -343,6 +391,25 @@ impl Documents for MongoDocuments {
             .await
             .map(|_| ())
             .map_err(unavailable)
+    }
+
+    async fn tokens_of_user(&self, user_id: &str) -> StoreResult<Vec<TokenRecord>> {
+        let mut tokens: Vec<TokenRecord> = find_all(self.tokens(), doc! {"user_id": user_id})
+            .await?
+            .into_iter()
+            .map(TokenRecord::from)
+            .collect();
+        tokens.sort_by_key(|t| t.created_at);
+        Ok(tokens)
+    }
+
+    async fn delete_token_pair(&self, user_id: &str, refresh_digest: &str) -> StoreResult<bool> {
+        let result = self
+            .tokens()
+            .delete_one(doc! {"user_id": user_id, "refresh_digest": refresh_digest})
+            .await
+            .map_err(unavailable)?;
+        Ok(result.deleted_count == 1)
     }
 
     async fn rotate_access(
@@ -503,6 +570,40 @@ impl Documents for MongoDocuments {
         Ok(result.matched_count == 1)
     }
 
+    async fn transfer_bucket(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool> {
+        // No transactions: the new owner's membership first, then the bucket's owner,
+        // then the previous owner made an admin. A failure part way leaves two owners
+        // (both had the rights before), never none; the transfer can be run again.
+        let Some(bucket) = self.bucket_by_id(bucket_id).await? else {
+            return Ok(false);
+        };
+        let promoted = self
+            .members()
+            .update_one(
+                doc! {"bucket_id": bucket_id, "user_id": user_id},
+                doc! {"$set": {"role": MemberRole::Owner.as_str()}},
+            )
+            .await
+            .map_err(unavailable)?;
+        if promoted.matched_count == 0 {
+            return Ok(false);
+        }
+        self.buckets()
+            .update_one(doc! {"_id": bucket_id}, doc! {"$set": {"owner": user_id}})
+            .await
+            .map_err(unavailable)?;
+        if bucket.owner != user_id {
+            self.members()
+                .update_one(
+                    doc! {"bucket_id": bucket_id, "user_id": &bucket.owner},
+                    doc! {"$set": {"role": MemberRole::Admin.as_str()}},
+                )
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(true)
+    }
+
     async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()> {
         // No transactions (they need a replica set): the bucket goes first, so that if a
         // later step fails nothing reaches what is left (agents authenticate and members
@@ -537,7 +638,10 @@ impl Documents for MongoDocuments {
         self.users()
             .update_one(
                 doc! {"_id": user_id},
-                doc! {"$set": {"password_hash": password_hash}},
+                doc! {
+                    "$set": {"password_hash": password_hash},
+                    "$unset": {"reset_digest": "", "reset_expires_at": ""},
+                },
             )
             .await
             .map_err(unavailable)?;
@@ -821,6 +925,12 @@ struct UserDoc {
     password_hash: String,
     role: String,
     created_at: i64,
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    reset_digest: Option<String>,
+    #[serde(default)]
+    reset_expires_at: Option<i64>,
 }
 
 impl From<&User> for UserDoc {
@@ -832,6 +942,9 @@ impl From<&User> for UserDoc {
             password_hash: u.password_hash.clone(),
             role: u.role.clone(),
             created_at: u.created_at,
+            disabled: u.disabled,
+            reset_digest: u.reset.as_ref().map(|r| r.digest.clone()),
+            reset_expires_at: u.reset.as_ref().map(|r| r.expires_at),
         }
     }
 }
@@ -845,6 +958,11 @@ impl From<UserDoc> for User {
             password_hash: u.password_hash,
             role: u.role,
             created_at: u.created_at,
+            disabled: u.disabled,
+            reset: match (u.reset_digest, u.reset_expires_at) {
+                (Some(digest), Some(expires_at)) => Some(PasswordReset { digest, expires_at }),
+                _ => None,
+            },
         }
     }
 }
@@ -858,6 +976,10 @@ struct TokenDoc {
     access_expires_at: i64,
     refresh_expires_at: i64,
     expires: bson::DateTime,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    created_at: i64,
 }
 
 impl From<&TokenRecord> for TokenDoc {
@@ -870,6 +992,8 @@ impl From<&TokenRecord> for TokenDoc {
             access_expires_at: t.access_expires_at,
             refresh_expires_at: t.refresh_expires_at,
             expires: bson::DateTime::from_millis(t.refresh_expires_at),
+            name: t.name.clone(),
+            created_at: t.created_at,
         }
     }
 }
@@ -883,6 +1007,8 @@ impl From<TokenDoc> for TokenRecord {
             client_id: t.client_id,
             access_expires_at: t.access_expires_at,
             refresh_expires_at: t.refresh_expires_at,
+            name: t.name,
+            created_at: t.created_at,
         }
     }
 }

@@ -115,6 +115,8 @@ fn rfc3339(ms: i64) -> String {
 pub struct Requester<'a> {
     pub by: Option<&'a User>,
     pub peer: Option<IpAddr>,
+    /// They hold a bucket's invitation (an account while sign-up is closed).
+    pub invited: bool,
 }
 
 /// Creates an account: the first one is the admin; later ones only while sign-up is
@@ -136,7 +138,7 @@ pub async fn create_account(
         ));
     }
     let by_admin = by.is_some_and(|u| u.role == "admin");
-    if !first && !app.settings.allow_signup && !by_admin {
+    if !first && !app.settings.allow_signup && !by_admin && !requester.invited {
         return Err(ApiError::forbidden(
             "sign-up is closed: an admin creates accounts (or sets KM_ALLOW_SIGNUP=true)",
         ));
@@ -157,6 +159,8 @@ pub async fn create_account(
         password_hash: auth::hash_password(form.password).await?,
         role: role.to_string(),
         created_at: now_ms(),
+        disabled: false,
+        reset: None,
     };
     app.documents.insert_user(&user).await?;
     tracing::info!(user = %user.username, role, by = by.map(|u| u.username.as_str()), "account created");
@@ -178,6 +182,7 @@ pub async fn register(
     let requester = Requester {
         by: by.as_ref(),
         peer: peer.0,
+        invited: false,
     };
     let user = create_account(&app, form, requester).await?;
     let tokens = auth::issue_tokens(&app, &user.id, "km", auth::ACCESS_TTL_MS).await?;
@@ -224,7 +229,13 @@ pub async fn check_password(
         _ => None,
     };
     throttle::record_sign_in(&*app.bus, &account, ip, user.is_some()).await;
-    user.ok_or_else(|| ApiError::unauthorized("wrong username or password"))
+    match user {
+        Some(user) if user.disabled => Err(ApiError::forbidden(
+            "this account is disabled: ask an admin of the appliance",
+        )),
+        Some(user) => Ok(user),
+        None => Err(ApiError::unauthorized("wrong username or password")),
+    }
 }
 
 /// `POST /api/oauth/token`: password and refresh_token grants.

@@ -151,7 +151,11 @@ pub async fn signup(
         accept_terms: Value::Bool(true),
     };
     let by = session.as_ref().map(|s| &s.auth.user);
-    let requester = oauth::Requester { by, peer: peer.0 };
+    let requester = oauth::Requester {
+        by,
+        peer: peer.0,
+        invited: false,
+    };
     match oauth::create_account(&app, register, requester).await {
         Ok(user) if by.is_some() => back(
             "/signup",

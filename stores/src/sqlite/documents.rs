@@ -7,8 +7,8 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::Db;
 use crate::{
-    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, ServerRecord, StoreError,
-    StoreResult, TokenRecord, User,
+    Bucket, Documents, Member, MemberRole, Notification, ParkedServer, PasswordReset, ServerRecord,
+    StoreError, StoreResult, TokenRecord, User,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -68,6 +68,15 @@ ALTER TABLE members ADD COLUMN notify INTEGER;
 CREATE TABLE bucket_docs (
   bucket_id TEXT NOT NULL, kind TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
   PRIMARY KEY (bucket_id, kind, id));
+",
+    // v9: accounts disabled by an admin, password resets, personal tokens.
+    "
+ALTER TABLE users ADD COLUMN disabled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN reset_digest TEXT;
+ALTER TABLE users ADD COLUMN reset_expires_at INTEGER;
+ALTER TABLE tokens ADD COLUMN name TEXT NOT NULL DEFAULT '';
+ALTER TABLE tokens ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX tokens_by_user ON tokens(user_id);
 ",
     // A version after this km's, for the upgrade tests only (the feature
     // test-migration): it fails where the table is already there.
@@ -136,9 +145,10 @@ impl SqliteDocuments {
     }
 }
 
-const USER_COLUMNS: &str = "id, username, email, password_hash, role, created_at";
-const TOKEN_COLUMNS: &str =
-    "access_digest, refresh_digest, user_id, client_id, access_expires_at, refresh_expires_at";
+const USER_COLUMNS: &str = "id, username, email, password_hash, role, created_at, disabled, \
+     reset_digest, reset_expires_at";
+const TOKEN_COLUMNS: &str = "access_digest, refresh_digest, user_id, client_id, \
+     access_expires_at, refresh_expires_at, name, created_at";
 const BUCKET_COLUMNS: &str = "id, name, public_id, secret_id, owner, created_at, disabled";
 
 fn user_from(row: &Row) -> rusqlite::Result<User> {
@@ -149,6 +159,11 @@ fn user_from(row: &Row) -> rusqlite::Result<User> {
         password_hash: row.get(3)?,
         role: row.get(4)?,
         created_at: row.get(5)?,
+        disabled: row.get(6)?,
+        reset: match (row.get(7)?, row.get(8)?) {
+            (Some(digest), Some(expires_at)) => Some(PasswordReset { digest, expires_at }),
+            _ => None,
+        },
     })
 }
 
@@ -160,6 +175,8 @@ fn token_from(row: &Row) -> rusqlite::Result<TokenRecord> {
         client_id: row.get(3)?,
         access_expires_at: row.get(4)?,
         refresh_expires_at: row.get(5)?,
+        name: row.get(6)?,
+        created_at: row.get(7)?,
     })
 }
 
@@ -231,14 +248,19 @@ impl Documents for SqliteDocuments {
             .db
             .call(move |c| {
                 match c.execute(
-                    &format!("INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                    &format!(
+                        "INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                    ),
                     params![
                         u.id,
                         u.username,
                         u.email,
                         u.password_hash,
                         u.role,
-                        u.created_at
+                        u.created_at,
+                        u.disabled,
+                        u.reset.as_ref().map(|r| &r.digest),
+                        u.reset.as_ref().map(|r| r.expires_at)
                     ],
                 ) {
                     Ok(_) => Ok(None),
@@ -272,13 +294,61 @@ impl Documents for SqliteDocuments {
         self.optional(sql, id.to_string(), user_from).await
     }
 
+    async fn all_users(&self) -> StoreResult<Vec<User>> {
+        self.db
+            .call(|c| {
+                let sql = format!("SELECT {USER_COLUMNS} FROM users ORDER BY username");
+                let mut stmt = c.prepare(&sql)?;
+                stmt.query_map([], user_from)?.collect()
+            })
+            .await
+    }
+
+    async fn set_user_disabled(&self, user_id: &str, disabled: bool) -> StoreResult<bool> {
+        let user = user_id.to_string();
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let found = tx.execute(
+                    "UPDATE users SET disabled = ?2 WHERE id = ?1",
+                    params![user, disabled],
+                )? == 1;
+                if disabled {
+                    tx.execute("DELETE FROM tokens WHERE user_id = ?1", [&user])?;
+                }
+                tx.commit().map(|()| found)
+            })
+            .await
+    }
+
+    async fn set_password_reset(
+        &self,
+        user_id: &str,
+        reset: Option<&PasswordReset>,
+    ) -> StoreResult<bool> {
+        let user = user_id.to_string();
+        let (digest, expires_at) = (
+            reset.map(|r| r.digest.clone()),
+            reset.map(|r| r.expires_at),
+        );
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE users SET reset_digest = ?2, reset_expires_at = ?3 WHERE id = ?1",
+                    params![user, digest, expires_at],
+                )
+                .map(|n| n == 1)
+            })
+            .await
+    }
+
     async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()> {
         let t = token.clone();
         self.db
             .call(move |c| {
                 c.execute(
                     &format!(
-                        "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                        "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
                     ),
                     params![
                         t.access_digest,
@@ -286,7 +356,9 @@ impl Documents for SqliteDocuments {
                         t.user_id,
                         t.client_id,
                         t.access_expires_at,
-                        t.refresh_expires_at
+                        t.refresh_expires_at,
+                        t.name,
+                        t.created_at
                     ],
                 )
                 .map(|_| ())
@@ -312,6 +384,32 @@ impl Documents for SqliteDocuments {
             .call(move |c| {
                 c.execute("DELETE FROM tokens WHERE access_digest = ?1", [key])
                     .map(|_| ())
+            })
+            .await
+    }
+
+    async fn tokens_of_user(&self, user_id: &str) -> StoreResult<Vec<TokenRecord>> {
+        let user = user_id.to_string();
+        self.db
+            .call(move |c| {
+                let sql = format!(
+                    "SELECT {TOKEN_COLUMNS} FROM tokens WHERE user_id = ?1 ORDER BY created_at"
+                );
+                let mut stmt = c.prepare(&sql)?;
+                stmt.query_map([user], token_from)?.collect()
+            })
+            .await
+    }
+
+    async fn delete_token_pair(&self, user_id: &str, refresh_digest: &str) -> StoreResult<bool> {
+        let (user, refresh) = (user_id.to_string(), refresh_digest.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "DELETE FROM tokens WHERE user_id = ?1 AND refresh_digest = ?2",
+                    [user, refresh],
+                )
+                .map(|n| n == 1)
             })
             .await
     }
@@ -496,6 +594,38 @@ impl Documents for SqliteDocuments {
             .await
     }
 
+    async fn transfer_bucket(&self, bucket_id: &str, user_id: &str) -> StoreResult<bool> {
+        let (bucket, user) = (bucket_id.to_string(), user_id.to_string());
+        self.db
+            .call(move |c| {
+                let tx = c.transaction()?;
+                let member = tx.execute(
+                    "UPDATE members SET role = ?3 WHERE bucket_id = ?1 AND user_id = ?2",
+                    params![bucket, user, MemberRole::Owner.as_str()],
+                )? == 1;
+                let previous: Option<String> = tx
+                    .query_row("SELECT owner FROM buckets WHERE id = ?1", [&bucket], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                let Some(previous) = previous.filter(|_| member) else {
+                    return Ok(false);
+                };
+                if previous != user {
+                    tx.execute(
+                        "UPDATE members SET role = ?3 WHERE bucket_id = ?1 AND user_id = ?2",
+                        params![bucket, previous, MemberRole::Admin.as_str()],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE buckets SET owner = ?2 WHERE id = ?1",
+                    [&bucket, &user],
+                )?;
+                tx.commit().map(|()| true)
+            })
+            .await
+    }
+
     async fn delete_bucket(&self, bucket_id: &str) -> StoreResult<()> {
         let bucket = bucket_id.to_string();
         self.db
@@ -518,10 +648,10 @@ impl Documents for SqliteDocuments {
             .call(move |c| {
                 let tx = c.transaction()?;
                 tx.execute(
-                    "UPDATE users SET password_hash = ?2 WHERE id = ?1",
+                    "UPDATE users SET password_hash = ?2, reset_digest = NULL, reset_expires_at = NULL
+                     WHERE id = ?1",
                     [&user, &hash],
                 )?;
-                // A scan: tokens are few and passwords change rarely.
                 tx.execute("DELETE FROM tokens WHERE user_id = ?1", [&user])?;
                 tx.commit()
             })

@@ -26,8 +26,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use askama::Template;
-use lettre::message::{Mailbox, MultiPart};
-use lettre::{AsyncTransport, Message};
 use serde_json::{Value, json};
 
 use channels::{Hooks, Poster, Settings};
@@ -357,31 +355,10 @@ async fn post(poster: &Poster, hooks: &Hooks, n: &Notification) -> Result<(), St
 
 /// Mails the notification to each recipient (text and HTML parts).
 async fn mail(app: &App, n: &Notification) -> Result<(), String> {
-    let smtp = app
-        .settings
-        .smtp
-        .as_ref()
-        .ok_or("SMTP_HOST is not set: no mail can be sent")?;
-    let from: Mailbox = smtp
-        .sender
-        .parse()
-        .map_err(|e| format!("SMTP_SENDER {:?}: {e}", smtp.sender))?;
-    let transport = mail::transport(smtp, None)?;
-    for to in &n.recipients {
-        let to: Mailbox = to.parse().map_err(|e| format!("recipient {to:?}: {e}"))?;
-        let mail = Message::builder()
-            .from(from.clone())
-            .to(to)
-            .subject(&n.subject)
-            .multipart(MultiPart::alternative_plain_html(
-                n.text.clone(),
-                n.html.clone(),
-            ))
-            .map_err(|e| format!("cannot build the mail: {e}"))?;
-        transport
-            .send(mail)
-            .await
-            .map_err(|e| format!("{}:{}: {e}", smtp.host, smtp.port))?;
-    }
-    Ok(())
+    let letter = mail::Letter {
+        subject: n.subject.clone(),
+        text: n.text.clone(),
+        html: n.html.clone(),
+    };
+    mail::send(app.settings.smtp.as_ref(), &n.recipients, &letter).await
 }
