@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::api::{actions, alerts, buckets, data, insights, oauth};
+use crate::api::{actions, alerts, buckets, data, insights, oauth, team};
 use crate::role::Role;
 use crate::{gateway, interactor, realtime, web};
 use km_core::app::AppState;
@@ -132,6 +132,18 @@ fn api_routes() -> Router<AppState> {
             post(buckets::set_member_role),
         )
         .route("/api/bucket/{id}/remove_user", post(buckets::remove_member))
+        .route(
+            "/api/bucket/{id}/invitations",
+            get(team::invitations).post(team::invite),
+        )
+        .route(
+            "/api/bucket/{id}/invitations/{invitation}",
+            delete(team::revoke_invitation),
+        )
+        .route(
+            "/api/bucket/{id}/transfer_ownership",
+            post(team::transfer),
+        )
         .route("/api/bucket/{id}/meta_servers", get(buckets::servers))
         .route(
             "/api/bucket/{id}/data/deleteServer",

@@ -2,7 +2,8 @@
 //! (`app`), a bucket's own settings (`bucket_settings`), the fleet as the roles see it
 //! (`fleet`: statuses merged across nodes and the stored records, commands to agents),
 //! the fleet at a glance (`health`: apps across servers, hosts, problems first),
-//! exceptions grouped into issues (`issues`), the licence's process limit (`limits`),
+//! exceptions grouped into issues (`issues`), invitations to a bucket (`invitations`),
+//! the licence's process limit (`limits`),
 //! jobs once per period across nodes (`schedule`), the SMTP transport (`mail`) and the
 //! sign-in throttle (`throttle`).
 
@@ -10,6 +11,7 @@ pub mod app;
 pub mod bucket_settings;
 pub mod fleet;
 pub mod health;
+pub mod invitations;
 pub mod issues;
 pub mod limits;
 pub mod mail;

@@ -349,13 +349,13 @@ pub async fn usage(State(app): State<AppState>, access: BucketAccess) -> ApiResu
     Ok(Json(json!(usage)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Clone)]
 pub struct MemberForm {
-    /// Email or username of an existing account.
+    /// Email or username of an existing account (or the email of an invitation).
     #[serde(default, alias = "username")]
-    email: String,
+    pub email: String,
     #[serde(default)]
-    role: Option<String>,
+    pub role: Option<String>,
 }
 
 /// The account a member form names, and the role it asks for (never owner).
@@ -364,44 +364,50 @@ async fn member_target(
     form: &MemberForm,
     default_role: Option<MemberRole>,
 ) -> ApiResult<(User, MemberRole)> {
+    let role = requested_role(form, default_role)?;
     let login = form.email.trim();
+    let user = account_of(app, login).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no account {login:?}: invite them by email to create one"
+        ))
+    })?;
+    Ok((user, role))
+}
+
+/// The role a member form asks for (never owner), `default_role` if it names none.
+pub(super) fn requested_role(
+    form: &MemberForm,
+    default_role: Option<MemberRole>,
+) -> ApiResult<MemberRole> {
+    match (form.role.as_deref().map(str::trim)).filter(|r| !r.is_empty()) {
+        Some(r) => MemberRole::parse(r)
+            .filter(|r| *r != MemberRole::Owner)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("role: {r:?} is not admin, developer or read_only"))
+            }),
+        None => default_role
+            .ok_or_else(|| ApiError::bad_request("role: admin, developer or read_only")),
+    }
+}
+
+/// The account of an email or username (emails are stored in lower case).
+pub(super) async fn account_of(app: &AppState, login: &str) -> ApiResult<Option<User>> {
     if login.is_empty() {
         return Err(ApiError::bad_request(
             "email: the member's email or username",
         ));
     }
-    let role = match form
-        .role
-        .as_deref()
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-    {
-        Some(r) => MemberRole::parse(r)
-            .filter(|r| *r != MemberRole::Owner)
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("role: {r:?} is not admin, developer or read_only"))
-            })?,
-        None => default_role
-            .ok_or_else(|| ApiError::bad_request("role: admin, developer or read_only"))?,
-    };
-    let user = app
-        .documents
-        .user_by_login(&login.to_lowercase())
-        .await?
-        .or(app.documents.user_by_login(login).await?)
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no account {login:?}: the person must have an account first"
-            ))
-        })?;
-    Ok((user, role))
+    Ok(match app.documents.user_by_login(&login.to_lowercase()).await? {
+        Some(user) => Some(user),
+        None => app.documents.user_by_login(login).await?,
+    })
 }
 
 /// Refuses to change the owner's membership.
 fn not_owner(access: &BucketAccess, user: &User) -> ApiResult<()> {
     if user.id == access.bucket.owner {
         return Err(ApiError::bad_request(
-            "the owner's role cannot be changed or removed",
+            "the owner's role cannot be changed or removed (transfer the ownership first)",
         ));
     }
     Ok(())

@@ -7,6 +7,7 @@ pub mod buckets;
 pub mod data;
 pub mod insights;
 pub mod oauth;
+pub mod team;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;

@@ -2,7 +2,7 @@
 
 use askama::Template;
 use axum::Form;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -35,7 +35,7 @@ const FORM_COOKIE: &str = "km_form";
 /// A visitor's form token: a random value in a `SameSite=Strict` cookie that the form
 /// echoes, so that another site cannot post the sign-in or sign-up form (login CSRF). The
 /// cookie is kept if the browser has one (several tabs), else made with its `Set-Cookie`.
-fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+pub(super) fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
     if let Some(token) = auth::cookie(headers, FORM_COOKIE).filter(|t| t.len() == 32) {
         return (token.to_string(), None);
     }
@@ -45,7 +45,7 @@ fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
 }
 
 /// A visitor's form posted with its token, or the page that refuses it.
-fn refuse_forged_visitor(headers: &HeaderMap, given: &str) -> Option<Response> {
+pub(super) fn refuse_forged_visitor(headers: &HeaderMap, given: &str) -> Option<Response> {
     let matches = auth::cookie(headers, FORM_COOKIE).is_some_and(|t| auth::same_secret(t, given));
     (!matches).then(|| {
         error_page(&ApiError::forbidden(
@@ -55,7 +55,7 @@ fn refuse_forged_visitor(headers: &HeaderMap, given: &str) -> Option<Response> {
 }
 
 /// `response` with the form token's cookie, when it was just made.
-fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
+pub(super) fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
     if let Some(cookie) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         response.headers_mut().append(SET_COOKIE, cookie);
     }
@@ -63,7 +63,7 @@ fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
 }
 
 /// The signed-in user of a page that also serves visitors.
-async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
+pub(super) async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
     let token = auth::session_cookie(headers)?;
     let auth = UserAuth::from_token(app, token, true).await.ok()?;
     Some(WebSession {
@@ -180,25 +180,52 @@ struct LoginPage {
     flash: Flash,
     login: String,
     form_token: String,
+    /// Where to go once signed in (a path of this site), if not the buckets.
+    next: String,
 }
 
-fn login_view(app: &AppState, headers: &HeaderMap, flash: Flash, login: String) -> Response {
+fn login_view(
+    app: &AppState,
+    headers: &HeaderMap,
+    flash: Flash,
+    login: String,
+    next: String,
+) -> Response {
     let (form_token, cookie) = form_token(app, headers);
     let page = render(&LoginPage {
         nav: None,
         flash,
         login,
         form_token,
+        next,
     });
     with_cookie(page, cookie)
+}
+
+/// `?next=`: where the sign-in goes on to.
+#[derive(Deserialize, Default)]
+pub struct Next {
+    #[serde(default)]
+    next: String,
+}
+
+/// `next` if it is a path of this site (never another site: `//host`, `/\host`).
+fn local_path(next: &str) -> Option<&str> {
+    let local = next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(char::is_control);
+    local.then_some(next)
 }
 
 pub async fn login_page(
     State(app): State<AppState>,
     headers: HeaderMap,
     flash: Flashes,
+    Query(next): Query<Next>,
 ) -> Response {
-    login_view(&app, &headers, flash.0, String::new())
+    let next = local_path(&next.next).unwrap_or_default().to_string();
+    login_view(&app, &headers, flash.0, String::new(), next)
 }
 
 #[derive(Deserialize)]
@@ -209,6 +236,8 @@ pub struct LoginForm {
     password: String,
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
+    next: String,
 }
 
 pub async fn login(
@@ -221,10 +250,15 @@ pub async fn login(
         return refused;
     }
     match oauth::check_password(&app, &form.login, form.password, peer.0).await {
-        Ok(user) => sign_in(&app, &user.id, "/buckets").await,
+        Ok(user) => {
+            let to = local_path(&form.next).unwrap_or("/buckets");
+            sign_in(&app, &user.id, to).await
+        }
         Err(e) => {
             let (status, retry_after) = (e.status, e.retry_after);
-            let mut page = login_view(&app, &headers, Flash::error(e.msg), form.login);
+            let next = local_path(&form.next).unwrap_or_default().to_string();
+            let flash = Flash::error(e.msg);
+            let mut page = login_view(&app, &headers, flash, form.login, next);
             *page.status_mut() = status;
             if let Some(seconds) = retry_after {
                 page.headers_mut()
@@ -237,7 +271,7 @@ pub async fn login(
 
 /// Starts a dashboard session (a token pair whose access token lives in the cookie) and
 /// goes to `to`.
-async fn sign_in(app: &AppState, user_id: &str, to: &str) -> Response {
+pub(super) async fn sign_in(app: &AppState, user_id: &str, to: &str) -> Response {
     let tokens = match auth::issue_tokens(app, user_id, "dashboard", SESSION_TTL_MS).await {
         Ok(tokens) => tokens,
         Err(e) => return error_page(&e),

@@ -4,6 +4,7 @@
 use askama::Template;
 use axum::Form;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
@@ -12,11 +13,13 @@ use super::fleet::{ServerCard, server_cards};
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::buckets::{self as api, BucketAccess};
+use crate::api::team::{self, Invited};
 use crate::error::ApiError;
 use futures_util::future::join_all;
 use km_core::app::AppState;
 use km_core::bucket_settings::BucketSettings;
 use km_core::health::{Fleet, counted};
+use km_core::invitations::{Invitation, Pending};
 use km_stores::{Bucket, Member, MemberRole};
 
 /// A bucket the signed-in user belongs to, or the error page (404 for anyone else).
@@ -142,6 +145,8 @@ struct SettingsPage {
     role: MemberRole,
     link: String,
     members: Vec<Member>,
+    /// Pending invitations (admins only).
+    invitations: Vec<Pending>,
     servers: Vec<ServerCard>,
     settings: BucketSettings,
     flash: Flash,
@@ -153,30 +158,84 @@ pub async fn settings(
     Path(id): Path<String>,
     flash: Flashes,
 ) -> Response {
-    let access = match access(&app, &session, &id).await {
-        Ok(access) => access,
-        Err(page) => return page,
-    };
+    match access(&app, &session, &id).await {
+        Ok(access) => settings_view(&app, &session, access, flash.0).await,
+        Err(page) => page,
+    }
+}
+
+async fn settings_view(
+    app: &AppState,
+    session: &WebSession,
+    access: BucketAccess,
+    flash: Flash,
+) -> Response {
     let documents = app.documents.as_ref();
+    let invitations = async {
+        if access.role.includes(MemberRole::Admin) {
+            Invitation::pending(documents, &access.bucket.id).await
+        } else {
+            Ok(Vec::new())
+        }
+    };
     let stored = tokio::try_join!(
         documents.bucket_members(&access.bucket.id),
         BucketSettings::load(documents, &access.bucket.id),
+        invitations,
     );
-    let (members, settings) = match stored {
+    let (members, settings, invitations) = match stored {
         Ok(stored) => stored,
         Err(e) => return error_page(&e.into()),
     };
-    let flash = flash.0;
     render(&SettingsPage {
-        nav: Some(Nav::from(&session)),
+        nav: Some(Nav::from(session)),
         settings,
-        servers: server_cards(&app, &access.bucket.id).await,
-        link: link_command(&app, &access.bucket),
+        servers: server_cards(app, &access.bucket.id).await,
+        link: link_command(app, &access.bucket),
         members,
+        invitations,
         role: access.role,
         bucket: access.bucket,
         flash,
     })
+}
+
+/// Invites the form's address by mail; when the mail cannot go, the settings page shows
+/// the link to pass on (never in a redirect's URL).
+async fn invite(
+    app: &AppState,
+    session: &WebSession,
+    access: BucketAccess,
+    form: &api::MemberForm,
+) -> Response {
+    let page = format!("/buckets/{}/settings", access.bucket.id);
+    match team::invite_by_mail(app, &access, form).await {
+        Ok(Invited {
+            email,
+            mail_error: None,
+            ..
+        }) => back(
+            &page,
+            Ok(format!(
+                "invitation mailed to {email}: its link works for 7 days"
+            )),
+        ),
+        Ok(Invited {
+            email,
+            mail_error: Some(error),
+            link,
+            ..
+        }) => {
+            let flash = Flash {
+                msg: Some(format!(
+                    "invitation to {email} created, but not mailed ({error}): send them this link (it works for 7 days): {link}"
+                )),
+                error: None,
+            };
+            settings_view(app, session, access, flash).await
+        }
+        Err(e) => back(&page, Err(e)),
+    }
 }
 
 #[derive(Deserialize)]
@@ -191,6 +250,9 @@ pub struct SettingsForm {
     role: Option<String>,
     #[serde(default)]
     server_name: String,
+    /// The invitation to revoke.
+    #[serde(default)]
+    invitation: String,
     /// `true` to refuse the bucket's agents, `false` to admit them again.
     #[serde(default)]
     disabled: String,
@@ -211,14 +273,11 @@ pub async fn settings_action(
         Err(page) => return page,
     };
     let page = format!("/buckets/{id}/settings");
-    let member = || {
-        Body(
-            serde_json::from_value::<api::MemberForm>(serde_json::json!({
-                "email": form.email, "role": form.role,
-            }))
-            .unwrap_or_default(),
-        )
+    let member_form = api::MemberForm {
+        email: form.email.clone(),
+        role: form.role.clone(),
     };
+    let member = || Body(member_form.clone());
     let state = State(app.clone());
     let outcome: Result<String, ApiError> = match action.as_str() {
         "rename" => api::update(
@@ -266,9 +325,25 @@ pub async fn settings_action(
                 .into()
             })
         }
-        "add_member" => api::add_member(state, access, member())
-            .await
-            .map(|_| format!("{} added", form.email)),
+        "add_member" => match api::add_member(state, access.clone(), member()).await {
+            Err(e) if e.status == StatusCode::NOT_FOUND && form.email.contains('@') => {
+                return invite(&app, &session, access, &member_form).await;
+            }
+            added => added.map(|_| format!("{} added", form.email)),
+        },
+        "revoke_invitation" => {
+            let which = Path((id.clone(), form.invitation.clone()));
+            team::revoke_invitation(state, access, which)
+                .await
+                .map(|_| "invitation revoked: its link no longer works".into())
+        }
+        "transfer" => team::transfer(state, access, member()).await.map(|done| {
+            let owner = done.0["owner"].as_str().unwrap_or_default().to_string();
+            match done.0["mail_error"].as_str() {
+                None => format!("{owner} owns the bucket now (told by mail)"),
+                Some(e) => format!("{owner} owns the bucket now (the mail was not sent: {e})"),
+            }
+        }),
         "set_role" => api::set_member_role(state, access, member())
             .await
             .map(|_| format!("{}'s role changed", form.email)),

@@ -13,6 +13,7 @@ mod fleet;
 mod issues;
 mod logs;
 pub mod process;
+mod team;
 
 use askama::Template;
 use axum::Router;
@@ -38,6 +39,10 @@ pub fn routes() -> Router<AppState> {
         .route("/account", get(account::account_page))
         .route("/account/password", post(account::change_password))
         .route("/account/wizard", post(account::open_wizard))
+        .route(
+            "/invitations/{bucket}/{secret}",
+            get(team::page).post(team::accept),
+        )
         .route("/buckets", get(buckets::list).post(buckets::create))
         .route("/buckets/{id}", get(fleet::overview))
         .route("/buckets/{id}/settings", get(buckets::settings))
