@@ -14,6 +14,7 @@ use crate::api::oauth::{self, RegisterForm};
 use crate::auth::{self, SESSION_COOKIE, SESSION_TTL_MS, UserAuth};
 use crate::error::ApiError;
 use km_core::app::AppState;
+use km_stores::TokenRecord;
 
 /// `/`: the buckets when signed in, else sign-in (or sign-up before the first account).
 pub async fn home(State(app): State<AppState>, headers: HeaderMap) -> Response {
@@ -337,7 +338,36 @@ struct AccountPage {
     wizard: bool,
     /// Admins: how the last scheduled backup went.
     backup: Option<String>,
+    tokens: Vec<TokenRow>,
+    /// A token just created: (name, token), shown this once.
+    new_token: Option<(String, String)>,
     flash: Flash,
+}
+
+/// A personal token as the account page lists it.
+struct TokenRow {
+    /// The start of its refresh digest: enough to name it, nothing to use it.
+    id: String,
+    name: String,
+    created_at: i64,
+    expires_at: i64,
+}
+
+/// Personal tokens an account may hold.
+const MAX_PERSONAL_TOKENS: usize = 50;
+/// How long a personal token may live, in days (the form's choices).
+const TOKEN_LIFETIMES_DAYS: [i64; 3] = [30, 90, 365];
+/// The longest name of a personal token, in characters.
+const MAX_TOKEN_NAME_CHARS: usize = 100;
+const TOKEN_ID_CHARS: usize = 16;
+
+/// The user's personal tokens (not their sign-ins), oldest first.
+async fn personal_tokens(app: &AppState, user_id: &str) -> Result<Vec<TokenRecord>, ApiError> {
+    let tokens = app.documents.tokens_of_user(user_id).await?;
+    Ok(tokens
+        .into_iter()
+        .filter(|t| t.client_id == auth::PERSONAL_CLIENT)
+        .collect())
 }
 
 /// The last scheduled backup in a sentence, for admins.
@@ -375,16 +405,113 @@ pub async fn account_page(
     session: WebSession,
     flash: Flashes,
 ) -> Response {
-    let flash = flash.0;
-    let admin = session.auth.user.role == "admin";
+    account_view(&app, &session, flash.0, None).await
+}
+
+async fn account_view(
+    app: &AppState,
+    session: &WebSession,
+    flash: Flash,
+    new_token: Option<(String, String)>,
+) -> Response {
+    let user = &session.auth.user;
+    let tokens = match personal_tokens(app, &user.id).await {
+        Ok(tokens) => tokens,
+        Err(e) => return error_page(&e),
+    };
+    let admin = user.role == "admin";
     render(&AccountPage {
-        nav: Some(Nav::from(&session)),
-        backup: admin.then(|| backup_line(&app)).flatten(),
+        nav: Some(Nav::from(session)),
+        backup: admin.then(|| backup_line(app)).flatten(),
         wizard: app.settings.wizard_url.is_some(),
-        email: session.auth.user.email.clone(),
-        role: session.auth.user.role.clone(),
+        email: user.email.clone(),
+        role: user.role.clone(),
+        tokens: (tokens.into_iter())
+            .map(|t| TokenRow {
+                id: t.refresh_digest.chars().take(TOKEN_ID_CHARS).collect(),
+                name: t.name,
+                created_at: t.created_at,
+                expires_at: t.refresh_expires_at,
+            })
+            .collect(),
+        new_token,
         flash,
     })
+}
+
+#[derive(Deserialize)]
+pub struct TokenForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    days: String,
+    /// The token to revoke (its id).
+    #[serde(default)]
+    token: String,
+}
+
+/// `POST /account/tokens`: a personal token, shown on the page this once (never in a
+/// redirect's URL).
+pub async fn create_token(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<TokenForm>,
+) -> Response {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
+        return refused;
+    }
+    let user = &session.auth.user;
+    let created = async {
+        let name = form.name.trim();
+        if name.is_empty() || name.chars().count() > MAX_TOKEN_NAME_CHARS {
+            return Err(ApiError::bad_request(format!(
+                "name: 1 to {MAX_TOKEN_NAME_CHARS} characters, to recognise the token by"
+            )));
+        }
+        let days = (form.days.parse().ok())
+            .filter(|d| TOKEN_LIFETIMES_DAYS.contains(d))
+            .ok_or_else(|| ApiError::bad_request("expires: 30, 90 or 365 days"))?;
+        if personal_tokens(&app, &user.id).await?.len() >= MAX_PERSONAL_TOKENS {
+            return Err(ApiError::conflict(format!(
+                "an account holds at most {MAX_PERSONAL_TOKENS} tokens: revoke one first"
+            )));
+        }
+        let ttl = days * 24 * 3600 * 1000;
+        let token = auth::issue_personal(&app, &user.id, name, ttl).await?;
+        tracing::info!(user = %user.username, days, "personal token created");
+        Ok((name.to_string(), token))
+    }
+    .await;
+    match created {
+        Ok(new_token) => account_view(&app, &session, Flash::default(), Some(new_token)).await,
+        Err(e) => back("/account", Err(e)),
+    }
+}
+
+/// `POST /account/tokens/revoke`: the token stops working at once.
+pub async fn revoke_token(
+    State(app): State<AppState>,
+    session: WebSession,
+    Form(form): Form<TokenForm>,
+) -> Response {
+    if let Some(refused) = session.refuse_forged(&form.csrf) {
+        return refused;
+    }
+    let user = &session.auth.user;
+    let revoked = async {
+        let tokens = personal_tokens(&app, &user.id).await?;
+        let token = (tokens.iter())
+            .find(|t| form.token.len() == TOKEN_ID_CHARS && t.refresh_digest.starts_with(&form.token))
+            .ok_or_else(|| ApiError::not_found("no such token: it was revoked already"))?;
+        app.documents
+            .delete_token_pair(&user.id, &token.refresh_digest)
+            .await?;
+        Ok(format!("token {:?} revoked", token.name))
+    }
+    .await;
+    back("/account", revoked)
 }
 
 /// How long the dashboard waits for the wizard it asked for.

@@ -6,6 +6,7 @@
 //! and the CSRF token from the page, and watch buckets through `/primus`.
 
 mod account;
+mod accounts;
 mod alerts;
 mod assets;
 mod buckets;
@@ -39,6 +40,14 @@ pub fn routes() -> Router<AppState> {
         .route("/account", get(account::account_page))
         .route("/account/password", post(account::change_password))
         .route("/account/wizard", post(account::open_wizard))
+        .route("/admin/accounts", get(accounts::page))
+        .route("/admin/accounts/{user}/{action}", post(accounts::action))
+        .route(
+            "/reset/{user}/{secret}",
+            get(accounts::reset_page).post(accounts::reset),
+        )
+        .route("/account/tokens", post(account::create_token))
+        .route("/account/tokens/revoke", post(account::revoke_token))
         .route(
             "/invitations/{bucket}/{secret}",
             get(team::page).post(team::accept),
