@@ -140,10 +140,7 @@ fn api_routes() -> Router<AppState> {
             "/api/bucket/{id}/invitations/{invitation}",
             delete(team::revoke_invitation),
         )
-        .route(
-            "/api/bucket/{id}/transfer_ownership",
-            post(team::transfer),
-        )
+        .route("/api/bucket/{id}/transfer_ownership", post(team::transfer))
         .route("/api/bucket/{id}/meta_servers", get(buckets::servers))
         .route(
             "/api/bucket/{id}/data/deleteServer",

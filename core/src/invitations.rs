@@ -74,7 +74,12 @@ impl Invitation {
             .and_then(|(_, doc)| serde_json::from_str(doc).ok()))
     }
 
-    pub async fn save(&self, documents: &dyn Documents, bucket_id: &str, id: &str) -> StoreResult<()> {
+    pub async fn save(
+        &self,
+        documents: &dyn Documents,
+        bucket_id: &str,
+        id: &str,
+    ) -> StoreResult<()> {
         let doc = serde_json::to_string(self).unwrap_or_default();
         documents.put_bucket_doc(bucket_id, KIND, id, &doc).await
     }

@@ -662,7 +662,10 @@ async fn account_contract(docs: &dyn Documents) {
         docs.insert_user(u).await.unwrap();
     }
     let names = |users: Vec<User>| users.into_iter().map(|u| u.username).collect::<Vec<_>>();
-    assert_eq!(names(docs.all_users().await.unwrap()), ["ann", "max", "zoe"]);
+    assert_eq!(
+        names(docs.all_users().await.unwrap()),
+        ["ann", "max", "zoe"]
+    );
 
     // Disabling revokes the account's tokens (only theirs); enabling keeps the flag off.
     for t in [token_of(&ann, 1), token_of(&max, 1)] {
@@ -685,8 +688,16 @@ async fn account_contract(docs: &dyn Documents) {
         digest: digest.into(),
         expires_at: 4_000_000_000_000,
     };
-    assert!(docs.set_password_reset(&ann.id, Some(&reset("d1"))).await.unwrap());
-    assert!(docs.set_password_reset(&ann.id, Some(&reset("d2"))).await.unwrap());
+    assert!(
+        docs.set_password_reset(&ann.id, Some(&reset("d1")))
+            .await
+            .unwrap()
+    );
+    assert!(
+        docs.set_password_reset(&ann.id, Some(&reset("d2")))
+            .await
+            .unwrap()
+    );
     assert_eq!(
         docs.user_by_id(&ann.id).await.unwrap().unwrap().reset,
         Some(reset("d2"))
@@ -734,18 +745,27 @@ async fn account_contract(docs: &dyn Documents) {
     assert!(!docs.transfer_bucket(&bucket.id, &max.id).await.unwrap());
     assert!(!docs.transfer_bucket("nobucket", &ann.id).await.unwrap());
     assert_eq!(
-        docs.bucket_by_id(&bucket.id).await.unwrap().map(|b| b.owner),
+        docs.bucket_by_id(&bucket.id)
+            .await
+            .unwrap()
+            .map(|b| b.owner),
         Some(zoe.id.clone()),
         "a refused transfer changes nothing"
     );
     assert!(docs.transfer_bucket(&bucket.id, &ann.id).await.unwrap());
     assert_eq!(
-        docs.bucket_by_id(&bucket.id).await.unwrap().map(|b| b.owner),
+        docs.bucket_by_id(&bucket.id)
+            .await
+            .unwrap()
+            .map(|b| b.owner),
         Some(ann.id.clone())
     );
     assert_eq!(
         docs.bucket_members(&bucket.id).await.unwrap(),
-        vec![member(&ann, MemberRole::Owner), member(&zoe, MemberRole::Admin)]
+        vec![
+            member(&ann, MemberRole::Owner),
+            member(&zoe, MemberRole::Admin)
+        ]
     );
 }
 

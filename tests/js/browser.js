@@ -76,6 +76,24 @@ function session ({ prefix, shotsDir, shotPrefix = '' }) {
     process.exit(1)
   }
 
+  // Screenshots of the current page at both sizes and in the dark at the desktop size,
+  // each checked by axe-core (no serious or critical violation); back to the light desktop.
+  s.shots = async (name, { desktop, phone }) => {
+    const files = []
+    const checked = []
+    for (const [size, scheme] of [[desktop, 'light'], [phone, 'light'], [desktop, 'dark']]) {
+      await s.page.setViewportSize(size)
+      await s.page.emulateMedia({ colorScheme: scheme })
+      await s.sleep(300) // let the layout (and uPlot's canvases) settle
+      const suffix = `${size.width}x${size.height}${scheme === 'dark' ? '-dark' : ''}`
+      files.push(await s.shot(`${name}-${suffix}`))
+      if (size === desktop) checked.push(await s.axe(`${name}-${scheme}`))
+    }
+    await s.page.setViewportSize(desktop)
+    await s.page.emulateMedia({ colorScheme: 'light' })
+    return `${files.map((f) => path.basename(f)).join(', ')}; ${checked.join('; ')}`
+  }
+
   // Runs axe-core's rules on the current page: the violations (every impact) go to
   // `<shotsDir>/<shotPrefix>axe-<name>.json` and into `axeResults`; a serious or critical
   // one fails the step. Runs through the DevTools protocol: the page's CSP does not apply.

@@ -31,7 +31,6 @@
 // KM_LOG_NEEDLE, KM_BOOM_ACTION, KM_EXCEPTION_MESSAGE; optionally CHROMIUM (default
 // /usr/bin/chromium) and KM_LINK_TIMEOUT_MS (default 120000).
 
-const path = require('path')
 const browser = require('./browser')
 
 const b = browser.session({ prefix: 'dashboard', shotsDir: process.env.KM_SCREENSHOT_DIR || '.' })
@@ -63,23 +62,7 @@ const PHONE = { width: 390, height: 844 }
 
 const shot = (name, opts) => b.shot(name, opts)
 
-// Screenshots of the current page at both sizes and in the dark at the desktop size,
-// each checked by axe-core (no serious or critical violation); back to the light desktop.
-async function shots (name) {
-  const files = []
-  const checked = []
-  for (const [size, scheme] of [[DESKTOP, 'light'], [PHONE, 'light'], [DESKTOP, 'dark']]) {
-    await page.setViewportSize(size)
-    await page.emulateMedia({ colorScheme: scheme })
-    await sleep(300) // let the layout (and uPlot's canvases) settle
-    const suffix = `${size.width}x${size.height}${scheme === 'dark' ? '-dark' : ''}`
-    files.push(await shot(`${name}-${suffix}`))
-    if (size === DESKTOP) checked.push(await b.axe(`${name}-${scheme}`))
-  }
-  await page.setViewportSize(DESKTOP)
-  await page.emulateMedia({ colorScheme: 'light' })
-  return `${files.map((f) => path.basename(f)).join(', ')}; ${checked.join('; ')}`
-}
+const shots = (name) => b.shots(name, { desktop: DESKTOP, phone: PHONE })
 
 const handOver = (name, text) => b.handOver(HANDSHAKE_DIR, name, text)
 const waitFile = (name, timeoutMs) => b.waitFile(HANDSHAKE_DIR, name, timeoutMs)

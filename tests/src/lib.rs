@@ -2172,6 +2172,17 @@ impl Smtp {
         self.dir.path().join("ca.pem")
     }
 
+    /// The mails delivered so far as their recipients read them (quoted-printable parts
+    /// decoded), oldest first.
+    pub fn decoded_mails(&self) -> Result<Vec<String>> {
+        let decoded = |mail: &String| {
+            quoted_printable::decode(mail, quoted_printable::ParseMode::Robust)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_else(|_| mail.clone())
+        };
+        Ok(self.mails()?.iter().map(decoded).collect())
+    }
+
     /// The mails delivered so far (the Maildir's `new/`), oldest first.
     pub fn mails(&self) -> Result<Vec<String>> {
         let new = self.dir.path().join("Maildir/new");

@@ -215,3 +215,93 @@ async fn buckets_and_verify_pm2() {
     })
     .await
 }
+
+/// Invitations without SMTP (the link comes back to the admin) accepted while sign-up is
+/// closed, revoked ones refused, and the ownership transferred by the owner alone.
+#[tokio::test]
+async fn invitations_and_ownership_transfer() {
+    e2e(async {
+        let km = Km::start_with(vec![("KM_ALLOW_SIGNUP".into(), "false".into())]).await?;
+        let owner = km.api().register_random().await?;
+        let b = owner.api.create_bucket("team-api").await?;
+        let invitations = format!("/api/bucket/{}/invitations", b.id);
+        let invite = |email: &str| json!({"email": email, "role": "read_only"});
+        let made = owner.api.post_ok(&invitations, &invite("Fresh@Example.com")).await?;
+        let link = made["link"].as_str().unwrap_or_default().to_string();
+        ensure!(
+            made["mailed"] == false
+                && made["email"] == "fresh@example.com"
+                && made["mail_error"].as_str().is_some_and(|e| e.contains("SMTP_HOST"))
+                && link.starts_with(&format!("{}/invitations/{}/", km.url(), b.id)),
+            "an invitation without SMTP: {made}"
+        );
+        let pending = owner.api.get_ok(&invitations).await?;
+        ensure!(
+            pending.as_array().is_some_and(|p| p.len() == 1 && p[0]["role"] == "read_only"),
+            "pending: {pending}"
+        );
+        let taken = owner.api.post(&invitations, &invite(&owner.email)).await?;
+        ensure!(taken.status == 409, "inviting an account: {} {}", taken.status, taken.text);
+
+        // Accepted with a new account although sign-up is closed; the link then ends.
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let path = link.trim_start_matches(&km.url()).to_string();
+        let fields = [("username", "fresh"), ("password", "correct horse battery")];
+        let joined = km_e2e::post_visitor_form(&http, &km.url(), &path, &fields).await?;
+        let to = joined.headers().get("location").and_then(|v| v.to_str().ok());
+        ensure!(
+            to == Some(&format!("/buckets/{}", b.id)),
+            "accepting: {} to {to:?}",
+            joined.status()
+        );
+        let again = http.get(&link).send().await?.status().as_u16();
+        ensure!(again == 404, "a used invitation answers {again}");
+        let signed_in = km
+            .api()
+            .post_ok(
+                "/api/oauth/token",
+                &json!({"grant_type": "password", "username": "fresh", "password": "correct horse battery"}),
+            )
+            .await?;
+        let fresh = km
+            .api()
+            .with_token(signed_in["access_token"].as_str().unwrap_or_default());
+        let current_role = format!("/api/bucket/{}/current_role", b.id);
+        let role = fresh.get_ok(&current_role).await?;
+        ensure!(role["role"] == "read_only", "the invited role: {role}");
+
+        // Revoked: the link is refused.
+        let made = owner.api.post_ok(&invitations, &invite("later@example.com")).await?;
+        let pending = owner.api.get_ok(&invitations).await?;
+        let id = pending[0]["id"].as_str().unwrap_or_default();
+        let revoked = owner
+            .api
+            .request(reqwest::Method::DELETE, &format!("{invitations}/{id}"), None)
+            .await?;
+        ensure!(revoked.status == 200, "revoke: {} {}", revoked.status, revoked.text);
+        let link = made["link"].as_str().unwrap_or_default();
+        let gone = http.get(link).send().await?.status().as_u16();
+        ensure!(gone == 404, "a revoked invitation answers {gone}");
+
+        // The transfer: the owner alone, to a member; the owner stays an admin.
+        let transfer = format!("/api/bucket/{}/transfer_ownership", b.id);
+        let by_member = fresh.post(&transfer, &json!({"email": "fresh"})).await?;
+        ensure!(by_member.status == 403, "a member transfers: {}", by_member.status);
+        let stranger = owner.api.post(&transfer, &json!({"email": "nobody@example.com"})).await?;
+        ensure!(stranger.status == 404, "to a stranger: {}", stranger.status);
+        let done = owner.api.post_ok(&transfer, &json!({"email": "fresh@example.com"})).await?;
+        ensure!(done["owner"] == "fresh" && done["mailed"] == false, "transfer: {done}");
+        let roles = (
+            fresh.get_ok(&current_role).await?,
+            owner.api.get_ok(&current_role).await?,
+        );
+        ensure!(
+            roles.0["role"] == "owner" && roles.1["role"] == "admin",
+            "after the transfer (new owner, former owner): {roles:?}"
+        );
+        Ok(())
+    })
+    .await
+}

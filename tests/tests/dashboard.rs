@@ -19,10 +19,14 @@
 //! 5 s of the API saying so; the "N processes" line follows each change. Reloaded, both
 //! pages still show the server offline and its processes not online. The script asks this
 //! test for `pm2 jlist` counts and the kill through `request-<n>.json` / `reply-<n>.json`.
+//!
+//! The third (`tests/js/team.js`) runs km with a real SMTP server: invitations, an
+//! ownership transfer, personal tokens and the admin's accounts page, the mailed links
+//! read by this test and handed to the script the same way.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use anyhow::{Context, Result, bail, ensure};
-use km_e2e::{Km, Pm2, ScriptOutput, e2e, now_ms, run_node_script, target_dir};
+use km_e2e::{Km, Pm2, ScriptOutput, Smtp, e2e, now_ms, run_node_script, target_dir};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -385,6 +389,111 @@ async fn dashboard_follows_scaling_and_a_dead_agent_live() {
             "dashboard-live",
             t0,
         )?;
+        Ok(())
+    })
+    .await
+}
+
+/// The team script's time: each step is bounded (15-30 s); ~30 s in all when everything
+/// answers.
+const TEAM_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The first link to a page in the latest mail to `to` whose subject has `subject`, waiting for it
+/// up to 20 s: `{"link", "subject"}`.
+async fn mailed_link(smtp: &Smtp, to: &str, subject: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mails = smtp.decoded_mails()?;
+        let header = |mail: &str, name: &str| {
+            (mail.lines())
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                .unwrap_or_default()
+        };
+        let found = mails
+            .iter()
+            .rev()
+            .find(|m| header(m, "To:").contains(to) && header(m, "Subject:").contains(subject));
+        if let Some(mail) = found {
+            // The first link to a page (the site's own address is named too).
+            let link = (mail.split_whitespace())
+                .find(|w| w.starts_with("http") && w.matches('/').count() > 3)
+                .context("no link in the mail")?;
+            return Ok(json!({"link": link, "subject": header(mail, "Subject:")}));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no mail to {to} about {subject:?} within 20 s ({} mails)",
+            mails.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Answers the team script's requests (`{"do": "mail", "to", "subject"}`) in order.
+async fn drive_team(smtp: &Smtp, dir: &Path) -> Result<Infallible> {
+    for n in 1.. {
+        let request = file_text(&dir.join(format!("request-{n}.json"))).await;
+        let asked: Value = serde_json::from_str(&request).context("request is not JSON")?;
+        let (to, subject) = (asked["to"].as_str(), asked["subject"].as_str());
+        let reply = match (asked["do"].as_str(), to, subject) {
+            (Some("mail"), Some(to), Some(subject)) => mailed_link(smtp, to, subject).await,
+            _ => Err(anyhow::anyhow!("unknown request {request}")),
+        };
+        let reply = reply.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        println!("team test: request {n} {} -> {reply}", request.trim());
+        write_atomic(&dir.join(format!("reply-{n}.json")), &reply.to_string())?;
+    }
+    bail!("the team script asked more than this test counts")
+}
+
+/// Teams in a real browser with a real SMTP server (`tests/js/team.js`): an invitation
+/// accepted from its mail by someone without an account, the ownership transferred (the
+/// new owner mailed), a personal token used as a bearer and a refresh token then revoked,
+/// and the admin's accounts page: a password reset through its mailed link, an account
+/// disabled (signed out, sign-in refused) and enabled again.
+#[tokio::test]
+async fn teams_invite_transfer_tokens_and_accounts_in_a_browser() {
+    e2e(async {
+        let smtp = Smtp::start("plain", "", "")?;
+        let km = Km::start_with(smtp.km_env()).await?;
+        let handshake = tempfile::Builder::new().prefix("km-team-").tempdir()?;
+        let shots = screenshot_dir("team")?;
+        let url = km.url();
+        let hand_dir = handshake.path().to_string_lossy().into_owned();
+        let shots_dir = shots.to_string_lossy().into_owned();
+        let env = [
+            ("KM_URL", url.as_str()),
+            ("KM_HANDSHAKE_DIR", hand_dir.as_str()),
+            ("KM_SCREENSHOT_DIR", shots_dir.as_str()),
+        ];
+        let t0 = Instant::now();
+        let script = run_node_script("team.js", &env, TEAM_SCRIPT_TIMEOUT);
+        tokio::pin!(script);
+        let driver = drive_team(&smtp, handshake.path());
+        tokio::pin!(driver);
+        let mut driver_error = None;
+        let out = loop {
+            tokio::select! {
+                out = &mut script => break out,
+                failed = &mut driver, if driver_error.is_none() => {
+                    let Err(e) = failed;
+                    driver_error = Some(e);
+                }
+            }
+        };
+        script_passed(out, driver_error, "reading the mails", "team", t0)?;
+        for page in [
+            "settings-invited",
+            "invitation",
+            "account-token",
+            "accounts",
+            "reset",
+        ] {
+            for size in ["1280x800", "390x844", "1280x800-dark"] {
+                let file = shots.join(format!("{page}-{size}.png"));
+                ensure!(file.is_file(), "screenshot {} missing", file.display());
+            }
+        }
         Ok(())
     })
     .await

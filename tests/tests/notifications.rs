@@ -22,19 +22,12 @@ setTimeout(() => {
 setInterval(() => {}, 1000);
 "#;
 
-/// A mail with its quoted-printable parts decoded.
-fn decoded(mail: &str) -> String {
-    quoted_printable::decode(mail, quoted_printable::ParseMode::Robust)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_else(|_| mail.to_string())
-}
-
 async fn wait_mails(smtp: &Smtp, n: usize, within: Duration) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + within;
     loop {
-        let mails = smtp.mails()?;
+        let mails = smtp.decoded_mails()?;
         if mails.len() >= n {
-            return Ok(mails.iter().map(|m| decoded(m)).collect());
+            return Ok(mails);
         }
         ensure!(
             Instant::now() < deadline,

@@ -385,8 +385,9 @@ pub(super) fn requested_role(
             .ok_or_else(|| {
                 ApiError::bad_request(format!("role: {r:?} is not admin, developer or read_only"))
             }),
-        None => default_role
-            .ok_or_else(|| ApiError::bad_request("role: admin, developer or read_only")),
+        None => {
+            default_role.ok_or_else(|| ApiError::bad_request("role: admin, developer or read_only"))
+        }
     }
 }
 
@@ -397,10 +398,12 @@ pub(super) async fn account_of(app: &AppState, login: &str) -> ApiResult<Option<
             "email: the member's email or username",
         ));
     }
-    Ok(match app.documents.user_by_login(&login.to_lowercase()).await? {
-        Some(user) => Some(user),
-        None => app.documents.user_by_login(login).await?,
-    })
+    Ok(
+        match app.documents.user_by_login(&login.to_lowercase()).await? {
+            Some(user) => Some(user),
+            None => app.documents.user_by_login(login).await?,
+        },
+    )
 }
 
 /// Refuses to change the owner's membership.

@@ -45,8 +45,20 @@ pub async fn mail_account(
 ) -> Result<(), String> {
     let letter = Letter {
         subject,
-        text: (AccountText { lines, action, link }.render()).map_err(|e| e.to_string())?,
-        html: (AccountHtml { lines, action, link }.render()).map_err(|e| e.to_string())?,
+        text: (AccountText {
+            lines,
+            action,
+            link,
+        }
+        .render())
+        .map_err(|e| e.to_string())?,
+        html: (AccountHtml {
+            lines,
+            action,
+            link,
+        }
+        .render())
+        .map_err(|e| e.to_string())?,
     };
     let sent = mail::send(app.settings.smtp.as_ref(), &[to.to_string()], &letter).await;
     if let Err(e) = &sent {
@@ -122,7 +134,14 @@ pub async fn invite_by_mail(
             .to_string(),
     ];
     let subject = format!("{inviter} invites you to {}", bucket.name);
-    let sent = mail_account(app, &email, subject, &lines, ("Accept the invitation", &link)).await;
+    let sent = mail_account(
+        app,
+        &email,
+        subject,
+        &lines,
+        ("Accept the invitation", &link),
+    )
+    .await;
     Ok(Invited {
         email,
         role,
@@ -225,7 +244,14 @@ pub async fn transfer(
     )];
     let link = format!("{}/buckets/{}/settings", app.public_url, bucket.id);
     let subject = format!("You own {} now", bucket.name);
-    let sent = mail_account(&app, &user.email, subject, &lines, ("Open its settings", &link)).await;
+    let sent = mail_account(
+        &app,
+        &user.email,
+        subject,
+        &lines,
+        ("Open its settings", &link),
+    )
+    .await;
     let mut body = json!({ "owner": user.username, "mailed": sent.is_ok() });
     if let Err(error) = sent {
         body["mail_error"] = json!(error);

@@ -503,7 +503,9 @@ pub async fn revoke_token(
     let revoked = async {
         let tokens = personal_tokens(&app, &user.id).await?;
         let token = (tokens.iter())
-            .find(|t| form.token.len() == TOKEN_ID_CHARS && t.refresh_digest.starts_with(&form.token))
+            .find(|t| {
+                form.token.len() == TOKEN_ID_CHARS && t.refresh_digest.starts_with(&form.token)
+            })
             .ok_or_else(|| ApiError::not_found("no such token: it was revoked already"))?;
         app.documents
             .delete_token_pair(&user.id, &token.refresh_digest)

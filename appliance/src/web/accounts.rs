@@ -32,19 +32,17 @@ struct AccountsPage {
     me: String,
 }
 
-/// The signed-in admin, or the refusal.
-fn admin_only(session: &WebSession) -> Result<(), Response> {
-    if session.auth.user.role == "admin" {
-        Ok(())
-    } else {
-        Err(error_page(&ApiError::forbidden(
+/// The refusal of anyone but an admin of the appliance.
+fn refuse_non_admin(session: &WebSession) -> Option<Response> {
+    (session.auth.user.role != "admin").then(|| {
+        error_page(&ApiError::forbidden(
             "only an admin of the appliance manages its accounts",
-        )))
-    }
+        ))
+    })
 }
 
 async fn accounts_view(app: &AppState, session: &WebSession, flash: Flash) -> Response {
-    if let Err(refused) = admin_only(session) {
+    if let Some(refused) = refuse_non_admin(session) {
         return refused;
     }
     match app.documents.all_users().await {
@@ -79,7 +77,7 @@ pub async fn action(
     if let Some(refused) = session.refuse_forged(&form.csrf) {
         return refused;
     }
-    if let Err(refused) = admin_only(&session) {
+    if let Some(refused) = refuse_non_admin(&session) {
         return refused;
     }
     let user = match account(&app, &user_id).await {
@@ -88,9 +86,9 @@ pub async fn action(
     };
     let by = &session.auth.user.username;
     let outcome = match action.as_str() {
-        "disable" if user.id == session.auth.user.id => Err(ApiError::bad_request(
-            "you cannot disable your own account",
-        )),
+        "disable" if user.id == session.auth.user.id => {
+            Err(ApiError::bad_request("you cannot disable your own account"))
+        }
         "disable" | "enable" => {
             let disabled = action == "disable";
             app.documents
@@ -137,7 +135,11 @@ async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Res
         digest: auth::digest(&secret),
         expires_at: now_ms() + RESET_TTL_MS,
     };
-    if let Err(e) = app.documents.set_password_reset(&user.id, Some(&reset)).await {
+    if let Err(e) = app
+        .documents
+        .set_password_reset(&user.id, Some(&reset))
+        .await
+    {
         return back("/admin/accounts", Err(e.into()));
     }
     let link = format!("{}/reset/{}/{secret}", app.public_url, user.id);
@@ -151,10 +153,21 @@ async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Res
             .to_string(),
     ];
     let subject = "Set a new password for KM".to_string();
-    match mail_account(app, &user.email, subject, &lines, ("Set a new password", &link)).await {
+    match mail_account(
+        app,
+        &user.email,
+        subject,
+        &lines,
+        ("Set a new password", &link),
+    )
+    .await
+    {
         Ok(()) => back(
             "/admin/accounts",
-            Ok(format!("a password reset link was mailed to {}", user.email)),
+            Ok(format!(
+                "a password reset link was mailed to {}",
+                user.email
+            )),
         ),
         Err(e) => {
             let flash = Flash {

@@ -37,8 +37,8 @@ async fn invitation_of(
     }
     let bucket = (app.documents.bucket_by_id(bucket_id).await?).ok_or_else(unknown)?;
     let id = auth::digest(secret);
-    let invitation = (Invitation::find(app.documents.as_ref(), bucket_id, &id).await?)
-        .ok_or_else(unknown)?;
+    let invitation =
+        (Invitation::find(app.documents.as_ref(), bucket_id, &id).await?).ok_or_else(unknown)?;
     if invitation.expired() {
         return Err(ApiError::not_found(format!(
             "this invitation expired: ask {} for a new one",
@@ -129,11 +129,9 @@ pub async fn accept(
     };
     let bucket_page = format!("/buckets/{bucket_id}");
     let joined = match &session {
-        Some(WebSession { auth, .. }) => {
-            team::accept(&app, &bucket, &id, &invitation, &auth.user)
-                .await
-                .map(|()| None)
-        }
+        Some(WebSession { auth, .. }) => team::accept(&app, &bucket, &id, &invitation, &auth.user)
+            .await
+            .map(|()| None),
         None => join_with_new_account(&app, &bucket, (&id, &invitation), &form, peer).await,
     };
     match joined {

@@ -327,10 +327,7 @@ impl Documents for SqliteDocuments {
         reset: Option<&PasswordReset>,
     ) -> StoreResult<bool> {
         let user = user_id.to_string();
-        let (digest, expires_at) = (
-            reset.map(|r| r.digest.clone()),
-            reset.map(|r| r.expires_at),
-        );
+        let (digest, expires_at) = (reset.map(|r| r.digest.clone()), reset.map(|r| r.expires_at));
         self.db
             .call(move |c| {
                 c.execute(
