@@ -88,10 +88,31 @@ function session ({ prefix, shotsDir, shotPrefix = '' }) {
       const suffix = `${size.width}x${size.height}${scheme === 'dark' ? '-dark' : ''}`
       files.push(await s.shot(`${name}-${suffix}`))
       if (size === desktop) checked.push(await s.axe(`${name}-${scheme}`))
+      if (size === phone) await s.fitsWidth(name)
     }
     await s.page.setViewportSize(desktop)
     await s.page.emulateMedia({ colorScheme: 'light' })
     return `${files.map((f) => path.basename(f)).join(', ')}; ${checked.join('; ')}`
+  }
+
+  // Fails when the page is wider than the window (a phone scrolls sideways): names the
+  // widest elements that stick out, outside of scrolling boxes.
+  s.fitsWidth = async (name) => {
+    const over = await s.page.evaluate(() => {
+      const width = document.documentElement.clientWidth
+      if (document.documentElement.scrollWidth <= width) return []
+      const scrolls = (el) => {
+        for (let p = el.parentElement; p; p = p.parentElement) {
+          if (/(auto|scroll|hidden)/.test(getComputedStyle(p).overflowX)) return true
+        }
+        return false
+      }
+      return Array.from(document.querySelectorAll('body *'))
+        .filter((el) => el.getBoundingClientRect().right > width + 1 && !scrolls(el))
+        .map((el) => `${el.tagName.toLowerCase()}${el.id ? '#' + el.id : ''}${el.className && typeof el.className === 'string' ? '.' + el.className.trim().split(/\s+/).join('.') : ''} (right ${Math.round(el.getBoundingClientRect().right)})`)
+        .slice(0, 8)
+    })
+    if (over.length) throw new StepFailed(`${name} is wider than the phone's ${s.page.viewportSize().width} px: ${over.join(', ')}`)
   }
 
   // Runs axe-core's rules on the current page: the violations (every impact) go to

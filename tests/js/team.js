@@ -18,8 +18,10 @@
 //   5. the accounts page (admin): a password reset mailed to the newcomer, whose link sets
 //      a new password and signs them in; disabled, the newcomer's session ends and the
 //      sign-in is refused; enabled, it works again;
-//   6. screenshots (desktop, phone, dark) and axe of the settings, invitation, account,
-//      accounts and reset pages.
+//   6. signed out, the newcomer asks for a reset link ("Forgot your password?") and sets a
+//      new password with the mailed link;
+//   7. screenshots (desktop, phone, dark) and axe of the settings, invitation, account,
+//      accounts, reset and forgot pages.
 // Environment: KM_URL, KM_HANDSHAKE_DIR, KM_SCREENSHOT_DIR; optionally CHROMIUM.
 
 const browser = require('./browser')
@@ -218,6 +220,23 @@ async function main () {
     await submit(newcomer, 'button:has-text("Sign in")')
     assert(new URL(newcomer.url()).pathname === '/buckets', `enabled again, the sign-in leads to ${newcomer.url()}`)
     return `refused: "${refused}"`
+  })
+
+  await step('the newcomer, signed out, asks for a reset link and sets a new password', async () => {
+    await submit(newcomer, 'header button:has-text("Sign out")')
+    await submit(newcomer, 'a:has-text("Forgot your password?")')
+    const shot = await shots('forgot', newcomer)
+    await newcomer.fill('input[name=login]', newEmail)
+    await submit(newcomer, 'button:has-text("Mail me a link")')
+    const said = await flash(newcomer)
+    assert(said.startsWith('If an account has this name or address'), `the flash says ${JSON.stringify(said)}`)
+    const mail = await mailedLink(newEmail, 'Set a new password')
+    await newcomer.goto(mail.link)
+    await newcomer.fill('input[name=new]', 'the third secret')
+    await newcomer.fill('input[name=confirm]', 'the third secret')
+    await submit(newcomer, 'button:has-text("Set the password")')
+    assert(new URL(newcomer.url()).pathname === '/buckets', `after the reset the newcomer is on ${newcomer.url()}`)
+    return shot
   })
 
   if (b.pageErrors.length) {

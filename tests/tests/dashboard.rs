@@ -450,7 +450,8 @@ async fn drive_team(smtp: &Smtp, dir: &Path) -> Result<Infallible> {
 /// accepted from its mail by someone without an account, the ownership transferred (the
 /// new owner mailed), a personal token used as a bearer and a refresh token then revoked,
 /// and the admin's accounts page: a password reset through its mailed link, an account
-/// disabled (signed out, sign-in refused) and enabled again.
+/// disabled (signed out, sign-in refused) and enabled again, and a reset asked for by its
+/// user ("Forgot your password?").
 #[tokio::test]
 async fn teams_invite_transfer_tokens_and_accounts_in_a_browser() {
     e2e(async {

@@ -297,9 +297,13 @@ pub async fn token(
     }
 }
 
-/// `POST /api/oauth/revoke`: ends the session of the bearer token.
+/// `POST /api/oauth/revoke`: ends the session of the bearer token (a personal token given
+/// as the bearer is revoked for good).
 pub async fn revoke(State(app): State<AppState>, auth: UserAuth) -> ApiResult<Json<Value>> {
     app.documents.delete_token(&auth.access_digest).await?;
+    app.documents
+        .delete_token_pair(&auth.user.id, &auth.access_digest)
+        .await?;
     Ok(Json(json!({ "success": true })))
 }
 

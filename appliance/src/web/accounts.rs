@@ -16,6 +16,7 @@ use crate::api::team::mail_account;
 use crate::auth;
 use crate::error::ApiError;
 use km_core::app::AppState;
+use km_core::throttle;
 use km_stores::ids::{is_object_id, now_ms, random_hex};
 use km_stores::{PasswordReset, User};
 
@@ -118,6 +119,39 @@ async fn account(app: &AppState, user_id: &str) -> Result<User, ApiError> {
     found.ok_or_else(|| ApiError::not_found("no such account"))
 }
 
+/// Starts a reset of `user`'s password (a pending one ends); returns its link.
+async fn start_reset(app: &AppState, user: &User) -> Result<String, ApiError> {
+    let secret = random_hex(32);
+    let reset = PasswordReset {
+        digest: auth::digest(&secret),
+        expires_at: now_ms() + RESET_TTL_MS,
+    };
+    app.documents
+        .set_password_reset(&user.id, Some(&reset))
+        .await?;
+    Ok(format!("{}/reset/{}/{secret}", app.public_url, user.id))
+}
+
+/// Mails `user` the reset `link`; `asked_by` the admin who asked, if not they.
+async fn mail_reset(
+    app: &AppState,
+    user: &User,
+    link: &str,
+    asked_by: Option<&str>,
+) -> Result<(), String> {
+    let who = asked_by.unwrap_or("Someone (you, we hope)");
+    let lines = [
+        format!(
+            "{who} asked for a new password for your account {} on {}.",
+            user.username, app.public_url
+        ),
+        "The link below sets it; it works once, for 24 hours. Until then your password stays as it is."
+            .to_string(),
+    ];
+    let subject = "Set a new password for KM".to_string();
+    mail_account(app, &user.email, subject, &lines, ("Set a new password", link)).await
+}
+
 /// Starts a reset of `user`'s password and mails its link; when the mail cannot go,
 /// the page shows the link to pass on.
 async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Response {
@@ -130,44 +164,16 @@ async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Res
             ))),
         );
     }
-    let secret = random_hex(32);
-    let reset = PasswordReset {
-        digest: auth::digest(&secret),
-        expires_at: now_ms() + RESET_TTL_MS,
+    let link = match start_reset(app, user).await {
+        Ok(link) => link,
+        Err(e) => return back("/admin/accounts", Err(e)),
     };
-    if let Err(e) = app
-        .documents
-        .set_password_reset(&user.id, Some(&reset))
-        .await
-    {
-        return back("/admin/accounts", Err(e.into()));
-    }
-    let link = format!("{}/reset/{}/{secret}", app.public_url, user.id);
-    tracing::info!(user = %user.username, by = %session.auth.user.username, "password reset started");
-    let lines = [
-        format!(
-            "{} asked for a new password for your account {} on {}.",
-            session.auth.user.username, user.username, app.public_url
-        ),
-        "The link below sets it; it works once, for 24 hours. Until then your password stays as it is."
-            .to_string(),
-    ];
-    let subject = "Set a new password for KM".to_string();
-    match mail_account(
-        app,
-        &user.email,
-        subject,
-        &lines,
-        ("Set a new password", &link),
-    )
-    .await
-    {
+    let admin = &session.auth.user.username;
+    tracing::info!(user = %user.username, by = %admin, "password reset started");
+    match mail_reset(app, user, &link, Some(admin)).await {
         Ok(()) => back(
             "/admin/accounts",
-            Ok(format!(
-                "a password reset link was mailed to {}",
-                user.email
-            )),
+            Ok(format!("a password reset link was mailed to {}", user.email)),
         ),
         Err(e) => {
             let flash = Flash {
@@ -179,6 +185,95 @@ async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Res
             };
             accounts_view(app, session, flash).await
         }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "forgot.html")]
+struct ForgotPage {
+    nav: Option<Nav>,
+    flash: Flash,
+    form_token: String,
+    /// Mail can be sent (SMTP is set up).
+    mail: bool,
+}
+
+fn forgot_view(app: &AppState, headers: &HeaderMap, flash: Flash) -> Response {
+    let (form_token, cookie) = form_token(app, headers);
+    let page = render(&ForgotPage {
+        nav: None,
+        flash,
+        form_token,
+        mail: app.settings.smtp.is_some(),
+    });
+    with_cookie(page, cookie)
+}
+
+/// `GET /reset`: "forgot your password?".
+pub async fn forgot_page(State(app): State<AppState>, headers: HeaderMap) -> Response {
+    forgot_view(&app, &headers, Flash::default())
+}
+
+#[derive(Deserialize)]
+pub struct ForgotForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    login: String,
+}
+
+/// `POST /reset`: a reset link mailed to the account of a username or address. The answer
+/// is the same whether there is one or not, and comes before the mail goes (its time says
+/// nothing either); each account is mailed at most [`throttle::RESET_MAILS`] an hour.
+pub async fn forgot(
+    State(app): State<AppState>,
+    peer: oauth::Peer,
+    headers: HeaderMap,
+    Form(form): Form<ForgotForm>,
+) -> Response {
+    if let Some(refused) = refuse_forged_visitor(&headers, &form.csrf) {
+        return refused;
+    }
+    let login = form.login.trim().to_string();
+    if login.is_empty() {
+        let flash = Flash::error("your username or email address".into());
+        return forgot_view(&app, &headers, flash);
+    }
+    let asking = app.clone();
+    tokio::spawn(async move { mail_asked_reset(&asking, &login, peer.0).await });
+    let flash = Flash {
+        msg: Some(
+            "If an account has this name or address, a link to set a new password is on its way to it (it works for 24 hours)."
+                .into(),
+        ),
+        error: None,
+    };
+    forgot_view(&app, &headers, flash)
+}
+
+async fn mail_asked_reset(app: &AppState, login: &str, ip: Option<std::net::IpAddr>) {
+    let found = match app.documents.user_by_login(&login.to_lowercase()).await {
+        Ok(None) => app.documents.user_by_login(login).await,
+        found => found,
+    };
+    let user = match found {
+        Ok(Some(user)) if !user.disabled => user,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "password reset: account not read");
+            return;
+        }
+    };
+    if !throttle::reset_allowed(&*app.bus, &user.id, ip).await {
+        tracing::warn!(user = %user.username, ip = ?ip, "password reset held: asked too often");
+        return;
+    }
+    match start_reset(app, &user).await {
+        Ok(link) => {
+            tracing::info!(user = %user.username, "password reset asked");
+            let _ = mail_reset(app, &user, &link, None).await;
+        }
+        Err(e) => tracing::warn!(error = %e.msg, "password reset not started"),
     }
 }
 

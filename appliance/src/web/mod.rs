@@ -42,6 +42,7 @@ pub fn routes() -> Router<AppState> {
         .route("/account/wizard", post(account::open_wizard))
         .route("/admin/accounts", get(accounts::page))
         .route("/admin/accounts/{user}/{action}", post(accounts::action))
+        .route("/reset", get(accounts::forgot_page).post(accounts::forgot))
         .route(
             "/reset/{user}/{secret}",
             get(accounts::reset_page).post(accounts::reset),
