@@ -23,6 +23,7 @@
 //   7b. the issue's page (stack, where, occurrences): Resolve, listed as resolved; the
 //      action again: open again, listed in the inbox;
 //   8. the 7 d range shows the stored minutes (waits for the first one to be stored);
+//   8b. the overview's apps draw CPU and memory sparklines from them;
 //   9. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
 // Each step prints one line; on the first failure the script prints what failed, the
 // page's console errors and a screenshot of the moment, and exits 1.
@@ -398,6 +399,23 @@ async function main () {
     await shot('process-7d-1280x800')
     await page.click('button[data-minutes="60"]')
     return `${points} stored step(s) at 7 days, lines ${lines}`
+  })
+
+  await step('the overview\'s apps draw their last hour from the stored minutes', async () => {
+    // The overview reads the stored steps at most every 15 s: reload until they show.
+    const deadline = Date.now() + 30000
+    let labels = []
+    while (Date.now() < deadline) {
+      await page.goto(overviewUrl)
+      labels = await page.$$eval(`#apps tr[data-app="${APP}"] svg.spark`, (svgs) => svgs.map((s) => s.getAttribute('aria-label')))
+      if (labels.length === 2) break
+      await sleep(2000)
+    }
+    assert(labels.length === 2 && labels[0].startsWith('CPU over the last hour: ') && labels[1].startsWith('Memory over the last hour: '),
+      `the ${APP} row's sparklines: ${JSON.stringify(labels)}`)
+    const points = await page.$eval(`#apps tr[data-app="${APP}"] svg.spark polyline`, (l) => l.getAttribute('points'))
+    assert(points.split(' ').length >= 2, `the cpu sparkline has the points ${JSON.stringify(points)}`)
+    return `${labels.join('; ')}; ${await shots('overview-sparklines')}`
   })
 
   await step('every other page: screenshots and axe (buckets, settings, alerts, report, account, 404, sign-in)', async () => {

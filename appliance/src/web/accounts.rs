@@ -149,7 +149,14 @@ async fn mail_reset(
             .to_string(),
     ];
     let subject = "Set a new password for KM".to_string();
-    mail_account(app, &user.email, subject, &lines, ("Set a new password", link)).await
+    mail_account(
+        app,
+        &user.email,
+        subject,
+        &lines,
+        ("Set a new password", link),
+    )
+    .await
 }
 
 /// Starts a reset of `user`'s password and mails its link; when the mail cannot go,
@@ -173,7 +180,10 @@ async fn reset_by_mail(app: &AppState, session: &WebSession, user: &User) -> Res
     match mail_reset(app, user, &link, Some(admin)).await {
         Ok(()) => back(
             "/admin/accounts",
-            Ok(format!("a password reset link was mailed to {}", user.email)),
+            Ok(format!(
+                "a password reset link was mailed to {}",
+                user.email
+            )),
         ),
         Err(e) => {
             let flash = Flash {

@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 
 use super::buckets::{access, link_command};
+use super::sparks::{self, BucketSteps, Spark};
 use super::{Flash, Flashes, Nav, WebSession, error_page, render};
 use crate::api::buckets::BucketAccess;
 use crate::error::ApiError;
@@ -125,11 +126,18 @@ pub struct AppRow {
     pub memory: String,
     pub restarts: i64,
     pub troubled: bool,
+    /// The last hour of its CPU and memory, ending now.
+    pub cpu_spark: Option<Spark>,
+    pub memory_spark: Option<Spark>,
 }
 
 impl AppRow {
-    fn of(app: &AppHealth, bucket_id: &str) -> AppRow {
+    fn of(app: &AppHealth, bucket_id: &str, stored: &BucketSteps) -> AppRow {
+        let steps = stored.apps.get(&app.name).cloned().unwrap_or_default();
+        let since = stored.since;
         AppRow {
+            cpu_spark: sparks::line(&steps.cpu, (since, app.cpu), "CPU", |v| format!("{v:.0}%")),
+            memory_spark: sparks::line(&steps.memory, (since, app.memory), "Memory", memory_text),
             name: app.name.clone(),
             servers: (app.servers.iter())
                 .map(|s| (s.clone(), page_path(bucket_id, s, &app.name)))
@@ -241,7 +249,7 @@ pub struct FleetView {
 }
 
 impl FleetView {
-    pub fn of(fleet: &Fleet, bucket_id: &str) -> FleetView {
+    pub fn of(fleet: &Fleet, bucket_id: &str, sparks: &BucketSteps) -> FleetView {
         FleetView {
             problems: (fleet.problems.iter())
                 .map(|p| ProblemRow::of(p, bucket_id))
@@ -249,7 +257,7 @@ impl FleetView {
             apps: fleet
                 .apps
                 .iter()
-                .map(|a| AppRow::of(a, bucket_id))
+                .map(|a| AppRow::of(a, bucket_id, sparks))
                 .collect(),
             hosts: fleet
                 .hosts
@@ -334,14 +342,18 @@ pub async fn overview(
     let bucket_id = &access.bucket.id;
     let now = now_ms();
     let servers = fleet::servers(&app, bucket_id, None).await;
-    let crashes = match health::crashes(app.events.as_ref(), bucket_id, now).await {
-        Ok(crashes) => crashes,
+    let stored = tokio::try_join!(
+        health::crashes(app.events.as_ref(), bucket_id, now),
+        sparks::of_bucket(&app, bucket_id),
+    );
+    let (crashes, sparks) = match stored {
+        Ok(stored) => stored,
         Err(e) => return error_page(&e.into()),
     };
     let flash = flash.0;
     render(&OverviewPage {
         nav: Some(Nav::from(&session)),
-        fleet: FleetView::of(&Fleet::of(&servers, crashes), bucket_id),
+        fleet: FleetView::of(&Fleet::of(&servers, crashes), bucket_id, &sparks),
         servers: servers.iter().map(|s| card(s, now)).collect(),
         link: link_command(&app, &access.bucket),
         licence: LicenceBanner::of(&app, bucket_id).await,

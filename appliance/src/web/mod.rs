@@ -14,6 +14,7 @@ mod fleet;
 mod issues;
 mod logs;
 pub mod process;
+mod sparks;
 mod team;
 
 use askama::Template;
