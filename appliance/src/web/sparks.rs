@@ -43,9 +43,11 @@ pub struct BucketSteps {
     pub apps: HashMap<String, AppSteps>,
 }
 
-/// Each bucket's steps and when they were read.
-static CACHE: LazyLock<Mutex<HashMap<String, (i64, Arc<BucketSteps>)>>> =
-    LazyLock::new(Default::default);
+/// A bucket's steps and when they were read.
+type Read = (i64, Arc<BucketSteps>);
+
+/// Each bucket's steps, by bucket.
+static CACHE: LazyLock<Mutex<HashMap<String, Read>>> = LazyLock::new(Default::default);
 
 /// The bucket's apps' stored steps, read at most every [`KEPT_MS`].
 pub async fn of_bucket(app: &AppState, bucket_id: &str) -> StoreResult<Arc<BucketSteps>> {
