@@ -63,6 +63,24 @@ pub(super) fn with_cookie(mut response: Response, cookie: Option<String>) -> Res
     response
 }
 
+/// The signed-in user, if any, of a form that also serves visitors, or its refusal when
+/// its CSRF token is neither the session's nor the visitor's.
+pub(super) async fn signed_form(
+    app: &AppState,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<Option<WebSession>, Box<Response>> {
+    let session = visitor(app, headers).await;
+    let refused = match &session {
+        Some(session) => session.refuse_forged(csrf),
+        None => refuse_forged_visitor(headers, csrf),
+    };
+    match refused {
+        Some(refused) => Err(Box::new(refused)),
+        None => Ok(session),
+    }
+}
+
 /// The signed-in user of a page that also serves visitors.
 pub(super) async fn visitor(app: &AppState, headers: &HeaderMap) -> Option<WebSession> {
     let token = auth::session_cookie(headers)?;
@@ -137,14 +155,10 @@ pub async fn signup(
     headers: HeaderMap,
     Form(form): Form<SignupForm>,
 ) -> Response {
-    let session = visitor(&app, &headers).await;
-    let refused = match &session {
-        Some(session) => session.refuse_forged(&form.csrf),
-        None => refuse_forged_visitor(&headers, &form.csrf),
+    let session = match signed_form(&app, &headers, &form.csrf).await {
+        Ok(session) => session,
+        Err(refused) => return *refused,
     };
-    if let Some(refused) = refused {
-        return refused;
-    }
     let register = RegisterForm {
         username: form.username.trim().to_string(),
         email: form.email.clone(),
@@ -304,9 +318,9 @@ fn redirect_with_cookie(to: &str, cookie: &str) -> Response {
 }
 
 #[derive(Deserialize)]
-pub struct CsrfForm {
+pub(super) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub csrf: String,
 }
 
 /// Ends the session: its token is revoked and the cookie cleared.

@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::account::{form_token, refuse_forged_visitor, sign_in, with_cookie};
+use super::account::{CsrfForm, form_token, refuse_forged_visitor, sign_in, with_cookie};
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
 use crate::api::oauth;
 use crate::api::team::mail_account;
@@ -60,12 +60,6 @@ async fn accounts_view(app: &AppState, session: &WebSession, flash: Flash) -> Re
 /// `GET /admin/accounts`.
 pub async fn page(State(app): State<AppState>, session: WebSession, flash: Flashes) -> Response {
     accounts_view(&app, &session, flash.0).await
-}
-
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
 }
 
 /// `POST /admin/accounts/:user/:action`: `disable`, `enable` or `reset`.

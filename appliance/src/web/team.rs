@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::account::{form_token, refuse_forged_visitor, sign_in, visitor, with_cookie};
+use super::account::{form_token, sign_in, signed_form, visitor, with_cookie};
 use super::{Flash, Nav, WebSession, error_page, render};
 use crate::api::oauth::{self, RegisterForm};
 use crate::api::team;
@@ -115,14 +115,10 @@ pub async fn accept(
     Path((bucket_id, secret)): Path<(String, String)>,
     Form(form): Form<AcceptForm>,
 ) -> Response {
-    let session = visitor(&app, &headers).await;
-    let refused = match &session {
-        Some(session) => session.refuse_forged(&form.csrf),
-        None => refuse_forged_visitor(&headers, &form.csrf),
+    let session = match signed_form(&app, &headers, &form.csrf).await {
+        Ok(session) => session,
+        Err(refused) => return *refused,
     };
-    if let Some(refused) = refused {
-        return refused;
-    }
     let (bucket, id, invitation) = match invitation_of(&app, &bucket_id, &secret).await {
         Ok(found) => found,
         Err(e) => return error_page(&e),
