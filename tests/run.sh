@@ -85,6 +85,11 @@ if ! command -v redis-server >/dev/null 2>&1; then
     section "redis-server (Debian)"
     apt_install redis-server
 fi
+# The Prometheus that scrapes km's metrics endpoints (tests/tests/prometheus.rs).
+if ! command -v prometheus >/dev/null 2>&1; then
+    section "prometheus (Debian)"
+    apt_install prometheus
+fi
 # The ACME CA the gateway's TLS tests get certificates from (HTTP-01 against km).
 if ! command -v pebble >/dev/null 2>&1; then
     section "pebble (Debian)"
@@ -148,6 +153,6 @@ KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --t
 # The same suites with every role in its own process behind the gateway, as the
 # appliance's units run them.
 section "end-to-end tests again with the roles apart (KM_E2E_ROLES=apart)"
-KM_E2E_ROLES=apart cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test dashboard --test limits --test notifications --test alerts -- --test-threads=2 "$@" || rc=$?
+KM_E2E_ROLES=apart cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test dashboard --test limits --test notifications --test alerts --test prometheus -- --test-threads=2 "$@" || rc=$?
 section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

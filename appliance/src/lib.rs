@@ -7,6 +7,7 @@ pub mod error;
 pub mod gateway;
 pub mod interactor;
 pub mod logging;
+pub mod metrics;
 pub mod realtime;
 pub mod role;
 pub mod routes;

@@ -15,7 +15,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::api::{actions, alerts, buckets, data, insights, oauth, team};
 use crate::role::Role;
-use crate::{gateway, interactor, realtime, web};
+use crate::{gateway, interactor, metrics, realtime, web};
 use km_core::app::AppState;
 use km_stores::StoreError;
 
@@ -45,6 +45,7 @@ pub fn role_router(app: AppState, role: Role) -> Router {
 fn finish(routes: Router<AppState>, app: AppState) -> Router {
     let routes = routes
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics::appliance))
         .fallback(web::not_found);
     with_security_headers(routes).with_state(app)
 }
@@ -88,6 +89,7 @@ fn api_routes() -> Router<AppState> {
         .route("/api/bucket/{id}/users_authorized", get(buckets::members))
         .route("/api/bucket/{id}/current_role", get(buckets::current_role))
         .route("/api/bucket/{id}/usage", get(buckets::usage))
+        .route("/api/bucket/{id}/metrics", get(metrics::bucket))
         .route("/api/bucket/{id}/manage_notif", post(buckets::manage_notif))
         .route(
             "/api/bucket/{id}/alerts",

@@ -398,6 +398,107 @@ impl Drop for Redis {
     }
 }
 
+/// One scrape job of [`Prometheus`]: km's `path` on `target` (host:port) with a bearer
+/// token.
+pub struct ScrapeJob {
+    pub name: String,
+    pub target: String,
+    pub path: String,
+    pub token: String,
+}
+
+/// A real Prometheus (Debian's package) on a free loopback port scraping its jobs every
+/// second, its data in a temporary directory; killed on drop.
+pub struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub async fn start(jobs: &[ScrapeJob]) -> Result<Prometheus> {
+        let dir = temp_dir("km-prometheus-")?;
+        let mut config =
+            String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
+        for j in jobs {
+            config += &format!(
+                "  - job_name: {}\n    metrics_path: {}\n    authorization:\n      credentials: {}\n    static_configs:\n      - targets: ['{}']\n",
+                j.name, j.path, j.token, j.target
+            );
+        }
+        let config_path = dir.path().join("prometheus.yml");
+        std::fs::write(&config_path, config)?;
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config_path.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start prometheus (apt-get install prometheus)")?;
+        let mut prometheus = Prometheus { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = reqwest::get(format!("{}/-/ready", prometheus.url())).await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return Ok(prometheus);
+            }
+            if let Some(st) = prometheus.child.try_wait()? {
+                bail!("prometheus exited at start ({st}):\n{}", prometheus.log());
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus not ready within 30 s:\n{}", prometheus.log());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        tail_file(&self.dir.path().join("prometheus.log"), 30)
+    }
+
+    /// `GET /api/v1/<what>` with `params`: its `data`.
+    pub async fn api(&self, what: &str, params: &[(&str, &str)]) -> Result<Value> {
+        let url = format!("{}/api/v1/{what}", self.url());
+        let response = reqwest::Client::new()
+            .get(&url)
+            .query(params)
+            .send()
+            .await?;
+        let body: Value = response.json().await?;
+        ensure!(body["status"] == "success", "{url}: {body}");
+        Ok(body["data"].clone())
+    }
+
+    /// The samples of an instant query: `(labels, value)`.
+    pub async fn query(&self, promql: &str) -> Result<Vec<(Value, f64)>> {
+        let data = self.api("query", &[("query", promql)]).await?;
+        Ok((data["result"].as_array().into_iter().flatten())
+            .map(|r| {
+                let value = r["value"][1].as_str().and_then(|v| v.parse().ok());
+                (r["metric"].clone(), value.unwrap_or(f64::NAN))
+            })
+            .collect())
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The three scale-out stores, each a real server on a free port.
 pub struct ScaleOut {
     pub mongo: SecantusDb,

@@ -398,48 +398,55 @@ async fn dashboard_follows_scaling_and_a_dead_agent_live() {
 /// answers.
 const TEAM_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The first link to a page in the latest mail to `to` whose subject has `subject`, waiting for it
-/// up to 20 s: `{"link", "subject"}`.
-async fn mailed_link(smtp: &Smtp, to: &str, subject: &str) -> Result<Value> {
+/// The first link to a page in the latest mail to `to` whose subject has `subject` and
+/// whose link was not handed out before (`given`), waiting for it up to 20 s:
+/// `{"link", "subject"}`.
+async fn mailed_link(smtp: &Smtp, to: &str, subject: &str, given: &[String]) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let header = |mail: &str, name: &str| {
+        (mail.lines())
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    // The first link to a page (the site's own address is named too).
+    let link = |mail: &str| {
+        (mail.split_whitespace())
+            .find(|w| w.starts_with("http") && w.matches('/').count() > 3)
+            .map(str::to_string)
+    };
     loop {
         let mails = smtp.decoded_mails()?;
-        let header = |mail: &str, name: &str| {
-            (mail.lines())
-                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-                .unwrap_or_default()
-        };
-        let found = mails
-            .iter()
-            .rev()
-            .find(|m| header(m, "To:").contains(to) && header(m, "Subject:").contains(subject));
-        if let Some(mail) = found {
-            // The first link to a page (the site's own address is named too).
-            let link = (mail.split_whitespace())
-                .find(|w| w.starts_with("http") && w.matches('/').count() > 3)
-                .context("no link in the mail")?;
-            return Ok(json!({"link": link, "subject": header(mail, "Subject:")}));
+        let found = mails.iter().rev().find_map(|m| {
+            let wanted = header(m, "To:").contains(to) && header(m, "Subject:").contains(subject);
+            let link = link(m).filter(|l| wanted && !given.contains(l))?;
+            Some(json!({"link": link, "subject": header(m, "Subject:")}))
+        });
+        if let Some(found) = found {
+            return Ok(found);
         }
         ensure!(
             Instant::now() < deadline,
-            "no mail to {to} about {subject:?} within 20 s ({} mails)",
+            "no new mail to {to} about {subject:?} within 20 s ({} mails)",
             mails.len()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// Answers the team script's requests (`{"do": "mail", "to", "subject"}`) in order.
+/// Answers the team script's requests (`{"do": "mail", "to", "subject"}`) in order, each
+/// with a mail not handed out before.
 async fn drive_team(smtp: &Smtp, dir: &Path) -> Result<Infallible> {
+    let mut given = Vec::new();
     for n in 1.. {
         let request = file_text(&dir.join(format!("request-{n}.json"))).await;
         let asked: Value = serde_json::from_str(&request).context("request is not JSON")?;
         let (to, subject) = (asked["to"].as_str(), asked["subject"].as_str());
         let reply = match (asked["do"].as_str(), to, subject) {
-            (Some("mail"), Some(to), Some(subject)) => mailed_link(smtp, to, subject).await,
+            (Some("mail"), Some(to), Some(subject)) => mailed_link(smtp, to, subject, &given).await,
             _ => Err(anyhow::anyhow!("unknown request {request}")),
         };
         let reply = reply.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+        given.extend(reply["link"].as_str().map(str::to_string));
         println!("team test: request {n} {} -> {reply}", request.trim());
         write_atomic(&dir.join(format!("reply-{n}.json")), &reply.to_string())?;
     }

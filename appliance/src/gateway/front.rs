@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::StatusCode;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::{Json, Router};
@@ -112,6 +113,7 @@ impl Front {
     pub fn gateway_router(self: &Arc<Self>) -> Router {
         self.routes()
             .route("/healthz", get(roles_health))
+            .route("/metrics", get(roles_metrics))
             .fallback(to_role)
             .with_state(self.clone())
     }
@@ -226,6 +228,53 @@ async fn roles_health(State(front): State<Arc<Front>>) -> (StatusCode, Json<Valu
             "roles": roles,
         })),
     )
+}
+
+/// `GET /metrics` of the gateway: every role's own `/metrics`, asked with the caller's
+/// token, each sample labelled with its role (a refusal is passed on as it is).
+async fn roles_metrics(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+    let Some(roles) = &front.roles else {
+        return (StatusCode::NOT_FOUND, "no roles").into_response();
+    };
+    let token = headers.get(AUTHORIZATION).cloned();
+    let asks = roles.all().map(|role| {
+        let mut ask = (front.health_client)
+            .get(format!("{}/metrics", role.url()))
+            .timeout(Duration::from_secs(3));
+        if let Some(token) = &token {
+            ask = ask.header(AUTHORIZATION, token.clone());
+        }
+        async move {
+            let answer = ask
+                .send()
+                .await
+                .map_err(|e| format!("{}: {e}", role.name))?;
+            let status = answer.status();
+            let text = answer
+                .text()
+                .await
+                .map_err(|e| format!("{}: {e}", role.name))?;
+            Ok::<_, String>((role.name, status, text))
+        }
+    });
+    let mut parts = Vec::new();
+    for answer in futures_util::future::join_all(asks).await {
+        match answer {
+            Ok((name, status, text)) if status.is_success() => parts.push((name, text)),
+            Ok((_, status, text)) => return (status, text).into_response(),
+            Err(e) => {
+                let msg = format!("a role's metrics did not answer: {e}");
+                return (StatusCode::SERVICE_UNAVAILABLE, msg).into_response();
+            }
+        }
+    }
+    let parts: Vec<(&str, &str)> = parts.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let content_type = HeaderValue::from_static(crate::metrics::OPENMETRICS);
+    (
+        [(CONTENT_TYPE, content_type)],
+        crate::metrics::by_role(&parts),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
