@@ -392,7 +392,7 @@ pub(super) fn requested_role(
 }
 
 /// The account of an email or username (emails are stored in lower case).
-pub(super) async fn account_of(app: &AppState, login: &str) -> ApiResult<Option<User>> {
+pub(crate) async fn account_of(app: &AppState, login: &str) -> ApiResult<Option<User>> {
     if login.is_empty() {
         return Err(ApiError::bad_request(
             "email: the member's email or username",

@@ -36,13 +36,24 @@ const FORM_COOKIE: &str = "km_form";
 /// A visitor's form token: a random value in a `SameSite=Strict` cookie that the form
 /// echoes, so that another site cannot post the sign-in or sign-up form (login CSRF). The
 /// cookie is kept if the browser has one (several tabs), else made with its `Set-Cookie`.
-pub(super) fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
+fn form_token(app: &AppState, headers: &HeaderMap) -> (String, Option<String>) {
     if let Some(token) = auth::cookie(headers, FORM_COOKIE).filter(|t| t.len() == 32) {
         return (token.to_string(), None);
     }
     let token = km_stores::ids::random_hex(16);
     let cookie = cookie(app, FORM_COOKIE, &token, "Strict", 86_400);
     (token, Some(cookie))
+}
+
+/// A page whose form a visitor may post: rendered with the visitor's form token (made by
+/// `page`), and the token's cookie when it was just made.
+pub(super) fn visitor_page<T: Template>(
+    app: &AppState,
+    headers: &HeaderMap,
+    page: impl FnOnce(String) -> T,
+) -> Response {
+    let (form_token, cookie) = form_token(app, headers);
+    with_cookie(render(&page(form_token)), cookie)
 }
 
 /// A visitor's form posted with its token, or the page that refuses it.
@@ -56,7 +67,7 @@ pub(super) fn refuse_forged_visitor(headers: &HeaderMap, given: &str) -> Option<
 }
 
 /// `response` with the form token's cookie, when it was just made.
-pub(super) fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
+fn with_cookie(mut response: Response, cookie: Option<String>) -> Response {
     if let Some(cookie) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         response.headers_mut().append(SET_COOKIE, cookie);
     }
@@ -115,8 +126,7 @@ async fn signup_view(
     let admin = session
         .as_ref()
         .is_some_and(|s| s.auth.user.role == "admin");
-    let (form_token, cookie) = form_token(app, headers);
-    let page = render(&SignupPage {
+    visitor_page(app, headers, |form_token| SignupPage {
         nav: session.as_ref().map(Nav::from),
         form_token,
         first,
@@ -124,8 +134,7 @@ async fn signup_view(
         flash,
         username: form.map(|f| f.username.clone()).unwrap_or_default(),
         email: form.map(|f| f.email.clone()).unwrap_or_default(),
-    });
-    with_cookie(page, cookie)
+    })
 }
 
 pub async fn signup_page(
@@ -206,15 +215,13 @@ fn login_view(
     login: String,
     next: String,
 ) -> Response {
-    let (form_token, cookie) = form_token(app, headers);
-    let page = render(&LoginPage {
+    visitor_page(app, headers, |form_token| LoginPage {
         nav: None,
         flash,
         login,
         form_token,
         next,
-    });
-    with_cookie(page, cookie)
+    })
 }
 
 /// `?next=`: where the sign-in goes on to.

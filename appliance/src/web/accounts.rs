@@ -9,8 +9,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
 
-use super::account::{CsrfForm, form_token, refuse_forged_visitor, sign_in, with_cookie};
+use super::account::{CsrfForm, refuse_forged_visitor, sign_in, visitor_page};
 use super::{Flash, Flashes, Nav, WebSession, back, error_page, render};
+use crate::api::buckets::account_of;
 use crate::api::oauth;
 use crate::api::team::mail_account;
 use crate::auth;
@@ -203,14 +204,12 @@ struct ForgotPage {
 }
 
 fn forgot_view(app: &AppState, headers: &HeaderMap, flash: Flash) -> Response {
-    let (form_token, cookie) = form_token(app, headers);
-    let page = render(&ForgotPage {
+    visitor_page(app, headers, |form_token| ForgotPage {
         nav: None,
         flash,
         form_token,
         mail: app.settings.smtp.is_some(),
-    });
-    with_cookie(page, cookie)
+    })
 }
 
 /// `GET /reset`: "forgot your password?".
@@ -256,15 +255,11 @@ pub async fn forgot(
 }
 
 async fn mail_asked_reset(app: &AppState, login: &str, ip: Option<std::net::IpAddr>) {
-    let found = match app.documents.user_by_login(&login.to_lowercase()).await {
-        Ok(None) => app.documents.user_by_login(login).await,
-        found => found,
-    };
-    let user = match found {
+    let user = match account_of(app, login).await {
         Ok(Some(user)) if !user.disabled => user,
         Ok(_) => return,
         Err(e) => {
-            tracing::warn!(error = %e, "password reset: account not read");
+            tracing::warn!(error = %e.msg, "password reset: account not read");
             return;
         }
     };
@@ -318,15 +313,13 @@ async fn reset_view(
         Ok(user) => user,
         Err(e) => return error_page(&e),
     };
-    let (form_token, cookie) = form_token(app, headers);
-    let page = render(&ResetPage {
+    visitor_page(app, headers, |form_token| ResetPage {
         nav: None,
         flash,
         username: user.username,
         path: format!("/reset/{user_id}/{secret}"),
         form_token,
-    });
-    with_cookie(page, cookie)
+    })
 }
 
 /// `GET /reset/:user/:secret`.

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::account::{form_token, sign_in, signed_form, visitor, with_cookie};
-use super::{Flash, Nav, WebSession, error_page, render};
+use super::account::{sign_in, signed_form, visitor, visitor_page};
+use super::{Flash, Nav, WebSession, error_page};
 use crate::api::oauth::{self, RegisterForm};
 use crate::api::team;
 use crate::auth;
@@ -73,8 +73,7 @@ async fn page_view(
         Err(e) => return error_page(&e),
     };
     let session = visitor(app, headers).await;
-    let (form_token, cookie) = form_token(app, headers);
-    let page = render(&InvitationPage {
+    visitor_page(app, headers, |form_token| InvitationPage {
         nav: session.as_ref().map(Nav::from),
         flash,
         bucket,
@@ -82,8 +81,7 @@ async fn page_view(
         path: format!("/invitations/{bucket_id}/{secret}"),
         form_token,
         username,
-    });
-    with_cookie(page, cookie)
+    })
 }
 
 /// `GET /invitations/:bucket/:secret`.
