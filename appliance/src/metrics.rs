@@ -110,6 +110,18 @@ pub async fn appliance(State(app): State<AppState>, auth: UserAuth) -> ApiResult
         "Frames refused for want of in-flight room",
         &c.frames_refused_busy,
     );
+    counter(
+        &mut r,
+        "spans",
+        "Spans stored (agents and intakes)",
+        &c.spans,
+    );
+    counter(
+        &mut r,
+        "spans_refused",
+        "Spans refused (no ids, or over a span budget)",
+        &c.spans_refused,
+    );
     let in_flight = app.ingest.in_flight.used() as u64;
     gauge(
         &mut r,

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::set_header::SetResponseHeaderLayer;
 
-use crate::api::{actions, alerts, buckets, data, insights, oauth, team};
+use crate::api::{actions, alerts, buckets, data, insights, oauth, team, traces};
 use crate::role::Role;
 use crate::{gateway, interactor, metrics, realtime, web};
 use km_core::app::AppState;
@@ -242,6 +242,11 @@ fn api_routes() -> Router<AppState> {
             "/api/bucket/{id}/data/events/stats",
             post(insights::events_histogram),
         )
+        .route("/api/bucket/{id}/traces", get(traces::list))
+        .route("/api/bucket/{id}/traces/routes", get(traces::routes))
+        .route("/api/bucket/{id}/traces/{trace}", get(traces::trace))
+        .route("/api/v2/spans", post(interactor::intake::zipkin))
+        .route("/v1/traces", post(interactor::intake::otlp))
         .route(
             "/api/bucket/{id}/data/events/delete_all",
             delete(insights::events_delete_all),

@@ -252,6 +252,7 @@ pub async fn command_agent(
         name: None,
         at,
         doc: doc.to_string(),
+        span: None,
     });
     Ok(())
 }

@@ -38,6 +38,17 @@ pub const MAX_STATUS_BYTES: usize = 16 << 20;
 pub const MAX_PROCESSES: usize = 2_000;
 /// Custom metrics (`axm_monitor`) of one process.
 pub const MAX_METRICS: usize = 256;
+/// One stored span (pm2's carry the process's command line and host: about 2 KB).
+pub const MAX_SPAN_BYTES: usize = 64 << 10;
+/// A span starting further than this from its arrival is filed at its arrival (retention
+/// and time filters go by a span's start).
+pub const SPAN_CLOCK_SKEW_MS: i64 = 86_400_000;
+/// Body of one request to the span intakes (Zipkin, OTLP); over it, 413.
+pub const MAX_SPAN_INTAKE_BYTES: usize = 16 << 20;
+/// Spans in one request to the span intakes; over it, the request is refused whole.
+pub const MAX_SPANS_PER_REQUEST: usize = 10_000;
+/// Spans of one trace shown (a trace's page, the API).
+pub const MAX_TRACE_SPANS: u32 = 2_000;
 
 /// How much of a budget a JSON value takes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

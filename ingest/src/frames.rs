@@ -6,6 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::spans::{self, SpanOrigin, SpanRefusal};
 use km_stores::{EventKind, EventRecord};
 
 #[derive(Deserialize)]
@@ -75,17 +76,7 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         .and_then(Value::as_f64)
         .map_or(origin.now, |at| at as i64);
     let process = payload.get("process");
-    let app_name = process
-        .and_then(|p| p.get("name"))
-        .or_else(|| payload.pointer("/meta/app_name"))
-        .or_else(|| payload.get("name").filter(|_| channel == "profiling"))
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let pm_id = process
-        .and_then(|p| p.get("pm_id"))
-        .or_else(|| payload.get("pm_id").filter(|_| channel == "profiling"))
-        .cloned()
-        .unwrap_or(Value::Null);
+    let (app_name, pm_id) = process_of(channel, &payload);
 
     let mut doc = Map::new();
     doc.insert("at".into(), at.into());
@@ -177,7 +168,45 @@ pub fn to_event(origin: &Origin, channel: &str, payload: &str) -> EventRecord {
         },
         at,
         doc: Value::Object(doc).to_string(),
+        span: None,
     }
+}
+
+/// The app and pm_id a frame's payload names (`null` pm_id when none).
+fn process_of(channel: &str, payload: &Value) -> (Option<String>, Value) {
+    let process = payload.get("process");
+    let app_name = process
+        .and_then(|p| p.get("name"))
+        .or_else(|| payload.pointer("/meta/app_name"))
+        .or_else(|| payload.get("name").filter(|_| channel == "profiling"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let pm_id = process
+        .and_then(|p| p.get("pm_id"))
+        .or_else(|| payload.get("pm_id").filter(|_| channel == "profiling"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    (app_name, pm_id)
+}
+
+/// A `trace-span` frame's span (`data`, Zipkin v2) as it is stored.
+pub fn to_span(origin: &Origin, payload: &str) -> Result<EventRecord, SpanRefusal> {
+    let mut payload: Value = serde_json::from_str(payload).map_err(|_| SpanRefusal::NoIds)?;
+    let (app_name, pm_id) = process_of("trace-span", &payload);
+    let span = payload.get_mut("data").map(Value::take).unwrap_or_default();
+    // Spans posted by pm2 name their service; the process's name is the app.
+    let service = span["localEndpoint"]["serviceName"]
+        .as_str()
+        .map(str::to_string);
+    let app_name = app_name.or(service).unwrap_or_else(|| "unknown".into());
+    let origin = SpanOrigin {
+        bucket_id: origin.bucket_id,
+        server_name: origin.server_name,
+        app_name: &app_name,
+        pm_id,
+        now: origin.now,
+    };
+    spans::from_zipkin(&origin, span)
 }
 
 /// The issue an exception belongs to: the same app, message and callsite (the line that

@@ -9,6 +9,7 @@ pub mod meter;
 pub mod metrics;
 pub mod process;
 pub mod session;
+pub mod spans;
 pub mod tree;
 pub mod writer;
 
@@ -42,6 +43,10 @@ pub struct IngestCounters {
     pub frames_too_large: AtomicU64,
     /// Frames that found the in-flight budget spent (their socket is closed with 1013).
     pub frames_refused_busy: AtomicU64,
+    /// Spans stored (from agents and the intakes).
+    pub spans: AtomicU64,
+    /// Spans refused: no ids, over `MAX_SPAN_BYTES`, or a request over a span budget.
+    pub spans_refused: AtomicU64,
 }
 
 /// Why a status frame was not applied.
@@ -136,6 +141,24 @@ impl Ingest {
     pub fn event(&self, event: EventRecord) {
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         self.writer.event(event);
+    }
+
+    /// A span, stored unless refused (counted either way).
+    pub fn span(
+        &self,
+        span: Result<EventRecord, spans::SpanRefusal>,
+    ) -> Result<(), spans::SpanRefusal> {
+        match span {
+            Ok(span) => {
+                self.counters.spans.fetch_add(1, Ordering::Relaxed);
+                self.writer.event(span);
+                Ok(())
+            }
+            Err(refused) => {
+                self.counters.spans_refused.fetch_add(1, Ordering::Relaxed);
+                Err(refused)
+            }
+        }
     }
 
     pub fn count_malformed(&self) {

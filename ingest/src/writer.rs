@@ -381,7 +381,9 @@ mod tests {
 
     use super::*;
     use km_stores::sqlite::SqliteEvents;
-    use km_stores::{Cutoffs, EventKind, EventQuery, MetricQuery, StoreResult};
+    use km_stores::{
+        Cutoffs, EventKind, EventQuery, MetricQuery, RouteLatency, SpanQuery, StoreResult,
+    };
 
     /// The real embedded store behind a switch that refuses the first `refusals` writes.
     struct Refusing {
@@ -426,6 +428,12 @@ mod tests {
         async fn delete_matching(&self, kind: EventKind, query: &EventQuery) -> StoreResult<u64> {
             self.inner.delete_matching(kind, query).await
         }
+        async fn slowest_spans(&self, query: &SpanQuery) -> StoreResult<Vec<String>> {
+            self.inner.slowest_spans(query).await
+        }
+        async fn route_latencies(&self, query: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
+            self.inner.route_latencies(query).await
+        }
         async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
             self.inner.append_metrics(points).await
         }
@@ -452,6 +460,7 @@ mod tests {
             name: None,
             at,
             doc: format!("{{\"at\":{at}}}"),
+            span: None,
         }
     }
 

@@ -14,7 +14,7 @@ use super::{
     AgentCommand, Bucket, Bus, Channel, CommandSink, Cutoffs, Delivery, Documents, EventKind,
     EventQuery, EventRecord, Events, LocalBus, Member, MemberRole, MetricPoint, MetricQuery,
     Notification, NotificationState, ParkedServer, PasswordReset, ServerProcesses, ServerRecord,
-    StoreError, TokenRecord, User,
+    SpanFacts, SpanQuery, StoreError, TokenRecord, User,
 };
 use crate::ids::{new_object_id, now_ms};
 
@@ -889,6 +889,7 @@ fn event(bucket: &str, app: &str, at: i64, event_type: &str) -> EventRecord {
         name: None,
         at,
         doc: format!(r#"{{"at":{at}}}"#),
+        span: None,
     }
 }
 
@@ -1428,6 +1429,164 @@ async fn event_search_contract_on_elasticsearch() {
     let urls = parse_urls(server.url()).unwrap();
     let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
     event_search_contract(&events).await;
+}
+
+/// A span of trace `trace` in bucket s1 taking `ms`.
+fn span(
+    app: &str,
+    trace: &str,
+    at: i64,
+    route: &str,
+    status: u16,
+    ms: i64,
+    entry: bool,
+) -> EventRecord {
+    EventRecord {
+        kind: EventKind::Span,
+        event_type: if entry { "SERVER" } else { "CLIENT" }.into(),
+        name: Some(trace.into()),
+        doc: serde_json::json!({"at": at, "trace": trace, "route": route, "ms": ms}).to_string(),
+        span: Some(Box::new(SpanFacts {
+            route: route.into(),
+            status,
+            duration_us: ms * 1000,
+            entry,
+        })),
+        ..event("s1", app, at, "")
+    }
+}
+
+/// Asks until `expected` comes back (search engines show writes after a refresh).
+async fn spans_settled(events: &dyn Events, query: &SpanQuery, expected: Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = events.slowest_spans(query).await.unwrap();
+        if got == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{query:?}: expected {expected:?}, got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What every events store must do with spans: a trace found whole, entry spans listed
+/// slowest first by route and status, percentiles per route.
+async fn span_contract(events: &dyn Events) {
+    let t = NOON;
+    // 100 requests of GET /a taking 1..=100 ms, 5 of them failing; one POST /b.
+    let mut batch: Vec<EventRecord> = (1..=100)
+        .map(|ms| {
+            let status = if ms % 20 == 0 { 500 } else { 200 };
+            span("api", &format!("t{ms}"), t + ms, "GET /a", status, ms, true)
+        })
+        .collect();
+    let post = span("api", "t1", t, "POST /b", 201, 500, true);
+    let call = span("api", "t1", t + 2, "GET db", 0, 700, false);
+    let other_app = span("web", "w1", t, "GET /a", 200, 900, true);
+    batch.extend([post.clone(), call.clone(), other_app.clone()]);
+    events.append(batch.clone().into()).await.unwrap();
+
+    let api = SpanQuery {
+        bucket_id: "s1".into(),
+        app_name: Some("api".into()),
+        since: t - MINUTE,
+        limit: 3,
+        ..SpanQuery::default()
+    };
+    // Entry spans only (the 700 ms call is not one), slowest first.
+    spans_settled(events, &api, docs_of(&[&post, &batch[99], &batch[98]])).await;
+    let failed = SpanQuery {
+        route: Some("GET /a".into()),
+        status: Some((500, 599)),
+        limit: 10,
+        ..api.clone()
+    };
+    let failures: Vec<&EventRecord> = [100, 80, 60, 40, 20]
+        .iter()
+        .map(|ms| &batch[ms - 1])
+        .collect();
+    spans_settled(events, &failed, docs_of(&failures)).await;
+    let later = SpanQuery {
+        since: t + 51,
+        ..failed.clone()
+    };
+    spans_settled(events, &later, docs_of(&failures[..3])).await;
+
+    // A trace, whole: its entry and its call.
+    let trace = EventQuery {
+        bucket_id: "s1".into(),
+        name: Some("t1".into()),
+        limit: 10,
+        ..EventQuery::default()
+    };
+    settled(
+        events,
+        EventKind::Span,
+        &trace,
+        docs_of(&[&call, &batch[0], &post]),
+    )
+    .await;
+
+    let routes = events
+        .route_latencies(&SpanQuery {
+            limit: 10,
+            ..api.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    let a = &routes[0];
+    assert_eq!(
+        (
+            a.app_name.as_str(),
+            a.route.as_str(),
+            a.count,
+            a.errors,
+            a.max_us
+        ),
+        ("api", "GET /a", 100, 5, 100_000)
+    );
+    // Exact ranks here; Elasticsearch estimates (within a millisecond at this size).
+    for (got, want) in [(a.p50_us, 50_000), (a.p95_us, 95_000), (a.p99_us, 99_000)] {
+        assert!((got - want).abs() <= 1_000, "{routes:?}");
+    }
+    assert_eq!(
+        (routes[1].route.as_str(), routes[1].count, routes[1].p99_us),
+        ("POST /b", 1, 500_000)
+    );
+    let busiest = events
+        .route_latencies(&SpanQuery {
+            app_name: None,
+            limit: 1,
+            ..api
+        })
+        .await
+        .unwrap();
+    assert_eq!(busiest.len(), 1);
+    assert_eq!(
+        (busiest[0].app_name.as_str(), busiest[0].count),
+        ("api", 100)
+    );
+}
+
+#[tokio::test]
+async fn span_contract_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    span_contract(&open_events(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn span_contract_on_elasticsearch() {
+    if !km_e2e::enabled("an Elasticsearch-API server (osmem-server)") {
+        return;
+    }
+    let server = km_e2e::OsMem::start().unwrap();
+    let urls = parse_urls(server.url()).unwrap();
+    let events = ElasticEvents::connect(&urls, "kmtest").await.unwrap();
+    span_contract(&events).await;
 }
 
 #[tokio::test]

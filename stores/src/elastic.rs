@@ -23,14 +23,14 @@ use elasticsearch::{BulkParts, DeleteByQueryParts, Elasticsearch, SearchParts};
 use serde_json::{Value, json};
 
 use super::{
-    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreError,
-    StoreResult,
+    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, RouteLatency,
+    SpanQuery, StoreError, StoreResult,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// The version of km's index templates (their `version`): a km refuses templates a
 /// newer km installed rather than put older mappings back.
-pub const TEMPLATE_VERSION: i64 = 1;
+pub const TEMPLATE_VERSION: i64 = 2;
 const DAY_MS: i64 = 86_400_000;
 /// Most servers, apps per server and metrics per app one histogram query returns.
 const MAX_TERMS: u32 = 10_000;
@@ -217,6 +217,9 @@ impl ElasticEvents {
                     "type": keyword, "name": keyword, "at": date,
                     "text": {"type": "keyword", "normalizer": "km_lowercase"},
                     "doc": {"type": "keyword", "index": false, "doc_values": false},
+                    // Spans only (version 2).
+                    "route": keyword, "status": {"type": "integer"}, "duration": {"type": "long"},
+                    "entry": {"type": "boolean"},
                 }},
             },
         });
@@ -441,6 +444,30 @@ fn event_filter(q: &EventQuery) -> Vec<Value> {
     filter
 }
 
+/// `filter` clauses for the entry spans matching `q`.
+fn span_filter(q: &SpanQuery) -> Vec<Value> {
+    let mut filter = scope(&q.bucket_id, &q.app_name, &q.server_name);
+    filter.push(json!({"term": {"entry": true}}));
+    filter.push(json!({"range": {"at": {"gte": q.since}}}));
+    if let Some(route) = &q.route {
+        filter.push(json!({"term": {"route": route}}));
+    }
+    if let Some((from, to)) = q.status {
+        filter.push(json!({"range": {"status": {"gte": from, "lte": to}}}));
+    }
+    filter
+}
+
+/// The documents of search hits that asked for `_source: ["doc"]`.
+fn docs_of(hits: Vec<Value>) -> Vec<String> {
+    hits.into_iter()
+        .filter_map(|mut h| match h["doc"].take() {
+            Value::String(doc) => Some(doc),
+            _ => None,
+        })
+        .collect()
+}
+
 /// `filter` clauses for a bucket and optional app / server.
 fn scope(bucket_id: &str, app_name: &Option<String>, server_name: &Option<String>) -> Vec<Value> {
     let mut filter = vec![json!({"term": {"bucket_id": bucket_id}})];
@@ -470,14 +497,18 @@ impl Events for ElasticEvents {
                 json!({"index": {"_index": self.index(e.kind.as_str(), day), "_id": id}})
                     .to_string(),
             );
-            lines.push(
-                json!({
-                    "bucket_id": e.bucket_id, "server_name": e.server_name, "app_name": e.app_name,
-                    "type": e.event_type, "name": e.name, "at": e.at, "doc": e.doc,
-                    "text": search_text(e),
-                })
-                .to_string(),
-            );
+            let mut doc = json!({
+                "bucket_id": e.bucket_id, "server_name": e.server_name, "app_name": e.app_name,
+                "type": e.event_type, "name": e.name, "at": e.at, "doc": e.doc,
+                "text": search_text(e),
+            });
+            if let Some(span) = &e.span {
+                doc["route"] = span.route.as_str().into();
+                doc["status"] = span.status.into();
+                doc["duration"] = span.duration_us.into();
+                doc["entry"] = span.entry.into();
+            }
+            lines.push(doc.to_string());
         }
         self.bulk(lines).await
     }
@@ -489,13 +520,58 @@ impl Events for ElasticEvents {
             "from": q.offset, "size": q.limit, "_source": ["doc"],
         });
         let hits = self.search(&self.index(kind.as_str(), "*"), body).await?;
-        Ok(hits
-            .into_iter()
-            .filter_map(|mut h| match h["doc"].take() {
-                Value::String(doc) => Some(doc),
-                _ => None,
-            })
-            .collect())
+        Ok(docs_of(hits))
+    }
+
+    async fn slowest_spans(&self, q: &SpanQuery) -> StoreResult<Vec<String>> {
+        let body = json!({
+            "query": {"bool": {"filter": span_filter(q)}},
+            "sort": [{"duration": "desc"}, {"at": "desc"}],
+            "size": q.limit, "_source": ["doc"],
+        });
+        let hits = self
+            .search(&self.index(EventKind::Span.as_str(), "*"), body)
+            .await?;
+        Ok(docs_of(hits))
+    }
+
+    async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
+        let stats = json!({
+            "p": {"percentiles": {"field": "duration", "percents": [50, 95, 99]}},
+            "max": {"max": {"field": "duration"}},
+            "errors": {"filter": {"range": {"status": {"gte": 500}}}},
+        });
+        let routes = json!({"terms": {"field": "route", "size": q.limit}, "aggs": stats});
+        let body = json!({
+            "size": 0,
+            "query": {"bool": {"filter": span_filter(q)}},
+            "aggs": {"apps": {"terms": {"field": "app_name", "size": MAX_TERMS}, "aggs": {"routes": routes}}},
+        });
+        let answer = self
+            .search_raw(&self.index(EventKind::Span.as_str(), "*"), body)
+            .await?;
+        let mut found = Vec::new();
+        for app in buckets(&answer["aggregations"]["apps"]) {
+            for route in buckets(&app["routes"]) {
+                let percentile =
+                    |p: &str| route["p"]["values"][p].as_f64().unwrap_or_default().round() as i64;
+                found.push(RouteLatency {
+                    app_name: app["key"].as_str().unwrap_or_default().to_string(),
+                    route: route["key"].as_str().unwrap_or_default().to_string(),
+                    count: route["doc_count"].as_u64().unwrap_or_default(),
+                    errors: route["errors"]["doc_count"].as_u64().unwrap_or_default(),
+                    p50_us: percentile("50.0"),
+                    p95_us: percentile("95.0"),
+                    p99_us: percentile("99.0"),
+                    max_us: route["max"]["value"].as_f64().unwrap_or_default() as i64,
+                });
+            }
+        }
+        found.sort_by(|a, b| {
+            (b.count, &a.app_name, &a.route).cmp(&(a.count, &b.app_name, &b.route))
+        });
+        found.truncate(q.limit as usize);
+        Ok(found)
     }
 
     async fn count_histogram(
@@ -740,6 +816,7 @@ mod tests {
             name: None,
             at: 0,
             doc: doc.to_string(),
+            span: None,
         };
         let exception =
             json!({"data": {"message": "Boom", "stack": "Error: Boom\n  at x", "name": "E"}});

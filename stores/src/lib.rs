@@ -156,7 +156,8 @@ pub trait Documents: Send + Sync {
     async fn parked_servers(&self, bucket_id: Option<&str>) -> StoreResult<Vec<ParkedServer>>;
 }
 
-/// Time-stamped data: logs, exceptions, events, transactions, profiles, metric minutes.
+/// Time-stamped data: logs, exceptions, events, transactions, profiles, spans, metric
+/// minutes.
 #[async_trait]
 pub trait Events: Send + Sync {
     /// Which implementation this is, for `/healthz`.
@@ -177,6 +178,11 @@ pub trait Events: Send + Sync {
     /// Deletes the events matching `query` (`limit` and `offset` ignored); returns how
     /// many went.
     async fn delete_matching(&self, kind: EventKind, query: &EventQuery) -> StoreResult<u64>;
+    /// Entry spans matching `q` (documents), slowest first.
+    async fn slowest_spans(&self, q: &SpanQuery) -> StoreResult<Vec<String>>;
+    /// Latencies of the entry spans matching `q` per app and route, busiest first, at
+    /// most `q.limit` routes.
+    async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>>;
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()>;
     /// Metric minutes matching `query` merged into steps of `step_ms` per (server, app,
     /// metric), oldest first: `avg` weighted by `count`, extremes, the latest `last`, the

@@ -239,16 +239,20 @@ pub enum EventKind {
     Event,
     Transaction,
     Profile,
+    /// Spans of traces (`trace-span`, Zipkin, OTLP): found by trace (`name`), listed
+    /// slowest first ([`SpanFacts`]).
+    Span,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Log,
         EventKind::Exception,
         EventKind::ProcessEvent,
         EventKind::Event,
         EventKind::Transaction,
         EventKind::Profile,
+        EventKind::Span,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -259,6 +263,7 @@ impl EventKind {
             EventKind::Event => "events",
             EventKind::Transaction => "transactions",
             EventKind::Profile => "profiles",
+            EventKind::Span => "spans",
         }
     }
 }
@@ -280,6 +285,51 @@ pub struct EventRecord {
     pub name: Option<String>,
     pub at: i64,
     pub doc: String,
+    /// What a span is sorted and filtered by (spans only).
+    pub span: Option<Box<SpanFacts>>,
+}
+
+/// A span's facts beside its document: its trace is the event's `name`, its kind
+/// (`SERVER`, `CLIENT`, …) the event's type.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpanFacts {
+    /// `GET /users/:id` for HTTP, the span's name otherwise.
+    pub route: String,
+    /// The HTTP status; 0 when none.
+    pub status: u16,
+    pub duration_us: i64,
+    /// A request into the service (a `SERVER` or `CONSUMER` span, or one without a
+    /// parent): what the traces list shows.
+    pub entry: bool,
+}
+
+/// A filter over the entry spans of one bucket, since a time.
+#[derive(Debug, Clone, Default)]
+pub struct SpanQuery {
+    pub bucket_id: String,
+    pub app_name: Option<String>,
+    pub server_name: Option<String>,
+    pub route: Option<String>,
+    /// HTTP statuses from the first to the second, both included.
+    pub status: Option<(u16, u16)>,
+    /// Only spans starting at or after this (epoch ms).
+    pub since: i64,
+    pub limit: u32,
+}
+
+/// The latencies of one route of an app, from its entry spans.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RouteLatency {
+    pub app_name: String,
+    pub route: String,
+    pub count: u64,
+    /// Answered with a status of 500 or more.
+    pub errors: u64,
+    /// Percentiles of the duration, µs (nearest rank; estimates on Elasticsearch).
+    pub p50_us: i64,
+    pub p95_us: i64,
+    pub p99_us: i64,
+    pub max_us: i64,
 }
 
 impl EventRecord {

@@ -469,6 +469,7 @@ fn record(outbox: &Outbox<'_>, rule: &Alert, change: &Change, kind: &str, at: i6
         name: Some(rule.name.clone()),
         at,
         doc: doc.to_string(),
+        span: None,
     });
 }
 

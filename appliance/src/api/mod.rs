@@ -8,6 +8,7 @@ pub mod data;
 pub mod insights;
 pub mod oauth;
 pub mod team;
+pub mod traces;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;

@@ -2,6 +2,7 @@
 //! from the socket into the session (live status, metric samples) and the event writer;
 //! commands come back through the bus.
 
+pub mod intake;
 mod socket;
 
 use axum::Json;

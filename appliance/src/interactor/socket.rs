@@ -379,8 +379,17 @@ pub fn receive(
                 server_name: &session.server_name,
                 now,
             };
-            app.ingest
-                .event(frames::to_event(&origin, &channel, payload));
+            if channel == "trace-span" {
+                let stored = app.ingest.span(frames::to_span(&origin, payload));
+                if let Err(refused) = stored
+                    && session.may_log_refusal(now)
+                {
+                    tracing::warn!(bucket = %session.bucket_id, server = %session.server_name, reason = %refused, "span refused");
+                }
+            } else {
+                app.ingest
+                    .event(frames::to_event(&origin, &channel, payload));
+            }
         }
     }
     Received::Other

@@ -9,7 +9,8 @@ use rusqlite::types::Value as SqlValue;
 
 use super::Db;
 use crate::{
-    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, StoreResult,
+    Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, RouteLatency,
+    SpanQuery, StoreResult,
 };
 
 /// Schema migrations, oldest first (see `Db::open`).
@@ -34,6 +35,14 @@ ALTER TABLE events ADD COLUMN cid TEXT;
 CREATE UNIQUE INDEX events_by_cid ON events(cid);
 ALTER TABLE metrics ADD COLUMN cid TEXT;
 CREATE UNIQUE INDEX metrics_by_cid ON metrics(cid);
+",
+    // v3: spans (their facts as columns); events found by name (a trace, an issue).
+    "
+ALTER TABLE events ADD COLUMN route TEXT;
+ALTER TABLE events ADD COLUMN status INTEGER;
+ALTER TABLE events ADD COLUMN duration INTEGER;
+ALTER TABLE events ADD COLUMN entry INTEGER;
+CREATE INDEX events_by_name ON events(bucket_id, kind, name);
 ",
 ];
 
@@ -110,6 +119,24 @@ fn event_filter(kind: EventKind, q: &EventQuery) -> (String, Vec<SqlValue>) {
     (sql, args)
 }
 
+/// `WHERE` clauses for the entry spans matching `q`.
+fn span_filter(q: &SpanQuery) -> (String, Vec<SqlValue>) {
+    let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+    sql.push_str(" AND kind = ? AND entry = 1 AND at >= ?");
+    args.push(SqlValue::Text(EventKind::Span.as_str().to_string()));
+    args.push(SqlValue::Integer(q.since));
+    if let Some(route) = &q.route {
+        sql.push_str(" AND route = ?");
+        args.push(SqlValue::Text(route.clone()));
+    }
+    if let Some((from, to)) = q.status {
+        sql.push_str(" AND status BETWEEN ? AND ?");
+        args.push(SqlValue::Integer(from.into()));
+        args.push(SqlValue::Integer(to.into()));
+    }
+    (sql, args)
+}
+
 #[async_trait]
 impl Events for SqliteEvents {
     fn kind(&self) -> &'static str {
@@ -122,10 +149,12 @@ impl Events for SqliteEvents {
                 let tx = c.transaction()?;
                 {
                     let mut stmt = tx.prepare_cached(
-                        "INSERT OR IGNORE INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc, cid)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        "INSERT OR IGNORE INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc, cid,
+                           route, status, duration, entry)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     )?;
                     for e in events.iter() {
+                        let span = e.span.as_ref();
                         stmt.execute(params![
                             e.kind.as_str(),
                             e.bucket_id,
@@ -135,7 +164,11 @@ impl Events for SqliteEvents {
                             e.name,
                             e.at,
                             e.doc,
-                            e.content_id()
+                            e.content_id(),
+                            span.map(|s| &s.route),
+                            span.map(|s| s.status),
+                            span.map(|s| s.duration_us),
+                            span.map(|s| s.entry),
                         ])?;
                     }
                 }
@@ -188,6 +221,57 @@ impl Events for SqliteEvents {
         let sql = format!("DELETE FROM events WHERE {filter}");
         self.db
             .call(move |c| Ok(c.execute(&sql, rusqlite::params_from_iter(args))? as u64))
+            .await
+    }
+
+    async fn slowest_spans(&self, q: &SpanQuery) -> StoreResult<Vec<String>> {
+        let (filter, mut args) = span_filter(q);
+        let sql =
+            format!("SELECT doc FROM events WHERE {filter} ORDER BY duration DESC, id LIMIT ?");
+        args.push(SqlValue::Integer(q.limit.into()));
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
+                    .collect()
+            })
+            .await
+    }
+
+    async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
+        let (filter, mut args) = span_filter(q);
+        // Nearest rank: the p-th percentile of n is the value ranked ceil(p * n / 100).
+        let rank = |p: u32| format!("MAX(CASE WHEN rn = (n * {p} + 99) / 100 THEN duration END)");
+        let sql = format!(
+            "WITH s AS (
+               SELECT app_name, route, duration, status,
+                 ROW_NUMBER() OVER (PARTITION BY app_name, route ORDER BY duration) AS rn,
+                 COUNT(*) OVER (PARTITION BY app_name, route) AS n
+               FROM events WHERE {filter})
+             SELECT app_name, route, n, SUM(status >= 500), {}, {}, {}, MAX(duration)
+             FROM s GROUP BY app_name, route ORDER BY n DESC, app_name, route LIMIT ?",
+            rank(50),
+            rank(95),
+            rank(99)
+        );
+        args.push(SqlValue::Integer(q.limit.into()));
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok(RouteLatency {
+                        app_name: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                        route: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        count: r.get(2)?,
+                        errors: r.get(3)?,
+                        p50_us: r.get(4)?,
+                        p95_us: r.get(5)?,
+                        p99_us: r.get(6)?,
+                        max_us: r.get(7)?,
+                    })
+                })?
+                .collect()
+            })
             .await
     }
 
