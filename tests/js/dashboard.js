@@ -24,6 +24,9 @@
 //      action again: open again, listed in the inbox;
 //   8. the 7 d range shows the stored minutes (waits for the first one to be stored);
 //   8b. the overview's apps draw CPU and memory sparklines from them;
+//   8c. the app runs with `--trace`: its traces page lists its two routes and its slowest
+//      requests; filtered on the outer route and opened, the trace's waterfall holds the
+//      request, its call below it and the inner request below the call;
 //   9. full-page screenshots of both pages at 1280x800 and 390x844 in KM_SCREENSHOT_DIR.
 // Each step prints one line; on the first failure the script prints what failed, the
 // page's console errors and a screenshot of the moment, and exits 1.
@@ -416,6 +419,49 @@ async function main () {
     const points = await page.$eval(`#apps tr[data-app="${APP}"] svg.spark polyline`, (l) => l.getAttribute('points'))
     assert(points.split(' ').length >= 2, `the cpu sparkline has the points ${JSON.stringify(points)}`)
     return `${labels.join('; ')}; ${await shots('overview-sparklines')}`
+  })
+
+  await step('traces: the app\'s routes and slowest requests, one opened as a waterfall', async () => {
+    // pm2 --trace sends each span as it ends; the page reads the stored ones.
+    const deadline = Date.now() + 40000
+    let rows = 0
+    while (Date.now() < deadline) {
+      await page.goto(`${overviewUrl}/traces?app=${encodeURIComponent(APP)}`)
+      rows = await page.locator('#requests tr[data-trace]').count()
+      if (rows > 0 && await page.locator('#routes th:has-text("GET /orders/:id")').count() > 0) break
+      await sleep(2000)
+    }
+    assert(rows > 0, `no request listed on ${page.url()}`)
+    const routes = await page.$$eval('#routes tbody th code', (cs) => cs.map((c) => c.textContent))
+    assert(routes.includes('GET /orders/:id') && routes.includes('GET /inner/:id'), `the routes listed: ${JSON.stringify(routes)}`)
+    const durations = await page.$$eval('#requests tbody th a', (as) => as.map((a) => a.textContent))
+    const listShots = await shots('traces')
+    // Filtered on the outer route, then opened: the request, its call and the inner request.
+    await page.selectOption('#trace-filters select[name="route"]', 'GET /orders/:id')
+    await Promise.all([page.waitForURL((u) => u.searchParams.get('route') === 'GET /orders/:id'), page.click('#trace-filters button')])
+    const listed = await page.$$eval('#requests tbody td code', (cs) => [...new Set(cs.map((c) => c.textContent))])
+    assert(listed.length === 1 && listed[0] === 'GET /orders/:id', `filtered on the route, the requests are of ${JSON.stringify(listed)}`)
+    await Promise.all([page.waitForURL((u) => /\/traces\/[0-9a-f]+$/.test(u.pathname)), page.click('#requests tbody tr:first-child th a')])
+    const spans = await page.$$eval('#waterfall tbody tr', (trs) => trs.map((tr) => ({
+      depth: Number(tr.dataset.depth),
+      route: tr.querySelector('summary code').textContent,
+      width: Number(tr.querySelector('rect').getAttribute('width'))
+    })))
+    assert(spans.length >= 3, `the waterfall has ${spans.length} span(s): ${JSON.stringify(spans)}`)
+    assert(spans[0].depth === 0 && spans[0].route === 'GET /orders/:id', `the first span is ${JSON.stringify(spans[0])}`)
+    const inner = spans.find((sp) => sp.route === 'GET /inner/:id')
+    assert(inner && inner.depth === 2, `the inner request sits under the call: ${JSON.stringify(spans)}`)
+    assert(spans.every((sp) => sp.width > 0 && sp.width <= 1000), `bar widths ${JSON.stringify(spans.map((sp) => sp.width))}`)
+    await page.click('#waterfall tbody tr:first-child summary')
+    const tags = await page.textContent('#waterfall tbody tr:first-child dl.tags')
+    assert(/http\.method/.test(tags), `the first span's tags: ${tags.slice(0, 200)}`)
+    const traceShots = await shots('trace')
+    // The process page's Transactions card: the routes' percentiles, from the spans.
+    await page.goto(`${overviewUrl}/servers/${encodeURIComponent(server)}/apps/${encodeURIComponent(APP)}`)
+    const card = await page.$$eval('#span-routes tbody tr', (trs) => trs.map((tr) => [...tr.children].map((c) => c.textContent.trim())))
+    const orders = card.find((row) => row[0] === 'GET /orders/:id')
+    assert(orders && Number(orders[1]) >= 1 && /(µs|ms|s)$/.test(orders[3]), `the Transactions card: ${JSON.stringify(card)}`)
+    return `${rows} request(s) (${durations.slice(0, 3).join(', ')}…), ${spans.length} spans in the trace; ${listShots} | ${traceShots}`
   })
 
   await step('every other page: screenshots and axe (buckets, settings, alerts, report, account, 404, sign-in)', async () => {

@@ -8,7 +8,9 @@
 //! command's `KEYMETRICS_NODE`, and tells the script. The script then checks, without
 //! reloading: the process row appears on the overview, the process page charts the
 //! custom metric, `restart` bumps the restarts cell, the live tail shows the app's lines,
-//! and an exception thrown by a custom action shows as an issue. Screenshots of both pages
+//! and an exception thrown by a custom action shows as an issue; the app runs with
+//! `--trace`, and its traces page lists its routes and slowest requests, one of which
+//! opens as a waterfall of the request, its call and the call's own request. Screenshots of both pages
 //! at 1280x800 and 390x844 go to `<target>/e2e-screenshots/dashboard/`.
 //!
 //! The second test (`tests/js/dashboard_live.js`) links a pm2 running a cluster app on two
@@ -38,10 +40,14 @@ const NEEDLE: &str = "dashboard-tick";
 const BOOM: &str = "boom";
 const EXCEPTION: &str = "dashboard boom";
 
-/// A metric, a line every half second, and a custom action that replies, then throws
-/// from a timer (an uncaught exception: `@pm2/io` reports it, pm2 restarts the app).
+/// A metric, a line every half second, a custom action that replies, then throws from a
+/// timer (an uncaught exception: `@pm2/io` reports it, pm2 restarts the app), and a
+/// request a second to `/orders/42` whose handler calls `/inner/7` on the same server
+/// (started with `--trace`: a trace of a SERVER span, its CLIENT call and the inner SERVER
+/// span).
 const APP_SRC: &str = r#"
 const io = require('@pm2/io');
+const http = require('http');
 io.metric({ name: 'Realtime users' }).set(42);
 io.action('boom', (reply) => {
   reply({ ok: true, throwing: 'dashboard boom' });
@@ -49,6 +55,11 @@ io.action('boom', (reply) => {
 });
 let n = 0;
 setInterval(() => console.log('dashboard-tick ' + (n++)), 500);
+const server = http.createServer((req, res) => {
+  if (req.url.startsWith('/inner')) { setTimeout(() => res.end('inner'), 15); return; }
+  http.get(`http://127.0.0.1:${server.address().port}/inner/7`, (r) => { r.resume(); r.on('end', () => res.end('outer')); });
+}).listen(0, '127.0.0.1');
+setInterval(() => http.get(`http://127.0.0.1:${server.address().port}/orders/42`, (r) => r.resume()).on('error', () => {}), 1000);
 "#;
 
 /// Time the script has to show the link command (browser start, sign-up, bucket).
@@ -197,7 +208,7 @@ async fn dashboard_links_pm2_and_follows_it_live_in_a_browser() {
         let app = App {
             name: APP,
             source: APP_SRC,
-            args: &[],
+            args: &["--trace"],
         };
         let linker = link_from_page(handshake.path(), &app);
         tokio::pin!(linker);

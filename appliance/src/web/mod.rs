@@ -16,6 +16,7 @@ mod logs;
 pub mod process;
 mod sparks;
 mod team;
+pub mod traces;
 
 use askama::Template;
 use axum::Router;
@@ -63,6 +64,8 @@ pub fn routes() -> Router<AppState> {
             "/buckets/{id}/issues/{identifier}",
             get(issues::page).post(issues::set_state),
         )
+        .route("/buckets/{id}/traces", get(traces::page))
+        .route("/buckets/{id}/traces/{trace}", get(traces::trace_page))
         .route("/buckets/{id}/alerts", get(alerts::page))
         .route("/buckets/{id}/alerts/{action}", post(alerts::action))
         .route("/buckets/{id}/reports", get(alerts::report))

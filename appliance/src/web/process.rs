@@ -22,7 +22,8 @@ use km_core::bucket_settings::BucketSettings;
 use km_core::fleet::{ProcessStatus, page_path};
 use km_core::issues::Issue;
 use km_stores::ids::now_ms;
-use km_stores::{Bucket, EventKind, EventQuery, MemberRole};
+use crate::api::traces::DEFAULT_WINDOW_MS;
+use km_stores::{Bucket, EventKind, EventQuery, MemberRole, RouteLatency, SpanQuery};
 
 /// Rows of each stored list the page shows.
 const LIST: u32 = 50;
@@ -100,6 +101,10 @@ struct ProcessPage {
     issues: Vec<Issue>,
     events: Vec<EventLine>,
     routes: Vec<Route>,
+    /// Routes measured from the app's spans (`--trace`, OTLP) in the last hour.
+    span_routes: Vec<RouteLatency>,
+    /// The traces page of this app on this server.
+    traces: String,
     profiles: Vec<ProfileLine>,
     flash: Flash,
 }
@@ -160,6 +165,14 @@ pub async fn page(
         limit: LIST,
         ..EventQuery::default()
     };
+    let span_scope = SpanQuery {
+        bucket_id: access.bucket.id.clone(),
+        app_name: Some(app_name.clone()),
+        server_name: Some(server.clone()),
+        since: now_ms() - DEFAULT_WINDOW_MS,
+        limit: LIST,
+        ..SpanQuery::default()
+    };
     // The page's lists are independent reads: asked at once, not one after another.
     let stored = tokio::try_join!(
         async { Ok(app.events.query(EventKind::Log, &scope).await?) },
@@ -168,9 +181,10 @@ pub async fn page(
         async { Ok(app.events.query(EventKind::Profile, &scope).await?) },
         insights::triaged_issues(&app, scope.clone()),
         insights::routes(&app, scope.clone()),
+        async { Ok(app.events.route_latencies(&span_scope).await?) },
         async { Ok(BucketSettings::load(app.documents.as_ref(), &access.bucket.id).await?) },
     );
-    let (logs, events, process_events, profiles, issues, routes, settings) = match stored {
+    let (logs, events, process_events, profiles, issues, routes, span_routes, settings) = match stored {
         Ok(stored) => stored,
         Err(e) => return error_page(&e),
     };
@@ -226,6 +240,13 @@ pub async fn page(
         issues,
         events: event_lines,
         routes,
+        span_routes,
+        traces: format!(
+            "/buckets/{}/traces?{}",
+            access.bucket.id,
+            serde_urlencoded::to_string([("app", &app_name), ("server", &server)])
+                .unwrap_or_default()
+        ),
         profiles: docs(profiles)
             .iter()
             .map(|d| ProfileLine {
