@@ -18,7 +18,11 @@ cd "$ROOT"
 # Keep in sync with NPM_PACKAGES in tests/src/lib.rs.
 # playwright-core drives Debian's /usr/bin/chromium (it never downloads a browser of its
 # own); 1.65.1 was checked against Chromium 156 (launch, setContent, screenshot).
-NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5 @pm2/js-api@0.8.1 playwright-core@1.65.1 axe-core@4.14.1)
+NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5 @pm2/js-api@0.8.1 playwright-core@1.65.1 axe-core@4.14.1
+    @opentelemetry/sdk-node@0.221.0 @opentelemetry/auto-instrumentations-node@0.79.0
+    @opentelemetry/sdk-trace-base@2.10.0 @opentelemetry/resources@2.10.0
+    @opentelemetry/exporter-trace-otlp-http@0.221.0 @opentelemetry/exporter-trace-otlp-proto@0.221.0
+    @opentelemetry/exporter-zipkin@2.10.0)
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 NODE_DIR="${KM_E2E_NODE_DIR:-$TARGET_DIR/e2e-node}"
@@ -149,10 +153,10 @@ rc=0
 cargo test --workspace "${FEATURES[@]}" --no-fail-fast -- --test-threads=2 "$@" || rc=$?
 # The agent and API end-to-end tests once more, km on MongoDB, Elasticsearch and Redis.
 section "end-to-end tests again on the scale-out stores (KM_E2E_STORES=scale-out)"
-KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test backup -- --test-threads=2 "$@" || rc=$?
+KM_E2E_STORES=scale-out cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test backup --test traces -- --test-threads=2 "$@" || rc=$?
 # The same suites with every role in its own process behind the gateway, as the
 # appliance's units run them.
 section "end-to-end tests again with the roles apart (KM_E2E_ROLES=apart)"
-KM_E2E_ROLES=apart cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test dashboard --test limits --test notifications --test alerts --test prometheus -- --test-threads=2 "$@" || rc=$?
+KM_E2E_ROLES=apart cargo test -p km-e2e "${FEATURES[@]}" --no-fail-fast --test pm2_link --test api --test js_api --test web --test dashboard --test limits --test notifications --test alerts --test prometheus --test traces -- --test-threads=2 "$@" || rc=$?
 section "tests finished in $(( $(date +%s) - start )) s (exit $rc)"
 exit "$rc"

@@ -9,7 +9,7 @@
 //!   tests need both built with the test licence key trusted (`cargo build --workspace
 //!   --features km-appliance/test-licence`, as `tests/run.sh` does).
 //! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`,
-//!   `@pm2/js-api`, playwright-core, axe-core) are installed (default `<target>/e2e-node`); installed
+//!   `@pm2/js-api`, playwright-core, axe-core, OpenTelemetry's) are installed (default `<target>/e2e-node`); installed
 //!   there on first use, under a file lock.
 //! - `KM_E2E_KEEP=1`: keep the temporary dirs (km data and log, `PM2_HOME`) for inspection.
 //! - `KM_E2E=1`: run the tests that need real servers, clients or tools; without it they
@@ -36,13 +36,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`. playwright-core
 /// drives Debian's `/usr/bin/chromium` (it downloads no browser of its own).
-pub const NPM_PACKAGES: [&str; 6] = [
+pub const NPM_PACKAGES: [&str; 13] = [
     "pm2@7.0.4",
     "@pm2/io@6.1.0",
     "tx2@1.0.5",
     "@pm2/js-api@0.8.1",
     "playwright-core@1.65.1",
     "axe-core@4.14.1",
+    // What `pm2 start --trace` needs (pm2 7 installs them on first use otherwise, as
+    // lib/OtelManager.js pins them).
+    "@opentelemetry/sdk-node@0.221.0",
+    "@opentelemetry/auto-instrumentations-node@0.79.0",
+    // Services without pm2 sending spans: OpenTelemetry's own exporters.
+    "@opentelemetry/sdk-trace-base@2.10.0",
+    "@opentelemetry/resources@2.10.0",
+    "@opentelemetry/exporter-trace-otlp-http@0.221.0",
+    "@opentelemetry/exporter-trace-otlp-proto@0.221.0",
+    "@opentelemetry/exporter-zipkin@2.10.0",
 ];
 
 /// The workspace root (parent of this crate).

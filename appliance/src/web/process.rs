@@ -16,13 +16,13 @@ use super::{Flash, Nav, WebSession, back, error_page, render};
 use crate::api::Body;
 use crate::api::actions;
 use crate::api::insights::{self, Route};
+use crate::api::traces::DEFAULT_WINDOW_MS;
 use crate::error::{ApiError, ApiResult};
 use km_core::app::AppState;
 use km_core::bucket_settings::BucketSettings;
 use km_core::fleet::{ProcessStatus, page_path};
 use km_core::issues::Issue;
 use km_stores::ids::now_ms;
-use crate::api::traces::DEFAULT_WINDOW_MS;
 use km_stores::{Bucket, EventKind, EventQuery, MemberRole, RouteLatency, SpanQuery};
 
 /// Rows of each stored list the page shows.
@@ -184,10 +184,11 @@ pub async fn page(
         async { Ok(app.events.route_latencies(&span_scope).await?) },
         async { Ok(BucketSettings::load(app.documents.as_ref(), &access.bucket.id).await?) },
     );
-    let (logs, events, process_events, profiles, issues, routes, span_routes, settings) = match stored {
-        Ok(stored) => stored,
-        Err(e) => return error_page(&e),
-    };
+    let (logs, events, process_events, profiles, issues, routes, span_routes, settings) =
+        match stored {
+            Ok(stored) => stored,
+            Err(e) => return error_page(&e),
+        };
     let mut event_lines: Vec<EventLine> = docs(events)
         .iter()
         .map(|d| {

@@ -153,7 +153,8 @@ fn bars(trace: &mut Trace) -> Vec<Bar> {
         .map(|span| {
             let left = (span.offset_us.max(0) as f64 / total * 1000.0).min(1000.0);
             // A bar is at least 2 of 1000 wide, so that the shortest span still shows.
-            let width = (span.duration_us as f64 / total * 1000.0).clamp(2.0, 1000.0 - left.min(998.0));
+            let width =
+                (span.duration_us as f64 / total * 1000.0).clamp(2.0, 1000.0 - left.min(998.0));
             Bar {
                 indent: span.depth.min(MAX_INDENT),
                 span,
