@@ -63,7 +63,7 @@ pub fn duration(us: impl std::borrow::Borrow<i64>) -> String {
     let us = *us.borrow();
     match us {
         ..1_000 => format!("{us} µs"),
-        ..1_000_000 => format!("{:.1} ms", us as f64 / 1e3),
+        1_000..1_000_000 => format!("{:.1} ms", us as f64 / 1e3),
         _ => format!("{:.2} s", us as f64 / 1e6),
     }
 }
