@@ -122,6 +122,36 @@ fn op() -> impl Strategy<Value = Value> {
     ]
 }
 
+/// A Zipkin span as pm2 sends it, each field real, made up or of the wrong type.
+fn span() -> impl Strategy<Value = Value> {
+    let id = prop_oneof![
+        "[0-9a-f]{1,32}".prop_map(Value::from),
+        "\\PC{0,40}".prop_map(Value::from),
+        json_value(),
+    ];
+    let time = prop_oneof![
+        (0i64..4_000_000_000_000_000).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        json_value(),
+    ];
+    (
+        id.clone(),
+        id.clone(),
+        id,
+        time.clone(),
+        time,
+        json_value(),
+        json_value(),
+        "[A-Z]{0,9}",
+    )
+        .prop_map(
+            |(trace, id, parent, timestamp, duration, tags, name, kind)| {
+                json!({"traceId": trace, "id": id, "parentId": parent, "timestamp": timestamp,
+                   "duration": duration, "tags": tags, "name": name, "kind": kind})
+            },
+        )
+}
+
 fn frame() -> impl Strategy<Value = String> {
     let envelope =
         |channel: &str, payload: Value| json!({"channel": channel, "payload": payload}).to_string();
@@ -137,6 +167,8 @@ fn frame() -> impl Strategy<Value = String> {
             envelope("status:patch", Value::Array(ops))
         }),
         1 => json_value().prop_map(move |v| envelope("logs", v)),
+        2 => span().prop_map(move |s| envelope("trace-span", json!({"data": s, "process": {"name": "fuzz-app", "pm_id": 0}}))),
+        1 => json_value().prop_map(move |v| envelope("trace-span", v)),
         1 => "\\PC{0,40}",
     ]
 }
@@ -179,6 +211,29 @@ fn run(frames: &[String]) -> Result<(), TestCaseError> {
 proptest! {
     // 256 cases unless PROPTEST_CASES says otherwise.
     #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// What the span intakes are posted (OTLP protobuf or JSON, Zipkin spans): refused or
+    /// stored, never a panic.
+    #[test]
+    fn hostile_span_bodies_are_refused_or_stored(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        otlp in json_value(),
+        zipkin in span(),
+    ) {
+        use km_ingest::spans::{SpanOrigin, decode_otlp, from_zipkin, zipkin_of_otlp};
+        let origin = SpanOrigin { bucket_id: "b", server_name: "s", app_name: "a", pm_id: Value::Null, now: 1_796_658_079_052 };
+        let text = json!({"resourceSpans": [{"scopeSpans": [{"spans": [otlp]}]}]}).to_string();
+        for request in [decode_otlp(&bytes, false), decode_otlp(&bytes, true), decode_otlp(text.as_bytes(), true)].into_iter().flatten() {
+            for (_, _, span) in zipkin_of_otlp(request) {
+                let _ = from_zipkin(&origin, span);
+            }
+        }
+        if let Ok(stored) = from_zipkin(&origin, zipkin) {
+            let facts = stored.span.expect("a span's facts");
+            prop_assert!(facts.duration_us >= 0 && facts.route.chars().count() <= 200);
+            prop_assert!(stored.at.abs_diff(origin.now) <= budget::SPAN_CLOCK_SKEW_MS.unsigned_abs());
+        }
+    }
 
     #[test]
     fn hostile_frames_keep_the_status_within_budgets(frames in prop::collection::vec(frame(), 1..12)) {

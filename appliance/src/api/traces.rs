@@ -166,7 +166,8 @@ impl SpanView {
             app_name: text(&doc["app_name"]),
             server_name: text(&doc["server_name"]),
             status: doc["status"].as_u64().unwrap_or_default() as u16,
-            offset_us: span["timestamp"].as_f64().unwrap_or_default() as i64 - trace_start_us,
+            offset_us: (span["timestamp"].as_f64().unwrap_or_default() as i64)
+                .saturating_sub(trace_start_us),
             duration_us: doc["duration_us"].as_i64().unwrap_or_default(),
             tags: span["tags"].as_object().cloned().unwrap_or_default(),
         }
@@ -194,7 +195,10 @@ impl Trace {
             .unwrap_or_default();
         let end_us = docs
             .iter()
-            .map(|d| int(&d["data"]["timestamp"]) + d["duration_us"].as_i64().unwrap_or_default())
+            .map(|d| {
+                let duration = d["duration_us"].as_i64().unwrap_or_default();
+                int(&d["data"]["timestamp"]).saturating_add(duration)
+            })
             .max()
             .unwrap_or_default();
         let ids: HashSet<&str> = docs
@@ -238,7 +242,7 @@ impl Trace {
         Trace {
             trace_id: trace_id.to_string(),
             start_us,
-            duration_us: end_us - start_us,
+            duration_us: end_us.saturating_sub(start_us),
             spans,
             truncated,
         }
@@ -311,6 +315,14 @@ mod tests {
             ]
         );
         assert_eq!((trace.start_us, trace.duration_us), (1_000, 201));
+        // Times at the ends of the range saturate.
+        let far = [
+            doc("a", None, i64::MIN, 5),
+            doc("b", Some("a"), i64::MAX, i64::MAX),
+        ];
+        let trace = Trace::of("t", &far, false);
+        assert_eq!(trace.duration_us, i64::MAX);
+        assert_eq!(trace.spans[1].offset_us, i64::MAX);
     }
 
     #[test]
