@@ -12,7 +12,7 @@ use super::{Flash, Nav, WebSession, error_page, render};
 use crate::api::traces::{self, SpanView, Trace, TraceEntry, TraceFilter};
 use km_core::app::AppState;
 use km_stores::ids::now_ms;
-use km_stores::{Bucket, RouteLatency};
+use km_stores::{Bucket, RouteLatency, SpanQuery};
 
 /// The time windows of the page: (minutes, label).
 pub const TRACE_WINDOWS: [(i64, &str); 4] = [
@@ -99,15 +99,21 @@ pub async fn page(
     let bucket_id = &access.bucket.id;
     let read = async {
         let routes_query = filter.api(false).query(bucket_id)?;
-        let all_apps = TraceFilter {
-            app: None,
-            ..filter.api(false)
-        }
-        .query(bucket_id)?;
         let requests_query = filter.api(true).query(bucket_id)?;
+        // The apps to pick from are those of every route: read apart only when the
+        // routes are of one app (the read costs a scan of the window's spans).
+        let every_app = async {
+            match routes_query.app_name {
+                None => Ok(None),
+                Some(_) => {
+                    let all = SpanQuery { app_name: None, ..routes_query.clone() };
+                    Ok(Some(app.events.route_latencies(&all).await?))
+                }
+            }
+        };
         tokio::try_join!(
             async { Ok(app.events.route_latencies(&routes_query).await?) },
-            async { Ok(app.events.route_latencies(&all_apps).await?) },
+            every_app,
             traces::slowest(&app, &requests_query),
         )
     };
@@ -115,7 +121,8 @@ pub async fn page(
         Ok(read) => read,
         Err(e) => return error_page(&e),
     };
-    let mut apps: Vec<String> = every_app.into_iter().map(|r| r.app_name).collect();
+    let every_app = every_app.as_ref().unwrap_or(&routes);
+    let mut apps: Vec<String> = every_app.iter().map(|r| r.app_name.clone()).collect();
     apps.push(filter.app.clone());
     apps.retain(|a| !a.is_empty());
     apps.sort();
