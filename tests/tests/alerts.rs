@@ -1,7 +1,8 @@
 //! Alerts with a real pm2: a custom metric of a linked app above a rule's threshold for
 //! the window fires the rule once (a signed webhook, Slack, and the rule's custom action
 //! run on the process), and resolves it once when the metric drops; the rule's `sample`
-//! reaches the same receivers.
+//! reaches the same receivers. A webhook in the Keymetrics shape gets each new exception
+//! as `event:new_exception`, with the fields Keymetrics documented.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -73,11 +74,15 @@ fn hooks_of(got: &Received, kind: &str, secret: &str) -> anyhow::Result<Vec<Valu
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
         };
-        let payload: Value = serde_json::from_str(body).context("webhook body")?;
-        if payload["type"] != kind {
+        if header("x-km-event") != kind {
             continue;
         }
-        ensure!(header("x-km-event") == kind, "x-km-event: {headers:?}");
+        let payload: Value = serde_json::from_str(body).context("webhook body")?;
+        // km's bodies name their kind; Keymetrics-shaped ones name their event.
+        ensure!(
+            payload["type"] == kind || payload["event"].is_string(),
+            "a {kind} body: {payload}"
+        );
         let timestamp: i64 = header("x-km-timestamp").parse().context("x-km-timestamp")?;
         ensure!(
             (now_ms() / 1000 - timestamp).abs() < 300,
@@ -247,6 +252,59 @@ async fn a_metric_alert_fires_once_and_resolves_once() {
             }
         }
         ensure!(!rows.iter().any(|(_, c, _)| c == "email"), "mailed: {rows:?}");
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}
+
+/// Crashes a second after each start (pm2 restarts it): one issue, repeating.
+const CRASHER: &str = "setTimeout(() => { throw new Error('keymetrics-boom') }, 1000);";
+
+#[tokio::test]
+async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
+    e2e(async {
+        let (url, got) = receiver().await?;
+        let l = linked("km-shape-1", &[("crasher", CRASHER)]).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        let channels = api
+            .post_ok(
+                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
+                &json!({"webhooks": {"active": true, "url": format!("{url}/hook"), "format": "keymetrics"}}),
+            )
+            .await?;
+        ensure!(channels["webhooks"]["format"] == "keymetrics", "{channels}");
+        let secret = channels["webhooks"]["secret"].as_str().context("secret")?.to_string();
+        let bad = api
+            .post(
+                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
+                &json!({"webhooks": {"format": "xml"}}),
+            )
+            .await?;
+        ensure!(bad.status == 400 && bad.text.contains("not km or keymetrics"), "{} {}", bad.status, bad.text);
+
+        let bodies = wait_hooks(&got, "new_issue", &secret, Duration::from_secs(60)).await?;
+        let body = &bodies[0];
+        let data = &body["data"];
+        let issues = api
+            .post_ok(&format!("/api/bucket/{b}/data/issues/list"), &json!({}))
+            .await?;
+        ensure!(
+            body["event"] == "event:new_exception"
+                && data["process"]["name"] == "crasher"
+                && data["process"]["server"] == "km-shape-1"
+                && data["process"]["pm_id"] == 0
+                && data["data"]["message"] == "keymetrics-boom"
+                && data["data"]["stack"].as_str().is_some_and(|s| s.starts_with("Error: keymetrics-boom"))
+                && data["identifier"] == issues[0]["identifier"]
+                && data["infected_servers"] == json!(["km-shape-1"])
+                && data["count"].as_u64().is_some_and(|n| n >= 1)
+                && data["created_at"].as_i64().is_some_and(|t| t > 0)
+                && data["at"] == data["updated_at"]
+                && data["timestamps"] == json!([data["at"]])
+                && data["bucket_url"].as_str().is_some_and(|u| u.contains(&format!("/buckets/{b}/issues/"))),
+            "the Keymetrics-shaped body: {body}"
+        );
         let _ = l.pm2.run(&["kill"]).await;
         Ok(())
     })

@@ -20,7 +20,7 @@ use km_core::app::AppState;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, MemberRole, Notification, StoreError};
 use km_workers::alerts::{self, Alert};
-use km_workers::notify::channels::Settings;
+use km_workers::notify::channels::{HookFormat, Settings};
 use km_workers::notify::choices::{self, Choices, KINDS};
 use km_workers::reporter::{self, Period};
 
@@ -125,6 +125,9 @@ pub struct AlertsForm {
     url: String,
     #[serde(default)]
     active: String,
+    /// The webhook's bodies: `km` or `keymetrics`.
+    #[serde(default)]
+    format: String,
     #[serde(default)]
     daily: String,
     #[serde(default)]
@@ -181,7 +184,7 @@ impl AlertsForm {
     }
 
     fn hook(&self) -> Value {
-        json!({"active": self.active == "true", "url": self.url})
+        json!({"active": self.active == "true", "url": self.url, "format": self.format})
     }
 }
 

@@ -106,7 +106,10 @@ pub async fn page(
             match routes_query.app_name {
                 None => Ok(None),
                 Some(_) => {
-                    let all = SpanQuery { app_name: None, ..routes_query.clone() };
+                    let all = SpanQuery {
+                        app_name: None,
+                        ..routes_query.clone()
+                    };
                     Ok(Some(app.events.route_latencies(&all).await?))
                 }
             }

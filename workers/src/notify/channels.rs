@@ -31,6 +31,21 @@ pub struct Hook {
     /// The webhook's signing secret (never sent to Slack; shown to admins only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// The webhook's bodies: km's, or one per event in the Keymetrics shape.
+    #[serde(default)]
+    pub format: HookFormat,
+}
+
+/// The shape of the webhook's bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookFormat {
+    /// One body per notification: `{event, type, bucket, at, subject, count, link, items}`.
+    #[default]
+    Km,
+    /// One body per item, `{event: "event:<kind>", data}`, as Keymetrics posted them
+    /// (see [`super::keymetrics`]).
+    Keymetrics,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -98,6 +113,16 @@ impl Hooks {
     /// `rotate_secret`) makes a new secret.
     pub fn set_webhook(&mut self, form: &HookForm) -> Result<(), String> {
         let mut hook = form.applied_to(&self.webhooks, "webhooks")?;
+        match form.format.as_deref() {
+            None | Some("") => {}
+            Some("km") => hook.format = HookFormat::Km,
+            Some("keymetrics") => hook.format = HookFormat::Keymetrics,
+            Some(other) => {
+                return Err(format!(
+                    "webhooks.format: {other:?} is not km or keymetrics"
+                ));
+            }
+        }
         if hook.secret.is_none() || form.rotate_secret == Some(true) {
             hook.secret = Some(random_hex(32));
         }
@@ -106,12 +131,14 @@ impl Hooks {
     }
 }
 
-/// `{active, url, rotate_secret}` as `@pm2/js-api` sends it under `slack` or `webhooks`.
+/// `{active, url, rotate_secret}` as `@pm2/js-api` sends it under `slack` or `webhooks`
+/// (and the webhook's `format`: `km` or `keymetrics`).
 #[derive(Debug, Default, Deserialize)]
 pub struct HookForm {
     pub active: Option<bool>,
     pub url: Option<String>,
     pub rotate_secret: Option<bool>,
+    pub format: Option<String>,
 }
 
 impl HookForm {
@@ -187,25 +214,29 @@ impl Poster {
         self.post(url, body, &[]).await
     }
 
-    /// The generic webhook: the payload, signed.
+    /// The generic webhook: each body in turn, signed (a failure stops the delivery,
+    /// which is tried again whole).
     pub async fn webhook(
         &self,
         hook: &Hook,
         kind: &str,
         id: &str,
-        body: String,
+        bodies: Vec<String>,
     ) -> Result<(), String> {
         let url = active_url(hook, "the webhook")?;
         let secret = hook.secret.as_deref().unwrap_or_default();
-        let timestamp = now_ms() / 1000;
-        let signature = signature(secret, timestamp, &body);
-        let headers = [
-            ("x-km-event", kind.to_string()),
-            ("x-km-delivery", id.to_string()),
-            ("x-km-timestamp", timestamp.to_string()),
-            ("x-km-signature", signature),
-        ];
-        self.post(url, body, &headers).await
+        for body in bodies {
+            let timestamp = now_ms() / 1000;
+            let signature = signature(secret, timestamp, &body);
+            let headers = [
+                ("x-km-event", kind.to_string()),
+                ("x-km-delivery", id.to_string()),
+                ("x-km-timestamp", timestamp.to_string()),
+                ("x-km-signature", signature),
+            ];
+            self.post(url, body, &headers).await?;
+        }
+        Ok(())
     }
 
     async fn post(
@@ -274,7 +305,7 @@ mod tests {
         let form = |active, url: &str| HookForm {
             active: Some(active),
             url: Some(url.into()),
-            rotate_secret: None,
+            ..HookForm::default()
         };
         assert!(
             hooks
@@ -308,5 +339,24 @@ mod tests {
         };
         hooks.set_webhook(&rotate).unwrap();
         assert_ne!(hooks.webhooks.secret, Some(secret));
+        assert_eq!(
+            hooks.webhooks.format,
+            HookFormat::Km,
+            "km's bodies unless asked"
+        );
+        let shaped = |format: &str| HookForm {
+            format: Some(format.into()),
+            ..HookForm::default()
+        };
+        hooks.set_webhook(&shaped("keymetrics")).unwrap();
+        assert_eq!(hooks.webhooks.format, HookFormat::Keymetrics);
+        hooks.set_webhook(&HookForm::default()).unwrap();
+        assert_eq!(
+            hooks.webhooks.format,
+            HookFormat::Keymetrics,
+            "kept when not given"
+        );
+        let refused = hooks.set_webhook(&shaped("xml")).unwrap_err();
+        assert!(refused.contains("not km or keymetrics"), "{refused}");
     }
 }

@@ -17,9 +17,11 @@
 //! `{"event", "type", "bucket": {"id", "name"}, "at", "subject", "count", "link", "items"}`
 //! where `event` is shared by the deliveries of one notification and `items` depends on
 //! `type` (see each kind in [`watch`] and [`crate::alerts`]).
+//! A webhook set to the Keymetrics format gets one body per item instead ([`keymetrics`]).
 
 pub mod channels;
 pub mod choices;
+pub mod keymetrics;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -28,7 +30,7 @@ use std::time::Duration;
 use askama::Template;
 use serde_json::{Value, json};
 
-use channels::{Hooks, Poster, Settings};
+use channels::{HookFormat, Hooks, Poster, Settings};
 use km_core::app::{App, AppState};
 use km_core::mail;
 use km_core::schedule;
@@ -347,8 +349,13 @@ async fn post(poster: &Poster, hooks: &Hooks, n: &Notification) -> Result<(), St
             poster.slack(&hooks.slack, &text).await
         }
         _ => {
-            let body = n.payload.to_string();
-            poster.webhook(&hooks.webhooks, &n.kind, &n.id, body).await
+            let bodies = match hooks.webhooks.format {
+                HookFormat::Km => vec![n.payload.to_string()],
+                HookFormat::Keymetrics => keymetrics::bodies(&n.payload),
+            };
+            poster
+                .webhook(&hooks.webhooks, &n.kind, &n.id, bodies)
+                .await
         }
     }
 }

@@ -204,7 +204,17 @@ struct IssueLine {
     servers: String,
     callsite: String,
     link: String,
+    /// For the webhook: the issue, when it was seen, where, and its newest stack.
+    identifier: String,
+    first_seen: i64,
+    last_seen: i64,
+    server_names: Vec<String>,
+    pm_id: Value,
+    stack: String,
 }
+
+/// Characters of a stack sent in a webhook.
+const STACK_CHARS: usize = 8_000;
 
 impl IssueLine {
     fn of(outbox: &Outbox, i: &Issue, reopened: bool) -> IssueLine {
@@ -220,6 +230,15 @@ impl IssueLine {
             count: i.count,
             servers: i.servers.join(", "),
             callsite: i.callsite.clone().unwrap_or_default(),
+            identifier: i.identifier.clone(),
+            first_seen: i.first_seen,
+            last_seen: i.last_seen,
+            server_names: i.servers.clone(),
+            pm_id: i.last["pm_id"].clone(),
+            stack: (i.last["data"]["stack"].as_str().unwrap_or_default())
+                .chars()
+                .take(STACK_CHARS)
+                .collect(),
         }
     }
 
@@ -227,6 +246,8 @@ impl IssueLine {
         json!({
             "app": self.app, "message": self.message, "count": self.count, "reopened": self.reopened,
             "servers": self.servers, "callsite": self.callsite, "link": self.link,
+            "identifier": self.identifier, "first_seen": self.first_seen, "last_seen": self.last_seen,
+            "server_names": self.server_names, "pm_id": self.pm_id, "stack": self.stack,
         })
     }
 }
