@@ -26,12 +26,13 @@ pub mod agent;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`. playwright-core
@@ -1097,27 +1098,39 @@ impl Drop for Km {
 // Node packages
 // ---------------------------------------------------------------------------------------
 
-/// The npm packages of [`NPM_PACKAGES`] installed once into a cache dir.
+/// A set of npm packages installed once into a cache dir: [`NPM_PACKAGES`] (the
+/// default), or another pm2 and `@pm2/io` for the agent matrix.
 pub struct Node {
     dir: PathBuf,
 }
 
-static NODE: OnceLock<std::result::Result<Node, String>> = OnceLock::new();
+type Installed = std::result::Result<&'static Node, String>;
+static NODES: Mutex<BTreeMap<String, Installed>> = Mutex::new(BTreeMap::new());
 
 impl Node {
-    /// The installed packages; installs them on first use (file-locked across processes).
+    /// The default packages; installed on first use (file-locked across processes).
     pub fn get() -> Result<&'static Node> {
-        NODE.get_or_init(|| {
+        Node::of(&NPM_PACKAGES)
+    }
+
+    /// `packages` (`name@version`), in `KM_E2E_NODE_DIR` (default `<target>/e2e-node`)
+    /// for the default ones, in `<target>/e2e-node-<the packages>` for others.
+    pub fn of(packages: &'static [&'static str]) -> Result<&'static Node> {
+        let key = packages.join("+");
+        let mut nodes = NODES.lock().unwrap_or_else(|e| e.into_inner());
+        let installed = nodes.entry(key.clone()).or_insert_with(|| {
             let dir = match std::env::var_os("KM_E2E_NODE_DIR") {
-                Some(p) if !p.is_empty() => PathBuf::from(p),
-                _ => target_dir().join("e2e-node"),
+                Some(p) if !p.is_empty() && packages == NPM_PACKAGES => PathBuf::from(p),
+                _ if packages == NPM_PACKAGES => target_dir().join("e2e-node"),
+                _ => target_dir().join(format!("e2e-node-{}", key.replace(['/', '@'], "_"))),
             };
-            Node::ensure(&dir)
-                .map(|()| Node { dir })
+            Node::ensure(&dir, packages)
+                .map(|()| &*Box::leak(Box::new(Node { dir })))
                 .map_err(|e| format!("{e:#}"))
-        })
-        .as_ref()
-        .map_err(|e| anyhow!("installing the npm packages failed: {e}"))
+        });
+        installed
+            .clone()
+            .map_err(|e| anyhow!("installing the npm packages {packages:?} failed: {e}"))
     }
 
     pub fn dir(&self) -> &Path {
@@ -1133,8 +1146,8 @@ impl Node {
         self.node_modules().join("pm2/bin/pm2")
     }
 
-    fn installed(dir: &Path) -> bool {
-        NPM_PACKAGES.iter().all(|spec| {
+    fn installed(dir: &Path, packages: &[&str]) -> bool {
+        packages.iter().all(|spec| {
             let (name, version) = spec.rsplit_once('@').unwrap_or((spec, ""));
             let pj = dir.join("node_modules").join(name).join("package.json");
             std::fs::read(&pj)
@@ -1144,14 +1157,14 @@ impl Node {
         })
     }
 
-    fn ensure(dir: &Path) -> Result<()> {
-        if Node::installed(dir) {
+    fn ensure(dir: &Path, packages: &[&str]) -> Result<()> {
+        if Node::installed(dir, packages) {
             return Ok(());
         }
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let lock = std::fs::File::create(dir.join(".install.lock"))?;
         lock.lock().context("lock .install.lock")?;
-        if Node::installed(dir) {
+        if Node::installed(dir, packages) {
             return Ok(());
         }
         let pj = dir.join("package.json");
@@ -1161,13 +1174,13 @@ impl Node {
         let out = Command::new("npm")
             .current_dir(dir)
             .args(["install", "--no-audit", "--no-fund", "--save-exact"])
-            .args(NPM_PACKAGES)
+            .args(packages)
             .output()
             .context("run npm (is node/npm installed?)")?;
-        if !out.status.success() || !Node::installed(dir) {
+        if !out.status.success() || !Node::installed(dir, packages) {
             bail!(
                 "npm install {} in {} failed ({}):\n{}\n{}",
-                NPM_PACKAGES.join(" "),
+                packages.join(" "),
                 dir.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stdout),
@@ -1350,6 +1363,14 @@ impl Pm2 {
     pub fn with_env(km_url: &str, env: Vec<(String, String)>) -> Result<Pm2> {
         let mut pm2 = Pm2::build(km_url, false)?;
         pm2.env = env;
+        Ok(pm2)
+    }
+
+    /// Like [`Pm2::new`], with another pm2 (and `@pm2/io`) than the default: `packages`
+    /// as [`Node::of`] installs them.
+    pub fn of(km_url: &str, packages: &'static [&'static str]) -> Result<Pm2> {
+        let mut pm2 = Pm2::build(km_url, false)?;
+        pm2.node = Node::of(packages)?;
         Ok(pm2)
     }
 
@@ -2003,6 +2024,8 @@ pub struct LinkOpts {
     pub dns_shim: bool,
     /// Environment of km (`KM_MONGO_URL`...).
     pub km_env: Vec<(String, String)>,
+    /// Another pm2 and `@pm2/io` than [`NPM_PACKAGES`]' (see [`Node::of`]).
+    pub packages: Option<&'static [&'static str]>,
 }
 
 /// Starts km, registers a user, creates a bucket, starts `apps` (name, JS source) in a
@@ -2015,10 +2038,10 @@ pub async fn linked_with(machine: &str, apps: &[(&str, &str)], opts: LinkOpts) -
     let km = Km::start_plus(opts.km_env.clone()).await?;
     let user = km.api().register_random().await?;
     let bucket = user.api.create_bucket(&unique("bucket-")).await?;
-    let pm2 = if opts.dns_shim {
-        Pm2::with_dns_shim(&km.url())?
-    } else {
-        Pm2::new(&km.url())?
+    let pm2 = match (opts.packages, opts.dns_shim) {
+        (Some(packages), _) => Pm2::of(&km.url(), packages)?,
+        (None, true) => Pm2::with_dns_shim(&km.url())?,
+        (None, false) => Pm2::new(&km.url())?,
     };
     for (name, src) in apps {
         pm2.start_app(name, src).await?;

@@ -899,6 +899,7 @@ async fn reconnects_after_km_restart(km_env: Vec<(String, String)>) -> anyhow::R
         let opts = LinkOpts {
             dns_shim: true,
             km_env,
+            ..LinkOpts::default()
         };
         let mut l = linked_with("web-1", &[("plain", APP_PLAIN)], opts).await?;
         let b = l.bucket.id.clone();
