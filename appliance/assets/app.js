@@ -298,7 +298,9 @@ const REPLIES = ['trigger:pm2:result', 'trigger:action:success', 'trigger:action
 // host's when the page has no app), then, while the range ends now, the live values of
 // each status. `valuesOf(status, names)` gives {metric: {line: number}}; a line is an
 // instance's pm_id or `all` (the instances summed or averaged).
-const CHART_NAMES = { cpu: 'cpu (%)', load: 'load (1 min)' };
+const CHART_NAMES = {
+  cpu: 'cpu (%)', load: 'load (1 min)', host_cpu: 'host CPU (%)', host_memory_used: 'host memory used (%)', host_disk_free: 'host disk free (%)'
+};
 // The range picker (minutes back); a custom range takes two dates.
 const RANGES = [[60, '1 h'], [360, '6 h'], [1440, '24 h'], [10080, '7 d'], [43200, '30 d']];
 // Steps a chart asks the server for at most: it picks a step that fits the range.

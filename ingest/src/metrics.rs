@@ -8,8 +8,9 @@
 //! data. Only changed values cost anything on the hot path.
 //!
 //! Each server also has host series under the app name [`HOST`] (pm2 gives every app a
-//! name): its 1-minute load average (`load`), and the sums of its processes' `cpu` and
-//! `memory` each minute.
+//! name): its 1-minute load average (`load`), the sums of its processes' `cpu` and
+//! `memory` each minute, and when a monitoring module runs on it (pm2 5/6 sysmonit,
+//! `pm2-server-monit`), its CPU, memory and disk in percent from the module's metrics.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -29,6 +30,38 @@ pub const HOST_PM_ID: i64 = -1;
 /// The host's load series; its processes' sums of these each minute.
 pub const HOST_LOAD: &str = "load";
 const SUMMED: [&str; 2] = ["cpu", "memory"];
+
+/// How a module's metric becomes a host series: as is, or its complement to 100.
+#[derive(Clone, Copy)]
+enum Taken {
+    AsIs,
+    From100,
+}
+
+/// (module, its metric, the host series, how).
+const MONITORED: [(&str, &str, &str, Taken); 6] = [
+    ("pm2-sysmonit", "CPU Usage", "host_cpu", Taken::AsIs),
+    ("pm2-sysmonit", "RAM Usage", "host_memory_used", Taken::AsIs),
+    (
+        "pm2-sysmonit",
+        "Disk Usage",
+        "host_disk_free",
+        Taken::From100,
+    ),
+    ("pm2-server-monit", "CPU usage", "host_cpu", Taken::AsIs),
+    (
+        "pm2-server-monit",
+        "Free memory",
+        "host_memory_used",
+        Taken::From100,
+    ),
+    (
+        "pm2-server-monit",
+        "Avail. Disk",
+        "host_disk_free",
+        Taken::AsIs,
+    ),
+];
 /// A gap longer than this (a suspended host, a clock jump) is not filled with points.
 const MAX_CATCH_UP_MS: i64 = 10 * MINUTE_MS;
 
@@ -184,6 +217,10 @@ pub struct MetricSampler {
     cursor: usize,
     /// The host's load average, once the agent sent one.
     load: Option<Series>,
+    /// The host's sums of the minutes its processes emitted, held until every series has
+    /// passed the minute (the next `tick`): a value that changes emits its ended minute
+    /// itself, before the tick.
+    sums: Vec<MetricPoint>,
 }
 
 impl MetricSampler {
@@ -191,6 +228,7 @@ impl MetricSampler {
     /// patch that changed the process list), and writes into it the series each value
     /// feeds.
     pub fn load(&mut self, status: &mut Node, now: i64, out: &mut Vec<MetricPoint>, scope: Scope) {
+        let start = out.len();
         let mut alive = vec![false; self.series.len()];
         self.cursor = 0;
         for process in status.processes_mut() {
@@ -237,6 +275,8 @@ impl MetricSampler {
         }
         // Pushed one by one, the series would keep room for up to twice as many.
         self.series.shrink_to_fit();
+        add_sums(&mut self.sums, &out[start..], scope);
+        host_monitored(out, start);
     }
 
     /// Finds or creates the series and sets its value; returns its index.
@@ -345,7 +385,10 @@ impl MetricSampler {
             return;
         };
         if let Some(v) = numeric(value, series.label.unit.as_deref()) {
+            let start = out.len();
             series.set(v, now, out, scope);
+            add_sums(&mut self.sums, &out[start..], scope);
+            host_monitored(out, start);
         }
     }
 
@@ -374,7 +417,14 @@ impl MetricSampler {
         for series in self.series.iter_mut().chain(&mut self.load) {
             series.advance(now, out, scope);
         }
-        host_sums(out, start, scope);
+        add_sums(&mut self.sums, &out[start..], scope);
+        // Every series is past the minutes that ended by now: their sums are whole.
+        let (ended, open): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sums)
+            .into_iter()
+            .partition(|sum| sum.at + MINUTE_MS <= now);
+        self.sums = open;
+        out.extend(ended);
+        host_monitored(out, start);
     }
 
     /// Emits everything up to `now`, the unfinished minute too, and forgets the series
@@ -386,19 +436,20 @@ impl MetricSampler {
             series.emit(out, scope);
         }
         self.end_load(now, out, scope);
-        host_sums(out, start, scope);
+        add_sums(&mut self.sums, &out[start..], scope);
+        out.append(&mut self.sums);
+        host_monitored(out, start);
         // The ids the status holds point nowhere until the next `load`.
         self.series.clear();
         self.index = None;
     }
 }
 
-/// Adds to `out` the host's sums of the `cpu` and `memory` points its processes emitted
-/// from `start` on, one per minute: `avg` and `last` are exact sums, `min` and `max` the
-/// sums of the processes' extremes (bounds: they need not have held at once).
-fn host_sums(out: &mut Vec<MetricPoint>, start: usize, (bucket_id, server_name): Scope) {
-    let mut sums: Vec<MetricPoint> = Vec::new();
-    for p in out.get(start..).unwrap_or_default() {
+/// Adds `points`' `cpu` and `memory` of processes to the host's sums, one per minute:
+/// `avg` and `last` are exact sums, `min` and `max` the sums of the processes' extremes
+/// (bounds: they need not have held at once).
+fn add_sums(sums: &mut Vec<MetricPoint>, points: &[MetricPoint], (bucket_id, server_name): Scope) {
+    for p in points {
         let Some(name) = SUMMED.iter().find(|n| **n == &*p.name) else {
             continue;
         };
@@ -425,7 +476,34 @@ fn host_sums(out: &mut Vec<MetricPoint>, start: usize, (bucket_id, server_name):
             }),
         }
     }
-    out.extend(sums);
+}
+
+/// Adds to `out` the host series made from the monitoring modules' points emitted from
+/// `start` on ([`MONITORED`]).
+fn host_monitored(out: &mut Vec<MetricPoint>, start: usize) {
+    let mut copies = Vec::new();
+    for p in out.get(start..).unwrap_or_default() {
+        let Some(&(_, _, series, taken)) = MONITORED
+            .iter()
+            .find(|(module, metric, ..)| *module == &*p.app_name && *metric == &*p.name)
+        else {
+            continue;
+        };
+        let mut host = MetricPoint {
+            app_name: Names::intern(HOST),
+            pm_id: HOST_PM_ID,
+            name: Names::intern(series),
+            unit: Some(Names::intern("%")),
+            agg_type: None,
+            ..p.clone()
+        };
+        if let Taken::From100 = taken {
+            (host.avg, host.last) = (100.0 - p.avg, 100.0 - p.last);
+            (host.min, host.max) = (100.0 - p.max, 100.0 - p.min);
+        }
+        copies.push(host);
+    }
+    out.extend(copies);
 }
 
 /// A number, or a string holding one (tx2 meters put their unit after it: `"0.5req/s"`).
@@ -525,6 +603,52 @@ mod tests {
     }
 
     #[test]
+    fn monitoring_modules_give_the_host_its_cpu_memory_and_disk() {
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        // As pm2 5's sysmonit and pm2-server-monit send them (numbers as text).
+        let status = json!({"data": {"server": {}, "process": [
+            {"name": "pm2-sysmonit", "pm_id": 0, "cpu": 1, "memory": 10, "axm_monitor": {
+                "CPU Usage": {"unit": "%", "value": "12.5"}, "RAM Usage": {"unit": "%", "value": "40"},
+                "Disk Usage": {"unit": "%", "value": 41.5}, "RAM Total": {"unit": "gb", "value": "23.54"}}},
+            {"name": "pm2-server-monit", "pm_id": 1, "cpu": 1, "memory": 10, "axm_monitor": {
+                "Free memory": {"unit": "%", "value": "75.00"}, "Avail. Disk": {"unit": "%", "value": "58"}}},
+            {"name": "api", "pm_id": 2, "cpu": 1, "memory": 10, "axm_monitor": {
+                "CPU Usage": {"value": 99}}}]}});
+        let mut status = Node::status(status);
+        sampler.load(&mut status, 60_000, &mut out, scope());
+        sampler.tick(120_000, &mut out, scope());
+        // A patch after the next minute ended emits that minute itself (no tick first).
+        let id = series(&mut status, "CPU Usage");
+        sampler.set(id, &Node::from(json!("20")), 185_000, &mut out, scope());
+        let patched = out
+            .iter()
+            .filter(|p| &*p.name == "host_cpu")
+            .map(|p| (p.at, p.avg))
+            .collect::<Vec<_>>();
+        assert_eq!(patched, [(60_000, 12.5), (120_000, 12.5)]);
+        let host = |name: &str| -> Vec<f64> {
+            out.iter()
+                .filter(|p| p.pm_id == HOST_PM_ID && &*p.name == name)
+                .map(|p| p.avg)
+                .collect()
+        };
+        assert_eq!(
+            host("host_cpu"),
+            [12.5, 12.5],
+            "an app's own metric of that name is not the host's"
+        );
+        let mut memory = host("host_memory_used");
+        memory.sort_by(f64::total_cmp);
+        assert_eq!(memory, [25.0, 40.0], "one minute of each module");
+        let mut disk = host("host_disk_free");
+        disk.sort_by(f64::total_cmp);
+        assert_eq!(disk, [58.0, 58.5]);
+        let cpu = out.iter().find(|p| &*p.name == "host_cpu").unwrap();
+        assert_eq!((&*cpu.app_name, cpu.unit.as_deref()), (HOST, Some("%")));
+    }
+
+    #[test]
     fn the_host_has_its_load_and_the_sums_of_its_processes() {
         let mut sampler = MetricSampler::default();
         let mut out = Vec::new();
@@ -555,7 +679,13 @@ mod tests {
         sampler.load(&mut Node::status(none), 150_000, &mut out, scope());
         assert!(out.iter().any(|p| &*p.name == HOST_LOAD && p.at == 120_000));
         out.clear();
+        // The processes' last (partial) minute, emitted as they went, is summed once the
+        // minute is behind every series.
         sampler.tick(240_000, &mut out, scope());
+        let sums: Vec<(&str, i64, f64)> = out.iter().map(|p| (&*p.name, p.at, p.avg)).collect();
+        assert_eq!(sums, [("cpu", 120_000, 35.0), ("memory", 120_000, 450.0)]);
+        out.clear();
+        sampler.tick(300_000, &mut out, scope());
         assert!(out.is_empty(), "nothing is left to emit: {out:?}");
     }
 
@@ -596,7 +726,34 @@ mod tests {
         assert_eq!(out.iter().filter(|p| &*p.name == "cpu").count(), 1);
         out.clear();
         sampler.tick(200_000, &mut out, scope());
+        assert!(
+            out.iter().all(|p| p.pm_id == HOST_PM_ID && p.at == 0),
+            "only the host's sums of the last minute: {out:?}"
+        );
+        out.clear();
+        sampler.tick(300_000, &mut out, scope());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_value_changed_after_its_minute_is_in_the_host_sum() {
+        let mut sampler = MetricSampler::default();
+        let mut out = Vec::new();
+        let mut live = Node::status(status(10.0));
+        sampler.load(&mut live, 0, &mut out, scope());
+        // The minute 0 ends; a patch at 61 s emits it before any tick.
+        let cpu = series(&mut live, "cpu");
+        sampler.set(cpu, &Node::from(json!(30)), 61_000, &mut out, scope());
+        assert!(
+            out.iter().all(|p| p.pm_id != HOST_PM_ID),
+            "the sum waits for the tick"
+        );
+        sampler.tick(62_000, &mut out, scope());
+        let sum = out
+            .iter()
+            .find(|p| p.pm_id == HOST_PM_ID && &*p.name == "cpu")
+            .unwrap();
+        assert_eq!((sum.at, sum.avg), (0, 10.0));
     }
 
     #[test]

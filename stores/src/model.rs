@@ -394,6 +394,17 @@ pub struct MetricPoint {
 /// pm2 gives every app a name.
 pub const HOST_APP: &str = "";
 
+/// The pm2 modules that report their host's figures as their own metrics: pm2 5 and 6's
+/// `pm2 set pm2:sysmonit true`, and the `pm2-server-monit` module.
+pub const HOST_MONITORS: [&str; 2] = ["pm2-sysmonit", "pm2-server-monit"];
+
+/// The host series made from those modules' metrics (percent): CPU busy, memory used,
+/// disk free (the first disk the module watches).
+pub const HOST_MONITOR_SERIES: [&str; 3] = ["host_cpu", "host_memory_used", "host_disk_free"];
+
+/// The host series an alert rule may watch (the host's own, not its processes' sums).
+pub const HOST_RULE_SERIES: [&str; 4] = ["load", "host_cpu", "host_memory_used", "host_disk_free"];
+
 impl MetricPoint {
     /// One of a server's host series, not of an app.
     pub fn of_host(&self) -> bool {

@@ -2,7 +2,8 @@
 //! `@pm2/io` 5 and 6, and pm2 7's `pm2-runtime` linked from `KEYMETRICS_*` in its
 //! environment (as in a container). For each: the server and its app in the status with
 //! the agent's version and the app's custom metric, a custom action's reply, the app's
-//! log lines after `startLogging`, and an exception thrown by the app.
+//! log lines after `startLogging`, and an exception thrown by the app. pm2 5's host
+//! monitoring (sysmonit) becomes the host's CPU, memory and disk series, watched by a rule.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Stdio;
@@ -108,6 +109,73 @@ async fn linked_agent(packages: &'static [&'static str], pm2_version: &str) {
         };
         let l = linked_with("matrix-1", &[(APP, APP_SRC)], opts).await?;
         works(l.api(), &l.bucket.id, "matrix-1", pm2_version).await
+    })
+    .await;
+}
+
+/// pm2 5 with its host monitoring on (`pm2 set pm2:sysmonit true`, a `pm2-sysmonit`
+/// process): the host's CPU, memory and disk become host series, and a rule on the
+/// host's CPU fires.
+#[tokio::test]
+async fn pm2_5_with_pm2_io_5_and_sysmonit() {
+    e2e(async {
+        let opts = LinkOpts {
+            packages: Some(&["pm2@5.4.3", "@pm2/io@5.0.2"]),
+            ..LinkOpts::default()
+        };
+        let l = linked_with("matrix-1", &[(APP, APP_SRC)], opts).await?;
+        l.pm2.run_ok(&["set", "pm2:sysmonit", "true"]).await?;
+        l.pm2.run_ok(&["update"]).await?;
+        let (api, b) = (l.api(), &l.bucket.id);
+        works(api, b, "matrix-1", "5.4.3").await?;
+        api.post_ok(
+            &format!("/api/bucket/{b}/alerts"),
+            &json!({"name": "host busy", "type": "metric", "initiator": "host_cpu",
+                    "options": {"operator": ">", "threshold": -1, "timerange": 60},
+                    "scope": {"apps": [APP]}, "actions": [{"type": "notify"}]}),
+        )
+        .await?;
+        let query = json!({"interval": "minute", "before": 10, "app_name": "",
+                           "metrics": ["host_cpu", "host_memory_used", "host_disk_free"]});
+        let series = api
+            .poll_post(
+                &format!("/api/bucket/{b}/data/metrics/histogram"),
+                &query,
+                "the host series from sysmonit",
+                Duration::from_secs(150),
+                |v| {
+                    let host = &v["matrix-1"][""];
+                    let has = |name: &str| {
+                        host[name]["timestamps_and_stats"]
+                            .as_array()
+                            .is_some_and(|p| !p.is_empty())
+                    };
+                    (has("host_cpu") && has("host_memory_used") && has("host_disk_free"))
+                        .then(|| host.clone())
+                },
+            )
+            .await?;
+        let last = |name: &str| {
+            series[name]["timestamps_and_stats"][0]["avg"]
+                .as_f64()
+                .unwrap_or(-1.0)
+        };
+        for name in ["host_cpu", "host_memory_used", "host_disk_free"] {
+            ensure!(
+                (0.0..=100.0).contains(&last(name)),
+                "{name}: {}",
+                series[name]
+            );
+        }
+        api.wait_data(
+            b,
+            "events",
+            &json!({"type": "alert_fired"}),
+            "the host rule fired",
+            Duration::from_secs(120),
+            |e| (e["alert"]["name"] == "host busy" && e["server_name"] == "matrix-1").then_some(()),
+        )
+        .await
     })
     .await;
 }

@@ -22,7 +22,10 @@ use crate::notify::{Event, Line, Lines, Outbox};
 use km_core::fleet::{self, CommandError, command_agent};
 use km_core::schedule::Episodes;
 use km_stores::ids::{new_object_id, now_ms};
-use km_stores::{Documents, EventKind, EventRecord, MetricPoint, MetricQuery, StoreResult};
+use km_stores::{
+    Documents, EventKind, EventRecord, HOST_APP, HOST_RULE_SERIES, MetricPoint, MetricQuery,
+    StoreResult,
+};
 
 const KIND: &str = "alert";
 const MINUTE_MS: i64 = 60_000;
@@ -204,10 +207,16 @@ impl Alert {
         (self.options.timerange + 59) / 60
     }
 
-    fn in_scope(&self, server: &str, app: &str) -> bool {
+    /// Whether the rule watches this point: a host series (`load`, `host_cpu`…) on the
+    /// servers in scope, any other metric of the apps and servers in scope.
+    fn watches(&self, p: &MetricPoint) -> bool {
         let any_or =
             |list: &[String], name: &str| list.is_empty() || list.iter().any(|n| n == name);
-        any_or(&self.scope.servers, server) && any_or(&self.scope.apps, app)
+        let host_rule = HOST_RULE_SERIES.contains(&self.initiator.as_str());
+        *p.name == *self.initiator
+            && p.of_host() == host_rule
+            && any_or(&self.scope.servers, &p.server_name)
+            && (host_rule || any_or(&self.scope.apps, &p.app_name))
     }
 
     fn describe(&self) -> String {
@@ -358,11 +367,7 @@ async fn evaluate(
     let start = end - rule.minutes() * MINUTE_MS;
     let mut windows: BTreeMap<(&str, &str), Vec<&MetricPoint>> = BTreeMap::new();
     for p in points {
-        if *p.name == *rule.initiator
-            && !p.of_host()
-            && (start..end).contains(&p.at)
-            && rule.in_scope(&p.server_name, &p.app_name)
-        {
+        if rule.watches(p) && (start..end).contains(&p.at) {
             windows
                 .entry((&p.server_name, &p.app_name))
                 .or_default()
@@ -441,7 +446,10 @@ async fn tell(
     let lines = changes
         .iter()
         .map(|c| Line {
-            name: format!("{} on {}", c.app, c.server),
+            name: match c.app.as_str() {
+                HOST_APP => format!("the host {}", c.server),
+                app => format!("{app} on {}", c.server),
+            },
             detail: format!("{} is {:.2}", rule.initiator, c.value),
             link: process_link(outbox, &c.server, &c.app),
         })
@@ -590,6 +598,33 @@ mod tests {
             last: avg,
             count: 60,
         }
+    }
+
+    #[test]
+    fn host_rules_watch_the_host_and_app_rules_the_apps() {
+        let mut cpu = rule(">", "avg");
+        cpu.scope.apps = vec!["a".into()];
+        let mut host_cpu = cpu.clone();
+        host_cpu.initiator = "host_cpu".into();
+        let of_app = minute(0, 1.0, 1.0, 1.0);
+        let host_sum = MetricPoint {
+            app_name: HOST_APP.into(),
+            ..of_app.clone()
+        };
+        let host = MetricPoint {
+            name: "host_cpu".into(),
+            ..host_sum.clone()
+        };
+        assert!(
+            cpu.watches(&of_app) && !cpu.watches(&host_sum),
+            "the processes' cpu, not their sum"
+        );
+        assert!(
+            host_cpu.watches(&host),
+            "the host whatever the apps in scope"
+        );
+        host_cpu.scope.servers = vec!["other".into()];
+        assert!(!host_cpu.watches(&host), "servers still scope a host rule");
     }
 
     #[test]

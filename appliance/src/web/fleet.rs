@@ -15,8 +15,8 @@ use km_core::app::AppState;
 use km_core::fleet::{self, ProcessStatus, ServerStatus, page_path, server_path};
 use km_core::health::{self, AppHealth, Fleet, HostHealth, Problem, ProblemKind};
 use km_core::limits::{self, Limit};
-use km_stores::Bucket;
 use km_stores::ids::now_ms;
+use km_stores::{Bucket, HOST_MONITOR_SERIES, HOST_MONITORS};
 
 /// A process row as the overview and process pages show it.
 pub struct ProcessRow {
@@ -387,6 +387,9 @@ struct ServerPage {
     bucket: Bucket,
     host: HostRow,
     card: ServerCard,
+    /// The host series charted: `load|cpu|memory`, and the monitoring module's when one
+    /// runs there.
+    charts: String,
     flash: Flash,
 }
 
@@ -405,10 +408,15 @@ pub async fn server_page(
     // One host per server: the default is never shown.
     let fleet = Fleet::of(std::slice::from_ref(&status), Default::default());
     let host = fleet.hosts.into_iter().next().unwrap_or_default();
+    let mut charts = vec!["load", "cpu", "memory"];
+    if (status.data.process.iter()).any(|p| HOST_MONITORS.contains(&p.name.as_str())) {
+        charts.extend(HOST_MONITOR_SERIES);
+    }
     render(&ServerPage {
         nav: Some(Nav::from(&session)),
         host: HostRow::of(&host, &access.bucket.id),
         card: card(&status, now_ms()),
+        charts: charts.join("|"),
         bucket: access.bucket,
         flash: flash.0,
     })
