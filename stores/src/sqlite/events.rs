@@ -119,6 +119,24 @@ fn event_filter(kind: EventKind, q: &EventQuery) -> (String, Vec<SqlValue>) {
     (sql, args)
 }
 
+impl SqliteEvents {
+    /// The rows `sql` selects with `args`, each read by `row`.
+    async fn select<T: Send + 'static>(
+        &self,
+        sql: String,
+        args: Vec<SqlValue>,
+        row: fn(&rusqlite::Row) -> rusqlite::Result<T>,
+    ) -> StoreResult<Vec<T>> {
+        self.db
+            .call(move |c| {
+                let mut stmt = c.prepare_cached(&sql)?;
+                stmt.query_map(rusqlite::params_from_iter(args), row)?
+                    .collect()
+            })
+            .await
+    }
+}
+
 /// `WHERE` clauses for the entry spans matching `q`.
 fn span_filter(q: &SpanQuery) -> (String, Vec<SqlValue>) {
     let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
@@ -183,13 +201,7 @@ impl Events for SqliteEvents {
         sql.push_str(" ORDER BY at DESC, id DESC LIMIT ? OFFSET ?");
         args.push(SqlValue::Integer(q.limit.into()));
         args.push(SqlValue::Integer(q.offset.into()));
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(&sql)?;
-                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
-                    .collect()
-            })
-            .await
+        self.select(sql, args, |r| r.get(0)).await
     }
 
     async fn count_histogram(
@@ -205,15 +217,7 @@ impl Events for SqliteEvents {
             "SELECT at - ((at % {step}) + {step}) % {step} AS t, COUNT(*) FROM events
              WHERE {filter} GROUP BY t ORDER BY t"
         );
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(&sql)?;
-                stmt.query_map(rusqlite::params_from_iter(args), |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect()
-            })
-            .await
+        self.select(sql, args, |r| Ok((r.get(0)?, r.get(1)?))).await
     }
 
     async fn delete_matching(&self, kind: EventKind, q: &EventQuery) -> StoreResult<u64> {
@@ -229,13 +233,7 @@ impl Events for SqliteEvents {
         let sql =
             format!("SELECT doc FROM events WHERE {filter} ORDER BY duration DESC, id LIMIT ?");
         args.push(SqlValue::Integer(q.limit.into()));
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(&sql)?;
-                stmt.query_map(rusqlite::params_from_iter(args), |r| r.get(0))?
-                    .collect()
-            })
-            .await
+        self.select(sql, args, |r| r.get(0)).await
     }
 
     async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
@@ -255,24 +253,19 @@ impl Events for SqliteEvents {
             rank(99)
         );
         args.push(SqlValue::Integer(q.limit.into()));
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(&sql)?;
-                stmt.query_map(rusqlite::params_from_iter(args), |r| {
-                    Ok(RouteLatency {
-                        app_name: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                        route: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                        count: r.get(2)?,
-                        errors: r.get(3)?,
-                        p50_us: r.get(4)?,
-                        p95_us: r.get(5)?,
-                        p99_us: r.get(6)?,
-                        max_us: r.get(7)?,
-                    })
-                })?
-                .collect()
+        self.select(sql, args, |r| {
+            Ok(RouteLatency {
+                app_name: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                route: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                count: r.get(2)?,
+                errors: r.get(3)?,
+                p50_us: r.get(4)?,
+                p95_us: r.get(5)?,
+                p99_us: r.get(6)?,
+                max_us: r.get(7)?,
             })
-            .await
+        })
+        .await
     }
 
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
@@ -343,29 +336,24 @@ impl Events for SqliteEvents {
                SUM(avg * count) / SUM(count), MIN(min), MAX(max), MAX(CASE WHEN rn = 1 THEN last END), SUM(count), {instance}
              FROM m GROUP BY {by}, t ORDER BY t, {by}"
         );
-        self.db
-            .call(move |c| {
-                let mut stmt = c.prepare_cached(&sql)?;
-                stmt.query_map(rusqlite::params_from_iter(args), |r| {
-                    Ok(MetricPoint {
-                        bucket_id: r.get(0)?,
-                        server_name: r.get(1)?,
-                        app_name: r.get(2)?,
-                        pm_id: r.get(12)?,
-                        name: r.get(3)?,
-                        unit: r.get(4)?,
-                        agg_type: r.get(5)?,
-                        at: r.get(6)?,
-                        avg: r.get(7)?,
-                        min: r.get(8)?,
-                        max: r.get(9)?,
-                        last: r.get(10)?,
-                        count: r.get(11)?,
-                    })
-                })?
-                .collect()
+        self.select(sql, args, |r| {
+            Ok(MetricPoint {
+                bucket_id: r.get(0)?,
+                server_name: r.get(1)?,
+                app_name: r.get(2)?,
+                pm_id: r.get(12)?,
+                name: r.get(3)?,
+                unit: r.get(4)?,
+                agg_type: r.get(5)?,
+                at: r.get(6)?,
+                avg: r.get(7)?,
+                min: r.get(8)?,
+                max: r.get(9)?,
+                last: r.get(10)?,
+                count: r.get(11)?,
             })
-            .await
+        })
+        .await
     }
 
     async fn delete_before(&self, cutoffs: Cutoffs) -> StoreResult<u64> {
