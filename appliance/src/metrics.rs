@@ -173,6 +173,23 @@ pub async fn appliance(State(app): State<AppState>, auth: UserAuth) -> ApiResult
         "Metric minutes waiting for the store",
         queued,
     );
+    let queued_bytes = w.queued_bytes() as u64;
+    gauge(
+        &mut r,
+        "queued_event_bytes",
+        "Bytes of events waiting for the store",
+        queued_bytes,
+    );
+    r.register(
+        "store_write_seconds",
+        "Time the events store took per batch, by what it held",
+        w.write_seconds.0.clone(),
+    );
+    r.register(
+        "notification_deliveries",
+        "Notification deliveries tried by this process (the workers role), by channel and outcome",
+        app.deliveries.clone(),
+    );
     let refusing = u64::from(w.refusal().is_some());
     gauge(
         &mut r,

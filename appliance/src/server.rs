@@ -307,6 +307,7 @@ pub async fn build_app(
         ingest: Ingest::new(writer),
         tls,
         limit: Default::default(),
+        deliveries: Default::default(),
         shutdown,
         data_lock,
     });

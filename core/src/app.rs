@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio_util::sync::CancellationToken;
 
 use crate::limits::LimitCache;
@@ -27,6 +30,8 @@ pub struct App {
     pub tls: Arc<Tls>,
     /// The licence's limit, checked at most once a minute.
     pub limit: LimitCache,
+    /// Notification deliveries this process tried, for `/metrics`.
+    pub deliveries: Family<Delivery, Counter>,
 
     /// Cancelled when the process is asked to stop.
     pub shutdown: CancellationToken,
@@ -35,3 +40,11 @@ pub struct App {
 }
 
 pub type AppState = Arc<App>;
+
+/// A delivery attempt: its channel (`email`, `slack`, `webhook`) and outcome (`sent`,
+/// `retrying`, `failed`: given up).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Delivery {
+    pub channel: &'static str,
+    pub outcome: &'static str,
+}

@@ -9,7 +9,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -138,6 +142,33 @@ pub struct WriterStats {
     pub write_errors: AtomicU64,
     /// Why the store refuses writes now (none while it takes them).
     refusing: parking_lot::Mutex<Option<String>>,
+    /// How long the store took to take (or refuse) each batch.
+    pub write_seconds: WriteSeconds,
+}
+
+/// The store's time per batch write, by what the batch held (`events`, `metric_points`).
+#[derive(Clone, Debug)]
+pub struct WriteSeconds(pub Family<Held, Histogram, fn() -> Histogram>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Held {
+    pub held: &'static str,
+}
+
+impl Default for WriteSeconds {
+    fn default() -> Self {
+        // 0.5 ms to ~16 s, doubling.
+        WriteSeconds(Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+        }))
+    }
+}
+
+impl WriteSeconds {
+    fn observe(&self, held: &'static str, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.0.get_or_create(&Held { held }).observe(seconds);
+    }
 }
 
 impl WriterStats {
@@ -149,6 +180,11 @@ impl WriterStats {
     /// Metric points waiting for the store now.
     pub fn queued_points(&self) -> usize {
         self.points.queued()
+    }
+
+    /// Bytes of events waiting for the store now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -321,14 +357,20 @@ impl Batch {
     async fn write(&mut self, store: &dyn Events, stats: &WriterStats) -> bool {
         if !self.events.is_empty() || self.failed_events.is_some() {
             let events = take_into(&mut self.failed_events, &mut self.events);
-            match store.append(events.clone()).await {
+            let started = Instant::now();
+            let outcome = store.append(events.clone()).await;
+            stats.write_seconds.observe("events", started);
+            match outcome {
                 Ok(()) => written(&stats.events_written, events.len(), stats),
                 Err(e) => self.failed_events = Some(refused(e, "events", events, stats)),
             }
         }
         if !self.points.is_empty() || self.failed_points.is_some() {
             let points = take_into(&mut self.failed_points, &mut self.points);
-            match store.append_metrics(points.clone()).await {
+            let started = Instant::now();
+            let outcome = store.append_metrics(points.clone()).await;
+            stats.write_seconds.observe("metric_points", started);
+            match outcome {
                 Ok(()) => written(&stats.metric_points_written, points.len(), stats),
                 Err(e) => self.failed_points = Some(refused(e, "metric points", points, stats)),
             }

@@ -305,6 +305,70 @@ async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
                 && data["bucket_url"].as_str().is_some_and(|u| u.contains(&format!("/buckets/{b}/issues/"))),
             "the Keymetrics-shaped body: {body}"
         );
+        // Counted in /metrics where the workers run with the other roles (with the roles
+        // apart the workers role has no port to scrape).
+        if std::env::var("KM_E2E_ROLES").as_deref() != Ok("apart") {
+            let text = api.get("/metrics").await?.text;
+            let sent = r#"km_notification_deliveries_total{channel="webhook",outcome="sent"}"#;
+            ensure!(text.lines().any(|l| l.starts_with(sent)), "no {sent} in /metrics:\n{text}");
+        }
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}
+
+/// Emits a custom event a second, and another nobody subscribed to.
+const EMITTER: &str = r#"
+const io = require('@pm2/io');
+setInterval(() => { io.emit('order failed', { order: 7 }); io.emit('heartbeat', {}); }, 1000);
+"#;
+
+#[tokio::test]
+async fn a_subscribed_custom_event_is_notified() {
+    e2e(async {
+        let (url, got) = receiver().await?;
+        let l = linked("events-1", &[("shop", EMITTER)]).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        let channels = api
+            .post_ok(
+                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
+                &json!({"webhooks": {"active": true, "url": format!("{url}/hook")}}),
+            )
+            .await?;
+        let secret = channels["webhooks"]["secret"]
+            .as_str()
+            .context("secret")?
+            .to_string();
+        let long = format!("custom_event:{}", "x".repeat(101));
+        let bad = api
+            .post(
+                &format!("/api/bucket/{b}/alerts/update"),
+                &json!({"triggers": {long: true}}),
+            )
+            .await?;
+        ensure!(
+            bad.status == 400 && bad.text.contains("at most 100"),
+            "{} {}",
+            bad.status,
+            bad.text
+        );
+        api.post_ok(
+            &format!("/api/bucket/{b}/alerts/update"),
+            &json!({"triggers": {"custom_event:order failed": true}}),
+        )
+        .await?;
+
+        let told = wait_hooks(&got, "custom_event", &secret, Duration::from_secs(60)).await?;
+        let items = told[0]["items"].as_array().context("items")?;
+        ensure!(
+            items.iter().all(|i| i["name"] == "order failed")
+                && items[0]["app"] == "shop"
+                && items[0]["server"] == "events-1"
+                && items[0]["data"]["order"] == 7,
+            "the custom event's notification: {}",
+            told[0]
+        );
         let _ = l.pm2.run(&["kill"]).await;
         Ok(())
     })

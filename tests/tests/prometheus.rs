@@ -73,6 +73,25 @@ async fn prometheus_scrapes_the_appliance_and_a_bucket() {
         ensure!(agents[0].1 >= 1.0, "km_agent_servers: {agents:?}");
         let statuses = samples(&prometheus, "sum(km_statuses_total)").await?;
         ensure!(statuses[0].1 >= 1.0, "km_statuses_total: {statuses:?}");
+        // The events store's time per batch, a histogram (the app's start events).
+        let writes = samples(
+            &prometheus,
+            r#"sum(km_store_write_seconds_count{held="events"})"#,
+        )
+        .await?;
+        ensure!(
+            writes[0].1 >= 1.0,
+            "km_store_write_seconds_count: {writes:?}"
+        );
+        let within = samples(
+            &prometheus,
+            r#"sum(km_store_write_seconds_bucket{held="events",le="+Inf"})"#,
+        )
+        .await?;
+        ensure!(
+            within[0].1 == writes[0].1,
+            "+Inf bucket {within:?} and count {writes:?}"
+        );
 
         // Both targets up, scraped with the OpenMetrics format.
         let targets = prometheus.api("targets", &[]).await?;

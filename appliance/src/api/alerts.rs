@@ -17,7 +17,9 @@ use km_stores::MemberRole;
 use km_stores::ids::now_ms;
 use km_workers::alerts::{self, Alert, AlertForm};
 use km_workers::notify::Outbox;
-use km_workers::notify::channels::{HookForm, Hooks, Settings};
+use km_workers::notify::channels::{
+    CUSTOM_EVENT, HookForm, Hooks, MAX_CUSTOM_EVENTS, MAX_EVENT_NAME_CHARS, Settings,
+};
 use km_workers::notify::choices;
 use km_workers::reporter::{self, Period};
 
@@ -179,7 +181,8 @@ pub struct TriggersForm {
 }
 
 /// `POST /api/bucket/:id/alerts/update` `{triggers: {kind: bool}}`: turns kinds of
-/// notification off (or on again); kinds not named keep their state.
+/// notification off (or on again); kinds not named keep their state. A key
+/// `custom_event:<name>` subscribes to (true) or leaves (false) a custom event.
 pub async fn update_triggers(
     State(app): State<AppState>,
     access: BucketAccess,
@@ -197,7 +200,18 @@ pub async fn update_triggers(
                 "triggers.{kind}: true or false"
             )));
         };
+        let name = kind.strip_prefix(CUSTOM_EVENT).unwrap_or_default();
+        if name.chars().count() > MAX_EVENT_NAME_CHARS {
+            return Err(ApiError::bad_request(format!(
+                "triggers: a custom event's name is at most {MAX_EVENT_NAME_CHARS} characters"
+            )));
+        }
         settings.triggers[kind] = on.into();
+    }
+    if settings.custom_events().len() > MAX_CUSTOM_EVENTS {
+        return Err(ApiError::bad_request(format!(
+            "triggers: at most {MAX_CUSTOM_EVENTS} custom events are subscribed to (set some to false)"
+        )));
     }
     settings
         .save_triggers(app.documents.as_ref(), &access.bucket.id)

@@ -20,7 +20,7 @@ use km_core::app::AppState;
 use km_stores::ids::now_ms;
 use km_stores::{Bucket, MemberRole, Notification, StoreError};
 use km_workers::alerts::{self, Alert};
-use km_workers::notify::channels::{HookFormat, Settings};
+use km_workers::notify::channels::{CUSTOM_EVENT, HookFormat, Settings};
 use km_workers::notify::choices::{self, Choices, KINDS};
 use km_workers::reporter::{self, Period};
 
@@ -128,6 +128,9 @@ pub struct AlertsForm {
     /// The webhook's bodies: `km` or `keymetrics`.
     #[serde(default)]
     format: String,
+    /// The custom events to be told of, comma-separated.
+    #[serde(default)]
+    events: String,
     #[serde(default)]
     daily: String,
     #[serde(default)]
@@ -183,6 +186,24 @@ impl AlertsForm {
         .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
+    /// The triggers that make the subscribed custom events those of the form: the new
+    /// ones on, those left out off.
+    async fn event_triggers(&self, app: &AppState, bucket_id: &str) -> Result<Value, ApiError> {
+        let settings = Settings::load(app.documents.as_ref(), bucket_id).await?;
+        let wanted: Vec<&str> = (self.events.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let mut triggers = serde_json::Map::new();
+        for old in settings.custom_events() {
+            triggers.insert(format!("{CUSTOM_EVENT}{old}"), false.into());
+        }
+        for name in wanted {
+            triggers.insert(format!("{CUSTOM_EVENT}{name}"), true.into());
+        }
+        Ok(Value::Object(triggers))
+    }
+
     fn hook(&self) -> Value {
         json!({"active": self.active == "true", "url": self.url, "format": self.format})
     }
@@ -228,6 +249,15 @@ pub async fn action(
                 .map(|_| "webhook saved".into()),
             Err(e) => Err(e),
         },
+        "events" => {
+            let triggers = form.event_triggers(&app, &id).await;
+            match triggers.and_then(|t| parse(json!({"triggers": t}))) {
+                Ok(body) => api::update_triggers(state, access, Body(body))
+                    .await
+                    .map(|_| "custom events saved".into()),
+                Err(e) => Err(e),
+            }
+        }
         "mine" => choose(&app, access, &session, &form)
             .await
             .map(|()| "your choices are saved".into()),

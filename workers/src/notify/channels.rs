@@ -20,6 +20,12 @@ const KIND: &str = "channels";
 const HOOKS: &str = "hooks";
 const TRIGGERS: &str = "triggers";
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The prefix of a trigger subscribing to a custom event: `custom_event:<name>`.
+pub const CUSTOM_EVENT: &str = "custom_event:";
+/// Custom events a bucket may subscribe to.
+pub const MAX_CUSTOM_EVENTS: usize = 50;
+/// Characters of a custom event's name in a trigger.
+pub const MAX_EVENT_NAME_CHARS: usize = 100;
 
 /// One outgoing hook of a bucket.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -80,6 +86,15 @@ impl Settings {
             }
         }
         Ok(settings)
+    }
+
+    /// The custom events (`io.emit` names) the bucket is told of: the triggers
+    /// `custom_event:<name>` set to true.
+    pub fn custom_events(&self) -> Vec<&str> {
+        (self.triggers.as_object().into_iter().flatten())
+            .filter(|(_, on)| **on == Value::Bool(true))
+            .filter_map(|(key, _)| key.strip_prefix(CUSTOM_EVENT))
+            .collect()
     }
 
     pub fn kind_on(&self, kind: &str) -> bool {
@@ -297,6 +312,16 @@ mod tests {
         );
         assert_ne!(signature("k", 1, "b"), signature("k", 2, "b"));
         assert_ne!(signature("k", 1, "b"), signature("j", 1, "b"));
+    }
+
+    #[test]
+    fn custom_events_are_the_triggers_set_on() {
+        let settings = Settings {
+            triggers: json!({"deployment": false, "custom_event:order failed": true, "custom_event:old": false}),
+            ..Settings::default()
+        };
+        assert_eq!(settings.custom_events(), ["order failed"]);
+        assert!(!settings.kind_on("deployment") && settings.kind_on("custom_event"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use km_stores::{Documents, StoreResult};
 const KIND: &str = "member";
 
 /// The kinds a member can mute, with the words the dashboard shows.
-pub const KINDS: [(&str, &str); 9] = [
+pub const KINDS: [(&str, &str); 10] = [
     ("new_issue", "new issues"),
     ("server_offline", "servers offline"),
     ("server_online", "servers back online"),
@@ -23,6 +23,7 @@ pub const KINDS: [(&str, &str); 9] = [
     ("alert_fired", "alerts fired"),
     ("alert_resolved", "alerts resolved"),
     ("alert_sample", "alert tests"),
+    ("custom_event", "custom events subscribed to"),
 ];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -31,7 +31,7 @@ use askama::Template;
 use serde_json::{Value, json};
 
 use channels::{HookFormat, Hooks, Poster, Settings};
-use km_core::app::{App, AppState};
+use km_core::app::{App, AppState, Delivery};
 use km_core::mail;
 use km_core::schedule;
 use km_stores::ids::{new_object_id, now_ms};
@@ -334,6 +334,11 @@ async fn deliver_due(app: &App, poster: &Poster) {
                 }
             }
         }
+        let attempt = Delivery {
+            channel: n.channel.as_str(),
+            outcome: n.state.as_str(),
+        };
+        app.deliveries.get_or_create(&attempt).inc();
         if let Err(e) = app.documents.save_notification(&n).await {
             tracing::error!(notification = %n.id, error = %e, "notification state not saved");
         }

@@ -8,6 +8,7 @@
 //! | `process_errored` | pm2 gave up restarting a process | `{server, app, pm_id}` |
 //! | `restart_loop` | 3 or more crashes of an app in a minute | `{server, app, restarts}` |
 //! | `deployment` | an app's revision changed | `{server, app, from, to}` |
+//! | `custom_event` | a custom event (`io.emit`) the bucket subscribed to happened | `{server, app, name, data, at}` |
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -31,6 +32,8 @@ const OFFLINE_AFTER_MS: i64 = 90_000;
 const RECENT_MS: i64 = 600_000;
 /// Issues named in one mail; the count covers them all.
 const LISTED: usize = 20;
+/// Custom events read per pass (a burst beyond it is told in part).
+const MAX_TOLD_EVENTS: u32 = 500;
 /// Where the last revision of each app is kept (bucket documents).
 const REVISIONS: &str = "revisions";
 
@@ -46,6 +49,7 @@ pub async fn bucket(
     let outbox = Outbox::of(app, bucket).await?;
     let (end, now) = (window.end, window.end + PERIOD_MS);
     new_issues(&outbox, window.start, end).await?;
+    custom_events(&outbox, window.start, end).await?;
     restart_loops(&outbox, end).await?;
     if settled {
         let servers = fleet::servers(app, &bucket.id, None).await;
@@ -385,6 +389,64 @@ async fn restart_loops(outbox: &Outbox<'_>, end: i64) -> StoreResult<()> {
     outbox
         .send_lines("restart_loop", words, lines, items, "")
         .await
+}
+
+/// Custom events of `[start, end)` the bucket subscribed to, at most [`MAX_TOLD_EVENTS`]
+/// a pass, in one notification.
+async fn custom_events(outbox: &Outbox<'_>, start: i64, end: i64) -> StoreResult<()> {
+    let names = outbox.settings.custom_events();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let window = EventQuery {
+        bucket_id: outbox.bucket.id.clone(),
+        event_type: Some("human:event".into()),
+        after: Some(start - 1),
+        before: Some(end),
+        limit: MAX_TOLD_EVENTS,
+        ..EventQuery::default()
+    };
+    let (mut lines, mut items) = (Vec::new(), Vec::new());
+    for doc in outbox.app.events.query(EventKind::Event, &window).await? {
+        let Ok(event) = serde_json::from_str::<Value>(&doc) else {
+            continue;
+        };
+        let name = event["name"].as_str().unwrap_or_default();
+        if !names.contains(&name) {
+            continue;
+        }
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        let (server, app_name) = (text(&event["server_name"]), text(&event["app_name"]));
+        let data: String = event["data"].to_string().chars().take(200).collect();
+        lines.push(Line {
+            name: format!("{name} from {app_name} on {server}"),
+            detail: data,
+            link: process_link(outbox, &server, &app_name),
+        });
+        items.push(json!({"server": server, "app": app_name, "name": name, "data": event["data"], "at": event["at"]}));
+    }
+    let bucket = &outbox.bucket.name;
+    let words = match items.as_slice() {
+        [one] => (
+            format!("[{bucket}] Custom event {}", text_of(&one["name"])),
+            format!(
+                "In {bucket}, {} sent the custom event {}.",
+                text_of(&one["app"]),
+                text_of(&one["name"])
+            ),
+        ),
+        _ => (
+            format!("[{bucket}] {} custom events", items.len()),
+            format!("In {bucket}, apps sent custom events you subscribed to."),
+        ),
+    };
+    outbox
+        .send_lines("custom_event", words, lines, items, "")
+        .await
+}
+
+fn text_of(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
 }
 
 /// Apps whose revision (pm2's versioning) changed since the last pass; an app seen the
