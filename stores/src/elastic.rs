@@ -385,8 +385,12 @@ impl ElasticEvents {
 }
 
 /// The text `EventQuery::text` searches: a log's line, an exception's message and stack,
-/// the whole document otherwise (as `text_of` in the SQLite store), cut to `TEXT_CHARS`.
+/// nothing of a span, the whole document otherwise (as `text_of` in the SQLite store), cut to `TEXT_CHARS`.
 fn search_text(e: &EventRecord) -> String {
+    // Spans are found by trace, route and status, never by text: nothing to index.
+    if e.kind == EventKind::Span {
+        return String::new();
+    }
     if !matches!(e.kind, EventKind::Log | EventKind::Exception) {
         return e.doc.chars().take(TEXT_CHARS).collect();
     }

@@ -101,6 +101,27 @@ fn hooks_of(got: &Received, kind: &str, secret: &str) -> anyhow::Result<Vec<Valu
     Ok(out)
 }
 
+/// Turns the bucket's webhook on, posting to `url` in `format` (`km` or `keymetrics`);
+/// returns the channels answered and the signing secret.
+async fn webhook(
+    api: &km_e2e::Api,
+    b: &str,
+    url: &str,
+    format: &str,
+) -> anyhow::Result<(Value, String)> {
+    let channels = api
+        .post_ok(
+            &format!("/api/bucket/{b}/alerts/updateWebhooks"),
+            &json!({"webhooks": {"active": true, "url": format!("{url}/hook"), "format": format}}),
+        )
+        .await?;
+    let secret = channels["webhooks"]["secret"]
+        .as_str()
+        .context("secret")?
+        .to_string();
+    Ok((channels, secret))
+}
+
 fn signature(secret: &str, timestamp: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.{body}").as_bytes());
@@ -143,13 +164,7 @@ async fn a_metric_alert_fires_once_and_resolves_once() {
             &json!({"email": owner, "state": "none"}),
         )
         .await?;
-        let channels = api
-            .post_ok(
-                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
-                &json!({"webhooks": {"active": true, "url": format!("{url}/hook")}}),
-            )
-            .await?;
-        let secret = channels["webhooks"]["secret"].as_str().context("secret")?.to_string();
+        let (_, secret) = webhook(&api, &b, &url, "km").await?;
         api.post_ok(
             &format!("/api/bucket/{b}/alerts/updateSlack"),
             &json!({"slack": {"active": true, "url": format!("{url}/slack")}}),
@@ -267,21 +282,20 @@ async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
         let (url, got) = receiver().await?;
         let l = linked("km-shape-1", &[("crasher", CRASHER)]).await?;
         let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        let channels = api
-            .post_ok(
-                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
-                &json!({"webhooks": {"active": true, "url": format!("{url}/hook"), "format": "keymetrics"}}),
-            )
-            .await?;
+        let (channels, secret) = webhook(&api, &b, &url, "keymetrics").await?;
         ensure!(channels["webhooks"]["format"] == "keymetrics", "{channels}");
-        let secret = channels["webhooks"]["secret"].as_str().context("secret")?.to_string();
         let bad = api
             .post(
                 &format!("/api/bucket/{b}/alerts/updateWebhooks"),
                 &json!({"webhooks": {"format": "xml"}}),
             )
             .await?;
-        ensure!(bad.status == 400 && bad.text.contains("not km or keymetrics"), "{} {}", bad.status, bad.text);
+        ensure!(
+            bad.status == 400 && bad.text.contains("not km or keymetrics"),
+            "{} {}",
+            bad.status,
+            bad.text
+        );
 
         let bodies = wait_hooks(&got, "new_issue", &secret, Duration::from_secs(60)).await?;
         let body = &bodies[0];
@@ -295,14 +309,18 @@ async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
                 && data["process"]["server"] == "km-shape-1"
                 && data["process"]["pm_id"] == 0
                 && data["data"]["message"] == "keymetrics-boom"
-                && data["data"]["stack"].as_str().is_some_and(|s| s.starts_with("Error: keymetrics-boom"))
+                && data["data"]["stack"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("Error: keymetrics-boom"))
                 && data["identifier"] == issues[0]["identifier"]
                 && data["infected_servers"] == json!(["km-shape-1"])
                 && data["count"].as_u64().is_some_and(|n| n >= 1)
                 && data["created_at"].as_i64().is_some_and(|t| t > 0)
                 && data["at"] == data["updated_at"]
                 && data["timestamps"] == json!([data["at"]])
-                && data["bucket_url"].as_str().is_some_and(|u| u.contains(&format!("/buckets/{b}/issues/"))),
+                && data["bucket_url"]
+                    .as_str()
+                    .is_some_and(|u| u.contains(&format!("/buckets/{b}/issues/"))),
             "the Keymetrics-shaped body: {body}"
         );
         // Counted in /metrics where the workers run with the other roles (with the roles
@@ -310,7 +328,10 @@ async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
         if std::env::var("KM_E2E_ROLES").as_deref() != Ok("apart") {
             let text = api.get("/metrics").await?.text;
             let sent = r#"km_notification_deliveries_total{channel="webhook",outcome="sent"}"#;
-            ensure!(text.lines().any(|l| l.starts_with(sent)), "no {sent} in /metrics:\n{text}");
+            ensure!(
+                text.lines().any(|l| l.starts_with(sent)),
+                "no {sent} in /metrics:\n{text}"
+            );
         }
         let _ = l.pm2.run(&["kill"]).await;
         Ok(())
@@ -330,16 +351,7 @@ async fn a_subscribed_custom_event_is_notified() {
         let (url, got) = receiver().await?;
         let l = linked("events-1", &[("shop", EMITTER)]).await?;
         let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        let channels = api
-            .post_ok(
-                &format!("/api/bucket/{b}/alerts/updateWebhooks"),
-                &json!({"webhooks": {"active": true, "url": format!("{url}/hook")}}),
-            )
-            .await?;
-        let secret = channels["webhooks"]["secret"]
-            .as_str()
-            .context("secret")?
-            .to_string();
+        let (_, secret) = webhook(&api, &b, &url, "km").await?;
         let long = format!("custom_event:{}", "x".repeat(101));
         let bad = api
             .post(

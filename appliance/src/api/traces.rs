@@ -181,7 +181,7 @@ pub struct Trace {
     pub start_us: i64,
     pub duration_us: i64,
     pub spans: Vec<SpanView>,
-    /// More spans were stored than are shown (`MAX_TRACE_SPANS`).
+    /// More spans were stored than are shown (`MAX_TRACE_SPANS`: the newest are).
     pub truncated: bool,
 }
 
