@@ -23,6 +23,18 @@ pub enum Role {
 }
 
 impl Role {
+    /// Its name in `--role`, in `/healthz` and in the gateway's checks.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Gateway => "gateway",
+            Role::Api => "api",
+            Role::Auth => "auth",
+            Role::Realtime => "realtime",
+            Role::Interactor => "interactor",
+            Role::Workers => "workers",
+        }
+    }
+
     /// Its own port's address and variable, for the roles the gateway forwards to.
     pub fn address(self, settings: &Settings) -> Option<(SocketAddr, &'static str)> {
         let roles = &settings.roles;

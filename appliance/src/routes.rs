@@ -27,7 +27,7 @@ pub fn router(app: AppState) -> Router {
         .merge(auth_routes())
         .merge(api_routes())
         .merge(front.routes());
-    finish(routes, app)
+    finish(routes, app, None)
 }
 
 /// The routes of one role running apart (`km serve --role ...`), each with `/healthz`.
@@ -39,12 +39,14 @@ pub fn role_router(app: AppState, role: Role) -> Router {
         Role::Api => api_routes(),
         Role::Gateway | Role::Workers => Router::new(),
     };
-    finish(routes, app)
+    finish(routes, app, Some(role))
 }
 
-fn finish(routes: Router<AppState>, app: AppState) -> Router {
+/// `role`: the role this process runs alone, named in its `/healthz` (the gateway checks
+/// that each port it forwards to is the role it expects).
+fn finish(routes: Router<AppState>, app: AppState, role: Option<Role>) -> Router {
     let routes = routes
-        .route("/healthz", get(health))
+        .route("/healthz", get(move |state| health(state, role)))
         .route("/metrics", get(metrics::appliance))
         .fallback(web::not_found);
     with_security_headers(routes).with_state(app)
@@ -285,6 +287,7 @@ fn with_security_headers(router: Router<AppState>) -> Router<AppState> {
 /// (`status: degraded` when one is down) and the numbers an operator watches.
 async fn health(
     axum::extract::State(app): axum::extract::State<AppState>,
+    role: Option<Role>,
 ) -> Json<serde_json::Value> {
     let writer = &app.ingest.writer.stats;
     let documents = tokio::time::timeout(Duration::from_secs(2), app.documents.ping())
@@ -309,6 +312,7 @@ async fn health(
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
+        "role": role.map(Role::name),
         "stores": {
             "documents": store(app.documents.kind(), documents.err().map(|e| e.to_string())),
             "events": store(app.events.kind(), events),

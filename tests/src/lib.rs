@@ -913,7 +913,7 @@ impl Km {
     async fn spawn(&mut self) -> Result<()> {
         for _ in 0..2 {
             let logged = self.log().len();
-            match self.spawn_once().await {
+            match self.spawn_once(logged).await {
                 Err(e)
                     if self.apart.is_some()
                         && self
@@ -929,10 +929,12 @@ impl Km {
                 done => return done,
             }
         }
-        self.spawn_once().await
+        let logged = self.log().len();
+        self.spawn_once(logged).await
     }
 
-    async fn spawn_once(&mut self) -> Result<()> {
+    /// Starts km's processes, whose log begins at byte `logged` of km.log.
+    async fn spawn_once(&mut self, logged: usize) -> Result<()> {
         let mut log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -969,10 +971,19 @@ impl Km {
                 .with_context(|| format!("spawn {}", self.bin.display()))?;
             self.children.push(child);
         }
-        self.wait_healthy().await
+        self.wait_healthy(logged).await
     }
 
-    async fn wait_healthy(&mut self) -> Result<()> {
+    /// Whether each of km's processes logged `km ready` after byte `logged` of its log.
+    fn all_ready(&self, logged: usize) -> bool {
+        let log = self.log();
+        log.get(logged..)
+            .is_some_and(|new| new.matches("km ready").count() >= self.children.len())
+    }
+
+    /// Waits for `/healthz` to answer 200 and every process to say it is ready in its log
+    /// (from byte `logged`): a port another program took answers too.
+    async fn wait_healthy(&mut self, logged: usize) -> Result<()> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()?;
@@ -989,7 +1000,7 @@ impl Km {
                 );
             }
             match http.get(&url).send().await {
-                Ok(r) if r.status() == 200 => return Ok(()),
+                Ok(r) if r.status() == 200 && self.all_ready(logged) => return Ok(()),
                 Ok(r) => {
                     let st = r.status();
                     last = format!("HTTP {st}: {}", r.text().await.unwrap_or_default());

@@ -181,7 +181,8 @@ async fn to_role(State(front): State<Arc<Front>>, request: Request) -> Response 
 }
 
 /// `GET /healthz` of the gateway: each role's own `/healthz` and the TLS state; `ok` only
-/// when every role answers `ok`, else `degraded` (503 when a role does not answer).
+/// when every role answers `ok`, else `degraded` (503 when a role does not answer, or
+/// another process answers in its place).
 async fn roles_health(State(front): State<Arc<Front>>) -> (StatusCode, Json<Value>) {
     let Some(roles) = &front.roles else {
         return (StatusCode::NOT_FOUND, Json(json!({ "error": "no roles" })));
@@ -198,7 +199,7 @@ async fn roles_health(State(front): State<Arc<Front>>) -> (StatusCode, Json<Valu
                 Ok(answer) => answer.json::<Value>().await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            (role.name, body)
+            (role.name, body.and_then(|body| is_role(body, role)))
         }
     });
     let results = futures_util::future::join_all(checks).await;
@@ -228,6 +229,20 @@ async fn roles_health(State(front): State<Arc<Front>>) -> (StatusCode, Json<Valu
             "roles": roles,
         })),
     )
+}
+
+/// A role's `/healthz` answer, when it comes from that role: another process on its port
+/// (another role, another program) would be sent that role's requests.
+fn is_role(body: Value, role: &Upstream) -> Result<Value, String> {
+    match body["role"].as_str() {
+        Some(name) if name == role.name => Ok(body),
+        other => Err(format!(
+            "{} answered as {}, not as the {} role: another process holds its port",
+            role.url(),
+            other.map_or("something else".into(), |name| format!("the {name} role")),
+            role.name
+        )),
+    }
 }
 
 /// `GET /metrics` of the gateway: every role's own `/metrics`, asked with the caller's
@@ -300,5 +315,18 @@ mod tests {
         assert_eq!(role("/interactions"), "api");
         assert_eq!(role("/"), "api");
         assert_eq!(role("/buckets/x"), "api");
+    }
+
+    #[test]
+    fn a_role_port_answered_by_another_process_is_not_that_role() {
+        let auth = Upstream::at("auth", "127.0.0.1:2".parse().unwrap());
+        assert!(is_role(json!({"role": "auth", "status": "ok"}), &auth).is_ok());
+        let other = is_role(json!({"role": "realtime", "status": "ok"}), &auth).unwrap_err();
+        assert!(
+            other.contains("as the realtime role, not as the auth role"),
+            "{other}"
+        );
+        let stranger = is_role(json!({"status": "ok"}), &auth).unwrap_err();
+        assert!(stranger.contains("as something else"), "{stranger}");
     }
 }
