@@ -4,7 +4,7 @@
 #
 # Runs on a fresh Debian bookworm machine as root with only package registries reachable:
 # installs node/npm, Chromium, redis-server and Pebble (an ACME CA) from Debian when
-# missing, pm2 + @pm2/io + tx2 + @pm2/js-api + playwright-core + axe-core from npm into
+# missing, pm2 + @pm2/io + tx2 + pmx + @pm2/js-api + playwright-core + axe-core from npm into
 # target/e2e-node, SecantusDB (a MongoDB-wire server) from PyPI, then builds and tests.
 # Extra arguments go to the test binaries, e.g.
 #   tests/run.sh                       # everything
@@ -18,7 +18,7 @@ cd "$ROOT"
 # Keep in sync with NPM_PACKAGES in tests/src/lib.rs.
 # playwright-core drives Debian's /usr/bin/chromium (it never downloads a browser of its
 # own); 1.65.1 was checked against Chromium 156 (launch, setContent, screenshot).
-NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5 @pm2/js-api@0.8.1 playwright-core@1.65.1 axe-core@4.14.1
+NPM_PACKAGES=(pm2@7.0.4 @pm2/io@6.1.0 tx2@1.0.5 pmx@1.6.8 @pm2/js-api@0.8.1 playwright-core@1.65.1 axe-core@4.14.1
     @opentelemetry/sdk-node@0.221.0 @opentelemetry/auto-instrumentations-node@0.79.0
     @opentelemetry/sdk-trace-base@2.10.0 @opentelemetry/resources@2.10.0
     @opentelemetry/exporter-trace-otlp-http@0.221.0 @opentelemetry/exporter-trace-otlp-proto@0.221.0

@@ -8,7 +8,7 @@
 //! - `KM_WIZARD_BIN`: the `km-wizard` binary (default `<target>/debug/km-wizard`). The setup
 //!   tests need both built with the test licence key trusted (`cargo build --workspace
 //!   --features km-appliance/test-licence`, as `tests/run.sh` does).
-//! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`,
+//! - `KM_E2E_NODE_DIR`: where the npm packages of [`NPM_PACKAGES`] (pm2, `@pm2/io`, `tx2`, `pmx`,
 //!   `@pm2/js-api`, playwright-core, axe-core, OpenTelemetry's) are installed (default `<target>/e2e-node`); installed
 //!   there on first use, under a file lock.
 //! - `KM_E2E_KEEP=1`: keep the temporary dirs (km data and log, `PM2_HOME`) for inspection.
@@ -37,10 +37,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// npm packages the tests need, pinned. Keep in sync with `tests/run.sh`. playwright-core
 /// drives Debian's `/usr/bin/chromium` (it downloads no browser of its own).
-pub const NPM_PACKAGES: [&str; 13] = [
+pub const NPM_PACKAGES: [&str; 14] = [
     "pm2@7.0.4",
     "@pm2/io@6.1.0",
     "tx2@1.0.5",
+    // The older library whose metrics carry alert rules (`alert`).
+    "pmx@1.6.8",
     "@pm2/js-api@0.8.1",
     "playwright-core@1.65.1",
     "axe-core@4.14.1",
@@ -1955,6 +1957,40 @@ pub struct User {
     pub password: String,
     /// The register answer.
     pub raw: Value,
+}
+
+impl User {
+    /// The dashboard's page at `path` as this user sees it, signed in through the login
+    /// form.
+    pub async fn page(&self, path: &str) -> Result<String> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let base = self.api.base();
+        let fields = [
+            ("login", self.username.as_str()),
+            ("password", &self.password),
+        ];
+        let login = post_visitor_form(&http, base, "/login", &fields).await?;
+        let cookie = login
+            .headers()
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("km_session="))
+            .and_then(|v| v.split(';').next())
+            .map(str::to_string)
+            .with_context(|| format!("{} did not sign in: {}", self.username, login.status()))?;
+        let page = http
+            .get(format!("{base}{path}"))
+            .header(reqwest::header::COOKIE, cookie)
+            .send()
+            .await?;
+        let status = page.status();
+        let html = page.text().await?;
+        ensure!(status == 200, "GET {path}: {status}: {html}");
+        Ok(html)
+    }
 }
 
 /// A bucket as `create_classic` returned it.

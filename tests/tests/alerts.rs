@@ -1,7 +1,8 @@
 //! Alerts with a real pm2: a custom metric of a linked app above a rule's threshold for
 //! the window fires the rule once (a signed webhook, Slack, and the rule's custom action
 //! run on the process), and resolves it once when the metric drops; the rule's `sample`
-//! reaches the same receivers. A webhook in the Keymetrics shape gets each new exception
+//! reaches the same receivers. A rule an app declares in code (pmx) is listed, shown and
+//! judged like one made in km. A webhook in the Keymetrics shape gets each new exception
 //! as `event:new_exception`, with the fields Keymetrics documented.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -267,6 +268,94 @@ async fn a_metric_alert_fires_once_and_resolves_once() {
             }
         }
         ensure!(!rows.iter().any(|(_, c, _)| c == "email"), "mailed: {rows:?}");
+        let _ = l.pm2.run(&["kill"]).await;
+        Ok(())
+    })
+    .await;
+}
+
+/// A pmx metric whose alert rule is declared in code, read from a file the test writes.
+fn pmx_source(level: &Path) -> String {
+    format!(
+        r#"
+const probe = require('pmx').probe();
+const fs = require('fs');
+let level = 0;
+setInterval(() => {{
+  try {{ level = parseFloat(fs.readFileSync({level:?}, 'utf8')); }} catch (e) {{}}
+}}, 500);
+probe.metric({{ name: 'backlog', value: () => level, alert: {{ mode: 'threshold', value: 50, cmp: '>' }} }});
+"#
+    )
+}
+
+#[tokio::test]
+async fn an_alert_declared_in_code_fires_and_resolves() {
+    e2e(async {
+        let (url, got) = receiver().await?;
+        let dir = tempfile::tempdir()?;
+        let level = dir.path().join("level");
+        std::fs::write(&level, "100")?;
+        let l = linked("code-1", &[("worker", &pmx_source(&level))]).await?;
+        let (api, b) = (l.api().clone(), l.bucket.id.clone());
+        let owner = l.user.email.clone();
+        api.post_ok(
+            &format!("/api/bucket/{b}/manage_notif"),
+            &json!({"email": owner, "state": "none"}),
+        )
+        .await?;
+        let (_, secret) = webhook(&api, &b, &url, "km").await?;
+
+        // The app's declaration is a rule of the app, listed as from code.
+        let rule = api
+            .poll_get(
+                &format!("/api/bucket/{b}/alerts"),
+                "a rule from code",
+                Duration::from_secs(30),
+                |rules| rules.as_array()?.iter().find(|r| r["from_code"] == true).cloned(),
+            )
+            .await?;
+        ensure!(
+            rule["initiator"] == "backlog"
+                && rule["scope"] == json!({"apps": ["worker"], "servers": ["code-1"]})
+                && rule["options"] == json!({"operator": ">", "threshold": 50.0, "timerange": 60, "aggregation": "any"}),
+            "declared rule: {rule}"
+        );
+        let id = rule["_id"].as_str().context("_id")?.to_string();
+        let body = json!({"enabled": false});
+        let changed = api
+            .request(reqwest::Method::PUT, &format!("/api/bucket/{b}/alerts/{id}"), Some(&body))
+            .await?;
+        ensure!(
+            changed.status == 400 && changed.text.contains("declared in the code"),
+            "changing a rule from code: {} {}",
+            changed.status,
+            changed.text
+        );
+        let html = l.user.page(&format!("/buckets/{b}/alerts")).await?;
+        let row = html
+            .split("<tr>")
+            .find(|row| row.contains("worker: backlog"))
+            .context("the alerts page does not list the rule from code")?;
+        ensure!(
+            row.contains(">from code</span>") && !row.contains("Delete"),
+            "the rule from code on the alerts page: {row}"
+        );
+
+        // Above the threshold: fired once; below it for a minute: resolved once.
+        let fired = wait_hooks(&got, "alert_fired", &secret, Duration::from_secs(160)).await?;
+        let item = &fired[0]["items"][0];
+        ensure!(
+            item["app"] == "worker" && item["alert"]["id"] == id.as_str() && item["value"].as_f64() > Some(50.0),
+            "fired: {}",
+            fired[0]
+        );
+        let now = api.get_ok(&format!("/api/bucket/{b}/alerts/{id}")).await?;
+        ensure!(now["firing"].as_array().map(Vec::len) == Some(1), "firing: {now}");
+        std::fs::write(&level, "3")?;
+        let resolved = wait_hooks(&got, "alert_resolved", &secret, Duration::from_secs(180)).await?;
+        ensure!(resolved[0]["items"][0]["value"].as_f64() < Some(50.0), "resolved: {}", resolved[0]);
+        ensure!(hooks_of(&got, "alert_fired", &secret)?.len() == 1, "fired again");
         let _ = l.pm2.run(&["kill"]).await;
         Ok(())
     })

@@ -5,21 +5,29 @@
 //! the processes in its scope (apps and servers; empty is all). Over the last
 //! `timerange` seconds of complete minutes (at least 60) it compares the time-weighted
 //! average (`aggregation: "avg"`) or every point (`"all"`: each minute's minimum and
-//! maximum) with `threshold` by `operator`. When the condition starts for an app on a
-//! server the rule fires once: notifications and its PM2 or custom action. When it ends
-//! it resolves once. A window with a minute missing decides nothing.
+//! maximum), or some point (`"any"`), with `threshold` by `operator`. When the condition
+//! starts for an app on a server the rule fires once: notifications and its PM2 or custom
+//! action. When it ends it resolves once. A window with a minute missing decides nothing.
+//!
+//! Apps declare rules in code too: `pmx`'s `probe.metric({alert: {mode, value, cmp,
+//! interval}})` sends the `alert` with the metric, and each one is a rule of that app
+//! ([`declared`]): `threshold` judges some point of the last minute, `threshold-avg` the
+//! average over its `interval` (seconds, 180 by default, at least a minute). `smart`
+//! sends no threshold (the app judges it, and reports an exception when it trips).
 //!
 //! Webhook `items` of `alert_fired` and `alert_resolved`:
 //! `{alert: {id, name}, server, app, metric, value, operator, threshold}`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::notify::watch::process_link;
 use crate::notify::{Event, Line, Lines, Outbox};
-use km_core::fleet::{self, CommandError, command_agent};
+use km_core::app::App;
+use km_core::fleet::{self, CommandError, ServerStatus, command_agent};
 use km_core::schedule::Episodes;
 use km_stores::ids::{new_object_id, now_ms};
 use km_stores::{
@@ -33,6 +41,12 @@ const MINUTE_MS: i64 = 60_000;
 const LAG_MS: i64 = 5_000;
 const MAX_TIMERANGE_S: i64 = 86_400;
 const PM2_METHODS: [&str; 3] = ["restart", "reload", "reset"];
+const AGGREGATIONS: [&str; 3] = ["avg", "all", "any"];
+/// Rules declared in code kept per bucket (the rest are ignored, and the page says how
+/// many): each agent's metrics are bounded, their sum over a fleet is not.
+pub const MAX_CODE_RULES: usize = 200;
+/// pmx's window for `threshold-avg` when the app gives none (seconds).
+const CODE_AVG_WINDOW_S: i64 = 180;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
@@ -50,6 +64,9 @@ pub struct Alert {
     pub actions: Vec<Action>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Declared by the app's code (see [`declared`]): changed there, not here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_code: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +75,7 @@ pub struct Options {
     pub threshold: f64,
     /// Seconds.
     pub timerange: i64,
-    /// `avg` or `all`.
+    /// `avg`, `all` (every point) or `any` (some point).
     pub aggregation: String,
 }
 
@@ -125,6 +142,7 @@ impl AlertForm {
             }],
             created_at: now,
             updated_at: now,
+            from_code: false,
         };
         self.apply(&mut alert)?;
         Ok(alert)
@@ -193,9 +211,9 @@ impl Alert {
                 o.timerange
             ));
         }
-        if !["avg", "all"].contains(&o.aggregation.as_str()) {
+        if !AGGREGATIONS.contains(&o.aggregation.as_str()) {
             return Err(format!(
-                "options.aggregation: {:?}; \"avg\" (over the window) or \"all\" (every point)",
+                "options.aggregation: {:?}; \"avg\" (over the window), \"all\" (every point) or \"any\" (some point)",
                 o.aggregation
             ));
         }
@@ -219,16 +237,24 @@ impl Alert {
             && (host_rule || any_or(&self.scope.apps, &p.app_name))
     }
 
+    /// What the window's values are judged on, in words.
+    pub fn judged_on(&self) -> &'static str {
+        match self.options.aggregation.as_str() {
+            "all" => "every point",
+            "any" => "some point",
+            _ => "average",
+        }
+    }
+
     fn describe(&self) -> String {
         let o = &self.options;
-        let how = if o.aggregation == "all" {
-            "every point"
-        } else {
-            "average"
-        };
         format!(
-            "{} {how} {} {} over {} s",
-            self.initiator, o.operator, o.threshold, o.timerange
+            "{} {} {} {} over {} s",
+            self.initiator,
+            self.judged_on(),
+            o.operator,
+            o.threshold,
+            o.timerange
         )
     }
 }
@@ -261,6 +287,114 @@ pub async fn list(documents: &dyn Documents, bucket_id: &str) -> StoreResult<Vec
         .collect())
 }
 
+/// The bucket's rules: those stored, then those its apps declare in code (at most
+/// [`MAX_CODE_RULES`]), with how many more were declared and ignored.
+pub async fn all(app: &App, bucket_id: &str) -> StoreResult<(Vec<Alert>, usize)> {
+    let servers = fleet::servers(app, bucket_id, None).await;
+    let (declared, ignored) = declared(bucket_id, &servers);
+    let mut rules = list(app.documents.as_ref(), bucket_id).await?;
+    rules.extend(declared);
+    Ok((rules, ignored))
+}
+
+/// The rules the apps on `servers` declare in code (each `alert` of an `axm_monitor`
+/// metric): one per app, metric and condition, scoped to the servers declaring it; at
+/// most [`MAX_CODE_RULES`], with how many more were ignored.
+pub fn declared(bucket_id: &str, servers: &[ServerStatus]) -> (Vec<Alert>, usize) {
+    let mut found: BTreeMap<(&str, &str, String), (Options, BTreeSet<&str>)> = BTreeMap::new();
+    for server in servers.iter().filter(|s| s.online) {
+        for process in &server.data.process {
+            for (metric, value) in &process.axm_monitor {
+                let Some(options) = code_options(&value["alert"]) else {
+                    continue;
+                };
+                let id = code_rule_id(&process.name, metric, &options);
+                found
+                    .entry((process.name.as_str(), metric.as_str(), id))
+                    .or_insert_with(|| (options, BTreeSet::new()))
+                    .1
+                    .insert(server.server_name.as_str());
+            }
+        }
+    }
+    let ignored = found.len().saturating_sub(MAX_CODE_RULES);
+    let now = now_ms();
+    let rules = found
+        .into_iter()
+        .take(MAX_CODE_RULES)
+        .map(|((app, metric, id), (options, servers))| Alert {
+            id,
+            bucket: bucket_id.to_string(),
+            name: format!("{app}: {metric} {} {}", options.operator, options.threshold),
+            enabled: true,
+            kind: "metric".into(),
+            initiator: metric.to_string(),
+            options,
+            scope: Scope {
+                apps: vec![app.to_string()],
+                servers: servers.into_iter().map(str::to_string).collect(),
+            },
+            actions: vec![Action {
+                kind: "notify".into(),
+                params: json!({}),
+            }],
+            created_at: now,
+            updated_at: now,
+            from_code: true,
+        })
+        .collect();
+    (rules, ignored)
+}
+
+/// A declared rule's condition, if the agent sent one km can judge: pmx's `threshold`
+/// and `threshold-avg`, with a finite `value` and a `cmp` of `>` (the default), `<` or `=`.
+fn code_options(alert: &Value) -> Option<Options> {
+    let threshold = match &alert["value"] {
+        Value::Number(n) => n.as_f64(),
+        Value::String(text) => text.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|v: &f64| v.is_finite())?;
+    let operator = match alert.get("cmp").and_then(Value::as_str) {
+        None => ">",
+        Some(op @ (">" | "<" | "=")) => op,
+        Some(_) => return None,
+    };
+    let (aggregation, timerange) = match alert["mode"].as_str()? {
+        "threshold" => ("any", 60),
+        "threshold-avg" => {
+            let seconds = alert["interval"]
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map_or(CODE_AVG_WINDOW_S, |s| s.ceil() as i64);
+            let minutes = (seconds.clamp(60, MAX_TIMERANGE_S) + 59) / 60;
+            ("avg", minutes * 60)
+        }
+        _ => return None,
+    };
+    Some(Options {
+        operator: operator.into(),
+        threshold,
+        timerange,
+        aggregation: aggregation.into(),
+    })
+}
+
+/// A declared rule's id: the same for the same app, metric and condition on every pass
+/// (its episodes are kept under it).
+fn code_rule_id(app: &str, metric: &str, o: &Options) -> String {
+    let key = json!([
+        app,
+        metric,
+        o.operator,
+        o.threshold,
+        o.timerange,
+        o.aggregation
+    ]);
+    let digest = Sha256::digest(key.to_string().as_bytes());
+    format!("code-{}", hex::encode(&digest[..8]))
+}
+
 pub async fn save(documents: &dyn Documents, alert: &Alert) -> StoreResult<()> {
     let doc = serde_json::to_string(alert).unwrap_or_default();
     documents
@@ -290,14 +424,20 @@ pub async fn firing(documents: &dyn Documents, alert: &Alert) -> StoreResult<Vec
     Ok(firing)
 }
 
-/// One pass of the bucket's enabled rules at `now`.
-pub async fn check(outbox: &Outbox<'_>, now: i64) -> StoreResult<()> {
+/// One pass of the bucket's enabled rules at `now`, those of its apps' code on
+/// `servers` with them.
+pub async fn check(outbox: &Outbox<'_>, now: i64, servers: &[ServerStatus]) -> StoreResult<()> {
     let documents = outbox.app.documents.as_ref();
-    let rules: Vec<Alert> = list(documents, &outbox.bucket.id)
+    let mut rules: Vec<Alert> = list(documents, &outbox.bucket.id)
         .await?
         .into_iter()
         .filter(|a| a.enabled)
         .collect();
+    let (from_code, ignored) = declared(&outbox.bucket.id, servers);
+    if ignored > 0 {
+        tracing::warn!(bucket = %outbox.bucket.id, ignored, "alert rules declared in code over {MAX_CODE_RULES}: ignored");
+    }
+    rules.extend(from_code);
     let Some(longest) = rules.iter().map(Alert::minutes).max() else {
         return Ok(());
     };
@@ -338,16 +478,34 @@ fn judge(rule: &Alert, minutes: &[&MetricPoint]) -> Option<(f64, bool)> {
         .map(|p| p.avg * f64::from(p.count.max(1)))
         .sum::<f64>()
         / count;
-    if o.aggregation == "all" {
-        let all = minutes.iter().all(|p| holds(p.min) && holds(p.max));
-        let extreme = if o.operator.starts_with('<') {
-            minutes.iter().map(|p| p.max).fold(f64::MIN, f64::max)
-        } else {
-            minutes.iter().map(|p| p.min).fold(f64::MAX, f64::min)
-        };
-        Some((extreme, all))
-    } else {
-        Some((avg, holds(avg)))
+    // The point nearest to holding (any) or farthest from it (all), by the operator.
+    let lowest = || minutes.iter().map(|p| p.min).fold(f64::MAX, f64::min);
+    let highest = || minutes.iter().map(|p| p.max).fold(f64::MIN, f64::max);
+    match o.aggregation.as_str() {
+        "all" => {
+            let all = minutes.iter().all(|p| holds(p.min) && holds(p.max));
+            let extreme = if o.operator.starts_with('<') {
+                highest()
+            } else {
+                lowest()
+            };
+            Some((extreme, all))
+        }
+        "any" => {
+            let extreme = match o.operator.as_str() {
+                "<" | "<=" => lowest(),
+                ">" | ">=" => highest(),
+                // Equal: a minute whose range holds the threshold came through it.
+                _ => {
+                    let through = minutes
+                        .iter()
+                        .any(|p| p.min <= o.threshold && o.threshold <= p.max);
+                    return Some((if through { o.threshold } else { avg }, through));
+                }
+            };
+            Some((extreme, holds(extreme)))
+        }
+        _ => Some((avg, holds(avg))),
     }
 }
 
@@ -644,6 +802,94 @@ mod tests {
         );
         // A window with a minute missing decides nothing.
         assert_eq!(judge(&rule(">", "avg"), &[&a]), None);
+    }
+
+    #[test]
+    fn some_point_of_the_window() {
+        let (a, b) = (
+            minute(0, 40.0, 30.0, 55.0),
+            minute(60_000, 45.0, 42.0, 48.0),
+        );
+        assert_eq!(judge(&rule(">", "any"), &[&a, &b]), Some((55.0, true)));
+        assert_eq!(judge(&rule("<", "any"), &[&a, &b]), Some((30.0, true)));
+        assert_eq!(judge(&rule(">=", "any"), &[&b, &b]), Some((48.0, false)));
+        assert_eq!(judge(&rule("=", "any"), &[&a, &b]), Some((50.0, true)));
+        assert_eq!(
+            judge(&rule("=", "any"), &[&b, &b]).map(|j| j.1),
+            Some(false)
+        );
+    }
+
+    fn server(name: &str, online: bool, monitor: Value) -> ServerStatus {
+        serde_json::from_value(json!({
+            "server_name": name, "online": online,
+            "data": {"process": [{"name": "api", "pm_id": 0, "axm_monitor": monitor}]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rules_declared_in_code() {
+        let monitor = json!({
+            "queue": {"value": 3, "alert": {"mode": "threshold", "value": 50, "cmp": ">"}},
+            "latency": {"value": 3, "alert": {"mode": "threshold-avg", "value": "200", "interval": 100, "cmp": "<"}},
+            "smart": {"value": 3, "alert": {"mode": "smart"}},
+            "none": {"value": 3, "alert": {}},
+            "bad cmp": {"value": 3, "alert": {"mode": "threshold", "value": 1, "cmp": "!="}},
+            "nan": {"value": 3, "alert": {"mode": "threshold", "value": "x"}},
+            "plain": 3,
+        });
+        let servers = [
+            server("s1", true, monitor.clone()),
+            server("s2", true, monitor.clone()),
+            server("gone", false, monitor),
+        ];
+        let (rules, ignored) = declared("b", &servers);
+        assert_eq!(ignored, 0);
+        let names: Vec<&str> = rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["api: latency < 200", "api: queue > 50"]);
+        let (latency, queue) = (&rules[0], &rules[1]);
+        assert!(queue.from_code && queue.enabled && queue.id.starts_with("code-"));
+        assert_eq!(
+            (queue.options.aggregation.as_str(), queue.options.timerange),
+            ("any", 60)
+        );
+        assert_eq!(
+            (
+                latency.options.aggregation.as_str(),
+                latency.options.timerange
+            ),
+            ("avg", 120)
+        );
+        assert_eq!(queue.scope.apps, ["api"]);
+        assert_eq!(queue.scope.servers, ["s1", "s2"], "online servers only");
+        assert_eq!(queue.actions.len(), 1);
+        // The same declaration keeps its id from pass to pass; another value is another rule.
+        assert_eq!(declared("b", &servers).0[1].id, queue.id);
+        let other = server(
+            "s1",
+            true,
+            json!({"queue": {"alert": {"mode": "threshold", "value": 60}}}),
+        );
+        assert_ne!(declared("b", &[other]).0[0].id, queue.id);
+        let json = serde_json::to_value(queue).unwrap();
+        assert_eq!(json["from_code"], true);
+        let stored = serde_json::to_value(rule(">", "avg")).unwrap();
+        assert!(stored.get("from_code").is_none(), "{stored}");
+    }
+
+    #[test]
+    fn declared_rules_are_bounded() {
+        let many: serde_json::Map<String, Value> = (0..MAX_CODE_RULES + 7)
+            .map(|i| {
+                (
+                    format!("m{i}"),
+                    json!({"alert": {"mode": "threshold", "value": i}}),
+                )
+            })
+            .collect();
+        let (rules, ignored) = declared("b", &[server("s", true, Value::Object(many))]);
+        assert_eq!((rules.len(), ignored), (MAX_CODE_RULES, 7));
     }
 
     #[test]

@@ -30,17 +30,33 @@ async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
 }
 
 async fn rule(app: &AppState, access: &BucketAccess, id: &str) -> ApiResult<Alert> {
-    alerts::list(app.documents.as_ref(), &access.bucket.id)
+    alerts::all(app, &access.bucket.id)
         .await?
+        .0
         .into_iter()
         .find(|a| a.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no alert {id:?} in this bucket")))
 }
 
-/// `GET /api/bucket/:id/alerts`: every rule, with where it fires now.
+/// A stored rule, to change: one declared in code is changed in the app.
+async fn stored_rule(app: &AppState, access: &BucketAccess, id: &str) -> ApiResult<Alert> {
+    let alert = rule(app, access, id).await?;
+    if alert.from_code {
+        return Err(ApiError::bad_request(format!(
+            "the alert {:?} is declared in the code of the app {} (the alert of its metric {}): change it there",
+            alert.name,
+            alert.scope.apps.join(", "),
+            alert.initiator
+        )));
+    }
+    Ok(alert)
+}
+
+/// `GET /api/bucket/:id/alerts`: every rule (those declared in the apps' code with
+/// `from_code: true`), with where it fires now.
 pub async fn list(State(app): State<AppState>, access: BucketAccess) -> ApiResult<Json<Value>> {
     let mut out = Vec::new();
-    for alert in alerts::list(app.documents.as_ref(), &access.bucket.id).await? {
+    for alert in alerts::all(&app, &access.bucket.id).await?.0 {
         out.push(rule_json(&app, &alert).await?);
     }
     Ok(Json(Value::Array(out)))
@@ -78,7 +94,7 @@ pub async fn update(
     Body(form): Body<AlertForm>,
 ) -> ApiResult<Json<Value>> {
     access.require(MemberRole::Developer, "change alerts")?;
-    let mut alert = rule(&app, &access, &id).await?;
+    let mut alert = stored_rule(&app, &access, &id).await?;
     form.apply(&mut alert).map_err(ApiError::bad_request)?;
     alerts::save(app.documents.as_ref(), &alert).await?;
     Ok(Json(rule_json(&app, &alert).await?))
@@ -91,6 +107,7 @@ pub async fn delete(
     Path((_, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     access.require(MemberRole::Developer, "delete alerts")?;
+    stored_rule(&app, &access, &id).await?;
     if !alerts::delete(app.documents.as_ref(), &access.bucket.id, &id).await? {
         return Err(ApiError::not_found(format!(
             "no alert {id:?} in this bucket"

@@ -30,7 +30,10 @@ struct AlertsPage {
     nav: Option<Nav>,
     bucket: Bucket,
     role: MemberRole,
+    /// Each rule (stored, then declared in the apps' code) and where it fires.
     rules: Vec<(Alert, usize)>,
+    /// Rules declared in code over [`alerts::MAX_CODE_RULES`], not judged.
+    code_rules_ignored: usize,
     settings: Settings,
     /// `SMTP_HOST` is set: mail is a channel.
     mail_ready: bool,
@@ -52,7 +55,8 @@ async fn page_of(
     let documents = app.documents.as_ref();
     let bucket_id = &access.bucket.id;
     let mut rules = Vec::new();
-    for rule in alerts::list(documents, bucket_id).await? {
+    let (all, code_rules_ignored) = alerts::all(app, bucket_id).await?;
+    for rule in all {
         let firing = alerts::firing(documents, &rule).await?.len();
         rules.push((rule, firing));
     }
@@ -65,6 +69,7 @@ async fn page_of(
     Ok(AlertsPage {
         nav: Some(Nav::from(session)),
         rules,
+        code_rules_ignored,
         settings: Settings::load(documents, bucket_id).await?,
         mail_ready: app.settings.smtp.is_some(),
         mailed,

@@ -51,13 +51,13 @@ pub async fn bucket(
     new_issues(&outbox, window.start, end).await?;
     custom_events(&outbox, window.start, end).await?;
     restart_loops(&outbox, end).await?;
+    let servers = fleet::servers(app, &bucket.id, None).await;
     if settled {
-        let servers = fleet::servers(app, &bucket.id, None).await;
         servers_offline(&outbox, &servers).await?;
         errored(&outbox, &servers).await?;
         deployments(&outbox, &servers).await?;
     }
-    alerts::check(&outbox, now).await
+    alerts::check(&outbox, now, &servers).await
 }
 
 /// How long `server` has been silent at `now`.
