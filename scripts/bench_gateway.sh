@@ -18,7 +18,7 @@ redis-server --port "$REDIS_PORT" --save '' --appendonly no >"$DIR/redis.log" 2>
 export KM_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" KM_DATA_DIR="$DIR" KM_LOG=warn \
     KM_LISTEN="127.0.0.1:$GATEWAY" KM_API_LISTEN="127.0.0.1:$API" \
     KM_AUTH_LISTEN="127.0.0.1:$(port)" KM_REALTIME_LISTEN="127.0.0.1:$(port)" \
-    KM_INTERACTOR_LISTEN="127.0.0.1:$(port)"
+    KM_INTERACTOR_LISTEN="127.0.0.1:$(port)" KM_WORKERS_LISTEN="127.0.0.1:$(port)"
 sleep 0.5
 for role in gateway api auth realtime interactor workers; do
     "$KM" serve --role "$role" >"$DIR/$role.log" 2>&1 &

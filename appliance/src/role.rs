@@ -18,7 +18,8 @@ pub enum Role {
     Realtime,
     /// Agents' websocket `/interaction`: ingest and commands (`KM_INTERACTOR_LISTEN`).
     Interactor,
-    /// Background jobs (notifications, retention); no port.
+    /// Background jobs (notifications, retention); a port for `/healthz` and `/metrics`
+    /// only (`KM_WORKERS_LISTEN`).
     Workers,
 }
 
@@ -35,7 +36,7 @@ impl Role {
         }
     }
 
-    /// Its own port's address and variable, for the roles the gateway forwards to.
+    /// Its own port's address and variable, for every role but the gateway.
     pub fn address(self, settings: &Settings) -> Option<(SocketAddr, &'static str)> {
         let roles = &settings.roles;
         match self {
@@ -43,7 +44,8 @@ impl Role {
             Role::Auth => Some((roles.auth, table::AUTH_LISTEN.var)),
             Role::Realtime => Some((roles.realtime, table::REALTIME_LISTEN.var)),
             Role::Interactor => Some((roles.interactor, table::INTERACTOR_LISTEN.var)),
-            Role::Gateway | Role::Workers => None,
+            Role::Workers => Some((roles.workers, table::WORKERS_LISTEN.var)),
+            Role::Gateway => None,
         }
     }
 }

@@ -37,6 +37,7 @@ pub fn role_router(app: AppState, role: Role) -> Router {
         Role::Realtime => realtime_routes(),
         Role::Auth => auth_routes(),
         Role::Api => api_routes(),
+        // Their /healthz and /metrics only (the gateway's front door is its own router).
         Role::Gateway | Role::Workers => Router::new(),
     };
     finish(routes, app, Some(role))

@@ -81,12 +81,8 @@ async fn serve_roles(
     roles: &[Role],
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Until the stop signal, even with no port (the workers role alone).
-    let stopping = shutdown.clone();
-    let mut servers: Vec<BoxFuture<'static, anyhow::Result<()>>> = vec![Box::pin(async move {
-        stopping.cancelled().await;
-        Ok(())
-    })];
+    // Every role serves a port until the stop signal.
+    let mut servers: Vec<BoxFuture<'static, anyhow::Result<()>>> = Vec::new();
     let mut background = Vec::new();
     // The gateway binds first: its ports are the ones most likely taken.
     if roles.contains(&Role::Gateway) {

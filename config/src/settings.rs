@@ -177,6 +177,7 @@ pub struct RoleAddresses {
     pub auth: SocketAddr,
     pub realtime: SocketAddr,
     pub interactor: SocketAddr,
+    pub workers: SocketAddr,
 }
 
 /// How the SMTP connection is secured.
@@ -248,6 +249,7 @@ impl Settings {
             auth: c.address(&table::AUTH_LISTEN),
             realtime: c.address(&table::REALTIME_LISTEN),
             interactor: c.address(&table::INTERACTOR_LISTEN),
+            workers: c.address(&table::WORKERS_LISTEN),
         };
         let site_url = c.url(&table::SITE_URL).map(without_trailing_slash);
         let retention_days = c.count(&table::RETENTION_DAYS);

@@ -256,6 +256,16 @@ pub const INTERACTOR_LISTEN: Setting = Setting {
         Group::Roles,
     )
 };
+pub const WORKERS_LISTEN: Setting = Setting {
+    default: Some("127.0.0.1:3300"),
+    help: "the workers role's address: its `/healthz` and `/metrics` only (the gateway gathers them)",
+    ..setting(
+        "KM_WORKERS_LISTEN",
+        "workers-listen",
+        Kind::Address,
+        Group::Roles,
+    )
+};
 pub const SITE_URL: Setting = Setting {
     unset: "`http://<listen address>`",
     help: "public URL given to agents and clients (`endpoints`); agents connect to `<KM_SITE_URL>/interaction`",
@@ -471,6 +481,7 @@ pub const ALL: &[&Setting] = &[
     &AUTH_LISTEN,
     &REALTIME_LISTEN,
     &INTERACTOR_LISTEN,
+    &WORKERS_LISTEN,
     &SITE_URL,
     &TLS,
     &TLS_CERT,

@@ -762,6 +762,7 @@ impl RolesApart {
             "KM_AUTH_LISTEN",
             "KM_REALTIME_LISTEN",
             "KM_INTERACTOR_LISTEN",
+            "KM_WORKERS_LISTEN",
         ] {
             self.env
                 .push((var.to_string(), format!("127.0.0.1:{}", free_port()?)));

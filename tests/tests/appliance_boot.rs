@@ -468,7 +468,7 @@ async fn the_image_boots_configures_headless_and_serves_a_linked_pm2() {
         .await?;
         let apply_to_healthy = applying.elapsed();
         ensure!(applied.contains("Lock the wizard"), "apply did not lock the wizard:\n{applied}");
-        for role in ["api", "auth", "realtime", "interactor"] {
+        for role in ["api", "auth", "realtime", "interactor", "workers"] {
             ensure!(health["roles"][role]["status"] == "ok", "{role} in /healthz: {health}");
         }
         for unit in ROLE_UNITS {

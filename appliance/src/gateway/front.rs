@@ -33,12 +33,14 @@ pub struct Front {
     health_client: reqwest::Client,
 }
 
-/// The roles requests are forwarded to.
+/// The roles requests are forwarded to, and the workers (asked for their health and
+/// counters only).
 struct RoleUpstreams {
     api: Upstream,
     auth: Upstream,
     realtime: Upstream,
     interactor: Upstream,
+    workers: Upstream,
 }
 
 impl RoleUpstreams {
@@ -48,6 +50,7 @@ impl RoleUpstreams {
             auth: Upstream::at("auth", addresses.auth),
             realtime: Upstream::at("realtime", addresses.realtime),
             interactor: Upstream::at("interactor", addresses.interactor),
+            workers: Upstream::at("workers", addresses.workers),
         }
     }
 
@@ -68,8 +71,14 @@ impl RoleUpstreams {
         }
     }
 
-    fn all(&self) -> [&Upstream; 4] {
-        [&self.api, &self.auth, &self.realtime, &self.interactor]
+    fn all(&self) -> [&Upstream; 5] {
+        [
+            &self.api,
+            &self.auth,
+            &self.realtime,
+            &self.interactor,
+            &self.workers,
+        ]
     }
 }
 
@@ -303,6 +312,7 @@ mod tests {
             auth: "127.0.0.1:2".parse().unwrap(),
             realtime: "127.0.0.1:3".parse().unwrap(),
             interactor: "127.0.0.1:4".parse().unwrap(),
+            workers: "127.0.0.1:5".parse().unwrap(),
         });
         let role = |path: &str| roles.for_path(path).name;
         assert_eq!(role("/interaction"), "interactor");
