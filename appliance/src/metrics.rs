@@ -22,7 +22,7 @@ use serde_json::Value;
 use crate::api::buckets::BucketAccess;
 use crate::auth::UserAuth;
 use crate::error::{ApiError, ApiResult};
-use km_core::app::AppState;
+use km_core::app::{AppState, Ping};
 use km_core::fleet::{self, ProcessStatus};
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -197,7 +197,40 @@ pub async fn appliance(State(app): State<AppState>, auth: UserAuth) -> ApiResult
         "1 while the events store refuses writes",
         refusing,
     );
+    register_pings(&mut r, app.ping_stores().await);
     exposition(&r)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    store: &'static str,
+    kind: &'static str,
+}
+
+/// The documents store and the bus as this scrape found them: up, and how long a ping
+/// took (the time of a round trip to MongoDB or Redis, or of SQLite's lock).
+fn register_pings(r: &mut Registry, pings: [Ping; 2]) {
+    let up = Family::<StoreLabels, Gauge>::default();
+    let seconds = Family::<StoreLabels, Gauge<f64, AtomicU64>>::default();
+    for ping in pings {
+        let labels = StoreLabels {
+            store: ping.store,
+            kind: ping.kind,
+        };
+        up.get_or_create(&labels)
+            .set(i64::from(ping.answer.is_ok()));
+        seconds.get_or_create(&labels).set(ping.took.as_secs_f64());
+    }
+    r.register(
+        "store_up",
+        "1 when the store answered this scrape's ping",
+        up,
+    );
+    r.register(
+        "store_ping_seconds",
+        "How long the store took to answer this scrape's ping",
+        seconds,
+    );
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

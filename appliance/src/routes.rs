@@ -2,8 +2,6 @@
 //! nginx did (or one role on its own port): the API, the auth role, the dashboard, the
 //! two websockets, the gateway's front door, `/healthz`, security headers.
 
-use std::time::Duration;
-
 use axum::http::HeaderValue;
 use axum::http::header::{
     CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
@@ -16,8 +14,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use crate::api::{actions, alerts, buckets, data, insights, oauth, team, traces};
 use crate::role::Role;
 use crate::{gateway, interactor, metrics, realtime, web};
-use km_core::app::AppState;
-use km_stores::StoreError;
+use km_core::app::{AppState, Ping};
 
 /// Every route of `km serve`: every role on one port.
 pub fn router(app: AppState) -> Router {
@@ -291,33 +288,19 @@ async fn health(
     role: Option<Role>,
 ) -> Json<serde_json::Value> {
     let writer = &app.ingest.writer.stats;
-    let documents = tokio::time::timeout(Duration::from_secs(2), app.documents.ping())
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable {
-                store: "documents",
-                reason: "no answer within 2 s".into(),
-            })
-        });
+    let [documents, bus] = app.ping_stores().await;
     let events = writer.refusal();
-    let bus = tokio::time::timeout(Duration::from_secs(2), app.bus.ping())
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Unavailable {
-                store: "bus",
-                reason: "no answer within 2 s".into(),
-            })
-        });
     let store = |kind: &str, error: Option<String>| json!({ "kind": kind, "up": error.is_none(), "error": error });
-    let degraded = documents.is_err() || events.is_some() || bus.is_err();
+    let pinged = |p: Ping| store(p.kind, p.answer.err().map(|e| e.to_string()));
+    let degraded = documents.answer.is_err() || events.is_some() || bus.answer.is_err();
     Json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "version": env!("CARGO_PKG_VERSION"),
         "role": role.map(Role::name),
         "stores": {
-            "documents": store(app.documents.kind(), documents.err().map(|e| e.to_string())),
+            "documents": pinged(documents),
             "events": store(app.events.kind(), events),
-            "bus": store(app.bus.kind(), bus.err().map(|e| e.to_string())),
+            "bus": pinged(bus),
         },
         "agents": { "servers": app.sessions.all().len(), "sockets": app.sessions.sockets_open() },
         "ingest": app.ingest.counters,

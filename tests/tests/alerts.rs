@@ -418,9 +418,10 @@ async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
         let apart = std::env::var("KM_E2E_ROLES").as_deref() == Ok("apart");
         let sent = r#"channel="webhook",outcome="sent""#;
         ensure!(
-            text.lines().any(|l| l.starts_with("km_notification_deliveries_total{")
-                && l.contains(sent)
-                && (!apart || l.contains(r#"role="workers""#))),
+            text.lines()
+                .any(|l| l.starts_with("km_notification_deliveries_total{")
+                    && l.contains(sent)
+                    && (!apart || l.contains(r#"role="workers""#))),
             "no webhook delivery sent in /metrics:\n{text}"
         );
         let _ = l.pm2.run(&["kill"]).await;

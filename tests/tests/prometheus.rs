@@ -93,6 +93,23 @@ async fn prometheus_scrapes_the_appliance_and_a_bucket() {
             "+Inf bucket {within:?} and count {writes:?}"
         );
 
+        // The documents store and the bus answered each process's ping, timed.
+        let stores_up = samples(
+            &prometheus,
+            r#"min(km_store_up{store="documents"}) * min(km_store_up{store="bus"})"#,
+        )
+        .await?;
+        ensure!(stores_up[0].1 == 1.0, "km_store_up: {stores_up:?}");
+        let ping = samples(
+            &prometheus,
+            r#"max(km_store_ping_seconds{store="documents"})"#,
+        )
+        .await?;
+        ensure!(
+            ping[0].1 > 0.0 && ping[0].1 < 2.0,
+            "km_store_ping_seconds: {ping:?}"
+        );
+
         // Both targets up, scraped with the OpenMetrics format.
         let targets = prometheus.api("targets", &[]).await?;
         let active = targets["activeTargets"]
