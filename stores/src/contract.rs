@@ -1488,6 +1488,8 @@ async fn span_contract(events: &dyn Events) {
     let other_app = span("web", "w1", t, "GET /a", 200, 900, true);
     batch.extend([post.clone(), call.clone(), other_app.clone()]);
     events.append(batch.clone().into()).await.unwrap();
+    // Written again (a retry after a lost answer): counted once.
+    events.append(batch.clone().into()).await.unwrap();
 
     let api = SpanQuery {
         bucket_id: "s1".into(),

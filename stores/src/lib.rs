@@ -7,6 +7,7 @@ pub mod bus;
 mod contract;
 pub mod elastic;
 pub mod ids;
+pub mod latency;
 pub mod model;
 pub mod mongo;
 pub mod redis_bus;

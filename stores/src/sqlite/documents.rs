@@ -96,7 +96,7 @@ pub struct SqliteDocuments {
 impl SqliteDocuments {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(SqliteDocuments {
-            db: Db::open(path, "documents", MIGRATIONS)?,
+            db: Db::open(path, "documents", MIGRATIONS, &[])?,
         })
     }
 

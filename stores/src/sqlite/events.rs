@@ -1,5 +1,8 @@
-//! Events and metric minutes in SQLite: one table each, indexed by bucket and time.
+//! Events and metric minutes in SQLite: one table each, indexed by bucket and time; and
+//! route minutes, each minute's requests of a route (entry spans) as a latency histogram,
+//! kept with the spans as they are written, so that route percentiles read minutes.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -8,10 +11,16 @@ use rusqlite::params;
 use rusqlite::types::Value as SqlValue;
 
 use super::Db;
+use crate::latency::Latencies;
 use crate::{
     Cutoffs, EventKind, EventQuery, EventRecord, Events, MetricPoint, MetricQuery, RouteLatency,
     SpanQuery, StoreResult,
 };
+
+const MINUTE_MS: i64 = 60_000;
+/// Route minutes held in memory while the spans already stored are read into them (at
+/// the migration that made the table): written out, merged, when reached.
+const FILL_KEYS: usize = 100_000;
 
 /// Schema migrations, oldest first (see `Db::open`).
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -44,7 +53,109 @@ ALTER TABLE events ADD COLUMN duration INTEGER;
 ALTER TABLE events ADD COLUMN entry INTEGER;
 CREATE INDEX events_by_name ON events(bucket_id, kind, name);
 ",
+    // v4: route minutes (filled from the spans stored: `fill_route_minutes`).
+    "
+CREATE TABLE route_minutes (
+  bucket_id TEXT NOT NULL, at INTEGER NOT NULL, app_name TEXT NOT NULL, server_name TEXT NOT NULL,
+  route TEXT NOT NULL, status INTEGER NOT NULL, count INTEGER NOT NULL, min INTEGER NOT NULL,
+  max INTEGER NOT NULL, buckets BLOB NOT NULL,
+  PRIMARY KEY (bucket_id, at, app_name, server_name, route, status)) WITHOUT ROWID;
+CREATE INDEX route_minutes_by_time ON route_minutes(at);
+",
 ];
+
+/// A route minute's key: bucket, minute, app, server, route, status.
+type RouteMinute = (String, i64, String, String, String, u16);
+
+/// Adds `events`' entry spans to `minutes`, by route minute.
+fn add_span(minutes: &mut HashMap<RouteMinute, Latencies>, e: &EventRecord) {
+    let Some(span) = e.span.as_ref().filter(|s| s.entry) else {
+        return;
+    };
+    let key = (
+        e.bucket_id.clone(),
+        e.at.div_euclid(MINUTE_MS) * MINUTE_MS,
+        e.app_name.clone().unwrap_or_default(),
+        e.server_name.clone(),
+        span.route.clone(),
+        span.status,
+    );
+    minutes.entry(key).or_default().add(span.duration_us);
+}
+
+/// Merges `minutes` into the stored route minutes.
+fn merge_route_minutes(
+    tx: &rusqlite::Transaction,
+    minutes: HashMap<RouteMinute, Latencies>,
+) -> rusqlite::Result<()> {
+    const KEY: &str = "bucket_id = ?1 AND at = ?2 AND app_name = ?3 AND server_name = ?4 AND route = ?5 AND status = ?6";
+    let mut read = tx.prepare_cached(&format!(
+        "SELECT count, min, max, buckets FROM route_minutes WHERE {KEY}"
+    ))?;
+    let mut write = tx.prepare_cached(
+        "INSERT OR REPLACE INTO route_minutes
+           (bucket_id, at, app_name, server_name, route, status, count, min, max, buckets)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?;
+    for ((bucket, at, app, server, route, status), mut latencies) in minutes {
+        let key = params![bucket, at, app, server, route, status];
+        let stored = read
+            .query_row(key, |r| {
+                let bytes: Vec<u8> = r.get(3)?;
+                Ok(Latencies::decode(r.get(0)?, r.get(1)?, r.get(2)?, &bytes))
+            })
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        if let Some(stored) = stored {
+            latencies.merge(&stored);
+        }
+        write.execute(params![
+            bucket,
+            at,
+            app,
+            server,
+            route,
+            status,
+            latencies.count,
+            latencies.min_us,
+            latencies.max_us,
+            latencies.encode()
+        ])?;
+    }
+    Ok(())
+}
+
+/// The route minutes of the spans stored before the table was made.
+fn fill_route_minutes(tx: &rusqlite::Transaction) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare(
+        "SELECT bucket_id, at, app_name, server_name, route, status, duration FROM events
+         WHERE kind = ?1 AND entry = 1",
+    )?;
+    let mut rows = stmt.query([EventKind::Span.as_str()])?;
+    let mut minutes: HashMap<RouteMinute, Latencies> = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let at: i64 = r.get(1)?;
+        let key = (
+            r.get(0)?,
+            at.div_euclid(MINUTE_MS) * MINUTE_MS,
+            r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+            r.get(3)?,
+            r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+            r.get::<_, Option<u16>>(5)?.unwrap_or_default(),
+        );
+        minutes
+            .entry(key)
+            .or_default()
+            .add(r.get::<_, Option<i64>>(6)?.unwrap_or_default());
+        if minutes.len() >= FILL_KEYS {
+            merge_route_minutes(tx, std::mem::take(&mut minutes))?;
+        }
+    }
+    merge_route_minutes(tx, minutes)
+}
 
 pub struct SqliteEvents {
     db: Db,
@@ -53,7 +164,7 @@ pub struct SqliteEvents {
 impl SqliteEvents {
     pub fn open(path: &Path) -> anyhow::Result<Self> {
         Ok(SqliteEvents {
-            db: Db::open(path, "events", MIGRATIONS)?,
+            db: Db::open(path, "events", MIGRATIONS, &[(4, fill_route_minutes)])?,
         })
     }
 }
@@ -155,6 +266,36 @@ fn span_filter(q: &SpanQuery) -> (String, Vec<SqlValue>) {
     (sql, args)
 }
 
+/// Route minutes `(app, route, status, latencies)` merged per app and route, busiest
+/// first, at most `limit`.
+fn routes_of(minutes: Vec<(String, String, u16, Latencies)>, limit: u32) -> Vec<RouteLatency> {
+    let mut routes: BTreeMap<(String, String), (Latencies, u64)> = BTreeMap::new();
+    for (app, route, status, latencies) in minutes {
+        let (all, errors) = routes.entry((app, route)).or_default();
+        if status >= 500 {
+            *errors += latencies.count;
+        }
+        all.merge(&latencies);
+    }
+    let mut routes: Vec<RouteLatency> = routes
+        .into_iter()
+        .map(|((app_name, route), (l, errors))| RouteLatency {
+            app_name,
+            route,
+            count: l.count,
+            errors,
+            p50_us: l.percentile(50),
+            p95_us: l.percentile(95),
+            p99_us: l.percentile(99),
+            max_us: l.max_us,
+        })
+        .collect();
+    // Busiest first; the map gave app and route order to equals (a stable sort keeps it).
+    routes.sort_by_key(|r| std::cmp::Reverse(r.count));
+    routes.truncate(limit as usize);
+    routes
+}
+
 #[async_trait]
 impl Events for SqliteEvents {
     fn kind(&self) -> &'static str {
@@ -171,9 +312,10 @@ impl Events for SqliteEvents {
                            route, status, duration, entry)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                     )?;
+                    let mut minutes = HashMap::new();
                     for e in events.iter() {
                         let span = e.span.as_ref();
-                        stmt.execute(params![
+                        let added = stmt.execute(params![
                             e.kind.as_str(),
                             e.bucket_id,
                             e.server_name,
@@ -188,7 +330,12 @@ impl Events for SqliteEvents {
                             span.map(|s| s.duration_us),
                             span.map(|s| s.entry),
                         ])?;
+                        // A span written before (the same content id) is counted once.
+                        if added == 1 {
+                            add_span(&mut minutes, e);
+                        }
                     }
+                    merge_route_minutes(&tx, minutes)?;
                 }
                 tx.commit()
             })
@@ -237,35 +384,30 @@ impl Events for SqliteEvents {
     }
 
     async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
-        let (filter, mut args) = span_filter(q);
-        // Nearest rank: the p-th percentile of n is the value ranked ceil(p * n / 100).
-        let rank = |p: u32| format!("MAX(CASE WHEN rn = (n * {p} + 99) / 100 THEN duration END)");
+        let (mut filter, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
+        // The minute holding `since` counts whole.
+        filter.push_str(" AND at >= ?");
+        args.push(SqlValue::Integer(q.since.div_euclid(MINUTE_MS) * MINUTE_MS));
+        if let Some(route) = &q.route {
+            filter.push_str(" AND route = ?");
+            args.push(SqlValue::Text(route.clone()));
+        }
+        if let Some((from, to)) = q.status {
+            filter.push_str(" AND status BETWEEN ? AND ?");
+            args.push(SqlValue::Integer(from.into()));
+            args.push(SqlValue::Integer(to.into()));
+        }
         let sql = format!(
-            "WITH s AS (
-               SELECT app_name, route, duration, status,
-                 ROW_NUMBER() OVER (PARTITION BY app_name, route ORDER BY duration) AS rn,
-                 COUNT(*) OVER (PARTITION BY app_name, route) AS n
-               FROM events WHERE {filter})
-             SELECT app_name, route, n, SUM(status >= 500), {}, {}, {}, MAX(duration)
-             FROM s GROUP BY app_name, route ORDER BY n DESC, app_name, route LIMIT ?",
-            rank(50),
-            rank(95),
-            rank(99)
+            "SELECT app_name, route, status, count, min, max, buckets FROM route_minutes WHERE {filter}"
         );
-        args.push(SqlValue::Integer(q.limit.into()));
-        self.select(sql, args, |r| {
-            Ok(RouteLatency {
-                app_name: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                route: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                count: r.get(2)?,
-                errors: r.get(3)?,
-                p50_us: r.get(4)?,
-                p95_us: r.get(5)?,
-                p99_us: r.get(6)?,
-                max_us: r.get(7)?,
+        let minutes = self
+            .select(sql, args, |r| {
+                let bytes: Vec<u8> = r.get(6)?;
+                let latencies = Latencies::decode(r.get(3)?, r.get(4)?, r.get(5)?, &bytes);
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, u16>(2)?, latencies))
             })
-        })
-        .await
+            .await?;
+        Ok(routes_of(minutes, q.limit))
     }
 
     async fn append_metrics(&self, points: Arc<[MetricPoint]>) -> StoreResult<()> {
@@ -368,8 +510,54 @@ impl Events for SqliteEvents {
                     params![logs, cutoffs.others],
                 )?;
                 let metrics = c.execute("DELETE FROM metrics WHERE at < ?1", [cutoffs.others])?;
-                Ok((events + metrics) as u64)
+                // A minute goes with its last span.
+                let last_minute = cutoffs.others - MINUTE_MS;
+                let routes = c.execute("DELETE FROM route_minutes WHERE at < ?1", [last_minute])?;
+                Ok((events + metrics + routes) as u64)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn route_minutes_are_filled_from_the_spans_an_older_schema_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.sqlite");
+        let old = Db::open(&path, "events", &MIGRATIONS[..3], &[]).unwrap();
+        old.call(|c| {
+            let mut insert = c.prepare(
+                "INSERT INTO events (kind, bucket_id, server_name, app_name, type, name, at, doc,
+                   route, status, duration, entry) VALUES ('spans', 'b', 's', 'api', 'SERVER', 't',
+                   ?1, '{}', ?2, ?3, ?4, ?5)",
+            )?;
+            for ms in 1..=10 {
+                insert.execute(params![ms * 7_000, "GET /x", 200, ms * 1000, true])?;
+            }
+            insert.execute(params![1, "GET /x", 500, 50_000, true])?;
+            insert.execute(params![1, "GET db", 0, 90_000, false])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        drop(old);
+        let events = SqliteEvents::open(&path).unwrap();
+        let q = SpanQuery {
+            bucket_id: "b".into(),
+            limit: 10,
+            ..SpanQuery::default()
+        };
+        let routes = events.route_latencies(&q).await.unwrap();
+        assert_eq!(routes.len(), 1, "entry spans only: {routes:?}");
+        let x = &routes[0];
+        assert_eq!(
+            (x.route.as_str(), x.count, x.errors, x.max_us),
+            ("GET /x", 11, 1, 50_000)
+        );
+        // Both minutes (0 and 1) were read: the p50 is the 6th of 11.
+        assert!((x.p50_us - 6_000).abs() <= 40, "{x:?}");
     }
 }

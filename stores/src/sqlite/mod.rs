@@ -22,17 +22,27 @@ struct Db {
     store: &'static str,
 }
 
+/// What a migration does that SQL alone cannot (a new table filled from the old rows),
+/// in the migration's transaction.
+type Fill = fn(&rusqlite::Transaction) -> rusqlite::Result<()>;
+
 impl Db {
     /// Opens the file and brings its schema to the newest version: `migrations[i]` takes
-    /// a database from version `i` to `i + 1` (SQLite's `user_version`).
-    fn open(path: &Path, store: &'static str, migrations: &[&str]) -> anyhow::Result<Self> {
+    /// a database from version `i` to `i + 1` (SQLite's `user_version`), and a `(v, fill)`
+    /// of `fills` runs once it reached version `v`.
+    fn open(
+        path: &Path,
+        store: &'static str,
+        migrations: &[&str],
+        fills: &[(usize, Fill)],
+    ) -> anyhow::Result<Self> {
         let mut conn = Connection::open(path)
             .map_err(|e| anyhow::anyhow!("{store} store: cannot open {}: {e}", path.display()))?;
         // Several processes (the roles apart) open the file at once, and switching a new
         // file to WAL answers "locked" without waiting: try again for a few seconds.
         let mut attempts = 0;
         let version = loop {
-            match prepare(&mut conn, migrations) {
+            match prepare(&mut conn, migrations, fills) {
                 Err(e) if is_locked(&e) && attempts < 100 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
@@ -155,7 +165,11 @@ pub fn open_events(dir: &Path) -> anyhow::Result<SqliteEvents> {
 
 /// Sets the connection up and migrates; returns the schema version found (migrations
 /// run only from a version this km knows).
-fn prepare(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<usize> {
+fn prepare(
+    conn: &mut Connection,
+    migrations: &[&str],
+    fills: &[(usize, Fill)],
+) -> rusqlite::Result<usize> {
     conn.execute_batch(
         "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
          PRAGMA foreign_keys=ON;",
@@ -172,6 +186,9 @@ fn prepare(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<usize
     }
     for (from, migration) in migrations.iter().enumerate().skip(version) {
         tx.execute_batch(migration)?;
+        for (_, fill) in fills.iter().filter(|(at, _)| *at == from + 1) {
+            fill(&tx)?;
+        }
         tx.pragma_update(None, "user_version", from + 1)?;
     }
     tx.commit()?;
