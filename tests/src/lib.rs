@@ -1913,6 +1913,19 @@ impl Api {
     }
 }
 
+/// The `name=value` pair of the cookie `name` an answer sets.
+pub fn cookie_of(answer: &reqwest::Response, name: &str) -> Option<String> {
+    let prefix = format!("{name}=");
+    answer
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&prefix))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string)
+}
+
 /// Posts a visitor's form (sign-in, sign-up) as a browser does: the page first, for its
 /// form token and the cookie holding it, then the form with both.
 pub async fn post_visitor_form(
@@ -1922,15 +1935,8 @@ pub async fn post_visitor_form(
     fields: &[(&str, &str)],
 ) -> Result<reqwest::Response> {
     let page = http.get(format!("{base}{path}")).send().await?;
-    let cookie = page
-        .headers()
-        .get_all(reqwest::header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find(|v| v.starts_with("km_form="))
-        .and_then(|v| v.split(';').next())
-        .map(str::to_string)
-        .with_context(|| format!("GET {path}: no km_form cookie"))?;
+    let cookie =
+        cookie_of(&page, "km_form").with_context(|| format!("GET {path}: no km_form cookie"))?;
     let html = page.text().await?;
     // A page without the form (sign-up closed) gives no token: the post goes without.
     let marker = "name=\"csrf\" value=\"";
@@ -1973,14 +1979,7 @@ impl User {
             ("password", &self.password),
         ];
         let login = post_visitor_form(&http, base, "/login", &fields).await?;
-        let cookie = login
-            .headers()
-            .get_all(reqwest::header::SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find(|v| v.starts_with("km_session="))
-            .and_then(|v| v.split(';').next())
-            .map(str::to_string)
+        let cookie = cookie_of(&login, "km_session")
             .with_context(|| format!("{} did not sign in: {}", self.username, login.status()))?;
         let page = http
             .get(format!("{base}{path}"))

@@ -123,6 +123,40 @@ async fn webhook(
     Ok((channels, secret))
 }
 
+/// A linked app whose bucket tells a receiver's webhook (bodies in `format`); the
+/// owner is not mailed (no SMTP server is set either).
+struct Hooked {
+    l: km_e2e::Linked,
+    api: km_e2e::Api,
+    b: String,
+    url: String,
+    got: Received,
+    channels: Value,
+    secret: String,
+}
+
+async fn hooked(server: &str, app: (&str, &str), format: &str) -> anyhow::Result<Hooked> {
+    let (url, got) = receiver().await?;
+    let l = linked(server, &[app]).await?;
+    let (api, b) = (l.api().clone(), l.bucket.id.clone());
+    let owner = l.user.email.clone();
+    api.post_ok(
+        &format!("/api/bucket/{b}/manage_notif"),
+        &json!({"email": owner, "state": "none"}),
+    )
+    .await?;
+    let (channels, secret) = webhook(&api, &b, &url, format).await?;
+    Ok(Hooked {
+        l,
+        api,
+        b,
+        url,
+        got,
+        channels,
+        secret,
+    })
+}
+
 fn signature(secret: &str, timestamp: i64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{timestamp}.{body}").as_bytes());
@@ -152,20 +186,12 @@ async fn wait_hooks(
 #[tokio::test]
 async fn a_metric_alert_fires_once_and_resolves_once() {
     e2e(async {
-        let (url, got) = receiver().await?;
         let dir = tempfile::tempdir()?;
         let (level, drained) = (dir.path().join("level"), dir.path().join("drained"));
         std::fs::write(&level, "100")?;
-        let l = linked("queue-1", &[("queue", &app_source(&level, &drained))]).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        // Hooks only: the owner is not mailed (and no SMTP server is set).
-        let owner = l.user.email.clone();
-        api.post_ok(
-            &format!("/api/bucket/{b}/manage_notif"),
-            &json!({"email": owner, "state": "none"}),
-        )
-        .await?;
-        let (_, secret) = webhook(&api, &b, &url, "km").await?;
+        let source = app_source(&level, &drained);
+        let Hooked { l, api, b, url, got, secret, .. } =
+            hooked("queue-1", ("queue", &source), "km").await?;
         api.post_ok(
             &format!("/api/bucket/{b}/alerts/updateSlack"),
             &json!({"slack": {"active": true, "url": format!("{url}/slack")}}),
@@ -292,19 +318,12 @@ probe.metric({{ name: 'backlog', value: () => level, alert: {{ mode: 'threshold'
 #[tokio::test]
 async fn an_alert_declared_in_code_fires_and_resolves() {
     e2e(async {
-        let (url, got) = receiver().await?;
         let dir = tempfile::tempdir()?;
         let level = dir.path().join("level");
         std::fs::write(&level, "100")?;
-        let l = linked("code-1", &[("worker", &pmx_source(&level))]).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        let owner = l.user.email.clone();
-        api.post_ok(
-            &format!("/api/bucket/{b}/manage_notif"),
-            &json!({"email": owner, "state": "none"}),
-        )
-        .await?;
-        let (_, secret) = webhook(&api, &b, &url, "km").await?;
+        let source = pmx_source(&level);
+        let Hooked { l, api, b, got, secret, .. } =
+            hooked("code-1", ("worker", &source), "km").await?;
 
         // The app's declaration is a rule of the app, listed as from code.
         let rule = api
@@ -368,10 +387,15 @@ const CRASHER: &str = "setTimeout(() => { throw new Error('keymetrics-boom') }, 
 #[tokio::test]
 async fn a_keymetrics_shaped_webhook_gets_each_new_exception() {
     e2e(async {
-        let (url, got) = receiver().await?;
-        let l = linked("km-shape-1", &[("crasher", CRASHER)]).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        let (channels, secret) = webhook(&api, &b, &url, "keymetrics").await?;
+        let Hooked {
+            l,
+            api,
+            b,
+            got,
+            channels,
+            secret,
+            ..
+        } = hooked("km-shape-1", ("crasher", CRASHER), "keymetrics").await?;
         ensure!(channels["webhooks"]["format"] == "keymetrics", "{channels}");
         let bad = api
             .post(
@@ -439,10 +463,14 @@ setInterval(() => { io.emit('order failed', { order: 7 }); io.emit('heartbeat', 
 #[tokio::test]
 async fn a_subscribed_custom_event_is_notified() {
     e2e(async {
-        let (url, got) = receiver().await?;
-        let l = linked("events-1", &[("shop", EMITTER)]).await?;
-        let (api, b) = (l.api().clone(), l.bucket.id.clone());
-        let (_, secret) = webhook(&api, &b, &url, "km").await?;
+        let Hooked {
+            l,
+            api,
+            b,
+            got,
+            secret,
+            ..
+        } = hooked("events-1", ("shop", EMITTER), "km").await?;
         let long = format!("custom_event:{}", "x".repeat(101));
         let bad = api
             .post(

@@ -101,7 +101,7 @@ pub async fn page(
         let routes_query = filter.api(false).query(bucket_id)?;
         let requests_query = filter.api(true).query(bucket_id)?;
         // The apps to pick from are those of every route: read apart only when the
-        // routes are of one app (the read costs a scan of the window's spans).
+        // routes are of one app (on Elasticsearch the read aggregates the window's spans).
         let every_app = async {
             match routes_query.app_name {
                 None => Ok(None),

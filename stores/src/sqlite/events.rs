@@ -248,12 +248,12 @@ impl SqliteEvents {
     }
 }
 
-/// `WHERE` clauses for the entry spans matching `q`.
-fn span_filter(q: &SpanQuery) -> (String, Vec<SqlValue>) {
+/// `WHERE` clauses for what matches `q` from `since` on: the entry spans in `events`
+/// and the rows of `route_minutes` have the same columns for it.
+fn span_filter(q: &SpanQuery, since: i64) -> (String, Vec<SqlValue>) {
     let (mut sql, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
-    sql.push_str(" AND kind = ? AND entry = 1 AND at >= ?");
-    args.push(SqlValue::Text(EventKind::Span.as_str().to_string()));
-    args.push(SqlValue::Integer(q.since));
+    sql.push_str(" AND at >= ?");
+    args.push(SqlValue::Integer(since));
     if let Some(route) = &q.route {
         sql.push_str(" AND route = ?");
         args.push(SqlValue::Text(route.clone()));
@@ -376,27 +376,19 @@ impl Events for SqliteEvents {
     }
 
     async fn slowest_spans(&self, q: &SpanQuery) -> StoreResult<Vec<String>> {
-        let (filter, mut args) = span_filter(q);
-        let sql =
-            format!("SELECT doc FROM events WHERE {filter} ORDER BY duration DESC, id LIMIT ?");
+        let (filter, mut args) = span_filter(q, q.since);
+        args.insert(0, SqlValue::Text(EventKind::Span.as_str().to_string()));
+        let sql = format!(
+            "SELECT doc FROM events WHERE kind = ? AND entry = 1 AND {filter}
+             ORDER BY duration DESC, id LIMIT ?"
+        );
         args.push(SqlValue::Integer(q.limit.into()));
         self.select(sql, args, |r| r.get(0)).await
     }
 
     async fn route_latencies(&self, q: &SpanQuery) -> StoreResult<Vec<RouteLatency>> {
-        let (mut filter, mut args) = scope_filter(&q.bucket_id, &q.app_name, &q.server_name);
         // The minute holding `since` counts whole.
-        filter.push_str(" AND at >= ?");
-        args.push(SqlValue::Integer(q.since.div_euclid(MINUTE_MS) * MINUTE_MS));
-        if let Some(route) = &q.route {
-            filter.push_str(" AND route = ?");
-            args.push(SqlValue::Text(route.clone()));
-        }
-        if let Some((from, to)) = q.status {
-            filter.push_str(" AND status BETWEEN ? AND ?");
-            args.push(SqlValue::Integer(from.into()));
-            args.push(SqlValue::Integer(to.into()));
-        }
+        let (filter, args) = span_filter(q, q.since.div_euclid(MINUTE_MS) * MINUTE_MS);
         let sql = format!(
             "SELECT app_name, route, status, count, min, max, buckets FROM route_minutes WHERE {filter}"
         );
