@@ -3,8 +3,9 @@
 //! two websockets, the gateway's front door, `/healthz`, security headers.
 
 use axum::http::HeaderValue;
+use axum::http::StatusCode;
 use axum::http::header::{
-    CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+    CONNECTION, CONTENT_SECURITY_POLICY, CONTENT_TYPE, REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
 };
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -273,12 +274,26 @@ fn with_security_headers(router: Router<AppState>) -> Router<AppState> {
         (REFERRER_POLICY, "same-origin"),
     ]
     .into_iter()
-    .fold(router, |router, (name, value)| {
+    .fold(closing_after_too_large(router), |router, (name, value)| {
         router.layer(SetResponseHeaderLayer::if_not_present(
             name,
             HeaderValue::from_static(value),
         ))
     })
+}
+
+/// A 413 leaves the request's body unread, so the connection closes after the answer:
+/// the answer says so (`Connection: close`), or a client would send its next request on
+/// a connection about to close ("connection closed before message completed").
+pub fn closing_after_too_large<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router.layer(axum::middleware::map_response(
+        |mut response: axum::response::Response| async move {
+            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                (response.headers_mut()).insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        },
+    ))
 }
 
 /// `GET /healthz`: ready (200 while the process serves), with each store's state

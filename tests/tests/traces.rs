@@ -168,6 +168,10 @@ async fn refusals(km: &Km, bucket: &km_e2e::Bucket, ids: &Value) -> Result<()> {
     let huge = format!("[\"{}\"]", "x".repeat(17 << 20));
     let r = post(huge, secret).await?;
     ensure!(r.status().as_u16() == 413, "17 MiB: {}", r.status());
+    // The body is left unread: the connection closes, and the answer says so (the next
+    // request goes on another one).
+    let close = r.headers().get("connection").and_then(|v| v.to_str().ok());
+    ensure!(close == Some("close"), "17 MiB: connection {close:?}");
     let r = http
         .post(format!("{}/v1/traces", km.url()))
         .basic_auth(&bucket.public_id, secret)

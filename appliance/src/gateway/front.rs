@@ -120,11 +120,13 @@ impl Front {
     /// Every route of `km serve --role gateway`: its own, `/healthz` of all roles, and
     /// the rest forwarded.
     pub fn gateway_router(self: &Arc<Self>) -> Router {
-        self.routes()
+        let router = self
+            .routes()
             .route("/healthz", get(roles_health))
             .route("/metrics", get(roles_metrics))
             .fallback(to_role)
-            .with_state(self.clone())
+            .with_state(self.clone());
+        crate::routes::closing_after_too_large(router)
     }
 
     async fn pass(&self, to: &Upstream, request: Request) -> Response {
