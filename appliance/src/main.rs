@@ -8,6 +8,9 @@ use km::role::Role;
 use km_config::licence;
 use km_config::{Settings, Values};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "km",
