@@ -47,6 +47,8 @@ const AGGREGATIONS: [&str; 3] = ["avg", "all", "any"];
 pub const MAX_CODE_RULES: usize = 200;
 /// pmx's window for `threshold-avg` when the app gives none (seconds).
 const CODE_AVG_WINDOW_S: i64 = 180;
+/// How a declared rule's id begins (a stored rule's is an ObjectId: hex only).
+const CODE_ID_PREFIX: &str = "code-";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
@@ -297,6 +299,18 @@ pub async fn all(app: &App, bucket_id: &str) -> StoreResult<(Vec<Alert>, usize)>
     Ok((rules, ignored))
 }
 
+/// The rule `id` of the bucket: a stored one is read alone; only a declared one (its id
+/// says so) needs the servers' statuses.
+pub async fn find(app: &App, bucket_id: &str, id: &str) -> StoreResult<Option<Alert>> {
+    let rules = if id.starts_with(CODE_ID_PREFIX) {
+        let servers = fleet::servers(app, bucket_id, None).await;
+        declared(bucket_id, &servers).0
+    } else {
+        list(app.documents.as_ref(), bucket_id).await?
+    };
+    Ok(rules.into_iter().find(|a| a.id == id))
+}
+
 /// The rules the apps on `servers` declare in code (each `alert` of an `axm_monitor`
 /// metric): one per app, metric and condition, scoped to the servers declaring it; at
 /// most [`MAX_CODE_RULES`], with how many more were ignored.
@@ -392,7 +406,7 @@ fn code_rule_id(app: &str, metric: &str, o: &Options) -> String {
         o.aggregation
     ]);
     let digest = Sha256::digest(key.to_string().as_bytes());
-    format!("code-{}", hex::encode(&digest[..8]))
+    format!("{CODE_ID_PREFIX}{}", hex::encode(&digest[..8]))
 }
 
 pub async fn save(documents: &dyn Documents, alert: &Alert) -> StoreResult<()> {

@@ -30,11 +30,8 @@ async fn rule_json(app: &AppState, alert: &Alert) -> ApiResult<Value> {
 }
 
 async fn rule(app: &AppState, access: &BucketAccess, id: &str) -> ApiResult<Alert> {
-    alerts::all(app, &access.bucket.id)
+    alerts::find(app, &access.bucket.id, id)
         .await?
-        .0
-        .into_iter()
-        .find(|a| a.id == id)
         .ok_or_else(|| ApiError::not_found(format!("no alert {id:?} in this bucket")))
 }
 

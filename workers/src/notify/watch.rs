@@ -51,8 +51,10 @@ pub async fn bucket(
     new_issues(&outbox, window.start, end).await?;
     custom_events(&outbox, window.start, end).await?;
     restart_loops(&outbox, end).await?;
-    let servers = fleet::servers(app, &bucket.id, None).await;
+    // Until agents had time to reconnect the servers are not read (declared rules wait).
+    let mut servers = Vec::new();
     if settled {
+        servers = fleet::servers(app, &bucket.id, None).await;
         servers_offline(&outbox, &servers).await?;
         errored(&outbox, &servers).await?;
         deployments(&outbox, &servers).await?;
